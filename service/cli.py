@@ -1,0 +1,65 @@
+"""`modelserve` command line: serve, build (the model zoo) and friends."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pydantic import ValidationError
+
+
+def _serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="serve a model repository over KServe V2 HTTP")
+    # Triton's flag names; each also reads from the environment as MODELSERVE_<NAME>.
+    p.add_argument("--model-repository", dest="model_repository", help="model repository directory")
+    p.add_argument("--http-port", dest="http_port", type=int, help="HTTP port (default 8000)")
+    p.add_argument("--http-address", dest="http_host", help="address to bind (default 0.0.0.0)")
+    p.add_argument("--metrics-port", dest="metrics_port", type=int, help="also serve /metrics on this port")
+    p.add_argument("--model-control-mode", dest="model_control_mode", choices=["none", "poll", "explicit"])
+    p.add_argument("--repository-poll-secs", dest="repository_poll_secs", type=float)
+    p.add_argument("--load-model", dest="load_model", action="append", help="model to load at start (explicit mode)")
+    p.add_argument("--log-level", dest="log_level", choices=["critical", "error", "warning", "info", "debug"])
+
+
+def _settings(args: argparse.Namespace):
+    from service.settings import ServerSettings
+
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "func") and v is not None}
+    try:
+        return ServerSettings(**given)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']} (got {e.get('input')!r})"
+                             for e in exc.errors())
+        sys.exit(f"modelserve: invalid settings: {problems}")
+
+
+def serve(args: argparse.Namespace) -> int:
+    from service.server import run_server
+
+    settings = _settings(args)
+    if not settings.model_repository.is_dir():
+        sys.exit(f"modelserve: model repository {settings.model_repository} is not a directory; "
+                 "build one with `modelserve build` or pass --model-repository DIR")
+    run_server(settings)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "build":
+        from models.build import main as build_main
+
+        return build_main(argv[1:])
+    parser = argparse.ArgumentParser(prog="modelserve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(sub)
+    sub.add_parser("build", help="build the model zoo into a repository (see `modelserve build --help`)")
+    args = parser.parse_args(argv)
+    level = (getattr(args, "log_level", None) or "info").upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return serve(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,272 @@
+"""Per-model configuration: Triton's config.pbtxt (ModelConfig protobuf), completed from the ONNX graph.
+
+An existing Triton ONNX repository is served unchanged; a model with no config.pbtxt gets inputs, outputs,
+dtypes, dynamic dimensions and max_batch_size inferred from its graph, as Triton's auto-complete does.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from google.protobuf import json_format, text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from service.datatypes import config_to_v2, ort_to_v2, v2_to_config
+from service.errors import ModelLoadError
+
+CONFIG_FILENAME = "config.pbtxt"
+DEFAULT_MODEL_FILENAME = "model.onnx"
+_SUPPORTED_PLATFORMS = {"", "onnxruntime_onnx"}
+_SUPPORTED_BACKENDS = {"", "onnxruntime"}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output as clients see it: dims exclude the batch dim when the model batches."""
+
+    name: str
+    datatype: str
+    dims: tuple[int, ...]
+    optional: bool = False
+
+    def as_metadata(self, max_batch_size: int) -> dict:
+        shape = ([-1] if max_batch_size > 0 else []) + list(self.dims)
+        return {"name": self.name, "datatype": self.datatype, "shape": shape}
+
+
+@dataclass(frozen=True)
+class BatchingPolicy:
+    """Triton's dynamic_batching block, with its defaults."""
+
+    preferred_batch_sizes: tuple[int, ...] = ()
+    max_queue_delay_us: int = 0
+    max_queue_size: int = 0  # 0: unbounded, as in Triton
+    default_timeout_us: int = 0  # 0: no timeout
+    allow_timeout_override: bool = False
+
+
+@dataclass
+class ModelSpec:
+    """Everything the server needs to know about a model, derived once at load time."""
+
+    name: str
+    max_batch_size: int
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    batching: BatchingPolicy | None
+    instance_count: int
+    instance_kind: str
+    labels: dict[str, list[str]] = field(default_factory=dict)
+    config: mc.ModelConfig = field(default_factory=mc.ModelConfig)
+    model_filename: str = DEFAULT_MODEL_FILENAME
+
+    def input(self, name: str) -> TensorSpec | None:
+        return next((t for t in self.inputs if t.name == name), None)
+
+    def output(self, name: str) -> TensorSpec | None:
+        return next((t for t in self.outputs if t.name == name), None)
+
+    def config_json(self) -> dict:
+        return json_format.MessageToDict(self.config, preserving_proto_field_name=True)
+
+
+@dataclass(frozen=True)
+class GraphTensor:
+    """An ONNX graph input or output as ONNX Runtime reports it (None or a name for dynamic dims)."""
+
+    name: str
+    datatype: str
+    shape: tuple[int | None, ...]
+
+    @classmethod
+    def from_node_arg(cls, arg) -> GraphTensor:
+        shape = tuple(d if isinstance(d, int) and d >= 0 else None for d in (arg.shape or []))
+        return cls(name=arg.name, datatype=ort_to_v2(arg.type), shape=shape)
+
+
+def read_config(model_dir: Path) -> tuple[mc.ModelConfig, bool, bool]:
+    """Parse <model_dir>/config.pbtxt. Returns (config, file_exists, max_batch_size_was_given)."""
+    path = model_dir / CONFIG_FILENAME
+    config = mc.ModelConfig()
+    if not path.exists():
+        return config, False, False
+    text = path.read_text()
+    try:
+        text_format.Parse(text, config)
+    except text_format.ParseError as exc:
+        raise ModelLoadError(f"{path}: not a valid Triton ModelConfig text proto: {exc}") from None
+    # NOTE: proto3 cannot tell "max_batch_size: 0" from absent, and the two mean different things.
+    given = re.search(r"^\s*max_batch_size\s*:", text, flags=re.MULTILINE) is not None
+    return config, True, given
+
+
+def _graph_batches(tensors: Sequence[GraphTensor]) -> bool:
+    return bool(tensors) and all(len(t.shape) >= 1 and t.shape[0] is None for t in tensors)
+
+
+def _dims(shape: tuple[int | None, ...]) -> list[int]:
+    return [-1 if d is None else d for d in shape]
+
+
+def complete_config(
+    config: mc.ModelConfig,
+    *,
+    name: str,
+    graph_inputs: Sequence[GraphTensor],
+    graph_outputs: Sequence[GraphTensor],
+    max_batch_size_given: bool,
+    default_max_batch_size: int,
+    has_file: bool,
+) -> mc.ModelConfig:
+    """Fill what the config leaves out from the graph (Triton's auto-complete), then check it against it."""
+    out = mc.ModelConfig()
+    out.CopyFrom(config)
+    if out.name and out.name != name:
+        raise ModelLoadError(f"model {name!r}: config.pbtxt names it {out.name!r}; the name must match its folder")
+    out.name = name
+    if out.platform not in _SUPPORTED_PLATFORMS or out.backend not in _SUPPORTED_BACKENDS:
+        raise ModelLoadError(
+            f"model {name!r}: platform {out.platform!r} / backend {out.backend!r} is not served here; "
+            "expected platform 'onnxruntime_onnx' (or backend 'onnxruntime')"
+        )
+    out.platform = "onnxruntime_onnx"
+    out.backend = "onnxruntime"
+    if not max_batch_size_given:
+        batches = _graph_batches(list(graph_inputs) + list(graph_outputs))
+        out.max_batch_size = default_max_batch_size if batches else 0
+        if batches and not has_file and not out.HasField("dynamic_batching"):
+            out.dynamic_batching.SetInParent()
+    strip = 1 if out.max_batch_size > 0 else 0
+    if not out.input:
+        for t in graph_inputs:
+            out.input.add(name=t.name, data_type=v2_to_config(t.datatype), dims=_dims(t.shape[strip:]))
+    if not out.output:
+        for t in graph_outputs:
+            out.output.add(name=t.name, data_type=v2_to_config(t.datatype), dims=_dims(t.shape[strip:]))
+    if not out.instance_group:
+        out.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_AUTO)
+    if not out.HasField("version_policy"):
+        out.version_policy.latest.num_versions = 1
+    _check_against_graph(out, graph_inputs, "input")
+    _check_against_graph(out, graph_outputs, "output")
+    return out
+
+
+def _check_against_graph(config: mc.ModelConfig, graph: Sequence[GraphTensor], kind: str) -> None:
+    by_name = {t.name: t for t in graph}
+    entries = config.input if kind == "input" else config.output
+    strip = 1 if config.max_batch_size > 0 else 0
+    for entry in entries:
+        where = f"model {config.name!r} {kind} {entry.name!r}"
+        if entry.HasField("reshape"):
+            raise ModelLoadError(f"{where}: 'reshape' is not supported; give dims that match the graph")
+        t = by_name.get(entry.name)
+        if t is None:
+            raise ModelLoadError(f"{where}: not in the ONNX graph, whose {kind}s are {sorted(by_name)}")
+        if config_to_v2(entry.data_type) != t.datatype:
+            raise ModelLoadError(
+                f"{where}: config says {config_to_v2(entry.data_type)}, the graph has {t.datatype}"
+            )
+        if strip and (not t.shape or t.shape[0] is not None):
+            raise ModelLoadError(
+                f"{where}: max_batch_size {config.max_batch_size} needs a dynamic first dimension, "
+                f"the graph has shape {_dims(t.shape)}"
+            )
+        graph_dims = t.shape[strip:]
+        dims = list(entry.dims)
+        compatible = len(dims) == len(graph_dims) and all(
+            g is None or d == g for d, g in zip(dims, graph_dims)
+        )
+        if not compatible:
+            raise ModelLoadError(
+                f"{where}: config dims {dims} do not match the graph's {_dims(graph_dims)} "
+                f"(batch dim {'excluded' if strip else 'included'})"
+            )
+    if kind == "input":
+        missing = {t.name for t in graph} - {e.name for e in entries}
+        if missing:
+            raise ModelLoadError(f"model {config.name!r}: graph inputs {sorted(missing)} are missing in config")
+
+
+def _batching(config: mc.ModelConfig) -> BatchingPolicy | None:
+    if config.max_batch_size <= 0 or not config.HasField("dynamic_batching"):
+        return None
+    db = config.dynamic_batching
+    policy = db.default_queue_policy
+    preferred = tuple(sorted(s for s in db.preferred_batch_size if s > 0))
+    for size in preferred:
+        if size > config.max_batch_size:
+            raise ModelLoadError(
+                f"model {config.name!r}: preferred_batch_size {size} exceeds max_batch_size {config.max_batch_size}"
+            )
+    return BatchingPolicy(
+        preferred_batch_sizes=preferred,
+        max_queue_delay_us=int(db.max_queue_delay_microseconds),
+        max_queue_size=int(policy.max_queue_size),
+        default_timeout_us=int(policy.default_timeout_microseconds),
+        allow_timeout_override=bool(policy.allow_timeout_override),
+    )
+
+
+def _labels(config: mc.ModelConfig, model_dir: Path) -> dict[str, list[str]]:
+    labels: dict[str, list[str]] = {}
+    for out in config.output:
+        if out.label_filename:
+            path = model_dir / out.label_filename
+            if not path.is_file():
+                raise ModelLoadError(f"model {config.name!r} output {out.name!r}: label file {path} not found")
+            labels[out.name] = [line.rstrip("\n") for line in path.read_text().splitlines()]
+    return labels
+
+
+def instance_settings(config: mc.ModelConfig) -> tuple[int, str]:
+    """Total instance count and kind (KIND_GPU, KIND_CPU or KIND_AUTO) from instance_group."""
+    count = sum(max(1, g.count) for g in config.instance_group) or 1
+    kinds = {mc.ModelInstanceGroup.Kind.Name(g.kind) for g in config.instance_group}
+    kind = "KIND_GPU" if "KIND_GPU" in kinds else "KIND_CPU" if kinds == {"KIND_CPU"} else "KIND_AUTO"
+    return count, kind
+
+
+def build_spec(config: mc.ModelConfig, *, model_dir: Path) -> ModelSpec:
+    """Turn a completed ModelConfig into the server's ModelSpec."""
+    def specs(entries) -> list[TensorSpec]:
+        return [
+            TensorSpec(e.name, config_to_v2(e.data_type), tuple(int(d) for d in e.dims), bool(getattr(e, "optional", False)))
+            for e in entries
+        ]
+
+    count, kind = instance_settings(config)
+    return ModelSpec(
+        name=config.name,
+        max_batch_size=int(config.max_batch_size),
+        inputs=specs(config.input),
+        outputs=specs(config.output),
+        batching=_batching(config),
+        instance_count=count,
+        instance_kind=kind,
+        labels=_labels(config, model_dir),
+        config=config,
+        model_filename=config.default_model_filename or DEFAULT_MODEL_FILENAME,
+    )
+
+
+def select_versions(config: mc.ModelConfig, available: Sequence[int]) -> list[int]:
+    """Apply the version policy (latest N / all / specific) to the versions found on disk."""
+    ordered = sorted(available)
+    which = config.version_policy.WhichOneof("policy_choice") if config.HasField("version_policy") else None
+    if which == "all":
+        return ordered
+    if which == "specific":
+        wanted = set(config.version_policy.specific.versions)
+        missing = wanted - set(ordered)
+        if missing:
+            raise ModelLoadError(
+                f"model {config.name!r}: version_policy asks for versions {sorted(missing)}, "
+                f"found {ordered}"
+            )
+        return sorted(wanted)
+    n = config.version_policy.latest.num_versions if which == "latest" else 1
+    return ordered[-max(1, n):]

@@ -1,0 +1,127 @@
+"""Prometheus metrics with Triton's names, so existing dashboards and autoscaling rules work unchanged.
+
+Counters are not incremented on the hot path: a collector reads the per-version ModelStats (the same numbers
+the statistics extension serves) at scrape time. Histograms (end-to-end latency, queue wait, batch size) are
+ours. Every metric lives on a registry owned by one server, so tests get fresh ones.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import Metric
+from prometheus_client.registry import Collector
+
+from service.stats import ModelStats
+
+log = logging.getLogger("modelserve.metrics")
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+# (metric name, help, how to read it from ModelStats)
+_COUNTERS: list[tuple[str, str, Callable[[ModelStats], int]]] = [
+    ("nv_inference_request_success", "Number of successful inference requests", lambda s: s.success.count),
+    ("nv_inference_count", "Number of inferences performed (batch rows)", lambda s: s.inference_count),
+    ("nv_inference_exec_count", "Number of model executions performed (batches)", lambda s: s.execution_count),
+    ("nv_inference_request_duration_us", "Cumulative inference request duration in microseconds",
+     lambda s: (s.success.ns + s.fail.ns) // 1000),
+    ("nv_inference_queue_duration_us", "Cumulative inference queuing duration in microseconds",
+     lambda s: s.queue.ns // 1000),
+    ("nv_inference_compute_input_duration_us", "Cumulative compute input duration in microseconds",
+     lambda s: s.compute_input.ns // 1000),
+    ("nv_inference_compute_infer_duration_us", "Cumulative compute inference duration in microseconds",
+     lambda s: s.compute_infer.ns // 1000),
+    ("nv_inference_compute_output_duration_us", "Cumulative compute output duration in microseconds",
+     lambda s: s.compute_output.ns // 1000),
+]
+_FAILURE_REASONS = ("REJECTED", "CANCELED", "BACKEND", "OTHER")
+
+
+class TritonStatsCollector(Collector):
+    """Exposes ModelStats under Triton's exact sample names.
+
+    NOTE: prometheus_client always appends `_total` to counter families in the text format, and Triton's
+    names have no such suffix; the families are therefore typed `unknown` (written `untyped`), which keeps
+    the sample names byte-identical to Triton's so `rate(nv_inference_request_success[1m])` works unchanged.
+    """
+
+    def __init__(self, versions: Callable[[], Iterable[ModelStats]]) -> None:
+        self._versions = versions
+
+    def collect(self) -> Iterable[Metric]:
+        stats = list(self._versions())
+        for name, doc, read in _COUNTERS:
+            metric = Metric(name, doc, "unknown")
+            for s in stats:
+                metric.add_sample(name, {"model": s.name, "version": s.version}, read(s))
+            yield metric
+        failure = Metric("nv_inference_request_failure", "Number of failed inference requests", "unknown")
+        for s in stats:
+            for reason in _FAILURE_REASONS:
+                labels = {"model": s.name, "version": s.version, "reason": reason}
+                failure.add_sample("nv_inference_request_failure", labels, s.failures.get(reason, 0))
+        yield failure
+        pending = Metric("nv_inference_pending_request_count", "Requests waiting in the queue", "gauge")
+        for s in stats:
+            pending.add_sample("nv_inference_pending_request_count", {"model": s.name, "version": s.version}, s.pending)
+        yield pending
+
+
+class GpuCollector(Collector):
+    """GPU utilization and memory through NVML, as Triton's nv_gpu_* metrics; absent without a GPU."""
+
+    def __init__(self) -> None:
+        import pynvml  # from nvidia-ml-py, installed by the `gpu` extra
+
+        pynvml.nvmlInit()
+        self._nvml = pynvml
+        self._count = pynvml.nvmlDeviceGetCount()
+
+    def collect(self) -> Iterable[Metric]:
+        nv = self._nvml
+        util = Metric("nv_gpu_utilization", "GPU utilization rate [0.0 - 1.0)", "gauge")
+        used = Metric("nv_gpu_memory_used_bytes", "GPU used memory, in bytes", "gauge")
+        total = Metric("nv_gpu_memory_total_bytes", "GPU total memory, in bytes", "gauge")
+        for i in range(self._count):
+            handle = nv.nvmlDeviceGetHandleByIndex(i)
+            uuid = nv.nvmlDeviceGetUUID(handle)
+            labels = {"gpu_uuid": uuid if isinstance(uuid, str) else uuid.decode()}
+            mem = nv.nvmlDeviceGetMemoryInfo(handle)
+            util.add_sample(util.name, labels, nv.nvmlDeviceGetUtilizationRates(handle).gpu / 100.0)
+            used.add_sample(used.name, labels, mem.used)
+            total.add_sample(total.name, labels, mem.total)
+        yield from (util, used, total)
+
+
+class Metrics:
+    """One server's registry: the Triton collector, our histograms, and GPU metrics when NVML works."""
+
+    def __init__(self, versions: Callable[[], Iterable[ModelStats]]) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(TritonStatsCollector(versions))
+        labels = ["model", "version"]
+        self.latency = Histogram(
+            "modelserve_request_latency_seconds", "End-to-end inference latency inside the server",
+            labels, registry=self.registry, buckets=_LATENCY_BUCKETS,
+        )
+        self.queue_wait = Histogram(
+            "modelserve_queue_wait_seconds", "Time a request waited in the batcher's queue",
+            labels, registry=self.registry, buckets=_LATENCY_BUCKETS,
+        )
+        self.batch_size = Histogram(
+            "modelserve_batch_size", "Rows in the batch each request was executed in",
+            labels, registry=self.registry, buckets=_BATCH_BUCKETS,
+        )
+        try:
+            self.registry.register(GpuCollector())
+            log.info("GPU metrics enabled through NVML")
+        except Exception as exc:  # no nvidia-ml-py, no driver or no GPU: CPU-only serving
+            log.debug("GPU metrics disabled: %s", exc)
+
+    def observe_request(self, labels: dict[str, str], *, total_s: float, queue_s: float, batch_rows: int) -> None:
+        self.latency.labels(**labels).observe(total_s)
+        self.queue_wait.labels(**labels).observe(queue_s)
+        self.batch_size.labels(**labels).observe(batch_rows)

@@ -1,0 +1,183 @@
+"""A loaded model version: its spec, its ONNX Runtime instances, its batcher and its statistics."""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from service.batcher import Batcher, BatcherStats
+from service.config import ModelSpec, build_spec, complete_config, instance_settings
+from service.datatypes import v2_datatype
+from service.errors import InvalidInput, ModelLoadError
+from service.runtime import InstancePool, choose_providers, synthetic_inputs
+from service.settings import ServerSettings
+from service.stats import ModelStats
+
+log = logging.getLogger("modelserve.model")
+
+
+@dataclass
+class LoadRequest:
+    """What the repository found on disk for one model."""
+
+    name: str
+    model_dir: Path
+    config: object  # mc.ModelConfig as read (not yet completed)
+    has_file: bool
+    max_batch_size_given: bool
+
+
+def _shape_str(dims) -> str:
+    return "[" + ", ".join(str(d) for d in dims) + "]"
+
+
+@dataclass
+class ModelVersion:
+    """One served version. Created by `load` (blocking, in a worker thread), then `start`ed in the loop."""
+
+    spec: ModelSpec
+    version: str
+    pool: InstancePool
+    stats: ModelStats
+    batcher: Batcher | None = None
+    executor: ThreadPoolExecutor | None = None
+    output_names: list[str] = field(default_factory=list)
+    _string_inputs: set[str] = field(default_factory=set)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @classmethod
+    def load(cls, req: LoadRequest, *, version: int, settings: ServerSettings) -> ModelVersion:
+        config = req.config
+        filename = config.default_model_filename or "model.onnx"  # type: ignore[attr-defined]
+        path = req.model_dir / str(version) / filename
+        if not path.is_file():
+            raise ModelLoadError(f"model {req.name!r} version {version}: {path} not found")
+        count, kind = instance_settings(config)  # type: ignore[arg-type]
+        providers = choose_providers(requested=settings.execution_providers, instance_kind=kind)
+        threads = max(1, settings.cpu_threads // count)
+        pool = InstancePool(
+            path, count=count, providers=providers, intra_op_threads=threads, allow_spinning=settings.allow_spinning
+        )
+        completed = complete_config(
+            config,  # type: ignore[arg-type]
+            name=req.name,
+            graph_inputs=pool.graph_inputs,
+            graph_outputs=pool.graph_outputs,
+            max_batch_size_given=req.max_batch_size_given,
+            default_max_batch_size=settings.default_max_batch_size,
+            has_file=req.has_file,
+        )
+        spec = build_spec(completed, model_dir=req.model_dir)
+        log.info(
+            "model %s v%s: %d instance(s) on %s, %d intra-op thread(s) each, max_batch_size %d, batching %s",
+            req.name, version, count, pool.providers, threads, spec.max_batch_size,
+            "on" if spec.batching else "off",
+        )
+        mv = cls(spec=spec, version=str(version), pool=pool, stats=ModelStats(req.name, str(version)))
+        mv.output_names = [o.name for o in spec.outputs]
+        mv._string_inputs = {t.name for t in pool.graph_inputs if t.datatype == "BYTES"}
+        if settings.warmup:
+            mv._warmup()
+        return mv
+
+    def _warmup(self) -> None:
+        batched = self.spec.max_batch_size > 0
+        sizes = {1, self.spec.max_batch_size} if batched else {1}
+        for size in sorted(sizes):
+            feeds = synthetic_inputs(self.pool.graph_inputs, batch_size=size, batched=batched)
+            try:
+                self.pool.warmup(feeds, self.output_names)
+            except Exception as exc:  # a model that cannot run zeros is still servable; say so
+                log.warning("model %s: warm-up at batch %d failed: %s", self.name, size, exc)
+                return
+
+    def start(self) -> None:
+        """Create the executor and batcher; must run inside the event loop."""
+        self.executor = ThreadPoolExecutor(max_workers=self.pool.count, thread_name_prefix=f"ort-{self.name}")
+
+        def on_queue(depth: int) -> None:
+            self.stats.pending = depth
+
+        self.batcher = Batcher(
+            model=self.name,
+            run=self._run,
+            executor=self.executor,
+            policy=self.spec.batching,
+            max_batch_size=self.spec.max_batch_size,
+            concurrency=self.pool.count,
+            stats=BatcherStats(on_execution=self.stats.record_execution, on_queue_change=on_queue),
+        )
+        self.batcher.start()
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int, int]:
+        for name in self._string_inputs & feeds.keys():
+            # ORT takes str, not bytes, for string tensors.
+            feeds[name] = np.vectorize(lambda b: b.decode() if isinstance(b, bytes) else b, otypes=[object])(feeds[name])
+        t0 = time.perf_counter_ns()
+        arrays = self.pool.run(feeds, self.output_names)
+        t1 = time.perf_counter_ns()
+        outputs = dict(zip(self.output_names, arrays))
+        return outputs, t1 - t0, time.perf_counter_ns() - t1
+
+    async def close(self, *, grace_s: float) -> None:
+        if self.batcher is not None:
+            await self.batcher.close(grace_s=grace_s)
+        if self.executor is not None:
+            self.executor.shutdown(wait=False)
+
+    def validate(self, inputs: dict[str, np.ndarray]) -> int:
+        """Check names, dtypes and shapes against the spec; returns the request's row count."""
+        spec = self.spec
+        expected = {t.name for t in spec.inputs}
+        unknown = set(inputs) - expected
+        if unknown:
+            raise InvalidInput(f"model {spec.name!r}: unexpected input(s) {sorted(unknown)}; expected {sorted(expected)}")
+        rows = None
+        for t in spec.inputs:
+            arr = inputs.get(t.name)
+            if arr is None:
+                if t.optional:
+                    continue
+                raise InvalidInput(f"model {spec.name!r}: input {t.name!r} is missing; expected inputs {sorted(expected)}")
+            rows = self._check_tensor(t, arr, rows)
+        return rows if rows is not None else 1
+
+    def _check_tensor(self, t, arr: np.ndarray, rows: int | None) -> int | None:
+        got = v2_datatype(arr)
+        if got != t.datatype:
+            raise InvalidInput(f"input {t.name!r}: expected datatype {t.datatype}, got {got}")
+        batched = self.spec.max_batch_size > 0
+        full = ([-1] if batched else []) + list(t.dims)
+        shape = list(arr.shape)
+        ok = len(shape) == len(full) and all(d == -1 or d == s for d, s in zip(full, shape))
+        if not ok or (batched and shape[0] < 1):
+            raise InvalidInput(f"input {t.name!r}: expected shape {_shape_str(full)}, got {_shape_str(shape)}")
+        if not batched:
+            return 1
+        if shape[0] > self.spec.max_batch_size:
+            raise InvalidInput(
+                f"input {t.name!r}: batch size {shape[0]} exceeds the model's max_batch_size {self.spec.max_batch_size}"
+            )
+        if rows is not None and rows != shape[0]:
+            raise InvalidInput(f"input {t.name!r}: batch size {shape[0]} differs from the other inputs' {rows}")
+        return shape[0]
+
+    def timeout_s(self, parameters: dict) -> float | None:
+        """The queue timeout for a request: the policy default, or the request's `timeout` (us) if allowed."""
+        policy = self.spec.batching
+        default = policy.default_timeout_us if policy else 0
+        override = parameters.get("timeout")
+        if override is not None and policy is not None and policy.allow_timeout_override:
+            try:
+                default = int(override)
+            except (TypeError, ValueError):
+                raise InvalidInput(f"parameter 'timeout': expected microseconds as an integer, got {override!r}") from None
+        return default / 1e6 if default > 0 else None

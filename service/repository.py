@@ -1,0 +1,227 @@
+"""The model repository: which models exist on disk, which versions are loaded, and their states.
+
+Control modes as Triton's: `none` loads everything at start; `poll` also rescans and reloads what changed;
+`explicit` loads only what `load_model` names and what the load/unload API asks for. A model that fails to
+load shows UNAVAILABLE with its reason while every other model keeps serving; a failed *re*load keeps the
+versions that were serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from service.config import read_config, select_versions
+from service.errors import ModelLoadError, ModelNotFound, ModelNotReady, ServingError
+from service.model import LoadRequest, ModelVersion
+from service.settings import ServerSettings
+
+log = logging.getLogger("modelserve.repository")
+
+READY, UNAVAILABLE, LOADING, UNLOADING = "READY", "UNAVAILABLE", "LOADING", "UNLOADING"
+
+
+@dataclass
+class ModelEntry:
+    """One model folder and what is loaded from it."""
+
+    name: str
+    versions: dict[str, ModelVersion] = field(default_factory=dict)
+    state: str = UNAVAILABLE
+    reason: str = "unloaded"
+    fingerprint: tuple = ()
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def latest(self) -> ModelVersion | None:
+        if not self.versions:
+            return None
+        return self.versions[max(self.versions, key=int)]
+
+
+def _fingerprint(model_dir: Path) -> tuple:
+    """What poll mode compares: every file's relative path, size and modification time."""
+    items = []
+    for p in sorted(model_dir.rglob("*")):
+        try:
+            st = p.stat()
+        except FileNotFoundError:  # removed while we looked; the next poll sees the new state
+            continue
+        if p.is_file():
+            items.append((str(p.relative_to(model_dir)), st.st_size, st.st_mtime_ns))
+    return tuple(items)
+
+
+def _disk_versions(model_dir: Path) -> list[int]:
+    return [int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()]
+
+
+class ModelRepository:
+    """Loads, swaps and unloads models; lookups never await, so a swap cannot split a request."""
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self.root = settings.model_repository
+        self.entries: dict[str, ModelEntry] = {}
+        self._background: set[asyncio.Task] = set()
+        self._poller: asyncio.Task | None = None
+
+    def scan(self) -> dict[str, Path]:
+        """Model folders on disk: those holding a config.pbtxt or a numeric version folder."""
+        if not self.root.is_dir():
+            raise ModelLoadError(f"model repository {self.root} is not a directory")
+        found = {}
+        for d in sorted(self.root.iterdir()):
+            if d.is_dir() and not d.name.startswith(".") and ((d / "config.pbtxt").exists() or _disk_versions(d)):
+                found[d.name] = d
+        return found
+
+    async def start(self) -> None:
+        on_disk = self.scan()
+        for name in on_disk:
+            self.entries.setdefault(name, ModelEntry(name))
+        mode = self.settings.model_control_mode
+        wanted = list(on_disk)
+        if mode == "explicit":
+            wanted = list(on_disk) if "*" in self.settings.load_model else self.settings.load_model
+        for name in wanted:
+            try:
+                await self.load(name)
+            except ServingError as exc:
+                log.error("model %s failed to load: %s", name, exc.message)
+        if mode == "poll":
+            self._poller = asyncio.create_task(self._poll_forever(), name="repository-poll")
+
+    async def load(self, name: str) -> None:
+        """(Re)load a model from disk; new versions serve before the old ones drain."""
+        model_dir = self.root / name
+        if not model_dir.is_dir():
+            raise ModelNotFound(f"no model {name!r} in repository {self.root}; found {sorted(self.scan())}")
+        entry = self.entries.setdefault(name, ModelEntry(name))
+        async with entry.lock:
+            fingerprint = await asyncio.to_thread(_fingerprint, model_dir)
+            if not entry.versions:
+                entry.state, entry.reason = LOADING, ""
+            try:
+                loaded = await self._load_versions(name, model_dir)
+            except ServingError as exc:
+                self._mark_failed(entry, exc.message)
+                entry.fingerprint = fingerprint
+                raise
+            except Exception as exc:  # an unexpected bug in one model must not take the others down
+                log.exception("model %s: unexpected load failure", name)
+                self._mark_failed(entry, f"{type(exc).__name__}: {exc}")
+                entry.fingerprint = fingerprint
+                raise ModelLoadError(f"model {name!r} failed to load: {exc}") from exc
+            old = entry.versions
+            for mv in loaded.values():
+                mv.start()
+            entry.versions, entry.state, entry.reason, entry.fingerprint = loaded, READY, "", fingerprint
+            self._drain(list(old.values()))
+            log.info("model %s ready: versions %s", name, sorted(loaded, key=int))
+
+    def _mark_failed(self, entry: ModelEntry, reason: str) -> None:
+        if entry.versions:
+            entry.reason = f"reload failed, still serving versions {sorted(entry.versions, key=int)}: {reason}"
+        else:
+            entry.state, entry.reason = UNAVAILABLE, reason
+        log.error("model %s: %s", entry.name, entry.reason)
+
+    async def _load_versions(self, name: str, model_dir: Path) -> dict[str, ModelVersion]:
+        config, has_file, mbs_given = read_config(model_dir)
+        available = _disk_versions(model_dir)
+        if not available:
+            raise ModelLoadError(f"model {name!r}: no numeric version folder (e.g. {model_dir}/1/model.onnx)")
+        versions = select_versions(config, available)
+        request = LoadRequest(name, model_dir, config, has_file, mbs_given)
+        loaded = {}
+        for v in versions:
+            loaded[str(v)] = await asyncio.to_thread(ModelVersion.load, request, version=v, settings=self.settings)
+        return loaded
+
+    def _drain(self, versions: list[ModelVersion]) -> None:
+        for mv in versions:
+            task = asyncio.create_task(mv.close(grace_s=self.settings.unload_grace_secs))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def unload(self, name: str) -> None:
+        entry = self.entries.get(name)
+        if entry is None:
+            raise ModelNotFound(f"unknown model {name!r}; known models are {sorted(self.entries)}")
+        async with entry.lock:
+            old = list(entry.versions.values())
+            entry.versions, entry.state, entry.reason = {}, UNLOADING, ""
+            await asyncio.gather(*(mv.close(grace_s=self.settings.unload_grace_secs) for mv in old))
+            entry.state, entry.reason = UNAVAILABLE, "unloaded"
+        if not (self.root / name).is_dir():
+            self.entries.pop(name, None)
+
+    def get(self, name: str, version: str | None = None) -> ModelVersion:
+        """The READY version asked for (latest if none); never awaits."""
+        entry = self.entries.get(name)
+        if entry is None:
+            raise ModelNotFound(f"unknown model {name!r}; available models are {sorted(self.entries)}")
+        if version:
+            mv = entry.versions.get(version)
+            if mv is None:
+                if entry.versions:
+                    raise ModelNotFound(
+                        f"model {name!r} has no version {version!r} loaded; loaded versions are "
+                        f"{sorted(entry.versions, key=int)}"
+                    )
+                raise ModelNotReady(f"model {name!r} is not ready ({entry.state}: {entry.reason or 'loading'})")
+            return mv
+        mv = entry.latest()
+        if mv is None:
+            raise ModelNotReady(f"model {name!r} is not ready ({entry.state}: {entry.reason or 'loading'})")
+        return mv
+
+    def index(self, *, ready_only: bool = False) -> list[dict]:
+        rows = []
+        for name in sorted(self.entries):
+            entry = self.entries[name]
+            if entry.versions:
+                rows.extend(
+                    {"name": name, "version": v, "state": READY, "reason": entry.reason}
+                    for v in sorted(entry.versions, key=int)
+                )
+            elif not ready_only:
+                rows.append({"name": name, "state": entry.state, "reason": entry.reason})
+        return rows
+
+    def ready_versions(self) -> list[ModelVersion]:
+        return [mv for e in self.entries.values() for mv in e.versions.values()]
+
+    async def poll_once(self) -> None:
+        """Load new or changed models and unload removed ones."""
+        on_disk = await asyncio.to_thread(self.scan)
+        for name in [n for n in self.entries if n not in on_disk and self.entries[n].versions]:
+            log.info("model %s removed from the repository; unloading", name)
+            await self.unload(name)
+        for name, model_dir in on_disk.items():
+            entry = self.entries.get(name)
+            if entry is not None and entry.fingerprint == await asyncio.to_thread(_fingerprint, model_dir):
+                continue
+            log.info("model %s is new or changed; loading", name)
+            try:
+                await self.load(name)
+            except ServingError:
+                pass  # recorded in the index by load()
+
+    async def _poll_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.repository_poll_secs)
+            try:
+                await self.poll_once()
+            except Exception:  # keep polling: one bad scan must not stop future ones
+                log.exception("repository poll failed")
+
+    async def close(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+        for entry in self.entries.values():
+            for mv in entry.versions.values():
+                await mv.close(grace_s=1.0)
+            entry.versions = {}

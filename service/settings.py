@@ -1,0 +1,60 @@
+"""Server settings: environment (MODELSERVE_*), then command-line flags (Triton's names) on top."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, PositiveFloat, PositiveInt, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServerSettings(BaseSettings):
+    """Everything the server reads at start-up."""
+
+    model_config = SettingsConfigDict(env_prefix="MODELSERVE_", extra="forbid")
+
+    model_repository: Path = Path("model_repository")
+    """Triton-layout model repository: <repo>/<model>/<version>/model.onnx."""
+    http_host: str = "0.0.0.0"
+    """Address the HTTP server binds."""
+    http_port: int = Field(8000, ge=0, le=65535)
+    """HTTP port (KServe V2, metrics on /metrics). 0 picks a free port."""
+    metrics_port: int | None = Field(None, ge=1, le=65535)
+    """Also serve Prometheus metrics on this separate port, as Triton's 8002."""
+    model_control_mode: Literal["none", "poll", "explicit"] = "none"
+    """none: load everything at start; poll: also pick up changes; explicit: load/unload API only."""
+    repository_poll_secs: PositiveFloat = 5.0
+    """How often poll mode rescans the repository."""
+    load_model: list[str] = Field(default_factory=list)
+    """Models loaded at start in explicit mode ('*' for all)."""
+    max_request_bytes: PositiveInt = 64 * 1024 * 1024
+    """Largest request body accepted; larger ones get 413."""
+    execution_providers: list[str] | None = None
+    """ONNX Runtime providers in order of preference; default TensorRT, CUDA, CPU as available."""
+    cpu_threads: PositiveInt = Field(default_factory=lambda: os.cpu_count() or 1)
+    """Cores shared among a model's instances for intra-op threads."""
+    default_max_batch_size: PositiveInt = 32
+    """max_batch_size given to a model whose config does not set one and whose graph batches."""
+    warmup: bool = True
+    """Run each model once before it reports ready."""
+    allow_spinning: bool = False
+    """Let ONNX Runtime threads spin while idle: lower latency, but it steals CPU from the HTTP loop."""
+    unload_grace_secs: PositiveFloat = 30.0
+    """How long an unloaded or replaced version may take to finish the requests it holds."""
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    """Log level of the server and uvicorn."""
+
+    @model_validator(mode="after")
+    def _check(self) -> ServerSettings:
+        if self.metrics_port is not None and self.metrics_port == self.http_port:
+            raise ValueError(
+                f"metrics_port {self.metrics_port} equals http_port; choose another port or leave it unset"
+            )
+        if self.load_model and self.model_control_mode != "explicit":
+            raise ValueError(
+                f"load_model={self.load_model} needs model_control_mode='explicit' "
+                f"(got {self.model_control_mode!r}); the other modes load every model"
+            )
+        return self

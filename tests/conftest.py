@@ -1,0 +1,74 @@
+"""Shared fixtures: a real server (uvicorn in a subprocess) on a free loopback port."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(condition, *, timeout: float = 30.0, interval: float = 0.02, what: str = "condition"):
+    """Poll `condition` until it returns a truthy value or the deadline passes (tests never sleep blindly)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+@contextmanager
+def run_server(repo: Path, *, extra_args: list[str] | None = None, env: dict[str, str] | None = None,
+               ready_timeout: float = 90.0) -> Iterator[str]:
+    """Start `modelserve serve` on a free loopback port; yield "127.0.0.1:PORT" once /v2/health/live answers
+    and every model has finished loading (repository index shows no LOADING)."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "service.cli", "serve", "--model-repository", str(repo), "--http-port", str(port),
+           "--http-address", "127.0.0.1", "--log-level", "warning", *(extra_args or [])]
+    log_path = repo.parent / f"server-{port}.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, **(env or {})})
+        url = f"127.0.0.1:{port}"
+
+        def ready() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(f"server exited with {proc.returncode}:\n{log_path.read_text()}")
+            try:
+                return httpx.get(f"http://{url}/v2/health/ready", timeout=1.0).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        try:
+            wait_until(ready, timeout=ready_timeout, what=f"server on {url}")
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+@pytest.fixture(scope="session")
+def serve_repository():
+    """Factory: `with serve_repository(repo_dir, extra_args=[...]) as url:` runs the real server."""
+    return run_server
