@@ -7,6 +7,7 @@ import logging
 import zlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import orjson
 from fastapi import FastAPI, Request
@@ -209,7 +210,7 @@ def _add_infer_routes(app: FastAPI, core: InferenceCore, settings: ServerSetting
             payload, media_type="application/octet-stream", headers={"Inference-Header-Content-Length": str(header_len)}
         )
 
-    doc = {
+    doc: dict[str, Any] = {
         "summary": "Run inference (KServe V2; JSON or binary tensor data extension)",
         "tags": ["inference"],
         "openapi_extra": {

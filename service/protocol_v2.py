@@ -72,7 +72,8 @@ def tensor_from_binary(raw: memoryview, *, name: str, datatype: str, shape: list
                 f"binary_data_size gives {len(raw)}"
             )
         return np.frombuffer(raw, dtype=dtype).reshape(shape)
-    items, offset = [], 0
+    items: list[bytes] = []
+    offset = 0
     while offset < len(raw):
         if offset + 4 > len(raw):
             raise InvalidInput(f"input {name!r}: BYTES element {len(items)} is cut inside its 4-byte length prefix")

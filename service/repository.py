@@ -179,7 +179,7 @@ class ModelRepository:
         return mv
 
     def index(self, *, ready_only: bool = False) -> list[dict]:
-        rows = []
+        rows: list[dict] = []
         for name in sorted(self.entries):
             entry = self.entries[name]
             if entry.versions:

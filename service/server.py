@@ -13,8 +13,7 @@ from service.settings import ServerSettings
 log = logging.getLogger("modelserve.server")
 
 
-def uvicorn_config(settings: ServerSettings) -> uvicorn.Config:
-    app = create_app(settings)
+def uvicorn_config(settings: ServerSettings, app) -> uvicorn.Config:
     return uvicorn.Config(
         app,
         host=settings.http_host,
@@ -28,8 +27,9 @@ def uvicorn_config(settings: ServerSettings) -> uvicorn.Config:
 
 
 def run_server(settings: ServerSettings) -> None:
-    config = uvicorn_config(settings)
+    app = create_app(settings)
+    config = uvicorn_config(settings, app)
     if settings.metrics_port is not None:
-        start_http_server(settings.metrics_port, addr=settings.http_host, registry=config.app.state.core.metrics.registry)
+        start_http_server(settings.metrics_port, addr=settings.http_host, registry=app.state.core.metrics.registry)
         log.info("metrics also on port %d", settings.metrics_port)
     uvicorn.Server(config).run()
