@@ -106,7 +106,6 @@ class InferenceCore:
     async def infer(self, req: InferRequest) -> InferResponse:
         t0 = time.perf_counter_ns()
         mv = self.repository.get(req.model_name, req.model_version)
-        labels = {"model": mv.name, "version": mv.version}
         try:
             # NOTE: lookup and submit happen without an await between them, so a reload cannot
             # close the version we picked before our request is queued on it.
@@ -126,7 +125,8 @@ class InferenceCore:
         total = time.perf_counter_ns() - t0
         queue_ns = int(result.queue_s * 1e9)
         mv.stats.record_success(total_ns=total, queue_ns=queue_ns, timings=result.timings_ns)
-        self.metrics.observe_request(labels, total_s=total / 1e9, queue_s=result.queue_s, batch_rows=result.batch_rows)
+        self.metrics.observe_request(mv.name, mv.version, total_s=total / 1e9, queue_s=result.queue_s,
+                                     batch_rows=result.batch_rows)
         return InferResponse(model_name=mv.name, model_version=mv.version, outputs=outputs, id=req.id)
 
     @staticmethod

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import zlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -17,15 +15,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.core import InferenceCore
-from service.errors import InvalidInput, PayloadTooLarge, RequestCancelled, ServingError, UnsupportedMediaType
+from service.errors import InvalidInput, ServingError
+from service.http_infer import InferFastPath
 from service.metrics import Metrics
-from service.protocol_v2 import decode_request, encode_response
 from service.repository import ModelRepository
 from service.settings import ServerSettings
 
 log = logging.getLogger("modelserve.http")
 
-HEADER_LENGTH = "inference-header-content-length"
 _JSON = "application/json"
 
 
@@ -37,56 +34,8 @@ def error_response(exc: ServingError) -> Response:
     return json_response({"error": exc.message}, exc.status_code, exc.headers or None)
 
 
-async def read_body(request: Request, *, limit: int) -> bytes:
-    """The request body, decompressed (gzip/deflate), refusing more than `limit` bytes either way."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-    body = b"".join(chunks)
-    encoding = request.headers.get("content-encoding", "identity").lower()
-    if encoding in ("identity", ""):
-        return body
-    if encoding not in ("gzip", "deflate"):
-        raise UnsupportedMediaType(f"Content-Encoding {encoding!r} is not supported; use gzip, deflate or identity")
-    # max_length bounds the output so a small compressed bomb cannot exhaust memory.
-    d = zlib.decompressobj(16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
-    try:
-        out = d.decompress(body, limit + 1)
-    except zlib.error as exc:
-        raise InvalidInput(f"request body is not valid {encoding} data: {exc}") from None
-    if len(out) > limit or d.unconsumed_tail:
-        raise PayloadTooLarge(f"decompressed request body exceeds the limit of {limit} bytes")
-    return out
-
-
-async def _cancel_on_disconnect(request: Request, task: asyncio.Task, flag: list[bool]) -> None:
-    """Cancel the handler when the client goes away, so its row is dropped before compute is spent on it."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            flag.append(True)
-            task.cancel()
-            return
-
-
-def _header_length(request: Request) -> int | None:
-    value = request.headers.get(HEADER_LENGTH)
-    if value is None:
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        raise InvalidInput(f"Inference-Header-Content-Length must be an integer, got {value!r}") from None
-
-
-def create_app(settings: ServerSettings) -> FastAPI:
-    """The FastAPI application: lifespan owns the repository; routes delegate to the core."""
+def create_app(settings: ServerSettings) -> InferFastPath:
+    """The ASGI application: the infer fast path in front of FastAPI, whose lifespan owns the repository."""
     repository = ModelRepository(settings)
     metrics = Metrics(lambda: [mv.stats for mv in repository.ready_versions()])
     core = InferenceCore(repository, metrics)
@@ -108,14 +57,14 @@ def create_app(settings: ServerSettings) -> FastAPI:
     _install_error_handlers(app)
     _add_health_routes(app, core)
     _add_model_routes(app, core)
-    _add_infer_routes(app, core, settings)
     _add_repository_routes(app, core)
+    _document_infer_routes(app)
 
     @app.get("/metrics", tags=["metrics"], summary="Prometheus metrics (Triton's names)")
     async def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    return app
+    return InferFastPath(app, core=core, max_request_bytes=settings.max_request_bytes)
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -182,58 +131,44 @@ def _add_model_prefix_routes(app: FastAPI, core: InferenceCore, prefix: str) -> 
         return json_response(core.model_config(model_name, model_version))
 
 
-def _add_infer_routes(app: FastAPI, core: InferenceCore, settings: ServerSettings) -> None:
-    limit = settings.max_request_bytes
-
-    async def infer(request: Request, model_name: str, model_version: str | None) -> Response:
-        body = await read_body(request, limit=limit)
-        req = decode_request(
-            body, header_length=_header_length(request), model_name=model_name, model_version=model_version
-        )
-        task = asyncio.current_task()
-        assert task is not None
-        gone: list[bool] = []
-        watcher = asyncio.create_task(_cancel_on_disconnect(request, task, gone))
-        try:
-            resp = await core.infer(req)
-        except RequestCancelled as exc:
-            if gone:
-                task.uncancel()
-                return error_response(exc)  # nobody reads it; the connection is closed
-            raise
-        finally:
-            watcher.cancel()
-        payload, header_len = encode_response(resp, binary_default=bool(req.parameters.get("binary_data_output")))
-        if header_len is None:
-            return Response(payload, media_type=_JSON)
-        return Response(
-            payload, media_type="application/octet-stream", headers={"Inference-Header-Content-Length": str(header_len)}
-        )
-
-    doc: dict[str, Any] = {
-        "summary": "Run inference (KServe V2; JSON or binary tensor data extension)",
-        "tags": ["inference"],
-        "openapi_extra": {
-            "requestBody": {
-                "content": {
-                    _JSON: {
-                        "example": {
-                            "inputs": [{"name": "input", "shape": [1, 3], "datatype": "FP32", "data": [1, 2, 3]}],
-                            "outputs": [{"name": "output"}],
-                        }
-                    }
-                }
-            }
-        },
+def _document_infer_routes(app: FastAPI) -> None:
+    """Put the infer routes (served by InferFastPath, not FastAPI) into the OpenAPI schema."""
+    example = {
+        "inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [[0.5, 1.0, 2.0, 4.0]]}],
+        "outputs": [{"name": "y", "parameters": {"binary_data": False}}],
     }
+    operation = {
+        "tags": ["inference"],
+        "summary": "Run inference (KServe V2: JSON, or JSON header + raw tensors with the binary data extension)",
+        "description": (
+            "Binary tensor data extension: send the JSON header, then the raw tensor bytes, with header "
+            "`Inference-Header-Content-Length` giving the JSON length and `parameters.binary_data_size` on each "
+            "binary input; ask for binary outputs with `parameters.binary_data_output` or per-output "
+            "`binary_data`. Errors: 400 bad input, 404 unknown model/version, 413 too large, 503 not ready or "
+            "queue full (Retry-After), 504 timed out in the queue."
+        ),
+        "requestBody": {"required": True, "content": {_JSON: {"example": example},
+                                                      "application/octet-stream": {}}},
+        "responses": {"200": {"description": "Inference outputs"}, "400": {"description": "Bad input"},
+                      "404": {"description": "Unknown model or version"},
+                      "503": {"description": "Not ready or queue full"}},
+    }
+    base = app.openapi
 
-    @app.post("/v2/models/{model_name}/infer", **doc)
-    async def infer_latest(request: Request, model_name: str) -> Response:
-        return await infer(request, model_name, None)
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = base()
+            for path, params in (("/v2/models/{model_name}/infer", ["model_name"]),
+                                 ("/v2/models/{model_name}/versions/{model_version}/infer",
+                                  ["model_name", "model_version"])):
+                parameters = [{"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
+                              for p in params]
+                schema["paths"][path] = {"post": {**operation, "parameters": parameters,
+                                                  "operationId": "infer_" + "_".join(params)}}
+            app.openapi_schema = schema
+        return app.openapi_schema
 
-    @app.post("/v2/models/{model_name}/versions/{model_version}/infer", **doc)
-    async def infer_version(request: Request, model_name: str, model_version: str) -> Response:
-        return await infer(request, model_name, model_version)
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _add_repository_routes(app: FastAPI, core: InferenceCore) -> None:

@@ -121,7 +121,13 @@ class Metrics:
         except Exception as exc:  # no nvidia-ml-py, no driver or no GPU: CPU-only serving
             log.debug("GPU metrics disabled: %s", exc)
 
-    def observe_request(self, labels: dict[str, str], *, total_s: float, queue_s: float, batch_rows: int) -> None:
-        self.latency.labels(**labels).observe(total_s)
-        self.queue_wait.labels(**labels).observe(queue_s)
-        self.batch_size.labels(**labels).observe(batch_rows)
+        self._children: dict[tuple[str, str], tuple] = {}
+
+    def observe_request(self, model: str, version: str, *, total_s: float, queue_s: float, batch_rows: int) -> None:
+        children = self._children.get((model, version))
+        if children is None:  # resolving labels costs a lock and a dict build; do it once per version
+            children = tuple(h.labels(model, version) for h in (self.latency, self.queue_wait, self.batch_size))
+            self._children[(model, version)] = children
+        children[0].observe(total_s)
+        children[1].observe(queue_s)
+        children[2].observe(batch_rows)

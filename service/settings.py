@@ -33,8 +33,8 @@ class ServerSettings(BaseSettings):
     """Largest request body accepted; larger ones get 413."""
     execution_providers: list[str] | None = None
     """ONNX Runtime providers in order of preference; default TensorRT, CUDA, CPU as available."""
-    cpu_threads: PositiveInt = Field(default_factory=lambda: os.cpu_count() or 1)
-    """Cores shared among a model's instances for intra-op threads."""
+    cpu_threads: PositiveInt = Field(default_factory=lambda: len(os.sched_getaffinity(0)))
+    """Cores shared among a model's instances for intra-op threads (default: the cores this process may use)."""
     default_max_batch_size: PositiveInt = 32
     """max_batch_size given to a model whose config does not set one and whose graph batches."""
     warmup: bool = True

@@ -166,3 +166,15 @@ async def test_output_rows_mismatch_fails_the_batch_loudly():
     done = await asyncio.wait_for(asyncio.gather(submit(b, 1), submit(b, 2), return_exceptions=True), timeout=10)
     assert all(isinstance(d, BackendError) and "first axis must be the batch axis" in str(d) for d in done)
     await b.close(grace_s=1)
+
+
+async def test_a_full_preferred_batch_is_not_topped_up():
+    model = GatedModel(gated=True)
+    b = make_batcher(model, preferred=[2], delay_us=20_000)
+    blocker = submit(b, 0, rows=2)
+    await until(model.started.is_set, "blocker running")
+    futs = [submit(b, i) for i in (1, 2, 3)]
+    model.gate.set()
+    await asyncio.wait_for(asyncio.gather(blocker, *futs), timeout=10)
+    assert [len(x) for x in model.batches] == [2, 2, 1]
+    await b.close(grace_s=1)

@@ -49,11 +49,12 @@ def repo(tmp_path_factory) -> Path:
     slow_model(root / "slow_queue" / "1" / "model.onnx")
     write_config(root / "slow_queue", 'max_batch_size: 1\ndynamic_batching { default_queue_policy '
                  '{ max_queue_size: 1 } }\ninstance_group [{ count: 1 kind: KIND_CPU }]\n')
-    slow_model(root / "slow_timeout" / "1" / "model.onnx")
+    # Slower still: the tests below must not depend on how fast a loaded machine runs the test's own client.
+    slow_model(root / "slow_timeout" / "1" / "model.onnx", repeats=300)
     write_config(root / "slow_timeout", 'max_batch_size: 1\ndynamic_batching { default_queue_policy { '
                  'default_timeout_microseconds: 20000000 allow_timeout_override: true } }\n'
                  'instance_group [{ count: 1 kind: KIND_CPU }]\n')
-    slow_model(root / "slow_plain" / "1" / "model.onnx")
+    slow_model(root / "slow_plain" / "1" / "model.onnx", repeats=300)
     write_config(root / "slow_plain", SLOW_NOBATCH)
     for v, factor in ((1, 1.0), (2, 2.0), (3, 3.0)):
         scale_model(root / "versioned" / str(v) / "model.onnx", factor=factor)
@@ -320,6 +321,30 @@ def test_metrics_counters_move(client, url):
                  "nv_inference_compute_infer_duration_us", "modelserve_batch_size_bucket",
                  "modelserve_request_latency_seconds_bucket"):
         assert f"\n{name}{{" in text, name
+
+
+def test_gzip_request_bodies(url):
+    import gzip
+
+    body = gzip.compress(b'{"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}')
+    resp = httpx.post(f"http://{url}/v2/models/scale/infer", content=body, headers={"Content-Encoding": "gzip"},
+                      timeout=30)
+    assert resp.status_code == 200 and resp.json()["outputs"][0]["data"] == [2, 4, 6, 8]
+    resp = httpx.post(f"http://{url}/v2/models/scale/infer", content=body, headers={"Content-Encoding": "br"},
+                      timeout=30)
+    assert resp.status_code == 415 and "use gzip, deflate or identity" in resp.json()["error"]
+    bomb = gzip.compress(b" " * (2 << 20))  # 2 MiB of spaces, far under the limit compressed
+    resp = httpx.post(f"http://{url}/v2/models/scale/infer", content=bomb, headers={"Content-Encoding": "gzip"},
+                      timeout=30)
+    assert resp.status_code == 413 and "decompressed request body exceeds" in resp.json()["error"]
+
+
+def test_openapi_documents_every_v2_route(url):
+    paths = httpx.get(f"http://{url}/openapi.json", timeout=30).json()["paths"]
+    for path in ("/v2/models/{model_name}/infer", "/v2/models/{model_name}/versions/{model_version}/infer",
+                 "/v2/health/ready", "/v2/repository/index", "/v2/models/stats", "/metrics"):
+        assert path in paths, path
+    assert httpx.get(f"http://{url}/docs", timeout=30).status_code == 200
 
 
 def test_body_too_large_is_413(url):
