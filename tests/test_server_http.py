@@ -13,7 +13,7 @@ import pytest
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from tests.conftest import run_server, wait_until
+from tests.conftest import free_port, run_server, wait_until
 from tests.onnx_builders import (
     gather_model,
     not_model,
@@ -373,16 +373,30 @@ def test_explicit_mode_load_and_unload(tmp_path):
 def test_poll_mode_picks_up_new_versions_and_models(tmp_path):
     root = tmp_path / "models"
     scale_model(root / "m" / "1" / "model.onnx", factor=1.0)
-    with run_server(root, extra_args=["--model-control-mode", "poll", "--repository-poll-secs", "0.2"]) as url:
+    slow_model(root / "s" / "1" / "model.onnx", repeats=300)
+    write_config(root / "s", SLOW_NOBATCH)
+    metrics_port = free_port()
+    args = ["--model-control-mode", "poll", "--repository-poll-secs", "0.2", "--metrics-port", str(metrics_port)]
+    with run_server(root, extra_args=args) as url, cf.ThreadPoolExecutor(1) as pool:
         c = httpclient.InferenceServerClient(url)
         x = np.ones((1, 4), np.float32)
+        in_flight = pool.submit(_post_slow, url, "s")
+        # Change the slow model while its request runs: the old version must finish it (below).
         staging = tmp_path / "staging"
-        scale_model(staging / "model.onnx", factor=5.0)
-        shutil.copytree(staging, root / "m" / "2")
+        slow_model(staging / "s2" / "model.onnx", repeats=300)
+        shutil.copytree(staging / "s2", root / "s" / "2")
+        scale_model(staging / "m2" / "model.onnx", factor=5.0)
+        shutil.copytree(staging / "m2", root / "m" / "2")
         wait_until(lambda: c.get_model_metadata("m")["versions"] == ["2"], what="version 2 to replace version 1")
         np.testing.assert_array_equal(c.infer("m", [_input("x", x, "FP32", binary=True)]).as_numpy("y"), x * 5)
+        wait_until(lambda: c.get_model_metadata("s")["versions"] == ["2"], what="slow model version 2")
+        done = in_flight.result()
+        assert done.status_code == 200 and done.json()["model_version"] == "1", done.text
         scale_model(staging / "n" / "1" / "model.onnx")
         shutil.copytree(staging / "n", root / "n")
         wait_until(lambda: c.is_model_ready("n"), what="new model n")
         shutil.rmtree(root / "n")
         wait_until(lambda: not c.is_model_ready("n"), what="removed model n to unload")
+        separate = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30).text
+        assert 'nv_inference_request_success{model="m",version="2"} 1.0' in separate
+
