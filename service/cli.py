@@ -45,16 +45,27 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# Subcommands owned by other packages: name -> (module with `main(argv) -> int`, help).
+DELEGATED = {
+    "build": ("models.build", "build the model zoo into a repository"),
+    "optimize": ("export.optimize", "quantize / convert / distill the zoo and report size, latency, accuracy"),
+    "edge-bundle": ("export.edge", "write a self-contained edge bundle for one model"),
+    "predict": ("service.batch.cli", "batch offline inference over files and datasets (local or Ray)"),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "build":
-        from models.build import main as build_main
+    if argv and argv[0] in DELEGATED:
+        import importlib
 
-        return build_main(argv[1:])
+        module = importlib.import_module(DELEGATED[argv[0]][0])
+        return int(module.main(argv[1:]) or 0)
     parser = argparse.ArgumentParser(prog="modelserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
-    sub.add_parser("build", help="build the model zoo into a repository (see `modelserve build --help`)")
+    for name, (_, help_text) in DELEGATED.items():
+        sub.add_parser(name, help=f"{help_text} (see `modelserve {name} --help`)")
     args = parser.parse_args(argv)
     level = (getattr(args, "log_level", None) or "info").upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -72,3 +72,7 @@ def run_server(repo: Path, *, extra_args: list[str] | None = None, env: dict[str
 def serve_repository():
     """Factory: `with serve_repository(repo_dir, extra_args=[...]) as url:` runs the real server."""
     return run_server
+
+
+# The tiny model zoo (all four families, --profile tiny), built once per session.
+from tests.zoo_fixtures import tiny_zoo  # noqa: E402, F401

@@ -1,0 +1,293 @@
+"""Shared pieces of every model family: seeding, ONNX export, parity checks and publication.
+
+The publication layout is Triton's model repository (see models/CONTRACT.md):
+``<repo>/<name>/config.pbtxt``, ``<repo>/<name>/1/model.onnx``, ``labels.txt``, ``metrics.json``,
+``MODEL_CARD.md`` and any extra assets.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import uuid
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+PROFILES = ("tiny", "default")
+FAMILIES = ("cnn", "transformer", "speech", "recommender")
+OPSET = 18
+
+# Keys every metrics.json must carry (the model card contract in models/CONTRACT.md).
+CARD_KEYS = (
+    "family", "task", "data", "split", "parameters", "metrics", "parity",
+    "input_spec", "build_seconds", "profile", "seed",
+)
+
+
+class ParityError(RuntimeError):
+    """PyTorch and ONNX Runtime disagree beyond the tolerance."""
+
+
+@dataclass
+class FamilyResult:
+    """What one family's ``build`` produced (one row of the build summary)."""
+
+    family: str
+    models: list[str]
+    metrics: dict[str, float]
+    parameters: int
+    build_seconds: float
+    parity_max_abs_diff: float
+
+
+def check_profile(profile: str) -> str:
+    """Return ``profile`` or raise a ValueError naming the valid ones."""
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}: expected one of {', '.join(PROFILES)}")
+    return profile
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python, NumPy and torch so a build is repeatable."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return int(sum(p.numel() for p in model.parameters()))
+
+
+def export_onnx(
+    model: torch.nn.Module,
+    example_inputs: tuple,
+    path: Path,
+    *,
+    input_names: list[str],
+    output_names: list[str],
+    dynamic_shapes: Any,
+) -> Path:
+    """Export ``model`` with the dynamo exporter to a single, checked ONNX file at ``path``.
+
+    ``dynamic_shapes`` follows ``torch.export`` (e.g. ``{"x": {0: torch.export.Dim("batch")}}``).
+    NOTE: torch.export specialises any dimension whose example size is 0 or 1, so example
+    inputs must use a batch of at least 2 for the batch axis to stay dynamic.
+    """
+    import onnx
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    # NOTE: the exporter logs a warning per missing torchvision op and a FutureWarning from pytree;
+    # neither concerns our models, and they bury the training progress output.
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.filterwarnings("ignore", message="# The axis name", category=UserWarning)
+        torch.onnx.export(
+            model,
+            example_inputs,
+            str(path),
+            dynamo=True,
+            dynamic_shapes=dynamic_shapes,
+            input_names=input_names,
+            output_names=output_names,
+            opset_version=OPSET,
+            external_data=False,
+            verbose=False,
+        )
+    # NOTE: load with external data and save again so that the result is one self-contained file
+    # whatever the exporter decided; the server copies exactly one file per version.
+    proto = onnx.load(str(path), load_external_data=True)
+    for stale in path.parent.glob(path.name + ".data"):
+        stale.unlink()
+    onnx.save(proto, str(path), save_as_external_data=False)
+    onnx.checker.check_model(str(path), full_check=True)
+    _check_io_names(proto, path=path, input_names=input_names, output_names=output_names)
+    return path
+
+
+def _check_io_names(proto: Any, *, path: Path, input_names: list[str], output_names: list[str]) -> None:
+    got_in = [i.name for i in proto.graph.input]
+    got_out = [o.name for o in proto.graph.output]
+    if got_in != list(input_names) or got_out != list(output_names):
+        raise RuntimeError(
+            f"{path}: exported graph has inputs {got_in} and outputs {got_out}, "
+            f"expected inputs {list(input_names)} and outputs {list(output_names)}"
+        )
+
+
+def ort_session(onnx_path: Path) -> Any:
+    """A CPU ONNX Runtime session on ``onnx_path`` (the provider the server uses by default)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+
+
+def _torch_outputs(model: torch.nn.Module, case: tuple[np.ndarray, ...]) -> list[np.ndarray]:
+    with torch.no_grad():
+        out = model(*(torch.from_numpy(np.ascontiguousarray(a)) for a in case))
+    if isinstance(out, torch.Tensor):
+        out = (out,)
+    return [o.detach().cpu().numpy() for o in out]
+
+
+def parity_check(
+    model: torch.nn.Module,
+    onnx_path: Path,
+    cases: list[tuple[np.ndarray, ...]],
+    *,
+    atol: float,
+    rtol: float,
+) -> dict:
+    """Run PyTorch and ONNX Runtime (CPU) on every case and compare each output elementwise.
+
+    An element passes when ``|onnx - torch| <= atol + rtol * |torch|`` (numpy.allclose's rule).
+    Raises ParityError on the first mismatch, naming the case, the output and the differences.
+    """
+    if not cases:
+        raise ValueError("parity_check needs at least one case")
+    model.eval()
+    session = ort_session(onnx_path)
+    in_names = [i.name for i in session.get_inputs()]
+    out_names = [o.name for o in session.get_outputs()]
+    max_abs = 0.0
+    shapes: list[list[list[int]]] = []
+    for index, case in enumerate(cases):
+        if len(case) != len(in_names):
+            raise ValueError(f"parity case {index}: {len(case)} arrays given, the graph takes {in_names}")
+        expected = _torch_outputs(model, case)
+        got = session.run(None, dict(zip(in_names, case)))
+        shapes.append([list(a.shape) for a in case])
+        where = f"case {index} (input shapes {shapes[-1]})"
+        for name, ref, out in zip(out_names, expected, got):
+            max_abs = max(max_abs, _compare(where=where, name=name, ref=ref, out=out, atol=atol, rtol=rtol))
+    return {"cases": shapes, "max_abs_diff": max_abs, "atol": atol, "rtol": rtol}
+
+
+def _compare(*, where: str, name: str, ref: np.ndarray, out: np.ndarray, atol: float, rtol: float) -> float:
+    if ref.shape != out.shape:
+        raise ParityError(f"{where}, output {name!r}: torch shape {list(ref.shape)}, onnx {list(out.shape)}")
+    if ref.size == 0:
+        return 0.0
+    if not np.issubdtype(ref.dtype, np.floating):
+        # Integer outputs (class or item ids) must match exactly: a tolerance would let ids drift.
+        if ref.dtype != out.dtype or not np.array_equal(ref, out):
+            raise ParityError(f"{where}, output {name!r}: integer outputs differ "
+                              f"(torch {ref.dtype}, onnx {out.dtype}, {int(np.sum(ref != out))} elements)")
+        return 0.0
+    ref64, out64 = ref.astype(np.float64), out.astype(np.float64)
+    diff = np.abs(out64 - ref64)
+    worst = float(diff.max())
+    excess = diff - (atol + rtol * np.abs(ref64))
+    if not np.all(excess <= 0) or not np.all(np.isfinite(out64)):
+        raise ParityError(
+            f"{where}, output {name!r}: max abs diff {worst:.3g} "
+            f"exceeds tolerance atol={atol:g} + rtol={rtol:g}*|ref| "
+            f"({int(np.sum(~(excess <= 0)))} of {diff.size} elements off)"
+        )
+    return worst
+
+
+def parse_config(config_pbtxt: str) -> Any:
+    """Parse Triton ModelConfig text format, raising ValueError with the parser's message."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    try:
+        return text_format.Parse(config_pbtxt, model_config_pb2.ModelConfig())
+    except text_format.ParseError as exc:
+        raise ValueError(f"config.pbtxt does not parse as a Triton ModelConfig: {exc}") from exc
+
+
+def _validate(*, name: str, onnx_path: Path, config: Any, card: dict, labels: list[str] | None) -> None:
+    import onnx
+
+    if config.name != name:
+        raise ValueError(f"config.pbtxt names model {config.name!r}, expected {name!r}")
+    missing = [k for k in CARD_KEYS if k not in card]
+    if missing:
+        raise ValueError(f"model card for {name!r} lacks keys {missing}; required: {list(CARD_KEYS)}")
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    for kind, declared, actual in (
+        ("input", [i.name for i in config.input], [i.name for i in graph.input]),
+        ("output", [o.name for o in config.output], [o.name for o in graph.output]),
+    ):
+        if sorted(declared) != sorted(actual):
+            raise ValueError(f"{name}: config.pbtxt {kind}s {declared} differ from the ONNX graph's {actual}")
+    if any(o.label_filename for o in config.output) and not labels:
+        raise ValueError(f"{name}: config.pbtxt references a label_filename but no labels were given")
+
+
+def publish(
+    *,
+    repo_dir: Path,
+    name: str,
+    onnx_path: Path,
+    config_pbtxt: str,
+    card: dict,
+    card_md: str,
+    labels: list[str] | None = None,
+    assets: dict[str, Path] | None = None,
+) -> Path:
+    """Write model ``name`` (version 1) into the repository at ``repo_dir`` and return its folder.
+
+    Everything is written to a hidden temporary folder first and renamed into place, so a reader
+    never sees a half-written model; an existing model of that name is replaced.
+    """
+    repo_dir = Path(repo_dir)
+    config = parse_config(config_pbtxt)
+    _validate(name=name, onnx_path=Path(onnx_path), config=config, card=card, labels=labels)
+    repo_dir.mkdir(parents=True, exist_ok=True)
+    tmp = repo_dir / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        _write_model_dir(tmp, onnx_path=Path(onnx_path), config_pbtxt=config_pbtxt, card=card,
+                         card_md=card_md, labels=labels, assets=assets or {})
+        return _swap_into_place(tmp, repo_dir / name)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_model_dir(
+    target: Path,
+    *,
+    onnx_path: Path,
+    config_pbtxt: str,
+    card: dict,
+    card_md: str,
+    labels: list[str] | None,
+    assets: dict[str, Path],
+) -> None:
+    (target / "1").mkdir(parents=True)
+    shutil.copyfile(onnx_path, target / "1" / "model.onnx")
+    (target / "config.pbtxt").write_text(config_pbtxt.rstrip() + "\n")
+    # NOTE: allow_nan=False: a NaN metric is a bug upstream and must not reach a model card.
+    (target / "metrics.json").write_text(json.dumps(card, indent=2, allow_nan=False) + "\n")
+    (target / "MODEL_CARD.md").write_text(card_md.rstrip() + "\n")
+    if labels:
+        (target / "labels.txt").write_text("\n".join(labels) + "\n")
+    for asset_name, source in assets.items():
+        if Path(asset_name).name != asset_name or asset_name in {"1", "config.pbtxt", "metrics.json"}:
+            raise ValueError(f"asset name {asset_name!r} must be a plain file name not used by the layout")
+        shutil.copyfile(source, target / asset_name)
+
+
+def _swap_into_place(tmp: Path, final: Path) -> Path:
+    old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old.exists():
+        shutil.rmtree(old, ignore_errors=True)
+    return final
