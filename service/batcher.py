@@ -135,10 +135,12 @@ async def collect_batch(
         if rows >= target or remaining <= 0 or not taken:
             break
         queue.not_empty.clear()
+        # A timer that sets the event is cheaper than wait_for, which wraps the wait in a new task.
+        timer = asyncio.get_running_loop().call_later(remaining, queue.not_empty.set)
         try:
-            await asyncio.wait_for(queue.not_empty.wait(), timeout=remaining)
-        except asyncio.TimeoutError:
-            pass
+            await queue.not_empty.wait()
+        finally:
+            timer.cancel()
         queue.drop_done()
         if not queue.items:
             return await collect_batch(queue, policy=policy, max_batch_size=max_batch_size, clock=clock)
