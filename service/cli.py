@@ -15,6 +15,7 @@ def _serve_parser(sub) -> None:
     p.add_argument("--model-repository", dest="model_repository", help="model repository directory")
     p.add_argument("--http-port", dest="http_port", type=int, help="HTTP port (default 8000)")
     p.add_argument("--http-address", dest="http_host", help="address to bind (default 0.0.0.0)")
+    p.add_argument("--grpc-port", dest="grpc_port", type=int, help="KServe V2 gRPC port (off unless given)")
     p.add_argument("--metrics-port", dest="metrics_port", type=int, help="also serve /metrics on this port")
     p.add_argument("--model-control-mode", dest="model_control_mode", choices=["none", "poll", "explicit"])
     p.add_argument("--repository-poll-secs", dest="repository_poll_secs", type=float)

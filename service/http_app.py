@@ -43,7 +43,15 @@ def create_app(settings: ServerSettings) -> InferFastPath:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await repository.start()
+        grpc_server = None
+        if settings.grpc_port is not None:
+            from service.grpc_app import start_grpc_server
+
+            grpc_server = await start_grpc_server(core, host=settings.http_host, port=settings.grpc_port,
+                                                  max_message_bytes=settings.max_request_bytes)
         yield
+        if grpc_server is not None:
+            await grpc_server.stop(grace=5)
         await repository.close()
 
     app = FastAPI(
@@ -59,6 +67,9 @@ def create_app(settings: ServerSettings) -> InferFastPath:
     _add_model_routes(app, core)
     _add_repository_routes(app, core)
     _document_infer_routes(app)
+    from service.tasks.router import build_router  # task endpoints (/v1/...), service/tasks/
+
+    app.include_router(build_router(core))
 
     @app.get("/metrics", tags=["metrics"], summary="Prometheus metrics (Triton's names)")
     async def prometheus() -> Response:

@@ -174,7 +174,8 @@ def decode_request(
     )
 
 
-def _to_binary(arr: np.ndarray) -> bytes:
+def tensor_to_bytes(arr: np.ndarray) -> bytes:
+    """Raw bytes of a tensor as the binary extension (and gRPC raw contents) carry it."""
     if arr.dtype == object or arr.dtype.kind in ("U", "S"):
         parts = []
         for item in arr.reshape(-1):
@@ -201,7 +202,7 @@ def encode_response(resp: InferResponse, *, binary_default: bool) -> tuple[bytes
         arr = out.data
         entry: dict[str, Any] = {"name": out.name, "datatype": v2_datatype(arr), "shape": list(arr.shape)}
         if out.binary if out.binary is not None else binary_default:
-            raw = _to_binary(arr)
+            raw = tensor_to_bytes(arr)
             entry["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
         else:

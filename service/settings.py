@@ -21,6 +21,8 @@ class ServerSettings(BaseSettings):
     """Address the HTTP server binds."""
     http_port: int = Field(8000, ge=0, le=65535)
     """HTTP port (KServe V2, metrics on /metrics). 0 picks a free port."""
+    grpc_port: int | None = Field(None, ge=1, le=65535)
+    """KServe V2 gRPC port (Triton's 8001); off when unset."""
     metrics_port: int | None = Field(None, ge=1, le=65535)
     """Also serve Prometheus metrics on this separate port, as Triton's 8002."""
     model_control_mode: Literal["none", "poll", "explicit"] = "none"
@@ -48,10 +50,10 @@ class ServerSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self) -> ServerSettings:
-        if self.metrics_port is not None and self.metrics_port == self.http_port:
-            raise ValueError(
-                f"metrics_port {self.metrics_port} equals http_port; choose another port or leave it unset"
-            )
+        ports = {"http_port": self.http_port, "grpc_port": self.grpc_port, "metrics_port": self.metrics_port}
+        taken = [p for p in ports.values() if p]
+        if len(taken) != len(set(taken)):
+            raise ValueError(f"ports must differ, got {ports}; choose distinct ports or leave grpc/metrics unset")
         if self.load_model and self.model_control_mode != "explicit":
             raise ValueError(
                 f"load_model={self.load_model} needs model_control_mode='explicit' "
