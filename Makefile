@@ -4,6 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 MODEL_REPOSITORY ?= model_repository
 HTTP_PORT ?= 8000
+GRPC_PORT ?= 8001
+METRICS_PORT ?= 8002
 PROFILE ?= default
 # `make serve EXTRAS=train,test,gpu` swaps in onnxruntime-gpu on a machine with CUDA.
 EXTRAS ?= train,test
@@ -25,7 +27,8 @@ $(MODEL_REPOSITORY)/build_summary.json: | install
 zoo: $(MODEL_REPOSITORY)/build_summary.json
 
 serve: zoo
-	$(VENV)/bin/modelserve serve --model-repository $(MODEL_REPOSITORY) --http-port $(HTTP_PORT)
+	$(VENV)/bin/modelserve serve --model-repository $(MODEL_REPOSITORY) --http-port $(HTTP_PORT) \
+		--grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
 
 lint: install
 	$(VENV)/bin/ruff check service models export loadtests tests
