@@ -1,0 +1,169 @@
+"""Batch throughput: `modelserve predict` rows/s against the in-process ceiling, per model, same batch size.
+
+The ceiling is ONNX Runtime alone on the same batches, collated beforehand (one session, same thread settings):
+no file reading, decoding, tokenising, post-processing or output writing. `predict` is the full job on generated inputs of each kind
+(PNG folder, .npy, JSONL texts, WAV folder, Parquet user ids). Writes a markdown table, JSON and a PNG plot.
+
+    python -m service.batch.bench --model-repository /tmp/tz --rows 2000 --batch-size 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from service.batch import cli
+from service.batch.engine import load_model
+from service.batch.readers import open_input
+
+_WORDS = ["yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go"]
+
+
+def make_input(kind: str, *, root: Path, rows: int) -> Path:
+    """A benchmark input of `rows` rows of `kind` (png, npy, jsonl, wav, parquet)."""
+    if kind == "png":
+        from PIL import Image
+        from sklearn.datasets import load_digits
+
+        images = load_digits().images
+        folder = root / "png"
+        folder.mkdir()
+        for i in range(rows):
+            pixels = (images[i % len(images)] / 16 * 255).astype(np.uint8)
+            Image.fromarray(pixels).resize((64, 64)).save(folder / f"{i:06d}.png")
+        return folder
+    if kind == "npy":
+        np.save(root / "x.npy", np.random.default_rng(0).random((rows, 28, 28), dtype=np.float32))
+        return root / "x.npy"
+    if kind == "jsonl":
+        docs = [d for d in (getattr(str, n).__doc__ for n in dir(str)) if d] * 8
+        path = root / "texts.jsonl"
+        path.write_text("".join(json.dumps({"id": i, "text": docs[i % len(docs)]}) + "\n" for i in range(rows)))
+        return path
+    if kind == "wav":
+        return _wav_folder(root / "wav", rows=rows)
+    if kind == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"user_id": np.arange(rows) % 250}), root / "users.parquet")
+        return root / "users.parquet"
+    raise ValueError(f"unknown input kind {kind!r}")
+
+
+def _wav_folder(folder: Path, *, rows: int) -> Path:
+    import soundfile as sf
+
+    from models.speech_synth import synth_word
+
+    folder.mkdir()
+    clips = []
+    for word in _WORDS:
+        buf = io.BytesIO()
+        sf.write(buf, synth_word(word, voice="en-us", rate=160, pitch=50), 16000, subtype="PCM_16", format="WAV")
+        clips.append(buf.getvalue())
+    for i in range(rows):
+        (folder / f"{i:06d}.wav").write_bytes(clips[i % len(clips)])
+    return folder
+
+
+def ceiling(model_dir: Path, *, src: Path, batch_size: int) -> float:
+    """Rows/s of session.run alone over the same batches `predict` runs, prepared and collated beforehand."""
+    model = load_model(model_dir)
+    items = [it for it in open_input(src, task=model.processor.task).items if it.error is None]
+    batches = []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        batches.append(model.processor.collate([model.processor.prepare(it.payload, index=it.row)
+                                                for it in chunk]))
+    model.session.run(model.output_names, batches[0])  # warm-up, as predict's first batch pays for it
+    t0 = time.perf_counter()
+    for feeds in batches:
+        model.session.run(model.output_names, feeds)
+    return len(items) / (time.perf_counter() - t0)
+
+
+def end_to_end(model: str, *, repo: Path, src: Path, out: Path, batch_size: int) -> float:
+    args = cli.parse_args(["--model", model, "--input", str(src), "--output", str(out),
+                           "--model-repository", str(repo), "--batch-size", str(batch_size)])
+    return cli.run(args).rows_per_s
+
+
+CASES = [("cnn", "png"), ("cnn", "npy"), ("transformer-classifier", "jsonl"), ("transformer", "jsonl"),
+         ("speech", "wav"), ("recommender", "parquet")]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m service.batch.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-repository", type=Path, default=Path("model_repository"))
+    p.add_argument("--rows", type=int, default=2000)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--models", default=None, help="comma-separated subset of " + ",".join(m for m, _ in CASES))
+    p.add_argument("--out-dir", type=Path, default=Path("bench_results"))
+    args = p.parse_args(argv)
+    wanted = set(args.models.split(",")) if args.models else None
+    results = []
+    with tempfile.TemporaryDirectory(prefix="batch-bench-") as tmp:
+        for model, kind in CASES:
+            if (wanted and model not in wanted) or not (args.model_repository / model).is_dir():
+                continue
+            root = Path(tmp) / f"{model}-{kind}"
+            root.mkdir()
+            src = make_input(kind, root=root, rows=args.rows)
+            e2e = end_to_end(model, repo=args.model_repository, src=src, out=root / "out.parquet",
+                             batch_size=args.batch_size)
+            top = ceiling(args.model_repository / model, src=src, batch_size=args.batch_size)
+            results.append({"model": model, "input": kind, "rows": args.rows, "batch_size": args.batch_size,
+                            "predict_rows_s": round(e2e, 1), "ceiling_rows_s": round(top, 1),
+                            "fraction": round(e2e / top, 3)})
+    _report(results, out_dir=args.out_dir)
+    return 0
+
+
+def _report(results: list[dict], *, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = Table(title="modelserve predict vs in-process ceiling (rows/s)")
+    head = ["model", "input", "rows", "batch_size", "predict_rows_s", "ceiling_rows_s", "fraction"]
+    for h in head:
+        table.add_column(h)
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        table.add_row(*(str(r[h]) for h in head))
+        lines.append("| " + " | ".join(str(r[h]) for h in head) + " |")
+    Console().print(table)
+    (out_dir / "batch_predict.md").write_text("\n".join(lines) + "\n")
+    (out_dir / "batch_predict.json").write_text(json.dumps(results, indent=2))
+    _plot(results, out_dir / "batch_predict.png")
+
+
+def _plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['model']}\n({r['input']})" for r in results]
+    x = np.arange(len(results))
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(results)), 4))
+    ax.bar(x - 0.2, [r["ceiling_rows_s"] for r in results], 0.4, label="ORT ceiling (collated batches)")
+    ax.bar(x + 0.2, [r["predict_rows_s"] for r in results], 0.4, label="modelserve predict (end to end)")
+    ax.set_xticks(x, labels, fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("rows/s (log)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

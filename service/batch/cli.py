@@ -1,0 +1,130 @@
+"""`modelserve predict`: batch offline inference with the task endpoints' pre/post-processing.
+
+Output: one row per input row, in input order, with columns `row` (0-based input row), `id` (the input's
+`id` field, file path relative to the input folder, or the row number), `ok`, `error` (why a bad row
+failed) and `result` (JSON: what `/v1/models/{name}/predict` returns for that item). Parquet, or JSONL when
+--output ends in .jsonl. See service/batch/writers.py for how --resume avoids losing or repeating rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from tqdm import tqdm
+
+from service.batch.readers import open_input
+from service.batch.writers import PartWriter
+
+
+@dataclass
+class Summary:
+    ok: int = 0
+    failed: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+
+    @property
+    def rows_per_s(self) -> float:
+        return (self.ok + self.failed) / self.seconds if self.seconds > 0 else 0.0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="modelserve predict", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="model name (a folder of the model repository)")
+    p.add_argument("--input", required=True, type=Path,
+                   help="folder of images/WAVs, .jsonl or .parquet (text, user_id, path or b64; optional id), .npy")
+    p.add_argument("--output", required=True, type=Path, help="output .parquet (default) or .jsonl")
+    p.add_argument("--model-repository", type=Path, default=Path("model_repository"))
+    p.add_argument("--batch-size", type=int, default=32, help="rows per model run (default 32)")
+    p.add_argument("--part-rows", type=int, default=2048, help="rows per committed output part (default 2048)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run, skipping committed rows")
+    p.add_argument("--engine", choices=["local", "ray"], default="local")
+    p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
+                   help="threads preparing rows (decode, resize, tokenise) for --engine local (default: cores)")
+    p.add_argument("--ray-actors", type=int, default=2, help="actors (one ORT session each) for --engine ray")
+    p.add_argument("--k", type=int, default=None, help="labels/items per row (the endpoint's k)")
+    p.add_argument("--include-seen", action="store_true", help="recommender: keep items the user has seen")
+    p.add_argument("--max-rows", type=int, default=None, help="stop after this many rows (later --resume goes on)")
+    args = p.parse_args(argv)
+    if args.batch_size < 1 or args.part_rows < 1:
+        p.error("--batch-size and --part-rows must be positive")
+    return args
+
+
+def _engine(args: argparse.Namespace, model_dir: Path, params: dict):
+    if args.engine == "ray":
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise ValueError("--engine ray needs Ray Data: pip install 'modelserve[ray]'") from None
+        from service.batch.ray_engine import RayEngine
+
+        return RayEngine(model_dir, batch_size=args.batch_size, params=params, actors=args.ray_actors)
+    from service.batch.engine import LocalEngine
+
+    return LocalEngine(model_dir, batch_size=args.batch_size, params=params, workers=args.workers)
+
+
+def run(args: argparse.Namespace) -> Summary:
+    model_dir = args.model_repository / args.model
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"no model {args.model!r} in {args.model_repository}")
+    params = {"k": args.k, "exclude_seen": not args.include_seen}
+    job = {"model": args.model, "input": str(args.input.resolve()), "params": params}
+    engine = _engine(args, model_dir, params)  # first: a model or engine problem leaves no parts folder behind
+    writer = PartWriter(args.output, job=job, resume=args.resume)
+    summary = Summary(skipped=writer.rows)
+    if writer.done:
+        engine.close()
+        return summary
+    source = open_input(args.input, task=engine.task, start=writer.rows)
+    items = itertools.islice(source.items, args.max_rows) if args.max_rows else source.items
+    total = source.total - writer.rows if source.total is not None else None
+    if args.max_rows and total is not None:
+        total = min(total, args.max_rows)
+    t0 = time.perf_counter()
+    with tqdm(total=total, unit="rows", desc=f"predict {args.model}", dynamic_ncols=True) as bar:
+        while window := list(itertools.islice(items, args.part_rows)):
+            rows = engine.predict(window)
+            writer.commit(rows)
+            failed = sum(not r["ok"] for r in rows)
+            summary.ok += len(rows) - failed
+            summary.failed += failed
+            bar.update(len(rows))
+    summary.seconds = time.perf_counter() - t0
+    if args.max_rows is None or _exhausted(source.items):
+        writer.finish()
+    engine.close()
+    return summary
+
+
+def _exhausted(items) -> bool:
+    """True when the input has no row left (after --max-rows: then the output can be assembled now)."""
+    return next(items, None) is None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    console = Console(stderr=True)
+    try:
+        summary = run(args)
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:
+        console.print(f"[red]modelserve predict: {exc}")
+        return 2
+    where = args.output if args.output.exists() else args.output.with_name(args.output.name + ".parts")
+    console.print(f"rows ok: {summary.ok}, rows failed: {summary.failed}, skipped (already committed): "
+                  f"{summary.skipped}, {summary.rows_per_s:.1f} rows/s over {summary.seconds:.1f} s -> {where}", soft_wrap=True)
+    return 1 if summary.failed and not summary.ok else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

@@ -1,0 +1,123 @@
+"""Running a model over items in-process: one ONNX Runtime session, the task processors' pre/post-processing."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from service.config import ModelSpec
+from service.errors import ServingError
+from service.runtime import choose_providers
+from service.tasks.base import Processor
+from service.tasks.registry import build_processor, spec_from_dir
+
+
+@dataclass
+class LoadedModel:
+    spec: ModelSpec
+    processor: Processor
+    session: ort.InferenceSession
+    output_names: list[str]
+
+
+def model_file(model_dir: Path, spec: ModelSpec) -> Path:
+    versions = sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+    if not versions:
+        raise FileNotFoundError(f"{model_dir}: no numeric version folder (e.g. {model_dir}/1/model.onnx)")
+    return model_dir / str(versions[-1]) / spec.model_filename
+
+
+def load_model(model_dir: Path, *, threads: int = 0) -> LoadedModel:
+    """Spec, processor and one ORT session (GPU providers first when this onnxruntime build has them)."""
+    spec = spec_from_dir(model_dir)
+    processor = build_processor(spec, model_dir=model_dir)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    providers = choose_providers(requested=None, instance_kind="KIND_AUTO")
+    session = ort.InferenceSession(str(model_file(model_dir, spec)), sess_options=options, providers=providers)
+    return LoadedModel(spec, processor, session, [o.name for o in session.get_outputs()])
+
+
+def error_row(item, message: str) -> dict:
+    return {"row": item.row, "id": item.id, "ok": False, "error": message, "result": None}
+
+
+def _prepare_one(model: LoadedModel, item) -> tuple[object, str | None]:
+    if item.error is not None:
+        return None, item.error
+    try:
+        return model.processor.prepare(item.payload, index=item.row), None
+    except ServingError as exc:
+        return None, exc.message
+    except Exception as exc:  # an unexpected failure on one row is still only that row's
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+def _prepare_all(model: LoadedModel, items: list, *, pool: ThreadPoolExecutor | None, workers: int) -> list:
+    """Prepare in a few contiguous slices (one task per worker), so cheap rows do not pay a task each."""
+    if pool is None or workers < 2 or len(items) < 2:
+        return [_prepare_one(model, it) for it in items]
+    n = workers
+    step = -(-len(items) // n)
+    slices = pool.map(lambda s: [_prepare_one(model, it) for it in items[s:s + step]], range(0, len(items), step))
+    return [r for part in slices for r in part]
+
+
+def predict_items(model: LoadedModel, items: list, *, params: dict, pool: ThreadPoolExecutor | None = None,
+                  workers: int = 1) -> list[dict]:
+    """Output rows for `items` in order; a bad item becomes an error row and never stops the batch.
+
+    `pool` prepares items in threads: decoding and resizing (Pillow, numpy, scipy, tokenizers) release the GIL.
+    """
+    rows: dict[int, dict] = {}
+    good, prepared = [], []
+    for i, (item, (ready, error)) in enumerate(zip(items, _prepare_all(model, items, pool=pool, workers=workers))):
+        if error is not None:
+            rows[i] = error_row(item, error)
+        else:
+            prepared.append(ready)
+            good.append(i)
+    if prepared:
+        try:
+            feeds = model.processor.collate(prepared)
+            arrays = model.session.run(model.output_names, feeds)
+            outputs = dict(zip(model.output_names, (np.asarray(a) for a in arrays)))
+            results = model.processor.postprocess(outputs, prepared, params=params)
+            for i, result in zip(good, results):
+                rows[i] = {"row": items[i].row, "id": items[i].id, "ok": True, "error": None,
+                           "result": json.dumps(result)}
+        except Exception as exc:  # the whole batch failed in the runtime: record it on each row
+            message = getattr(exc, "message", f"{type(exc).__name__}: {exc}")
+            for i in good:
+                rows[i] = error_row(items[i], message)
+    return [rows[i] for i in range(len(items))]
+
+
+class LocalEngine:
+    """In-process: one session, batches of `batch_size` items."""
+
+    def __init__(self, model_dir: Path, *, batch_size: int, params: dict, workers: int = 2) -> None:
+        self.model = load_model(model_dir)
+        self.batch_size, self.params = batch_size, params
+        self.workers = workers
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="prepare") if workers > 1 else None
+
+    @property
+    def task(self) -> str:
+        return self.model.processor.task
+
+    def predict(self, items: list) -> list[dict]:
+        out: list[dict] = []
+        for start in range(0, len(items), self.batch_size):
+            out.extend(predict_items(self.model, items[start:start + self.batch_size], params=self.params,
+                                     pool=self.pool, workers=self.workers))
+        return out
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()

@@ -1,0 +1,131 @@
+"""Streaming readers: each yields Items one at a time, so memory stays bounded whatever the input size.
+
+Inputs: a folder of images or WAV files (sorted by path), a JSONL or Parquet file (one row per item:
+`text`, `user_id`, or `path`/`b64` of an image or WAV; optional `id`), or a `.npy` array (memory-mapped; one
+item per row along axis 0). An item that cannot be read carries its error instead of a payload.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service.tasks.base import b64decode
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+AUDIO_SUFFIXES = (".wav", ".wave")
+TEXT_FIELDS = ("text", "user_id", "path", "b64")
+
+
+@dataclass
+class Item:
+    row: int
+    id: str
+    payload: Any = None
+    error: str | None = None
+
+
+@dataclass
+class Source:
+    items: Iterator[Item]
+    total: int | None
+    kind: str
+
+
+def open_input(path: Path, *, task: str, start: int = 0) -> Source:
+    """The items of `path` from row `start` on (rows before it were committed by an earlier run)."""
+    if path.is_dir():
+        return _folder(path, task=task, start=start)
+    suffix = path.suffix.lower()
+    if not path.is_file():
+        raise FileNotFoundError(f"input {path} does not exist; expected a folder, .jsonl, .parquet or .npy")
+    if suffix in (".jsonl", ".ndjson"):
+        return Source(_jsonl(path, start=start), None, "jsonl")
+    if suffix == ".parquet":
+        return _parquet(path, start=start)
+    if suffix == ".npy":
+        arr = np.load(path, mmap_mode="r")
+        rows = (Item(i, str(i), np.asarray(arr[i])) for i in range(start, arr.shape[0]))
+        return Source(rows, arr.shape[0], "npy")
+    raise ValueError(f"input {path}: unsupported type {suffix!r}; expected a folder of images/WAVs, "
+                     ".jsonl, .parquet or .npy")
+
+
+def _folder(root: Path, *, task: str, start: int) -> Source:
+    suffixes = AUDIO_SUFFIXES if task == "keyword-spotting" else IMAGE_SUFFIXES
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in suffixes and p.is_file())
+    if not files:
+        raise ValueError(f"input folder {root} holds no {'/'.join(suffixes)} files for this {task} model")
+
+    def items() -> Iterator[Item]:
+        for row in range(start, len(files)):
+            rel = str(files[row].relative_to(root))
+            try:
+                yield Item(row, rel, files[row].read_bytes())
+            except OSError as exc:
+                yield Item(row, rel, error=f"unreadable file: {exc}")
+
+    return Source(items(), len(files), "folder")
+
+
+def _from_record(row: int, record: object, *, base: Path) -> Item:
+    """One JSONL/Parquet record -> Item; the payload is the first of text, user_id, path, b64 present."""
+    if not isinstance(record, dict):
+        return Item(row, str(row), error=f"expected a JSON object with one of {TEXT_FIELDS}, got {record!r:.80}")
+    ident = str(record["id"]) if record.get("id") is not None else str(row)
+    try:
+        if "text" in record:
+            return Item(row, ident, record.get("text"))
+        if record.get("user_id") is not None:
+            return Item(row, ident, record["user_id"])
+        if record.get("path"):
+            return Item(row, ident, (base / str(record["path"])).read_bytes())
+        if record.get("b64"):
+            return Item(row, ident, b64decode(record["b64"], index=row, what="file"))
+    except OSError as exc:
+        return Item(row, ident, error=f"unreadable file: {exc}")
+    except Exception as exc:  # b64decode's InvalidInput, or anything odd in one record: keep going
+        return Item(row, ident, error=getattr(exc, "message", str(exc)))
+    return Item(row, ident, error=f"record has none of the fields {TEXT_FIELDS}")
+
+
+def _jsonl(path: Path, *, start: int) -> Iterator[Item]:
+    row = -1
+    with path.open("rb") as handle:
+        for line in handle:
+            if not line.strip():
+                continue  # blank lines are not rows
+            row += 1
+            if row < start:
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                yield Item(row, str(row), error=f"line is not valid JSON: {exc}")
+                continue
+            yield _from_record(row, record, base=path.parent)
+
+
+def _parquet(path: Path, *, start: int) -> Source:
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    total = pf.metadata.num_rows
+
+    def items() -> Iterator[Item]:
+        row = 0
+        for batch in pf.iter_batches(batch_size=1024):
+            if row + batch.num_rows <= start:
+                row += batch.num_rows
+                continue
+            for record in batch.to_pylist():
+                if row >= start:
+                    yield _from_record(row, record, base=path.parent)
+                row += 1
+
+    return Source(items(), total, "parquet")

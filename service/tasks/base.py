@@ -1,0 +1,63 @@
+"""What every task processor provides, so HTTP endpoints and batch jobs share one implementation."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Any, Protocol
+
+import numpy as np
+
+from service.errors import InvalidInput
+
+
+class Processor(Protocol):
+    """Pre/post-processing of one model.
+
+    `prepare` turns one raw item (upload bytes, text, user id, array) into model-ready data and raises a
+    typed ServingError for a bad item; `collate` stacks prepared items into the model's input tensors (equal
+    shapes, so the dynamic batcher can stack requests); `postprocess` turns output rows into JSON-able dicts.
+    """
+
+    task: str
+
+    def describe(self) -> dict: ...
+
+    def prepare(self, payload: Any, *, index: int) -> Any: ...
+
+    def collate(self, prepared: list[Any]) -> dict[str, np.ndarray]: ...
+
+    def postprocess(self, outputs: dict[str, np.ndarray], prepared: list[Any], *, params: dict) -> list[dict]: ...
+
+
+def b64decode(value: object, *, index: int, what: str) -> bytes:
+    """Base64 (standard or URL-safe, with or without a data: URL prefix) -> bytes; 400 naming the index."""
+    if isinstance(value, dict) and "b64" in value:  # KServe V1's {"b64": "..."} convention
+        value = value["b64"]
+    if not isinstance(value, str) or not value:
+        raise InvalidInput(f"item {index}: expected a base64 string of a {what}, got {type(value).__name__}")
+    text = value.split(",", 1)[1] if value.startswith("data:") else value
+    try:
+        return base64.b64decode(text.replace("-", "+").replace("_", "/"), validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidInput(f"item {index}: not valid base64 (expected a base64-encoded {what})") from None
+
+
+def top_k(probs: np.ndarray, *, labels: list[str] | None, k: int) -> list[dict]:
+    """Best k classes of one probability row, best first."""
+    k = max(1, min(int(k), probs.shape[-1]))
+    order = np.argsort(-probs, kind="stable")[:k]
+    return [{"label": labels[i] if labels and i < len(labels) else str(int(i)), "index": int(i),
+             "probability": float(probs[i])} for i in order]
+
+
+def parse_k(value: object, *, default: int, limit: int) -> int:
+    if value is None:
+        return default
+    try:
+        k = int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        raise InvalidInput(f"'k' must be a positive integer, got {value!r}") from None
+    if not 1 <= k <= limit:
+        raise InvalidInput(f"'k' must be between 1 and {limit}, got {k}")
+    return k

@@ -1,0 +1,97 @@
+"""Recommender: a user id -> the model's top items with scores.
+
+The graph returns its top 50 per user and already answers an unknown id with the most popular items
+(item_popularity.json order). We say which case applies: a user absent from seen_items.json (the training
+interactions) is flagged `"fallback": "popular"`. `exclude_seen` drops items the user interacted with in
+training; since filtering happens after the graph's top 50, fewer than k items may remain (`"returned"`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service.errors import InvalidInput
+
+ACCEPTS = "JSON {\"user_id\": int, \"k\": 10, \"exclude_seen\": true} (or {\"user_ids\": [...]})"
+INT64_MAX = 2**63 - 1
+
+
+@dataclass
+class PreparedUser:
+    user_id: int
+    known: bool
+
+
+class RecommenderProcessor:
+    task = "recommendation"
+
+    def __init__(self, *, model_dir: Path, input_name: str, item_output: str, score_output: str,
+                 top_k: int) -> None:
+        seen_path = model_dir / "seen_items.json"
+        raw = json.loads(seen_path.read_text()) if seen_path.is_file() else {}
+        self.seen: dict[int, set[int]] = {int(u): set(items) for u, items in raw.items()}
+        self.input_name, self.item_output, self.score_output = input_name, item_output, score_output
+        self.top_k = top_k
+
+    def describe(self) -> dict:
+        return {"accepts": ACCEPTS,
+                "preprocessing": "user ids as in the training data; unknown users get the most popular items, "
+                                 "flagged \"fallback\": \"popular\"",
+                "params": {"k": f"items returned, 1..{self.top_k} (default 10)",
+                           "exclude_seen": "drop items the user interacted with in training (default true)"}}
+
+    def prepare(self, payload: Any, *, index: int) -> PreparedUser:
+        if isinstance(payload, dict):
+            payload = payload.get("user_id")
+        if isinstance(payload, np.generic):
+            payload = payload.item()
+        if isinstance(payload, str) and payload.strip().lstrip("-").isdigit():
+            payload = int(payload)
+        if isinstance(payload, bool) or not isinstance(payload, int) or abs(payload) > INT64_MAX:
+            raise InvalidInput(f"user {index}: expected an integer user_id, got {payload!r}")
+        return PreparedUser(payload, payload in self.seen)
+
+    def collate(self, prepared: list[PreparedUser]) -> dict[str, np.ndarray]:
+        return {self.input_name: np.array([[p.user_id] for p in prepared], np.int64)}
+
+    def postprocess(self, outputs: dict[str, np.ndarray], prepared: list[PreparedUser], *,
+                    params: dict) -> list[dict]:
+        k = _int_param(params.get("k"), default=10, limit=self.top_k)
+        exclude = _bool_param(params.get("exclude_seen"), default=True)
+        items, scores = outputs[self.item_output], outputs[self.score_output]
+        results = []
+        for i, p in enumerate(prepared):
+            seen = self.seen.get(p.user_id, set()) if exclude else set()
+            picks = [{"item_id": int(it), "score": float(sc)} for it, sc in zip(items[i], scores[i])
+                     if int(it) not in seen][:k]
+            result: dict[str, Any] = {"user_id": p.user_id, "items": picks, "returned": len(picks)}
+            if not p.known:
+                result["fallback"] = "popular"
+            results.append(result)
+        return results
+
+
+def _int_param(value: object, *, default: int, limit: int) -> int:
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | str) or not str(value).isdigit():
+        raise InvalidInput(f"'k' must be an integer between 1 and {limit}, got {value!r}")
+    k = int(value)
+    if not 1 <= k <= limit:
+        raise InvalidInput(f"'k' must be between 1 and {limit} (the model returns its top {limit}), got {k}")
+    return k
+
+
+def _bool_param(value: object, *, default: bool) -> bool:
+    if value is None:
+        return default
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+        return value.lower() in ("true", "1")
+    raise InvalidInput(f"'exclude_seen' must be true or false, got {value!r}")

@@ -1,0 +1,83 @@
+"""Text (transformer family): texts -> embeddings, plus labels where the model is a classifier.
+
+Tokenised with the model's own tokenizer.json (`tokenizers`), truncated as that tokenizer does at the
+config's max_sequence_length; each request's texts are padded to one length so the dynamic batcher can stack
+them with other requests of that length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from service.errors import InvalidInput
+from service.tasks.base import parse_k, top_k
+
+ACCEPTS = "JSON {\"texts\": [\"non-empty string\", ...]}"
+
+
+@dataclass
+class PreparedText:
+    ids: list[int]
+    truncated: bool
+    tokens: int  # tokens the text had before truncation (with special tokens)
+
+
+class TextProcessor:
+    def __init__(self, *, tokenizer_path: Path, max_length: int, input_names: list[str],
+                 output_name: str, labels: list[str] | None) -> None:
+        self.tokenizer = Tokenizer.from_file(str(tokenizer_path))
+        self.tokenizer.no_padding()  # we pad per request in collate
+        self.tokenizer.enable_truncation(max_length)
+        # A second copy that never truncates, to report how long a truncated text really was.
+        self.counter = Tokenizer.from_str(self.tokenizer.to_str())
+        self.counter.no_truncation()
+        self.max_length = max_length
+        self.pad_id = self.tokenizer.token_to_id("[PAD]") or 0
+        self.input_names, self.output_name, self.labels = input_names, output_name, labels
+        self.task = "text-classification" if labels else "text-embedding"
+
+    def describe(self) -> dict:
+        doc: dict[str, object] = {"accepts": ACCEPTS,
+               "preprocessing": f"tokenizer.json, truncated at {self.max_length} tokens (reported per text as "
+                                "truncated/tokens); a request's texts padded to its longest"}
+        if self.labels:
+            doc["params"] = {"k": "number of labels returned (default 3)"}
+        return doc
+
+    def prepare(self, payload: Any, *, index: int) -> PreparedText:
+        if not isinstance(payload, str):
+            raise InvalidInput(f"text {index}: expected a string, got {type(payload).__name__}")
+        if not payload.strip():
+            raise InvalidInput(f"text {index} is empty; expected non-empty text")
+        enc = self.tokenizer.encode(payload)
+        truncated = bool(enc.overflowing)
+        tokens = len(self.counter.encode(payload).ids) if truncated else len(enc.ids)
+        return PreparedText(list(enc.ids), truncated, tokens)
+
+    def collate(self, prepared: list[PreparedText]) -> dict[str, np.ndarray]:
+        length = max(len(p.ids) for p in prepared)
+        ids = np.full((len(prepared), length), self.pad_id, np.int64)
+        mask = np.zeros((len(prepared), length), np.int64)
+        for row, p in enumerate(prepared):
+            ids[row, :len(p.ids)] = p.ids
+            mask[row, :len(p.ids)] = 1
+        return {self.input_names[0]: ids, self.input_names[1]: mask}
+
+    def postprocess(self, outputs: dict[str, np.ndarray], prepared: list[PreparedText], *,
+                    params: dict) -> list[dict]:
+        data = outputs[self.output_name]
+        k = parse_k(params.get("k"), default=3, limit=len(self.labels)) if self.labels else 0
+        results = []
+        for i, p in enumerate(prepared):
+            item: dict[str, Any] = {"tokens": p.tokens, "tokens_used": len(p.ids), "truncated": p.truncated}
+            if self.labels:
+                item["predictions"] = top_k(data[i], labels=self.labels, k=k)
+            else:
+                item["embedding"] = [float(x) for x in data[i]]
+            results.append(item)
+        return results
