@@ -51,8 +51,8 @@ def _headers(scope: dict) -> dict[bytes, bytes]:
     return dict(scope["headers"])
 
 
-async def _read_body(receive: Callable, *, declared: bytes | None, limit: int) -> bytes | None:
-    """The whole body, or None when the client went away while sending it."""
+async def read_body(receive: Callable, *, declared: bytes | str | None, limit: int) -> bytes | None:
+    """The whole body from an ASGI `receive`, refusing more than `limit` bytes; None if the client left."""
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"request body of {int(declared)} bytes exceeds the limit of {limit} bytes")
     message = await receive()
@@ -137,7 +137,7 @@ class InferFastPath:
     async def _infer(self, scope: dict, receive: Callable, send: Callable, model: str, version: str | None) -> None:
         try:
             headers = _headers(scope)
-            body = await _read_body(receive, declared=headers.get(b"content-length"), limit=self.limit)
+            body = await read_body(receive, declared=headers.get(b"content-length"), limit=self.limit)
             if body is None:
                 return
             body = decompress(body, encoding=headers.get(b"content-encoding", b"").decode().lower(), limit=self.limit)

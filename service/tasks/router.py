@@ -16,7 +16,8 @@ from fastapi.responses import Response
 
 from service.config import ModelSpec
 from service.core import InferenceCore, InferRequest
-from service.errors import InvalidInput, PayloadTooLarge, ServingError, UnsupportedMediaType
+from service.errors import InvalidInput, PayloadTooLarge, RequestCancelled, ServingError, UnsupportedMediaType
+from service.http_infer import read_body
 from service.tasks.base import Processor, b64decode
 from service.tasks.openapi_docs import MODELS_EXAMPLE, PREDICT_DOC, V1_DOC
 from service.tasks.registry import build_processor, describe_model
@@ -69,17 +70,11 @@ class TaskService:
 
 async def _body(request: Request) -> bytes:
     limit = request.app.state.settings.max_request_bytes
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit} bytes")
-    chunks, total = [], 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:
-            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-    request._body = b"".join(chunks)  # so request.form() parses what we already read
-    return request._body
+    body = await read_body(request.receive, declared=request.headers.get("content-length"), limit=limit)
+    if body is None:
+        raise RequestCancelled("client went away while sending the request")
+    request._body = body  # so request.form() parses what we already read
+    return body
 
 
 async def _uploads(request: Request, task: str) -> tuple[list[bytes], dict]:
