@@ -23,11 +23,12 @@ from tqdm import tqdm
 
 from models import cnn_data
 from models.common import (
-    PROFILES,
     FamilyResult,
     check_profile,
     count_parameters,
     export_onnx,
+    family_parser,
+    hyper_overrides,
     parity_check,
     publish,
     set_seed,
@@ -233,18 +234,11 @@ def build(*, profile: str, repo_dir: Path, seed: int = 0, work_dir: Path | None 
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m models.cnn", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--profile", choices=PROFILES, default="default")
+    parser = family_parser("cnn", __doc__)
     parser.add_argument("--data", default="digits", help="digits | idx:PATH | folder:PATH (default: digits)")
     parser.add_argument("--invert", action="store_true", help="invert images (for dark ink on light paper)")
-    parser.add_argument("--epochs", type=int, help="override the profile's epochs")
-    parser.add_argument("--batch-size", type=int, help="override the profile's batch size")
-    parser.add_argument("--lr", type=float, help="override the profile's peak learning rate")
     parser.add_argument("--width", type=int, help="override the profile's base channel width")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
-    parser.add_argument("--model-repository", "--output", dest="repo", type=Path, default=Path("model_repository"))
     return parser.parse_args(argv)
 
 
@@ -252,9 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    overrides = {k: v for k, v in {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
-                                   "width": args.width}.items() if v is not None}
-    hyper = replace(HYPER[args.profile], **overrides)
+    hyper = replace(HYPER[args.profile], **hyper_overrides(args, "width"))
     result = build(profile=args.profile, repo_dir=args.repo, seed=args.seed, data=args.data, hyper=hyper,
                    invert=args.invert)
     print(f"cnn: held-out accuracy {result.metrics['accuracy']:.4f}, {result.parameters:,} parameters, "

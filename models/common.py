@@ -7,6 +7,7 @@ The publication layout is Triton's model repository (see models/CONTRACT.md):
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -53,6 +54,25 @@ def check_profile(profile: str) -> str:
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}: expected one of {', '.join(PROFILES)}")
     return profile
+
+
+def family_parser(family: str, description: str | None) -> argparse.ArgumentParser:
+    """The flags every family's training script shares; each family adds its own on the returned parser."""
+    parser = argparse.ArgumentParser(prog=f"python -m models.{family}", description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", choices=PROFILES, default="default")
+    parser.add_argument("--epochs", type=int, help="override the profile's epochs")
+    parser.add_argument("--batch-size", type=int, help="override the profile's batch size")
+    parser.add_argument("--lr", type=float, help="override the profile's (peak) learning rate")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model-repository", "--output", dest="repo", type=Path, default=Path("model_repository"))
+    return parser
+
+
+def hyper_overrides(args: argparse.Namespace, *extra: str) -> dict[str, Any]:
+    """The hyper-parameters given on the command line (epochs, batch size, lr and `extra`), to `replace` a profile's."""
+    names = ("epochs", "batch_size", "lr", *extra)
+    return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
 
 
 def set_seed(seed: int) -> None:

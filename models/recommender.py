@@ -25,11 +25,12 @@ from tqdm import tqdm
 
 from models import recommender_data as rd
 from models.common import (
-    PROFILES,
     FamilyResult,
     check_profile,
     count_parameters,
     export_onnx,
+    family_parser,
+    hyper_overrides,
     parity_check,
     publish,
     set_seed,
@@ -259,18 +260,11 @@ def build(*, profile: str, repo_dir: Path, seed: int = 0, work_dir: Path | None 
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m models.recommender", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--profile", choices=PROFILES, default="default")
+    parser = family_parser("recommender", __doc__)
     parser.add_argument("--data", default="synthetic", help="synthetic | movielens:PATH (ratings.dat/.csv)")
     parser.add_argument("--min-rating", type=float, default=0.0, help="MovieLens: ratings below are dropped")
-    parser.add_argument("--epochs", type=int, help="override the profile's epochs")
-    parser.add_argument("--batch-size", type=int, help="override the profile's batch size")
-    parser.add_argument("--lr", type=float, help="override the profile's peak learning rate")
     parser.add_argument("--dim", type=int, help="override the profile's embedding size")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
-    parser.add_argument("--model-repository", "--output", dest="repo", type=Path, default=Path("model_repository"))
     return parser.parse_args(argv)
 
 
@@ -278,10 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    overrides = {k: v for k, v in {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
-                                   "dim": args.dim}.items() if v is not None}
     result = build(profile=args.profile, repo_dir=args.repo, seed=args.seed, data=args.data,
-                   hyper=replace(HYPER[args.profile], **overrides), min_rating=args.min_rating)
+                   hyper=replace(HYPER[args.profile], **hyper_overrides(args, "dim")), min_rating=args.min_rating)
     m = result.metrics
     print(f"recommender: HR@10 {m['hr@10']:.4f}, NDCG@10 {m['ndcg@10']:.4f} (popularity HR@10 "
           f"{m['popularity_hr@10']:.4f}), {result.parameters:,} parameters, {result.build_seconds:.1f} s "

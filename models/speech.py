@@ -27,7 +27,14 @@ from torch import nn
 from tqdm import tqdm
 
 from models import speech_data as sd
-from models.common import PROFILES, FamilyResult, check_profile, count_parameters, set_seed
+from models.common import (
+    FamilyResult,
+    check_profile,
+    count_parameters,
+    family_parser,
+    hyper_overrides,
+    set_seed,
+)
 from models.speech_frontend import LogMel
 
 NAME = "speech"
@@ -234,27 +241,18 @@ def build(*, profile: str, repo_dir: Path, seed: int = 0, work_dir: Path | None 
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m models.speech", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--profile", choices=PROFILES, default="default")
+    parser = family_parser("speech", __doc__)
     parser.add_argument("--data", default="synth", help="synth | speech_commands:PATH (default: synth)")
-    parser.add_argument("--epochs", type=int, help="override the profile's epochs")
-    parser.add_argument("--batch-size", type=int, help="override the profile's batch size")
-    parser.add_argument("--lr", type=float, help="override the profile's peak learning rate")
     parser.add_argument("--channels", type=int, help="override the profile's DS-CNN width")
     parser.add_argument("--threads", type=int, help="torch intra-op threads for training (default 1)")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work-dir", type=Path, help="synthesis cache and scratch files "
                         f"(default: cache in {default_cache_dir()})")
-    parser.add_argument("--model-repository", "--output", dest="repo", type=Path, default=Path("model_repository"))
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    overrides = {k: v for k, v in {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
-                                   "channels": args.channels, "threads": args.threads}.items() if v is not None}
-    hyper = replace(HYPER[args.profile], **overrides)
+    hyper = replace(HYPER[args.profile], **hyper_overrides(args, "channels", "threads"))
     result = build(profile=args.profile, repo_dir=args.repo, seed=args.seed, work_dir=args.work_dir,
                    data=args.data, hyper=hyper)
     print(f"speech: held-out accuracy {result.metrics['accuracy']:.4f}, {result.parameters:,} parameters, "

@@ -33,7 +33,14 @@ import torch
 from torch import nn
 
 from models import transformer_corpus as tc
-from models.common import PROFILES, FamilyResult, check_profile, count_parameters, set_seed
+from models.common import (
+    FamilyResult,
+    check_profile,
+    count_parameters,
+    family_parser,
+    hyper_overrides,
+    set_seed,
+)
 from models.transformer_card import ClassifierRun, classifier_card, encoder_card, publish_model
 from models.transformer_text import (
     SentenceEncoder,
@@ -179,18 +186,10 @@ def build(*, profile: str, repo_dir: Path, seed: int = 0, work_dir: Path | None 
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m models.transformer", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--profile", choices=PROFILES, default="default")
+    parser = family_parser("transformer", __doc__)
     parser.add_argument("--layers", type=int, help="keep only the first N of MiniLM's 6 encoder layers")
     parser.add_argument("--all-layers", action="store_true", help="keep all 6 layers whatever the profile")
-    parser.add_argument("--epochs", type=int, help="override the profile's classifier-head epochs")
-    parser.add_argument("--batch-size", type=int, help="override the profile's head batch size")
-    parser.add_argument("--lr", type=float, help="override the profile's head learning rate")
     parser.add_argument("--per-class", type=int, help="use at most N corpus texts per class")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--model-repository", "--output", dest="repo", type=Path,
-                        default=Path("model_repository"))
     parser.add_argument("--work-dir", type=Path, help="folder for temporary files (default: system temp)")
     args = parser.parse_args(argv)
     if args.layers is not None and args.all_layers:
@@ -200,9 +199,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    given = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "per_class": args.per_class,
-             "layers": args.layers}
-    overrides = {k: v for k, v in given.items() if v is not None}
+    overrides = hyper_overrides(args, "per_class", "layers")
     if args.all_layers:
         overrides["layers"] = None
     hyper = replace(HYPER[args.profile], **overrides)
