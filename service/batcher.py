@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from service.config import BatchingPolicy
-from service.errors import BackendError, DeadlineExceeded, ModelNotReady, QueueFull, ServingError
+from service.errors import BackendError, DeadlineExceeded, ModelNotReady, QueueFull, RequestCancelled, ServingError
 
 log = logging.getLogger("modelserve.batcher")
 
@@ -44,6 +44,16 @@ class PendingRequest:
     deadline: float | None = None
     timer: asyncio.TimerHandle | None = None
     started: float | None = None
+    client_gone: Callable[[], bool] | None = None
+
+    def still_wanted(self, model: str) -> bool:
+        """False (and the caller answered) if it was cancelled, timed out, or hung up."""
+        if self.future.done():
+            return False
+        if self.client_gone is not None and self.client_gone():
+            self.future.set_exception(RequestCancelled(f"model {model!r}: client went away while queued"))
+            return False
+        return True
 
 
 @dataclass
@@ -189,14 +199,17 @@ class Batcher:
     def start(self) -> None:
         self._loop_task = asyncio.get_running_loop().create_task(self._collect_loop(), name=f"batcher:{self.model}")
 
-    def submit(self, *, inputs: Feeds, rows: int, timeout_s: float | None) -> asyncio.Future:
+    def submit(
+        self, *, inputs: Feeds, rows: int, timeout_s: float | None, client_gone: Callable[[], bool] | None = None
+    ) -> asyncio.Future:
         """Queue a validated request; the future resolves to a BatchResult. Raises QueueFull at once."""
         if not self.accepting:
             raise ModelNotReady(f"model {self.model!r} is unloading; not accepting new requests")
         loop = asyncio.get_running_loop()
         now = self.clock()
         key = tuple((n, a.shape[1:] if self.max_batch_size > 0 else a.shape, a.dtype.str) for n, a in inputs.items())
-        req = PendingRequest(inputs=inputs, rows=rows, shape_key=key, future=loop.create_future(), enqueued=now)
+        req = PendingRequest(inputs=inputs, rows=rows, shape_key=key, future=loop.create_future(), enqueued=now,
+                             client_gone=client_gone)
         self.queue.put(req, model=self.model)
         if timeout_s is not None and timeout_s > 0:
             req.deadline = now + timeout_s
@@ -231,7 +244,7 @@ class Batcher:
 
     async def _run_batch(self, batch: list[PendingRequest]) -> None:
         try:
-            live = [r for r in batch if not r.future.done()]
+            live = [r for r in batch if r.still_wanted(self.model)]
             if live:
                 await self._execute(live)
         finally:

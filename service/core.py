@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,6 +35,8 @@ class InferRequest:
     outputs: list[RequestedOutput] | None = None
     id: str | None = None
     parameters: dict = field(default_factory=dict)
+    # Tells whether the caller has gone away; checked before compute is spent on the request.
+    client_gone: Callable[[], bool] | None = None
 
 
 @dataclass
@@ -112,7 +115,8 @@ class InferenceCore:
             rows = mv.validate(req.inputs)
             selected = self._select_outputs(mv, req.outputs)
             assert mv.batcher is not None
-            fut = mv.batcher.submit(inputs=req.inputs, rows=rows, timeout_s=mv.timeout_s(req.parameters))
+            fut = mv.batcher.submit(inputs=req.inputs, rows=rows, timeout_s=mv.timeout_s(req.parameters),
+                                    client_gone=req.client_gone)
             try:
                 result = await fut
             except asyncio.CancelledError:

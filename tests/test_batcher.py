@@ -11,7 +11,7 @@ import pytest
 
 from service.batcher import Batcher
 from service.config import BatchingPolicy
-from service.errors import BackendError, DeadlineExceeded, QueueFull
+from service.errors import BackendError, DeadlineExceeded, QueueFull, RequestCancelled
 
 HUGE_DELAY_US = 60_000_000  # a minute: a batch that forms did so because of size, not time
 
@@ -177,4 +177,22 @@ async def test_a_full_preferred_batch_is_not_topped_up():
     model.gate.set()
     await asyncio.wait_for(asyncio.gather(blocker, *futs), timeout=10)
     assert [len(x) for x in model.batches] == [2, 2, 1]
+    await b.close(grace_s=1)
+
+
+async def test_callers_who_hung_up_are_dropped_when_the_batch_forms():
+    model = GatedModel(gated=True)
+    b = make_batcher(model, preferred=[2])
+    blocker = submit(b, 0, rows=2)
+    await until(model.started.is_set, "blocker running")
+    hung_up = {"yes": False}
+    gone = b.submit(inputs={"x": np.full((1, 3), -1, np.float32)}, rows=1, timeout_s=None,
+                    client_gone=lambda: hung_up["yes"])
+    kept = submit(b, 5, rows=2)
+    hung_up["yes"] = True  # the client leaves while its request waits
+    model.gate.set()
+    await asyncio.wait_for(asyncio.gather(blocker, kept), timeout=10)
+    with pytest.raises(RequestCancelled, match="client went away"):
+        await gone
+    assert all((batch >= 0).all() for batch in model.batches), "a hung-up caller's request reached the model"
     await b.close(grace_s=1)

@@ -287,13 +287,15 @@ def test_disconnected_callers_are_dropped_before_compute(client, url):
 
     def settled() -> bool:
         s = _stats(client, "slow_plain")
-        return s["inference_stats"]["fail"]["count"] - before["inference_stats"]["fail"]["count"] == 4
-    wait_until(settled, what="all four requests to end as cancelled")
+        ended = s["inference_stats"]["success"]["count"] + s["inference_stats"]["fail"]["count"]
+        return ended - before["inference_stats"]["success"]["count"] - before["inference_stats"]["fail"]["count"] == 4
+    wait_until(settled, what="all four requests to end")
     after = _stats(client, "slow_plain")
     executed = after["execution_count"] - before["execution_count"]
     # At most the running one and one that started before the hang-ups reached the server; the rest never ran.
     assert executed <= 2, f"{executed} of 4 disconnected requests were run"
-    assert _metric(url, 'nv_inference_request_failure{model="slow_plain",reason="CANCELED",version="1"}') >= 4
+    cancelled = _metric(url, 'nv_inference_request_failure{model="slow_plain",reason="CANCELED",version="1"}')
+    assert cancelled == 4 - executed, (cancelled, executed)
 
 
 def _pending(url: str, model: str) -> float:
