@@ -46,12 +46,12 @@ class PendingRequest:
     started: float | None = None
     client_gone: Callable[[], bool] | None = None
 
-    def still_wanted(self, model: str) -> bool:
+    def still_wanted(self) -> bool:
         """False (and the caller answered) if it was cancelled, timed out, or hung up."""
         if self.future.done():
             return False
         if self.client_gone is not None and self.client_gone():
-            self.future.set_exception(RequestCancelled(f"model {model!r}: client went away while queued"))
+            self.future.set_exception(RequestCancelled("client went away while its request was queued"))
             return False
         return True
 
@@ -118,7 +118,7 @@ def _take_compatible(queue: AdmissionQueue, *, max_rows: int) -> tuple[list[Pend
     first = queue.items[0]
     taken, rows = [], 0
     for req in queue.items:
-        if req.future.done() or req.shape_key != first.shape_key:
+        if req.shape_key != first.shape_key or not req.still_wanted():
             continue
         if rows + req.rows > max_rows:
             break
@@ -158,7 +158,7 @@ async def collect_batch(
         # The delay ran out before a preferred batch formed: send the largest batch there is.
         taken, rows = _take_compatible(queue, max_rows=max_batch_size)
     chosen = set(map(id, taken))
-    queue.items = deque(r for r in queue.items if id(r) not in chosen)
+    queue.items = deque(r for r in queue.items if id(r) not in chosen and not r.future.done())
     return taken
 
 
@@ -244,7 +244,7 @@ class Batcher:
 
     async def _run_batch(self, batch: list[PendingRequest]) -> None:
         try:
-            live = [r for r in batch if r.still_wanted(self.model)]
+            live = [r for r in batch if r.still_wanted()]
             if live:
                 await self._execute(live)
         finally:
