@@ -1,0 +1,244 @@
+"""Shared API of the optimization passes (used by quantize, fp16, distill, edge and the report).
+
+Public API (stable; export/distill.py and export/edge.py import it):
+
+- ``FAMILY_MODELS``: family -> model names it publishes (``transformer`` publishes two).
+- ``ParentModel`` / ``load_parent(repo_dir, name)``: a published FP32 model (dir, onnx path, card, config).
+- ``BUDGETS`` / ``Budget`` / ``check_budget(parent=..., variant_metrics=..., fp32_metrics=...)``:
+  the accuracy budget of each model and its verdict on a variant.
+- ``ort_session(path, threads=1)``: a CPU ONNX Runtime session (quiet logs, fixed thread count).
+- ``measure_latency(paths, feeds=..., repeats=...)``: p50 latency of several ONNX files measured
+  side by side (interleaved round-robin, so machine noise hits every variant alike).
+- ``publish_variant(repo_dir=..., parent=..., variant=..., onnx_path=..., card_extra=...)``: publishes
+  ``<parent>-<variant>`` (copy of the parent's config renamed, labels and assets copied, model card).
+- ``publish_if_within_budget(...)``: the budget check and publication in one step (None when over budget).
+- ``file_size_mb(path)``.
+
+Held-out data and evaluation live in ``export.heldout`` (``load_heldout(parent)`` and
+``evaluate(parent, onnx_path, heldout, reference=...)``): every variant is evaluated on exactly
+the held-out split its FP32 parent was evaluated on when the zoo was built.
+
+Student interface (provided by export/distill.py, consumed by export/optimize.py):
+``build_student(model: str, *, repo_dir: Path, work_dir: Path, profile: str) -> Path | None``
+returns a student ONNX file with the parent's inputs/outputs, or None when there is none for ``model``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.common import publish
+
+FAMILY_MODELS: dict[str, tuple[str, ...]] = {
+    "cnn": ("cnn",),
+    "transformer": ("transformer", "transformer-classifier"),
+    "speech": ("speech",),
+    "recommender": ("recommender",),
+}
+VARIANTS = ("int8", "fp16", "student", "student-int8")
+# Files of a model directory that belong to the model, not to the variant (copied as assets).
+_NOT_ASSETS = {"config.pbtxt", "metrics.json", "MODEL_CARD.md", "labels.txt", "1"}
+
+
+@dataclass(frozen=True)
+class ParentModel:
+    """A published FP32 model of the repository."""
+
+    name: str
+    family: str
+    model_dir: Path
+    onnx_path: Path
+    card: dict[str, Any]
+    config_text: str
+
+    @property
+    def profile(self) -> str:
+        return str(self.card.get("profile", "default"))
+
+    @property
+    def seed(self) -> int:
+        return int(self.card.get("seed", 0))
+
+
+def load_parent(repo_dir: Path, name: str) -> ParentModel:
+    """Read ``<repo_dir>/<name>`` (config.pbtxt, 1/model.onnx, metrics.json)."""
+    model_dir = Path(repo_dir) / name
+    onnx_path = model_dir / "1" / "model.onnx"
+    card_path = model_dir / "metrics.json"
+    for needed in (model_dir / "config.pbtxt", onnx_path, card_path):
+        if not needed.is_file():
+            raise FileNotFoundError(f"model {name!r}: expected {needed} (build the zoo with `modelserve build`)")
+    card = json.loads(card_path.read_text())
+    family = card.get("family")
+    if family not in FAMILY_MODELS or name not in FAMILY_MODELS[family]:
+        raise ValueError(f"{card_path}: family {family!r} does not publish model {name!r}; "
+                         f"expected one of {FAMILY_MODELS}")
+    return ParentModel(name=name, family=family, model_dir=model_dir, onnx_path=onnx_path, card=card,
+                       config_text=(model_dir / "config.pbtxt").read_text())
+
+
+@dataclass(frozen=True)
+class Budget:
+    """``metric`` may drop by at most ``max_drop`` from FP32, or must be at least ``min_value``."""
+
+    metric: str
+    max_drop: float | None = None
+    min_value: float | None = None
+
+    def describe(self) -> str:
+        if self.max_drop is not None:
+            return f"{self.metric} drop <= {self.max_drop:g}"
+        return f"{self.metric} >= {self.min_value:g}"
+
+
+BUDGETS: dict[str, Budget] = {
+    "cnn": Budget("accuracy", max_drop=0.01),
+    "speech": Budget("accuracy", max_drop=0.01),
+    "transformer-classifier": Budget("accuracy", max_drop=0.01),
+    # Embeddings have no labels of their own: the variant must point the same way as the FP32 model.
+    "transformer": Budget("cosine_to_fp32", min_value=0.99),
+    "recommender": Budget("hr@10", max_drop=0.01),
+}
+
+
+@dataclass(frozen=True)
+class Verdict:
+    ok: bool
+    value: float
+    delta: float
+    budget: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"within_budget": self.ok, "value": self.value, "delta_vs_fp32": self.delta, "budget": self.budget}
+
+
+def check_budget(*, model: str, variant_metrics: dict[str, float], fp32_metrics: dict[str, float]) -> Verdict:
+    """Verdict of a variant's held-out metrics against ``BUDGETS[model]`` (FP32 measured the same way)."""
+    budget = BUDGETS[model]
+    if budget.metric not in variant_metrics or budget.metric not in fp32_metrics:
+        raise KeyError(f"{model}: metric {budget.metric!r} missing (variant {sorted(variant_metrics)}, "
+                       f"fp32 {sorted(fp32_metrics)})")
+    value, ref = float(variant_metrics[budget.metric]), float(fp32_metrics[budget.metric])
+    delta = value - ref
+    if budget.max_drop is not None:
+        # NOTE: a tiny epsilon so that a drop of exactly one point (float noise) is not rejected.
+        ok = -delta <= budget.max_drop + 1e-9
+    else:
+        ok = value >= float(budget.min_value or 0.0)
+    return Verdict(ok=bool(ok and np.isfinite(value)), value=value, delta=delta, budget=budget.describe())
+
+
+def ort_session(path: Path, *, threads: int = 1) -> Any:
+    """A CPU session with a fixed intra-op thread count (comparable latencies on a shared machine)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def measure_latency(paths: dict[str, Path], *, feeds: dict[int, dict[str, np.ndarray]], repeats: int = 20,
+                    warmup: int = 2, threads: int = 1, progress: Any = None) -> dict[str, dict[int, float]]:
+    """p50 milliseconds per variant and batch size, all variants measured in one interleaved loop.
+
+    ``feeds`` maps batch size -> input dict. Each round runs every variant once per batch size, in a
+    rotating order, so load from other processes on the shared machine affects all variants alike.
+    ``progress`` (optional) is called with no argument after each round.
+    """
+    sessions = {name: ort_session(path, threads=threads) for name, path in paths.items()}
+    samples: dict[str, dict[int, list[float]]] = {n: {b: [] for b in feeds} for n in sessions}
+    names = list(sessions)
+    for round_index in range(warmup + repeats):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            for batch, feed in feeds.items():
+                start = time.perf_counter()
+                sessions[name].run(None, feed)
+                if round_index >= warmup:
+                    samples[name][batch].append((time.perf_counter() - start) * 1e3)
+        if progress is not None:
+            progress()
+    return {n: {b: float(statistics.median(v)) for b, v in per.items()} for n, per in samples.items()}
+
+
+def file_size_mb(path: Path) -> float:
+    return Path(path).stat().st_size / 1e6
+
+
+def variant_name(parent: str, variant: str) -> str:
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}: expected one of {', '.join(VARIANTS)}")
+    return f"{parent}-{variant}"
+
+
+def _renamed_config(config_text: str, *, old: str, new: str) -> str:
+    renamed, count = re.subn(r'^name:\s*"[^"]*"', f'name: "{new}"', config_text, count=1, flags=re.M)
+    if count != 1:
+        raise ValueError(f"config of {old!r} has no top-level name line to rename")
+    return renamed
+
+
+def publish_variant(*, repo_dir: Path, parent: ParentModel, variant: str, onnx_path: Path,
+                    card_extra: dict[str, Any]) -> Path:
+    """Publish ``<parent>-<variant>``: the parent's config renamed, labels/assets copied, a model card
+    (``metrics.json``) with ``family``, ``variant``, ``parent`` plus ``card_extra`` (metrics, deltas,
+    budget, kept_fp32...). Returns the model directory. Uses models.common.publish (atomic)."""
+    name = variant_name(parent.name, variant)
+    labels_path = parent.model_dir / "labels.txt"
+    labels = labels_path.read_text().splitlines() if labels_path.is_file() else None
+    card = {key: parent.card[key] for key in ("task", "data", "split", "parameters", "input_spec", "profile",
+                                              "seed", "labels") if key in parent.card}
+    # NOTE: a variant has no PyTorch model to check parity against; its check is the held-out
+    # comparison with the FP32 parent (metrics, deltas, budget), which card_extra carries.
+    card["parity"] = {"reference": f"FP32 parent {parent.name!r} on the same held-out data"}
+    card["build_seconds"] = 0.0
+    card.update({"family": parent.family, "variant": variant, "parent": parent.name, **card_extra})
+    if "metrics" not in card:
+        raise ValueError(f"{name}: card_extra must carry the variant's held-out 'metrics'")
+    with tempfile.TemporaryDirectory() as tmp:
+        # NOTE: assets are copied to a temp dir first: publish() may replace the directory they came from.
+        assets = {}
+        for item in parent.model_dir.iterdir():
+            if item.is_file() and item.name not in _NOT_ASSETS:
+                assets[item.name] = Path(shutil.copy2(item, Path(tmp) / item.name))
+        return publish(repo_dir=Path(repo_dir), name=name, onnx_path=Path(onnx_path),
+                       config_pbtxt=_renamed_config(parent.config_text, old=parent.name, new=name),
+                       card=card, card_md=_card_markdown(name, card), labels=labels, assets=assets or None)
+
+
+def publish_if_within_budget(*, repo_dir: Path, parent: ParentModel, variant: str, onnx_path: Path,
+                             metrics: dict[str, float], fp32_metrics: dict[str, float],
+                             card_extra: dict[str, Any] | None = None) -> Path | None:
+    """Publish ``<parent>-<variant>`` only when its held-out ``metrics`` meet the parent's budget
+    (FP32 measured the same way in ``fp32_metrics``); returns the model dir, or None (nothing written)."""
+    verdict = check_budget(model=parent.name, variant_metrics=metrics, fp32_metrics=fp32_metrics)
+    if not verdict.ok:
+        return None
+    card = {"metrics": metrics, "fp32_metrics": fp32_metrics, "budget": verdict.as_dict(), "kept_fp32": [],
+            **(card_extra or {})}
+    return publish_variant(repo_dir=repo_dir, parent=parent, variant=variant, onnx_path=onnx_path, card_extra=card)
+
+
+def _card_markdown(name: str, card: dict[str, Any]) -> str:
+    lines = [f"# {name}", "", f"{card['variant']} variant of `{card['parent']}` ({card['family']} family).", ""]
+    verdict = card.get("budget")
+    if isinstance(verdict, dict):
+        lines.append(f"- Budget: {verdict.get('budget')} — value {verdict.get('value'):.4f}, "
+                     f"delta vs FP32 {verdict.get('delta_vs_fp32'):+.4f}")
+    if card.get("kept_fp32"):
+        lines.append(f"- Kept in FP32: {', '.join(map(str, card['kept_fp32']))}")
+    for key, value in (card.get("metrics") or {}).items():
+        lines.append(f"- {key}: {value}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,260 @@
+"""Knowledge distillation: smaller students of the cnn, speech and transformer (sentence encoder) models.
+
+    python -m export.distill --model-repository DIR [--families cnn,speech,transformer] [--publish]
+
+Classification students (cnn, speech) learn from Hinton et al.'s loss ("Distilling the Knowledge in a
+Neural Network", 2015): KL divergence between the teacher's and the student's distributions softened at
+temperature T, scaled by T^2 (so its gradients keep their size as T changes), mixed with cross-entropy
+on the hard labels. The teacher is the *served* FP32 ONNX model run through ONNX Runtime; it outputs
+softmax probabilities, not logits. We use log-probabilities as teacher logits: log softmax(z) = z -
+logsumexp(z) differs from z by a per-row constant and softmax is shift-invariant, so
+softmax(log p / T) == softmax(z / T) exactly (up to float rounding of p; p is clamped at 1e-30).
+
+The sentence-encoder student (export/distill_text.py) is the first layers of MiniLM, trained to
+reproduce the teacher's embeddings. ``build_student`` returns a ``StudentResult`` (student ONNX, held-out
+metrics of student and teacher measured the same way, parameter counts, side-by-side latency) or None
+for families without a student (recommender) and when the teacher is too small to shrink.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+FAMILIES = ("cnn", "speech", "transformer")
+LATENCY_BATCH = 32
+
+
+@dataclass
+class StudentResult:
+    """One distilled student, evaluated on its teacher's held-out split."""
+
+    family: str
+    model: str  # the teacher's model name in the repository
+    onnx_path: Path
+    metrics: dict[str, float]
+    teacher_metrics: dict[str, float]
+    parameters: int
+    teacher_parameters: int
+    within_budget: bool
+    budget: str
+    latency_ms: dict[str, float] = field(default_factory=dict)  # p50 at LATENCY_BATCH, side by side
+    details: dict[str, Any] = field(default_factory=dict)  # training settings, parity, retrieval overlap...
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["onnx_path"] = str(self.onnx_path)
+        return out
+
+
+@dataclass(frozen=True)
+class KDSettings:
+    epochs: int
+    batch_size: int
+    lr: float
+    temperature: float = 4.0
+    alpha: float = 0.7  # weight of the soft (teacher) term; 1 - alpha goes to the hard labels
+    weight_decay: float = 5e-4
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, *,
+                      temperature: float, alpha: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(total, soft, hard): total = alpha * T^2 * KL(p_T(teacher) || p_T(student)) + (1 - alpha) * CE.
+
+    ``soft`` is returned already multiplied by T^2; KL uses batch-mean reduction (the true KL per example).
+    """
+    if temperature <= 0 or not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"temperature must be > 0 and alpha in [0, 1]; got T={temperature}, alpha={alpha}")
+    student_log = F.log_softmax(student_logits / temperature, dim=-1)
+    teacher_log = F.log_softmax(teacher_logits / temperature, dim=-1)
+    soft = F.kl_div(student_log, teacher_log, reduction="batchmean", log_target=True) * temperature**2
+    hard = F.cross_entropy(student_logits, labels)
+    return alpha * soft + (1.0 - alpha) * hard, soft, hard
+
+
+def teacher_logits_from_probabilities(probabilities: np.ndarray) -> np.ndarray:
+    """Log-probabilities of the served softmax output: logits up to a per-row shift (see module doc)."""
+    return np.log(np.clip(probabilities.astype(np.float64), 1e-30, None)).astype(np.float32)
+
+
+def onnx_teacher(onnx_path: Path, *, input_name: str) -> Callable[[np.ndarray], np.ndarray]:
+    """A function batch -> teacher logits, running the served FP32 ONNX model in ONNX Runtime."""
+    from export.common import ort_session
+
+    session = ort_session(onnx_path, threads=1)
+    return lambda batch: teacher_logits_from_probabilities(
+        session.run(None, {input_name: np.ascontiguousarray(batch, dtype=np.float32)})[0])
+
+
+def distill_classifier(student: nn.Module, *, epochs: Callable[[int], Iterator[tuple[torch.Tensor, torch.Tensor]]],
+                       teacher: Callable[[np.ndarray], np.ndarray], settings: KDSettings, steps: int,
+                       desc: str) -> dict[str, float]:
+    """Train ``student`` (which has ``.logits``) with ``distillation_loss``; ``epochs(e)`` yields the
+    (inputs, labels) batches of epoch ``e``. Returns the mean soft/hard terms of the last epoch."""
+    opt = torch.optim.AdamW(student.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    total = steps + 1
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=settings.lr, total_steps=total)
+    last: dict[str, list[float]] = {}
+    with tqdm(total=steps, desc=desc, unit="step", leave=False, mininterval=1.0) as bar:
+        for epoch in range(settings.epochs):
+            student.train()
+            last = {"soft": [], "hard": []}
+            for inputs, labels in epochs(epoch):
+                target = torch.from_numpy(teacher(inputs.numpy()))
+                loss, soft, hard = distillation_loss(student.logits(inputs), target, labels,
+                                                     temperature=settings.temperature, alpha=settings.alpha)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if sched.last_epoch + 1 < total:  # epochs of composed clips may differ by a few batches
+                    sched.step()
+                last["soft"].append(soft.item())
+                last["hard"].append(hard.item())
+                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+                bar.update()
+    student.eval()
+    return {f"final_{k}_loss": float(np.mean(v)) for k, v in last.items() if v}
+
+
+def side_by_side_latency(paths: dict[str, Path], feed: dict[str, np.ndarray], *, repeats: int) -> dict[str, float]:
+    """p50 ms of teacher and student at one batch, interleaved (export.common.measure_latency)."""
+    from export.common import measure_latency
+
+    batch = len(next(iter(feed.values())))
+    with tqdm(total=repeats + 2, desc="latency", unit="round", leave=False) as bar:
+        p50 = measure_latency(paths, feeds={batch: feed}, repeats=repeats, progress=bar.update)
+    return {name: per[batch] for name, per in p50.items()}
+
+
+def build_student(family: str, /, *, repo_dir: Path, work_dir: Path, profile: str,
+                  text_options: dict[str, int] | None = None) -> StudentResult | None:
+    """Distil a student of ``family``'s model in ``repo_dir``; None for families without one.
+
+    ``profile`` (tiny|default) sets the training budget; the teacher's own held-out split is rebuilt from
+    the profile and seed recorded in its model card. ``text_options`` (``layers``, ``epochs``) override
+    the sentence-encoder student's defaults.
+    """
+    from models.common import check_profile
+
+    check_profile(profile)
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    if family not in FAMILIES:
+        return None
+    from models.speech import torch_threads
+
+    # NOTE: one thread, as the families train: these models are small, so a second thread adds
+    # synchronisation; on the shared 2-core machine 2 threads made cnn distillation ~30x slower
+    # (1.9 s vs 0.06 s per step).
+    with torch_threads(1):
+        if family == "transformer":
+            from export import distill_text
+
+            return distill_text.build(repo_dir=Path(repo_dir), work_dir=work_dir, profile=profile,
+                                      **(text_options or {}))
+        from export import distill_classify
+
+        return distill_classify.build(family, repo_dir=Path(repo_dir), work_dir=work_dir, profile=profile)
+
+
+def publish_student(result: StudentResult, *, repo_dir: Path) -> Path | None:
+    """Publish ``<model>-student`` when it is within budget; a student over budget is not published."""
+    from export.common import load_parent, publish_variant
+
+    if not result.within_budget:
+        return None
+    parent = load_parent(repo_dir, result.model)
+    extra = {"metrics": result.metrics, "teacher_metrics": result.teacher_metrics,
+             "parameters": result.parameters, "budget": result.budget, "latency_ms": result.latency_ms,
+             "distillation": result.details}
+    return publish_variant(repo_dir=repo_dir, parent=parent, variant="student", onnx_path=result.onnx_path,
+                           card_extra=extra)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m export.distill", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-repository", type=Path, default=Path("model_repository"))
+    parser.add_argument("--families", default=",".join(FAMILIES), help=f"subset of {','.join(FAMILIES)}")
+    parser.add_argument("--profile", choices=("tiny", "default"), default="default")
+    parser.add_argument("--work-dir", type=Path, default=Path("distill_work"))
+    parser.add_argument("--publish", action="store_true", help="publish students within budget as <model>-student")
+    parser.add_argument("--report", type=Path, help="write the results as JSON here")
+    parser.add_argument("--text-layers", type=int, help="sentence-encoder student layers (default: teacher's / 3)")
+    parser.add_argument("--text-epochs", type=int, help="sentence-encoder student epochs (default: profile's)")
+    parser.add_argument("--plot", type=Path, help="write a PNG comparing teachers and students here")
+    args = parser.parse_args(argv)
+    args.families = [f.strip() for f in args.families.split(",") if f.strip()]
+    unknown = [f for f in args.families if f not in FAMILIES]
+    if unknown:
+        parser.error(f"unknown families {unknown}: expected a subset of {','.join(FAMILIES)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    results = []
+    for family in args.families:
+        text_options = {k: v for k, v in (("layers", args.text_layers), ("epochs", args.text_epochs)) if v}
+        result = build_student(family, repo_dir=args.model_repository, work_dir=args.work_dir / family,
+                               profile=args.profile, text_options=text_options)
+        if result is None:
+            print(f"{family}: no student (teacher too small to shrink)")
+            continue
+        published = publish_student(result, repo_dir=args.model_repository) if args.publish else None
+        results.append({**result.as_dict(), "published": str(published) if published else None})
+        headline = {k: round(v, 4) for k, v in result.metrics.items()}
+        print(f"{family}: student {result.parameters:,} params (teacher {result.teacher_parameters:,}), "
+              f"held-out {headline}, teacher {result.teacher_metrics}, p50 ms at batch {LATENCY_BATCH} "
+              f"{result.latency_ms}, {result.budget}: {'ok' if result.within_budget else 'MISSED'}"
+              f"{', published' if published else ''}")
+    if args.report:
+        args.report.write_text(json.dumps(results, indent=2) + "\n")
+    if args.plot and results:
+        plot(results, args.plot)
+    return 0
+
+
+def plot(results: list[dict[str, Any]], path: Path) -> None:
+    """Per family: parameters, p50 latency at batch 32 and the held-out headline metric, teacher vs student."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["family"] for r in results]
+    metric = [("cosine_to_fp32" if r["family"] == "transformer" else "accuracy") for r in results]
+    panels = [
+        ("parameters", [r["teacher_parameters"] for r in results], [r["parameters"] for r in results], True),
+        (f"p50 ms, batch {LATENCY_BATCH}", [r["latency_ms"]["teacher"] for r in results],
+         [r["latency_ms"]["student"] for r in results], True),
+        ("held-out accuracy / cosine to teacher", [r["teacher_metrics"].get(m, 1.0) for r, m in zip(results, metric)],
+         [r["metrics"][m] for r, m in zip(results, metric)], False),
+    ]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    x = np.arange(len(names))
+    for ax, (title, teacher, student, log) in zip(axes, panels):
+        ax.bar(x - 0.2, teacher, 0.4, label="teacher (FP32)")
+        ax.bar(x + 0.2, student, 0.4, label="distilled student")
+        ax.set_xticks(x, names)
+        ax.set_title(title)
+        if log:
+            ax.set_yscale("log")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

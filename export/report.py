@@ -1,0 +1,79 @@
+"""Writes the optimization report of one model: a markdown table, the same rows as JSON, and a PNG plot
+of held-out accuracy metric against batch-32 latency."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+# Latency targets of issue 4: INT8 at most this fraction of FP32's batch-32 p50 latency.
+LATENCY_TARGETS = {"cnn": 0.6, "speech": 0.6, "transformer": 0.6}
+
+COLUMNS = ("variant", "status", "size_mb", "p50_ms_b1", "p50_ms_b32", "x_fp32_b32", "metric", "value",
+           "delta", "budget", "within_budget", "published", "notes")
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return "—" if math.isnan(value) else f"{value:.{digits}f}"
+    return str(value)
+
+
+def target_line(model: str, rows: list[dict[str, Any]]) -> str:
+    target = LATENCY_TARGETS.get(model)
+    int8 = next((r for r in rows if r["variant"] == "int8"), None)
+    if target is None or int8 is None or int8.get("x_fp32_b32") is None:
+        return ""
+    reached = int8["x_fp32_b32"] <= target
+    return (f"Target: INT8 at most {target}x FP32 p50 latency at batch 32 — measured "
+            f"{int8['x_fp32_b32']:.2f}x: {'reached' if reached else 'NOT reached'}.")
+
+
+def markdown(model: str, rows: list[dict[str, Any]], *, about: dict[str, Any]) -> str:
+    lines = [f"# Optimization report: {model}", ""]
+    lines += [f"- {k}: {v}" for k, v in about.items()]
+    lines += ["", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for row in rows:
+        lines.append("| " + " | ".join(_fmt(row.get(c)) for c in COLUMNS) + " |")
+    line = target_line(model, rows)
+    return "\n".join(lines + (["", line] if line else [])) + "\n"
+
+
+def plot(model: str, rows: list[dict[str, Any]], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for row in rows:
+        if row.get("p50_ms_b32") is None or row.get("value") is None:
+            continue
+        marker = "*" if row["variant"] == "fp32" else ("o" if row.get("within_budget") else "x")
+        ax.scatter(row["p50_ms_b32"], row["value"], marker=marker, s=60)
+        ax.annotate(row["variant"], (row["p50_ms_b32"], row["value"]), textcoords="offset points", xytext=(5, 5))
+    metric = next((r["metric"] for r in rows if r.get("metric")), "metric")
+    ax.set_xlabel("p50 latency at batch 32 (ms, this CPU)")
+    ax.set_ylabel(f"held-out {metric}")
+    ax.set_title(f"{model}: accuracy vs latency (* FP32, o within budget, x over)")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write(model: str, rows: list[dict[str, Any]], *, out_dir: Path, about: dict[str, Any]) -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"md": out_dir / f"{model}.md", "json": out_dir / f"{model}.json", "png": out_dir / f"{model}.png"}
+    paths["md"].write_text(markdown(model, rows, about=about))
+    paths["json"].write_text(json.dumps({"model": model, "about": about, "rows": rows,
+                                         "target": target_line(model, rows)}, indent=2, default=str))
+    plot(model, rows, paths["png"])
+    return paths

@@ -1,0 +1,198 @@
+"""Edge bundles: the shipped runner, in a fresh virtualenv holding only onnxruntime + numpy (+ tokenizers),
+predicts what the real server predicts on the same inputs; checksums verify; tampering is refused."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import struct
+import subprocess
+import sys
+import zlib
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.http as httpclient
+
+from export import edge
+
+RUNNER_PACKAGES = ("onnxruntime", "numpy", "tokenizers")
+
+
+def _venv_ok(python: Path) -> bool:
+    if not python.is_file():
+        return False
+    probe = subprocess.run([str(python), "-I", "-c", "import onnxruntime, numpy, tokenizers"], capture_output=True)
+    return probe.returncode == 0
+
+
+@pytest.fixture(scope="session")
+def edge_python(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A virtualenv with only the runner's packages (same versions as the project's, from pip's local cache).
+
+    NOTE: creating it costs ~30 s, so it is cached in pytest's cache folder, keyed by Python and package
+    versions, and re-checked every session (imports work, and nothing of the project is importable).
+    """
+    pins = [f"{name}=={metadata.version(name)}" for name in RUNNER_PACKAGES]
+    key = hashlib.sha256(f"{sys.version}|{pins}".encode()).hexdigest()[:12]
+    cache = getattr(request.config, "cache", None)
+    root = (Path(cache.mkdir("edge-venv")) if cache else tmp_path_factory.mktemp("edge-venv")) / key
+    python = root / "bin" / "python"
+    if not _venv_ok(python):
+        shutil.rmtree(root, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True)
+        subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q",
+                        "--disable-pip-version-check", *pins], check=True)
+    for foreign in ("torch", "models", "service", "tritonclient"):
+        found = subprocess.run([str(python), "-I", "-c", f"import {foreign}"], capture_output=True, cwd=root)
+        assert found.returncode != 0, f"the edge venv must not provide {foreign}"
+    return python
+
+
+def run_bundle(python: Path, bundle: Path, *args: str) -> subprocess.CompletedProcess:
+    # -I: isolated mode, so neither PYTHONPATH nor the current folder can lend the runner project code.
+    return subprocess.run([str(python), "-I", str(bundle / "run.py"), *args], capture_output=True, text=True,
+                          cwd=bundle, timeout=120)
+
+
+def server_outputs(url: str, model: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict:
+    client = httpclient.InferenceServerClient(url)
+    infer_inputs = []
+    for name, array in inputs.items():
+        item = httpclient.InferInput(name, list(array.shape), "FP32" if array.dtype == np.float32 else "INT64")
+        item.set_data_from_numpy(array, binary_data=True)
+        infer_inputs.append(item)
+    result = client.infer(model, infer_inputs, outputs=[httpclient.InferRequestedOutput(o) for o in outputs])
+    return {o: result.as_numpy(o) for o in outputs}
+
+
+def write_png(path: Path, pixels: np.ndarray) -> None:
+    """8-bit grayscale PNG, filter type 0 (written here so the test does not rely on the runner's decoder)."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    h, w = pixels.shape
+    raw = b"".join(b"\x00" + pixels[y].tobytes() for y in range(h))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def predictions(done: subprocess.CompletedProcess) -> list[dict]:
+    assert done.returncode == 0, f"runner failed ({done.returncode}): {done.stderr}"
+    return json.loads(done.stdout)["predictions"]
+
+
+@pytest.fixture(scope="module")
+def digits() -> np.ndarray:
+    from models import cnn_data
+
+    images = cnn_data.load_digits_28().images[::97][:12]
+    return (np.round(images * 255) / 255).astype(np.float32)  # exactly representable as 8-bit PNG pixels
+
+
+def test_cnn_bundle_matches_server_and_verifies(tiny_zoo, serve_repository, edge_python, digits, tmp_path):
+    bundle = tmp_path / "cnn-edge"
+    assert edge.main(["--model", "cnn", "--model-repository", str(tiny_zoo), "--output", str(bundle)]) == 0
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    on_disk = {p.name for p in bundle.iterdir() if p.name != "manifest.json"}
+    assert set(manifest["files"]) == on_disk >= {"model.onnx", "model.ort", "required_operators.config",
+                                                 "labels.txt", "preprocess.json", "run.py", "README.md"}
+    for name, entry in manifest["files"].items():
+        data = (bundle / name).read_bytes()
+        assert entry == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}, name
+    assert manifest["variant"] == "fp32" and manifest["ort_optimization_level"] == "all"
+    np.save(tmp_path / "digits.npy", digits[:8])
+    write_png(tmp_path / "digit.png", np.round(digits[8, 0] * 255).astype(np.uint8))
+    rows = predictions(run_bundle(edge_python, bundle, "--image", str(tmp_path / "digits.npy"),
+                                  "--image", str(tmp_path / "digit.png")))
+    labels = (tiny_zoo / "cnn" / "labels.txt").read_text().splitlines()
+    with serve_repository(tiny_zoo) as url:
+        expected = server_outputs(url, "cnn", {"image": digits[:9]}, ["probabilities"])["probabilities"]
+    got = np.array([r["probabilities"] for r in rows], dtype=np.float32)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert [r["label"] for r in rows] == [labels[i] for i in expected.argmax(1)]
+    # A changed byte anywhere is caught before the model is loaded.
+    data = bytearray((bundle / "model.ort").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (bundle / "model.ort").write_bytes(bytes(data))
+    refused = run_bundle(edge_python, bundle, "--image", str(tmp_path / "digits.npy"))
+    assert refused.returncode == 3 and "model.ort: checksum mismatch" in refused.stderr
+    assert refused.stdout == ""
+
+
+def test_text_bundle_matches_server(tiny_zoo, serve_repository, edge_python, tmp_path):
+    from tokenizers import Tokenizer
+
+    bundle = tmp_path / "clf-edge"
+    assert edge.main(["--model", "transformer-classifier", "--model-repository", str(tiny_zoo),
+                      "--output", str(bundle)]) == 0
+    texts = ["Compress the file with gzip.", "Open a TCP socket and connect to the host.",
+             "Return the square root of x.", "Parse an XML document into an element tree."]
+    rows = predictions(run_bundle(edge_python, bundle, *(a for t in texts for a in ("--text", t))))
+    tokenizer = Tokenizer.from_file(str(tiny_zoo / "transformer-classifier" / "tokenizer.json"))
+    encodings = tokenizer.encode_batch(texts)
+    feed = {"input_ids": np.array([e.ids for e in encodings], np.int64),
+            "attention_mask": np.array([e.attention_mask for e in encodings], np.int64)}
+    with serve_repository(tiny_zoo) as url:
+        expected = server_outputs(url, "transformer-classifier", feed, ["probabilities"])["probabilities"]
+    np.testing.assert_allclose(np.array([r["probabilities"] for r in rows]), expected, atol=1e-5)
+    labels = (tiny_zoo / "transformer-classifier" / "labels.txt").read_text().splitlines()
+    assert [r["label"] for r in rows] == [labels[i] for i in expected.argmax(1)]
+
+
+def test_arm_bundle_prefers_int8_variant(tiny_zoo, edge_python, digits, tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_zoo / "cnn", repo / "cnn")
+    # export/quantize.py publishes real int8 variants; here a copy of cnn with other bytes shows which
+    # file the bundle took.
+    shutil.copytree(tiny_zoo / "cnn", repo / "cnn-int8")
+    import onnx
+
+    stand_in = onnx.load(str(repo / "cnn-int8" / "1" / "model.onnx"))
+    stand_in.doc_string = "stand-in for a quantized variant"  # same graph, different bytes
+    onnx.save(stand_in, str(repo / "cnn-int8" / "1" / "model.onnx"))
+    bundle = tmp_path / "cnn-arm"
+    assert edge.main(["--model", "cnn", "--model-repository", str(repo), "--target", "arm",
+                      "--output", str(bundle)]) == 0
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert (manifest["source_model"], manifest["variant"]) == ("cnn-int8", "int8")
+    assert (manifest["ort_optimization_level"], manifest["ort_target_platform"]) == ("basic", "arm")
+    bundled = (bundle / "model.onnx").read_bytes()
+    assert bundled == (repo / "cnn-int8" / "1" / "model.onnx").read_bytes()
+    assert bundled != (repo / "cnn" / "1" / "model.onnx").read_bytes()
+    # basic level keeps standard ONNX ops only: no x86-specific NCHWc kernels in the reduced-build config.
+    assert "nchwc" not in (bundle / "required_operators.config").read_text()
+    np.save(tmp_path / "d.npy", digits[:4])
+    rows = predictions(run_bundle(edge_python, bundle, "--image", str(tmp_path / "d.npy")))
+    onnx_rows = predictions(run_bundle(edge_python, bundle, "--onnx", "--image", str(tmp_path / "d.npy")))
+    np.testing.assert_allclose([r["probabilities"] for r in rows], [r["probabilities"] for r in onnx_rows],
+                               atol=1e-5)
+    bad = run_bundle(edge_python, bundle, "--text", "not an image")
+    assert bad.returncode == 2 and "--image" in bad.stderr
+
+
+def test_unknown_model_is_a_clear_error(tiny_zoo, tmp_path, capsys):
+    assert edge.main(["--model", "nope", "--model-repository", str(tiny_zoo), "--output", str(tmp_path / "b")]) == 2
+    assert "no model 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA"])
+def test_runner_png_decoder_matches_pillow(tmp_path, mode):
+    """Pillow picks per-row filters (sub/up/average/paeth) for natural images: all must decode exactly."""
+    from PIL import Image
+
+    from export import edge_runner_template as runner
+
+    rng = np.random.default_rng(0)
+    smooth = np.cumsum(rng.integers(0, 9, size=(23, 31, 4)), axis=1) % 256  # gradients: filters pay off
+    image = Image.fromarray(smooth.astype(np.uint8), "RGBA").convert(mode)
+    image.save(tmp_path / "x.png", optimize=True)
+    expected = np.asarray(image.convert("RGB") if mode != "L" else image, np.float32) / 255.0
+    if mode != "L":
+        expected = expected.mean(axis=-1)
+    np.testing.assert_allclose(runner.decode_png((tmp_path / "x.png").read_bytes()), expected, atol=1e-6)
+    with pytest.raises(ValueError, match="not a PNG"):
+        runner.decode_png(b"GIF89a")
