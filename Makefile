@@ -32,7 +32,7 @@ serve: zoo
 
 lint: install
 	$(VENV)/bin/ruff check service models export loadtests tests
-	$(VENV)/bin/mypy service
+	$(VENV)/bin/mypy service export models
 
 test: install
 	$(PY) -m pytest -q

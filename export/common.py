@@ -19,8 +19,10 @@ Held-out data and evaluation live in ``export.heldout`` (``load_heldout(parent)`
 the held-out split its FP32 parent was evaluated on when the zoo was built.
 
 Student interface (provided by export/distill.py, consumed by export/optimize.py):
-``build_student(model: str, *, repo_dir: Path, work_dir: Path, profile: str) -> Path | None``
-returns a student ONNX file with the parent's inputs/outputs, or None when there is none for ``model``.
+``build_student(family: str, /, *, repo_dir: Path, work_dir: Path, profile: str,
+text_options: dict[str, int] | None = None) -> StudentResult | None`` returns a ``StudentResult``
+(``onnx_path``: a student ONNX file with the parent's inputs/outputs, plus its held-out metrics, budget
+verdict and side-by-side latency), or None when there is no student for ``family``.
 """
 
 from __future__ import annotations
@@ -198,8 +200,9 @@ def publish_variant(*, repo_dir: Path, parent: ParentModel, variant: str, onnx_p
     name = variant_name(parent.name, variant)
     labels_path = parent.model_dir / "labels.txt"
     labels = labels_path.read_text().splitlines() if labels_path.is_file() else None
-    card = {key: parent.card[key] for key in ("task", "data", "split", "parameters", "input_spec", "profile",
-                                              "seed", "labels") if key in parent.card}
+    card: dict[str, Any] = {key: parent.card[key]
+                            for key in ("task", "data", "split", "parameters", "input_spec", "profile", "seed",
+                                        "labels") if key in parent.card}
     # NOTE: a variant has no PyTorch model to check parity against; its check is the held-out
     # comparison with the FP32 parent (metrics, deltas, budget), which card_extra carries.
     card["parity"] = {"reference": f"FP32 parent {parent.name!r} on the same held-out data"}

@@ -23,7 +23,7 @@ import json
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -105,13 +105,16 @@ def distill_classifier(student: nn.Module, *, epochs: Callable[[int], Iterator[t
     total = steps + 1
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=settings.lr, total_steps=total)
     last: dict[str, list[float]] = {}
+    # ``logits`` is the student's own method (ResNetSmall, KeywordSpotter); nn.Module.__getattr__ types it as
+    # Tensor | Module.
+    logits = cast(Callable[[torch.Tensor], torch.Tensor], student.logits)
     with tqdm(total=steps, desc=desc, unit="step", leave=False, mininterval=1.0) as bar:
         for epoch in range(settings.epochs):
             student.train()
             last = {"soft": [], "hard": []}
             for inputs, labels in epochs(epoch):
                 target = torch.from_numpy(teacher(inputs.numpy()))
-                loss, soft, hard = distillation_loss(student.logits(inputs), target, labels,
+                loss, soft, hard = distillation_loss(logits(inputs), target, labels,
                                                      temperature=settings.temperature, alpha=settings.alpha)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

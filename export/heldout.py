@@ -175,6 +175,7 @@ def _hit_ratio(item_ids: np.ndarray, heldout: HeldOut, k: int = 10) -> dict[str,
     full score matrix; the served graph only returns its top 50, so variants are scored (and their
     FP32 parent re-scored) with this full-ranking protocol instead, which is stricter.
     """
+    assert heldout.labels is not None  # _recommender always sets the held-out items as labels
     hits = 0
     for row, target, seen in zip(item_ids, heldout.labels, heldout.extra["seen"]):
         top = [int(i) for i in row if int(i) not in seen][:k]

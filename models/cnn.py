@@ -14,6 +14,7 @@ import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -129,7 +130,7 @@ def train(model: ResNetSmall, x: np.ndarray, y: np.ndarray, *, hyper: Hyper, see
     recalibrate_batchnorm(model, images)
 
 
-def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor) -> None:
+def recalibrate_batchnorm(model: ResNetSmall, images: torch.Tensor) -> None:
     """Recompute BatchNorm statistics as exact averages over the clean training images.
 
     NOTE: the running averages kept during training lag the weights (and saw augmented images); with
@@ -216,7 +217,7 @@ def build(*, profile: str, repo_dir: Path, seed: int = 0, work_dir: Path | None 
                                 input_names=["image"], output_names=["probabilities"],
                                 dynamic_shapes={"image": {0: torch.export.Dim("batch", min=1, max=4096)}})
         parity = parity_check(model, onnx_path, [(x_te[:n],) for n in (1, 3, 17)], atol=1e-4, rtol=1e-3)
-        card = {
+        card: dict[str, Any] = {
             "family": NAME, "task": "image classification", "data": dataset.source,
             "split": ("predefined test files" if dataset.test_images is not None
                       else f"stratified {hyper.test_fraction:.0%} hold-out (seed {seed})")

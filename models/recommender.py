@@ -16,6 +16,7 @@ import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -96,6 +97,14 @@ class ServedRecommender(nn.Module):
     TopK. Unknown or out-of-range user ids get the items ranked by training popularity instead, with
     scores ``1 - rank / n_items`` (not comparable with personal scores).
     """
+
+    # Buffers registered in __init__ (declared for type checkers; nn.Module.__getattr__ is untyped).
+    user_vectors: torch.Tensor
+    item_matrix: torch.Tensor
+    item_bias: torch.Tensor
+    lookup: torch.Tensor
+    item_raw: torch.Tensor
+    popular: torch.Tensor
 
     def __init__(self, model: TwoTower, split: rd.Split, *, k: int) -> None:
         super().__init__()
@@ -202,7 +211,7 @@ def _parity_cases(split: rd.Split) -> list[tuple[np.ndarray, ...]]:
     rng = np.random.default_rng(0)
     known = split.user_raw
     unknown = np.array([-5, 0, int(known.max()) + 1, int(known.max()) + 10**6])
-    cases = []
+    cases: list[tuple[np.ndarray, ...]] = []
     for n in (1, 3, 17):
         ids = rng.choice(known, n)
         if n > 1:  # mix in unknown ids so the popularity fallback is checked too
@@ -237,7 +246,7 @@ def build(*, profile: str, repo_dir: Path, seed: int = 0, work_dir: Path | None 
     train(model, split, hyper=hyper, seed=seed)
     metrics = evaluate(model, split, seed=seed)
     served = ServedRecommender(model, split, k=min(TOP_K, split.n_items))
-    card = {
+    card: dict[str, Any] = {
         "family": NAME, "task": "implicit-feedback top-K retrieval", "data": interactions.source,
         "data_kind": data.partition(":")[0],
         "split": f"leave-one-out (last event per user held out), {NEGATIVES} sampled negatives; "
