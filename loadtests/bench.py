@@ -44,6 +44,12 @@ instance_group [ {{ count: 1 kind: KIND_CPU }} ]
 """
 
 
+def server_threads(args: argparse.Namespace) -> int:
+    from service.settings import default_cpu_threads
+
+    return args.server_threads or default_cpu_threads()
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m loadtests.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -52,12 +58,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=4000, help="measured requests per cell (upper bound)")
     p.add_argument("--time-cap", type=float, default=6.0, help="seconds per cell; keeps the bench ~2-3 min")
     p.add_argument("--ceiling-seconds", type=float, default=0.5, help="timed seconds per in-process batch size")
-    p.add_argument("--queue-delay-us", type=int, default=200, help="max_queue_delay_microseconds with batching ON")
+    p.add_argument("--queue-delay-us", type=int, default=0,
+                   help="max_queue_delay_microseconds with batching ON (default 0, as Triton: batches form "
+                        "from what queues while the model is busy)")
     p.add_argument("--width", type=int, default=DEFAULT_WIDTH,
                    help=f"CNN width (default {DEFAULT_WIDTH}: ~0.9 ms batch-1 on 2 cores)")
     p.add_argument("--server-threads", type=int, default=0,
-                   help="server's MODELSERVE_CPU_THREADS (ORT intra-op threads); default: all usable cores, "
-                        "as the ceiling uses")
+                   help="server's MODELSERVE_CPU_THREADS (ORT intra-op threads); default: the server's own "
+                        "(the usable cores, as the ceiling uses)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     try:
@@ -133,8 +141,8 @@ def run_bench(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         repo = Path(tmp) / "repo"
         write_repository(repo, onnx_path=onnx_path, delay_us=args.queue_delay_us)
         console.print("starting the server and running the load ...")
-        # Default: the ceiling's intra-op thread count, so both sides run the same ONNX Runtime work.
-        threads = {"MODELSERVE_CPU_THREADS": str(args.server_threads or usable_cpus())}
+        # Default: the server's own choice (service.settings.default_cpu_threads: the usable cores).
+        threads = {"MODELSERVE_CPU_THREADS": str(server_threads(args))}
         with serve(repo, log_path=args.output / "server.log", env=threads) as server:
             rows = _run_async(_measure_server(server, args=args))
     best = max(ceiling, key=lambda p: p.rows_per_s)
@@ -146,7 +154,7 @@ def run_bench(args: argparse.Namespace, console: Console) -> dict[str, Any]:
                   "width": args.width, "max_batch_size": 64},
         "settings": {"concurrency": args.concurrency, "requests_per_cell": args.requests,
                      "time_cap_s": args.time_cap, "queue_delay_us": args.queue_delay_us, "instances": 1,
-                     "server_intra_op_threads": args.server_threads or usable_cpus(),
+                     "server_intra_op_threads": server_threads(args),
                      "ceiling_intra_op_threads": usable_cpus()},
         "environment": env,
         "ceiling": [asdict(p) for p in ceiling],

@@ -111,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-dir", type=Path, default=Path("bench_results"))
     args = p.parse_args(argv)
     wanted = set(args.models.split(",")) if args.models else None
+    present = [m for m, _ in CASES if (args.model_repository / m).is_dir() and (not wanted or m in wanted)]
+    if not present:
+        p.error(f"no model of {sorted({m for m, _ in CASES})} in {args.model_repository}; build a zoo first "
+                "(`modelserve build`) or pass --model-repository")
     results = []
     with tempfile.TemporaryDirectory(prefix="batch-bench-") as tmp:
         for model, kind in CASES:
