@@ -22,7 +22,7 @@ install: $(VENV)/.installed-$(EXTRAS)
 
 # The zoo is built once: build_summary.json is written last, so a half-built repository is rebuilt.
 $(MODEL_REPOSITORY)/build_summary.json: | install
-	$(VENV)/bin/modelserve build --profile $(PROFILE) --model-repository $(MODEL_REPOSITORY)
+	$(VENV)/bin/modelserve build --profile $(PROFILE) --model-repository $(MODEL_REPOSITORY) || { rm -f $@; exit 1; }
 
 zoo: $(MODEL_REPOSITORY)/build_summary.json
 

@@ -30,10 +30,12 @@ from models.common import (
     export_onnx,
     family_parser,
     hyper_overrides,
+    optimizer_step,
     parity_check,
     publish,
     set_seed,
 )
+from models.common import recalibrate_batchnorm as common_recalibrate
 
 NAME = "cnn"
 
@@ -121,32 +123,13 @@ def train(model: ResNetSmall, x: np.ndarray, y: np.ndarray, *, hyper: Hyper, see
                 idx = order[start:start + hyper.batch_size]
                 batch = cnn_data.augment(images[idx], generator=gen)
                 loss = F.cross_entropy(model.logits(batch), labels[idx], label_smoothing=0.05)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-                bar.update()
+                optimizer_step(loss, opt=opt, sched=sched, bar=bar)
     recalibrate_batchnorm(model, images)
 
 
 def recalibrate_batchnorm(model: ResNetSmall, images: torch.Tensor) -> None:
-    """Recompute BatchNorm statistics as exact averages over the clean training images.
-
-    NOTE: the running averages kept during training lag the weights (and saw augmented images); with
-    few steps (the tiny profile) they are far off and eval-mode accuracy collapses.
-    """
-    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    for bn in norms:
-        bn.reset_running_stats()
-        bn.momentum = None  # cumulative moving average
-    model.train()
-    with torch.no_grad():
-        for start in range(0, len(images), 256):
-            model.logits(images[start:start + 256])
-    for bn in norms:
-        bn.momentum = 0.1
-    model.eval()
+    """Recompute BatchNorm statistics over clean training inputs (see models.common.recalibrate_batchnorm)."""
+    common_recalibrate(model, images, forward=model.logits)
 
 
 def evaluate(model: ResNetSmall, x: np.ndarray, y: np.ndarray) -> dict[str, float]:

@@ -32,6 +32,7 @@ from models.common import (
     export_onnx,
     family_parser,
     hyper_overrides,
+    optimizer_step,
     parity_check,
     publish,
     set_seed,
@@ -160,12 +161,7 @@ def train(model: TwoTower, split: rd.Split, *, hyper: Hyper, seed: int) -> None:
                 events = torch.from_numpy(matrix[users.numpy()].toarray())
                 log_p = F.log_softmax(model.all_scores(users), dim=1)
                 loss = -(events * log_p).sum() / events.sum().clamp(min=1.0)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-                bar.update()
+                optimizer_step(loss, opt=opt, sched=sched, bar=bar)
     model.eval()
 
 

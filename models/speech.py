@@ -33,8 +33,10 @@ from models.common import (
     count_parameters,
     family_parser,
     hyper_overrides,
+    optimizer_step,
     set_seed,
 )
+from models.common import recalibrate_batchnorm as common_recalibrate
 from models.speech_frontend import LogMel
 
 NAME = "speech"
@@ -145,31 +147,13 @@ def train(model: KeywordSpotter, corpus: sd.Corpus, *, hyper: Hyper, aug: sd.Aug
             for start in range(0, len(y), hyper.batch_size):
                 idx = order[start:start + hyper.batch_size]
                 loss = F.cross_entropy(model.logits(x[idx]), y[idx], label_smoothing=0.05)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}", refresh=False)
-                bar.update()
+                optimizer_step(loss, opt=opt, sched=sched, bar=bar, epoch=epoch + 1)
     recalibrate_batchnorm(model, torch.from_numpy(clips))
 
 
 def recalibrate_batchnorm(model: KeywordSpotter, clips: torch.Tensor) -> None:
-    """Recompute BatchNorm statistics as exact averages over a pass of training clips.
-
-    NOTE: running averages lag the weights; with few steps (the tiny profile) they are far off.
-    """
-    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    for bn in norms:
-        bn.reset_running_stats()
-        bn.momentum = None  # cumulative average
-    model.train()
-    with torch.no_grad():
-        for start in range(0, len(clips), 256):
-            model.logits(clips[start:start + 256])
-    for bn in norms:
-        bn.momentum = 0.1
-    model.eval()
+    """Recompute BatchNorm statistics over clean training inputs (see models.common.recalibrate_batchnorm)."""
+    common_recalibrate(model, clips, forward=model.logits)
 
 
 def predict(model: nn.Module, clips: np.ndarray) -> np.ndarray:

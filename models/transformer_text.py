@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from models.common import export_onnx, ort_session, parity_check
+from models.common import export_onnx, optimizer_step, ort_session, parity_check
 
 INPUT_NAMES = ("input_ids", "attention_mask")
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "sentence_bert_config.json")
@@ -285,12 +285,7 @@ def train_head(features: torch.Tensor, labels: torch.Tensor, *, n_classes: int, 
             for start in range(0, len(features), batch_size):
                 index = order[start:start + batch_size]
                 loss = F.cross_entropy(head(features[index]), labels[index])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-                bar.update()
+                optimizer_step(loss, opt=opt, sched=sched, bar=bar)
     return head.eval()
 
 
