@@ -5,7 +5,9 @@ Like the HTTP transport, the servicer only parses, calls the InferenceCore, and 
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -83,14 +85,24 @@ def encode_infer(resp: InferResponse) -> pb.ModelInferResponse:
     return out
 
 
+def _serving_errors_to_status(method: Callable) -> Callable:
+    """Answer a ServingError with its gRPC status code and message (the HTTP transport maps it to JSON)."""
+
+    @functools.wraps(method)
+    async def wrapper(self: InferenceServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await method(self, request, context)
+        except ServingError as exc:
+            await context.abort(exc.grpc_code, exc.message)
+
+    return wrapper
+
+
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    """GRPCInferenceService on the InferenceCore; ServingErrors become gRPC status codes."""
+    """GRPCInferenceService on the InferenceCore; method names are fixed by the service definition."""
 
     def __init__(self, core: InferenceCore) -> None:
         self.core = core
-
-    async def _abort(self, context: grpc.aio.ServicerContext, exc: ServingError) -> None:
-        await context.abort(exc.grpc_code, exc.message)
 
     async def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=self.core.live())
@@ -104,50 +116,38 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ServerMetadata(self, request, context):
         return json_format.ParseDict(self.core.server_metadata(), pb.ServerMetadataResponse())
 
+    @_serving_errors_to_status
     async def ModelMetadata(self, request, context):
-        try:
-            meta = self.core.model_metadata(request.name, request.version or None)
-        except ServingError as exc:
-            await self._abort(context, exc)
+        meta = self.core.model_metadata(request.name, request.version or None)
         return json_format.ParseDict(meta, pb.ModelMetadataResponse())
 
+    @_serving_errors_to_status
     async def ModelConfig(self, request, context):
-        try:
-            spec = self.core.repository.get(request.name, request.version or None).spec
-        except ServingError as exc:
-            await self._abort(context, exc)
+        spec = self.core.repository.get(request.name, request.version or None).spec
         return pb.ModelConfigResponse(config=spec.config)
 
+    @_serving_errors_to_status
     async def ModelStatistics(self, request, context):
-        try:
-            stats = self.core.statistics(request.name or None, request.version or None)
-        except ServingError as exc:
-            await self._abort(context, exc)
+        stats = self.core.statistics(request.name or None, request.version or None)
         return json_format.ParseDict(stats, pb.ModelStatisticsResponse(), ignore_unknown_fields=True)
 
     async def RepositoryIndex(self, request, context):
         rows = self.core.repository_index(ready_only=request.ready)
         return pb.RepositoryIndexResponse(models=[pb.RepositoryIndexResponse.ModelIndex(**r) for r in rows])
 
+    @_serving_errors_to_status
     async def RepositoryModelLoad(self, request, context):
-        try:
-            await self.core.load_model(request.model_name)
-        except ServingError as exc:
-            await self._abort(context, exc)
+        await self.core.load_model(request.model_name)
         return pb.RepositoryModelLoadResponse()
 
+    @_serving_errors_to_status
     async def RepositoryModelUnload(self, request, context):
-        try:
-            await self.core.unload_model(request.model_name)
-        except ServingError as exc:
-            await self._abort(context, exc)
+        await self.core.unload_model(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
+    @_serving_errors_to_status
     async def ModelInfer(self, request, context):
-        try:
-            return encode_infer(await self.core.infer(decode_infer(request)))
-        except ServingError as exc:
-            await self._abort(context, exc)
+        return encode_infer(await self.core.infer(decode_infer(request)))
 
 
 async def start_grpc_server(core: InferenceCore, *, host: str, port: int, max_message_bytes: int) -> grpc.aio.Server:
