@@ -27,7 +27,6 @@ verdict and side-by-side latency), or None when there is no student for ``family
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import statistics
@@ -39,7 +38,10 @@ from typing import Any
 
 import numpy as np
 
-from models.common import publish
+from service.modelrepo.card import read_card, variant_name
+from service.modelrepo.layout import CARD_FILENAME, CONFIG_FILENAME, LAYOUT_FILES, model_file
+from service.modelrepo.publish import publish
+from service.modelrepo.sessions import create_session
 
 FAMILY_MODELS: dict[str, tuple[str, ...]] = {
     "cnn": ("cnn",),
@@ -47,9 +49,6 @@ FAMILY_MODELS: dict[str, tuple[str, ...]] = {
     "speech": ("speech",),
     "recommender": ("recommender",),
 }
-VARIANTS = ("int8", "fp16", "student", "student-int8")
-# Files of a model directory that belong to the model, not to the variant (copied as assets).
-_NOT_ASSETS = {"config.pbtxt", "metrics.json", "MODEL_CARD.md", "labels.txt", "1"}
 
 
 @dataclass(frozen=True)
@@ -75,18 +74,18 @@ class ParentModel:
 def load_parent(repo_dir: Path, name: str) -> ParentModel:
     """Read ``<repo_dir>/<name>`` (config.pbtxt, 1/model.onnx, metrics.json)."""
     model_dir = Path(repo_dir) / name
-    onnx_path = model_dir / "1" / "model.onnx"
-    card_path = model_dir / "metrics.json"
-    for needed in (model_dir / "config.pbtxt", onnx_path, card_path):
+    onnx_path = model_file(model_dir, 1)
+    card_path = model_dir / CARD_FILENAME
+    for needed in (model_dir / CONFIG_FILENAME, onnx_path, card_path):
         if not needed.is_file():
             raise FileNotFoundError(f"model {name!r}: expected {needed} (build the zoo with `modelserve build`)")
-    card = json.loads(card_path.read_text())
+    card = read_card(model_dir)
     family = card.get("family")
     if family not in FAMILY_MODELS or name not in FAMILY_MODELS[family]:
         raise ValueError(f"{card_path}: family {family!r} does not publish model {name!r}; "
                          f"expected one of {FAMILY_MODELS}")
     return ParentModel(name=name, family=family, model_dir=model_dir, onnx_path=onnx_path, card=card,
-                       config_text=(model_dir / "config.pbtxt").read_text())
+                       config_text=(model_dir / CONFIG_FILENAME).read_text())
 
 
 @dataclass(frozen=True)
@@ -142,13 +141,7 @@ def check_budget(*, model: str, variant_metrics: dict[str, float], fp32_metrics:
 
 def ort_session(path: Path, *, threads: int = 1) -> Any:
     """A CPU session with a fixed intra-op thread count (comparable latencies on a shared machine)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return create_session(path, threads=threads)
 
 
 def measure_latency(paths: dict[str, Path], *, feeds: dict[int, dict[str, np.ndarray]], repeats: int = 20,
@@ -179,12 +172,6 @@ def file_size_mb(path: Path) -> float:
     return Path(path).stat().st_size / 1e6
 
 
-def variant_name(parent: str, variant: str) -> str:
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}: expected one of {', '.join(VARIANTS)}")
-    return f"{parent}-{variant}"
-
-
 def _renamed_config(config_text: str, *, old: str, new: str) -> str:
     renamed, count = re.subn(r'^name:\s*"[^"]*"', f'name: "{new}"', config_text, count=1, flags=re.M)
     if count != 1:
@@ -196,7 +183,7 @@ def publish_variant(*, repo_dir: Path, parent: ParentModel, variant: str, onnx_p
                     card_extra: dict[str, Any]) -> Path:
     """Publish ``<parent>-<variant>``: the parent's config renamed, labels/assets copied, a model card
     (``metrics.json``) with ``family``, ``variant``, ``parent`` plus ``card_extra`` (metrics, deltas,
-    budget, kept_fp32...). Returns the model directory. Uses models.common.publish (atomic)."""
+    budget, kept_fp32...). Returns the model directory. Uses service.modelrepo.publish (atomic)."""
     name = variant_name(parent.name, variant)
     labels_path = parent.model_dir / "labels.txt"
     labels = labels_path.read_text().splitlines() if labels_path.is_file() else None
@@ -214,7 +201,7 @@ def publish_variant(*, repo_dir: Path, parent: ParentModel, variant: str, onnx_p
         # NOTE: assets are copied to a temp dir first: publish() may replace the directory they came from.
         assets = {}
         for item in parent.model_dir.iterdir():
-            if item.is_file() and item.name not in _NOT_ASSETS:
+            if item.is_file() and item.name not in LAYOUT_FILES:
                 assets[item.name] = Path(shutil.copy2(item, Path(tmp) / item.name))
         return publish(repo_dir=Path(repo_dir), name=name, onnx_path=Path(onnx_path),
                        config_pbtxt=_renamed_config(parent.config_text, old=parent.name, new=name),

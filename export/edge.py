@@ -31,6 +31,10 @@ from pathlib import Path
 
 from rich.console import Console
 
+from service.modelrepo.card import read_card
+from service.modelrepo.config import parse_config_text
+from service.modelrepo.layout import CONFIG_FILENAME
+
 RUNNER_TEMPLATE = Path(__file__).with_name("edge_runner_template.py")
 TARGETS = {"x86": ("amd64", "all"), "arm": ("arm", "basic")}
 MANIFEST = "manifest.json"
@@ -55,10 +59,8 @@ def choose_source(repo: Path, name: str) -> tuple[Path, str]:
 
 def preprocess_spec(base: Path) -> dict:
     """The JSON spec the runner follows, from the model's config.pbtxt and model card."""
-    from models.common import parse_config
-
-    config = parse_config((base / "config.pbtxt").read_text())
-    card = json.loads((base / "metrics.json").read_text()) if (base / "metrics.json").is_file() else {}
+    config = parse_config_text((base / CONFIG_FILENAME).read_text(), where=f"{base.name}/{CONFIG_FILENAME}")
+    card = read_card(base)
     inputs = [i.name for i in config.input]
     kind = KIND_BY_INPUT.get(inputs[0])
     if kind is None:

@@ -32,10 +32,10 @@ from models.common import (
     hyper_overrides,
     optimizer_step,
     parity_check,
-    publish,
     set_seed,
 )
 from models.common import recalibrate_batchnorm as common_recalibrate
+from service.modelrepo.publish import publish
 
 NAME = "cnn"
 

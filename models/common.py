@@ -8,12 +8,8 @@ The publication layout is Triton's model repository (see models/CONTRACT.md):
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import random
-import shutil
-import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,15 +18,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from service.modelrepo.sessions import create_session
+
 PROFILES = ("tiny", "default")
 FAMILIES = ("cnn", "transformer", "speech", "recommender")
 OPSET = 18
-
-# Keys every metrics.json must carry (the model card contract in models/CONTRACT.md).
-CARD_KEYS = (
-    "family", "task", "data", "split", "parameters", "metrics", "parity",
-    "input_spec", "build_seconds", "profile", "seed",
-)
 
 
 class ParityError(RuntimeError):
@@ -176,11 +168,7 @@ def _check_io_names(proto: Any, *, path: Path, input_names: list[str], output_na
 
 def ort_session(onnx_path: Path) -> Any:
     """A CPU ONNX Runtime session on ``onnx_path`` (the provider the server uses by default)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    return create_session(onnx_path)
 
 
 def _torch_outputs(model: torch.nn.Module, case: tuple[np.ndarray, ...]) -> list[np.ndarray]:
@@ -246,97 +234,3 @@ def _compare(*, where: str, name: str, ref: np.ndarray, out: np.ndarray, atol: f
             f"({int(np.sum(~(excess <= 0)))} of {diff.size} elements off)"
         )
     return worst
-
-
-def parse_config(config_pbtxt: str) -> Any:
-    """Parse Triton ModelConfig text format, raising ValueError with the parser's message."""
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2
-
-    try:
-        return text_format.Parse(config_pbtxt, model_config_pb2.ModelConfig())
-    except text_format.ParseError as exc:
-        raise ValueError(f"config.pbtxt does not parse as a Triton ModelConfig: {exc}") from exc
-
-
-def _validate(*, name: str, onnx_path: Path, config: Any, card: dict, labels: list[str] | None) -> None:
-    import onnx
-
-    if config.name != name:
-        raise ValueError(f"config.pbtxt names model {config.name!r}, expected {name!r}")
-    missing = [k for k in CARD_KEYS if k not in card]
-    if missing:
-        raise ValueError(f"model card for {name!r} lacks keys {missing}; required: {list(CARD_KEYS)}")
-    graph = onnx.load(str(onnx_path), load_external_data=False).graph
-    for kind, declared, actual in (
-        ("input", [i.name for i in config.input], [i.name for i in graph.input]),
-        ("output", [o.name for o in config.output], [o.name for o in graph.output]),
-    ):
-        if sorted(declared) != sorted(actual):
-            raise ValueError(f"{name}: config.pbtxt {kind}s {declared} differ from the ONNX graph's {actual}")
-    if any(o.label_filename for o in config.output) and not labels:
-        raise ValueError(f"{name}: config.pbtxt references a label_filename but no labels were given")
-
-
-def publish(
-    *,
-    repo_dir: Path,
-    name: str,
-    onnx_path: Path,
-    config_pbtxt: str,
-    card: dict,
-    card_md: str,
-    labels: list[str] | None = None,
-    assets: dict[str, Path] | None = None,
-) -> Path:
-    """Write model ``name`` (version 1) into the repository at ``repo_dir`` and return its folder.
-
-    Everything is written to a hidden temporary folder first and renamed into place, so a reader
-    never sees a half-written model; an existing model of that name is replaced.
-    """
-    repo_dir = Path(repo_dir)
-    config = parse_config(config_pbtxt)
-    _validate(name=name, onnx_path=Path(onnx_path), config=config, card=card, labels=labels)
-    repo_dir.mkdir(parents=True, exist_ok=True)
-    tmp = repo_dir / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        _write_model_dir(tmp, onnx_path=Path(onnx_path), config_pbtxt=config_pbtxt, card=card,
-                         card_md=card_md, labels=labels, assets=assets or {})
-        return _swap_into_place(tmp, repo_dir / name)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _write_model_dir(
-    target: Path,
-    *,
-    onnx_path: Path,
-    config_pbtxt: str,
-    card: dict,
-    card_md: str,
-    labels: list[str] | None,
-    assets: dict[str, Path],
-) -> None:
-    (target / "1").mkdir(parents=True)
-    shutil.copyfile(onnx_path, target / "1" / "model.onnx")
-    (target / "config.pbtxt").write_text(config_pbtxt.rstrip() + "\n")
-    # NOTE: allow_nan=False: a NaN metric is a bug upstream and must not reach a model card.
-    (target / "metrics.json").write_text(json.dumps(card, indent=2, allow_nan=False) + "\n")
-    (target / "MODEL_CARD.md").write_text(card_md.rstrip() + "\n")
-    if labels:
-        (target / "labels.txt").write_text("\n".join(labels) + "\n")
-    for asset_name, source in assets.items():
-        if Path(asset_name).name != asset_name or asset_name in {"1", "config.pbtxt", "metrics.json"}:
-            raise ValueError(f"asset name {asset_name!r} must be a plain file name not used by the layout")
-        shutil.copyfile(source, target / asset_name)
-
-
-def _swap_into_place(tmp: Path, final: Path) -> Path:
-    old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old.exists():
-        shutil.rmtree(old, ignore_errors=True)
-    return final

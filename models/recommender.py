@@ -34,10 +34,10 @@ from models.common import (
     hyper_overrides,
     optimizer_step,
     parity_check,
-    publish,
     set_seed,
 )
 from models.recommender_card import card_markdown, config_pbtxt
+from service.modelrepo.publish import publish
 
 NAME = "recommender"
 # NOTE: the graph returns more than 10 items so that a caller can drop already-seen items

@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from models import speech_data as sd
-from models.common import count_parameters, export_onnx, parity_check, publish
+from models.common import count_parameters, export_onnx, parity_check
 from models.speech_frontend import FMAX, FMIN, HOP, N_FFT, N_MELS, SAMPLE_RATE
+from service.modelrepo.publish import publish
 
 NAME = "speech"
 PARITY_BATCHES = (1, 3, 17)

@@ -9,9 +9,10 @@ from pathlib import Path
 
 from torch import nn
 
-from models.common import count_parameters, publish
+from models.common import count_parameters
 from models.transformer_corpus import TextCorpus
 from models.transformer_text import SentenceEncoder, TextClassifier
+from service.modelrepo.publish import publish
 
 FAMILY = "transformer"
 

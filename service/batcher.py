@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from service.config import BatchingPolicy
 from service.errors import BackendError, DeadlineExceeded, ModelNotReady, QueueFull, RequestCancelled, ServingError
+from service.modelrepo.config import BatchingPolicy
 
 log = logging.getLogger("modelserve.batcher")
 

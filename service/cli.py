@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 
 from pydantic import ValidationError
+
+from service.server import run_server
+from service.settings import ServerSettings
 
 
 def _serve_parser(sub) -> None:
@@ -23,9 +27,7 @@ def _serve_parser(sub) -> None:
     p.add_argument("--log-level", dest="log_level", choices=["critical", "error", "warning", "info", "debug"])
 
 
-def _settings(args: argparse.Namespace):
-    from service.settings import ServerSettings
-
+def _settings(args: argparse.Namespace) -> ServerSettings:
     given = {k: v for k, v in vars(args).items() if k not in ("command", "func") and v is not None}
     try:
         return ServerSettings(**given)
@@ -36,8 +38,6 @@ def _settings(args: argparse.Namespace):
 
 
 def serve(args: argparse.Namespace) -> int:
-    from service.server import run_server
-
     settings = _settings(args)
     if not settings.model_repository.is_dir():
         sys.exit(f"modelserve: model repository {settings.model_repository} is not a directory; "
@@ -51,15 +51,13 @@ DELEGATED = {
     "build": ("models.build", "build the model zoo into a repository"),
     "optimize": ("export.optimize", "quantize / convert / distill the zoo and report size, latency, accuracy"),
     "edge-bundle": ("export.edge", "write a self-contained edge bundle for one model"),
-    "predict": ("service.batch.cli", "batch offline inference over files and datasets (local or Ray)"),
+    "predict": ("service.offline.cli", "batch offline inference over files and datasets (local or Ray)"),
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in DELEGATED:
-        import importlib
-
         module = importlib.import_module(DELEGATED[argv[0]][0])
         return int(module.main(argv[1:]) or 0)
     parser = argparse.ArgumentParser(prog="modelserve", description=__doc__)

@@ -1,6 +1,7 @@
 """KServe V2 over gRPC, with the service definition tritonclient ships, so `tritonclient.grpc` works unchanged.
 
-Like the HTTP transport, the servicer only parses, calls the InferenceCore, and serializes.
+Like the HTTP transport, the servicer only parses (service/protocol_grpc.py), calls the InferenceCore, and
+serializes.
 """
 
 from __future__ import annotations
@@ -11,79 +12,15 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
-import numpy as np
 from google.protobuf import json_format
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from service.core import InferenceCore, InferRequest, InferResponse, RequestedOutput
-from service.datatypes import numpy_dtype, v2_datatype
-from service.errors import InvalidInput, ServingError
-from service.protocol_v2 import tensor_from_binary, tensor_to_bytes
+from service.core import InferenceCore
+from service.errors import ServingError
+from service.protocol_grpc import decode_infer, encode_infer, grpc_status
 
 log = logging.getLogger("modelserve.grpc")
-
-# InferTensorContents field holding each V2 datatype when a client sends typed (not raw) contents.
-_CONTENTS_FIELD = {
-    "BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
-    "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents",
-    "UINT64": "uint64_contents", "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents",
-}
-
-
-def _param_value(p: pb.InferParameter) -> Any:
-    which = p.WhichOneof("parameter_choice")
-    return getattr(p, which) if which else None
-
-
-def _typed_contents(tensor: Any, shape: list[int]) -> np.ndarray:
-    field = _CONTENTS_FIELD.get(tensor.datatype)
-    if field is None:
-        raise InvalidInput(f"input {tensor.name!r}: {tensor.datatype} must be sent as raw_input_contents")
-    values = list(getattr(tensor.contents, field))
-    if tensor.datatype == "BYTES":
-        arr = np.empty(len(values), dtype=object)
-        arr[:] = values
-    else:
-        arr = np.asarray(values, dtype=numpy_dtype(tensor.datatype))
-    if arr.size != int(np.prod(shape)):
-        raise InvalidInput(f"input {tensor.name!r}: shape {shape} needs {int(np.prod(shape))} elements, got {arr.size}")
-    return arr.reshape(shape)
-
-
-def decode_infer(request: pb.ModelInferRequest) -> InferRequest:
-    """A protocol-agnostic InferRequest from a ModelInferRequest (raw or typed contents)."""
-    raw = list(request.raw_input_contents)
-    if raw and len(raw) != len(request.inputs):
-        raise InvalidInput(f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs; expected one per input")
-    inputs: dict[str, np.ndarray] = {}
-    for i, tensor in enumerate(request.inputs):
-        shape = [int(d) for d in tensor.shape]
-        if any(d < 0 for d in shape):
-            raise InvalidInput(f"input {tensor.name!r}: shape {shape} has negative dimensions")
-        numpy_dtype(tensor.datatype)  # raises with the list of valid datatypes
-        if raw:
-            inputs[tensor.name] = tensor_from_binary(memoryview(raw[i]), name=tensor.name, datatype=tensor.datatype,
-                                                     shape=shape)
-        else:
-            inputs[tensor.name] = _typed_contents(tensor, shape)
-    outputs = [
-        RequestedOutput(o.name, True, int(_param_value(o.parameters["classification"]) or 0)
-                        if "classification" in o.parameters else 0)
-        for o in request.outputs
-    ] or None
-    params = {k: _param_value(v) for k, v in request.parameters.items()}
-    return InferRequest(model_name=request.model_name, model_version=request.model_version or None,
-                        inputs=inputs, outputs=outputs, id=request.id or None, parameters=params)
-
-
-def encode_infer(resp: InferResponse) -> pb.ModelInferResponse:
-    out = pb.ModelInferResponse(model_name=resp.model_name, model_version=resp.model_version, id=resp.id or "")
-    for tensor in resp.outputs:
-        out.outputs.add(name=tensor.name, datatype=v2_datatype(tensor.data), shape=list(tensor.data.shape))
-        out.raw_output_contents.append(tensor_to_bytes(tensor.data))
-    return out
-
 
 def _serving_errors_to_status(method: Callable) -> Callable:
     """Answer a ServingError with its gRPC status code and message (the HTTP transport maps it to JSON)."""
@@ -93,7 +30,7 @@ def _serving_errors_to_status(method: Callable) -> Callable:
         try:
             return await method(self, request, context)
         except ServingError as exc:
-            await context.abort(exc.grpc_code, exc.message)
+            await context.abort(grpc_status(exc), exc.message)
 
     return wrapper
 
@@ -123,8 +60,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @_serving_errors_to_status
     async def ModelConfig(self, request, context):
-        spec = self.core.repository.get(request.name, request.version or None).spec
-        return pb.ModelConfigResponse(config=spec.config)
+        return pb.ModelConfigResponse(config=self.core.model_config(request.name, request.version or None))
 
     @_serving_errors_to_status
     async def ModelStatistics(self, request, context):

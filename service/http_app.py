@@ -3,23 +3,22 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from google.protobuf import json_format
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service import __version__
 from service.core import InferenceCore
 from service.errors import InvalidInput, ServingError
 from service.http_infer import InferFastPath
-from service.metrics import Metrics
-from service.repository import ModelRepository
 from service.settings import ServerSettings
+from service.tasks.router import build_router
 
 log = logging.getLogger("modelserve.http")
 
@@ -34,46 +33,25 @@ def error_response(exc: ServingError) -> Response:
     return json_response({"error": exc.message}, exc.status_code, exc.headers or None)
 
 
-def create_app(settings: ServerSettings) -> InferFastPath:
-    """The ASGI application: the infer fast path in front of FastAPI, whose lifespan owns the repository."""
-    repository = ModelRepository(settings)
-    metrics = Metrics(lambda: [mv.stats for mv in repository.ready_versions()])
-    core = InferenceCore(repository, metrics)
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await repository.start()
-        grpc_server = None
-        if settings.grpc_port is not None:
-            from service.grpc_app import start_grpc_server
-
-            grpc_server = await start_grpc_server(core, host=settings.http_host, port=settings.grpc_port,
-                                                  max_message_bytes=settings.max_request_bytes)
-        yield
-        if grpc_server is not None:
-            await grpc_server.stop(grace=5)
-        await repository.close()
-
+def create_app(core: InferenceCore, settings: ServerSettings) -> InferFastPath:
+    """The ASGI application: the infer fast path in front of FastAPI. The server (service/server.py) owns the
+    lifecycle of the repository and the transports; this app only parses, calls the core and serializes."""
     app = FastAPI(
         title="modelserve",
-        version="0.1.0",
+        version=__version__,
         description="KServe V2 / Triton-compatible inference server with dynamic batching on ONNX Runtime.",
-        lifespan=lifespan,
     )
-    app.state.core = core
     app.state.settings = settings
     _install_error_handlers(app)
     _add_health_routes(app, core)
     _add_model_routes(app, core)
     _add_repository_routes(app, core)
     _document_infer_routes(app)
-    from service.tasks.router import build_router  # task endpoints (/v1/...), service/tasks/
-
-    app.include_router(build_router(core))
+    app.include_router(build_router(core, max_request_bytes=settings.max_request_bytes))
 
     @app.get("/metrics", tags=["metrics"], summary="Prometheus metrics (Triton's names)")
     async def prometheus() -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(core.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return InferFastPath(app, core=core, max_request_bytes=settings.max_request_bytes)
 
@@ -134,12 +112,13 @@ def _add_model_prefix_routes(app: FastAPI, core: InferenceCore, prefix: str) -> 
 
     @app.get(prefix + "/ready", tags=["models"], summary="Model readiness")
     async def model_ready(model_name: str, model_version: str | None = None) -> Response:
-        core.repository.get(model_name, model_version)  # 404 / 503 with the reason when not ready
+        core.model(model_name, model_version)  # 404 / 503 with the reason when not ready
         return json_response({"name": model_name, "ready": True})
 
     @app.get(prefix + "/config", tags=["models"], summary="Model configuration (Triton ModelConfig as JSON)")
     async def config(model_name: str, model_version: str | None = None) -> Response:
-        return json_response(core.model_config(model_name, model_version))
+        config = core.model_config(model_name, model_version)
+        return json_response(json_format.MessageToDict(config, preserving_proto_field_name=True))
 
 
 def _document_infer_routes(app: FastAPI) -> None:

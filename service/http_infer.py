@@ -125,13 +125,14 @@ class InferFastPath:
             if body is None:
                 return
             body = decompress(body, encoding=headers.get(b"content-encoding", b"").decode().lower(), limit=self.limit)
-            req = decode_request(body, header_length=_header_length(headers), model_name=model, model_version=version)
+            req, encoding = decode_request(body, header_length=_header_length(headers), model_name=model,
+                                           model_version=version)
             req.client_gone = server_disconnect_flag(receive)
             try:
                 resp = await self.core.infer(req)
             except RequestCancelled:
                 return  # the client is gone: nobody to answer
-            payload, header_len = encode_response(resp, binary_default=bool(req.parameters.get("binary_data_output")))
+            payload, header_len = encode_response(resp, encoding)
         except ServingError as exc:
             await send_error(send, exc)
             return

@@ -11,10 +11,12 @@ from pathlib import Path
 import numpy as np
 
 from service.batcher import Batcher, BatcherStats
-from service.config import ModelSpec, build_spec, complete_config, instance_settings
 from service.datatypes import v2_datatype
 from service.errors import InvalidInput, ModelLoadError
-from service.runtime import InstancePool, choose_providers, synthetic_inputs
+from service.modelrepo.config import ModelSpec, completed_spec, instance_settings
+from service.modelrepo.layout import DEFAULT_MODEL_FILENAME, model_file
+from service.modelrepo.sessions import choose_providers
+from service.runtime import InstancePool, synthetic_inputs
 from service.settings import ServerSettings
 from service.stats import ModelStats
 
@@ -56,26 +58,23 @@ class ModelVersion:
     @classmethod
     def load(cls, req: LoadRequest, *, version: int, settings: ServerSettings) -> ModelVersion:
         config = req.config
-        filename = config.default_model_filename or "model.onnx"  # type: ignore[attr-defined]
-        path = req.model_dir / str(version) / filename
+        filename = config.default_model_filename or DEFAULT_MODEL_FILENAME  # type: ignore[attr-defined]
+        try:
+            path = model_file(req.model_dir, version, filename)
+        except InvalidInput as exc:
+            raise ModelLoadError(f"model {req.name!r}: default_model_filename: {exc.message}") from None
+        shown = f"{req.name}/{version}/{filename}"
         if not path.is_file():
-            raise ModelLoadError(f"model {req.name!r} version {version}: {path} not found")
+            raise ModelLoadError(f"model {req.name!r} version {version}: {shown} not found")
         count, kind = instance_settings(config)  # type: ignore[arg-type]
         providers = choose_providers(requested=settings.execution_providers, instance_kind=kind)
         threads = max(1, settings.cpu_threads // count)
-        pool = InstancePool(
-            path, count=count, providers=providers, intra_op_threads=threads, allow_spinning=settings.allow_spinning
-        )
-        completed = complete_config(
-            config,  # type: ignore[arg-type]
-            name=req.name,
-            graph_inputs=pool.graph_inputs,
-            graph_outputs=pool.graph_outputs,
-            max_batch_size_given=req.max_batch_size_given,
-            default_max_batch_size=settings.default_max_batch_size,
-            has_file=req.has_file,
-        )
-        spec = build_spec(completed, model_dir=req.model_dir)
+        pool = InstancePool(path, count=count, providers=providers, intra_op_threads=threads,
+                            allow_spinning=settings.allow_spinning, shown_as=shown)
+        spec = completed_spec(req.model_dir, name=req.name,
+                              read=(config, req.has_file, req.max_batch_size_given),  # type: ignore[arg-type]
+                              graph_inputs=pool.graph_inputs, graph_outputs=pool.graph_outputs,
+                              default_max_batch_size=settings.default_max_batch_size)
         log.info(
             "model %s v%s: %d instance(s) on %s, %d intra-op thread(s) each, max_batch_size %d, batching %s",
             req.name, version, count, pool.providers, threads, spec.max_batch_size,

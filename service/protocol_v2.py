@@ -1,93 +1,45 @@
-"""KServe V2 inference codec for HTTP: JSON (flat and nested data) and the binary tensor data extension.
+"""KServe V2 over HTTP, the wire format: JSON (flat and nested data) and the binary tensor data extension.
 
 A request body is a JSON header, optionally followed by raw tensor bytes whose JSON length is given by
 the `Inference-Header-Content-Length` header; each input carrying `parameters.binary_data_size` takes
-that many bytes from the tail, in input order. BYTES elements are each prefixed by a 4-byte little-endian
-length. We write this codec ourselves because tritonclient ships only the client side of it.
+that many bytes from the tail, in input order. Tensors themselves are built by the shared codec
+(service/codec.py); this module only reads and writes the HTTP framing, including the HTTP-only choice of
+binary or JSON outputs.
 """
 
 from __future__ import annotations
 
-import struct
-from math import prod
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import orjson
 
+from service import codec
 from service.core import InferRequest, InferResponse, RequestedOutput
-from service.datatypes import numpy_dtype, v2_datatype
+from service.datatypes import v2_datatype
 from service.errors import InvalidInput
 
 _NUMPY_JSON = orjson.OPT_SERIALIZE_NUMPY
 
 
-def _shape(inp: dict, name: str) -> list[int]:
-    shape = inp.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise InvalidInput(f"input {name!r}: 'shape' must be a list of non-negative integers, got {shape!r}")
-    return shape
+@dataclass
+class OutputEncoding:
+    """How the client wants outputs back over HTTP: binary or JSON, per output or by default."""
+
+    default: bool = False
+    per_output: dict[str, bool] = field(default_factory=dict)
+
+    def binary(self, name: str) -> bool:
+        return self.per_output.get(name, self.default)
 
 
-def _flatten_bytes(data: Any, out: list) -> None:
-    for item in data:
-        if isinstance(item, list):
-            _flatten_bytes(item, out)
-        elif isinstance(item, str):
-            out.append(item.encode())
-        elif isinstance(item, (bytes, int, float, bool)):
-            out.append(item if isinstance(item, bytes) else str(item).encode())
-        else:
-            raise InvalidInput(f"BYTES data holds {type(item).__name__}; expected strings")
-
-
-def tensor_from_json(data: Any, *, name: str, datatype: str, shape: list[int]) -> np.ndarray:
-    """An array from a V2 JSON `data` field (flat or nested), checked against shape."""
-    dtype = numpy_dtype(datatype)
-    if not isinstance(data, list):
-        data = [data]
-    if datatype == "BYTES":
-        flat: list = []
-        _flatten_bytes(data, flat)
-        arr = np.empty(len(flat), dtype=object)
-        arr[:] = flat
-    else:
-        try:
-            arr = np.asarray(data, dtype=dtype)
-        except (ValueError, TypeError, OverflowError):
-            raise InvalidInput(f"input {name!r}: 'data' is not a list of {datatype} values with a regular shape") from None
-    if arr.size != prod(shape):
-        raise InvalidInput(f"input {name!r}: shape {shape} needs {prod(shape)} elements, 'data' has {arr.size}")
-    return arr.reshape(shape)
-
-
-def tensor_from_binary(raw: memoryview, *, name: str, datatype: str, shape: list[int]) -> np.ndarray:
-    """An array from the raw bytes of the binary tensor data extension."""
-    n = prod(shape)
-    if datatype != "BYTES":
-        dtype = numpy_dtype(datatype)
-        if len(raw) != n * dtype.itemsize:
-            raise InvalidInput(
-                f"input {name!r}: shape {shape} of {datatype} needs {n * dtype.itemsize} bytes, "
-                f"binary_data_size gives {len(raw)}"
-            )
-        return np.frombuffer(raw, dtype=dtype).reshape(shape)
-    items: list[bytes] = []
-    offset = 0
-    while offset < len(raw):
-        if offset + 4 > len(raw):
-            raise InvalidInput(f"input {name!r}: BYTES element {len(items)} is cut inside its 4-byte length prefix")
-        (length,) = struct.unpack_from("<I", raw, offset)
-        offset += 4
-        if offset + length > len(raw):
-            raise InvalidInput(f"input {name!r}: BYTES element {len(items)} claims {length} bytes past the data's end")
-        items.append(bytes(raw[offset:offset + length]))
-        offset += length
-    if len(items) != n:
-        raise InvalidInput(f"input {name!r}: shape {shape} needs {n} BYTES elements, got {len(items)}")
-    arr = np.empty(n, dtype=object)
-    arr[:] = items
-    return arr.reshape(shape)
+def _parameters(value: object, *, where: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidInput(f"{where}: 'parameters' must be a JSON object, got {type(value).__name__}")
+    return value
 
 
 def _parse_header(header: bytes | memoryview) -> dict:
@@ -100,7 +52,7 @@ def _parse_header(header: bytes | memoryview) -> dict:
     return doc
 
 
-def _requested_outputs(doc: dict, binary_default: bool | None) -> list[RequestedOutput] | None:
+def _requested_outputs(doc: dict, encoding: OutputEncoding) -> list[RequestedOutput] | None:
     outputs = doc.get("outputs")
     if outputs is None:
         return None
@@ -108,18 +60,40 @@ def _requested_outputs(doc: dict, binary_default: bool | None) -> list[Requested
         raise InvalidInput("'outputs' must be a list of objects with a string 'name'")
     result = []
     for o in outputs:
-        params = o.get("parameters") or {}
-        binary = params.get("binary_data", binary_default)
+        params = _parameters(o.get("parameters"), where=f"output {o['name']!r}")
+        binary = params.get("binary_data")
+        if binary is not None:
+            encoding.per_output[o["name"]] = bool(binary)
         class_count = params.get("classification", 0)
-        if not isinstance(class_count, int) or class_count < 0:
+        if not isinstance(class_count, int) or isinstance(class_count, bool) or class_count < 0:
             raise InvalidInput(f"output {o['name']!r}: 'classification' must be a non-negative integer")
-        result.append(RequestedOutput(o["name"], None if binary is None else bool(binary), class_count))
+        result.append(RequestedOutput(o["name"], class_count))
     return result
+
+
+def _decode_input(inp: object, *, tail: memoryview, offset: int) -> tuple[str, np.ndarray, int]:
+    name = inp.get("name") if isinstance(inp, dict) else None
+    if not isinstance(inp, dict) or not isinstance(name, str):
+        raise InvalidInput("every input needs a string 'name'")
+    shape = codec.check_shape(inp.get("shape"), name=name)
+    datatype = inp.get("datatype")
+    if not isinstance(datatype, str):
+        raise InvalidInput(f"input {name!r}: 'datatype' must be a string such as \"FP32\"")
+    size = _parameters(inp.get("parameters"), where=f"input {name!r}").get("binary_data_size")
+    if size is not None:
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0 or offset + size > len(tail):
+            raise InvalidInput(
+                f"input {name!r}: binary_data_size {size!r} does not fit the {len(tail) - offset} binary bytes left"
+            )
+        return name, codec.from_raw(tail[offset:offset + size], name=name, datatype=datatype, shape=shape), size
+    if "data" in inp:
+        return name, codec.from_values(inp["data"], name=name, datatype=datatype, shape=shape), 0
+    raise InvalidInput(f"input {name!r}: needs 'data' or parameters.binary_data_size")
 
 
 def decode_request(
     body: bytes, *, header_length: int | None, model_name: str, model_version: str | None
-) -> InferRequest:
+) -> tuple[InferRequest, OutputEncoding]:
     """Parse a V2 infer request body (JSON, or JSON plus binary tensor data)."""
     view = memoryview(body)
     if header_length is None:
@@ -137,53 +111,25 @@ def decode_request(
     inputs: dict[str, np.ndarray] = {}
     offset = 0
     for inp in raw_inputs:
-        name = inp.get("name") if isinstance(inp, dict) else None
-        if not isinstance(name, str):
-            raise InvalidInput("every input needs a string 'name'")
+        name, array, used = _decode_input(inp, tail=tail, offset=offset)
         if name in inputs:
             raise InvalidInput(f"input {name!r} is given twice")
-        shape, datatype = _shape(inp, name), inp.get("datatype")
-        if not isinstance(datatype, str):
-            raise InvalidInput(f"input {name!r}: 'datatype' must be a string such as \"FP32\"")
-        size = (inp.get("parameters") or {}).get("binary_data_size")
-        if size is not None:
-            if not isinstance(size, int) or size < 0 or offset + size > len(tail):
-                raise InvalidInput(
-                    f"input {name!r}: binary_data_size {size!r} does not fit the {len(tail) - offset} binary bytes left"
-                )
-            inputs[name] = tensor_from_binary(tail[offset:offset + size], name=name, datatype=datatype, shape=shape)
-            offset += size
-        elif "data" in inp:
-            inputs[name] = tensor_from_json(inp["data"], name=name, datatype=datatype, shape=shape)
-        else:
-            raise InvalidInput(f"input {name!r}: needs 'data' or parameters.binary_data_size")
+        inputs[name] = array
+        offset += used
     if offset != len(tail):
         raise InvalidInput(f"{len(tail) - offset} bytes of binary data follow the inputs and belong to none")
-    params = doc.get("parameters") or {}
-    if not isinstance(params, dict):
-        raise InvalidInput("'parameters' must be an object")
-    binary_default = params.get("binary_data_output")
+    params = _parameters(doc.get("parameters"), where="request")
+    encoding = OutputEncoding(default=bool(params.get("binary_data_output", False)))
     request_id = doc.get("id")
-    return InferRequest(
+    request = InferRequest(
         model_name=model_name,
         model_version=model_version,
         inputs=inputs,
-        outputs=_requested_outputs(doc, binary_default),
+        outputs=_requested_outputs(doc, encoding),
         id=str(request_id) if request_id is not None else None,
         parameters=params,
     )
-
-
-def tensor_to_bytes(arr: np.ndarray) -> bytes:
-    """Raw bytes of a tensor as the binary extension (and gRPC raw contents) carry it."""
-    if arr.dtype == object or arr.dtype.kind in ("U", "S"):
-        parts = []
-        for item in arr.reshape(-1):
-            b = item if isinstance(item, bytes) else str(item).encode()
-            parts.append(struct.pack("<I", len(b)))
-            parts.append(b)
-        return b"".join(parts)
-    return np.ascontiguousarray(arr).tobytes()
+    return request, encoding
 
 
 def _to_json_data(arr: np.ndarray) -> Any:
@@ -195,14 +141,14 @@ def _to_json_data(arr: np.ndarray) -> Any:
     return np.ascontiguousarray(flat)
 
 
-def encode_response(resp: InferResponse, *, binary_default: bool) -> tuple[bytes, int | None]:
+def encode_response(resp: InferResponse, encoding: OutputEncoding) -> tuple[bytes, int | None]:
     """Serialize a response; returns (body, json header length or None when there is no binary part)."""
     outputs, chunks = [], []
     for out in resp.outputs:
         arr = out.data
         entry: dict[str, Any] = {"name": out.name, "datatype": v2_datatype(arr), "shape": list(arr.shape)}
-        if out.binary if out.binary is not None else binary_default:
-            raw = tensor_to_bytes(arr)
+        if encoding.binary(out.name):
+            raw = codec.to_raw(arr)
             entry["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
         else:

@@ -13,9 +13,10 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from service.config import read_config, select_versions
 from service.errors import ModelLoadError, ModelNotFound, ModelNotReady, ServingError
 from service.model import LoadRequest, ModelVersion
+from service.modelrepo import layout
+from service.modelrepo.config import read_config, select_versions
 from service.settings import ServerSettings
 
 log = logging.getLogger("modelserve.repository")
@@ -40,23 +41,6 @@ class ModelEntry:
         return self.versions[max(self.versions, key=int)]
 
 
-def _fingerprint(model_dir: Path) -> tuple:
-    """What poll mode compares: every file's relative path, size and modification time."""
-    items = []
-    for p in sorted(model_dir.rglob("*")):
-        try:
-            st = p.stat()
-        except FileNotFoundError:  # removed while we looked; the next poll sees the new state
-            continue
-        if p.is_file():
-            items.append((str(p.relative_to(model_dir)), st.st_size, st.st_mtime_ns))
-    return tuple(items)
-
-
-def _disk_versions(model_dir: Path) -> list[int]:
-    return [int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()]
-
-
 class ModelRepository:
     """Loads, swaps and unloads models; lookups never await, so a swap cannot split a request."""
 
@@ -68,14 +52,8 @@ class ModelRepository:
         self._poller: asyncio.Task | None = None
 
     def scan(self) -> dict[str, Path]:
-        """Model folders on disk: those holding a config.pbtxt or a numeric version folder."""
-        if not self.root.is_dir():
-            raise ModelLoadError(f"model repository {self.root} is not a directory")
-        found = {}
-        for d in sorted(self.root.iterdir()):
-            if d.is_dir() and not d.name.startswith(".") and ((d / "config.pbtxt").exists() or _disk_versions(d)):
-                found[d.name] = d
-        return found
+        """Model folders on disk (see service.modelrepo.layout.scan)."""
+        return layout.scan(self.root)
 
     async def start(self) -> None:
         on_disk = self.scan()
@@ -95,12 +73,12 @@ class ModelRepository:
 
     async def load(self, name: str) -> None:
         """(Re)load a model from disk; new versions serve before the old ones drain."""
-        model_dir = self.root / name
-        if not model_dir.is_dir():
-            raise ModelNotFound(f"no model {name!r} in repository {self.root}; found {sorted(self.scan())}")
+        model_dir = layout.model_dir(self.root, name)
+        if not layout.is_model_folder(model_dir):
+            raise ModelNotFound(f"no model {name!r} in the model repository; found {sorted(self.scan())}")
         entry = self.entries.setdefault(name, ModelEntry(name))
         async with entry.lock:
-            fingerprint = await asyncio.to_thread(_fingerprint, model_dir)
+            fingerprint = await asyncio.to_thread(layout.fingerprint, model_dir)
             if not entry.versions:
                 entry.state, entry.reason = LOADING, ""
             try:
@@ -130,9 +108,9 @@ class ModelRepository:
 
     async def _load_versions(self, name: str, model_dir: Path) -> dict[str, ModelVersion]:
         config, has_file, mbs_given = read_config(model_dir)
-        available = _disk_versions(model_dir)
+        available = layout.disk_versions(model_dir)
         if not available:
-            raise ModelLoadError(f"model {name!r}: no numeric version folder (e.g. {model_dir}/1/model.onnx)")
+            raise ModelLoadError(f"model {name!r}: no numeric version folder (e.g. {name}/1/model.onnx)")
         versions = select_versions(config, available)
         request = LoadRequest(name, model_dir, config, has_file, mbs_given)
         loaded = {}
@@ -202,7 +180,7 @@ class ModelRepository:
             await self.unload(name)
         for name, model_dir in on_disk.items():
             entry = self.entries.get(name)
-            if entry is not None and entry.fingerprint == await asyncio.to_thread(_fingerprint, model_dir):
+            if entry is not None and entry.fingerprint == await asyncio.to_thread(layout.fingerprint, model_dir):
                 continue
             log.info("model %s is new or changed; loading", name)
             try:

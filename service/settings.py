@@ -9,6 +9,8 @@ from typing import Literal
 from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.modelrepo.config import DEFAULT_MAX_BATCH_SIZE
+
 
 def default_cpu_threads() -> int:
     """The cores this process may use (taskset / cgroup cpusets respected, unlike os.cpu_count()).
@@ -47,7 +49,7 @@ class ServerSettings(BaseSettings):
     """ONNX Runtime providers in order of preference; default TensorRT, CUDA, CPU as available."""
     cpu_threads: PositiveInt = Field(default_factory=default_cpu_threads)
     """Cores shared among a model's instances for intra-op threads (default: the usable cores)."""
-    default_max_batch_size: PositiveInt = 32
+    default_max_batch_size: PositiveInt = DEFAULT_MAX_BATCH_SIZE
     """max_batch_size given to a model whose config does not set one and whose graph batches."""
     warmup: bool = True
     """Run each model once before it reports ready."""

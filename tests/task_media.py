@@ -61,7 +61,7 @@ def wav_bytes(wave16k: np.ndarray, *, rate: int = 16000, channels: int = 1, subt
 
     from scipy.signal import resample_poly
 
-    from service.tasks.speech import RATE
+    from service.processing.speech import RATE
 
     g = gcd(rate, RATE)
     data = wave16k if rate == RATE else resample_poly(wave16k, rate // g, RATE // g).astype(np.float32)

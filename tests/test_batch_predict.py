@@ -14,7 +14,7 @@ import onnxruntime as ort
 import pyarrow.parquet as pq
 import pytest
 
-from service.batch.cli import main
+from service.offline.cli import main
 from tests.conftest import REPO_ROOT, wait_until
 from tests.task_media import held_out_digits, keyword_audio, write_inputs
 

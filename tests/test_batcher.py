@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from service.batcher import Batcher
-from service.config import BatchingPolicy
 from service.errors import BackendError, DeadlineExceeded, QueueFull, RequestCancelled
+from service.modelrepo.config import BatchingPolicy
 
 HUGE_DELAY_US = 60_000_000  # a minute: a batch that forms did so because of size, not time
 

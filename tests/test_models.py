@@ -19,15 +19,16 @@ import torch
 from models import build, cnn_data
 from models import recommender_data as rd
 from models.common import (
-    CARD_KEYS,
     FAMILIES,
     ParityError,
     export_onnx,
     ort_session,
     parity_check,
-    parse_config,
-    publish,
 )
+from service.errors import ModelLoadError
+from service.modelrepo.card import CARD_KEYS
+from service.modelrepo.config import parse_config_text
+from service.modelrepo.publish import publish
 from tests.zoo_fixtures import FAMILY_MODELS
 
 # NOTE: a family may be skipped only while its module file does not exist yet (written in parallel).
@@ -108,8 +109,8 @@ def test_family_cli_help(family: str, capsys: pytest.CaptureFixture[str]) -> Non
 
 
 def test_parse_config_rejects_garbage() -> None:
-    with pytest.raises(ValueError, match="does not parse as a Triton ModelConfig"):
-        parse_config('name: "x" max_batch_size: "many"')
+    with pytest.raises(ModelLoadError, match="not a valid Triton ModelConfig"):
+        parse_config_text('name: "x" max_batch_size: "many"', where="x/config.pbtxt")
 
 
 # ---------------------------------------------------------------- data loaders and metrics
@@ -215,7 +216,7 @@ def test_build_summary_lists_every_present_family(tiny_zoo: Path) -> None:
 @pytest.mark.parametrize(("family", "name"), MODELS)
 def test_config_and_card(tiny_zoo: Path, family: str, name: str) -> None:
     folder = tiny_zoo / name
-    config = parse_config((folder / "config.pbtxt").read_text())
+    config = parse_config_text((folder / "config.pbtxt").read_text())
     assert config.name == name and config.platform == "onnxruntime_onnx" and config.max_batch_size > 0
     assert (folder / "1" / "model.onnx").is_file()
     card = _card(tiny_zoo, name)
@@ -233,7 +234,7 @@ def test_config_and_card(tiny_zoo: Path, family: str, name: str) -> None:
 
 @pytest.mark.parametrize(("family", "name"), MODELS)
 def test_onnx_runs_and_recorded_parity_holds(tiny_zoo: Path, family: str, name: str) -> None:
-    config = parse_config((tiny_zoo / name / "config.pbtxt").read_text())
+    config = parse_config_text((tiny_zoo / name / "config.pbtxt").read_text())
     session = ort_session(tiny_zoo / name / "1" / "model.onnx")
     assert [i.name for i in session.get_inputs()] == [i.name for i in config.input]
     assert sorted(o.name for o in session.get_outputs()) == sorted(o.name for o in config.output)
@@ -278,7 +279,7 @@ def zoo_server(tiny_zoo: Path, serve_repository):
 def test_served_model_answers_like_onnxruntime(tiny_zoo: Path, zoo_server: str, family: str, name: str) -> None:
     import tritonclient.http as httpclient
 
-    config = parse_config((tiny_zoo / name / "config.pbtxt").read_text())
+    config = parse_config_text((tiny_zoo / name / "config.pbtxt").read_text())
     case = next(c for c in _card(tiny_zoo, name)["parity"]["cases"] if c[0][0] == 3)
     inputs = _inputs(config, case, seed=1)
     session = ort_session(tiny_zoo / name / "1" / "model.onnx")

@@ -10,10 +10,11 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from service.config import GraphTensor, build_spec, complete_config, read_config, select_versions
+from service.codec import from_raw, from_values
 from service.core import InferResponse, OutputTensor, classify
 from service.errors import InvalidInput, ModelLoadError
-from service.protocol_v2 import decode_request, encode_response, tensor_from_binary, tensor_from_json
+from service.modelrepo.config import GraphTensor, build_spec, complete_config, read_config, select_versions
+from service.protocol_v2 import OutputEncoding, decode_request, encode_response
 
 
 def _binary_body(header: dict, *chunks: bytes) -> tuple[bytes, int]:
@@ -29,13 +30,14 @@ def test_binary_request_with_bytes_and_fp32_roundtrip():
         {"name": "s", "shape": [3], "datatype": "BYTES", "parameters": {"binary_data_size": len(raw_s)}},
         {"name": "f", "shape": [2, 3], "datatype": "FP32", "parameters": {"binary_data_size": len(raw_f)}},
     ], "parameters": {"binary_data_output": True}}, raw_s, raw_f)
-    req = decode_request(body, header_length=hl, model_name="m", model_version=None)
+    req, encoding = decode_request(body, header_length=hl, model_name="m", model_version=None)
     assert list(req.inputs["s"]) == strings
     np.testing.assert_array_equal(req.inputs["f"], np.arange(6, dtype=np.float32).reshape(2, 3))
     assert req.parameters["binary_data_output"] is True
 
-    resp = InferResponse("m", "1", [OutputTensor("s", req.inputs["s"]), OutputTensor("f", req.inputs["f"], False)])
-    out, out_hl = encode_response(resp, binary_default=True)
+    assert encoding == OutputEncoding(default=True)
+    resp = InferResponse("m", "1", [OutputTensor("s", req.inputs["s"]), OutputTensor("f", req.inputs["f"])])
+    out, out_hl = encode_response(resp, OutputEncoding(default=True, per_output={"f": False}))
     header = orjson.loads(out[:out_hl])
     assert header["outputs"][0]["parameters"]["binary_data_size"] == len(raw_s)
     assert header["outputs"][1]["data"] == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
@@ -43,23 +45,23 @@ def test_binary_request_with_bytes_and_fp32_roundtrip():
 
 
 def test_json_data_nested_flat_and_errors():
-    nested = tensor_from_json([[1, 2], [3, 4]], name="x", datatype="INT32", shape=[2, 2])
-    flat = tensor_from_json([1, 2, 3, 4], name="x", datatype="INT32", shape=[2, 2])
+    nested = from_values([[1, 2], [3, 4]], name="x", datatype="INT32", shape=[2, 2])
+    flat = from_values([1, 2, 3, 4], name="x", datatype="INT32", shape=[2, 2])
     np.testing.assert_array_equal(nested, flat)
     assert nested.dtype == np.int32
     with pytest.raises(InvalidInput, match=r"shape \[3\] needs 3 elements, 'data' has 4"):
-        tensor_from_json([1, 2, 3, 4], name="x", datatype="FP32", shape=[3])
+        from_values([1, 2, 3, 4], name="x", datatype="FP32", shape=[3])
     with pytest.raises(InvalidInput, match="not a list of FP32 values"):
-        tensor_from_json([[1, 2], [3]], name="x", datatype="FP32", shape=[3])
+        from_values([[1, 2], [3]], name="x", datatype="FP32", shape=[3])
     with pytest.raises(InvalidInput, match="unknown datatype 'FLOAT32'; expected one of BOOL"):
-        tensor_from_json([1.0], name="x", datatype="FLOAT32", shape=[1])
+        from_values([1.0], name="x", datatype="FLOAT32", shape=[1])
 
 
 def test_binary_errors_say_what_was_expected():
-    with pytest.raises(InvalidInput, match="needs 16 bytes, binary_data_size gives 8"):
-        tensor_from_binary(memoryview(b"\0" * 8), name="x", datatype="FP32", shape=[4])
+    with pytest.raises(InvalidInput, match="needs 16 bytes, got 8"):
+        from_raw(memoryview(b"\0" * 8), name="x", datatype="FP32", shape=[4])
     with pytest.raises(InvalidInput, match="claims 100 bytes past the data's end"):
-        tensor_from_binary(memoryview(struct.pack("<I", 100) + b"ab"), name="x", datatype="BYTES", shape=[1])
+        from_raw(memoryview(struct.pack("<I", 100) + b"ab"), name="x", datatype="BYTES", shape=[1])
     body, hl = _binary_body({"inputs": [{"name": "x", "shape": [1], "datatype": "FP32",
                                           "parameters": {"binary_data_size": 4}}]}, b"\0" * 12)
     with pytest.raises(InvalidInput, match="8 bytes of binary data follow the inputs"):

@@ -12,8 +12,10 @@ import pytest
 
 from models import transformer
 from models import transformer_corpus as tc
-from models.common import CARD_KEYS, ort_session, parse_config
+from models.common import ort_session
 from models.transformer_text import PROBE_SENTENCES, load_encoder, load_tokenizer, minilm_dir, tokenize
+from service.modelrepo.card import CARD_KEYS
+from service.modelrepo.config import parse_config_text as parse_config
 
 MODELS = (transformer.NAME, transformer.CLASSIFIER_NAME)
 LONG_TEXT = " ".join(PROBE_SENTENCES)  # about 200 tokens

@@ -1,1 +1,1 @@
-"""Task endpoints: per-family pre/post-processing shared by the HTTP routes and batch inference."""
+"""Task endpoints over HTTP (/v1/...): parse uploads and JSON, call the core, serialize."""

@@ -11,14 +11,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from google.protobuf import json_format, text_format
+from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from service.datatypes import config_to_v2, ort_to_v2, v2_to_config
-from service.errors import ModelLoadError
+from service.errors import InvalidInput, ModelLoadError
+from service.modelrepo.layout import CONFIG_FILENAME, DEFAULT_MODEL_FILENAME, contained
 
-CONFIG_FILENAME = "config.pbtxt"
-DEFAULT_MODEL_FILENAME = "model.onnx"
+# max_batch_size given to a model whose config sets none and whose graph batches.
+DEFAULT_MAX_BATCH_SIZE = 32
 _SUPPORTED_PLATFORMS = {"", "onnxruntime_onnx"}
 _SUPPORTED_BACKENDS = {"", "onnxruntime"}
 
@@ -69,9 +70,6 @@ class ModelSpec:
     def output(self, name: str) -> TensorSpec | None:
         return next((t for t in self.outputs if t.name == name), None)
 
-    def config_json(self) -> dict:
-        return json_format.MessageToDict(self.config, preserving_proto_field_name=True)
-
 
 @dataclass(frozen=True)
 class GraphTensor:
@@ -87,6 +85,16 @@ class GraphTensor:
         return cls(name=arg.name, datatype=ort_to_v2(arg.type), shape=shape)
 
 
+def parse_config_text(text: str, *, where: str = CONFIG_FILENAME) -> mc.ModelConfig:
+    """A ModelConfig from Triton's text format; ModelLoadError naming `where` when it does not parse."""
+    config = mc.ModelConfig()
+    try:
+        text_format.Parse(text, config)
+    except text_format.ParseError as exc:
+        raise ModelLoadError(f"{where}: not a valid Triton ModelConfig text proto: {exc}") from None
+    return config
+
+
 def read_config(model_dir: Path) -> tuple[mc.ModelConfig, bool, bool]:
     """Parse <model_dir>/config.pbtxt. Returns (config, file_exists, max_batch_size_was_given)."""
     path = model_dir / CONFIG_FILENAME
@@ -94,10 +102,7 @@ def read_config(model_dir: Path) -> tuple[mc.ModelConfig, bool, bool]:
     if not path.exists():
         return config, False, False
     text = path.read_text()
-    try:
-        text_format.Parse(text, config)
-    except text_format.ParseError as exc:
-        raise ModelLoadError(f"{path}: not a valid Triton ModelConfig text proto: {exc}") from None
+    config = parse_config_text(text, where=f"{model_dir.name}/{CONFIG_FILENAME}")
     # NOTE: proto3 cannot tell "max_batch_size: 0" from absent, and the two mean different things.
     given = re.search(r"^\s*max_batch_size\s*:", text, flags=re.MULTILINE) is not None
     return config, True, given
@@ -215,9 +220,13 @@ def _labels(config: mc.ModelConfig, model_dir: Path) -> dict[str, list[str]]:
     labels: dict[str, list[str]] = {}
     for out in config.output:
         if out.label_filename:
-            path = model_dir / out.label_filename
+            try:
+                path = contained(model_dir, out.label_filename, what="label_filename")
+            except InvalidInput as exc:
+                raise ModelLoadError(f"model {config.name!r} output {out.name!r}: {exc.message}") from None
             if not path.is_file():
-                raise ModelLoadError(f"model {config.name!r} output {out.name!r}: label file {path} not found")
+                raise ModelLoadError(f"model {config.name!r} output {out.name!r}: label file "
+                                     f"{model_dir.name}/{out.label_filename} not found")
             labels[out.name] = [line.rstrip("\n") for line in path.read_text().splitlines()]
     return labels
 
@@ -270,3 +279,20 @@ def select_versions(config: mc.ModelConfig, available: Sequence[int]) -> list[in
         return sorted(wanted)
     n = config.version_policy.latest.num_versions if which == "latest" else 1
     return ordered[-max(1, n):]
+
+
+def graph_tensors(session) -> tuple[list[GraphTensor], list[GraphTensor]]:
+    """The inputs and outputs of an ONNX Runtime session's graph."""
+    return ([GraphTensor.from_node_arg(a) for a in session.get_inputs()],
+            [GraphTensor.from_node_arg(a) for a in session.get_outputs()])
+
+
+def completed_spec(model_dir: Path, *, name: str, read: tuple[mc.ModelConfig, bool, bool],
+                   graph_inputs: Sequence[GraphTensor], graph_outputs: Sequence[GraphTensor],
+                   default_max_batch_size: int) -> ModelSpec:
+    """The spec of a model as served: its config.pbtxt (`read_config`) completed from its graph."""
+    config, has_file, max_batch_size_given = read
+    completed = complete_config(config, name=name, graph_inputs=graph_inputs, graph_outputs=graph_outputs,
+                                max_batch_size_given=max_batch_size_given,
+                                default_max_batch_size=default_max_batch_size, has_file=has_file)
+    return build_spec(completed, model_dir=model_dir)

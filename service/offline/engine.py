@@ -10,11 +10,12 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from service.config import ModelSpec
 from service.errors import ServingError
-from service.runtime import choose_providers
-from service.tasks.base import Processor
-from service.tasks.registry import build_processor, spec_from_dir
+from service.modelrepo.config import DEFAULT_MAX_BATCH_SIZE, ModelSpec, completed_spec, graph_tensors, read_config
+from service.modelrepo.layout import DEFAULT_MODEL_FILENAME, latest_version, model_file
+from service.modelrepo.sessions import choose_providers, create_session
+from service.processing.base import Processor
+from service.processing.registry import build_processor
 
 
 @dataclass
@@ -25,22 +26,18 @@ class LoadedModel:
     output_names: list[str]
 
 
-def model_file(model_dir: Path, spec: ModelSpec) -> Path:
-    versions = sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
-    if not versions:
-        raise FileNotFoundError(f"{model_dir}: no numeric version folder (e.g. {model_dir}/1/model.onnx)")
-    return model_dir / str(versions[-1]) / spec.model_filename
-
-
 def load_model(model_dir: Path, *, threads: int = 0) -> LoadedModel:
-    """Spec, processor and one ORT session (GPU providers first when this onnxruntime build has them)."""
-    spec = spec_from_dir(model_dir)
+    """Spec (config.pbtxt completed from the graph, as the server does), processor and one session on the
+    latest version (GPU providers first when this onnxruntime build has them)."""
+    read = read_config(model_dir)
+    filename = read[0].default_model_filename or DEFAULT_MODEL_FILENAME
+    path = model_file(model_dir, latest_version(model_dir), filename)
+    session = create_session(path, providers=choose_providers(), threads=threads)
+    graph_inputs, graph_outputs = graph_tensors(session)
+    spec = completed_spec(model_dir, name=model_dir.name, read=read, graph_inputs=graph_inputs,
+                          graph_outputs=graph_outputs, default_max_batch_size=DEFAULT_MAX_BATCH_SIZE)
     processor = build_processor(spec, model_dir=model_dir)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    providers = choose_providers(requested=None, instance_kind="KIND_AUTO")
-    session = ort.InferenceSession(str(model_file(model_dir, spec)), sess_options=options, providers=providers)
-    return LoadedModel(spec, processor, session, [o.name for o in session.get_outputs()])
+    return LoadedModel(spec, processor, session, [o.name for o in spec.outputs])
 
 
 def error_row(item, message: str) -> dict:

@@ -17,7 +17,7 @@ import soundfile as sf
 from scipy.signal import resample_poly
 
 from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
-from service.tasks.base import parse_k, top_k
+from service.processing.base import parse_k, top_k
 
 RATE = 16_000
 MAX_SECONDS = 60.0

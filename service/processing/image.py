@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
-from service.tasks.base import parse_k, top_k
+from service.processing.base import parse_k, top_k
 
 SIDE, BOX = 28, 20
 ACCEPTED_FORMATS = ("PNG", "JPEG")

@@ -4,7 +4,7 @@ The ceiling is ONNX Runtime alone on the same batches, collated beforehand (one 
 no file reading, decoding, tokenising, post-processing or output writing. `predict` is the full job on generated inputs of each kind
 (PNG folder, .npy, JSONL texts, WAV folder, Parquet user ids). Writes a markdown table, JSON and a PNG plot.
 
-    python -m service.batch.bench --model-repository /tmp/tz --rows 2000 --batch-size 32
+    python -m loadtests.offline_bench --model-repository /tmp/tz --rows 2000 --batch-size 32
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from service.batch import cli
-from service.batch.engine import load_model
-from service.batch.readers import open_input
+from service.offline import cli
+from service.offline.engine import load_model
+from service.offline.readers import open_input
 
 _WORDS = ["yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go"]
 
@@ -102,7 +102,7 @@ CASES = [("cnn", "png"), ("cnn", "npy"), ("transformer-classifier", "jsonl"), ("
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m service.batch.bench", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m loadtests.offline_bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-repository", type=Path, default=Path("model_repository"))
     p.add_argument("--rows", type=int, default=2000)

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from service.tasks.base import b64decode
+from service.processing.base import b64decode
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 AUDIO_SUFFIXES = (".wav", ".wave")

@@ -15,7 +15,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from service.errors import InvalidInput
-from service.tasks.base import parse_k, top_k
+from service.processing.base import parse_k, top_k
 
 ACCEPTS = "JSON {\"texts\": [\"non-empty string\", ...]}"
 

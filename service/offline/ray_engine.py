@@ -13,20 +13,21 @@ from pathlib import Path
 
 import numpy as np
 
+# NOTE: ray is an optional extra (`pip install -e '.[ray]'`); this module is imported only for --engine ray.
+import ray
+
+from service.offline.engine import load_model, predict_items
+from service.offline.writers import COLUMNS
+
 
 class _Predictor:
     """Ray actor: loads the model once, then predicts batches of pickled Items."""
 
     def __init__(self, model_dir: str, params: dict) -> None:
-        from service.batch.engine import load_model
-
         self.model = load_model(Path(model_dir))
         self.params = params
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        from service.batch.engine import predict_items
-        from service.batch.writers import COLUMNS
-
         items = [pickle.loads(blob) for blob in batch["item"]]
         rows = predict_items(self.model, items, params=self.params)
         return {c: [r[c] for r in rows] for c in COLUMNS}
@@ -34,21 +35,15 @@ class _Predictor:
 
 class RayEngine:
     def __init__(self, model_dir: Path, *, batch_size: int, params: dict, actors: int) -> None:
-        import ray
-
-        from service.tasks.registry import build_processor, spec_from_dir
-
         if not ray.is_initialized():
             ray.init()  # joins the cluster named by RAY_ADDRESS, or starts a local one
-        self.task = build_processor(spec_from_dir(model_dir), model_dir=model_dir).task
+        self.task = load_model(model_dir, threads=1).processor.task
         self.model_dir, self.batch_size, self.params = model_dir, batch_size, params
         gpus = ray.cluster_resources().get("GPU", 0)
         self.num_gpus = 1 if gpus >= 1 else 0
         self.actors = max(1, min(actors, int(gpus))) if self.num_gpus else max(1, actors)
 
     def predict(self, items: list) -> list[dict]:
-        import ray
-
         # NOTE: items are pickled into one binary column because Arrow blocks need one type per column and
         # payloads are bytes, str, int, arrays or read errors depending on the input.
         ds = ray.data.from_items([{"item": pickle.dumps(it)} for it in items])

@@ -3,7 +3,7 @@
 Output: one row per input row, in input order, with columns `row` (0-based input row), `id` (the input's
 `id` field, file path relative to the input folder, or the row number), `ok`, `error` (why a bad row
 failed) and `result` (JSON: what `/v1/models/{name}/predict` returns for that item). Parquet, or JSONL when
---output ends in .jsonl. See service/batch/writers.py for how --resume avoids losing or repeating rows.
+--output ends in .jsonl. See service/offline/writers.py for how --resume avoids losing or repeating rows.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ from pathlib import Path
 from rich.console import Console
 from tqdm import tqdm
 
-from service.batch.readers import open_input
-from service.batch.writers import PartWriter
+from service.offline.engine import LocalEngine
+from service.offline.readers import open_input
+from service.offline.writers import PartWriter
 
 
 @dataclass
@@ -62,14 +63,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def _engine(args: argparse.Namespace, model_dir: Path, params: dict):
     if args.engine == "ray":
         try:
-            import ray  # noqa: F401
+            # NOTE: Ray is an optional extra, imported only when --engine ray asks for it.
+            from service.offline.ray_engine import RayEngine
         except ImportError:
             raise ValueError("--engine ray needs Ray Data: pip install 'modelserve[ray]'") from None
-        from service.batch.ray_engine import RayEngine
-
         return RayEngine(model_dir, batch_size=args.batch_size, params=params, actors=args.ray_actors)
-    from service.batch.engine import LocalEngine
-
     return LocalEngine(model_dir, batch_size=args.batch_size, params=params, workers=args.workers)
 
 

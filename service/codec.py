@@ -1,0 +1,149 @@
+"""The one tensor codec: datatypes, shapes, element counts, the raw layout and BYTES, for every transport.
+
+`protocol_v2` (HTTP JSON and the binary extension) and `protocol_grpc` (typed and raw contents) both build
+their tensors here, so the checks cannot drift. Shapes are checked before anything is allocated.
+
+Raw layout (the binary extension's tail and gRPC's raw_input_contents): fixed-size types are little-endian
+C-order bytes; BYTES elements are each a 4-byte little-endian length followed by that many bytes. We write
+this codec ourselves because tritonclient ships only the client side of it.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from math import prod
+from typing import Any
+
+import numpy as np
+
+from service.datatypes import numpy_dtype
+from service.errors import InvalidInput
+
+# Triton rejects JSON nested deeper than this; a deeper BYTES list would otherwise recurse without bound.
+MAX_NESTING = 100
+# No real tensor has a dimension this large; bigger ones only overflow numpy's size arithmetic.
+MAX_DIM = 2**31 - 1
+MAX_RANK = 32
+
+
+def check_shape(shape: object, *, name: str) -> list[int]:
+    """A shape as a list of ints in [0, MAX_DIM]; InvalidInput naming the input otherwise."""
+    if not isinstance(shape, (list, tuple)) or not all(
+        isinstance(d, int) and not isinstance(d, bool) for d in shape
+    ):
+        raise InvalidInput(f"input {name!r}: 'shape' must be a list of non-negative integers, got {shape!r}")
+    if len(shape) > MAX_RANK:
+        raise InvalidInput(f"input {name!r}: shape has {len(shape)} dimensions; at most {MAX_RANK} are supported")
+    for d in shape:
+        if d < 0:
+            raise InvalidInput(f"input {name!r}: shape {list(shape)} has a negative dimension; "
+                               "expected non-negative integers")
+        if d > MAX_DIM:
+            raise InvalidInput(f"input {name!r}: dimension {d} of shape {list(shape)} exceeds {MAX_DIM}")
+    return list(shape)
+
+
+def element_count(shape: Sequence[int]) -> int:
+    return prod(shape)
+
+
+def check_byte_budget(shape: Sequence[int], *, name: str, datatype: str, limit: int) -> None:
+    """Refuse a shape whose tensor would take more than `limit` bytes, before allocating it."""
+    itemsize = 1 if datatype == "BYTES" else numpy_dtype(datatype).itemsize
+    need = element_count(shape) * itemsize
+    if need > limit:
+        raise InvalidInput(f"input {name!r}: shape {list(shape)} of {datatype} needs {need} bytes, more than the "
+                           f"request may carry ({limit} bytes)")
+
+
+def bytes_array(items: Sequence[bytes], shape: Sequence[int]) -> np.ndarray:
+    arr = np.empty(len(items), dtype=object)
+    arr[:] = items
+    return arr.reshape(shape)
+
+
+def _check_count(got: int, shape: Sequence[int], *, name: str, what: str) -> None:
+    need = element_count(shape)
+    if got != need:
+        raise InvalidInput(f"input {name!r}: shape {list(shape)} needs {need} elements, {what} has {got}")
+
+
+def from_raw(raw: memoryview | bytes, *, name: str, datatype: str, shape: list[int]) -> np.ndarray:
+    """An array from raw bytes (binary extension / gRPC raw contents), checked against shape and datatype."""
+    n = element_count(shape)
+    if datatype != "BYTES":
+        dtype = numpy_dtype(datatype)
+        if len(raw) != n * dtype.itemsize:
+            raise InvalidInput(
+                f"input {name!r}: shape {shape} of {datatype} needs {n * dtype.itemsize} bytes, got {len(raw)}"
+            )
+        return np.frombuffer(raw, dtype=dtype).reshape(shape)
+    items: list[bytes] = []
+    offset, size = 0, len(raw)
+    while offset < size:
+        if len(items) >= n:
+            raise InvalidInput(f"input {name!r}: shape {shape} needs {n} BYTES elements; the data holds more")
+        if offset + 4 > size:
+            raise InvalidInput(f"input {name!r}: BYTES element {len(items)} is cut inside its 4-byte length prefix")
+        (length,) = struct.unpack_from("<I", raw, offset)
+        offset += 4
+        if offset + length > size:
+            raise InvalidInput(f"input {name!r}: BYTES element {len(items)} claims {length} bytes past the data's end")
+        items.append(bytes(raw[offset:offset + length]))
+        offset += length
+    _check_count(len(items), shape, name=name, what="the data")
+    return bytes_array(items, shape)
+
+
+def to_raw(arr: np.ndarray) -> bytes:
+    """Raw bytes of a tensor as the binary extension and gRPC raw contents carry it."""
+    if arr.dtype == object or arr.dtype.kind in ("U", "S"):
+        parts = []
+        for item in arr.reshape(-1):
+            b = item if isinstance(item, bytes) else str(item).encode()
+            parts.append(struct.pack("<I", len(b)))
+            parts.append(b)
+        return b"".join(parts)
+    return np.ascontiguousarray(arr).tobytes()
+
+
+def _flatten_bytes(data: list, *, name: str) -> list[bytes]:
+    """Nested lists of strings (or numbers, sent as their text) -> flat list of bytes, depth-limited."""
+    out: list[bytes] = []
+    stack: list[tuple[Any, int]] = [(iter(data), 1)]
+    while stack:
+        it, depth = stack[-1]
+        item = next(it, StopIteration)
+        if item is StopIteration:
+            stack.pop()
+        elif isinstance(item, list):
+            if depth >= MAX_NESTING:
+                raise InvalidInput(f"input {name!r}: BYTES data is nested deeper than {MAX_NESTING} levels")
+            stack.append((iter(item), depth + 1))
+        elif isinstance(item, str):
+            out.append(item.encode())
+        elif isinstance(item, bytes):
+            out.append(item)
+        elif isinstance(item, (int, float)):
+            out.append(str(item).encode())
+        else:
+            raise InvalidInput(f"input {name!r}: BYTES data holds {type(item).__name__}; expected strings")
+    return out
+
+
+def from_values(values: Any, *, name: str, datatype: str, shape: list[int]) -> np.ndarray:
+    """An array from a list of values, flat (gRPC typed contents) or nested (V2 JSON `data`), checked."""
+    dtype = numpy_dtype(datatype)
+    if not isinstance(values, (list, tuple)):
+        values = [values]
+    if datatype == "BYTES":
+        flat = _flatten_bytes(list(values), name=name)
+        _check_count(len(flat), shape, name=name, what="'data'")
+        return bytes_array(flat, shape)
+    try:
+        arr = np.asarray(values, dtype=dtype)
+    except (ValueError, TypeError, OverflowError):
+        raise InvalidInput(f"input {name!r}: 'data' is not a list of {datatype} values with a regular shape") from None
+    _check_count(arr.size, shape, name=name, what="'data'")
+    return arr.reshape(shape)

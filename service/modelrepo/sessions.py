@@ -1,0 +1,62 @@
+"""The one ONNX Runtime session factory: providers, threads and options for the server, `predict`, the
+optimization passes, the model builds and the benchmarks alike."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import onnxruntime as ort
+
+from service.errors import ModelLoadError
+
+log = logging.getLogger("modelserve.sessions")
+
+PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+GPU_PROVIDERS = frozenset({"TensorrtExecutionProvider", "CUDAExecutionProvider"})
+CPU_ONLY = ("CPUExecutionProvider",)
+
+
+def choose_providers(*, requested: Sequence[str] | None = None, instance_kind: str = "KIND_AUTO") -> list[str]:
+    """Providers to use, best first, keeping only those this onnxruntime build has."""
+    available = ort.get_available_providers()
+    wanted = list(requested) if requested else list(PREFERRED_PROVIDERS)
+    unknown = [p for p in wanted if p not in available]
+    if requested and unknown:
+        log.warning("execution providers %s are not in this onnxruntime build (has %s)", unknown, available)
+    chosen = [p for p in wanted if p in available]
+    if instance_kind == "KIND_CPU":
+        chosen = [p for p in chosen if p not in GPU_PROVIDERS]
+    if instance_kind == "KIND_GPU" and not any(p in GPU_PROVIDERS for p in chosen):
+        raise ModelLoadError(f"instance_group kind KIND_GPU needs a GPU provider; this build has {available}")
+    if "CPUExecutionProvider" not in chosen:
+        chosen.append("CPUExecutionProvider")
+    return chosen
+
+
+def session_options(*, threads: int = 0, allow_spinning: bool = False, quiet: bool = True) -> ort.SessionOptions:
+    """Sequential execution, every graph optimization, `threads` intra-op threads (0: ORT's default)."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if quiet:
+        options.log_severity_level = 3
+    spin = "1" if allow_spinning else "0"
+    options.add_session_config_entry("session.intra_op.allow_spinning", spin)
+    options.add_session_config_entry("session.inter_op.allow_spinning", spin)
+    return options
+
+
+def create_session(path: Path, *, providers: Sequence[str] = CPU_ONLY, threads: int = 0,
+                   allow_spinning: bool = False, shown_as: str | None = None) -> ort.InferenceSession:
+    """An InferenceSession on `path`; ModelLoadError (naming the file as `shown_as`) if ORT refuses it."""
+    options = session_options(threads=threads, allow_spinning=allow_spinning)
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
+    except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, NoSuchFile, ...)
+        where = shown_as or Path(path).name
+        message = str(exc).replace(str(path), where)
+        raise ModelLoadError(f"ONNX Runtime could not load {where}: {message}") from exc

@@ -1,0 +1,80 @@
+"""Which processor serves a model, decided from its model card's `family` (or its input names) and config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from service.errors import InvalidInput, ModelLoadError, ServingError
+from service.modelrepo.card import family_of, read_card, variant_of
+from service.modelrepo.config import ModelSpec
+from service.modelrepo.layout import contained
+from service.processing.base import Processor
+from service.processing.image import ImageProcessor
+from service.processing.recommender import RecommenderProcessor
+from service.processing.speech import SpeechProcessor
+from service.processing.text import TextProcessor
+
+
+def _param(spec: ModelSpec, key: str) -> str | None:
+    p = spec.config.parameters.get(key)
+    return p.string_value if p is not None and p.string_value else None
+
+
+def _first_labelled(spec: ModelSpec) -> str:
+    return next((o.name for o in spec.outputs if o.name in spec.labels), spec.outputs[0].name)
+
+
+def _text(spec: ModelSpec, *, model_dir: Path, out: str, labels: list[str] | None) -> TextProcessor:
+    tokenizer = _param(spec, "tokenizer") or "tokenizer.json"
+    try:
+        tok = contained(model_dir, tokenizer, what="tokenizer")
+    except InvalidInput as exc:
+        raise ModelLoadError(f"model {spec.name!r}: {exc.message}") from None
+    if not tok.is_file():
+        raise ModelLoadError(f"model {spec.name!r}: tokenizer {spec.name}/{tokenizer} not found")
+    return TextProcessor(tokenizer_path=tok, max_length=int(_param(spec, "max_sequence_length") or 256),
+                         input_names=["input_ids", "attention_mask"], output_name=out, labels=labels)
+
+
+def build_processor(spec: ModelSpec, *, model_dir: Path) -> Processor:
+    """The task processor for a model, or InvalidInput saying why it has no task endpoint."""
+    card = read_card(model_dir)
+    family = family_of({t.name for t in spec.inputs}, card)
+    out = _first_labelled(spec)
+    labels = spec.labels.get(out)
+    inputs = [t.name for t in spec.inputs]
+    if family == "cnn":
+        return ImageProcessor(input_name=inputs[0], output_name=out, labels=labels)
+    if family == "transformer":
+        return _text(spec, model_dir=model_dir, out=out, labels=labels)
+    if family == "speech":
+        spec_in = card["input_spec"] if isinstance(card.get("input_spec"), dict) else {}
+        return SpeechProcessor(input_name=inputs[0], output_name=out, labels=labels,
+                               trained_samples=int(spec_in.get("trained_samples", 16000)))
+    if family == "recommender":
+        names = [o.name for o in spec.outputs]
+        width = spec.outputs[0].dims[-1] if spec.outputs[0].dims else 50
+        return RecommenderProcessor(model_dir=model_dir, input_name=inputs[0], item_output=names[0],
+                                    score_output=names[1] if len(names) > 1 else names[0], top_k=int(width))
+    raise InvalidInput(f"model {spec.name!r} has no task endpoint (family {family!r}; task endpoints serve "
+                       "cnn, transformer, speech and recommender models); use /v2/models/{name}/infer")
+
+
+def describe_model(spec: ModelSpec | None, *, name: str, model_dir: Path,
+                   processor: Processor | ServingError | None) -> dict:
+    """The `GET /v1/models` entry of one model (spec None when it is not loaded)."""
+    card = read_card(model_dir)
+    parent, variant = variant_of(name, card)
+    doc: dict = {"name": name, "variant": variant, "parent": parent, "family": card.get("family"),
+                 "description": card.get("task")}
+    if spec is None:
+        return doc
+    doc["inputs"] = [t.as_metadata(spec.max_batch_size) for t in spec.inputs]
+    doc["outputs"] = [t.as_metadata(spec.max_batch_size) for t in spec.outputs]
+    doc["labels"] = spec.labels.get(_first_labelled(spec))
+    if isinstance(processor, ServingError):
+        doc["task"], doc["task_error"] = None, processor.message
+    elif processor is not None:
+        doc["task"] = processor.task
+        doc.update(processor.describe())
+    return doc

@@ -1,0 +1,92 @@
+"""KServe V2 over gRPC, the wire format: ModelInferRequest/Response (typed or raw contents) and status codes.
+
+Tensors are built by the shared codec (service/codec.py), exactly as for HTTP.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+import numpy as np
+from tritonclient.grpc import service_pb2 as pb
+
+from service import codec
+from service.core import InferRequest, InferResponse, RequestedOutput
+from service.datatypes import numpy_dtype, v2_datatype
+from service.errors import InvalidInput, ServingError
+
+# A ServingError's HTTP status -> the gRPC status code Triton's clients expect for it.
+_STATUS_TO_GRPC = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    403: grpc.StatusCode.PERMISSION_DENIED,
+    404: grpc.StatusCode.NOT_FOUND,
+    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    415: grpc.StatusCode.INVALID_ARGUMENT,
+    499: grpc.StatusCode.CANCELLED,
+    503: grpc.StatusCode.UNAVAILABLE,
+    504: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+
+# InferTensorContents field holding each V2 datatype when a client sends typed (not raw) contents.
+_CONTENTS_FIELD = {
+    "BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
+    "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents",
+    "UINT64": "uint64_contents", "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents",
+}
+
+
+def grpc_status(exc: ServingError) -> grpc.StatusCode:
+    return _STATUS_TO_GRPC.get(exc.status_code, grpc.StatusCode.INTERNAL)
+
+
+def param_value(p: pb.InferParameter) -> Any:
+    which = p.WhichOneof("parameter_choice")
+    return getattr(p, which) if which else None
+
+
+def _typed_contents(tensor: Any, shape: list[int]) -> np.ndarray:
+    field = _CONTENTS_FIELD.get(tensor.datatype)
+    if field is None:
+        raise InvalidInput(f"input {tensor.name!r}: {tensor.datatype} must be sent as raw_input_contents")
+    return codec.from_values(list(getattr(tensor.contents, field)), name=tensor.name, datatype=tensor.datatype,
+                             shape=shape)
+
+
+def _class_count(output: Any) -> int:
+    if "classification" not in output.parameters:
+        return 0
+    value = param_value(output.parameters["classification"])
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise InvalidInput(f"output {output.name!r}: 'classification' must be a non-negative integer, got {value!r}")
+    return value
+
+
+def decode_infer(request: pb.ModelInferRequest) -> InferRequest:
+    """A protocol-agnostic InferRequest from a ModelInferRequest (raw or typed contents)."""
+    raw = list(request.raw_input_contents)
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidInput(f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs; expected one per input")
+    inputs: dict[str, np.ndarray] = {}
+    for i, tensor in enumerate(request.inputs):
+        if tensor.name in inputs:
+            raise InvalidInput(f"input {tensor.name!r} is given twice")
+        shape = codec.check_shape(list(tensor.shape), name=tensor.name)
+        numpy_dtype(tensor.datatype)  # raises with the list of valid datatypes
+        if raw:
+            inputs[tensor.name] = codec.from_raw(raw[i], name=tensor.name, datatype=tensor.datatype, shape=shape)
+        else:
+            inputs[tensor.name] = _typed_contents(tensor, shape)
+    outputs = [RequestedOutput(o.name, _class_count(o)) for o in request.outputs] or None
+    params = {k: param_value(v) for k, v in request.parameters.items()}
+    return InferRequest(model_name=request.model_name, model_version=request.model_version or None,
+                        inputs=inputs, outputs=outputs, id=request.id or None, parameters=params)
+
+
+def encode_infer(resp: InferResponse) -> pb.ModelInferResponse:
+    out = pb.ModelInferResponse(model_name=resp.model_name, model_version=resp.model_version, id=resp.id or "")
+    for tensor in resp.outputs:
+        out.outputs.add(name=tensor.name, datatype=v2_datatype(tensor.data), shape=list(tensor.data.shape))
+        out.raw_output_contents.append(codec.to_raw(tensor.data))
+    return out
