@@ -46,14 +46,12 @@ class PendingRequest:
     started: float | None = None
     client_gone: Callable[[], bool] | None = None
 
-    def still_wanted(self) -> bool:
-        """False (and the caller answered) if it was cancelled, timed out, or hung up."""
-        if self.future.done():
-            return False
-        if self.client_gone is not None and self.client_gone():
-            self.future.set_exception(RequestCancelled("client went away while its request was queued"))
-            return False
-        return True
+    def hung_up(self) -> bool:
+        return self.client_gone is not None and self.client_gone()
+
+    def wanted(self) -> bool:
+        """Whether anyone still waits for this answer (not cancelled, timed out, or hung up)."""
+        return not self.future.done() and not self.hung_up()
 
 
 @dataclass
@@ -76,89 +74,126 @@ def _set_exception_if_not_done(fut: asyncio.Future, exc: BaseException) -> None:
         fut.set_exception(exc)
 
 
+def _cancel_if_hung_up(req: PendingRequest) -> bool:
+    """True, and the caller answered RequestCancelled, when the caller hung up."""
+    if not req.hung_up():
+        return False
+    _set_exception_if_not_done(req.future, RequestCancelled("client went away while its request was queued"))
+    return True
+
+
 class AdmissionQueue:
     """The bounded FIFO in front of the batcher. max_size 0 means unbounded (Triton's meaning)."""
 
     def __init__(self, *, max_size: int) -> None:
         self.max_size = max_size
-        self.items: deque[PendingRequest] = deque()
-        self.not_empty = asyncio.Event()
+        self._items: deque[PendingRequest] = deque()
+        self._arrived = asyncio.Event()
 
     def __len__(self) -> int:
-        return len(self.items)
+        return len(self._items)
 
     def put(self, req: PendingRequest, *, model: str) -> None:
-        if self.max_size and len(self.items) >= self.max_size:
+        if self.max_size and len(self._items) >= self.max_size:
             raise QueueFull(f"model {model!r}: queue is full ({self.max_size} requests waiting); retry later")
-        self.items.append(req)
-        self.not_empty.set()
+        self._items.append(req)
+        self._arrived.set()
 
     def discard(self, req: PendingRequest) -> None:
         try:
-            self.items.remove(req)
+            self._items.remove(req)
         except ValueError:
             pass
 
-    def drop_done(self) -> None:
-        """Forget requests whose caller already has an answer (cancelled or timed out)."""
-        while self.items and self.items[0].future.done():
-            self.items.popleft()
+    def first(self) -> PendingRequest:
+        return self._items[0]
+
+    def popleft(self) -> PendingRequest:
+        return self._items.popleft()
+
+    def remove(self, taken: Sequence[PendingRequest]) -> None:
+        chosen = set(map(id, taken))
+        self._items = deque(r for r in self._items if id(r) not in chosen)
+
+    def prune(self) -> None:
+        """Drop requests nobody waits for; callers who hung up are answered RequestCancelled here."""
+        if all(r.wanted() for r in self._items):
+            return
+        self._items = deque(r for r in self._items if not _cancel_if_hung_up(r) and not r.future.done())
+
+    def drain(self) -> list[PendingRequest]:
+        """Empty the queue, returning what was in it."""
+        items, self._items = list(self._items), deque()
+        return items
 
     async def wait_not_empty(self) -> None:
         while True:
-            self.drop_done()
-            if self.items:
+            self.prune()
+            if self._items:
                 return
-            self.not_empty.clear()
-            await self.not_empty.wait()
+            self._arrived.clear()
+            await self._arrived.wait()
 
+    async def wait_for_arrival(self, timeout_s: float) -> None:
+        """Until another request arrives or `timeout_s` passes."""
+        self._arrived.clear()
+        # A timer that sets the event is cheaper than wait_for, which wraps the wait in a new task.
+        timer = asyncio.get_running_loop().call_later(timeout_s, self._arrived.set)
+        try:
+            await self._arrived.wait()
+        finally:
+            timer.cancel()
 
-def _take_compatible(queue: AdmissionQueue, *, max_rows: int) -> tuple[list[PendingRequest], int]:
-    """The queued requests that stack with the first one, in order, up to max_rows."""
-    first = queue.items[0]
-    taken, rows = [], 0
-    for req in queue.items:
-        if req.shape_key != first.shape_key or not req.still_wanted():
-            continue
-        if rows + req.rows > max_rows:
-            break
-        taken.append(req)
-        rows += req.rows
-    return taken, rows
+    def compatible(self, *, max_rows: int) -> tuple[list[PendingRequest], int]:
+        """The queued requests that stack with the first one, in order, up to max_rows."""
+        key = self._items[0].shape_key
+        taken, rows = [], 0
+        for req in self._items:
+            if req.shape_key != key or not req.wanted():
+                continue
+            if rows + req.rows > max_rows:
+                break
+            taken.append(req)
+            rows += req.rows
+        return taken, rows
 
 
 async def collect_batch(
     queue: AdmissionQueue, *, policy: BatchingPolicy | None, max_batch_size: int, clock: Clock
 ) -> list[PendingRequest]:
     """Wait for requests and form one batch, as Triton's dynamic batcher does."""
-    await queue.wait_not_empty()
-    if policy is None or max_batch_size <= 0:
-        return [queue.items.popleft()]
+    while True:
+        await queue.wait_not_empty()
+        if policy is None or max_batch_size <= 0:
+            return [queue.popleft()]
+        batch = await _fill_batch(queue, policy=policy, max_batch_size=max_batch_size, clock=clock)
+        if batch:
+            return batch
+
+
+async def _fill_batch(
+    queue: AdmissionQueue, *, policy: BatchingPolicy, max_batch_size: int, clock: Clock
+) -> list[PendingRequest]:
+    """One batch from a non-empty queue, waiting up to the first request's delay; [] if the queue emptied."""
     target = max_batch_size
     if policy.preferred_batch_sizes:
         target = min(max_batch_size, policy.preferred_batch_sizes[-1])
-    delay_end = queue.items[0].enqueued + policy.max_queue_delay_us / 1e6
-    while True:
-        # As Triton: a full preferred batch goes at once and is not topped up past the preferred size.
-        taken, rows = _take_compatible(queue, max_rows=target)
+    delay_end = queue.first().enqueued + policy.max_queue_delay_us / 1e6
+    # As Triton: a full preferred batch goes at once and is not topped up past the preferred size.
+    taken, rows = queue.compatible(max_rows=target)
+    while taken and rows < target:
         remaining = delay_end - clock()
-        if rows >= target or remaining <= 0 or not taken:
+        if remaining <= 0:
             break
-        queue.not_empty.clear()
-        # A timer that sets the event is cheaper than wait_for, which wraps the wait in a new task.
-        timer = asyncio.get_running_loop().call_later(remaining, queue.not_empty.set)
-        try:
-            await queue.not_empty.wait()
-        finally:
-            timer.cancel()
-        queue.drop_done()
-        if not queue.items:
-            return await collect_batch(queue, policy=policy, max_batch_size=max_batch_size, clock=clock)
+        await queue.wait_for_arrival(remaining)
+        queue.prune()
+        if not len(queue):
+            return []
+        taken, rows = queue.compatible(max_rows=target)
     if rows < target:
         # The delay ran out before a preferred batch formed: send the largest batch there is.
-        taken, rows = _take_compatible(queue, max_rows=max_batch_size)
-    chosen = set(map(id, taken))
-    queue.items = deque(r for r in queue.items if id(r) not in chosen and not r.future.done())
+        taken, rows = queue.compatible(max_rows=max_batch_size)
+    queue.remove(taken)
     return taken
 
 
@@ -244,11 +279,16 @@ class Batcher:
 
     async def _run_batch(self, batch: list[PendingRequest]) -> None:
         try:
-            live = [r for r in batch if r.still_wanted()]
+            live = self._live(batch)
             if live:
                 await self._execute(live)
         finally:
             self._slots.release()
+
+    @staticmethod
+    def _live(batch: list[PendingRequest]) -> list[PendingRequest]:
+        """The batch's requests someone still waits for; callers who hung up are answered here."""
+        return [r for r in batch if not _cancel_if_hung_up(r) and not r.future.done()]
 
     async def _execute(self, live: list[PendingRequest]) -> None:
         now = self.clock()
@@ -297,12 +337,11 @@ class Batcher:
         """Stop accepting, let queued and running requests finish (up to grace_s), then stop."""
         self.accepting = False
         end = time.monotonic() + grace_s
-        while (self.queue.items or self._tasks) and time.monotonic() < end:
-            self.queue.drop_done()
+        while (len(self.queue) or self._tasks) and time.monotonic() < end:
+            self.queue.prune()
             await asyncio.sleep(0.01)
-        for r in list(self.queue.items):
+        for r in self.queue.drain():
             _set_exception_if_not_done(r.future, ModelNotReady(f"model {self.model!r} was unloaded"))
-        self.queue.items.clear()
         if self._loop_task is not None:
             self._loop_task.cancel()
             try:
