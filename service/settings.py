@@ -2,24 +2,25 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.cpuquota import usable_cpus
 from service.modelrepo.config import DEFAULT_MAX_BATCH_SIZE
 
 
 def default_cpu_threads() -> int:
-    """The cores this process may use (taskset / cgroup cpusets respected, unlike os.cpu_count()).
+    """The cores this process may use: taskset / cgroup cpusets and the cgroup CPU quota (a container's
+    CPU limit) respected, unlike os.cpu_count().
 
     NOTE: on 2 cores we tried leaving one core to the event loop (1 intra-op thread): on a quiet machine
     `make bench` gave 44% of the in-process ceiling at concurrency 32 (binary, batching on) against 56% with
     2 threads, so ONNX Runtime gets every core and the loop takes its turns.
     """
-    return len(os.sched_getaffinity(0))
+    return usable_cpus()
 
 
 class ServerSettings(BaseSettings):
