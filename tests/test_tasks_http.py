@@ -1,4 +1,4 @@
-"""Task endpoints through the real server: real PNG/JPEG digits, eSpeak WAVs, texts and user ids."""
+"""Task endpoints through the real Server in-process (ASGI): real PNG/JPEG digits, eSpeak WAVs, texts, user ids."""
 
 from __future__ import annotations
 
@@ -7,13 +7,13 @@ import io
 import json
 import shutil
 
-import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
 from PIL import Image
 from tokenizers import Tokenizer
 
+from tests.inprocess import inprocess_server
 from tests.task_media import TEXTS, digit_file, held_out_digits, keyword_audio, wav_bytes
 
 LIMIT = 3_000_000  # the server's max_request_bytes in this module, to test 413 cheaply
@@ -31,17 +31,17 @@ def zoo(tiny_zoo, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def base(zoo, serve_repository):
-    with serve_repository(zoo, env={"MODELSERVE_MAX_REQUEST_BYTES": str(LIMIT)}) as url:
-        yield f"http://{url}"
+async def base(zoo):
+    async with inprocess_server(zoo, max_request_bytes=LIMIT) as (_, client):
+        yield client
 
 
 def session(zoo, name: str) -> ort.InferenceSession:
     return ort.InferenceSession(str(zoo / name / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
 
 
-def test_models_list_tasks_labels_and_variants(base):
-    models = {m["name"]: m for m in httpx.get(f"{base}/v1/models").json()["models"]}
+async def test_models_list_tasks_labels_and_variants(base):
+    models = {m["name"]: m for m in (await base.get("/v1/models")).json()["models"]}
     assert {n: m["task"] for n, m in models.items()} == {
         "cnn": "image-classification", "cnn-int8": "image-classification", "speech": "keyword-spotting",
         "transformer": "text-embedding", "transformer-classifier": "text-classification",
@@ -52,16 +52,16 @@ def test_models_list_tasks_labels_and_variants(base):
     assert models["cnn-int8"]["parent"] == "cnn"
     assert "20x20" in models["cnn"]["preprocessing"]
     assert models["speech"]["labels"][:2] == ["_silence_", "_unknown_"]
-    one = httpx.get(f"{base}/v1/models/recommender").json()
+    one = (await base.get("/v1/models/recommender")).json()
     assert one["ready"] is True and one["task"] == "recommendation"
-    assert httpx.get(f"{base}/v1/models/nope").status_code == 404
+    assert (await base.get("/v1/models/nope")).status_code == 404
 
 
-def test_image_uploads_match_the_training_layout(base, zoo):
+async def test_image_uploads_match_the_training_layout(base, zoo):
     images8, _, laid_out = held_out_digits(16)
     reference = session(zoo, "cnn").run(None, {"image": laid_out})[0]
     files = [("file", (f"{i}.png", digit_file(im), "image/png")) for i, im in enumerate(images8)]
-    r = httpx.post(f"{base}/v1/models/cnn/predict", files=files, params={"k": 10})
+    r = await base.post("/v1/models/cnn/predict", files=files, params={"k": 10})
     assert r.status_code == 200, r.text
     results = r.json()["results"]
     assert len(results) == 16
@@ -74,13 +74,13 @@ def test_image_uploads_match_the_training_layout(base, zoo):
     assert (got.argmax(1) == reference.argmax(1)).mean() >= 0.8
 
 
-def test_jpeg_dark_on_light_rgb_and_base64(base):
+async def test_jpeg_dark_on_light_rgb_and_base64(base):
     images8, _, _ = held_out_digits(6)
     png = [base64.b64encode(digit_file(im)).decode() for im in images8]
     jpeg = [base64.b64encode(digit_file(im, fmt="JPEG", side=90, dark_on_light=True, mode="RGB")).decode()
             for im in images8]
-    r1 = httpx.post(f"{base}/v1/models/cnn/predict", json={"images": png, "k": 3}).json()["results"]
-    r2 = httpx.post(f"{base}/v1/models/cnn:predict", json={"instances": [{"b64": j} for j in jpeg]}).json()
+    r1 = (await base.post("/v1/models/cnn/predict", json={"images": png, "k": 3})).json()["results"]
+    r2 = (await base.post("/v1/models/cnn:predict", json={"instances": [{"b64": j} for j in jpeg]})).json()
     r2 = r2["predictions"]
     assert all(r["preprocessing"]["inverted"] for r in r2) and not any(r["preprocessing"]["inverted"] for r in r1)
     assert all(len(r["predictions"]) == 3 for r in r1)
@@ -88,7 +88,7 @@ def test_jpeg_dark_on_light_rgb_and_base64(base):
     assert sum(a == b for a, b in top1) >= 5, top1
 
 
-def test_bad_image_uploads(base):
+async def test_bad_image_uploads(base):
     gif = io.BytesIO()
     Image.new("L", (8, 8)).save(gif, "GIF")
     png = digit_file(held_out_digits(1)[0][0])
@@ -105,14 +105,14 @@ def test_bad_image_uploads(base):
         ({"files": [("other", ("x.png", png, "image/png"))]}, 400, "field 'file'"),
     ]
     for kwargs, status, text in cases:
-        r = httpx.post(f"{base}/v1/models/cnn/predict", **kwargs)
+        r = await base.post("/v1/models/cnn/predict", **kwargs)
         assert r.status_code == status, (kwargs.keys(), r.text)
         assert text in r.json()["error"]
 
 
-def test_text_embeddings_padding_truncation_and_errors(base, zoo):
+async def test_text_embeddings_padding_truncation_and_errors(base, zoo):
     long_text = "the quick brown fox jumps over the lazy dog " * 60
-    r = httpx.post(f"{base}/v1/models/transformer/predict", json={"texts": [TEXTS[0], long_text, TEXTS[1]]})
+    r = await base.post("/v1/models/transformer/predict", json={"texts": [TEXTS[0], long_text, TEXTS[1]]})
     assert r.status_code == 200, r.text
     res = r.json()["results"]
     assert [x["truncated"] for x in res] == [False, True, False]
@@ -124,14 +124,14 @@ def test_text_embeddings_padding_truncation_and_errors(base, zoo):
     got = np.array(res[0]["embedding"], np.float32)
     assert got.shape == (384,) and np.abs(got - alone).max() < 1e-4
     assert res[0]["tokens"] == ids.shape[1]
-    bad = httpx.post(f"{base}/v1/models/transformer/predict", json={"texts": [TEXTS[0], "   "]})
+    bad = await base.post("/v1/models/transformer/predict", json={"texts": [TEXTS[0], "   "]})
     assert bad.status_code == 400 and "text 1 is empty" in bad.json()["error"]
-    assert httpx.post(f"{base}/v1/models/transformer/predict", json={"texts": []}).status_code == 400
+    assert (await base.post("/v1/models/transformer/predict", json={"texts": []})).status_code == 400
 
 
-def test_text_classifier_labels_and_v1(base, zoo):
+async def test_text_classifier_labels_and_v1(base, zoo):
     labels = (zoo / "transformer-classifier" / "labels.txt").read_text().split()
-    r = httpx.post(f"{base}/v1/models/transformer-classifier:predict",
+    r = await base.post("/v1/models/transformer-classifier:predict",
                    json={"instances": TEXTS, "parameters": {"k": 4}})
     assert r.status_code == 200, r.text
     for item in r.json()["predictions"]:
@@ -140,13 +140,13 @@ def test_text_classifier_labels_and_v1(base, zoo):
         assert all(p["label"] in labels for p in item["predictions"])
 
 
-def test_speech_any_wav_format(base, zoo):
+async def test_speech_any_wav_format(base, zoo):
     audio = keyword_audio("yes")
     reference = session(zoo, "speech").run(None, {"waveform": audio[None]})[0][0]
     formats = [{}, {"rate": 8000, "subtype": "PCM_U8"}, {"rate": 22050, "subtype": "PCM_24", "channels": 2},
                {"rate": 48000, "subtype": "PCM_32"}, {"rate": 44100, "subtype": "FLOAT", "channels": 2}]
     files = [("file", (f"{i}.wav", wav_bytes(audio, **f), "audio/wav")) for i, f in enumerate(formats)]
-    r = httpx.post(f"{base}/v1/models/speech/predict", files=files, params={"k": 12})
+    r = await base.post("/v1/models/speech/predict", files=files, params={"k": 12})
     assert r.status_code == 200, r.text
     for fmt, res in zip(formats, r.json()["results"]):
         got = {p["index"]: p["probability"] for p in res["predictions"]}
@@ -157,50 +157,50 @@ def test_speech_any_wav_format(base, zoo):
         assert res["keyword"] == res["predictions"][0]["label"]
 
 
-def test_bad_wavs(base):
+async def test_bad_wavs(base):
     good = wav_bytes(keyword_audio("go"))
     for body, status, text in [(good[:2000], 400, "truncated WAV"), (b"RIFF0000AVI junk", 415, "not a WAV"),
                                (digit_file(held_out_digits(1)[0][0]), 415, "not a WAV")]:
-        r = httpx.post(f"{base}/v1/models/speech/predict", files=[("file", ("a.wav", body, "audio/wav"))])
+        r = await base.post("/v1/models/speech/predict", files=[("file", ("a.wav", body, "audio/wav"))])
         assert r.status_code == status and text in r.json()["error"], r.text
 
 
-def test_recommender_exclude_seen_and_fallback(base, zoo):
+async def test_recommender_exclude_seen_and_fallback(base, zoo):
     seen = json.loads((zoo / "recommender" / "seen_items.json").read_text())
     popular = json.loads((zoo / "recommender" / "item_popularity.json").read_text())["items"]
     user = next(u for u, items in seen.items() if len(items) >= 5)
-    r = httpx.post(f"{base}/v1/models/recommender/predict", json={"user_id": int(user), "k": 10, "exclude_seen": True})
+    r = await base.post("/v1/models/recommender/predict", json={"user_id": int(user), "k": 10, "exclude_seen": True})
     assert r.status_code == 200, r.text
     res = r.json()["results"][0]
     assert "fallback" not in res and 0 < res["returned"] <= 10
     assert not {i["item_id"] for i in res["items"]} & set(seen[user])
     scores = [i["score"] for i in res["items"]]
     assert scores == sorted(scores, reverse=True)
-    with_seen = httpx.post(f"{base}/v1/models/recommender/predict",
-                           json={"user_id": int(user), "k": 50, "exclude_seen": False}).json()["results"][0]
+    with_seen = (await base.post("/v1/models/recommender/predict",
+                           json={"user_id": int(user), "k": 50, "exclude_seen": False})).json()["results"][0]
     assert {i["item_id"] for i in with_seen["items"]} & set(seen[user])
-    unknown = httpx.post(f"{base}/v1/models/recommender:predict", json={"instances": [123456789],
-                                                                         "parameters": {"k": 5}}).json()
+    unknown = (await base.post("/v1/models/recommender:predict", json={"instances": [123456789],
+                                                                         "parameters": {"k": 5}})).json()
     res = unknown["predictions"][0]
     assert res["fallback"] == "popular"
     assert [i["item_id"] for i in res["items"]] == popular[:5]
     for bad in ({"user_id": "alice"}, {"user_id": 1, "k": 0}, {"user_id": 1, "exclude_seen": "maybe"}):
-        assert httpx.post(f"{base}/v1/models/recommender/predict", json=bad).status_code == 400
+        assert (await base.post("/v1/models/recommender/predict", json=bad)).status_code == 400
 
 
-def test_same_batcher_as_v2_and_openapi(base):
-    def count() -> int:
-        stats = httpx.get(f"{base}/v2/models/cnn/stats").json()["model_stats"][0]
+async def test_same_batcher_as_v2_and_openapi(base):
+    async def count() -> int:
+        stats = (await base.get("/v2/models/cnn/stats")).json()["model_stats"][0]
         return stats["inference_stats"]["success"]["count"]
 
-    before = count()
+    before = await count()
     png = base64.b64encode(digit_file(held_out_digits(1)[0][0])).decode()
-    assert httpx.post(f"{base}/v1/models/cnn/predict", json={"images": [png]}).status_code == 200
-    assert count() == before + 1
-    schema = httpx.get(f"{base}/openapi.json").json()
+    assert (await base.post("/v1/models/cnn/predict", json={"images": [png]})).status_code == 200
+    assert await count() == before + 1
+    schema = (await base.get("/openapi.json")).json()
     op = schema["paths"]["/v1/models/{name}/predict"]["post"]
     assert "multipart/form-data" in op["requestBody"]["content"]
     assert "recommender" in op["requestBody"]["content"]["application/json"]["examples"]
     assert "/v1/models/{name}:predict" in schema["paths"] and "/v1/models" in schema["paths"]
-    assert httpx.get(f"{base}/docs").status_code == 200
-    assert httpx.post(f"{base}/v1/models/nope/predict", json={}).status_code == 404
+    assert (await base.get("/docs")).status_code == 200
+    assert (await base.post("/v1/models/nope/predict", json={})).status_code == 404
