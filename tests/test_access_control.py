@@ -16,6 +16,7 @@ import tritonclient.http as httpclient
 import tritonclient.http.aio as aiohttpclient
 from tritonclient.utils import InferenceServerException
 
+from service.access import classify_grpc, classify_http
 from tests.conftest import REPO_ROOT, free_port, run_server
 from tests.onnx_builders import scale_model
 
@@ -211,3 +212,28 @@ def test_warns_when_model_repository_is_exposed_unrestricted(tmp_path):
     warnings = [line for line in log.splitlines() if "WARNING" in line and "model-repository API" in line]
     assert len(warnings) == 1 and "HTTP on 0.0.0.0" in warnings[0], log
     assert "admin-secret" not in log
+
+
+@pytest.mark.parametrize(("method", "path", "api"), [
+    ("GET", "/v2/health/live", "health"), ("GET", "/v2/health/ready", "health"),
+    ("GET", "/v2/models/m/versions/3/ready", "health"), ("GET", "/v2", "metadata"),
+    ("GET", "/v2/models/m", "metadata"), ("GET", "/v1/models", "metadata"), ("GET", "/v1/models/m", "metadata"),
+    ("GET", "/v2/models/m/config", "model-config"), ("POST", "/v2/models/m/versions/1/infer", "inference"),
+    ("POST", "/v1/models/m/predict", "inference"), ("POST", "/v1/models/m:predict", "inference"),
+    ("POST", "/v2/models/m/generate", "inference"), ("POST", "/v2/repository/index", "model-repository"),
+    ("POST", "/v2/repository/models/m/unload", "model-repository"), ("GET", "/v2/models/stats", "statistics"),
+    ("GET", "/v2/models/m/versions/1/stats", "statistics"), ("GET", "/v2/systemsharedmemory/status", "shared-memory"),
+    ("GET", "/v2/trace/setting", "trace"), ("POST", "/v2/logging", "logging"),
+    ("GET", "/metrics", None), ("GET", "/docs", None), ("GET", "/openapi.json", None),
+])
+def test_every_route_belongs_to_triton_s_api_group(method, path, api):
+    assert classify_http(method, path) == api
+
+
+@pytest.mark.parametrize(("method", "api"), [
+    ("ServerLive", "health"), ("ModelReady", "health"), ("ServerMetadata", "metadata"),
+    ("ModelConfig", "model-config"), ("ModelInfer", "inference"), ("ModelStatistics", "statistics"),
+    ("RepositoryModelLoad", "model-repository"), ("RepositoryIndex", "model-repository"),
+])
+def test_every_grpc_method_belongs_to_triton_s_protocol_group(method, api):
+    assert classify_grpc(f"/inference.GRPCInferenceService/{method}") == api
