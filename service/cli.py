@@ -25,6 +25,18 @@ def _serve_parser(sub) -> None:
     p.add_argument("--repository-poll-secs", dest="repository_poll_secs", type=float)
     p.add_argument("--load-model", dest="load_model", action="append", help="model to load at start (explicit mode)")
     p.add_argument("--log-level", dest="log_level", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--grpc-address", dest="grpc_host", help="address gRPC binds (default: --http-address)")
+    p.add_argument("--metrics-address", dest="metrics_host",
+                   help="address the metrics port binds (default: --http-address)")
+    p.add_argument("--http-restricted-api", dest="http_restricted_api", action="append",
+                   metavar="API[,API...]:KEY=VALUE", help="those HTTP APIs need header KEY: VALUE (repeatable)")
+    p.add_argument("--grpc-restricted-protocol", dest="grpc_restricted_protocol", action="append",
+                   metavar="PROTOCOL[,PROTOCOL...]:KEY=VALUE",
+                   help="those gRPC protocols need metadata triton-grpc-protocol-KEY: VALUE (repeatable)")
+
+
+# Settings whose values hold secrets: never echoed in an error.
+SECRET_SETTINGS = {"api_keys", "http_restricted_api", "grpc_restricted_protocol"}
 
 
 def _settings(args: argparse.Namespace) -> ServerSettings:
@@ -32,7 +44,9 @@ def _settings(args: argparse.Namespace) -> ServerSettings:
     try:
         return ServerSettings(**given)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']} (got {e.get('input')!r})"
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}"
+                             + ("" if e["loc"][:1] and e["loc"][0] in SECRET_SETTINGS
+                                else f" (got {e.get('input')!r})")
                              for e in exc.errors())
         sys.exit(f"modelserve: invalid settings: {problems}")
 

@@ -70,3 +70,20 @@ class ModelLoadError(ServingError):
 class BackendError(ServingError):
     status_code = 500
     failure_reason = "BACKEND"
+
+
+class Unauthenticated(ServingError):
+    """No valid API key (service/access.py); `invalid=True` when a key was sent but is wrong (RFC 6750)."""
+
+    status_code = 401
+
+    def __init__(self, message: str, *, invalid: bool = False) -> None:
+        super().__init__(message)
+        challenge = 'Bearer error="invalid_token"' if invalid else "Bearer"
+        self.headers = {"WWW-Authenticate": challenge}  # type: ignore[misc]
+
+
+class PermissionDenied(ServingError):
+    """A restricted API called without its header (Triton's --http-restricted-api)."""
+
+    status_code = 403

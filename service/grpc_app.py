@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
@@ -86,11 +86,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return encode_infer(await self.core.infer(decode_infer(request)))
 
 
-async def start_grpc_server(core: InferenceCore, *, host: str, port: int, max_message_bytes: int) -> grpc.aio.Server:
-    """Start the gRPC server on the running event loop (it shares the core, batchers and models with HTTP)."""
+async def start_grpc_server(core: InferenceCore, *, host: str, port: int, max_message_bytes: int,
+                            interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> grpc.aio.Server:
+    """Start the gRPC server on the running event loop (it shares the core, batchers and models with HTTP).
+    `interceptors`: access control (service/access.grpc_interceptors), none when nothing is enforced."""
     options = [("grpc.max_receive_message_length", max_message_bytes),
                ("grpc.max_send_message_length", max_message_bytes)]
-    server = grpc.aio.server(options=options)
+    server = grpc.aio.server(options=options, interceptors=list(interceptors) or None)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(core), server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:

@@ -14,8 +14,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import __version__
+from service.access import ASGIApp, control_body, wrap_http_app
 from service.core import InferenceCore
-from service.errors import InvalidInput, ServingError
+from service.errors import ServingError
 from service.http_infer import InferFastPath
 from service.settings import ServerSettings
 from service.tasks.router import build_router
@@ -33,9 +34,10 @@ def error_response(exc: ServingError) -> Response:
     return json_response({"error": exc.message}, exc.status_code, exc.headers or None)
 
 
-def create_app(core: InferenceCore, settings: ServerSettings) -> InferFastPath:
-    """The ASGI application: the infer fast path in front of FastAPI. The server (service/server.py) owns the
-    lifecycle of the repository and the transports; this app only parses, calls the core and serializes."""
+def create_app(core: InferenceCore, settings: ServerSettings) -> ASGIApp:
+    """The ASGI application: access control (service/access.py, only when something is enforced), then the infer
+    fast path in front of FastAPI. The server (service/server.py) owns the lifecycle of the repository and the
+    transports; this app only parses, calls the core and serializes."""
     app = FastAPI(
         title="modelserve",
         version=__version__,
@@ -53,7 +55,7 @@ def create_app(core: InferenceCore, settings: ServerSettings) -> InferFastPath:
     async def prometheus() -> Response:
         return Response(generate_latest(core.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    return InferFastPath(app, core=core, max_request_bytes=settings.max_request_bytes)
+    return wrap_http_app(InferFastPath(app, core=core, max_request_bytes=settings.max_request_bytes), settings)
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -164,20 +166,17 @@ def _document_infer_routes(app: FastAPI) -> None:
 def _add_repository_routes(app: FastAPI, core: InferenceCore) -> None:
     @app.post("/v2/repository/index", tags=["repository"], summary="Models in the repository and their state")
     async def index(request: Request) -> Response:
-        body = await request.body()
-        try:
-            doc = orjson.loads(body) if body.strip() else {}
-        except orjson.JSONDecodeError as exc:
-            raise InvalidInput(f"repository index body must be JSON like {{\"ready\": true}}: {exc}") from None
-        ready_only = bool(doc.get("ready")) if isinstance(doc, dict) else False
-        return json_response(core.repository_index(ready_only=ready_only))
+        doc = control_body(request.headers.get("content-type"), await request.body())
+        return json_response(core.repository_index(ready_only=bool(doc.get("ready"))))
 
     @app.post("/v2/repository/models/{model_name}/load", tags=["repository"], summary="Load or reload a model")
-    async def load(model_name: str) -> Response:
+    async def load(model_name: str, request: Request) -> Response:
+        control_body(request.headers.get("content-type"), await request.body())
         await core.load_model(model_name)
         return json_response({})
 
     @app.post("/v2/repository/models/{model_name}/unload", tags=["repository"], summary="Unload a model")
-    async def unload(model_name: str) -> Response:
+    async def unload(model_name: str, request: Request) -> Response:
+        control_body(request.headers.get("content-type"), await request.body())
         await core.unload_model(model_name)
         return json_response({})

@@ -13,10 +13,10 @@ import uvicorn
 import uvloop
 from prometheus_client import start_http_server
 
+from service.access import ASGIApp, grpc_interceptors, warn_if_exposed
 from service.core import InferenceCore
 from service.grpc_app import start_grpc_server
 from service.http_app import create_app
-from service.http_infer import InferFastPath
 from service.metrics import Metrics
 from service.repository import ModelRepository
 from service.settings import ServerSettings
@@ -42,8 +42,10 @@ class Server:
         """Load the repository, then open gRPC (HTTP is opened by `serve`)."""
         await self.repository.start()
         if self.settings.grpc_port is not None:
-            self._grpc = await start_grpc_server(self.core, host=self.settings.http_host, port=self.settings.grpc_port,
-                                                 max_message_bytes=self.settings.max_request_bytes)
+            self._grpc = await start_grpc_server(self.core, host=self.settings.grpc_host or self.settings.http_host,
+                                                 port=self.settings.grpc_port,
+                                                 max_message_bytes=self.settings.max_request_bytes,
+                                                 interceptors=grpc_interceptors(self.settings))
 
     async def stop(self) -> None:
         if self._grpc is not None:
@@ -60,15 +62,17 @@ class Server:
 
     async def serve(self) -> None:
         """Run until SIGINT/SIGTERM: uvicorn drains HTTP, then gRPC and the models are stopped."""
+        warn_if_exposed(self.settings)
         if self.settings.metrics_port is not None:
-            start_http_server(self.settings.metrics_port, addr=self.settings.http_host, registry=self.metrics.registry)
+            start_http_server(self.settings.metrics_port, addr=self.settings.metrics_host or self.settings.http_host,
+                              registry=self.metrics.registry)
             log.info("metrics also on port %d", self.settings.metrics_port)
         http = uvicorn.Server(uvicorn_config(self.settings, self.app))
         async with self:
             await http.serve()
 
 
-def uvicorn_config(settings: ServerSettings, app: InferFastPath) -> uvicorn.Config:
+def uvicorn_config(settings: ServerSettings, app: ASGIApp) -> uvicorn.Config:
     return uvicorn.Config(
         app,
         host=settings.http_host,

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, PositiveFloat, PositiveInt, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, PositiveFloat, PositiveInt, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from service.access import GRPC_KEY_PREFIX, check_api_keys, parse_restricted_specs
 from service.cpuquota import usable_cpus
 from service.modelrepo.config import DEFAULT_MAX_BATCH_SIZE
 
@@ -60,6 +61,33 @@ class ServerSettings(BaseSettings):
     """How long an unloaded or replaced version may take to finish the requests it holds."""
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     """Log level of the server and uvicorn."""
+    http_restricted_api: list[str] = Field(default_factory=list)
+    """Triton's specs '<api>[,<api>...]:<key>=<value>': those HTTP APIs need header '<key>: <value>'."""
+    grpc_restricted_protocol: list[str] = Field(default_factory=list)
+    """As http_restricted_api for gRPC; the metadata key is 'triton-grpc-protocol-<key>' as in Triton."""
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    """Inference needs 'Authorization: Bearer <one of these>' (env: comma-separated); none: inference is open."""
+    grpc_host: str | None = Field(None, min_length=1)
+    """Address the gRPC server binds (default: http_host)."""
+    metrics_host: str | None = Field(None, min_length=1)
+    """Address the separate metrics port binds (default: http_host)."""
+
+    @field_validator("http_restricted_api", "grpc_restricted_protocol")
+    @classmethod
+    def _check_restrictions(cls, specs: list[str]) -> list[str]:
+        parse_restricted_specs(specs, key_prefix=GRPC_KEY_PREFIX)  # ValueError naming the bad spec
+        return specs
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_api_keys(cls, value: object) -> object:
+        return [k.strip() for k in value.split(",") if k.strip()] if isinstance(value, str) else value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _check_api_keys(cls, keys: list[SecretStr]) -> list[SecretStr]:
+        check_api_keys([k.get_secret_value() for k in keys])
+        return keys
 
     @model_validator(mode="after")
     def _check(self) -> ServerSettings:
