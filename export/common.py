@@ -38,17 +38,11 @@ from typing import Any
 
 import numpy as np
 
+from models.zoo import FAMILY_MODELS
 from service.modelrepo.card import read_card, variant_name
 from service.modelrepo.layout import CARD_FILENAME, CONFIG_FILENAME, LAYOUT_FILES, model_file
 from service.modelrepo.publish import publish
 from service.modelrepo.sessions import create_session
-
-FAMILY_MODELS: dict[str, tuple[str, ...]] = {
-    "cnn": ("cnn",),
-    "transformer": ("transformer", "transformer-classifier"),
-    "speech": ("speech",),
-    "recommender": ("recommender",),
-}
 
 
 @dataclass(frozen=True)
