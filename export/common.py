@@ -32,23 +32,18 @@ import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from models.zoo import FAMILY_MODELS
 from service.modelrepo.card import read_card, variant_name
 from service.modelrepo.layout import CARD_FILENAME, CONFIG_FILENAME, LAYOUT_FILES, model_file
 from service.modelrepo.publish import publish
-from service.modelrepo.sessions import create_session
-
-FAMILY_MODELS: dict[str, tuple[str, ...]] = {
-    "cnn": ("cnn",),
-    "transformer": ("transformer", "transformer-classifier"),
-    "speech": ("speech",),
-    "recommender": ("recommender",),
-}
+from service.modelrepo.sessions import CPU_ONLY, create_session
 
 
 @dataclass(frozen=True)
@@ -108,6 +103,7 @@ BUDGETS: dict[str, Budget] = {
     "transformer-classifier": Budget("accuracy", max_drop=0.01),
     # Embeddings have no labels of their own: the variant must point the same way as the FP32 model.
     "transformer": Budget("cosine_to_fp32", min_value=0.99),
+    # hr@10 is the model card's: NCF protocol, held-out item among 99 sampled unseen items (export.heldout).
     "recommender": Budget("hr@10", max_drop=0.01),
 }
 
@@ -139,20 +135,22 @@ def check_budget(*, model: str, variant_metrics: dict[str, float], fp32_metrics:
     return Verdict(ok=bool(ok and np.isfinite(value)), value=value, delta=delta, budget=budget.describe())
 
 
-def ort_session(path: Path, *, threads: int = 1) -> Any:
-    """A CPU session with a fixed intra-op thread count (comparable latencies on a shared machine)."""
-    return create_session(path, threads=threads)
+def ort_session(path: Path, *, threads: int = 1, providers: Sequence[str] = CPU_ONLY) -> Any:
+    """A session (CPU unless ``providers`` says otherwise) with a fixed intra-op thread count
+    (comparable latencies on a shared machine)."""
+    return create_session(path, threads=threads, providers=providers)
 
 
 def measure_latency(paths: dict[str, Path], *, feeds: dict[int, dict[str, np.ndarray]], repeats: int = 20,
-                    warmup: int = 2, threads: int = 1, progress: Any = None) -> dict[str, dict[int, float]]:
+                    warmup: int = 2, threads: int = 1, progress: Any = None,
+                    providers: Sequence[str] = CPU_ONLY) -> dict[str, dict[int, float]]:
     """p50 milliseconds per variant and batch size, all variants measured in one interleaved loop.
 
     ``feeds`` maps batch size -> input dict. Each round runs every variant once per batch size, in a
     rotating order, so load from other processes on the shared machine affects all variants alike.
     ``progress`` (optional) is called with no argument after each round.
     """
-    sessions = {name: ort_session(path, threads=threads) for name, path in paths.items()}
+    sessions = {name: ort_session(path, threads=threads, providers=providers) for name, path in paths.items()}
     samples: dict[str, dict[int, list[float]]] = {n: {b: [] for b in feeds} for n in sessions}
     names = list(sessions)
     for round_index in range(warmup + repeats):

@@ -5,21 +5,25 @@
 
 Per model: FP32, INT8, FP16, student and student+INT8 rows (file size, p50 latency at batch 1 and 32
 measured side by side in one interleaved run on this CPU, held-out metric, delta vs FP32, budget
-verdict), written as markdown, JSON and a PNG plot. ``--publish`` adds every variant within its budget
-to the repository as ``<model>-<variant>``; variants over budget are never published.
+verdict, and whether the publish gate (export.gate) lets it through, with why), written as markdown,
+JSON and a PNG plot. ``--publish`` adds the variants the gate passes to the repository as
+``<model>-<variant>``: within budget AND faster than FP32 on the device they are made for.
+Library output (quantizer logging, warnings, training bars) goes to ``<output>/optimize.log``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
-import sys
 import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
+from rich.progress import Progress
 
 from export import fp16, quantize, report
 from export.common import (
@@ -30,9 +34,19 @@ from export.common import (
     file_size_mb,
     load_parent,
     measure_latency,
-    publish_if_within_budget,
+    publish_variant,
 )
+from export.gate import GATE_BATCHES, MIN_SPEEDUP, TARGET_DEVICE, Decision, Device, decide, detect_device
 from export.heldout import HeldOut, evaluate, fp32_outputs, load_heldout
+from models.runlog import WeightedEta, format_seconds, progress, quiet_to_log
+from service.modelrepo.card import variant_name
+
+LOG_FILE = "optimize.log"
+# Estimated seconds per step on 2 cores: (base, per MB of the FP32 graph). Rough, from the default
+# zoo's 22-minute run dominated by the 91 MB MiniLM; the ETA rescales them as steps finish, and
+# optimize.log records every step's measured seconds next to its estimate to refit them.
+STEP_COST = {"held-out data": (3.0, 0.3), "int8": (5.0, 1.5), "fp16": (2.0, 0.5), "student": (20.0, 4.0),
+             "latency": (0.01, 0.01)}
 
 
 @dataclasses.dataclass
@@ -90,60 +104,142 @@ def _students(parent: ParentModel, heldout: HeldOut, *, repo: Path, work: Path, 
     return [*rows, q]
 
 
+class Steps:
+    """The progress display of the whole run: each (model, step) weighs its expected seconds."""
+
+    def __init__(self, bar: Progress, expected: dict[str, float]) -> None:
+        self.bar, self.eta = bar, WeightedEta(expected)
+        self.current: str | None = None
+        self.since = time.perf_counter()
+        self.task = bar.add_task("optimize", total=self.eta.total(), step="", eta=self._left)
+
+    def _left(self) -> float:
+        return self.eta.remaining(current=self.current, current_elapsed=time.perf_counter() - self.since)
+
+    @contextlib.contextmanager
+    def step(self, key: str) -> Iterator[None]:
+        self.current, self.since = key, time.perf_counter()
+        self.bar.update(self.task, step=key)
+        try:
+            yield
+        finally:
+            seconds = time.perf_counter() - self.since
+            self.eta.finish(key, seconds)
+            self.current = None
+            self.bar.advance(self.task, self.eta.expected[key])
+            logging.getLogger("modelserve.optimize").info("%s: %.1f s (estimated %.1f s)", key, seconds,
+                                                          self.eta.expected[key])
+
+
+def expected_seconds(parent: ParentModel, *, repeats: int, students: bool) -> dict[str, float]:
+    """Estimated seconds per step from the graph's size (see STEP_COST); the ETA rescales them."""
+    mb = file_size_mb(parent.onnx_path)
+    variants = 5 if students else 3
+    cost = {step: base + per_mb * mb for step, (base, per_mb) in STEP_COST.items()}
+    if parent.name in quantize.STATIC_MODELS:
+        cost["int8"] *= 3  # three calibration methods
+    if parent.family == "speech":
+        cost["held-out data"] += 30.0  # the eSpeak corpus is re-synthesized (or read from its cache)
+    cost["latency"] *= (repeats + 2) * variants
+    if not students:
+        del cost["student"]
+    return {f"{parent.name}: {step}": seconds for step, seconds in cost.items()}
+
+
 def build_variants(parent: ParentModel, *, repo: Path, work: Path, with_students: bool,
-                   bar: tqdm) -> tuple[list[Variant], dict[str, float], HeldOut]:
-    heldout = load_heldout(parent)
-    ref = fp32_outputs(parent, heldout) if BUDGETS[parent.name].metric == "cosine_to_fp32" else None
-    fp32 = evaluate(parent, parent.onnx_path, heldout, reference=ref)
+                   steps: Steps) -> tuple[list[Variant], dict[str, float], HeldOut]:
+    with steps.step(f"{parent.name}: held-out data"):
+        heldout = load_heldout(parent)
+        ref = fp32_outputs(parent, heldout) if BUDGETS[parent.name].metric == "cosine_to_fp32" else None
+        fp32 = evaluate(parent, parent.onnx_path, heldout, reference=ref)
     rows = [Variant("fp32", parent.onnx_path, fp32)]
-    bar.set_postfix_str(f"{parent.name}: int8")
-    rows.append(_int8(parent, heldout, work=work, fp32=fp32, ref=ref))
-    bar.set_postfix_str(f"{parent.name}: fp16")
-    rows.append(_fp16(parent, heldout, work=work, ref=ref))
+    with steps.step(f"{parent.name}: int8"):
+        rows.append(_int8(parent, heldout, work=work, fp32=fp32, ref=ref))
+    with steps.step(f"{parent.name}: fp16"):
+        rows.append(_fp16(parent, heldout, work=work, ref=ref))
     if with_students:
-        bar.set_postfix_str(f"{parent.name}: student")
-        rows += _students(parent, heldout, repo=repo, work=work, fp32=fp32, ref=ref)
+        with steps.step(f"{parent.name}: student"):
+            rows += _students(parent, heldout, repo=repo, work=work, fp32=fp32, ref=ref)
     else:
         rows += [Variant(n, None, status="not built", notes="--no-students") for n in ("student", "student-int8")]
     return rows, fp32, heldout
 
 
-def _row(parent: ParentModel, v: Variant, *, fp32: dict[str, float], latency: dict[str, dict[int, float]]) -> dict:
+def time_variants(rows: list[Variant], *, heldout: HeldOut, args: argparse.Namespace,
+                  device: Device) -> dict[str, dict[str, dict[int, float]]]:
+    """p50 ms per variant and batch size, measured side by side: all on CPU, and FP32 vs FP16 on the GPU
+    providers when there are any (FP16's target). Returns {"CPU": ..., "GPU": ...}."""
+    feeds = {b: heldout.batch(b) for b in GATE_BATCHES}
+    timed = {v.name: v.path for v in rows if v.path is not None}
+    out = {"CPU": measure_latency(timed, feeds=feeds, repeats=args.repeats, threads=args.threads)}
+    if device.has_gpu and "fp16" in timed:
+        gpu = {n: timed[n] for n in ("fp32", "fp16")}
+        out["GPU"] = measure_latency(gpu, feeds=feeds, repeats=args.repeats, threads=args.threads,
+                                     providers=device.providers)
+    return out
+
+
+def _row(parent: ParentModel, v: Variant, *, fp32: dict[str, float], latency: dict[str, dict[str, dict[int, float]]],
+         device: Device) -> tuple[dict[str, Any], Decision]:
     metric = BUDGETS[parent.name].metric
     row: dict[str, Any] = {"variant": v.name, "status": v.status, "notes": v.notes, "metric": metric,
                            "published": False}
     if v.path is not None:
         row["size_mb"] = file_size_mb(v.path)
-    if v.name in latency:
-        row["p50_ms_b1"], row["p50_ms_b32"] = latency[v.name][1], latency[v.name][32]
-        row["x_fp32_b32"] = latency[v.name][32] / latency["fp32"][32]
+    cpu = latency["CPU"]
+    if v.name in cpu:
+        row["p50_ms_b1"], row["p50_ms_b32"] = cpu[v.name][1], cpu[v.name][32]
+        row["x_fp32_b32"] = cpu[v.name][32] / cpu["fp32"][32]
+    verdict = None
     if v.metrics is not None:
         verdict = check_budget(model=parent.name, variant_metrics=v.metrics, fp32_metrics=fp32)
         row.update(value=verdict.value, delta=verdict.delta, budget=verdict.budget,
                    within_budget=verdict.ok if v.name != "fp32" else None, verdict=verdict.as_dict(),
                    metrics=v.metrics)
-    return row
+    timed_on = "GPU" if TARGET_DEVICE.get(v.name) == "GPU" and "GPU" in latency else "CPU"
+    if v.name == "fp32":
+        decision = Decision(False, "the parent (already published)", "CPU")
+    else:
+        decision = decide(variant=v.name, verdict=verdict if v.path is not None else None,
+                          latency=latency[timed_on].get(v.name), parent_latency=latency[timed_on].get("fp32"),
+                          timed_on=timed_on, device=device)
+    row.update(target_device=decision.target_device, timed_on=timed_on, gate=decision.as_dict(), why=decision.why,
+               **{f"speedup_b{b}": s for b, s in decision.speedup.items()})
+    return row, decision
 
 
-def optimize_model(parent: ParentModel, *, args: argparse.Namespace, work: Path, bar: tqdm) -> dict[str, Path]:
+def optimize_model(parent: ParentModel, *, args: argparse.Namespace, work: Path, steps: Steps,
+                   device: Device) -> tuple[dict[str, Path], list[str]]:
+    """Build, evaluate, time and gate every variant of ``parent``; publish what passes when --publish.
+    Returns the report paths and the names published."""
     rows, fp32, heldout = build_variants(parent, repo=args.model_repository, work=work,
-                                         with_students=not args.no_students, bar=bar)
-    timed = {v.name: v.path for v in rows if v.path is not None}
-    bar.set_postfix_str(f"{parent.name}: latency")
-    feeds = {1: heldout.batch(1), 32: heldout.batch(32)}
-    latency = measure_latency(timed, feeds=feeds, repeats=args.repeats, threads=args.threads)
-    table = [_row(parent, v, fp32=fp32, latency=latency) for v in rows]
-    for v, row in zip(rows, table):
-        if args.publish and v.name != "fp32" and v.path is not None and v.metrics is not None:
-            card = {"latency_ms_p50": latency.get(v.name), **v.card}
-            row["published"] = publish_if_within_budget(
-                repo_dir=args.model_repository, parent=parent, variant=v.name, onnx_path=v.path,
-                metrics=v.metrics, fp32_metrics=fp32, card_extra=card) is not None
+                                         with_students=not args.no_students, steps=steps)
+    with steps.step(f"{parent.name}: latency"):
+        latency = time_variants(rows, heldout=heldout, args=args, device=device)
+    table, published = [], []
+    for v in rows:
+        row, decision = _row(parent, v, fp32=fp32, latency=latency, device=device)
+        if decision.publish and not args.publish:
+            row["why"] = decision.why.replace("published:", "would be published (without --publish):", 1)
+        elif decision.publish and v.path is not None and v.metrics is not None:
+            card = {"metrics": v.metrics, "fp32_metrics": fp32, "budget": row["verdict"], "kept_fp32": [],
+                    "latency_ms_p50": {on: lat.get(v.name) for on, lat in latency.items()},
+                    "gate": decision.as_dict(), "device": device.describe(), **v.card}
+            publish_variant(repo_dir=args.model_repository, parent=parent, variant=v.name, onnx_path=v.path,
+                            card_extra=card)
+            row["published"] = True
+            published.append(variant_name(parent.name, v.name))
+        table.append(row)
     about = {"repository": str(args.model_repository), "profile": parent.profile, "seed": parent.seed,
              "held_out": f"{sum(len(next(iter(f.values()))) for f in heldout.feeds)} examples",
-             "latency": f"p50 of {args.repeats} interleaved rounds, ORT CPU, {args.threads} intra-op thread(s)",
-             "budget": BUDGETS[parent.name].describe()}
-    return report.write(parent.name, table, out_dir=args.output, about=about)
+             "latency": f"p50 of {args.repeats} interleaved rounds, ORT, {args.threads} intra-op thread(s)",
+             "device": device.describe(), "budget": BUDGETS[parent.name].describe(),
+             "gate": f"published only if within budget and >= {MIN_SPEEDUP:g}x faster than FP32 at batch "
+                     f"{' and '.join(map(str, GATE_BATCHES))} on its target device"}
+    if parent.name == "recommender":
+        about["metric"] = ("hr@10 / ndcg@10: the model card's NCF protocol (held-out item among 99 sampled "
+                           "unseen items); hr@10_full: among all unseen items (stricter)")
+    return report.write(parent.name, table, out_dir=args.output, about=about), published
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -152,7 +248,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--families", default=",".join(FAMILY_MODELS),
                         help=f"comma-separated subset of {','.join(FAMILY_MODELS)}")
     parser.add_argument("--output", type=Path, default=None, help="report folder (default <repo>/optimization)")
-    parser.add_argument("--publish", action="store_true", help="publish variants within budget")
+    parser.add_argument("--publish", action="store_true",
+                        help="publish the variants the gate passes (within budget and faster than FP32)")
     parser.add_argument("--repeats", type=int, default=30, help="timed rounds per variant and batch size")
     parser.add_argument("--threads", type=int, default=1, help="ORT intra-op threads while timing")
     parser.add_argument("--no-students", action="store_true", help="skip distillation (rows say 'not built')")
@@ -169,19 +266,41 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def closing_line(published: list[str], *, dry_run: bool) -> str:
+    """The command's last line: what was published and how a running server gets it."""
+    if dry_run:
+        return "nothing published (dry run): pass --publish to publish what the gate lets through"
+    if not published:
+        return "published nothing: no variant passed the gate (each report row says why)"
+    names = ", ".join(published)
+    return (f"published {names}; a server in poll mode picks them up within --repository-poll-secs; otherwise "
+            f"restart it or POST /v2/repository/models/{published[0]}/load (each name) in explicit mode")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.getLogger("onnxruntime").setLevel(logging.ERROR)
     names = [m for f in args.families for m in FAMILY_MODELS[f]]
     parents = [load_parent(args.model_repository, m) for m in names]  # fail fast on a missing model
+    device = detect_device()
+    expected = {k: v for p in parents
+                for k, v in expected_seconds(p, repeats=args.repeats, students=not args.no_students).items()}
     written: dict[str, dict[str, Path]] = {}
-    with tempfile.TemporaryDirectory(dir=args.work_dir) as tmp:
-        with tqdm(parents, desc="optimize", unit="model", file=sys.stderr) as bar:
-            for parent in bar:
-                written[parent.name] = optimize_model(parent, args=args, work=Path(tmp) / parent.name, bar=bar)
+    published: list[str] = []
+    log_path = args.output / LOG_FILE
+    with tempfile.TemporaryDirectory(dir=args.work_dir) as tmp, quiet_to_log(log_path) as console:
+        console.print(f"optimizing {', '.join(names)} on {device.describe()}: about "
+                      f"{format_seconds(sum(expected.values()))} (estimated from model sizes; the ETA adjusts "
+                      f"as steps finish). Library output: {log_path}")
+        with progress(console) as bar:
+            steps = Steps(bar, expected)
+            for parent in parents:
+                written[parent.name], done = optimize_model(parent, args=args, work=Path(tmp) / parent.name,
+                                                            steps=steps, device=device)
+                published += done
     for name, paths in written.items():
         print(f"{name}: {paths['md']}")
         print(paths["md"].read_text())
+    print(closing_line(published, dry_run=not args.publish))
     return 0
 
 

@@ -11,8 +11,10 @@ from typing import Any
 # Latency targets of issue 4: INT8 at most this fraction of FP32's batch-32 p50 latency.
 LATENCY_TARGETS = {"cnn": 0.6, "speech": 0.6, "transformer": 0.6}
 
-COLUMNS = ("variant", "status", "size_mb", "p50_ms_b1", "p50_ms_b32", "x_fp32_b32", "metric", "value",
-           "delta", "budget", "within_budget", "published", "notes")
+# speedup_bN: FP32's p50 / the variant's at batch N, on the device the gate used (timed_on); why: the
+# publish gate's reason (export.gate), with the latencies it compared.
+COLUMNS = ("variant", "status", "size_mb", "p50_ms_b1", "p50_ms_b32", "speedup_b1", "speedup_b32", "timed_on",
+           "metric", "value", "delta", "budget", "within_budget", "target_device", "published", "why", "notes")
 
 
 def _fmt(value: Any, digits: int = 3) -> str:

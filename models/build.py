@@ -1,7 +1,10 @@
 """``modelserve build``: train, evaluate, export and publish model families into a model repository.
 
     modelserve build [--profile tiny|default] [--families cnn,transformer,speech,recommender]
-                     [--model-repository DIR] [--seed N]
+                     [--model-repository DIR] [--seed N] [--force]
+
+Families already published with the same profile and seed are kept (an interrupted build resumes);
+training output goes to <repository>/build.log, the terminal shows one progress display.
 """
 
 from __future__ import annotations
@@ -9,17 +12,24 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import logging
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
 from models.common import FAMILIES, PROFILES, FamilyResult
+from models.runlog import WeightedEta, format_seconds, progress, quiet_to_log
+from models.zoo import EXPECTED_SECONDS, FAMILY_MODELS, SHARED_MACHINE_FACTOR, family_complete
+from service.modelrepo.layout import CARD_FILENAME
 
 SUMMARY_FILE = "build_summary.json"
+LOG_FILE = "build.log"
 
 
 def family_module_path(family: str) -> Path:
@@ -50,6 +60,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model-repository", type=Path, default=Path("model_repository"),
                         help="output repository folder (default: model_repository)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--force", action="store_true",
+                        help="rebuild every family (default: keep families already built with this profile and seed)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads for training (default: 1; see the note in main)")
     return parser.parse_args(argv)
@@ -100,27 +112,115 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(threads_before)
 
 
+def _kept_result(family: str, *, repo_dir: Path, previous: dict[str, dict]) -> FamilyResult:
+    """The summary row of a family kept from an earlier run (its old row, else read from its cards)."""
+    if family in previous:
+        return FamilyResult(**previous[family])
+    cards = [json.loads((repo_dir / name / CARD_FILENAME).read_text()) for name in FAMILY_MODELS[family]]
+    metrics = {k: v for c in cards for k, v in c.get("metrics", {}).items() if isinstance(v, float)}
+    return FamilyResult(family=family, models=list(FAMILY_MODELS[family]), metrics=metrics,
+                        parameters=max(int(c.get("parameters", 0)) for c in cards),
+                        build_seconds=sum(float(c.get("build_seconds", 0.0)) for c in cards),
+                        parity_max_abs_diff=max(float(c.get("parity", {}).get("max_abs_diff", 0.0)) for c in cards))
+
+
+def _previous_rows(repo_dir: Path) -> dict[str, dict]:
+    try:
+        summary = json.loads((repo_dir / SUMMARY_FILE).read_text())
+        return {row["family"]: row for row in summary.get("families", [])}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def _write_summary(repo_dir: Path, summary: dict) -> None:
+    tmp = repo_dir / f".{SUMMARY_FILE}.tmp"
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    tmp.replace(repo_dir / SUMMARY_FILE)
+
+
+def plan(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """(families to build, families kept because they are already complete)."""
+    if args.force:
+        return list(args.families), []
+    kept = [f for f in args.families
+            if family_complete(args.model_repository, f, profile=args.profile, seed=args.seed)]
+    return [f for f in args.families if f not in kept], kept
+
+
+def _announce(console: Console, *, todo: list[str], kept: list[str], profile: str, log_path: Path) -> None:
+    if kept:
+        console.print(f"kept (already built, profile {profile}): {', '.join(kept)}")
+    if not todo:
+        console.print("every family is built; nothing to do (--force rebuilds)")
+        return
+    expected = sum(EXPECTED_SECONDS[profile][f] for f in todo)
+    console.print(f"building {', '.join(todo)} ({profile} profile): about {format_seconds(expected)} on an "
+                  f"idle 2-core machine, up to {format_seconds(expected * SHARED_MACHINE_FACTOR)} on a busy one. "
+                  f"Training output: {log_path}")
+
+
 def _build_all(args: argparse.Namespace) -> int:
-    console = Console(stderr=True)
     repo_dir: Path = args.model_repository
     repo_dir.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    results: list[FamilyResult] = []
+    log_path = repo_dir / LOG_FILE
+    todo, kept = plan(args)
+    previous = _previous_rows(repo_dir)
+    results = [_kept_result(f, repo_dir=repo_dir, previous=previous) for f in kept]
     failures: dict[str, str] = {}
-    for family in args.families:
-        console.rule(f"[bold]{family}[/bold] ({args.profile})")
+    start = time.perf_counter()
+    summary = {"profile": args.profile, "seed": args.seed, "kept": kept}
+    with quiet_to_log(log_path) as console:
+        _announce(console, todo=todo, kept=kept, profile=args.profile, log_path=log_path)
         try:
-            results.append(build_family(family, profile=args.profile, repo_dir=repo_dir, seed=args.seed))
-        except Exception as exc:  # one family failing must not hide the others' results
-            console.print(traceback.format_exc())
-            failures[family] = f"{type(exc).__name__}: {exc}"
+            _run_families(todo, args=args, console=console, results=results, failures=failures,
+                          on_done=lambda: _write_summary(repo_dir, {**summary, **_rows(results, failures)}))
+        except KeyboardInterrupt:
+            built = [r.family for r in results]
+            console.print(f"[yellow]interrupted[/yellow]: kept {', '.join(built) or 'nothing'}; "
+                          "run the same command again to build only the rest")
+            return 130
     total = time.perf_counter() - start
-    summary = {"profile": args.profile, "seed": args.seed, "total_seconds": round(total, 2),
-               "families": [asdict(r) for r in results], "failures": failures}
-    (repo_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    results.sort(key=lambda r: args.families.index(r.family))
+    _write_summary(repo_dir, {**summary, "total_seconds": round(total, 2), **_rows(results, failures)})
     Console(width=max(Console().width, 140)).print(summary_table(results, failures, profile=args.profile))
-    console.print(f"total {total:.1f} s; summary written to {repo_dir / SUMMARY_FILE}")
+    Console(stderr=True).print(f"total {total:.1f} s; summary written to {repo_dir / SUMMARY_FILE}; "
+                               f"training output in {log_path}")
     return 1 if failures else 0
+
+
+def _rows(results: list[FamilyResult], failures: dict[str, str]) -> dict:
+    return {"families": [asdict(r) for r in results], "failures": failures}
+
+
+def _run_families(todo: list[str], *, args: argparse.Namespace, console: Console, results: list[FamilyResult],
+                  failures: dict[str, str], on_done: Callable[[], None]) -> None:
+    """Build each family in turn under one progress display (family, elapsed, ETA refined as it goes)."""
+    eta = WeightedEta({f: EXPECTED_SECONDS[args.profile][f] for f in todo})
+    current: dict[str, Any] = {"family": None, "since": time.perf_counter()}
+
+    def left() -> float:
+        return eta.remaining(current=current["family"], current_elapsed=time.perf_counter() - current["since"])
+
+    with progress(console) as bar:
+        task = bar.add_task(f"build ({args.profile})", total=eta.total(), step="", eta=left)
+        for family in todo:
+            current.update(family=family, since=time.perf_counter())
+            bar.update(task, step=family)
+            logging.getLogger("modelserve.build").info("building %s (%s profile)", family, args.profile)
+            try:
+                results.append(build_family(family, profile=args.profile, repo_dir=args.model_repository,
+                                            seed=args.seed))
+            except Exception as exc:  # one family failing must not hide the others' results
+                logging.getLogger("modelserve.build").error("%s failed:\n%s", family, traceback.format_exc())
+                failures[family] = f"{type(exc).__name__}: {exc}"
+            seconds = time.perf_counter() - current["since"]
+            eta.finish(family, seconds)
+            bar.advance(task, EXPECTED_SECONDS[args.profile][family])
+            outcome = "[red]FAILED[/red] (see the log)" if family in failures else "built"
+            console.print(f"{family}: {outcome} in {seconds:.1f} s (expected "
+                          f"{EXPECTED_SECONDS[args.profile][family]:.0f} s on an idle machine)")
+            on_done()
+        current["family"] = None
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from export import optimize
 from export.common import check_budget, load_parent, ort_session, publish_if_within_budget
 from export.heldout import evaluate, load_heldout
 from export.quantize import CALIBRATION_METHODS, integer_op_counts
+from tests.test_optimize_gate import int8_and_fp16_twice_as_fast
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +26,12 @@ def optimized(tiny_zoo: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple
     for name in ("cnn", "recommender"):
         shutil.copytree(tiny_zoo / name, repo / name)
     out = root / "report"
-    code = optimize.main(["--model-repository", str(repo), "--families", "cnn,recommender", "--output", str(out),
-                          "--publish", "--repeats", "3", "--no-students"])
+    # The publish gate also asks for a speed-up, which depends on this machine: the latencies are the
+    # measured ones with INT8 reported twice as fast (tests/test_optimize_gate.py tests the gate itself).
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(optimize, "measure_latency", int8_and_fp16_twice_as_fast(optimize.measure_latency))
+        code = optimize.main(["--model-repository", str(repo), "--families", "cnn,recommender", "--output",
+                              str(out), "--publish", "--repeats", "3", "--no-students"])
     assert code == 0
     return repo, out
 
