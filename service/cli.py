@@ -9,6 +9,7 @@ import sys
 
 from pydantic import ValidationError
 
+from service.ports import StartupError
 from service.server import run_server
 from service.settings import ServerSettings
 
@@ -25,6 +26,10 @@ def _serve_parser(sub) -> None:
     p.add_argument("--repository-poll-secs", dest="repository_poll_secs", type=float)
     p.add_argument("--load-model", dest="load_model", action="append", help="model to load at start (explicit mode)")
     p.add_argument("--log-level", dest="log_level", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--exit-timeout-secs", dest="exit_timeout_secs", type=float,
+                   help="on SIGTERM/SIGINT, finish requests in progress for at most this long (default 30)")
+    p.add_argument("--strict-readiness", dest="strict_readiness", metavar="BOOL",
+                   help="ready only when every model is READY (default true); false: ready while serving")
 
 
 def _settings(args: argparse.Namespace) -> ServerSettings:
@@ -42,7 +47,10 @@ def serve(args: argparse.Namespace) -> int:
     if not settings.model_repository.is_dir():
         sys.exit(f"modelserve: model repository {settings.model_repository} is not a directory; "
                  "build one with `modelserve build` or pass --model-repository DIR")
-    run_server(settings)
+    try:
+        run_server(settings)
+    except StartupError as exc:
+        sys.exit(f"modelserve: {exc}")
     return 0
 
 
@@ -56,6 +64,15 @@ DELEGATED = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`modelserve`: Ctrl-C before the server installs its own handlers prints one line, not a traceback."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("modelserve: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in DELEGATED:
         module = importlib.import_module(DELEGATED[argv[0]][0])

@@ -70,3 +70,11 @@ class ModelLoadError(ServingError):
 class BackendError(ServingError):
     status_code = 500
     failure_reason = "BACKEND"
+
+
+class RequestTimeout(ServingError):
+    """The client stopped sending its request body; the connection is closed after the answer."""
+
+    status_code = 408
+    failure_reason = "REJECTED"
+    headers: ClassVar[dict[str, str]] = {"Connection": "close"}

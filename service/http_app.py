@@ -47,13 +47,15 @@ def create_app(core: InferenceCore, settings: ServerSettings) -> InferFastPath:
     _add_model_routes(app, core)
     _add_repository_routes(app, core)
     _document_infer_routes(app)
-    app.include_router(build_router(core, max_request_bytes=settings.max_request_bytes))
+    app.include_router(build_router(core, max_request_bytes=settings.max_request_bytes,
+                                    body_timeout_s=settings.http_body_timeout_secs))
 
     @app.get("/metrics", tags=["metrics"], summary="Prometheus metrics (Triton's names)")
     async def prometheus() -> Response:
         return Response(generate_latest(core.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    return InferFastPath(app, core=core, max_request_bytes=settings.max_request_bytes)
+    return InferFastPath(app, core=core, max_request_bytes=settings.max_request_bytes,
+                         body_timeout_s=settings.http_body_timeout_secs)
 
 
 def _install_error_handlers(app: FastAPI) -> None:

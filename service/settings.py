@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, PositiveFloat, PositiveInt, model_validator
+from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.modelrepo.config import DEFAULT_MAX_BATCH_SIZE
@@ -59,6 +59,14 @@ class ServerSettings(BaseSettings):
     """How long an unloaded or replaced version may take to finish the requests it holds."""
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     """Log level of the server and uvicorn."""
+    exit_timeout_secs: NonNegativeFloat = 30.0
+    """On SIGTERM/SIGINT, how long in-flight and queued requests may take before the process exits anyway."""
+    strict_readiness: bool = True
+    """Ready only when every model that should be loaded is READY (false: ready while live and accepting)."""
+    http_header_timeout_secs: PositiveFloat = 10.0
+    """A client must send a request's complete headers within this long, or the connection is closed (408)."""
+    http_body_timeout_secs: PositiveFloat = 30.0
+    """Longest pause allowed between two chunks of a request body before the request ends with 408."""
 
     @model_validator(mode="after")
     def _check(self) -> ServerSettings:
