@@ -130,8 +130,9 @@ class ModelVersion:
         """Drain the batcher (up to grace_s), then free the ONNX Runtime sessions at once.
 
         NOTE: the batcher holds `self._run`, a reference cycle (version -> batcher -> bound method ->
-        version), so the sessions must be dropped explicitly: left to the cycle they lived until the cyclic
-        garbage collector ran (a 450-1,014 MB RSS sawtooth over load/unload cycles).
+        version) that kept the sessions alive until the cyclic garbage collector ran (a 450-1,014 MB RSS
+        sawtooth over load/unload cycles). Dropping the batcher breaks the cycle; closing the pool frees the
+        sessions even while something else (a task-route processor cache, a late caller) still holds us.
         """
         if self.batcher is not None:
             await self.batcher.close(grace_s=grace_s)
