@@ -26,7 +26,6 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcaio
-import tritonclient.http as httpclient
 import tritonclient.http.aio as httpaio
 from onnx import TensorProto, helper, numpy_helper
 
@@ -100,7 +99,7 @@ def wait_all_received(url: str, total: int, *, batch: int = 8) -> int:
         return (done, queued) if done + queued + batch >= total else None
 
     first_done, _ = wait_until(held, timeout=120, what=f"{total} requests to reach the server")
-    done, queued = wait_until(lambda: (s := held()) and s[0] > first_done and s, timeout=120,
+    _, queued = wait_until(lambda: (s := held()) and s[0] > first_done and s, timeout=120,
                               what="one more batch to complete")
     assert queued > 0, "the queue drained before SIGTERM; the test would not exercise queued requests"
     return queued
@@ -181,7 +180,7 @@ def test_readiness_turns_503_at_sigterm_while_requests_drain(tmp_path: Path) -> 
         assert not draining.done(), "the requests finished before the probe; nothing was draining"
         # New connections are refused on HTTP, new RPCs on gRPC.
         wait_until(lambda: _refused(url), timeout=30, what="the HTTP port to stop accepting")
-        with pytest.raises(Exception, match="(?i)unavailable|refused|shut"):
+        with pytest.raises(Exception, match=r"(?i)unavailable|refused|shut"):
             grpc_probe.is_server_ready()
         results = draining.result(timeout=300)
         assert proc.wait(timeout=300) == 0
