@@ -115,6 +115,8 @@ class Server:
 
     async def _serve_http(self, sock: socket.socket) -> None:
         self._http = http = DrainingServer(uvicorn_config(self.settings, self.app))
+        host, port = sock.getsockname()[:2]
+        log.info("KServe V2 HTTP on %s:%d", host, port)
         serving = asyncio.ensure_future(http.serve(sockets=[sock]))
         stopping = asyncio.ensure_future(self._stop.wait())
         await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
