@@ -9,6 +9,7 @@ import sys
 
 from pydantic import ValidationError
 
+from service.ports import StartupError
 from service.server import run_server
 from service.settings import ServerSettings
 
@@ -34,6 +35,11 @@ def _serve_parser(sub) -> None:
                    metavar="PROTOCOL[,PROTOCOL...]:KEY=VALUE",
                    help="those gRPC protocols need metadata triton-grpc-protocol-KEY: VALUE (repeatable)")
 
+    p.add_argument("--exit-timeout-secs", dest="exit_timeout_secs", type=float,
+                   help="on SIGTERM/SIGINT, finish requests in progress for at most this long (default 30)")
+    p.add_argument("--strict-readiness", dest="strict_readiness", metavar="BOOL",
+                   help="ready only when every model is READY (default true); false: ready while serving")
+
 
 # Settings whose values hold secrets: never echoed in an error.
 SECRET_SETTINGS = {"api_keys", "http_restricted_api", "grpc_restricted_protocol"}
@@ -56,7 +62,10 @@ def serve(args: argparse.Namespace) -> int:
     if not settings.model_repository.is_dir():
         sys.exit(f"modelserve: model repository {settings.model_repository} is not a directory; "
                  "build one with `modelserve build` or pass --model-repository DIR")
-    run_server(settings)
+    try:
+        run_server(settings)
+    except StartupError as exc:
+        sys.exit(f"modelserve: {exc}")
     return 0
 
 
@@ -70,6 +79,15 @@ DELEGATED = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`modelserve`: Ctrl-C before the server installs its own handlers prints one line, not a traceback."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("modelserve: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in DELEGATED:
         module = importlib.import_module(DELEGATED[argv[0]][0])

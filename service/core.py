@@ -90,6 +90,7 @@ class InferenceCore:
         self.metrics = metrics
         # One processor per loaded version, rebuilt when the version is swapped (keyed by the version object).
         self._processors: dict[str, tuple[ModelVersion, Processor]] = {}
+        self._shutting_down = False
 
     # ------------------------------------------------------------------ health and metadata
 
@@ -97,8 +98,16 @@ class InferenceCore:
         return True
 
     def ready(self) -> bool:
-        """Ready when every model the repository knows is either loaded or was never asked to load."""
-        return all(e.state != "LOADING" for e in self._repository.entries.values())
+        """Triton's server readiness: false once shutdown began; with strict readiness (the default) also
+        until every model that should be loaded is READY (an empty repository in mode none/poll is not)."""
+        if self._shutting_down:
+            return False
+        return self._repository.all_ready() if self._repository.settings.strict_readiness else True
+
+    def begin_shutdown(self) -> None:
+        """From now on the server reports not ready (requests already received are still answered)."""
+        self._shutting_down = True
+        self._repository.stop_polling()  # no model changes while the server drains
 
     def server_metadata(self) -> dict:
         return {"name": "modelserve", "version": __version__, "extensions": EXTENSIONS}

@@ -87,3 +87,11 @@ class PermissionDenied(ServingError):
     """A restricted API called without its header (Triton's --http-restricted-api)."""
 
     status_code = 403
+
+
+class RequestTimeout(ServingError):
+    """The client stopped sending its request body; the connection is closed after the answer."""
+
+    status_code = 408
+    failure_reason = "REJECTED"
+    headers: ClassVar[dict[str, str]] = {"Connection": "close"}

@@ -18,6 +18,7 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from service.core import InferenceCore
 from service.errors import ServingError
+from service.ports import StartupError
 from service.protocol_grpc import decode_infer, encode_infer, grpc_status
 
 log = logging.getLogger("modelserve.grpc")
@@ -87,16 +88,26 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
 
 async def start_grpc_server(core: InferenceCore, *, host: str, port: int, max_message_bytes: int,
-                            interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> grpc.aio.Server:
+                            interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+                            start: bool = True) -> grpc.aio.Server:
     """Start the gRPC server on the running event loop (it shares the core, batchers and models with HTTP).
-    `interceptors`: access control (service/access.grpc_interceptors), none when nothing is enforced."""
+    `interceptors`: access control (service/access.grpc_interceptors), none when nothing is enforced.
+    `start=False` only binds the port (the caller starts it once the models are loaded)."""
+    # NOTE: gRPC turns SO_REUSEPORT on by default, which let a second server bind the same port and
+    # silently take half the connections; a clash must be an error instead.
     options = [("grpc.max_receive_message_length", max_message_bytes),
-               ("grpc.max_send_message_length", max_message_bytes)]
+               ("grpc.max_send_message_length", max_message_bytes),
+               ("grpc.so_reuseport", 0)]
     server = grpc.aio.server(options=options, interceptors=list(interceptors) or None)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(core), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:
+        bound = 0
     if bound == 0:
-        raise RuntimeError(f"could not bind the gRPC port {host}:{port}")
-    await server.start()
+        raise StartupError(f"cannot bind gRPC port {port} on {host}: address in use or not available; "
+                           "stop the other server or pass --grpc-port")
+    if start:
+        await server.start()
     log.info("KServe V2 gRPC on %s:%d", host, bound)
     return server

@@ -49,13 +49,15 @@ def create_app(core: InferenceCore, settings: ServerSettings) -> ASGIApp:
     _add_model_routes(app, core)
     _add_repository_routes(app, core)
     _document_infer_routes(app)
-    app.include_router(build_router(core, max_request_bytes=settings.max_request_bytes))
+    app.include_router(build_router(core, max_request_bytes=settings.max_request_bytes,
+                                    body_timeout_s=settings.http_body_timeout_secs))
 
     @app.get("/metrics", tags=["metrics"], summary="Prometheus metrics (Triton's names)")
     async def prometheus() -> Response:
         return Response(generate_latest(core.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    return wrap_http_app(InferFastPath(app, core=core, max_request_bytes=settings.max_request_bytes), settings)
+    return wrap_http_app(InferFastPath(app, core=core, max_request_bytes=settings.max_request_bytes,
+                                       body_timeout_s=settings.http_body_timeout_secs), settings)
 
 
 def _install_error_handlers(app: FastAPI) -> None:

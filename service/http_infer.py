@@ -8,6 +8,7 @@ other route stays on FastAPI; this handler only parses, calls the same Inference
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import zlib
@@ -17,7 +18,14 @@ from typing import Any
 import orjson
 
 from service.core import InferenceCore
-from service.errors import InvalidInput, PayloadTooLarge, RequestCancelled, ServingError, UnsupportedMediaType
+from service.errors import (
+    InvalidInput,
+    PayloadTooLarge,
+    RequestCancelled,
+    RequestTimeout,
+    ServingError,
+    UnsupportedMediaType,
+)
 from service.protocol_v2 import decode_request, encode_response
 
 log = logging.getLogger("modelserve.http")
@@ -47,11 +55,23 @@ def _headers(scope: dict) -> dict[bytes, bytes]:
     return dict(scope["headers"])
 
 
-async def read_body(receive: Callable, *, declared: bytes | str | None, limit: int) -> bytes | None:
-    """The whole body from an ASGI `receive`, refusing more than `limit` bytes; None if the client left."""
+async def _receive(receive: Callable, timeout_s: float | None) -> dict:
+    """One ASGI message; RequestTimeout (408, then the connection closes) if the client stalls longer."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await receive()
+    except TimeoutError:
+        raise RequestTimeout(f"request body stalled: nothing received for {timeout_s:g} s; "
+                             "send the whole body without long pauses") from None
+
+
+async def read_body(receive: Callable, *, declared: bytes | str | None, limit: int,
+                    timeout_s: float | None = None) -> bytes | None:
+    """The whole body from an ASGI `receive`, refusing more than `limit` bytes and pauses longer than
+    `timeout_s` between chunks; None if the client left."""
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"request body of {int(declared)} bytes exceeds the limit of {limit} bytes")
-    message = await receive()
+    message = await _receive(receive, timeout_s)
     if message["type"] == "http.disconnect":
         return None
     body = message.get("body", b"")
@@ -59,7 +79,7 @@ async def read_body(receive: Callable, *, declared: bytes | str | None, limit: i
         return body  # the common case: one chunk, no join
     chunks, size = [body], len(body)
     while True:
-        message = await receive()
+        message = await _receive(receive, timeout_s)
         if message["type"] == "http.disconnect":
             return None
         chunk = message.get("body", b"")
@@ -102,10 +122,12 @@ def server_disconnect_flag(receive: Callable) -> Callable[[], bool] | None:
 class InferFastPath:
     """POST /v2/models/{m}[/versions/{v}]/infer handled directly; all else delegated to `app`."""
 
-    def __init__(self, app: ASGIApp, *, core: InferenceCore, max_request_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, *, core: InferenceCore, max_request_bytes: int,
+                 body_timeout_s: float | None = None) -> None:
         self.app = app
         self.core = core
         self.limit = max_request_bytes
+        self.body_timeout_s = body_timeout_s
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.app, name)  # e.g. `.state`, `.openapi` of the wrapped FastAPI app
@@ -121,7 +143,8 @@ class InferFastPath:
     async def _infer(self, scope: dict, receive: Callable, send: Callable, model: str, version: str | None) -> None:
         try:
             headers = _headers(scope)
-            body = await read_body(receive, declared=headers.get(b"content-length"), limit=self.limit)
+            body = await read_body(receive, declared=headers.get(b"content-length"), limit=self.limit,
+                                   timeout_s=self.body_timeout_s)
             if body is None:
                 return
             body = decompress(body, encoding=headers.get(b"content-encoding", b"").decode().lower(), limit=self.limit)

@@ -127,10 +127,20 @@ class ModelVersion:
         return outputs, t1 - t0, time.perf_counter_ns() - t1
 
     async def close(self, *, grace_s: float) -> None:
+        """Drain the batcher (up to grace_s), then free the ONNX Runtime sessions at once.
+
+        NOTE: the batcher holds `self._run`, a reference cycle (version -> batcher -> bound method ->
+        version) that kept the sessions alive until the cyclic garbage collector ran (a 450-1,014 MB RSS
+        sawtooth over load/unload cycles). Dropping the batcher breaks the cycle; closing the pool frees the
+        sessions even while something else (a task-route processor cache, a late caller) still holds us.
+        """
         if self.batcher is not None:
             await self.batcher.close(grace_s=grace_s)
+            self.batcher = None
         if self.executor is not None:
             self.executor.shutdown(wait=False)
+            self.executor = None
+        self.pool.close()
 
     def validate(self, inputs: dict[str, np.ndarray]) -> int:
         """Check names, dtypes and shapes against the spec; returns the request's row count."""

@@ -34,6 +34,9 @@ class ModelEntry:
     reason: str = "unloaded"
     fingerprint: tuple = ()
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # Should be loaded: asked to load (at start, by poll or the API) and not unloaded since. Strict readiness
+    # waits for every such model to be READY.
+    wanted: bool = False
 
     def latest(self) -> ModelVersion | None:
         if not self.versions:
@@ -77,6 +80,7 @@ class ModelRepository:
         if not layout.is_model_folder(model_dir):
             raise ModelNotFound(f"no model {name!r} in the model repository; found {sorted(self.scan())}")
         entry = self.entries.setdefault(name, ModelEntry(name))
+        entry.wanted = True
         async with entry.lock:
             fingerprint = await asyncio.to_thread(layout.fingerprint, model_dir)
             if not entry.versions:
@@ -128,6 +132,7 @@ class ModelRepository:
         entry = self.entries.get(name)
         if entry is None:
             raise ModelNotFound(f"unknown model {name!r}; known models are {sorted(self.entries)}")
+        entry.wanted = False
         async with entry.lock:
             old = list(entry.versions.values())
             entry.versions, entry.state, entry.reason = {}, UNLOADING, ""
@@ -169,6 +174,13 @@ class ModelRepository:
                 rows.append({"name": name, "state": entry.state, "reason": entry.reason})
         return rows
 
+    def all_ready(self) -> bool:
+        """Every model that should be loaded is READY; in mode none/poll there must be at least one."""
+        wanted = [e for e in self.entries.values() if e.wanted]
+        if not wanted and self.settings.model_control_mode != "explicit":
+            return False
+        return all(e.state == READY and e.versions for e in wanted)
+
     def ready_versions(self) -> list[ModelVersion]:
         return [mv for e in self.entries.values() for mv in e.versions.values()]
 
@@ -196,10 +208,18 @@ class ModelRepository:
             except Exception:  # keep polling: one bad scan must not stop future ones
                 log.exception("repository poll failed")
 
-    async def close(self) -> None:
+    async def close(self, *, grace_s: float) -> None:
+        """Stop polling, then close every version (and those still draining) within `grace_s`: the server
+        calls this once the transports have drained, so the batchers normally have nothing left to do."""
+        self.stop_polling()
+        closing = [mv.close(grace_s=grace_s) for entry in self.entries.values() for mv in entry.versions.values()]
+        for entry in self.entries.values():
+            entry.versions = {}
+        await asyncio.gather(*closing)
+        if self._background:  # replaced versions still draining
+            await asyncio.wait(set(self._background), timeout=grace_s)
+
+    def stop_polling(self) -> None:
         if self._poller is not None:
             self._poller.cancel()
-        for entry in self.entries.values():
-            for mv in entry.versions.values():
-                await mv.close(grace_s=1.0)
-            entry.versions = {}
+            self._poller = None

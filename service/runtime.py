@@ -36,6 +36,7 @@ class InstancePool:
         self.count = count
         self.providers: list[str] = []
         self._idle: queue.SimpleQueue[ort.InferenceSession] = queue.SimpleQueue()
+        self._closed = False
         for _ in range(count):
             session = create_session(model_path, providers=providers, threads=intra_op_threads,
                                      allow_spinning=allow_spinning, shown_as=shown_as)
@@ -47,11 +48,32 @@ class InstancePool:
 
     def run(self, feeds: dict[str, np.ndarray], output_names: Sequence[str]) -> list[np.ndarray]:
         """Blocking run on an idle session; call it from a worker thread."""
-        session = self._idle.get()
+        idle = self._idle
+        session = idle.get()
         try:
             return session.run(list(output_names), feeds)
         finally:
+            if not self.closed:  # after close() a run still in progress lets its session go with it
+                idle.put(session)
+            del session
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def sessions(self) -> list[ort.InferenceSession]:
+        """The idle sessions (all of them when nothing runs); for inspection and tests."""
+        found = []
+        while not self._idle.empty():
+            found.append(self._idle.get())
+        for session in found:
             self._idle.put(session)
+        return found
+
+    def close(self) -> None:
+        """Drop every session reference, so ONNX Runtime frees the model now rather than at the next GC."""
+        self._closed = True
+        self._idle = queue.SimpleQueue()
 
     def warmup(self, feeds: dict[str, np.ndarray], output_names: Sequence[str]) -> None:
         """Run every session once so the first real request does not pay for lazy initialisation."""

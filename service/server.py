@@ -2,29 +2,35 @@
 
 `Server` owns them all (not FastAPI's lifespan), so tests can start the same core in-process and talk to
 `server.app` through httpx's ASGI transport, and `modelserve serve` runs the very same object on sockets.
+
+Start: bind every port (fail fast, one line naming the port), load the models, then serve.
+Stop (SIGTERM/SIGINT, Triton's --exit-timeout-secs): readiness turns false at once, both transports stop
+accepting, every request already received (running or queued) is answered, then the models close. At the
+exit timeout whatever is left is closed, whatever clients do. A second signal stops at once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
+import socket
 
 import grpc
 import uvicorn
 import uvloop
-from prometheus_client import start_http_server
 
 from service.access import ASGIApp, grpc_interceptors, warn_if_exposed
 from service.core import InferenceCore
 from service.grpc_app import start_grpc_server
 from service.http_app import create_app
+from service.http_server import DrainingServer, protocol_class
 from service.metrics import Metrics
+from service.ports import MetricsServer, PortSpec, bind_tcp, check_free
 from service.repository import ModelRepository
 from service.settings import ServerSettings
 
 log = logging.getLogger("modelserve.server")
-
-# How long gRPC calls in flight may take to finish once the server is stopping.
-GRPC_GRACE_S = 5.0
 
 
 class Server:
@@ -37,21 +43,37 @@ class Server:
         self.core = InferenceCore(self.repository, self.metrics)
         self.app = create_app(self.core, settings)
         self._grpc: grpc.aio.Server | None = None
+        self._stop = asyncio.Event()
+        self._http: DrainingServer | None = None
+        self._forced = False
+        self._kill: asyncio.Future | None = None
 
     async def start(self) -> None:
-        """Load the repository, then open gRPC (HTTP is opened by `serve`)."""
+        """Bind gRPC, load the repository, then serve gRPC (HTTP is opened by `serve`)."""
+        s = self.settings
+        if s.grpc_port is not None:
+            host = s.grpc_host or s.http_host
+            check_free(PortSpec("gRPC", host, s.grpc_port, "--grpc-port"))
+            self._grpc = await start_grpc_server(self.core, host=host, port=s.grpc_port,
+                                                 max_message_bytes=s.max_request_bytes,
+                                                 interceptors=grpc_interceptors(s), start=False)
         await self.repository.start()
-        if self.settings.grpc_port is not None:
-            self._grpc = await start_grpc_server(self.core, host=self.settings.grpc_host or self.settings.http_host,
-                                                 port=self.settings.grpc_port,
-                                                 max_message_bytes=self.settings.max_request_bytes,
-                                                 interceptors=grpc_interceptors(self.settings))
+        if self._grpc is not None:
+            await self._grpc.start()
 
     async def stop(self) -> None:
+        """Drain both transports (up to the exit timeout), then close the models."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.exit_timeout_secs
+        self.core.begin_shutdown()
+        await self._stop_grpc(deadline)
+        await self.repository.close(grace_s=max(0.0, deadline - loop.time()))
+
+    async def _stop_grpc(self, deadline: float) -> None:
         if self._grpc is not None:
-            await self._grpc.stop(grace=GRPC_GRACE_S)
+            # grpc.aio: new RPCs are refused at once; those in flight get the rest of the exit budget.
+            await self._grpc.stop(grace=max(0.0, deadline - asyncio.get_running_loop().time()))
             self._grpc = None
-        await self.repository.close()
 
     async def __aenter__(self) -> Server:
         await self.start()
@@ -61,15 +83,68 @@ class Server:
         await self.stop()
 
     async def serve(self) -> None:
-        """Run until SIGINT/SIGTERM: uvicorn drains HTTP, then gRPC and the models are stopped."""
-        warn_if_exposed(self.settings)
-        if self.settings.metrics_port is not None:
-            start_http_server(self.settings.metrics_port, addr=self.settings.metrics_host or self.settings.http_host,
-                              registry=self.metrics.registry)
-            log.info("metrics also on port %d", self.settings.metrics_port)
-        http = uvicorn.Server(uvicorn_config(self.settings, self.app))
-        async with self:
-            await http.serve()
+        """Run until SIGINT/SIGTERM, then drain HTTP and gRPC together and close the models."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        s = self.settings
+        warn_if_exposed(s)
+        http_sock = bind_tcp(PortSpec("HTTP", s.http_host, s.http_port, "--http-port"))
+        metrics = None
+        try:
+            if s.metrics_port is not None:
+                metrics = MetricsServer(PortSpec("metrics", s.metrics_host or s.http_host, s.metrics_port,
+                                                 "--metrics-port"), self.metrics.registry)
+            if await self._started_unless_stopped():
+                await self._serve_http(http_sock)
+            else:
+                await self.stop()
+        finally:
+            http_sock.close()
+            if metrics is not None:
+                metrics.close()
+
+    async def _started_unless_stopped(self) -> bool:
+        """Start (bind gRPC, load models) unless a signal comes first; False if it did."""
+        starting = asyncio.ensure_future(self.start())
+        stopping = asyncio.ensure_future(self._stop.wait())
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if starting.done():
+            starting.result()  # a StartupError (e.g. gRPC port taken) propagates
+            return not self._stop.is_set()
+        starting.cancel()
+        return False
+
+    async def _serve_http(self, sock: socket.socket) -> None:
+        self._http = http = DrainingServer(uvicorn_config(self.settings, self.app))
+        host, port = sock.getsockname()[:2]
+        log.info("KServe V2 HTTP on %s:%d", host, port)
+        serving = asyncio.ensure_future(http.serve(sockets=[sock]))
+        stopping = asyncio.ensure_future(self._stop.wait())
+        await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.exit_timeout_secs
+        http.deadline, http.should_exit = deadline, True
+        await asyncio.gather(serving, self._stop_grpc(deadline))
+        stopping.cancel()
+        grace = 0.0 if self._forced else max(0.0, deadline - loop.time())
+        await self.repository.close(grace_s=grace)
+        log.info("stopped")
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        if self._stop.is_set():
+            log.warning("%s again: stopping now", sig.name)
+            self._forced = True
+            if self._http is not None:
+                self._http.stop_now()
+            if self._grpc is not None:
+                self._kill = asyncio.ensure_future(self._grpc.stop(None))  # cancels the RPCs still running
+            return
+        log.warning("%s: not ready; finishing the requests in progress (up to %g s, --exit-timeout-secs); "
+                    "send it again to stop at once", sig.name, self.settings.exit_timeout_secs)
+        self.core.begin_shutdown()
+        self._stop.set()
 
 
 def uvicorn_config(settings: ServerSettings, app: ASGIApp) -> uvicorn.Config:
@@ -78,7 +153,7 @@ def uvicorn_config(settings: ServerSettings, app: ASGIApp) -> uvicorn.Config:
         host=settings.http_host,
         port=settings.http_port,
         loop="none",  # the loop is ours (run_server), shared with gRPC
-        http="httptools",
+        http=protocol_class(header_timeout=settings.http_header_timeout_secs),
         lifespan="off",  # Server owns the lifecycle
         log_level=settings.log_level,
         access_log=False,  # one log line per inference costs more than the inference on small models
@@ -87,6 +162,4 @@ def uvicorn_config(settings: ServerSettings, app: ASGIApp) -> uvicorn.Config:
 
 
 def run_server(settings: ServerSettings) -> None:
-
-
     uvloop.run(Server(settings).serve())

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, PositiveFloat, PositiveInt, SecretStr, field_validator, model_validator
+from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.access import GRPC_KEY_PREFIX, check_api_keys, parse_restricted_specs
@@ -71,6 +71,15 @@ class ServerSettings(BaseSettings):
     """Address the gRPC server binds (default: http_host)."""
     metrics_host: str | None = Field(None, min_length=1)
     """Address the separate metrics port binds (default: http_host)."""
+
+    exit_timeout_secs: NonNegativeFloat = 30.0
+    """On SIGTERM/SIGINT, how long in-flight and queued requests may take before the process exits anyway."""
+    strict_readiness: bool = True
+    """Ready only when every model that should be loaded is READY (false: ready while live and accepting)."""
+    http_header_timeout_secs: PositiveFloat = 10.0
+    """A client must send a request's complete headers within this long, or the connection is closed (408)."""
+    http_body_timeout_secs: PositiveFloat = 30.0
+    """Longest pause allowed between two chunks of a request body before the request ends with 408."""
 
     @field_validator("http_restricted_api", "grpc_restricted_protocol")
     @classmethod

@@ -53,9 +53,14 @@ def run_server(repo: Path, *, extra_args: list[str] | None = None, env: dict[str
             if proc.poll() is not None:
                 raise AssertionError(f"server exited with {proc.returncode}:\n{log_path.read_text()}")
             try:
-                return httpx.get(f"http://{url}/v2/health/ready", timeout=1.0).status_code == 200
+                if httpx.get(f"http://{url}/v2/health/live", timeout=1.0).status_code != 200:
+                    return False
+                index = httpx.post(f"http://{url}/v2/repository/index", timeout=1.0)
+                if index.status_code != 200:  # the repository API is restricted in this test: ask readiness
+                    return httpx.get(f"http://{url}/v2/health/ready", timeout=1.0).status_code == 200
             except httpx.HTTPError:
                 return False
+            return all(row.get("state") != "LOADING" for row in index.json())
 
         try:
             wait_until(ready, timeout=ready_timeout, what=f"server on {url}")

@@ -89,7 +89,8 @@ def _stats(client, model: str) -> dict:
 
 
 def test_health_metadata_and_config(client):
-    assert client.is_server_live() and client.is_server_ready()
+    # Strict readiness (the default): the repository's "broken" model failed to load, so not ready.
+    assert client.is_server_live() and not client.is_server_ready()
     meta = client.get_server_metadata()
     assert meta["name"] == "modelserve" and "binary_tensor_data" in meta["extensions"]
     model = client.get_model_metadata("scale")

@@ -29,8 +29,9 @@ def _json(doc: object, status: int = 200) -> Response:
                     media_type="application/json")
 
 
-async def _body(request: Request, *, limit: int) -> bytes:
-    body = await read_body(request.receive, declared=request.headers.get("content-length"), limit=limit)
+async def _body(request: Request, *, limit: int, timeout_s: float | None) -> bytes:
+    body = await read_body(request.receive, declared=request.headers.get("content-length"), limit=limit,
+                           timeout_s=timeout_s)
     if body is None:
         raise RequestCancelled("client went away while sending the request")
     request._body = body  # so request.form() parses what we already read
@@ -67,8 +68,9 @@ def _json_items(doc: object, *, task: str, v1: bool) -> tuple[list[Any], dict]:
     return items, params
 
 
-async def _parse(request: Request, task: str, *, v1: bool, limit: int) -> tuple[list[Any], dict]:
-    body = await _body(request, limit=limit)
+async def _parse(request: Request, task: str, *, v1: bool, limit: int,
+                 timeout_s: float | None) -> tuple[list[Any], dict]:
+    body = await _body(request, limit=limit, timeout_s=timeout_s)
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     query = dict(request.query_params)
     if ctype == "multipart/form-data":
@@ -85,7 +87,7 @@ async def _parse(request: Request, task: str, *, v1: bool, limit: int) -> tuple[
     return items, {**query, **params}
 
 
-def build_router(core: InferenceCore, *, max_request_bytes: int) -> APIRouter:
+def build_router(core: InferenceCore, *, max_request_bytes: int, body_timeout_s: float | None = None) -> APIRouter:
     router = APIRouter(tags=["tasks"])
 
     @router.get("/v1/models", summary="Models with their task, inputs, labels and variants",
@@ -104,7 +106,8 @@ def build_router(core: InferenceCore, *, max_request_bytes: int) -> APIRouter:
                  openapi_extra=PREDICT_DOC)
     async def predict(name: str, request: Request) -> Response:
         model = core.task_model(name)
-        items, params = await _parse(request, model.processor.task, v1=False, limit=max_request_bytes)
+        items, params = await _parse(request, model.processor.task, v1=False, limit=max_request_bytes,
+                                      timeout_s=body_timeout_s)
         results = await core.predict(model, items, params)
         return _json({"model_name": name, "task": model.processor.task, "results": results})
 
@@ -112,7 +115,8 @@ def build_router(core: InferenceCore, *, max_request_bytes: int) -> APIRouter:
                  openapi_extra=V1_DOC)
     async def predict_v1(name: str, request: Request) -> Response:
         model = core.task_model(name)
-        items, params = await _parse(request, model.processor.task, v1=True, limit=max_request_bytes)
+        items, params = await _parse(request, model.processor.task, v1=True, limit=max_request_bytes,
+                                      timeout_s=body_timeout_s)
         return _json({"predictions": await core.predict(model, items, params)})
 
     return router

@@ -1,0 +1,136 @@
+"""uvicorn, adapted to our lifecycle: a header timeout per connection and a bounded, lossless drain.
+
+`Server` (service/server.py) owns the signals; this module only knows how to serve HTTP and how to stop:
+stop listening, let every request already received finish (answered with `Connection: close`), then close
+what is left — at the latest at the deadline the server gives it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Iterator
+
+import orjson
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+log = logging.getLogger("modelserve.http")
+
+
+class TimedHttpToolsProtocol(HttpToolsProtocol):
+    """HttpToolsProtocol that closes a connection whose request headers do not arrive in time.
+
+    NOTE: uvicorn has a keep-alive timeout (idle between requests) but no header timeout, so a client that
+    connects and sends its headers a byte at a time holds the connection forever (slowloris). A timer armed
+    when the connection opens (and when the next request's first byte arrives) and cancelled when the
+    headers are complete closes it with 408. Subclassing is the narrowest place: the parser callbacks are
+    only visible here.
+    """
+
+    header_timeout: float = 10.0  # set by protocol_class()
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._draining = False
+        self._header_timer: asyncio.TimerHandle | None = self.loop.call_later(self.header_timeout,
+                                                                              self._headers_timed_out)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self._header_timer is None:
+            self._header_timer = self.loop.call_later(self.header_timeout, self._headers_timed_out)
+
+    def on_headers_complete(self) -> None:
+        self._cancel_header_timer()
+        super().on_headers_complete()
+        if self._draining and self.cycle is not None:
+            self.cycle.keep_alive = False  # answer it, then close: the server is going away
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_header_timer()
+        super().connection_lost(exc)
+
+    def _cancel_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _headers_timed_out(self) -> None:
+        self._header_timer = None
+        if self.transport.is_closing():
+            return
+        body = orjson.dumps({"error": f"request headers not received within {self.header_timeout:g} s"})
+        head = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                b"content-length: " + str(len(body)).encode() + b"\r\n\r\n")
+        self.transport.write(head + body)
+        self.transport.close()
+
+    @property
+    def busy(self) -> bool:
+        """A request on this connection has not been answered yet."""
+        return self.cycle is not None and not self.cycle.response_complete
+
+    def shutdown(self) -> None:
+        """Start draining: a request in progress is answered with `Connection: close`; an idle connection
+        stays open until the drain ends, so a request already on the wire is still answered."""
+        self._draining = True
+        if self.busy:
+            self.cycle.keep_alive = False
+
+
+def protocol_class(*, header_timeout: float) -> type[TimedHttpToolsProtocol]:
+    return type("HttpProtocol", (TimedHttpToolsProtocol,), {"header_timeout": header_timeout})
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn.Server whose shutdown drains up to `deadline` (loop time) and installs no signal handlers."""
+
+    deadline: float = 0.0
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self._cut_short = asyncio.Event()
+
+    def stop_now(self) -> None:
+        """End the drain at once (a second signal)."""
+        self.force_exit = True
+        self._cut_short.set()
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield  # service.server.Server owns SIGTERM/SIGINT: one signal drives HTTP, gRPC and the models
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        for server in self.servers:
+            server.close()  # refuse new connections
+        connections = list(self.server_state.connections)
+        for conn in connections:
+            conn.shutdown()
+        await self._wait_for_requests()
+        left = [c for c in self.server_state.connections if getattr(c, "busy", False)]
+        if left or self.server_state.tasks:
+            log.warning("exit timeout: closing %d connection(s) with requests still in progress", len(left))
+        for task in list(self.server_state.tasks):
+            task.cancel()
+        for conn in list(self.server_state.connections):
+            conn.transport.close()
+        for server in self.servers:
+            await server.wait_closed()
+
+    async def _wait_for_requests(self) -> None:
+        """Until every request received has been answered, or the deadline."""
+        loop = asyncio.get_running_loop()
+        cut = loop.create_task(self._cut_short.wait())
+        try:
+            while self.server_state.tasks and not cut.done():
+                remaining = self.deadline - loop.time()
+                if remaining <= 0:
+                    return
+                # New tasks may start meanwhile (a request on an idle keep-alive connection): loop until none.
+                await asyncio.wait({cut, *self.server_state.tasks}, timeout=remaining,
+                                   return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            cut.cancel()
