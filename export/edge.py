@@ -29,6 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import onnxruntime
 from rich.console import Console
 
 from service.modelrepo.card import read_card
@@ -163,8 +164,6 @@ def write_bundle(*, repo: Path, name: str, output: Path, target: str) -> dict:
 
 
 def _manifest(stage: Path, *, name: str, source: Path, variant: str, target: str) -> dict:
-    import onnxruntime
-
     files = {p.relative_to(stage).as_posix(): file_entry(p) for p in sorted(stage.rglob("*")) if p.is_file()}
     return {"model": name, "source_model": source.name, "variant": variant, "target": target,
             "ort_optimization_level": TARGETS[target][1], "ort_target_platform": TARGETS[target][0],
