@@ -75,7 +75,7 @@ def test_cnn_student_end_to_end(tiny_zoo, tmp_path, monkeypatch):
         calls.append((kwargs["temperature"], kwargs["alpha"], out[1].item()))
         return out
 
-    monkeypatch.setattr(distill, "distillation_loss", spy)
+    monkeypatch.setattr(distill_common, "distillation_loss", spy)
     result = distill.build_student("cnn", repo_dir=repo, work_dir=tmp_path / "work", profile="tiny")
     assert result is not None and calls, "training must go through distillation_loss"
     # Every step used a softened (T > 1), non-zero soft term with real weight.
