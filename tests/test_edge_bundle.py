@@ -141,7 +141,9 @@ def test_text_bundle_matches_server(tiny_zoo, serve_repository, edge_python, tmp
                       "--output", str(bundle)]) == 0
     texts = ["Compress the file with gzip.", "Open a TCP socket and connect to the host.",
              "Return the square root of x.", "Parse an XML document into an element tree."]
-    rows = predictions(run_bundle(edge_python, bundle, "--k", "100", *(a for t in texts for a in ("--text", t))))
+    labels = (tiny_zoo / "transformer-classifier" / "labels.txt").read_text().splitlines()
+    rows = predictions(run_bundle(edge_python, bundle, "--k", str(len(labels)),
+                                  *(a for t in texts for a in ("--text", t))))
     tokenizer = Tokenizer.from_file(str(tiny_zoo / "transformer-classifier" / "tokenizer.json"))
     encodings = tokenizer.encode_batch(texts)
     feed = {"input_ids": np.array([e.ids for e in encodings], np.int64),
@@ -150,7 +152,6 @@ def test_text_bundle_matches_server(tiny_zoo, serve_repository, edge_python, tmp
         expected = server_outputs(url, "transformer-classifier", feed, ["probabilities"])["probabilities"]
     got = [[p["probability"] for p in sorted(r["predictions"], key=lambda p: p["index"])] for r in rows]
     np.testing.assert_allclose(np.array(got), expected, atol=1e-5)
-    labels = (tiny_zoo / "transformer-classifier" / "labels.txt").read_text().splitlines()
     assert [r["predictions"][0]["label"] for r in rows] == [labels[i] for i in expected.argmax(1)]
 
 
