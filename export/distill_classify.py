@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.distill import (
+from export.common import check_budget, load_parent
+from export.distill_common import (
     LATENCY_BATCH,
     KDSettings,
     StudentResult,
@@ -23,6 +24,10 @@ from export.distill import (
     onnx_teacher,
     side_by_side_latency,
 )
+from export.heldout import evaluate, load_heldout
+from models import cnn, cnn_data, speech, speech_export
+from models import speech_data as sd
+from models.common import count_parameters, export_onnx, parity_check, set_seed
 
 SETTINGS = {
     "cnn": {"tiny": KDSettings(epochs=1, batch_size=64, lr=1e-2),
@@ -34,10 +39,6 @@ LATENCY_REPEATS = {"tiny": 5, "default": 30}
 
 
 def build(family: str, *, repo_dir: Path, work_dir: Path, profile: str) -> StudentResult:
-    from export.common import check_budget, load_parent
-    from export.heldout import evaluate, load_heldout
-    from models.common import count_parameters, set_seed
-
     start = time.perf_counter()
     parent = load_parent(repo_dir, family)
     set_seed(parent.seed)
@@ -62,9 +63,6 @@ def build(family: str, *, repo_dir: Path, work_dir: Path, profile: str) -> Stude
 
 
 def _train_cnn(parent, *, settings: KDSettings, work_dir: Path, heldout) -> tuple[dict, dict, Path]:
-    from models import cnn, cnn_data
-    from models.common import export_onnx, parity_check
-
     hyper = cnn.HYPER[parent.profile]
     x_tr, y_tr, x_te, _ = cnn.split(cnn_data.load("digits"), hyper=hyper, seed=parent.seed)
     width = max(2, int(parent.card.get("training", {}).get("width", hyper.width)) // 2)
@@ -92,9 +90,6 @@ def _train_cnn(parent, *, settings: KDSettings, work_dir: Path, heldout) -> tupl
 
 
 def _train_speech(parent, *, settings: KDSettings, work_dir: Path, heldout) -> tuple[dict, dict, Path]:
-    from models import speech, speech_export
-    from models import speech_data as sd
-
     hyper = speech.HYPER[parent.profile]
     training = parent.card.get("training", {})
     # NOTE: two thirds of the width and one block fewer: half width and half the blocks (24 channels,

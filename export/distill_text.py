@@ -19,19 +19,32 @@ and updating it would cost most of each step for little gain.
 
 from __future__ import annotations
 
+import importlib
 import re
 import time
+import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
+from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from export.distill import LATENCY_BATCH, StudentResult, side_by_side_latency
-
-if TYPE_CHECKING:
-    from models.transformer_text import SentenceEncoder
+from export.common import load_parent
+from export.distill_common import LATENCY_BATCH, StudentResult, side_by_side_latency
+from export.heldout import fp32_outputs, load_heldout, run_outputs
+from models import transformer
+from models import transformer_corpus as tc
+from models.common import count_parameters, set_seed
+from models.transformer_text import (
+    SentenceEncoder,
+    embed_texts,
+    export_text_model,
+    load_encoder,
+    minilm_dir,
+    tokenize,
+)
 
 MIN_COSINE = 0.90
 TOP_K = 10
@@ -81,8 +94,6 @@ def retrieval_overlap(teacher: np.ndarray, student: np.ndarray, *, k: int = TOP_
 def train_student(student: SentenceEncoder, *, tokenizer, texts: list[str], targets: np.ndarray,
                   settings: dict, seed: int) -> dict[str, float]:
     """Cosine-distil ``student`` on ``texts`` toward ``targets``; batches of similar lengths (less padding)."""
-    from models.transformer_text import tokenize
-
     student.bert.embeddings.word_embeddings.weight.requires_grad_(False)
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=settings["lr"], weight_decay=0.01)
@@ -114,11 +125,6 @@ def train_student(student: SentenceEncoder, *, tokenizer, texts: list[str], targ
 
 def extra_texts(exclude: set[str]) -> list[str]:
     """Entries of EXTRA_MODULES formatted as the corpus formats them; modules that fail to import are skipped."""
-    import importlib
-    import warnings
-
-    from models import transformer_corpus as tc
-
     texts: list[str] = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -138,9 +144,6 @@ def extra_texts(exclude: set[str]) -> list[str]:
 
 def _training_texts(parent, *, max_texts: int | None) -> list[str]:
     """The corpus's training side plus EXTRA_MODULES texts (none of which occurs in the corpus)."""
-    from models import transformer
-    from models import transformer_corpus as tc
-
     corpus = transformer._load_corpus(transformer.HYPER[parent.profile], parent.seed)
     train, _ = tc.grouped_split(corpus, by="owners", folds=transformer.FOLDS, seed=parent.seed)
     texts = [corpus.texts[i] for i in train]
@@ -165,13 +168,6 @@ def build(*, repo_dir: Path, work_dir: Path, profile: str, layers: int | None = 
 
     ``layers`` (default: a third of the teacher's) and ``epochs`` override the profile's settings.
     """
-    from tokenizers import Tokenizer
-
-    from export.common import load_parent
-    from export.heldout import fp32_outputs, load_heldout, run_outputs
-    from models.common import count_parameters, set_seed
-    from models.transformer_text import embed_texts, export_text_model, load_encoder, minilm_dir
-
     start = time.perf_counter()
     parent = load_parent(repo_dir, "transformer")
     kept, _ = teacher_layers(parent.card)

@@ -1,13 +1,17 @@
 """``modelserve edge-bundle``: a self-contained folder to run one model on a device with only ONNX Runtime.
 
-    modelserve edge-bundle --model NAME [--model-repository DIR] [--target x86|arm] --output DIR
+    modelserve edge-bundle --model NAME [--model-repository DIR] [--target x86|arm] --output DIR [--sign-key KEY.pem]
+    modelserve edge-bundle --verify DIR [--public-key PUB.pem]
 
 The bundle holds the model (the ``<NAME>-int8`` variant when the repository has one, else the FP32
 model) as ONNX and in ORT format, the ``required_operators.config`` written by ONNX Runtime's converter
-(feed it to ORT's ``build.py --include_ops_by_config`` for a reduced-size runtime), labels, the
-preprocessing spec (``preprocess.json``) and assets (``tokenizer.json``), a small runner (``run.py``:
-numpy + onnxruntime, plus tokenizers for text), a README and ``manifest.json`` with the SHA-256 and size
-of every other file, which the runner verifies before it loads anything.
+(feed it to ORT's ``build.py --include_ops_by_config`` for a reduced-size runtime), the server's own
+preprocessing module for the model's family (``modelserve_processing/``, copied verbatim), its arguments
+(``preprocess.json``) and assets (``tokenizer.json``, ``seen_items.json``), a sample input, a runner
+(``run.py``), a README and ``manifest.json`` with the SHA-256 and size of every other file. The runner
+verifies it (and refuses any file it does not list) before it imports anything from the bundle;
+``--sign-key`` adds an Ed25519 signature of the manifest (``manifest.sig``). ``--verify`` checks a bundle
+from outside it, with this package's code rather than the bundle's own ``run.py``.
 
 Target differences (only these): the ORT format itself is portable, but a "Fixed"-style conversion bakes
 in the optimizations of the level it ran at. ``x86`` converts at level ``all`` for ``amd64`` (includes the
@@ -19,6 +23,7 @@ ONNX op any ORT build has, so the file runs on arm builds, including reduced one
 from __future__ import annotations
 
 import argparse
+import ast
 import hashlib
 import json
 import os
@@ -28,18 +33,28 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
+import onnxruntime
+from PIL import Image, ImageDraw, ImageFont
 from rich.console import Console
 
-from service.modelrepo.card import read_card
-from service.modelrepo.config import parse_config_text
-from service.modelrepo.layout import CONFIG_FILENAME
+import service
+from export import edge_runner_template as runner
+from service.errors import ServingError
+from service.offline.engine import load_model
+from service.processing.registry import Recipe, processor_recipe
 
-RUNNER_TEMPLATE = Path(__file__).with_name("edge_runner_template.py")
+RUNNER_TEMPLATE = Path(runner.__file__)
 TARGETS = {"x86": ("amd64", "all"), "arm": ("arm", "basic")}
-MANIFEST = "manifest.json"
-# Which preprocessing a model needs follows from its first input's name (the contract in models/CONTRACT.md).
-KIND_BY_INPUT = {"image": "image", "input_ids": "text", "waveform": "audio", "user_id": "user_id"}
+MANIFEST = runner.MANIFEST
+# NOTE: the processing modules are shipped verbatim at their own package paths under one folder that the
+# runner puts first on sys.path after verification, so their `from service.errors import ...` resolve with no
+# shim and no edit: the bundle runs the bytes the server runs. These are all they may import from the project.
+SHIPPED_COMMON = ("service/__init__.py", "service/errors.py", "service/processing/__init__.py",
+                  "service/processing/base.py")
+# What the family's module needs on the device besides onnxruntime and numpy (its third-party imports).
+DEVICE_PACKAGES = {"cnn": "pillow", "transformer": "tokenizers", "speech": "soundfile scipy", "recommender": ""}
 
 
 def choose_source(repo: Path, name: str) -> tuple[Path, str]:
@@ -57,36 +72,52 @@ def choose_source(repo: Path, name: str) -> tuple[Path, str]:
     return base, "fp32"
 
 
-def preprocess_spec(base: Path) -> dict:
-    """The JSON spec the runner follows, from the model's config.pbtxt and model card."""
-    config = parse_config_text((base / CONFIG_FILENAME).read_text(), where=f"{base.name}/{CONFIG_FILENAME}")
-    card = read_card(base)
-    inputs = [i.name for i in config.input]
-    kind = KIND_BY_INPUT.get(inputs[0])
-    if kind is None:
-        raise ValueError(f"{base.name}: input {inputs[0]!r} is none of {sorted(KIND_BY_INPUT)}; "
-                         "no edge preprocessing is known for it")
-    labelled = [o.name for o in config.output if o.label_filename]
-    spec: dict = {"kind": kind, "inputs": inputs, "outputs": [o.name for o in config.output],
-                  "labels": "labels.txt" if labelled else None, "class_output": labelled[0] if labelled else None}
-    input_spec = card.get("input_spec", {})
-    if kind == "image":
-        spec.update(side=int(config.input[0].dims[-1]), invert=False, scaling=input_spec.get("scaling"),
-                    notes="grayscale; resized bilinearly to side x side if needed; uint8 pixels / 255")
-    elif kind == "text":
-        params = config.parameters
-        if "tokenizer" not in params or "max_sequence_length" not in params:
-            raise ValueError(f"{base.name}: a text model's config.pbtxt needs parameters 'tokenizer' and "
-                             "'max_sequence_length' (see models/CONTRACT.md)")
-        spec.update(tokenizer=params["tokenizer"].string_value,
-                    max_sequence_length=int(params["max_sequence_length"].string_value),
-                    notes="tokenizer.json pads to the longest text and truncates at max_sequence_length")
-    elif kind == "audio":
-        spec.update(sample_rate=int(input_spec.get("sample_rate", 16000)), channels=1,
-                    notes="16-bit PCM WAV mixed to mono, /32768, linearly resampled to sample_rate")
-    else:
-        spec.update(notes="INT64 user ids, one per row; unknown ids get popular items inside the graph")
-    return spec
+def preprocess_spec(recipe: Recipe) -> tuple[dict, dict[str, Path]]:
+    """(preprocess.json, assets to copy): the processor's module, class and arguments; paths become bundle files."""
+    kwargs: dict[str, Any] = {}
+    paths: dict[str, str] = {}
+    assets: dict[str, Path] = {}
+    for key, value in recipe.kwargs.items():
+        if key == "model_dir":  # the recommender reads seen_items.json from its folder: the bundle
+            paths[key] = "."
+            if (Path(value) / "seen_items.json").is_file():
+                assets["seen_items.json"] = Path(value) / "seen_items.json"
+        elif isinstance(value, Path):
+            paths[key] = value.name
+            assets[value.name] = value
+        else:
+            kwargs[key] = value
+    spec = {"family": recipe.family, "module": recipe.processor.__module__, "class": recipe.processor.__name__,
+            "kwargs": kwargs, "bundle_paths": paths}
+    return spec, assets
+
+
+def shipped_sources(module: str) -> list[str]:
+    """Repository-relative files of ``module`` and what it needs; refuses project imports beyond those."""
+    root = Path(service.__file__).resolve().parent.parent
+    own = module.replace(".", "/") + ".py"
+    files = [*SHIPPED_COMMON, own]
+    for node in ast.walk(ast.parse((root / own).read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in ("service", "models"):
+            if node.module.replace(".", "/") + ".py" not in files:
+                raise ValueError(f"{own} imports {node.module}, which edge bundles do not ship; "
+                                 f"processing modules may import only {', '.join(SHIPPED_COMMON[1:])}")
+    return files
+
+
+def write_sample(stage: Path, family: str) -> str | None:
+    """A sample input the README's command uses (None where a flag value is enough or none can be made)."""
+    if family == "cnn":
+        page = Image.new("RGB", (200, 240), (236, 233, 225))
+        draw = ImageDraw.Draw(page)
+        draw.text((100, 120), "7", fill=(30, 30, 40), font=ImageFont.load_default(size=150), anchor="mm",
+                  stroke_width=4, stroke_fill=(30, 30, 40))
+        page.save(stage / "sample.jpg", quality=90)
+        return "sample.jpg"
+    if family == "transformer":
+        (stage / "sample.txt").write_text("Compress the file with gzip.\nReturn the square root of x.\n")
+        return "sample.txt"
+    return None
 
 
 def convert_to_ort(onnx_path: Path, *, out_dir: Path, target: str) -> tuple[Path, Path]:
@@ -114,45 +145,74 @@ def file_entry(path: Path) -> dict:
     return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
 
 
-def readme(*, name: str, variant: str, target: str, spec: dict) -> str:
-    flag = {"image": "--image digit.npy", "text": '--text "some text"', "audio": "--audio clip.wav",
-            "user_id": "--user-id 3"}[spec["kind"]]
-    extra = " tokenizers" if spec["kind"] == "text" else ""
+def readme(*, name: str, variant: str, target: str, spec: dict, sample: str | None) -> str:
+    family = spec["family"]
+    run = {"cnn": f"--image {sample}   # or any PNG/JPEG photo of a digit", "transformer": f"--text-file {sample}",
+           "speech": "--audio clip.wav   # any WAV; record one: arecord -d 1 -f S16_LE -r 16000 clip.wav",
+           "recommender": "--user-id 3 --user-id 7"}[family]
+    packages = " ".join(p for p in ("onnxruntime numpy", DEVICE_PACKAGES[family]) if p)
     return f"""# Edge bundle: {name} ({variant}, target {target})
 
-    python -m venv env && env/bin/pip install onnxruntime numpy{extra}
-    env/bin/python run.py {flag}
+    python -m venv env && env/bin/pip install {packages}
+    env/bin/python -I run.py {run}
 
-`run.py` first checks every file against `manifest.json` (SHA-256 and size) and refuses to run a changed
-bundle (exit 3); this catches corruption and edits, but the manifest is not signed, so it cannot stop
-someone who rewrites the manifest too (ship the manifest's own SHA-256 out of band for that). It runs `model.ort` (ORT format; `--onnx` runs `model.onnx`) and prints JSON.
-`preprocess.json` describes the input preprocessing the runner applies. `required_operators.config`
-lists the operators the model needs: build a reduced ONNX Runtime with
+`-I` (isolated mode) keeps this folder, `PYTHONPATH` and user site-packages off the import path; `run.py` also
+takes the folder off itself. Before it imports anything from the bundle, `run.py` checks every file against
+`manifest.json` (SHA-256 and size) and refuses a changed bundle or one with files the manifest does not list
+(exit 3). `modelserve_processing/` is the server's own preprocessing for the {family} family, copied verbatim,
+so the device prepares inputs exactly as `/v1/models/{name}/predict` and `modelserve predict` do;
+`preprocess.json` holds its arguments. The output is the server's task answer, as JSON.
+
+A runner cannot vouch for itself (an edited `run.py` could skip its checks): verify the bundle from outside with
+`modelserve edge-bundle --verify DIR`. When the bundle was signed (`manifest.sig`, Ed25519), add
+`--public-key PUB.pem` there or to `run.py` (needs `pip install cryptography`); without a signature the
+manifest can be rewritten along with the files, so ship its SHA-256 out of band.
+
+It runs `model.ort` (ORT format; `--onnx` runs `model.onnx`). `required_operators.config` lists the operators
+the model needs: build a reduced ONNX Runtime with
 `build.py --minimal_build --include_ops_by_config required_operators.config`.
 Target `{target}`: ORT optimization level `{TARGETS[target][1]}`, platform `{TARGETS[target][0]}`.
 """
 
 
-def write_bundle(*, repo: Path, name: str, output: Path, target: str) -> dict:
+def stage_files(stage: Path, *, repo: Path, name: str, source: Path, variant: str,
+                target: str) -> tuple[dict, str | None]:
+    """Write every bundle file except the manifest into ``stage``; return (preprocess spec, sample file)."""
+    base = repo / name
+    try:
+        recipe = processor_recipe(load_model(base, threads=1).spec, model_dir=base)
+    except ServingError as exc:
+        raise ValueError(f"{name}: {exc.message}") from None
+    spec, assets = preprocess_spec(recipe)
+    shutil.copyfile(source / "1" / "model.onnx", stage / "model.onnx")
+    convert_to_ort(stage / "model.onnx", out_dir=stage, target=target)
+    for asset, path in assets.items():
+        shutil.copyfile(path, stage / asset)
+    root = Path(service.__file__).resolve().parent.parent
+    for rel in shipped_sources(spec["module"]):
+        (stage / runner.PROCESSING_ROOT / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(root / rel, stage / runner.PROCESSING_ROOT / rel)
+    (stage / "preprocess.json").write_text(json.dumps(spec, indent=2) + "\n")
+    shutil.copyfile(RUNNER_TEMPLATE, stage / "run.py")
+    sample = write_sample(stage, spec["family"])
+    (stage / "README.md").write_text(readme(name=name, variant=variant, target=target, spec=spec,
+                                            sample=sample))
+    return spec, sample
+
+
+def write_bundle(*, repo: Path, name: str, output: Path, target: str, sign_key: Path | None = None) -> dict:
     """Build the bundle in a temporary sibling folder, then rename it to ``output``; return the manifest."""
     if target not in TARGETS:
         raise ValueError(f"--target {target!r}: expected one of {', '.join(TARGETS)}")
     source, variant = choose_source(repo, name)
-    base = repo / name
-    spec = preprocess_spec(base)
     output.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
-        shutil.copyfile(source / "1" / "model.onnx", stage / "model.onnx")
-        convert_to_ort(stage / "model.onnx", out_dir=stage, target=target)
-        for asset in (spec.get("labels"), spec.get("tokenizer")):
-            if asset:
-                shutil.copyfile(source / asset if (source / asset).is_file() else base / asset, stage / asset)
-        (stage / "preprocess.json").write_text(json.dumps(spec, indent=2) + "\n")
-        shutil.copyfile(RUNNER_TEMPLATE, stage / "run.py")
-        (stage / "README.md").write_text(readme(name=name, variant=variant, target=target, spec=spec))
+        stage_files(stage, repo=repo, name=name, source=source, variant=variant, target=target)
         manifest = _manifest(stage, name=name, source=source, variant=variant, target=target)
         (stage / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if sign_key is not None:
+            (stage / runner.SIGNATURE).write_bytes(sign_manifest(stage / MANIFEST, sign_key))
         if output.exists():
             shutil.rmtree(output)
         os.replace(stage, output)
@@ -162,39 +222,75 @@ def write_bundle(*, repo: Path, name: str, output: Path, target: str) -> dict:
     return manifest
 
 
-def _manifest(stage: Path, *, name: str, source: Path, variant: str, target: str) -> dict:
-    import onnxruntime
+def sign_manifest(manifest: Path, key_file: Path) -> bytes:
+    """Ed25519 signature of the manifest's exact bytes with a PEM (PKCS#8, unencrypted) private key."""
+    # NOTE: optional dependency (the `edge` extra), needed only to sign.
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
+    try:
+        key = load_pem_private_key(key_file.read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ValueError(f"--sign-key {key_file}: cannot read an unencrypted PEM private key ({exc})") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ValueError(f"--sign-key {key_file}: expected an Ed25519 private key, got {type(key).__name__}")
+    return key.sign(manifest.read_bytes())
+
+
+def _manifest(stage: Path, *, name: str, source: Path, variant: str, target: str) -> dict:
     files = {p.relative_to(stage).as_posix(): file_entry(p) for p in sorted(stage.rglob("*")) if p.is_file()}
     return {"model": name, "source_model": source.name, "variant": variant, "target": target,
             "ort_optimization_level": TARGETS[target][1], "ort_target_platform": TARGETS[target][0],
-            "onnx_file": "model.onnx", "ort_file": "model.ort", "converter_onnxruntime": onnxruntime.__version__,
-            "created_unix": int(time.time()), "files": files}
+            "onnx_file": "model.onnx", "ort_file": "model.ort", "preprocess_file": "preprocess.json",
+            "converter_onnxruntime": onnxruntime.__version__, "created_unix": int(time.time()), "files": files}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="modelserve edge-bundle", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="model name in the repository (e.g. cnn)")
+    parser.add_argument("--model", help="model name in the repository (e.g. cnn)")
     parser.add_argument("--model-repository", type=Path, default=Path("model_repository"))
     parser.add_argument("--target", choices=sorted(TARGETS), default="x86")
-    parser.add_argument("--output", type=Path, required=True, help="bundle folder to write (replaced)")
-    return parser.parse_args(argv)
+    parser.add_argument("--output", type=Path, help="bundle folder to write (replaced)")
+    parser.add_argument("--sign-key", type=Path, help="Ed25519 private key (PEM): write manifest.sig")
+    parser.add_argument("--verify", type=Path, metavar="DIR", help="check an existing bundle and exit")
+    parser.add_argument("--public-key", type=Path, help="with --verify: Ed25519 public key (PEM) for manifest.sig")
+    args = parser.parse_args(argv)
+    if args.verify is None and (not args.model or not args.output):
+        parser.error("--model and --output are required to write a bundle (or give --verify DIR)")
+    if args.public_key is not None and args.verify is None:
+        parser.error("--public-key goes with --verify DIR")
+    return args
+
+
+def verify_bundle(bundle: Path, *, public_key: Path | None, console: Console) -> int:
+    """Check a bundle with this package's verifier (not the bundle's own run.py): 0 ok, 3 refused."""
+    try:
+        manifest = runner.verify(bundle, public_key=public_key)
+    except runner.BundleError as exc:
+        console.print(f"[red]edge-bundle --verify {bundle}: {exc}[/red]")
+        return 3
+    signed = "signature ok" if public_key else "not signature-checked (no --public-key)"
+    console.print(f"{bundle}: {len(manifest['files'])} files match manifest.json; {signed}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     console = Console(stderr=True)
+    if args.verify is not None:
+        return verify_bundle(args.verify, public_key=args.public_key, console=console)
     try:
         with console.status(f"bundling {args.model} for {args.target}"):
             manifest = write_bundle(repo=args.model_repository, name=args.model, output=args.output,
-                                    target=args.target)
+                                    target=args.target, sign_key=args.sign_key)
     except (ValueError, RuntimeError) as exc:
         console.print(f"[red]edge-bundle: {exc}[/red]")
         return 2
     total = sum(f["bytes"] for f in manifest["files"].values())
     console.print(f"{args.output}: {manifest['source_model']} ({manifest['variant']}), target {args.target}, "
-                  f"{len(manifest['files'])} files, {total / 1e6:.2f} MB")
+                  f"{len(manifest['files'])} files, {total / 1e6:.2f} MB"
+                  f"{', signed' if args.sign_key else ''}")
     return 0
 
 

@@ -1,45 +1,97 @@
-"""Edge runner for one modelserve bundle: verify checksums, preprocess inputs, run ONNX Runtime, print JSON.
+"""Edge runner for one modelserve bundle: verify the bundle, preprocess with the server's own module, run ONNX
+Runtime, print JSON.
 
-Shipped as ``run.py`` inside every bundle written by ``modelserve edge-bundle``. It needs only
-``onnxruntime`` and ``numpy`` (plus ``tokenizers`` for text models); everything model-specific is read
-from ``preprocess.json`` and ``manifest.json`` next to it.
+Shipped as ``run.py`` inside every bundle written by ``modelserve edge-bundle``. Run it in isolated mode:
 
-    python run.py --image digit.npy            # cnn: .npy ([H,W], [N,H,W] or [N,1,H,W]) or 8-bit .png
-    python run.py --text "hello" --text "hi"   # transformer / transformer-classifier
-    python run.py --audio clip.wav             # speech: PCM .wav (any rate, resampled to 16 kHz) or .npy
-    python run.py --user-id 3 --user-id 7      # recommender
+    python -I run.py --image digit.jpg           # cnn: PNG/JPEG photo (or .npy image rows)
+    python -I run.py --text "hello" --text "hi"  # transformer / transformer-classifier
+    python -I run.py --audio clip.wav            # speech: WAV (any rate, mono/stereo) or .npy at 16 kHz
+    python -I run.py --user-id 3 --user-id 7     # recommender
+    python -I run.py --verify-only [--public-key PUB.pem]
 
-Exit status: 0 ok, 2 bad input, 3 bundle integrity check failed (a file was changed or is missing).
+Order of work, so that nothing in the bundle folder runs before it is verified: (1) the bundle folder is
+taken off ``sys.path`` (``-I`` already keeps it off on Python 3.11+; a dropped ``json.py`` or ``numpy.py`` is
+then never imported), (2) only the standard library is imported, (3) every file is checked against
+``manifest.json`` and any file the manifest does not list is refused, and with ``--public-key`` the
+manifest's Ed25519 signature (``manifest.sig``) is checked, (4) only then numpy, onnxruntime and the shipped
+``modelserve_processing/`` (the server's per-family preprocessing, copied verbatim) are imported.
+
+A runner cannot vouch for itself: an edited ``run.py`` could skip all of this. Check a bundle from outside
+with the installed package: ``modelserve edge-bundle --verify DIR [--public-key PUB.pem]``.
+
+Exit status: 0 ok, 2 bad input, 3 bundle integrity check failed.
 """
 
-from __future__ import annotations
-
-import argparse
-import hashlib
-import json
-import struct
+import os  # already loaded by the interpreter at start-up: no sys.path search happens here
 import sys
-import wave
-import zlib
+
+if __name__ == "__main__":
+    # NOTE: before any import that searches sys.path: the bundle folder must not lend modules to this process.
+    _own = os.path.realpath(os.path.dirname(os.path.abspath(__file__)))
+    sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.getcwd()) != _own]
+    sys.dont_write_bytecode = True  # no __pycache__ in the bundle: it would be an unlisted file next run
+
+import argparse  # (after the sys.path cleanup above, on purpose)
+import hashlib
+import importlib
+import json
 from pathlib import Path
 
-import numpy as np
-
 HERE = Path(__file__).resolve().parent
+MANIFEST, SIGNATURE = "manifest.json", "manifest.sig"
+PROCESSING_ROOT = "modelserve_processing"
 
 
 class BundleError(RuntimeError):
-    """The bundle's files do not match manifest.json."""
+    """The bundle's files do not match manifest.json (or its signature)."""
 
 
-def verify(bundle: Path) -> dict:
-    """Check every file listed in manifest.json against its SHA-256 and size; return the manifest."""
-    manifest = json.loads((bundle / "manifest.json").read_text())
+def _listed(manifest: dict, key: str) -> str:
+    name = manifest.get(key)
+    if not isinstance(name, str) or name not in manifest.get("files", {}):
+        raise BundleError(f"manifest {key} {name!r} is not one of the files the manifest lists")
+    return name
+
+
+def check_signature(bundle: Path, public_key: Path) -> None:
+    """Ed25519 signature of manifest.json's exact bytes, in manifest.sig, against a PEM public key."""
+    # NOTE: optional dependency (`cryptography`), needed only when a public key is given.
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    if not (bundle / SIGNATURE).is_file():
+        raise BundleError(f"{SIGNATURE} is missing: the bundle is not signed")
+    key = load_pem_public_key(public_key.read_bytes())
+    if not isinstance(key, Ed25519PublicKey):
+        raise BundleError(f"{public_key}: expected an Ed25519 public key (PEM)")
+    try:
+        key.verify((bundle / SIGNATURE).read_bytes(), (bundle / MANIFEST).read_bytes())
+    except InvalidSignature:
+        raise BundleError(f"{SIGNATURE}: the signature does not match manifest.json and this key") from None
+
+
+def verify(bundle: Path, *, public_key: Path | None = None) -> dict:
+    """Check every file against manifest.json, refuse files it does not list; return the manifest."""
+    bundle = Path(bundle).resolve()
+    try:
+        manifest = json.loads((bundle / MANIFEST).read_text())
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise BundleError(f"{MANIFEST} is missing or unreadable ({exc})") from None
+    if public_key is not None:
+        check_signature(bundle, public_key)
     problems = []
-    for rel, entry in manifest["files"].items():
+    on_disk = set()
+    for root, dirs, names in os.walk(bundle):
+        for name in names + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
+            on_disk.add(Path(root, name).relative_to(bundle).as_posix())
+    for rel in sorted(on_disk - set(files) - {MANIFEST, SIGNATURE}):
+        problems.append(f"{rel}: not listed in the manifest")
+    for rel, entry in files.items():
         path = bundle / rel
-        if not path.is_file():
-            problems.append(f"{rel}: missing")
+        if rel.startswith("/") or ".." in rel.split("/") or path.is_symlink() or not path.is_file():
+            problems.append(f"{rel}: missing (or not a plain file inside the bundle)")
             continue
         data = path.read_bytes()
         if len(data) != entry["bytes"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
@@ -47,199 +99,110 @@ def verify(bundle: Path) -> dict:
                             f"{entry['bytes']} bytes; found {len(data)} bytes)")
     if problems:
         raise BundleError("bundle integrity check failed: " + "; ".join(problems))
+    for key in ("onnx_file", "ort_file", "preprocess_file"):
+        _listed(manifest, key)
     return manifest
 
 
-# --- images -------------------------------------------------------------------------------------------
+# --- after verification: the shipped processing module, numpy and onnxruntime -------------------------
 
-def decode_png(data: bytes) -> np.ndarray:
-    """8-bit grayscale / gray+alpha / RGB / RGBA non-interlaced PNG -> float gray [H, W] in [0, 1].
-
-    NOTE: written with the stdlib (zlib) so the runner does not need Pillow on the device.
-    """
-    if data[:8] != b"\x89PNG\r\n\x1a\n":
-        raise ValueError("not a PNG file")
-    pos, idat, header = 8, b"", None
-    while pos < len(data):
-        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
-        body = data[pos + 8:pos + 8 + length]
-        if kind == b"IHDR":
-            header = struct.unpack(">IIBBBBB", body)
-        elif kind == b"IDAT":
-            idat += body
-        pos += 12 + length
-    if header is None:
-        raise ValueError("PNG without IHDR chunk")
-    width, height, depth, color, _, _, interlace = header
-    channels = {0: 1, 4: 2, 2: 3, 6: 4}.get(color)
-    if depth != 8 or channels is None or interlace:
-        raise ValueError(f"PNG with bit depth {depth}, colour type {color}, interlace {interlace}: "
-                         "expected 8-bit gray, gray+alpha, RGB or RGBA, not interlaced")
-    pixels = _unfilter(zlib.decompress(idat), width=width, height=height, bpp=channels)
-    image = pixels.reshape(height, width, channels).astype(np.float32) / 255.0
-    return image[..., :3].mean(axis=-1) if channels >= 3 else image[..., 0]
+def load_processor(spec: dict, manifest: dict):
+    """The server's processor class from the shipped module, built with the bundle's arguments."""
+    module_file = spec["module"].replace(".", "/") + ".py"
+    if f"{PROCESSING_ROOT}/{module_file}" not in manifest["files"]:
+        raise BundleError(f"preprocess module {spec['module']!r} is not a file the manifest lists")
+    sys.path.insert(0, str(HERE / PROCESSING_ROOT))
+    module = importlib.import_module(spec["module"])
+    kwargs = dict(spec["kwargs"])
+    for key, rel in spec.get("bundle_paths", {}).items():
+        if rel != "." and rel not in manifest["files"]:
+            raise BundleError(f"preprocess path {key}={rel!r} is not a file the manifest lists")
+        kwargs[key] = HERE / rel
+    return getattr(module, spec["class"])(**kwargs)
 
 
-def _unfilter(raw: bytes, *, width: int, height: int, bpp: int) -> np.ndarray:
-    """Undo the five PNG scanline filters (PNG spec section 9)."""
-    stride = width * bpp
-    out = np.zeros((height, stride), dtype=np.uint8)
-    prev = np.zeros(stride, dtype=np.int32)
-    for y in range(height):
-        kind, line = raw[y * (stride + 1)], np.frombuffer(raw, np.uint8, stride, y * (stride + 1) + 1)
-        cur = line.astype(np.int32)
-        if kind == 2:
-            cur = (cur + prev) & 255
-        elif kind in (1, 3, 4):
-            cur = cur.copy()
-            for x in range(stride):
-                a = cur[x - bpp] if x >= bpp else 0
-                c = prev[x - bpp] if x >= bpp else 0
-                if kind == 1:
-                    pred = a
-                elif kind == 3:
-                    pred = (a + prev[x]) // 2
-                else:
-                    p = a + prev[x] - c
-                    pa, pb, pc = abs(p - a), abs(p - prev[x]), abs(p - c)
-                    pred = a if pa <= pb and pa <= pc else (prev[x] if pb <= pc else c)
-                cur[x] = (cur[x] + pred) & 255
-        out[y] = cur
-        prev = cur
-    return out
+def read_items(args: argparse.Namespace, family: str) -> list:
+    """Raw items as the server's task routes receive them: file bytes, texts, user ids, .npy rows."""
+    import numpy as np
+
+    def files(paths: list[str]) -> list:
+        items: list = []
+        for name in paths:
+            if name.endswith(".npy"):
+                array = np.load(name, allow_pickle=False)
+                items += list(array.reshape(-1, *array.shape[-2:])) if family == "cnn" else list(array.reshape(
+                    -1, array.shape[-1]))
+            else:
+                items.append(Path(name).read_bytes())
+        return items
+
+    if family == "cnn" and args.image:
+        return files(args.image)
+    if family == "transformer" and (args.text or args.text_file):
+        return list(args.text or []) + [line for f in args.text_file or [] for line in
+                                        Path(f).read_text().splitlines() if line.strip()]
+    if family == "speech" and args.audio:
+        return files(args.audio)
+    if family == "recommender" and args.user_id:
+        return list(args.user_id)
+    flag = {"cnn": "--image", "transformer": "--text/--text-file", "speech": "--audio",
+            "recommender": "--user-id"}[family]
+    raise ValueError(f"this bundle holds a {family} model: give its inputs with {flag}")
 
 
-def resize_bilinear(image: np.ndarray, side: int) -> np.ndarray:
-    """Bilinear resize of [H, W] to [side, side] (half-pixel centres, like align_corners=False)."""
-    h, w = image.shape
-    ys = np.clip((np.arange(side) + 0.5) * h / side - 0.5, 0, h - 1)
-    xs = np.clip((np.arange(side) + 0.5) * w / side - 0.5, 0, w - 1)
-    y0, x0 = np.floor(ys).astype(int), np.floor(xs).astype(int)
-    y1, x1 = np.minimum(y0 + 1, h - 1), np.minimum(x0 + 1, w - 1)
-    fy, fx = (ys - y0)[:, None], (xs - x0)[None, :]
-    top = image[y0][:, x0] * (1 - fx) + image[y0][:, x1] * fx
-    bottom = image[y1][:, x0] * (1 - fx) + image[y1][:, x1] * fx
-    return (top * (1 - fy) + bottom * fy).astype(np.float32)
+def predict(processor, session, items: list, *, k: int | None) -> list[dict]:
+    prepared = [processor.prepare(item, index=i) for i, item in enumerate(items)]
+    names = [o.name for o in session.get_outputs()]
+    params = {"k": k} if k else {}
+    if processor.task == "keyword-spotting":  # clips of different lengths run one at a time
+        rows = []
+        for p in prepared:
+            outputs = dict(zip(names, session.run(None, processor.collate([p]))))
+            rows += processor.postprocess(outputs, [p], params=params)
+        return rows
+    outputs = dict(zip(names, session.run(None, processor.collate(prepared))))
+    return processor.postprocess(outputs, prepared, params=params)
 
 
-def load_images(paths: list[str], spec: dict) -> np.ndarray:
-    side, batch = spec["side"], []
-    for name in paths:
-        if name.endswith(".png"):
-            arrays = decode_png(Path(name).read_bytes())[None]
-        else:
-            arrays = np.load(name)
-            scale = 255.0 if arrays.dtype == np.uint8 else 1.0
-            arrays = arrays.astype(np.float32) / scale
-            arrays = arrays.reshape(-1, *arrays.shape[-2:])  # [H,W], [N,H,W], [N,1,H,W] -> [N,H,W]
-        for image in arrays:
-            if image.shape != (side, side):
-                image = resize_bilinear(image, side)
-            batch.append(1.0 - image if spec.get("invert") else image)
-    return np.stack(batch)[:, None].astype(np.float32)
-
-
-# --- audio, text, users -------------------------------------------------------------------------------
-
-def load_audio(paths: list[str], spec: dict) -> list[np.ndarray]:
-    """Mono float waveforms at the model's rate: .wav (16-bit PCM, any rate) or .npy (already at rate)."""
-    clips = []
-    for name in paths:
-        if not name.endswith(".wav"):
-            clips.append(np.load(name).astype(np.float32).reshape(-1))
-            continue
-        with wave.open(name, "rb") as handle:
-            if handle.getsampwidth() != 2:
-                raise ValueError(f"{name}: {8 * handle.getsampwidth()}-bit WAV; expected 16-bit PCM")
-            rate, channels = handle.getframerate(), handle.getnchannels()
-            pcm = np.frombuffer(handle.readframes(handle.getnframes()), "<i2").astype(np.float32) / 32768.0
-        clips.append(resample(pcm.reshape(-1, channels).mean(axis=1), rate=rate, target=spec["sample_rate"]))
-    return clips
-
-
-def resample(audio: np.ndarray, *, rate: int, target: int) -> np.ndarray:
-    """Linear-interpolation resampling (enough for keyword spotting; no scipy on the device)."""
-    if rate == target:
-        return audio.astype(np.float32)
-    n_out = max(1, round(len(audio) * target / rate))
-    return np.interp(np.arange(n_out) * rate / target, np.arange(len(audio)), audio).astype(np.float32)
-
-
-def tokenize(texts: list[str], spec: dict) -> tuple[np.ndarray, np.ndarray]:
-    from tokenizers import Tokenizer
-
-    tokenizer = Tokenizer.from_file(str(HERE / spec["tokenizer"]))
-    encodings = tokenizer.encode_batch(texts)
-    ids = np.array([e.ids for e in encodings], dtype=np.int64)
-    return ids, np.array([e.attention_mask for e in encodings], dtype=np.int64)
-
-
-# --- running ------------------------------------------------------------------------------------------
-
-def session(model_file: str):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(HERE / model_file), options, providers=["CPUExecutionProvider"])
-
-
-def feeds(args: argparse.Namespace, spec: dict) -> list[dict[str, np.ndarray]]:
-    """One feed dict per model call (audio clips of different lengths run one at a time)."""
-    kind = spec["kind"]
-    if kind == "image" and args.image:
-        return [{spec["inputs"][0]: load_images(args.image, spec)}]
-    if kind == "text" and (args.text or args.text_file):
-        texts = list(args.text or []) + [line for f in args.text_file or [] for line in
-                                         Path(f).read_text().splitlines() if line.strip()]
-        ids, mask = tokenize(texts, spec)
-        return [dict(zip(spec["inputs"], (ids, mask)))]
-    if kind == "audio" and args.audio:
-        return [{spec["inputs"][0]: clip[None]} for clip in load_audio(args.audio, spec)]
-    if kind == "user_id" and args.user_id:
-        return [{spec["inputs"][0]: np.array(args.user_id, dtype=np.int64).reshape(-1, 1)}]
-    flag = {"image": "--image", "text": "--text/--text-file", "audio": "--audio", "user_id": "--user-id"}[kind]
-    raise ValueError(f"this bundle holds a {kind} model: give its inputs with {flag}")
-
-
-def predictions(outputs: dict[str, np.ndarray], spec: dict, labels: list[str]) -> list[dict]:
-    rows = []
-    for i in range(len(next(iter(outputs.values())))):
-        row: dict = {name: value[i].tolist() for name, value in outputs.items()}
-        if labels and spec.get("class_output") in outputs:
-            probs = outputs[spec["class_output"]][i]
-            best = int(np.argmax(probs))
-            row.update(label=labels[best], index=best, probability=float(probs[best]))
-        rows.append(row)
-    return rows
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--image", action="append", help="PNG/JPEG photo or .npy image rows (repeatable)")
+    parser.add_argument("--text", action="append", help="a text (repeatable)")
+    parser.add_argument("--text-file", action="append", help="a UTF-8 file, one text per line")
+    parser.add_argument("--audio", action="append", help="a WAV file or .npy 16 kHz waveform rows (repeatable)")
+    parser.add_argument("--user-id", action="append", type=int, help="a user id (repeatable)")
+    parser.add_argument("--k", type=int, help="labels/items returned per input (the server's 'k')")
+    parser.add_argument("--onnx", action="store_true", help="run model.onnx instead of the ORT-format model")
+    parser.add_argument("--public-key", type=Path, help="Ed25519 public key (PEM): also check manifest.sig")
+    parser.add_argument("--verify-only", action="store_true", help="verify the bundle and exit")
+    return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--image", action="append", help=".npy or 8-bit .png (repeatable)")
-    parser.add_argument("--text", action="append", help="a text to encode (repeatable)")
-    parser.add_argument("--text-file", action="append", help="a UTF-8 file, one text per line")
-    parser.add_argument("--audio", action="append", help=".wav (16-bit PCM) or .npy waveform (repeatable)")
-    parser.add_argument("--user-id", action="append", type=int, help="a user id (repeatable)")
-    parser.add_argument("--onnx", action="store_true", help="run model.onnx instead of the ORT-format model")
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     try:
-        manifest = verify(HERE)
+        manifest = verify(HERE, public_key=args.public_key)
     except BundleError as exc:
         print(json.dumps({"error": str(exc)}), file=sys.stderr)
         return 3
-    spec = json.loads((HERE / "preprocess.json").read_text())
-    labels = (HERE / spec["labels"]).read_text().splitlines() if spec.get("labels") else []
+    if args.verify_only:
+        print(json.dumps({"verified": True, "files": len(manifest["files"]), "signed": args.public_key is not None}))
+        return 0
+    spec = json.loads((HERE / manifest["preprocess_file"]).read_text())
+    processor = load_processor(spec, manifest)
+    serving_error = importlib.import_module("service.errors").ServingError  # shipped next to the module
     try:
-        batches = feeds(args, spec)
-    except (ValueError, OSError) as exc:
-        print(json.dumps({"error": f"bad input: {exc}"}), file=sys.stderr)
+        items = read_items(args, spec["family"])
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        session = ort.InferenceSession(str(HERE / (manifest["onnx_file"] if args.onnx else manifest["ort_file"])),
+                                       options, providers=["CPUExecutionProvider"])
+        rows = predict(processor, session, items, k=args.k)
+    except (ValueError, OSError, serving_error) as exc:
+        print(json.dumps({"error": f"bad input: {getattr(exc, 'message', exc)}"}), file=sys.stderr)
         return 2
-    sess = session(manifest["onnx_file"] if args.onnx else manifest["ort_file"])
-    names = [o.name for o in sess.get_outputs()]
-    rows = []
-    for feed in batches:
-        rows += predictions(dict(zip(names, sess.run(None, feed))), spec, labels)
     print(json.dumps({"model": manifest["model"], "variant": manifest["variant"], "predictions": rows}))
     return 0
 

@@ -19,8 +19,14 @@ from typing import Any
 
 import numpy as np
 import onnx
+from tokenizers import Tokenizer
 
 from export.common import ParentModel, ort_session
+from models import cnn, cnn_data, recommender, speech, transformer
+from models import recommender_data as rd
+from models import speech_data as sd
+from models import transformer_corpus as tc
+from models.transformer_text import tokenize
 
 EVAL_BATCH = 64
 CALIBRATION_EXAMPLES = 128
@@ -66,8 +72,6 @@ def _batched(arrays: dict[str, np.ndarray], size: int = EVAL_BATCH, *,
 
 
 def _cnn(parent: ParentModel) -> HeldOut:
-    from models import cnn, cnn_data
-
     data = cnn_data.load("digits")
     if parent.card.get("data") != data.source:
         raise ValueError(f"cnn was built on {parent.card.get('data')!r}; held-out data can only be "
@@ -79,9 +83,6 @@ def _cnn(parent: ParentModel) -> HeldOut:
 
 
 def _speech(parent: ParentModel) -> HeldOut:
-    from models import speech
-    from models import speech_data as sd
-
     if not str(parent.card.get("data", "")).startswith("synthetic"):
         raise ValueError("speech held-out data can only be regenerated for the synthetic (eSpeak) corpus")
     corpus, aug = speech.load_corpus("synth", profile=parent.profile, seed=parent.seed,
@@ -96,12 +97,6 @@ def _speech(parent: ParentModel) -> HeldOut:
 
 
 def _text(parent: ParentModel) -> HeldOut:
-    from tokenizers import Tokenizer
-
-    from models import transformer
-    from models import transformer_corpus as tc
-    from models.transformer_text import tokenize
-
     tokenizer = Tokenizer.from_file(str(parent.model_dir / "tokenizer.json"))
     corpus = transformer._load_corpus(transformer.HYPER[parent.profile], parent.seed)
     train, test = tc.grouped_split(corpus, by="owners", folds=transformer.FOLDS, seed=parent.seed)
@@ -118,9 +113,6 @@ def _text(parent: ParentModel) -> HeldOut:
 
 
 def _recommender(parent: ParentModel) -> HeldOut:
-    from models import recommender
-    from models import recommender_data as rd
-
     if parent.card.get("data_kind") != "synthetic":
         raise ValueError("recommender held-out data can only be regenerated for the synthetic data")
     hyper = recommender.HYPER[parent.profile]

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import onnxruntime
 from rich.console import Console
 
 from loadtests.benchmodel import DEFAULT_WIDTH, build_cnn_onnx, measure_ceiling, usable_cpus
@@ -31,6 +32,7 @@ from loadtests.benchreport import render_bench_table, write_markdown, write_plot
 from loadtests.generator import LoadConfig, Target, build_bodies, fetch_model_info, measure_level
 from loadtests.report import summarize, write_json
 from loadtests.serverproc import ServerProcess, cpu_seconds, machine_busy_seconds, serve
+from service.settings import default_cpu_threads
 
 CEILING_BATCHES = [1, 2, 4, 8, 16, 32, 64]
 MODES = {"off": "cnn_single", "on": "cnn_dynamic"}  # batching mode -> model name in the bench repository
@@ -45,8 +47,6 @@ instance_group [ {{ count: 1 kind: KIND_CPU }} ]
 
 
 def server_threads(args: argparse.Namespace) -> int:
-    from service.settings import default_cpu_threads
-
     return args.server_threads or default_cpu_threads()
 
 
@@ -107,6 +107,7 @@ async def _measure_server(server: ServerProcess, *, args: argparse.Namespace) ->
 
 def _run_async(coro):
     try:
+        # NOTE: optional (uvicorn[standard] brings it on Linux only)
         import uvloop
 
         factory = uvloop.new_event_loop  # less client CPU per request: the server needs those cycles
@@ -117,8 +118,6 @@ def _run_async(coro):
 
 
 def _environment() -> dict[str, Any]:
-    import onnxruntime
-
     return {
         "cpus": usable_cpus(), "python": platform.python_version(), "onnxruntime": onnxruntime.__version__,
         "machine": platform.machine(), "loadavg": os.getloadavg(),

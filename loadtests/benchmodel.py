@@ -1,6 +1,6 @@
 """The bench's model (a small deterministic CNN exported to ONNX) and its in-process ONNX Runtime ceiling.
 
-The ceiling uses the session options the server uses (service/runtime.py), so "% of ceiling" compares
+The ceiling uses the server's own session factory (service/modelrepo/sessions.py), so "% of ceiling" compares
 the same ONNX Runtime work with and without the server around it.
 """
 
@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
+
+from service.modelrepo.sessions import create_session
 
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
 INPUT_DIMS = (1, 28, 28)
@@ -26,6 +29,7 @@ def build_cnn_onnx(path: Path, *, width: int, seed: int = 0) -> Path:
     See DEFAULT_WIDTH for the latency it gives. Untrained weights are fine: the bench measures serving,
     and conv cost does not depend on the weight values.
     """
+    # NOTE: torch (train extra) only to build the bench model; the bench itself needs none
     import torch
     from torch import nn
 
@@ -50,6 +54,7 @@ def build_cnn_onnx(path: Path, *, width: int, seed: int = 0) -> Path:
 
 def _check_batches(model, path: Path) -> None:
     """The exported graph must match eager PyTorch at several batch sizes (a static batch would fail here)."""
+    # NOTE: torch (train extra) only to build the bench model; the bench itself needs none
     import torch
 
     session = ort_session(path)
@@ -69,21 +74,12 @@ def usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def ort_session(path: Path):
-    """A CPU session configured as service/runtime.py's InstancePool configures one (one instance).
+def ort_session(path: Path) -> ort.InferenceSession:
+    """A CPU session from the one session factory the server uses (service/modelrepo/sessions.py).
 
     The bench gives the server the same thread count (MODELSERVE_CPU_THREADS), so both sides match.
     """
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = usable_cpus()
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    return create_session(path, threads=usable_cpus())
 
 
 @dataclass(frozen=True)

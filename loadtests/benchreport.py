@@ -109,6 +109,7 @@ def write_markdown(path: Path, doc: dict[str, Any]) -> None:
 
 
 def write_plot(path: Path, doc: dict[str, Any]) -> None:
+    # NOTE: heavy, optional (train extra), only for the plot
     import matplotlib
 
     matplotlib.use("Agg")  # no display on servers and in CI

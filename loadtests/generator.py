@@ -239,6 +239,7 @@ async def run_load(cfg: LoadConfig) -> tuple[ModelInfo, list[LevelResult]]:
 def run_sync(cfg: LoadConfig) -> tuple[ModelInfo, list[LevelResult]]:
     """run_load on uvloop when present: its lower per-request overhead leaves more CPU to a co-located server."""
     try:
+        # NOTE: optional (uvicorn[standard] brings it on Linux only)
         import uvloop
 
         factory = uvloop.new_event_loop

@@ -17,9 +17,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import soundfile as sf
+from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
+from models.speech_synth import synth_word
 from service.offline import cli
 from service.offline.engine import load_model
 from service.offline.readers import open_input
@@ -30,7 +35,7 @@ _WORDS = ["yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go"]
 def make_input(kind: str, *, root: Path, rows: int) -> Path:
     """A benchmark input of `rows` rows of `kind` (png, npy, jsonl, wav, parquet)."""
     if kind == "png":
-        from PIL import Image
+        # NOTE: scikit-learn is heavy to import (~1 s) and only this step needs it (train extra)
         from sklearn.datasets import load_digits
 
         images = load_digits().images
@@ -51,19 +56,12 @@ def make_input(kind: str, *, root: Path, rows: int) -> Path:
     if kind == "wav":
         return _wav_folder(root / "wav", rows=rows)
     if kind == "parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
         pq.write_table(pa.table({"user_id": np.arange(rows) % 250}), root / "users.parquet")
         return root / "users.parquet"
     raise ValueError(f"unknown input kind {kind!r}")
 
 
 def _wav_folder(folder: Path, *, rows: int) -> Path:
-    import soundfile as sf
-
-    from models.speech_synth import synth_word
-
     folder.mkdir()
     clips = []
     for word in _WORDS:

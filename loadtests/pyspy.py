@@ -22,6 +22,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from loadtests.bench import write_repository
+from loadtests.benchmodel import DEFAULT_WIDTH, build_cnn_onnx
 from loadtests.generator import LoadConfig, Target, run_sync
 from loadtests.report import summarize
 from loadtests.serverproc import serve
@@ -82,9 +84,6 @@ def summarize_profile(path: Path, *, requests: int, rate: int, console: Console,
 
 
 def _bench_repository(tmp: Path) -> tuple[Path, str]:
-    from loadtests.bench import write_repository
-    from loadtests.benchmodel import DEFAULT_WIDTH, build_cnn_onnx
-
     onnx_path = build_cnn_onnx(tmp / "cnn.onnx", width=DEFAULT_WIDTH)
     write_repository(tmp / "repo", onnx_path=onnx_path, delay_us=200)
     return tmp / "repo", "cnn_dynamic"

@@ -97,6 +97,7 @@ class ResNetSmall(nn.Module):
 
 def split(data: cnn_data.ImageData, *, hyper: Hyper, seed: int) -> tuple[np.ndarray, ...]:
     """Train/test arrays: the data's own test split if it has one, else a stratified hold-out."""
+    # NOTE: scikit-learn is heavy to import (~1 s) and only this step needs it
     from sklearn.model_selection import train_test_split
 
     if data.test_images is not None and data.test_labels is not None:
@@ -134,6 +135,7 @@ def recalibrate_batchnorm(model: ResNetSmall, images: torch.Tensor) -> None:
 
 def evaluate(model: ResNetSmall, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
     """Held-out accuracy and macro-F1 (from the served graph's probabilities)."""
+    # NOTE: scikit-learn is heavy to import (~1 s) and only this step needs it
     from sklearn.metrics import f1_score
 
     with torch.no_grad():

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 SIDE = 28
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -52,6 +53,7 @@ def _resize(images: np.ndarray, side: int) -> np.ndarray:
 
 def load_digits_28() -> ImageData:
     """scikit-learn's 1,797 8x8 digits, laid out like MNIST: scaled to 20x20 and centred in 28x28."""
+    # NOTE: scikit-learn is heavy to import (~1 s) and only this step needs it
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -114,8 +116,6 @@ def load_idx_dir(root: Path) -> ImageData:
 def load_folder(root: Path) -> ImageData:
     """``<root>/<label>/*.png|jpg``: grayscale, resized to 28x28, 1.0 = white (invert dark-on-light
     scans with ``--invert``)."""
-    from PIL import Image
-
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
     if len(class_dirs) < 2:
         raise ValueError(f"folder:{root}: expected at least two sub-folders, one per label")

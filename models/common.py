@@ -11,11 +11,14 @@ import argparse
 import logging
 import random
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import torch
 
 from service.modelrepo.sessions import create_session
@@ -122,8 +125,6 @@ def export_onnx(
     NOTE: torch.export specialises any dimension whose example size is 0 or 1, so example
     inputs must use a batch of at least 2 for the batch axis to stay dynamic.
     """
-    import onnx
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model.eval()
@@ -234,3 +235,16 @@ def _compare(*, where: str, name: str, ref: np.ndarray, out: np.ndarray, atol: f
             f"({int(np.sum(~(excess <= 0)))} of {diff.size} elements off)"
         )
     return worst
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run the block with ``count`` intra-op threads, then restore the previous setting."""
+    if count < 1:
+        raise ValueError(f"threads must be >= 1, got {count}")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.sparse import csr_matrix
 from torch import nn
 from tqdm import tqdm
 
@@ -144,8 +145,6 @@ def train(model: TwoTower, split: rd.Split, *, hyper: Hyper, seed: int) -> None:
     scores once per epoch, not once per event. NOTE: catalogues here are small (thousands of items),
     so the exact softmax is cheap and avoids the bias of sampled negatives.
     """
-    from scipy.sparse import csr_matrix
-
     matrix = csr_matrix((np.ones(len(split.train_users), np.float32), (split.train_users, split.train_items)),
                         shape=(split.n_users, split.n_items))
     gen = torch.Generator().manual_seed(seed)

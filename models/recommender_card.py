@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import inspect
 
+from models.recommender_data import generate
+
 
 def config_pbtxt(name: str, k: int) -> str:
     return f"""name: "{name}"
@@ -20,8 +22,6 @@ instance_group [ {{ count: 1 kind: KIND_CPU }} ]
 
 
 def _generator_doc() -> str:
-    from models.recommender_data import generate
-
     return inspect.cleandoc(generate.__doc__ or "")
 
 

@@ -15,8 +15,6 @@ import argparse
 import os
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -26,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from models import speech_commands, speech_export
 from models import speech_data as sd
 from models.common import (
     FamilyResult,
@@ -35,6 +34,7 @@ from models.common import (
     hyper_overrides,
     optimizer_step,
     set_seed,
+    torch_threads,
 )
 from models.common import recalibrate_batchnorm as common_recalibrate
 from models.speech_frontend import LogMel
@@ -112,19 +112,6 @@ class KeywordSpotter(nn.Module):
         return torch.softmax(self.logits(waveform), dim=-1)
 
 
-@contextmanager
-def torch_threads(count: int) -> Iterator[None]:
-    """Run the block with ``count`` intra-op threads, then restore the previous setting."""
-    if count < 1:
-        raise ValueError(f"threads must be >= 1, got {count}")
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def train(model: KeywordSpotter, corpus: sd.Corpus, *, hyper: Hyper, aug: sd.Augment, seed: int) -> None:
     """AdamW + one-cycle schedule; every epoch re-composes fresh augmented clips from the utterances."""
     rng = np.random.default_rng(seed)
@@ -180,8 +167,6 @@ def load_corpus(data: str, *, profile: str, seed: int, cache_dir: Path) -> tuple
         return sd.synth_corpus(SYNTH[profile], seed=seed, cache_dir=cache_dir), sd.Augment()
     kind, _, path = data.partition(":")
     if kind == "speech_commands" and path:
-        from models import speech_commands
-
         limit = 40 if profile == "tiny" else None
         corpus = speech_commands.load(Path(path), seed=seed, max_per_word=limit)
         # Real clips already fill the second, so shift them (+-100 ms) instead of placing them.
@@ -199,8 +184,6 @@ def default_cache_dir() -> Path:
 def build(*, profile: str, repo_dir: Path, seed: int = 0, work_dir: Path | None = None, data: str = "synth",
           hyper: Hyper | None = None) -> FamilyResult:
     """Train, evaluate on held-out voices, export, parity-check and publish the ``speech`` model."""
-    from models import speech_export
-
     start = time.perf_counter()
     hyper = hyper or HYPER[check_profile(profile)]
     set_seed(seed)

@@ -35,6 +35,7 @@ class ESpeak:
     _lock = threading.Lock()
 
     def __init__(self) -> None:
+        # NOTE: optional (train extra); loads the eSpeak NG native library
         import espeakng_loader
 
         self.data_path = Path(espeakng_loader.get_data_path())

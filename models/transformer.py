@@ -101,6 +101,7 @@ def fit_classifier(corpus: tc.TextCorpus, features: np.ndarray, *, split: tuple[
 def knn_accuracy(corpus: tc.TextCorpus, features: np.ndarray, *, split: tuple[np.ndarray, np.ndarray]) -> dict:
     """Held-out topic accuracy of a 5-nearest-neighbour vote over the embeddings: a training-free measure
     of how well the exported embeddings group texts by meaning (it applies to truncated encoders too)."""
+    # NOTE: scikit-learn is heavy to import (~1 s) and only this step needs it
     from sklearn.neighbors import KNeighborsClassifier
 
     train, test = split
@@ -118,6 +119,7 @@ def _train(corpus: tc.TextCorpus, features: np.ndarray, index: np.ndarray, *, hy
 
 def _evaluate(head: nn.Linear, features: np.ndarray, labels: np.ndarray, *,
               n_classes: int) -> dict[str, float]:
+    # NOTE: scikit-learn is heavy to import (~1 s) and only this step needs it
     from sklearn.metrics import f1_score
 
     with torch.no_grad():

@@ -146,6 +146,7 @@ def grouped_split(corpus: TextCorpus, *, by: str, folds: int, seed: int) -> tupl
     StratifiedGroupKFold keeps the class mix of both sides close to the corpus's; the first of
     ``folds`` folds is the test set (1/folds of the data).
     """
+    # NOTE: scikit-learn is heavy to import (~1 s) and only this step needs it
     from sklearn.model_selection import StratifiedGroupKFold
 
     if by not in ("owners", "modules"):

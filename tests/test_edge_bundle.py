@@ -1,5 +1,6 @@
-"""Edge bundles: the shipped runner, in a fresh virtualenv holding only onnxruntime + numpy (+ tokenizers),
-predicts what the real server predicts on the same inputs; checksums verify; tampering is refused."""
+"""Edge bundles: the shipped runner, in a fresh virtualenv holding only onnxruntime + numpy (+ Pillow for
+images, tokenizers for text), predicts what the real server predicts on the same inputs, preprocessing with the
+server's own module; checksums verify; tampering is refused."""
 
 from __future__ import annotations
 
@@ -18,14 +19,15 @@ import pytest
 import tritonclient.http as httpclient
 
 from export import edge
+from service.processing import image
 
-RUNNER_PACKAGES = ("onnxruntime", "numpy", "tokenizers")
+RUNNER_PACKAGES = ("onnxruntime", "numpy", "tokenizers", "pillow")
 
 
 def _venv_ok(python: Path) -> bool:
     if not python.is_file():
         return False
-    probe = subprocess.run([str(python), "-I", "-c", "import onnxruntime, numpy, tokenizers"], capture_output=True)
+    probe = subprocess.run([str(python), "-I", "-c", "import onnxruntime, numpy, tokenizers, PIL"], capture_output=True)
     return probe.returncode == 0
 
 
@@ -97,23 +99,31 @@ def test_cnn_bundle_matches_server_and_verifies(tiny_zoo, serve_repository, edge
     bundle = tmp_path / "cnn-edge"
     assert edge.main(["--model", "cnn", "--model-repository", str(tiny_zoo), "--output", str(bundle)]) == 0
     manifest = json.loads((bundle / "manifest.json").read_text())
-    on_disk = {p.name for p in bundle.iterdir() if p.name != "manifest.json"}
+    on_disk = {p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file()} - {"manifest.json"}
     assert set(manifest["files"]) == on_disk >= {"model.onnx", "model.ort", "required_operators.config",
-                                                 "labels.txt", "preprocess.json", "run.py", "README.md"}
+                                                 "preprocess.json", "run.py", "README.md", "sample.jpg",
+                                                 "modelserve_processing/service/processing/image.py"}
+    shipped = bundle / "modelserve_processing" / "service" / "processing" / "image.py"
+    assert shipped.read_bytes() == Path(image.__file__).read_bytes()  # the server's module, verbatim
     for name, entry in manifest["files"].items():
         data = (bundle / name).read_bytes()
         assert entry == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}, name
     assert manifest["variant"] == "fp32" and manifest["ort_optimization_level"] == "all"
     np.save(tmp_path / "digits.npy", digits[:8])
     write_png(tmp_path / "digit.png", np.round(digits[8, 0] * 255).astype(np.uint8))
-    rows = predictions(run_bundle(edge_python, bundle, "--image", str(tmp_path / "digits.npy"),
+    rows = predictions(run_bundle(edge_python, bundle, "--k", "10", "--image", str(tmp_path / "digits.npy"),
                                   "--image", str(tmp_path / "digit.png")))
     labels = (tiny_zoo / "cnn" / "labels.txt").read_text().splitlines()
+    # The server's model input for the same images, prepared by the same module in this process.
+    processor = image.ImageProcessor(input_name="image", output_name="probabilities", labels=labels)
+    feed = processor.collate([processor.prepare(d[0], index=i) for i, d in enumerate(digits[:9])])
     with serve_repository(tiny_zoo) as url:
-        expected = server_outputs(url, "cnn", {"image": digits[:9]}, ["probabilities"])["probabilities"]
-    got = np.array([r["probabilities"] for r in rows], dtype=np.float32)
+        expected = server_outputs(url, "cnn", feed, ["probabilities"])["probabilities"]
+    got = np.array([[p["probability"] for p in sorted(r["predictions"], key=lambda p: p["index"])] for r in rows],
+                   dtype=np.float32)
     np.testing.assert_allclose(got, expected, atol=1e-5)
-    assert [r["label"] for r in rows] == [labels[i] for i in expected.argmax(1)]
+    assert [r["predictions"][0]["label"] for r in rows] == [labels[i] for i in expected.argmax(1)]
+    assert predictions(run_bundle(edge_python, bundle, "--image", str(bundle / "sample.jpg")))  # README's sample
     # A changed byte anywhere is caught before the model is loaded.
     data = bytearray((bundle / "model.ort").read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -131,16 +141,18 @@ def test_text_bundle_matches_server(tiny_zoo, serve_repository, edge_python, tmp
                       "--output", str(bundle)]) == 0
     texts = ["Compress the file with gzip.", "Open a TCP socket and connect to the host.",
              "Return the square root of x.", "Parse an XML document into an element tree."]
-    rows = predictions(run_bundle(edge_python, bundle, *(a for t in texts for a in ("--text", t))))
+    labels = (tiny_zoo / "transformer-classifier" / "labels.txt").read_text().splitlines()
+    rows = predictions(run_bundle(edge_python, bundle, "--k", str(len(labels)),
+                                  *(a for t in texts for a in ("--text", t))))
     tokenizer = Tokenizer.from_file(str(tiny_zoo / "transformer-classifier" / "tokenizer.json"))
     encodings = tokenizer.encode_batch(texts)
     feed = {"input_ids": np.array([e.ids for e in encodings], np.int64),
             "attention_mask": np.array([e.attention_mask for e in encodings], np.int64)}
     with serve_repository(tiny_zoo) as url:
         expected = server_outputs(url, "transformer-classifier", feed, ["probabilities"])["probabilities"]
-    np.testing.assert_allclose(np.array([r["probabilities"] for r in rows]), expected, atol=1e-5)
-    labels = (tiny_zoo / "transformer-classifier" / "labels.txt").read_text().splitlines()
-    assert [r["label"] for r in rows] == [labels[i] for i in expected.argmax(1)]
+    got = [[p["probability"] for p in sorted(r["predictions"], key=lambda p: p["index"])] for r in rows]
+    np.testing.assert_allclose(np.array(got), expected, atol=1e-5)
+    assert [r["predictions"][0]["label"] for r in rows] == [labels[i] for i in expected.argmax(1)]
 
 
 def test_arm_bundle_prefers_int8_variant(tiny_zoo, edge_python, digits, tmp_path):
@@ -168,8 +180,8 @@ def test_arm_bundle_prefers_int8_variant(tiny_zoo, edge_python, digits, tmp_path
     np.save(tmp_path / "d.npy", digits[:4])
     rows = predictions(run_bundle(edge_python, bundle, "--image", str(tmp_path / "d.npy")))
     onnx_rows = predictions(run_bundle(edge_python, bundle, "--onnx", "--image", str(tmp_path / "d.npy")))
-    np.testing.assert_allclose([r["probabilities"] for r in rows], [r["probabilities"] for r in onnx_rows],
-                               atol=1e-5)
+    np.testing.assert_allclose([r["predictions"][0]["probability"] for r in rows],
+                               [r["predictions"][0]["probability"] for r in onnx_rows], atol=1e-5)
     bad = run_bundle(edge_python, bundle, "--text", "not an image")
     assert bad.returncode == 2 and "--image" in bad.stderr
 
@@ -177,22 +189,3 @@ def test_arm_bundle_prefers_int8_variant(tiny_zoo, edge_python, digits, tmp_path
 def test_unknown_model_is_a_clear_error(tiny_zoo, tmp_path, capsys):
     assert edge.main(["--model", "nope", "--model-repository", str(tiny_zoo), "--output", str(tmp_path / "b")]) == 2
     assert "no model 'nope'" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA"])
-def test_runner_png_decoder_matches_pillow(tmp_path, mode):
-    """Pillow picks per-row filters (sub/up/average/paeth) for natural images: all must decode exactly."""
-    from PIL import Image
-
-    from export import edge_runner_template as runner
-
-    rng = np.random.default_rng(0)
-    smooth = np.cumsum(rng.integers(0, 9, size=(23, 31, 4)), axis=1) % 256  # gradients: filters pay off
-    image = Image.fromarray(smooth.astype(np.uint8), "RGBA").convert(mode)
-    image.save(tmp_path / "x.png", optimize=True)
-    expected = np.asarray(image.convert("RGB") if mode != "L" else image, np.float32) / 255.0
-    if mode != "L":
-        expected = expected.mean(axis=-1)
-    np.testing.assert_allclose(runner.decode_png((tmp_path / "x.png").read_bytes()), expected, atol=1e-6)
-    with pytest.raises(ValueError, match="not a PNG"):
-        runner.decode_png(b"GIF89a")

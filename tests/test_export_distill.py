@@ -10,7 +10,7 @@ import onnx
 import pytest
 import torch
 
-from export import distill
+from export import distill, distill_common
 from export.distill_text import retrieval_overlap, teacher_layers
 
 
@@ -25,7 +25,7 @@ def test_loss_matches_hand_computation():
     q = _softmax([v / temperature for v in student])
     kl = sum(pi * (math.log(pi) - math.log(qi)) for pi, qi in zip(p, q))
     hard = -math.log(_softmax(student)[label])
-    total, soft, ce = distill.distillation_loss(torch.tensor([student]), torch.tensor([teacher]),
+    total, soft, ce = distill_common.distillation_loss(torch.tensor([student]), torch.tensor([teacher]),
                                                 torch.tensor([label]), temperature=temperature, alpha=alpha)
     assert soft.item() == pytest.approx(temperature**2 * kl, rel=1e-5)  # the T^2 scaling is applied
     assert ce.item() == pytest.approx(hard, rel=1e-5)
@@ -36,18 +36,18 @@ def test_loss_mixes_terms_and_rejects_bad_settings():
     gen = torch.Generator().manual_seed(0)
     s, t = torch.randn(8, 5, generator=gen), torch.randn(8, 5, generator=gen)
     y = torch.randint(0, 5, (8,), generator=gen)
-    only_soft, soft, _ = distill.distillation_loss(s, t, y, temperature=3.0, alpha=1.0)
+    only_soft, soft, _ = distill_common.distillation_loss(s, t, y, temperature=3.0, alpha=1.0)
     assert only_soft.item() == pytest.approx(soft.item())
-    same, zero, _ = distill.distillation_loss(t, t, y, temperature=3.0, alpha=1.0)
+    same, zero, _ = distill_common.distillation_loss(t, t, y, temperature=3.0, alpha=1.0)
     assert zero.item() == pytest.approx(0.0, abs=1e-6) and same.item() == pytest.approx(0.0, abs=1e-6)
     with pytest.raises(ValueError, match="temperature"):
-        distill.distillation_loss(s, t, y, temperature=0.0, alpha=0.5)
+        distill_common.distillation_loss(s, t, y, temperature=0.0, alpha=0.5)
 
 
 def test_log_probabilities_are_logits_up_to_a_shift():
     logits = np.random.default_rng(0).normal(size=(4, 6)).astype(np.float32) * 3
     probs = torch.softmax(torch.from_numpy(logits), dim=-1).numpy()
-    rebuilt = distill.teacher_logits_from_probabilities(probs)
+    rebuilt = distill_common.teacher_logits_from_probabilities(probs)
     for temperature in (1.0, 4.0):
         np.testing.assert_allclose(torch.softmax(torch.from_numpy(rebuilt) / temperature, -1).numpy(),
                                    torch.softmax(torch.from_numpy(logits) / temperature, -1).numpy(), atol=1e-6)
@@ -68,14 +68,14 @@ def test_cnn_student_end_to_end(tiny_zoo, tmp_path, monkeypatch):
     repo = tmp_path / "repo"
     shutil.copytree(tiny_zoo / "cnn", repo / "cnn")
     calls: list[tuple[float, float, float]] = []
-    real_loss = distill.distillation_loss
+    real_loss = distill_common.distillation_loss
 
     def spy(*args, **kwargs):
         out = real_loss(*args, **kwargs)
         calls.append((kwargs["temperature"], kwargs["alpha"], out[1].item()))
         return out
 
-    monkeypatch.setattr(distill, "distillation_loss", spy)
+    monkeypatch.setattr(distill_common, "distillation_loss", spy)
     result = distill.build_student("cnn", repo_dir=repo, work_dir=tmp_path / "work", profile="tiny")
     assert result is not None and calls, "training must go through distillation_loss"
     # Every step used a softened (T > 1), non-zero soft term with real weight.

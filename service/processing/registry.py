@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from service.errors import InvalidInput, ModelLoadError, ServingError
 from service.modelrepo.card import family_of, read_card, variant_of
@@ -24,7 +26,7 @@ def _first_labelled(spec: ModelSpec) -> str:
     return next((o.name for o in spec.outputs if o.name in spec.labels), spec.outputs[0].name)
 
 
-def _text(spec: ModelSpec, *, model_dir: Path, out: str, labels: list[str] | None) -> TextProcessor:
+def _text(spec: ModelSpec, *, model_dir: Path, out: str, labels: list[str] | None) -> dict[str, Any]:
     tokenizer = _param(spec, "tokenizer") or "tokenizer.json"
     try:
         tok = contained(model_dir, tokenizer, what="tokenizer")
@@ -32,32 +34,51 @@ def _text(spec: ModelSpec, *, model_dir: Path, out: str, labels: list[str] | Non
         raise ModelLoadError(f"model {spec.name!r}: {exc.message}") from None
     if not tok.is_file():
         raise ModelLoadError(f"model {spec.name!r}: tokenizer {spec.name}/{tokenizer} not found")
-    return TextProcessor(tokenizer_path=tok, max_length=int(_param(spec, "max_sequence_length") or 256),
-                         input_names=["input_ids", "attention_mask"], output_name=out, labels=labels)
+    return {"tokenizer_path": tok, "max_length": int(_param(spec, "max_sequence_length") or 256),
+            "input_names": ["input_ids", "attention_mask"], "output_name": out, "labels": labels}
 
 
-def build_processor(spec: ModelSpec, *, model_dir: Path) -> Processor:
-    """The task processor for a model, or InvalidInput saying why it has no task endpoint."""
+@dataclass(frozen=True)
+class Recipe:
+    """How to build a model's processor: its family, class and constructor arguments (paths into the model
+    folder). The edge bundle (export/edge.py) ships the class's module and these arguments, so the device
+    builds the very processor the server builds."""
+
+    family: str
+    processor: type
+    kwargs: dict[str, Any]
+
+
+def processor_recipe(spec: ModelSpec, *, model_dir: Path) -> Recipe:
+    """The processor recipe of a model, or InvalidInput saying why it has no task endpoint."""
     card = read_card(model_dir)
     family = family_of({t.name for t in spec.inputs}, card)
     out = _first_labelled(spec)
     labels = spec.labels.get(out)
     inputs = [t.name for t in spec.inputs]
     if family == "cnn":
-        return ImageProcessor(input_name=inputs[0], output_name=out, labels=labels)
+        return Recipe(family, ImageProcessor, {"input_name": inputs[0], "output_name": out, "labels": labels})
     if family == "transformer":
-        return _text(spec, model_dir=model_dir, out=out, labels=labels)
+        return Recipe(family, TextProcessor, _text(spec, model_dir=model_dir, out=out, labels=labels))
     if family == "speech":
         spec_in = card["input_spec"] if isinstance(card.get("input_spec"), dict) else {}
-        return SpeechProcessor(input_name=inputs[0], output_name=out, labels=labels,
-                               trained_samples=int(spec_in.get("trained_samples", 16000)))
+        return Recipe(family, SpeechProcessor, {"input_name": inputs[0], "output_name": out, "labels": labels,
+                                                "trained_samples": int(spec_in.get("trained_samples", 16000))})
     if family == "recommender":
         names = [o.name for o in spec.outputs]
         width = spec.outputs[0].dims[-1] if spec.outputs[0].dims else 50
-        return RecommenderProcessor(model_dir=model_dir, input_name=inputs[0], item_output=names[0],
-                                    score_output=names[1] if len(names) > 1 else names[0], top_k=int(width))
+        return Recipe(family, RecommenderProcessor, {
+            "model_dir": model_dir, "input_name": inputs[0], "item_output": names[0],
+            "score_output": names[1] if len(names) > 1 else names[0], "top_k": int(width)})
     raise InvalidInput(f"model {spec.name!r} has no task endpoint (family {family!r}; task endpoints serve "
                        "cnn, transformer, speech and recommender models); use /v2/models/{name}/infer")
+
+
+def build_processor(spec: ModelSpec, *, model_dir: Path) -> Processor:
+    """The task processor for a model, or InvalidInput saying why it has no task endpoint."""
+    recipe = processor_recipe(spec, model_dir=model_dir)
+    processor: Processor = recipe.processor(**recipe.kwargs)
+    return processor
 
 
 def describe_model(spec: ModelSpec | None, *, name: str, model_dir: Path,
