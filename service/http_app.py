@@ -18,6 +18,7 @@ from service.core import InferenceCore
 from service.errors import InvalidInput, ServingError
 from service.http_infer import InferFastPath
 from service.settings import ServerSettings
+from service.tasks.openai_embeddings import build_openai_router
 from service.tasks.router import build_router
 
 log = logging.getLogger("modelserve.http")
@@ -48,6 +49,7 @@ def create_app(core: InferenceCore, settings: ServerSettings) -> InferFastPath:
     _add_repository_routes(app, core)
     _document_infer_routes(app)
     app.include_router(build_router(core, max_request_bytes=settings.max_request_bytes))
+    app.include_router(build_openai_router(core, max_request_bytes=settings.max_request_bytes))
 
     @app.get("/metrics", tags=["metrics"], summary="Prometheus metrics (Triton's names)")
     async def prometheus() -> Response:
