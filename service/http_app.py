@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service import __version__
 from service.core import InferenceCore
 from service.errors import InvalidInput, ServingError
+from service.http_docs import install_docs
 from service.http_infer import InferFastPath
 from service.settings import ServerSettings
 from service.tasks.openai_embeddings import build_openai_router
@@ -41,6 +42,8 @@ def create_app(core: InferenceCore, settings: ServerSettings) -> InferFastPath:
         title="modelserve",
         version=__version__,
         description="KServe V2 / Triton-compatible inference server with dynamic batching on ONNX Runtime.",
+        docs_url=None,  # served by install_docs from local assets (no CDN)
+        redoc_url=None,
     )
     app.state.settings = settings
     _install_error_handlers(app)
@@ -50,6 +53,7 @@ def create_app(core: InferenceCore, settings: ServerSettings) -> InferFastPath:
     _document_infer_routes(app)
     app.include_router(build_router(core, max_request_bytes=settings.max_request_bytes))
     app.include_router(build_openai_router(core, max_request_bytes=settings.max_request_bytes))
+    install_docs(app)
 
     @app.get("/metrics", tags=["metrics"], summary="Prometheus metrics (Triton's names)")
     async def prometheus() -> Response:
