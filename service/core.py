@@ -218,6 +218,18 @@ class InferenceCore:
             results.extend(processor.postprocess(outputs, chunk, params=params))
         return results
 
+    def embedding_model(self, name: str) -> tuple[TaskModel, int]:
+        """A text-embedding model (pinned, as task_model) and its embedding width; InvalidInput naming the
+        embedding models when `name` is another kind of model."""
+        model = self.task_model(name)
+        if model.processor.task != "text-embedding":
+            embedders = [d["name"] for d in self.task_models() if d.get("task") == "text-embedding"]
+            raise InvalidInput(f"model {name!r} is a {model.processor.task} model, not a text-embedding model; "
+                               f"embedding models here: {embedders}")
+        spec = model.version.spec
+        out = spec.output(getattr(model.processor, "output_name", spec.outputs[0].name)) or spec.outputs[0]
+        return model, int(out.dims[-1]) if out.dims else 0
+
     def task_models(self) -> list[dict]:
         """`GET /v1/models`: every model with its task, inputs, labels, variants and state."""
         docs = []

@@ -17,8 +17,10 @@ from service import __version__
 from service.access import ASGIApp, control_body, wrap_http_app
 from service.core import InferenceCore
 from service.errors import ServingError
+from service.http_docs import install_docs
 from service.http_infer import InferFastPath
 from service.settings import ServerSettings
+from service.tasks.openai_embeddings import build_openai_router
 from service.tasks.router import build_router
 
 log = logging.getLogger("modelserve.http")
@@ -42,6 +44,8 @@ def create_app(core: InferenceCore, settings: ServerSettings) -> ASGIApp:
         title="modelserve",
         version=__version__,
         description="KServe V2 / Triton-compatible inference server with dynamic batching on ONNX Runtime.",
+        docs_url=None,  # served by install_docs from local assets (no CDN)
+        redoc_url=None,
     )
     app.state.settings = settings
     _install_error_handlers(app)
@@ -51,6 +55,9 @@ def create_app(core: InferenceCore, settings: ServerSettings) -> ASGIApp:
     _document_infer_routes(app)
     app.include_router(build_router(core, max_request_bytes=settings.max_request_bytes,
                                     body_timeout_s=settings.http_body_timeout_secs))
+    app.include_router(build_openai_router(core, max_request_bytes=settings.max_request_bytes,
+                                           body_timeout_s=settings.http_body_timeout_secs))
+    install_docs(app)
 
     @app.get("/metrics", tags=["metrics"], summary="Prometheus metrics (Triton's names)")
     async def prometheus() -> Response:

@@ -2,8 +2,9 @@
 
 Output: one row per input row, in input order, with columns `row` (0-based input row), `id` (the input's
 `id` field, file path relative to the input folder, or the row number), `ok`, `error` (why a bad row
-failed) and `result` (JSON: what `/v1/models/{name}/predict` returns for that item). Parquet, or JSONL when
---output ends in .jsonl. See service/offline/writers.py for how --resume avoids losing or repeating rows.
+failed) and `result` (what `/v1/models/{name}/predict` returns for that item, as an object: a nested JSON
+object in JSONL, a struct column in Parquet; see service/offline/writers.py). Parquet, or JSONL when --output
+ends in .jsonl. See service/offline/writers.py for how --resume avoids losing or repeating rows.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ from rich.console import Console
 from tqdm import tqdm
 
 from service.offline.engine import LocalEngine
+from service.offline.kinds import check_input
 from service.offline.readers import open_input
 from service.offline.writers import PartWriter
+from service.settings import ServerSettings
 
 
 @dataclass
@@ -43,7 +46,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--input", required=True, type=Path,
                    help="folder of images/WAVs, .jsonl or .parquet (text, user_id, path or b64; optional id), .npy")
     p.add_argument("--output", required=True, type=Path, help="output .parquet (default) or .jsonl")
-    p.add_argument("--model-repository", type=Path, default=Path("model_repository"))
+    p.add_argument("--model-repository", type=Path, default=_default_repository(),
+                   help="model repository directory (default: $MODELSERVE_MODEL_REPOSITORY or model_repository, "
+                        "as `modelserve serve`)")
     p.add_argument("--batch-size", type=int, default=32, help="rows per model run (default 32)")
     p.add_argument("--part-rows", type=int, default=2048, help="rows per committed output part (default 2048)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run, skipping committed rows")
@@ -60,6 +65,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _default_repository() -> Path:
+    return Path(os.environ.get("MODELSERVE_MODEL_REPOSITORY") or ServerSettings.model_fields["model_repository"].default)
+
+
+def _model_dir(args: argparse.Namespace) -> Path:
+    """The model's folder, or FileNotFoundError saying which repository was searched and what it holds."""
+    repo = args.model_repository
+    model_dir = repo / args.model
+    if model_dir.is_dir():
+        return model_dir
+    if repo.is_dir():
+        models = sorted(p.name for p in repo.iterdir() if p.is_dir() and not p.name.startswith("."))
+        there = f"it holds {', '.join(models)}" if models else "it holds no models"
+    else:
+        there = "that folder does not exist"
+    raise FileNotFoundError(f"no model {args.model!r} in model repository {repo.resolve()} ({there}); pass "
+                            "--model-repository DIR (or set MODELSERVE_MODEL_REPOSITORY)")
+
+
 def _engine(args: argparse.Namespace, model_dir: Path, params: dict):
     if args.engine == "ray":
         try:
@@ -72,13 +96,16 @@ def _engine(args: argparse.Namespace, model_dir: Path, params: dict):
 
 
 def run(args: argparse.Namespace) -> Summary:
-    model_dir = args.model_repository / args.model
-    if not model_dir.is_dir():
-        raise FileNotFoundError(f"no model {args.model!r} in {args.model_repository}")
+    model_dir = _model_dir(args)
     params = {"k": args.k, "exclude_seen": not args.include_seen}
     job = {"model": args.model, "input": str(args.input.resolve()), "params": params}
     engine = _engine(args, model_dir, params)  # first: a model or engine problem leaves no parts folder behind
-    writer = PartWriter(args.output, job=job, resume=args.resume)
+    try:
+        check_input(args.input, model=args.model, task=engine.task)
+        writer = PartWriter(args.output, job=job, resume=args.resume)
+    except Exception:
+        engine.close()
+        raise
     summary = Summary(skipped=writer.rows)
     if writer.done:
         engine.close()
@@ -115,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = run(args)
     except (FileNotFoundError, FileExistsError, ValueError) as exc:
-        console.print(f"[red]modelserve predict: {exc}")
+        console.print(f"modelserve predict: {exc}", style="red", markup=False, soft_wrap=True)
         return 2
     where = args.output if args.output.exists() else args.output.with_name(args.output.name + ".parts")
     console.print(f"rows ok: {summary.ok}, rows failed: {summary.failed}, skipped (already committed): "

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,7 +86,7 @@ def predict_items(model: LoadedModel, items: list, *, params: dict, pool: Thread
             results = model.processor.postprocess(outputs, prepared, params=params)
             for i, result in zip(good, results):
                 rows[i] = {"row": items[i].row, "id": items[i].id, "ok": True, "error": None,
-                           "result": json.dumps(result)}
+                           "result": result}
         except Exception as exc:  # the whole batch failed in the runtime: record it on each row
             message = getattr(exc, "message", f"{type(exc).__name__}: {exc}")
             for i in good:

@@ -8,6 +8,7 @@ pool again, so use large parts (`--part-rows`) on a cluster.
 
 from __future__ import annotations
 
+import json
 import pickle
 from pathlib import Path
 
@@ -30,6 +31,10 @@ class _Predictor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         items = [pickle.loads(blob) for blob in batch["item"]]
         rows = predict_items(self.model, items, params=self.params)
+        # NOTE: results travel back as JSON text: Ray would otherwise infer one Arrow struct per block (and turn
+        # nested lists into numpy arrays); the driver decodes them, so both engines write the same rows.
+        for r in rows:
+            r["result"] = json.dumps(r["result"]) if r["result"] is not None else None
         return {c: [r[c] for r in rows] for c in COLUMNS}
 
 
@@ -51,6 +56,8 @@ class RayEngine:
                              fn_constructor_kwargs={"model_dir": str(self.model_dir), "params": self.params},
                              concurrency=self.actors, num_gpus=self.num_gpus)
         rows = [{k: _plain(v) for k, v in r.items()} for r in out.take_all()]
+        for r in rows:
+            r["result"] = json.loads(str(r["result"])) if r["result"] is not None else None
         rows.sort(key=lambda r: int(r["row"]))  # type: ignore[call-overload]
         return rows
 

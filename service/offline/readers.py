@@ -56,19 +56,30 @@ def open_input(path: Path, *, task: str, start: int = 0) -> Source:
                      ".jsonl, .parquet or .npy")
 
 
+def folder_files(root: Path) -> list[Path]:
+    """Every file under `root` (a dangling link too: it becomes an error row), sorted by path (the row order)."""
+    return sorted(p for p in root.rglob("*") if p.is_file() or p.is_symlink())
+
+
 def _folder(root: Path, *, task: str, start: int) -> Source:
     suffixes = AUDIO_SUFFIXES if task == "keyword-spotting" else IMAGE_SUFFIXES
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in suffixes and p.is_file())
-    if not files:
+    what = "a WAV" if task == "keyword-spotting" else "an image"
+    files = folder_files(root)
+    if not any(p.suffix.lower() in suffixes for p in files):
         raise ValueError(f"input folder {root} holds no {'/'.join(suffixes)} files for this {task} model")
 
     def items() -> Iterator[Item]:
+        # Every file gets a row, so nothing is skipped silently: one this model cannot take, or that cannot be
+        # read, is an error row naming the file and why.
         for row in range(start, len(files)):
             rel = str(files[row].relative_to(root))
+            if files[row].suffix.lower() not in suffixes:
+                yield Item(row, rel, error=f"{rel}: skipped, not {what} file (expected {'/'.join(suffixes)})")
+                continue
             try:
                 yield Item(row, rel, files[row].read_bytes())
             except OSError as exc:
-                yield Item(row, rel, error=f"unreadable file: {exc}")
+                yield Item(row, rel, error=f"{rel}: cannot read the file: {exc.strerror or exc}")
 
     return Source(items(), len(files), "folder")
 
@@ -84,11 +95,13 @@ def _from_record(row: int, record: object, *, base: Path) -> Item:
         if record.get("user_id") is not None:
             return Item(row, ident, record["user_id"])
         if record.get("path"):
-            return Item(row, ident, (base / str(record["path"])).read_bytes())
+            path = base / str(record["path"])
+            try:
+                return Item(row, ident, path.read_bytes())
+            except OSError as exc:
+                return Item(row, ident, error=f"{record['path']}: cannot read the file: {exc.strerror or exc}")
         if record.get("b64"):
             return Item(row, ident, b64decode(record["b64"], index=row, what="file"))
-    except OSError as exc:
-        return Item(row, ident, error=f"unreadable file: {exc}")
     except Exception as exc:  # b64decode's InvalidInput, or anything odd in one record: keep going
         return Item(row, ident, error=getattr(exc, "message", str(exc)))
     return Item(row, ident, error=f"record has none of the fields {TEXT_FIELDS}")

@@ -5,6 +5,14 @@ Layout while running: `<output>.parts/part-00000.parquet`, ... and `<output>.par
 temporary name and renamed, then progress.json is rewritten the same way; a part written without its
 progress update is simply rewritten on resume, so no row is ever written twice. When every row is done the
 parts are assembled (streamed, one part at a time) into `<output>` and the parts folder is removed.
+
+`result` is stored as an object, never as a JSON string inside JSON: in JSONL a nested JSON object (exactly
+what the task endpoint returns for the item); in Parquet a struct column whose type is inferred from the
+results (each part infers its own; at assembly the parts' types are unified, so a field only some rows have,
+such as the recommender's `fallback`, is one nullable column). Reading it back (`pq.read_table(...).to_pylist()`)
+gives the same dicts, lists, strings and numbers, except that a field a row's result lacks reads back as null
+(`{k: v for k, v in result.items() if v is not None}` restores the endpoint's object). A failed row's result
+is null.
 """
 
 from __future__ import annotations
@@ -32,7 +40,8 @@ class PartWriter:
         self.job = job
         self.rows, self.parts = 0, 0
         self.done = resume and output.exists() and not self.parts_dir.exists()
-        if self.done:  # resuming a run that already finished: nothing to write
+        if self.done:  # resuming a run that already finished: nothing to write; report what it holds
+            self.rows = self._output_rows()
             return
         if self.parts_dir.exists() and not resume:
             raise FileExistsError(f"{self.parts_dir} holds an unfinished run; pass --resume to continue it "
@@ -49,7 +58,15 @@ class PartWriter:
         if self.fmt == "parquet":  # import pyarrow (and the pandas it pulls in) now, not inside the timed run
             import pyarrow as pa
 
-            pa.Table.from_pylist([], schema=schema())
+            pa.Table.from_pylist([], schema=base_schema())
+
+    def _output_rows(self) -> int:
+        if self.fmt == "jsonl":
+            with self.output.open("rb") as handle:
+                return sum(1 for line in handle if line.strip())
+        import pyarrow.parquet as pq
+
+        return int(pq.ParquetFile(self.output).metadata.num_rows)
 
     def commit(self, rows: list[dict]) -> None:
         """Write one part (rows in input order, continuing from self.rows) and record it."""
@@ -70,7 +87,9 @@ class PartWriter:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        pq.write_table(pa.Table.from_pylist(rows, schema=schema()), path)
+        base = pa.Table.from_pylist([{c: r[c] for c in COLUMNS[:-1]} for r in rows], schema=base_schema())
+        # The struct type is inferred from these rows' results (a part of failed rows only has type null).
+        pq.write_table(base.append_column("result", pa.array([r["result"] for r in rows])), path)
 
     def finish(self) -> None:
         """Assemble the committed parts into the output (atomically) and remove the parts folder."""
@@ -83,17 +102,23 @@ class PartWriter:
                             shutil.copyfileobj(src, out)
         else:
             def write(tmp: Path) -> None:
+                import pyarrow as pa
                 import pyarrow.parquet as pq
 
-                with pq.ParquetWriter(tmp, schema()) as out:
+                unified = pa.unify_schemas([pq.read_schema(p) for p in parts] or [base_schema()],
+                                           promote_options="permissive")
+                with pq.ParquetWriter(tmp, unified) as out:
                     for p in parts:
-                        out.write_table(pq.read_table(p, schema=schema()))
+                        table = pq.read_table(p)
+                        if not table.schema.equals(unified):  # rebuilt by name: missing struct fields become null
+                            table = pa.Table.from_pylist(table.to_pylist(), schema=unified)
+                        out.write_table(table)
         _atomic_write(self.output, write)
         shutil.rmtree(self.parts_dir)
 
 
-def schema():
+def base_schema():
+    """Every column but `result`, whose struct type depends on the model (inferred from the results)."""
     import pyarrow as pa
 
-    return pa.schema([("row", pa.int64()), ("id", pa.string()), ("ok", pa.bool_()), ("error", pa.string()),
-                      ("result", pa.string())])
+    return pa.schema([("row", pa.int64()), ("id", pa.string()), ("ok", pa.bool_()), ("error", pa.string())])

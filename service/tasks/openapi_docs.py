@@ -1,11 +1,51 @@
-"""OpenAPI request/response examples for the task endpoints (rendered by FastAPI's /docs page)."""
+"""OpenAPI request/response examples for the task endpoints (rendered by FastAPI's /docs page).
+
+Every example is valid for the default zoo, so "Try it out" answers 200: the image and WAV examples are real
+files (a drawn digit 7, a quarter second of silence) made here at import, small enough to show in the page.
+"""
 
 from __future__ import annotations
+
+import base64
+import io
+import wave
+
+import numpy as np
+from PIL import Image
+
+
+def _digit_png() -> str:
+    """A 28x28 white-on-black 7 (bar and diagonal stroke), PNG, base64."""
+    pixels = np.zeros((28, 28), np.uint8)
+    pixels[5:8, 6:22] = 255
+    for row in range(8, 24):
+        col = 21 - (row - 8) * 9 // 16
+        pixels[row, col - 1:col + 2] = 255
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _silence_wav() -> str:
+    """0.25 s of 8 kHz 8-bit mono silence (128 is 8-bit PCM's zero), WAV, base64."""
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(1)
+        w.setframerate(8000)
+        w.writeframes(bytes([128]) * 2000)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+DIGIT_PNG_B64 = _digit_png()
+SILENCE_WAV_B64 = _silence_wav()
 
 _ERRORS = {
     "400": {"description": "Bad input (not an image, truncated WAV, empty text at index i, bad k, ...)",
             "content": {"application/json": {"example": {"error": "text 1 is empty; expected non-empty text"}}}},
     "404": {"description": "Unknown model"},
+    "503": {"description": "Model not ready, or its queue is full (Retry-After)"},
+    "504": {"description": "Timed out in the queue"},
     "413": {"description": "Body, image or audio too large",
             "content": {"application/json": {"example": {
                 "error": "request body of 70000000 bytes exceeds the limit of 67108864 bytes"}}}},
@@ -15,9 +55,10 @@ _ERRORS = {
 }
 
 _JSON_EXAMPLES = {
-    "image (cnn)": {"value": {"images": ["iVBORw0KGgoAAAANSUhEUgAA..."], "k": 3}},
-    "text (transformer, transformer-classifier)": {"value": {"texts": ["Open a file and read it line by line."]}},
-    "speech": {"value": {"audio": ["UklGRiQAAABXQVZFZm10IBAAAAABAAEAgD4AAAB9AAACABAAZGF0YQAAAAA="]}},
+    "image (cnn: a drawn 7)": {"value": {"images": [DIGIT_PNG_B64], "k": 3}},
+    "text (transformer, transformer-classifier)": {"value": {"texts": [
+        "Compress data with gzip and write it to a zip archive.", "Return the square root of x."]}},
+    "speech (a quarter second of silence)": {"value": {"audio": [SILENCE_WAV_B64]}},
     "recommender": {"value": {"user_id": 42, "k": 10, "exclude_seen": True}},
 }
 
@@ -36,9 +77,10 @@ PREDICT_DOC = {
         "`k` and `exclude_seen` may also be query parameters."),
     "requestBody": {"required": True, "content": {
         "application/json": {"examples": _JSON_EXAMPLES},
-        "multipart/form-data": {"schema": {"type": "object", "properties": {
-            "file": {"type": "array", "items": {"type": "string", "format": "binary"}},
-            "k": {"type": "integer", "default": 3}}}}}},
+        "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
+            "file": {"type": "string", "format": "binary",
+                     "description": "a PNG/JPEG image (cnn) or a WAV file (speech); repeat the field for more"},
+            "k": {"type": "integer", "default": 3, "description": "labels returned per file"}}}}}},
     "responses": {"200": {"description": "One result per item, in order", "content": {"application/json": {
         "example": {"model_name": "cnn", "task": "image-classification", "results": [
             {"predictions": [{"label": "7", "index": 7, "probability": 0.91}],

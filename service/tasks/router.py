@@ -82,8 +82,10 @@ async def _parse(request: Request, task: str, *, v1: bool, limit: int,
             raise InvalidInput(f"request body is not valid JSON: {exc}") from None
         items, params = _json_items(doc, task=task, v1=v1)
     else:
-        raise UnsupportedMediaType(f"Content-Type {ctype!r} is not accepted; send application/json"
-                                   + (" or multipart/form-data (field 'file')" if task in UPLOAD_TASKS else ""))
+        # `curl -d` sends application/x-www-form-urlencoded: say which flag sends JSON instead.
+        raise UnsupportedMediaType(f"Content-Type {ctype!r} is not accepted; send JSON with "
+                                   "-H 'Content-Type: application/json' (curl: --json)"
+                                   + (" or a multipart upload (curl: -F file=@FILE)" if task in UPLOAD_TASKS else ""))
     return items, {**query, **params}
 
 

@@ -1,0 +1,141 @@
+"""OpenAI-compatible embeddings: `POST /v1/embeddings` on the sentence encoder (text-embedding task).
+
+The route only parses OpenAI's request, calls the core (the same task processor and dynamic batcher as
+`/v1/models/{name}/predict`) and serializes OpenAI's response; errors use OpenAI's shape
+`{"error": {"message", "type", "param", "code"}}` so the official `openai` client raises its usual exceptions.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import numpy as np
+import orjson
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from service.core import InferenceCore
+from service.errors import InvalidInput, ModelNotFound, RequestCancelled, ServingError, UnsupportedMediaType
+from service.http_infer import read_body
+
+# OpenAI's error `type` per status (https://platform.openai.com/docs/guides/error-codes).
+_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 413: "invalid_request_error",
+          415: "invalid_request_error", 503: "server_error", 504: "timeout"}
+
+_REQUEST_EXAMPLE = {"model": "transformer", "input": ["Read a file line by line.", "Compress a folder."],
+                    "encoding_format": "float"}
+_DOC = {
+    "description": (
+        "OpenAI-compatible embeddings (`openai.OpenAI(base_url='http://HOST:8000/v1', api_key='unused')`). "
+        "`input`: a string or a list of strings (token-id arrays are refused); `encoding_format`: `float` "
+        "(default) or `base64` (little-endian float32, as OpenAI); `dimensions`: only the model's own width. "
+        "Served by the text-embedding models (`transformer`) through the same dynamic batcher as the task "
+        "routes."),
+    "requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"type": "object", "required": ["model", "input"], "properties": {
+            "model": {"type": "string"},
+            "input": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
+            "encoding_format": {"type": "string", "enum": ["float", "base64"], "default": "float"},
+            "dimensions": {"type": "integer"}, "user": {"type": "string"}}},
+        "example": _REQUEST_EXAMPLE}}},
+    "responses": {
+        "200": {"description": "One embedding per input, in order", "content": {"application/json": {"example": {
+            "object": "list", "data": [{"object": "embedding", "index": 0, "embedding": [0.0123, -0.0456]}],
+            "model": "transformer", "usage": {"prompt_tokens": 9, "total_tokens": 9}}}}},
+        "400": {"description": "Bad input (OpenAI error shape)", "content": {"application/json": {"example": {
+            "error": {"message": "'input' must be a string or a list of strings", "type": "invalid_request_error",
+                      "param": "input", "code": None}}}}},
+        "404": {"description": "Unknown model"}, "413": {"description": "Too many inputs or body too large"},
+        "503": {"description": "Model not ready or queue full"}},
+}
+
+
+class OpenAIError(InvalidInput):
+    """A bad request field, named in OpenAI's `param`."""
+
+    def __init__(self, message: str, *, param: str | None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def _error(exc: ServingError) -> Response:
+    code = "model_not_found" if isinstance(exc, ModelNotFound) else None
+    doc = {"error": {"message": exc.message, "type": _TYPES.get(exc.status_code, "server_error"),
+                     "param": getattr(exc, "param", None), "code": code}}
+    return Response(orjson.dumps(doc), status_code=exc.status_code, media_type="application/json",
+                    headers=exc.headers or None)
+
+
+def _texts(value: object) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and value and all(isinstance(x, str) for x in value):
+        return value
+    if isinstance(value, list) and value and all(isinstance(x, (int, list)) for x in value):
+        raise OpenAIError("token-id arrays are not supported; send 'input' as a string or a list of strings "
+                          "(the server tokenizes with the model's own tokenizer)", param="input")
+    raise OpenAIError(f"'input' must be a non-empty string or a non-empty list of strings, got {value!r:.80}",
+                      param="input")
+
+
+def _parse(body: bytes, content_type: str) -> dict[str, Any]:
+    if content_type not in ("application/json", ""):
+        raise UnsupportedMediaType(f"Content-Type {content_type!r} is not accepted; send JSON with "
+                                   "-H 'Content-Type: application/json' (curl: --json)")
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise OpenAIError(f"request body is not valid JSON: {exc}", param=None) from None
+    if not isinstance(doc, dict):
+        raise OpenAIError("expected a JSON object with 'model' and 'input'", param=None)
+    if not isinstance(doc.get("model"), str) or not doc["model"]:
+        raise OpenAIError("'model' is required: the name of a text-embedding model (e.g. 'transformer')",
+                          param="model")
+    if doc.get("encoding_format", "float") not in ("float", "base64", None):
+        raise OpenAIError(f"'encoding_format' must be 'float' or 'base64', got {doc['encoding_format']!r}",
+                          param="encoding_format")
+    dims = doc.get("dimensions")
+    if dims is not None and (isinstance(dims, bool) or not isinstance(dims, int)):
+        raise OpenAIError(f"'dimensions' must be an integer, got {dims!r}", param="dimensions")
+    return doc
+
+
+def _encode(vector: list[float], fmt: str) -> list[float] | str:
+    if fmt == "base64":
+        return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
+    return vector
+
+
+def build_openai_router(core: InferenceCore, *, max_request_bytes: int, body_timeout_s: float | None = None) -> APIRouter:
+    router = APIRouter(tags=["openai"])
+
+    @router.post("/v1/embeddings", summary="OpenAI-compatible embeddings", openapi_extra=_DOC)
+    async def embeddings(request: Request) -> Response:
+        try:
+            body = await read_body(request.receive, declared=request.headers.get("content-length"),
+                                   limit=max_request_bytes, timeout_s=body_timeout_s)
+            if body is None:
+                raise RequestCancelled("client went away while sending the request")
+            doc = _parse(body, request.headers.get("content-type", "").split(";")[0].strip().lower())
+            texts = _texts(doc.get("input"))
+            model, width = core.embedding_model(doc["model"])
+            if doc.get("dimensions") is not None and doc["dimensions"] != width:
+                raise OpenAIError(f"model {doc['model']!r} gives {width}-dimensional embeddings; 'dimensions' "
+                                  f"must be {width} or left out, got {doc['dimensions']}", param="dimensions")
+            try:
+                results = await core.predict(model, texts, {})
+            except InvalidInput as exc:  # an empty text, ...: a problem with one of the inputs
+                raise OpenAIError(exc.message, param="input") from None
+        except ServingError as exc:
+            return _error(exc)
+        fmt = doc.get("encoding_format") or "float"
+        tokens = sum(int(r["tokens_used"]) for r in results)
+        return Response(orjson.dumps({
+            "object": "list",
+            "data": [{"object": "embedding", "index": i, "embedding": _encode(r["embedding"], fmt)}
+                     for i, r in enumerate(results)],
+            "model": doc["model"], "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}),
+            media_type="application/json")
+
+    return router
