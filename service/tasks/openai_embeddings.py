@@ -107,7 +107,8 @@ def _encode(vector: list[float], fmt: str) -> list[float] | str:
     return vector
 
 
-def build_openai_router(core: InferenceCore, *, max_request_bytes: int, body_timeout_s: float | None = None) -> APIRouter:
+def build_openai_router(core: InferenceCore, *, max_request_bytes: int,
+                        body_timeout_s: float | None = None) -> APIRouter:
     router = APIRouter(tags=["openai"])
 
     @router.post("/v1/embeddings", summary="OpenAI-compatible embeddings", openapi_extra=_DOC)
