@@ -9,6 +9,7 @@ training; since filtering happens after the graph's top 50, fewer than k items m
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,9 @@ class RecommenderProcessor:
                                  "flagged \"fallback\": \"popular\"",
                 "params": {"k": f"items returned, 1..{self.top_k} (default 10)",
                            "exclude_seen": "drop items the user interacted with in training (default true)"}}
+
+    def admit(self, payloads: Sequence[Any]) -> None:
+        """A user id costs the same whatever it is: the item count bounds the request."""
 
     def prepare(self, payload: Any, *, index: int) -> PreparedUser:
         if isinstance(payload, dict):

@@ -8,7 +8,7 @@ from service.errors import InvalidInput, ModelLoadError, ServingError
 from service.modelrepo.card import family_of, read_card, variant_of
 from service.modelrepo.config import ModelSpec
 from service.modelrepo.layout import contained
-from service.processing.base import Processor
+from service.processing.base import Limits, Processor
 from service.processing.image import ImageProcessor
 from service.processing.recommender import RecommenderProcessor
 from service.processing.speech import SpeechProcessor
@@ -24,7 +24,18 @@ def _first_labelled(spec: ModelSpec) -> str:
     return next((o.name for o in spec.outputs if o.name in spec.labels), spec.outputs[0].name)
 
 
-def _text(spec: ModelSpec, *, model_dir: Path, out: str, labels: list[str] | None) -> TextProcessor:
+def int_param(spec: ModelSpec, key: str) -> int | None:
+    """A positive integer config parameter (e.g. max_sequence_length, vocab_size), None when absent."""
+    value = _param(spec, key)
+    if value is None:
+        return None
+    if not value.strip().isdigit() or int(value) < 1:
+        raise ModelLoadError(f"model {spec.name!r}: config parameter {key!r} must be a positive integer, "
+                             f"got {value!r}")
+    return int(value)
+
+
+def _text(spec: ModelSpec, *, model_dir: Path, out: str, labels: list[str] | None, limits: Limits) -> TextProcessor:
     tokenizer = _param(spec, "tokenizer") or "tokenizer.json"
     try:
         tok = contained(model_dir, tokenizer, what="tokenizer")
@@ -32,25 +43,33 @@ def _text(spec: ModelSpec, *, model_dir: Path, out: str, labels: list[str] | Non
         raise ModelLoadError(f"model {spec.name!r}: {exc.message}") from None
     if not tok.is_file():
         raise ModelLoadError(f"model {spec.name!r}: tokenizer {spec.name}/{tokenizer} not found")
-    return TextProcessor(tokenizer_path=tok, max_length=int(_param(spec, "max_sequence_length") or 256),
-                         input_names=["input_ids", "attention_mask"], output_name=out, labels=labels)
+    try:
+        return TextProcessor(tokenizer_path=tok, max_length=int_param(spec, "max_sequence_length") or 256,
+                             input_names=["input_ids", "attention_mask"], output_name=out, labels=labels,
+                             vocab_size=int_param(spec, "vocab_size"), limits=limits)
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"model {spec.name!r}: {exc.message}") from None
+    except Exception as exc:  # the tokenizers library's own parse errors
+        raise ModelLoadError(f"model {spec.name!r}: tokenizer {spec.name}/{tokenizer} is unreadable "
+                             f"({type(exc).__name__})") from None
 
 
-def build_processor(spec: ModelSpec, *, model_dir: Path) -> Processor:
+def build_processor(spec: ModelSpec, *, model_dir: Path, limits: Limits | None = None) -> Processor:
     """The task processor for a model, or InvalidInput saying why it has no task endpoint."""
+    limits = limits or Limits()
     card = read_card(model_dir)
     family = family_of({t.name for t in spec.inputs}, card)
     out = _first_labelled(spec)
     labels = spec.labels.get(out)
     inputs = [t.name for t in spec.inputs]
     if family == "cnn":
-        return ImageProcessor(input_name=inputs[0], output_name=out, labels=labels)
+        return ImageProcessor(input_name=inputs[0], output_name=out, labels=labels, limits=limits)
     if family == "transformer":
-        return _text(spec, model_dir=model_dir, out=out, labels=labels)
+        return _text(spec, model_dir=model_dir, out=out, labels=labels, limits=limits)
     if family == "speech":
         spec_in = card["input_spec"] if isinstance(card.get("input_spec"), dict) else {}
         return SpeechProcessor(input_name=inputs[0], output_name=out, labels=labels,
-                               trained_samples=int(spec_in.get("trained_samples", 16000)))
+                               trained_samples=int(spec_in.get("trained_samples", 16000)), limits=limits)
     if family == "recommender":
         names = [o.name for o in spec.outputs]
         width = spec.outputs[0].dims[-1] if spec.outputs[0].dims else 50
