@@ -221,12 +221,23 @@ class InferenceCore:
         gone = client_gone or (lambda: False)
         prepared = await asyncio.to_thread(_prepare_all, processor, items, gone, mv.name)
         size = mv.spec.max_batch_size or len(prepared)
-        chunks = [prepared[i:i + size] for i in range(0, len(prepared), size)]
+        bounded = processor.rows_per_run(prepared)
+        step = min(size, bounded or size)
+        chunks = [prepared[i:i + step] for i in range(0, len(prepared), step)]
+
+        def run(chunk: list[Any]) -> Any:
+            request = InferRequest(mv.name, mv.version, processor.collate(chunk), client_gone=client_gone)
+            return self.infer(request, pinned=mv)
+
         _stop_if_gone(gone, mv.name)
-        responses = await asyncio.gather(*(
-            self.infer(InferRequest(mv.name, mv.version, processor.collate(c), client_gone=client_gone), pinned=mv)
-            for c in chunks
-        ))
+        if bounded is None or bounded >= size:
+            responses = await asyncio.gather(*(run(c) for c in chunks))
+        else:
+            # One run at a time, so the batcher cannot stack this request's runs back past the bound.
+            responses = []
+            for c in chunks:
+                _stop_if_gone(gone, mv.name)
+                responses.append(await run(c))
         results: list[dict] = []
         for chunk, resp in zip(chunks, responses):
             outputs = {o.name: np.asarray(o.data) for o in resp.outputs}

@@ -75,6 +75,8 @@ class ServerSettings(BaseSettings):
     """Longest clip accepted, from the WAV header before decoding; longer ones get 413."""
     max_request_audio_seconds: PositiveFloat = 600.0
     """Seconds of audio in one task request together; more get 413."""
+    max_batch_tokens: PositiveInt = 4096
+    """Tokens (rows x padded length) a text task request runs at once; its texts go in runs of this size."""
 
     @model_validator(mode="after")
     def _check(self) -> ServerSettings:

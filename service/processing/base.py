@@ -27,6 +27,7 @@ class Limits:
     max_sample_rate: int = 192_000
     max_audio_seconds: float = 60.0
     max_request_audio_seconds: float = 600.0
+    max_batch_tokens: int = 4096
 
     @classmethod
     def from_settings(cls, settings: object) -> Limits:
@@ -55,6 +56,9 @@ class Processor(Protocol):
         """Check the request's total budget (pixels, seconds) from headers only, before any item is decoded."""
 
     def prepare(self, payload: Any, *, index: int) -> Any: ...
+
+    def rows_per_run(self, prepared: Sequence[Any]) -> int | None:
+        """At most this many prepared items in one model run (None: the model's max_batch_size decides)."""
 
     def collate(self, prepared: list[Any]) -> dict[str, np.ndarray]: ...
 

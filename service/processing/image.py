@@ -130,6 +130,9 @@ class ImageProcessor:
         pixels, inverted = layout(gray)
         return PreparedImage(pixels, size, inverted)
 
+    def rows_per_run(self, prepared: Sequence[Any]) -> int | None:
+        return None
+
     def collate(self, prepared: list[PreparedImage]) -> dict[str, np.ndarray]:
         return {self.input_name: np.stack([p.pixels for p in prepared]).astype(np.float32)}
 

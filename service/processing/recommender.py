@@ -60,6 +60,9 @@ class RecommenderProcessor:
             raise InvalidInput(f"user {index}: expected an integer user_id, got {payload!r}")
         return PreparedUser(payload, payload in self.seen)
 
+    def rows_per_run(self, prepared: Sequence[Any]) -> int | None:
+        return None
+
     def collate(self, prepared: list[PreparedUser]) -> dict[str, np.ndarray]:
         return {self.input_name: np.array([[p.user_id] for p in prepared], np.int64)}
 

@@ -165,6 +165,9 @@ class SpeechProcessor:
         mono = to_model_rate(audio.mean(axis=1), rate)
         return PreparedAudio(fit_one_second(mono, samples=self.samples), rate, channels, audio.shape[0] / rate)
 
+    def rows_per_run(self, prepared: Sequence[Any]) -> int | None:
+        return None
+
     def collate(self, prepared: list[PreparedAudio]) -> dict[str, np.ndarray]:
         return {self.input_name: np.stack([p.waveform for p in prepared]).astype(np.float32)}
 

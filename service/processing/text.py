@@ -74,6 +74,12 @@ class TextProcessor:
         extra = sum(len(o.ids) - sum(o.special_tokens_mask) for o in enc.overflowing)
         return PreparedText(list(enc.ids), bool(enc.overflowing), len(enc.ids) + extra)
 
+    def rows_per_run(self, prepared: Sequence[Any]) -> int | None:
+        """Runs of at most max_batch_tokens tokens: the model's memory grows with rows x length (x length for
+        attention), and 64 texts at full length took over 1 GB in one run."""
+        longest = max(len(p.ids) for p in prepared)
+        return max(1, self.limits.max_batch_tokens // longest)
+
     def collate(self, prepared: list[PreparedText]) -> dict[str, np.ndarray]:
         length = max(len(p.ids) for p in prepared)
         ids = np.full((len(prepared), length), self.pad_id, np.int64)
