@@ -48,6 +48,10 @@ def _config_int(spec: ModelSpec, key: str) -> int | None:
 
 def check_tokens(spec: ModelSpec, inputs: dict[str, np.ndarray]) -> None:
     """Token ids within [0, vocab_size) and sequences no longer than max_sequence_length, where configured."""
+    shapes = {name: list(inputs[name].shape) for name in SEQUENCE_INPUTS if name in inputs}
+    if len({tuple(v) for v in shapes.values()}) > 1:
+        raise InvalidInput(f"model {spec.name!r}: {', '.join(shapes)} must have one shape (one token per position), "
+                           f"got {shapes}")
     max_len = _config_int(spec, "max_sequence_length")
     for name in SEQUENCE_INPUTS:
         arr = inputs.get(name)
