@@ -10,7 +10,7 @@ PROFILE ?= default
 # `make serve EXTRAS=train,test,gpu` swaps in onnxruntime-gpu on a machine with CUDA.
 EXTRAS ?= train,test
 
-.PHONY: install serve zoo test lint bench clean
+.PHONY: install serve zoo test lint bench fuzz clean
 
 $(VENV)/.installed-$(EXTRAS): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ test: install
 
 bench: install
 	$(PY) -m loadtests.bench --output bench_results
+
+# Fuzz + soak a real server on the zoo; counts and peak RSS in fuzz_results.json (docs/RELIABILITY.md).
+fuzz: zoo
+	$(PY) -m loadtests.fuzz --model-repository $(MODEL_REPOSITORY) --duration 60
 
 clean:
 	rm -rf $(VENV) bench_results .pytest_cache
