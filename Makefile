@@ -11,7 +11,7 @@ PROFILE ?= default
 EXTRAS ?= train,test
 
 comma := ,
-.PHONY: install helm serve zoo test lint bench clean image image-test
+.PHONY: install helm serve zoo test lint bench fuzz clean image image-test
 
 $(VENV)/.installed-$(EXTRAS): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,10 @@ test: install
 
 bench: install
 	$(PY) -m loadtests.bench --output bench_results
+
+# Fuzz + soak a real server on the zoo; counts and peak RSS in fuzz_results.json (docs/RELIABILITY.md).
+fuzz: zoo
+	$(PY) -m loadtests.fuzz --model-repository $(MODEL_REPOSITORY) --duration 60
 
 clean:
 	rm -rf $(VENV) bench_results .pytest_cache

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from tokenizers import Tokenizer
 from torch import nn
 
 from models.common import count_parameters
@@ -25,7 +26,7 @@ class ClassifierRun:
     test_size: int
 
 
-def config_pbtxt(*, name: str, output: str, width: int, labelled: bool, max_length: int) -> str:
+def config_pbtxt(*, name: str, output: str, width: int, labelled: bool, max_length: int, vocab_size: int) -> str:
     """Triton config: two INT64 inputs with dynamic batch and sequence axes, one FP32 output."""
     label = ' label_filename: "labels.txt"' if labelled else ""
     return f"""name: "{name}"
@@ -40,6 +41,7 @@ dynamic_batching {{ preferred_batch_size: [ 16, 32 ] max_queue_delay_microsecond
 instance_group [ {{ count: 1 kind: KIND_CPU }} ]
 parameters {{ key: "tokenizer" value: {{ string_value: "tokenizer.json" }} }}
 parameters {{ key: "max_sequence_length" value: {{ string_value: "{max_length}" }} }}
+parameters {{ key: "vocab_size" value: {{ string_value: "{vocab_size}" }} }}
 """
 
 
@@ -155,6 +157,8 @@ def publish_model(*, name: str, onnx_path: Path, card: dict, tokenizer_path: Pat
     output, width = next(iter(card["output"].items()))
     markdown = classifier_markdown(card) if labels else encoder_markdown(card)
     config = config_pbtxt(name=name, output=output, width=width[1], labelled=labels is not None,
-                          max_length=card["input_spec"]["max_sequence_length"])
+                          max_length=card["input_spec"]["max_sequence_length"],
+                          # The server refuses token ids past this before they reach the embedding's Gather.
+                          vocab_size=Tokenizer.from_file(str(tokenizer_path)).get_vocab_size())
     return publish(repo_dir=repo_dir, name=name, onnx_path=onnx_path, config_pbtxt=config, card=card,
                    card_md=markdown, labels=labels, assets={"tokenizer.json": tokenizer_path})

@@ -300,8 +300,9 @@ class Batcher:
         try:
             outputs, timings = await loop.run_in_executor(self.executor, self._run_concat, live)
         except Exception as exc:
-            if len(live) > 1 and not isinstance(exc, ServingError):
-                # One bad request must not fail its batch-mates: rerun each alone to isolate it.
+            if len(live) > 1 and (not isinstance(exc, ServingError) or exc.status_code < 500):
+                # One bad request must not fail its batch-mates (an unexpected error, or an input value the model
+                # rejected): rerun each alone to isolate it.
                 log.warning("model %r: batch of %d failed (%s); retrying requests one by one", self.model, len(live), exc)
                 for r in live:
                     await self._execute([r])

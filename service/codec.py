@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from service.datatypes import numpy_dtype
-from service.errors import InvalidInput
+from service.errors import InvalidInput, PayloadTooLarge
 
 # Triton rejects JSON nested deeper than this; a deeper BYTES list would otherwise recurse without bound.
 MAX_NESTING = 100
@@ -49,12 +49,13 @@ def element_count(shape: Sequence[int]) -> int:
 
 
 def check_byte_budget(shape: Sequence[int], *, name: str, datatype: str, limit: int) -> None:
-    """Refuse a shape whose tensor would take more than `limit` bytes, before allocating it."""
+    """Refuse a shape whose tensor would take more than `limit` bytes, before allocating it (a BYTES element
+    counts one byte: no encoding carries one in less)."""
     itemsize = 1 if datatype == "BYTES" else numpy_dtype(datatype).itemsize
     need = element_count(shape) * itemsize
     if need > limit:
-        raise InvalidInput(f"input {name!r}: shape {list(shape)} of {datatype} needs {need} bytes, more than the "
-                           f"request may carry ({limit} bytes)")
+        raise PayloadTooLarge(f"input {name!r}: shape {list(shape)} of {datatype} needs {need} bytes, more than a "
+                              f"request may carry ({limit} bytes, setting max_request_bytes)")
 
 
 def bytes_array(items: Sequence[bytes], shape: Sequence[int]) -> np.ndarray:

@@ -20,13 +20,11 @@ from service.errors import InvalidInput, PayloadTooLarge, RequestCancelled, Serv
 from service.metrics import Metrics
 from service.model import ModelVersion
 from service.modelrepo import layout
-from service.processing.base import Processor
+from service.processing.base import Limits, Processor, setting
 from service.processing.registry import build_processor, describe_model
 from service.repository import ModelRepository
 
 EXTENSIONS = ["classification", "binary_tensor_data", "model_repository", "statistics"]
-# Items in one task request (images, texts, clips, user ids).
-MAX_TASK_ITEMS = 1024
 
 
 @dataclass
@@ -82,12 +80,29 @@ def classify(data: np.ndarray, *, k: int, labels: list[str] | None, batched: boo
     return out if batched else out.reshape(k)
 
 
+def _stop_if_gone(gone: Callable[[], bool], model: str) -> None:
+    if gone():
+        raise RequestCancelled(f"model {model!r}: client went away; the rest of its request was not computed")
+
+
+def _prepare_all(processor: Processor, items: list[Any], gone: Callable[[], bool], model: str) -> list[Any]:
+    """Request budget first (headers only), then each item, stopping at the first sign the caller left."""
+    processor.admit(items)
+    prepared = []
+    for i, item in enumerate(items):
+        _stop_if_gone(gone, model)
+        prepared.append(processor.prepare(item, index=i))
+    return prepared
+
+
 class InferenceCore:
     """Health, metadata, inference, tasks, repository and statistics operations."""
 
     def __init__(self, repository: ModelRepository, metrics: Metrics) -> None:
         self._repository = repository
         self.metrics = metrics
+        self.limits = Limits.from_settings(repository.settings)
+        self.max_task_items = repository.settings.max_task_items
         # One processor per loaded version, rebuilt when the version is swapped (keyed by the version object).
         self._processors: dict[str, tuple[ModelVersion, Processor]] = {}
         self._shutting_down = False
@@ -195,23 +210,43 @@ class InferenceCore:
         mv = self.model(name)
         cached = self._processors.get(name)
         if cached is None or cached[0] is not mv:
-            cached = (mv, build_processor(mv.spec, model_dir=layout.model_dir(self._repository.root, name)))
+            cached = (mv, build_processor(mv.spec, model_dir=layout.model_dir(self._repository.root, name),
+                                          limits=self.limits))
             self._processors[name] = cached
         return TaskModel(mv, cached[1])
 
-    async def predict(self, model: TaskModel, items: list[Any], params: dict) -> list[dict]:
-        """Prepare items (in a worker thread), infer them in chunks of max_batch_size, post-process."""
+    async def predict(self, model: TaskModel, items: list[Any], params: dict, *,
+                      client_gone: Callable[[], bool] | None = None) -> list[dict]:
+        """Prepare items (in a worker thread), infer them in chunks of max_batch_size, post-process.
+
+        `client_gone` is checked between items and chunks: work for a caller who hung up stops there.
+        """
         processor, mv = model.processor, model.version
         if not items:
             raise InvalidInput(f"no items to predict; {processor.describe()['accepts']}")
-        if len(items) > MAX_TASK_ITEMS:
-            raise PayloadTooLarge(f"{len(items)} items in one request; send at most {MAX_TASK_ITEMS}")
-        prepared = await asyncio.to_thread(lambda: [processor.prepare(x, index=i) for i, x in enumerate(items)])
+        if len(items) > self.max_task_items:
+            raise PayloadTooLarge(f"{len(items)} items in one request; send at most {self.max_task_items} "
+                                  f"({setting('max_task_items')})")
+        gone = client_gone or (lambda: False)
+        prepared = await asyncio.to_thread(_prepare_all, processor, items, gone, mv.name)
         size = mv.spec.max_batch_size or len(prepared)
-        chunks = [prepared[i:i + size] for i in range(0, len(prepared), size)]
-        responses = await asyncio.gather(*(
-            self.infer(InferRequest(mv.name, mv.version, processor.collate(c)), pinned=mv) for c in chunks
-        ))
+        bounded = processor.rows_per_run(prepared)
+        step = min(size, bounded or size)
+        chunks = [prepared[i:i + step] for i in range(0, len(prepared), step)]
+
+        def run(chunk: list[Any]) -> Any:
+            request = InferRequest(mv.name, mv.version, processor.collate(chunk), client_gone=client_gone)
+            return self.infer(request, pinned=mv)
+
+        _stop_if_gone(gone, mv.name)
+        if bounded is None or bounded >= size:
+            responses = await asyncio.gather(*(run(c) for c in chunks))
+        else:
+            # One run at a time, so the batcher cannot stack this request's runs back past the bound.
+            responses = []
+            for c in chunks:
+                _stop_if_gone(gone, mv.name)
+                responses.append(await run(c))
         results: list[dict] = []
         for chunk, resp in zip(chunks, responses):
             outputs = {o.name: np.asarray(o.data) for o in resp.outputs}

@@ -6,9 +6,9 @@ serializes.
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -23,24 +23,81 @@ from service.protocol_grpc import decode_infer, encode_infer, grpc_status
 
 log = logging.getLogger("modelserve.grpc")
 
-def _serving_errors_to_status(method: Callable) -> Callable:
-    """Answer a ServingError with its gRPC status code and message (the HTTP transport maps it to JSON)."""
+_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 
-    @functools.wraps(method)
-    async def wrapper(self: InferenceServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
+
+@dataclass(frozen=True)
+class Unparsable:
+    """What the request deserializer hands over when the bytes are not the method's protobuf.
+
+    NOTE: grpc.aio deserializes before the handler runs and answers a deserializer's exception itself (not
+    with INVALID_ARGUMENT), so the deserializer never raises: the handler sees this and answers
+    INVALID_ARGUMENT naming the message type.
+    """
+
+    message_type: str
+    reason: str
+
+
+def _lenient(message_class: Any) -> Callable[[bytes], Any]:
+    def deserialize(data: bytes) -> Any:
         try:
-            return await method(self, request, context)
+            return message_class.FromString(data)
+        except Exception as exc:  # protobuf's DecodeError, or anything else a malformed message raises
+            return Unparsable(message_class.DESCRIPTOR.name, type(exc).__name__)
+
+    return deserialize
+
+
+def _guarded(method: Callable, name: str) -> Callable:
+    """Every exception as a gRPC status: ServingError by its status, anything else INTERNAL (logged); never
+    UNKNOWN. An unparsable request is INVALID_ARGUMENT."""
+
+    async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if isinstance(request, Unparsable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"{name}: the request is not a valid {request.message_type} protobuf "
+                                f"({request.reason})")
+        try:
+            return await method(request, context)
+        except grpc.aio.AbortError:
+            raise  # context.abort() already chose the status
         except ServingError as exc:
             await context.abort(grpc_status(exc), exc.message)
+        except Exception as exc:
+            log.exception("gRPC %s failed", name)
+            await context.abort(grpc.StatusCode.INTERNAL, f"{name}: internal error ({type(exc).__name__}); "
+                                                          "see the server log")
 
-    return wrapper
+    return handler
+
+
+async def _unimplemented(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this method is not supported by modelserve")
+
+
+def generic_handler(servicer: InferenceServicer) -> grpc.GenericRpcHandler:
+    """GRPCInferenceService's method table, built from the service descriptor tritonclient ships, with
+    lenient deserializers and every handler guarded (the generated add_..._to_server allows neither)."""
+    handlers = {}
+    for method in _SERVICE.methods:
+        request_class = getattr(pb, method.input_type.name)
+        serialize = getattr(pb, method.output_type.name).SerializeToString
+        if method.client_streaming or method.server_streaming:
+            continue  # ModelStreamInfer: absent from the table, grpc answers UNIMPLEMENTED
+        own = getattr(type(servicer), method.name) is not getattr(pb_grpc.GRPCInferenceServiceServicer, method.name)
+        behaviour = _guarded(getattr(servicer, method.name), method.name) if own else _unimplemented
+        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+            behaviour, request_deserializer=_lenient(request_class), response_serializer=serialize)
+    return grpc.method_handlers_generic_handler(_SERVICE.full_name, handlers)
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """GRPCInferenceService on the InferenceCore; method names are fixed by the service definition."""
 
-    def __init__(self, core: InferenceCore) -> None:
+    def __init__(self, core: InferenceCore, *, max_tensor_bytes: int) -> None:
         self.core = core
+        self.max_tensor_bytes = max_tensor_bytes
 
     async def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=self.core.live())
@@ -54,16 +111,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ServerMetadata(self, request, context):
         return json_format.ParseDict(self.core.server_metadata(), pb.ServerMetadataResponse())
 
-    @_serving_errors_to_status
     async def ModelMetadata(self, request, context):
         meta = self.core.model_metadata(request.name, request.version or None)
         return json_format.ParseDict(meta, pb.ModelMetadataResponse())
 
-    @_serving_errors_to_status
     async def ModelConfig(self, request, context):
         return pb.ModelConfigResponse(config=self.core.model_config(request.name, request.version or None))
 
-    @_serving_errors_to_status
     async def ModelStatistics(self, request, context):
         stats = self.core.statistics(request.name or None, request.version or None)
         return json_format.ParseDict(stats, pb.ModelStatisticsResponse(), ignore_unknown_fields=True)
@@ -72,19 +126,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         rows = self.core.repository_index(ready_only=request.ready)
         return pb.RepositoryIndexResponse(models=[pb.RepositoryIndexResponse.ModelIndex(**r) for r in rows])
 
-    @_serving_errors_to_status
     async def RepositoryModelLoad(self, request, context):
         await self.core.load_model(request.model_name)
         return pb.RepositoryModelLoadResponse()
 
-    @_serving_errors_to_status
     async def RepositoryModelUnload(self, request, context):
         await self.core.unload_model(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
-    @_serving_errors_to_status
     async def ModelInfer(self, request, context):
-        return encode_infer(await self.core.infer(decode_infer(request)))
+        return encode_infer(await self.core.infer(decode_infer(request, max_tensor_bytes=self.max_tensor_bytes)))
 
 
 async def start_grpc_server(core: InferenceCore, *, host: str, port: int, max_message_bytes: int,
@@ -99,7 +150,7 @@ async def start_grpc_server(core: InferenceCore, *, host: str, port: int, max_me
                ("grpc.max_send_message_length", max_message_bytes),
                ("grpc.so_reuseport", 0)]
     server = grpc.aio.server(options=options, interceptors=list(interceptors) or None)
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(core), server)
+    server.add_generic_rpc_handlers((generic_handler(InferenceServicer(core, max_tensor_bytes=max_message_bytes)),))
     try:
         bound = server.add_insecure_port(f"{host}:{port}")
     except RuntimeError:

@@ -149,7 +149,7 @@ class InferFastPath:
                 return
             body = decompress(body, encoding=headers.get(b"content-encoding", b"").decode().lower(), limit=self.limit)
             req, encoding = decode_request(body, header_length=_header_length(headers), model_name=model,
-                                           model_version=version)
+                                           model_version=version, max_tensor_bytes=self.limit)
             req.client_gone = server_disconnect_flag(receive)
             try:
                 resp = await self.core.infer(req)
@@ -161,7 +161,7 @@ class InferFastPath:
             return
         except Exception as exc:  # never a bare 500 in plain text
             log.exception("unhandled error in infer")
-            await send_error(send, ServingError(f"internal error: {type(exc).__name__}: {exc}"))
+            await send_error(send, ServingError(f"internal error ({type(exc).__name__}); see the server log"))
             return
         if header_len is None:
             await _send(send, status=200, body=payload, content_type=_JSON)

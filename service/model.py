@@ -16,7 +16,7 @@ from service.errors import InvalidInput, ModelLoadError
 from service.modelrepo.config import ModelSpec, completed_spec, instance_settings
 from service.modelrepo.layout import DEFAULT_MODEL_FILENAME, model_file
 from service.modelrepo.sessions import choose_providers
-from service.runtime import InstancePool, synthetic_inputs
+from service.runtime import InstancePool, classify_run_error, synthetic_inputs
 from service.settings import ServerSettings
 from service.stats import ModelStats
 
@@ -32,6 +32,41 @@ class LoadRequest:
     config: object  # mc.ModelConfig as read (not yet completed)
     has_file: bool
     max_batch_size_given: bool
+
+
+# A text model's token-id input (Hugging Face's name); checked against the config's vocab_size and
+# max_sequence_length parameters where the config gives them, so bad ids get 400 before ONNX Runtime runs.
+TOKEN_INPUT = "input_ids"
+SEQUENCE_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def _config_int(spec: ModelSpec, key: str) -> int | None:
+    p = spec.config.parameters.get(key)
+    value = p.string_value.strip() if p is not None else ""
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
+def check_tokens(spec: ModelSpec, inputs: dict[str, np.ndarray]) -> None:
+    """Token ids within [0, vocab_size) and sequences no longer than max_sequence_length, where configured."""
+    shapes = {name: list(inputs[name].shape) for name in SEQUENCE_INPUTS if name in inputs}
+    if len({tuple(v) for v in shapes.values()}) > 1:
+        raise InvalidInput(f"model {spec.name!r}: {', '.join(shapes)} must have one shape (one token per position), "
+                           f"got {shapes}")
+    max_len = _config_int(spec, "max_sequence_length")
+    for name in SEQUENCE_INPUTS:
+        arr = inputs.get(name)
+        if max_len is not None and arr is not None and arr.ndim >= 1 and arr.shape[-1] > max_len:
+            raise InvalidInput(f"input {name!r}: sequence of {arr.shape[-1]} tokens is longer than model "
+                               f"{spec.name!r} accepts (max_sequence_length {max_len})")
+    vocab = _config_int(spec, "vocab_size")
+    ids = inputs.get(TOKEN_INPUT)
+    if vocab is None or ids is None or ids.size == 0 or ids.dtype.kind not in "iu":
+        return
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= vocab:
+        bad = low if low < 0 else high
+        raise InvalidInput(f"input {TOKEN_INPUT!r}: token id {bad} is outside model {spec.name!r}'s vocabulary "
+                           f"[0, {vocab - 1}] (vocab_size {vocab})")
 
 
 def _shape_str(dims) -> str:
@@ -121,7 +156,10 @@ class ModelVersion:
             # ORT takes str, not bytes, for string tensors.
             feeds[name] = np.vectorize(lambda b: b.decode() if isinstance(b, bytes) else b, otypes=[object])(feeds[name])
         t0 = time.perf_counter_ns()
-        arrays = self.pool.run(feeds, self.output_names)
+        try:
+            arrays = self.pool.run(feeds, self.output_names)
+        except Exception as exc:
+            raise classify_run_error(exc, model=self.name) from None
         t1 = time.perf_counter_ns()
         outputs = dict(zip(self.output_names, arrays))
         return outputs, t1 - t0, time.perf_counter_ns() - t1
@@ -157,6 +195,7 @@ class ModelVersion:
                     continue
                 raise InvalidInput(f"model {spec.name!r}: input {t.name!r} is missing; expected inputs {sorted(expected)}")
             rows = self._check_tensor(t, arr, rows)
+        check_tokens(spec, inputs)
         return rows if rows is not None else 1
 
     def _check_tensor(self, t, arr: np.ndarray, rows: int | None) -> int | None:

@@ -63,8 +63,9 @@ def _class_count(output: Any) -> int:
     return value
 
 
-def decode_infer(request: pb.ModelInferRequest) -> InferRequest:
-    """A protocol-agnostic InferRequest from a ModelInferRequest (raw or typed contents)."""
+def decode_infer(request: pb.ModelInferRequest, *, max_tensor_bytes: int = 2**62) -> InferRequest:
+    """A protocol-agnostic InferRequest from a ModelInferRequest (raw or typed contents); no input may need
+    more than `max_tensor_bytes` (the server passes max_request_bytes)."""
     raw = list(request.raw_input_contents)
     if raw and len(raw) != len(request.inputs):
         raise InvalidInput(f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs; expected one per input")
@@ -74,6 +75,7 @@ def decode_infer(request: pb.ModelInferRequest) -> InferRequest:
             raise InvalidInput(f"input {tensor.name!r} is given twice")
         shape = codec.check_shape(list(tensor.shape), name=tensor.name)
         numpy_dtype(tensor.datatype)  # raises with the list of valid datatypes
+        codec.check_byte_budget(shape, name=tensor.name, datatype=tensor.datatype, limit=max_tensor_bytes)
         if raw:
             inputs[tensor.name] = codec.from_raw(raw[i], name=tensor.name, datatype=tensor.datatype, shape=shape)
         else:

@@ -71,7 +71,7 @@ def _requested_outputs(doc: dict, encoding: OutputEncoding) -> list[RequestedOut
     return result
 
 
-def _decode_input(inp: object, *, tail: memoryview, offset: int) -> tuple[str, np.ndarray, int]:
+def _decode_input(inp: object, *, tail: memoryview, offset: int, max_bytes: int) -> tuple[str, np.ndarray, int]:
     name = inp.get("name") if isinstance(inp, dict) else None
     if not isinstance(inp, dict) or not isinstance(name, str):
         raise InvalidInput("every input needs a string 'name'")
@@ -79,6 +79,7 @@ def _decode_input(inp: object, *, tail: memoryview, offset: int) -> tuple[str, n
     datatype = inp.get("datatype")
     if not isinstance(datatype, str):
         raise InvalidInput(f"input {name!r}: 'datatype' must be a string such as \"FP32\"")
+    codec.check_byte_budget(shape, name=name, datatype=datatype, limit=max_bytes)
     size = _parameters(inp.get("parameters"), where=f"input {name!r}").get("binary_data_size")
     if size is not None:
         if not isinstance(size, int) or isinstance(size, bool) or size < 0 or offset + size > len(tail):
@@ -92,9 +93,11 @@ def _decode_input(inp: object, *, tail: memoryview, offset: int) -> tuple[str, n
 
 
 def decode_request(
-    body: bytes, *, header_length: int | None, model_name: str, model_version: str | None
+    body: bytes, *, header_length: int | None, model_name: str, model_version: str | None,
+    max_tensor_bytes: int = 2**62,
 ) -> tuple[InferRequest, OutputEncoding]:
-    """Parse a V2 infer request body (JSON, or JSON plus binary tensor data)."""
+    """Parse a V2 infer request body (JSON, or JSON plus binary tensor data); no input may need more than
+    `max_tensor_bytes` (the server passes max_request_bytes)."""
     view = memoryview(body)
     if header_length is None:
         header, tail = view, view[:0]
@@ -111,7 +114,7 @@ def decode_request(
     inputs: dict[str, np.ndarray] = {}
     offset = 0
     for inp in raw_inputs:
-        name, array, used = _decode_input(inp, tail=tail, offset=offset)
+        name, array, used = _decode_input(inp, tail=tail, offset=offset, max_bytes=max_tensor_bytes)
         if name in inputs:
             raise InvalidInput(f"input {name!r} is given twice")
         inputs[name] = array

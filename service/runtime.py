@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,10 +12,46 @@ import numpy as np
 import onnxruntime as ort
 
 from service.datatypes import V2_TO_NUMPY
+from service.errors import BackendError, InvalidInput, ServingError
 from service.modelrepo.config import GraphTensor, graph_tensors
 from service.modelrepo.sessions import create_session
 
 log = logging.getLogger("modelserve.runtime")
+
+# ONNX Runtime's exception types (pybind11), e.g. Gather's "indices element out of data bounds".
+_ORT_INVALID_ARGUMENT = ort.capi.onnxruntime_pybind11_state.InvalidArgument
+_ORT_FAIL = ort.capi.onnxruntime_pybind11_state.Fail
+_INDEX = re.compile(r"idx=(-?\d+) must be within the inclusive range \[(-?\d+),(-?\d+)\]")
+# Fail messages that only an input's values or sizes cause (a longer sequence than the position table).
+_FAIL_BY_INPUT = ("out of data bounds", "out of range", "out of bounds", "Attempting to broadcast")
+
+
+def _status_message(text: str) -> str:
+    """ORT's own cause, without the node, the source path or the "[ONNXRuntimeError] : 2 : ..." prefix."""
+    cause = text.split("Status Message:", 1)[-1]
+    cause = re.sub(r"\[ONNXRuntimeError\] : \d+ : \w+ : ", "", cause)
+    cause = re.sub(r"(/[\w.+-]+)+(:\d+)?", "", cause)  # absolute paths of ORT's sources or models
+    cause = re.sub(r"\bvoid onnxruntime::\S+\([^)]*\)", "", cause)
+    return " ".join(cause.split())[:200]
+
+
+def classify_run_error(exc: Exception, *, model: str) -> ServingError:
+    """An error from session.run as what the client sees: 400 where the input's values caused it (checked
+    conservatively on ORT's exception type and message), else 500 without ORT's internals."""
+    text = str(exc)
+    index = _INDEX.search(text)
+    if isinstance(exc, (_ORT_INVALID_ARGUMENT, _ORT_FAIL)) and index is not None:
+        got, low, high = index.groups()
+        return InvalidInput(f"model {model!r}: an index in the input is out of the model's range: {got} is not "
+                            f"within [{low}, {high}] (e.g. a token id past the vocabulary)")
+    if isinstance(exc, _ORT_FAIL) and "Attempting to broadcast" in text:
+        return InvalidInput(f"model {model!r}: an input dimension is larger than the model supports (e.g. a sequence "
+                            f"longer than its maximum length): {_status_message(text)}")
+    if isinstance(exc, _ORT_INVALID_ARGUMENT) or (isinstance(exc, _ORT_FAIL) and any(
+            s in text for s in _FAIL_BY_INPUT)):
+        return InvalidInput(f"model {model!r}: the model rejected the input: {_status_message(text)}")
+    log.error("model %s: inference failed: %s", model, text)
+    return BackendError(f"model {model!r}: inference failed ({type(exc).__name__}); see the server log")
 
 class InstancePool:
     """`count` sessions of one model; `run` borrows an idle one, so at most `count` runs execute at once.

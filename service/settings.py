@@ -80,6 +80,24 @@ class ServerSettings(BaseSettings):
     """A client must send a request's complete headers within this long, or the connection is closed (408)."""
     http_body_timeout_secs: PositiveFloat = 30.0
     """Longest pause allowed between two chunks of a request body before the request ends with 408."""
+    max_task_items: PositiveInt = 1024
+    """Items (images, texts, clips, user ids) in one task request; more get 413."""
+    max_text_bytes: PositiveInt = 64 * 1024
+    """UTF-8 bytes of one text sent to a text model; longer texts get 413 (the model truncates far sooner)."""
+    max_image_pixels: PositiveInt = 4_000_000
+    """Decoded pixels of one image, read from its header before decoding; larger images get 413."""
+    max_request_pixels: PositiveInt = 64_000_000
+    """Decoded pixels of all images in one task request together; more get 413."""
+    min_sample_rate: PositiveInt = 8_000
+    """Lowest sample rate a WAV may declare (Hz); checked from the RIFF header before decoding."""
+    max_sample_rate: PositiveInt = 192_000
+    """Highest sample rate a WAV may declare (Hz); checked from the RIFF header before decoding."""
+    max_audio_seconds: PositiveFloat = 60.0
+    """Longest clip accepted, from the WAV header before decoding; longer ones get 413."""
+    max_request_audio_seconds: PositiveFloat = 600.0
+    """Seconds of audio in one task request together; more get 413."""
+    max_batch_tokens: PositiveInt = 4096
+    """Tokens (rows x padded length) a text task request runs at once; its texts go in runs of this size."""
 
     @field_validator("http_restricted_api", "grpc_restricted_protocol")
     @classmethod
@@ -109,4 +127,7 @@ class ServerSettings(BaseSettings):
                 f"load_model={self.load_model} needs model_control_mode='explicit' "
                 f"(got {self.model_control_mode!r}); the other modes load every model"
             )
+        if self.min_sample_rate > self.max_sample_rate:
+            raise ValueError(f"min_sample_rate {self.min_sample_rate} exceeds max_sample_rate {self.max_sample_rate}; "
+                             "the accepted WAV rate range would be empty")
         return self

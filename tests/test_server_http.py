@@ -235,7 +235,7 @@ def test_one_failing_request_does_not_fail_its_batch_mates(client):
     np.testing.assert_array_equal(pending[2].get_result().as_numpy("y"), [[[4.0, 5.0]]])
     with pytest.raises(InferenceServerException) as err:
         pending[1].get_result()
-    assert err.value.status() == "500" and "out of data bounds" in err.value.message()
+    assert err.value.status() == "400" and "out of the model's range" in err.value.message()
 
 
 def _post_slow(url: str, model: str, *, timeout_us: int | None = None) -> httpx.Response:

@@ -4,11 +4,40 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
 from service.errors import InvalidInput
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-item and per-request bounds the processors enforce; the server fills them from ServerSettings.
+
+    Each message names the setting (`setting` below) so an operator knows what to raise.
+    """
+
+    max_text_bytes: int = 64 * 1024
+    max_image_pixels: int = 4_000_000
+    max_request_pixels: int = 64_000_000
+    min_sample_rate: int = 8_000
+    max_sample_rate: int = 192_000
+    max_audio_seconds: float = 60.0
+    max_request_audio_seconds: float = 600.0
+    max_batch_tokens: int = 4096
+
+    @classmethod
+    def from_settings(cls, settings: object) -> Limits:
+        """The limits out of a ServerSettings (anything with these attribute names)."""
+        return cls(**{name: getattr(settings, name) for name in cls.__dataclass_fields__})
+
+
+def setting(name: str) -> str:
+    """How an error message names a limit: the setting and its environment variable."""
+    return f"setting {name} (MODELSERVE_{name.upper()})"
 
 
 class Processor(Protocol):
@@ -23,7 +52,13 @@ class Processor(Protocol):
 
     def describe(self) -> dict: ...
 
+    def admit(self, payloads: Sequence[Any]) -> None:
+        """Check the request's total budget (pixels, seconds) from headers only, before any item is decoded."""
+
     def prepare(self, payload: Any, *, index: int) -> Any: ...
+
+    def rows_per_run(self, prepared: Sequence[Any]) -> int | None:
+        """At most this many prepared items in one model run (None: the model's max_batch_size decides)."""
 
     def collate(self, prepared: list[Any]) -> dict[str, np.ndarray]: ...
 

@@ -14,6 +14,7 @@ besides ``service.errors`` and ``service.processing.base``.
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,12 +22,10 @@ import numpy as np
 from PIL import Image, ImageFilter, UnidentifiedImageError
 
 from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
-from service.processing.base import parse_k, top_k
+from service.processing.base import Limits, parse_k, setting, top_k
 
 SIDE, BOX = 28, 20
 ACCEPTED_FORMATS = ("PNG", "JPEG")
-# Far above any digit photo; stops decompression bombs (a tiny PNG claiming gigapixels) before decoding.
-MAX_PIXELS = 16_000_000
 ACCEPTS = "a PNG or JPEG image (any size or colour mode)"
 
 
@@ -37,18 +36,31 @@ class PreparedImage:
     inverted: bool
 
 
-def _open(data: bytes, *, index: int) -> Image.Image:
+def _header(data: bytes, *, index: int) -> Image.Image:
+    """The image with only its header read (Pillow decodes lazily): format and size, no pixels yet."""
     try:
         img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise UnsupportedMediaType(f"item {index}: not an image; expected {ACCEPTS}") from None
+    except Image.DecompressionBombError:
+        # Pillow refuses past 2x its own MAX_IMAGE_PIXELS before we can look at the size.
+        raise PayloadTooLarge(f"item {index}: the image declares more pixels than Pillow will decode; "
+                              f"expected {ACCEPTS}") from None
     if img.format not in ACCEPTED_FORMATS:
         raise UnsupportedMediaType(f"item {index}: {img.format} images are not accepted; expected {ACCEPTS}")
-    if img.width * img.height > MAX_PIXELS:
+    return img
+
+
+def _open(data: bytes, *, index: int, max_pixels: int) -> Image.Image:
+    img = _header(data, index=index)
+    if img.width * img.height > max_pixels:
         raise PayloadTooLarge(f"item {index}: image of {img.width}x{img.height} pixels exceeds the limit of "
-                              f"{MAX_PIXELS} pixels; send {ACCEPTS} of at most {MAX_PIXELS} pixels")
+                              f"{max_pixels} pixels per image ({setting('max_image_pixels')})")
     try:
         img.load()
+    except Image.DecompressionBombError:
+        raise PayloadTooLarge(f"item {index}: the image declares more pixels than Pillow will decode; "
+                              f"expected {ACCEPTS}") from None
     except (OSError, SyntaxError, ValueError) as exc:  # Pillow's errors for truncated/corrupt data
         raise InvalidInput(f"item {index}: the {img.format} data is truncated or corrupt ({exc}); "
                            f"expected {ACCEPTS}") from None
@@ -140,8 +152,10 @@ def layout(gray: np.ndarray) -> tuple[np.ndarray, bool]:
 class ImageProcessor:
     task = "image-classification"
 
-    def __init__(self, *, input_name: str, output_name: str, labels: list[str] | None) -> None:
+    def __init__(self, *, input_name: str, output_name: str, labels: list[str] | None,
+                 limits: Limits | None = None) -> None:
         self.input_name, self.output_name, self.labels = input_name, output_name, labels
+        self.limits = limits or Limits()
 
     def describe(self) -> dict:
         return {"accepts": ACCEPTS + ": multipart field 'file' (repeatable) or JSON {\"images\": [base64, ...]}",
@@ -149,6 +163,19 @@ class ImageProcessor:
                                  "black); paper removed (Otsu threshold); cropped to the ink, padded square, "
                                  "resized to 20x20 and centred by centre of mass in 28x28 (as MNIST); [0, 1]",
                 "params": {"k": "number of labels returned (default 3)"}}
+
+    def admit(self, payloads: Sequence[Any]) -> None:
+        """Refuse a request whose images together declare more than max_request_pixels, before decoding any."""
+        total, limit = 0, self.limits.max_request_pixels
+        for index, payload in enumerate(payloads):
+            if isinstance(payload, bytes):
+                img = _header(payload, index=index)
+                total += img.width * img.height
+            elif isinstance(payload, np.ndarray):
+                total += payload.size
+            if total > limit:
+                raise PayloadTooLarge(f"the request's images declare more than {limit} pixels together (at item "
+                                      f"{index}); send fewer or smaller images ({setting('max_request_pixels')})")
 
     def prepare(self, payload: Any, *, index: int) -> PreparedImage:
         if isinstance(payload, np.ndarray):  # batch .npy rows: a [H, W] or [1, H, W] image, uint8 or [0, 1]
@@ -158,10 +185,13 @@ class ImageProcessor:
             gray = arr / 255.0 if payload.dtype == np.uint8 else arr
             size = (arr.shape[1], arr.shape[0])
         else:
-            img = _open(payload, index=index)
+            img = _open(payload, index=index, max_pixels=self.limits.max_image_pixels)
             gray, size = to_gray(img), img.size
         pixels, inverted = layout(gray)
         return PreparedImage(pixels, size, inverted)
+
+    def rows_per_run(self, prepared: Sequence[Any]) -> int | None:
+        return None
 
     def collate(self, prepared: list[PreparedImage]) -> dict[str, np.ndarray]:
         return {self.input_name: np.stack([p.pixels for p in prepared]).astype(np.float32)}

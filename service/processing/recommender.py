@@ -9,6 +9,7 @@ training; since filtering happens after the graph's top 50, fewer than k items m
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from service.errors import InvalidInput
+from service.processing.base import Limits
 
 ACCEPTS = "JSON {\"user_id\": int, \"k\": 10, \"exclude_seen\": true} (or {\"user_ids\": [...]})"
 INT64_MAX = 2**63 - 1
@@ -31,7 +33,10 @@ class RecommenderProcessor:
     task = "recommendation"
 
     def __init__(self, *, model_dir: Path, input_name: str, item_output: str, score_output: str,
-                 top_k: int) -> None:
+                 top_k: int, limits: Limits | None = None) -> None:
+        # NOTE: `limits` keeps every processor's constructor alike; a user id needs no bound of its own
+        # beyond the request's item count, which the core checks.
+        del limits
         seen_path = model_dir / "seen_items.json"
         raw = json.loads(seen_path.read_text()) if seen_path.is_file() else {}
         self.seen: dict[int, set[int]] = {int(u): set(items) for u, items in raw.items()}
@@ -45,6 +50,9 @@ class RecommenderProcessor:
                 "params": {"k": f"items returned, 1..{self.top_k} (default 10)",
                            "exclude_seen": "drop items the user interacted with in training (default true)"}}
 
+    def admit(self, payloads: Sequence[Any]) -> None:
+        """A user id costs the same whatever it is: the item count bounds the request."""
+
     def prepare(self, payload: Any, *, index: int) -> PreparedUser:
         if isinstance(payload, dict):
             payload = payload.get("user_id")
@@ -55,6 +63,9 @@ class RecommenderProcessor:
         if isinstance(payload, bool) or not isinstance(payload, int) or abs(payload) > INT64_MAX:
             raise InvalidInput(f"user {index}: expected an integer user_id, got {payload!r}")
         return PreparedUser(payload, payload in self.seen)
+
+    def rows_per_run(self, prepared: Sequence[Any]) -> int | None:
+        return None
 
     def collate(self, prepared: list[PreparedUser]) -> dict[str, np.ndarray]:
         return {self.input_name: np.array([[p.user_id] for p in prepared], np.int64)}

@@ -10,7 +10,7 @@ from service.errors import InvalidInput, ModelLoadError, ServingError
 from service.modelrepo.card import family_of, read_card, variant_of
 from service.modelrepo.config import ModelSpec
 from service.modelrepo.layout import contained
-from service.processing.base import Processor
+from service.processing.base import Limits, Processor
 from service.processing.image import ImageProcessor
 from service.processing.recommender import RecommenderProcessor
 from service.processing.speech import SpeechProcessor
@@ -26,6 +26,17 @@ def _first_labelled(spec: ModelSpec) -> str:
     return next((o.name for o in spec.outputs if o.name in spec.labels), spec.outputs[0].name)
 
 
+def int_param(spec: ModelSpec, key: str) -> int | None:
+    """A positive integer config parameter (e.g. max_sequence_length, vocab_size), None when absent."""
+    value = _param(spec, key)
+    if value is None:
+        return None
+    if not value.strip().isdigit() or int(value) < 1:
+        raise ModelLoadError(f"model {spec.name!r}: config parameter {key!r} must be a positive integer, "
+                             f"got {value!r}")
+    return int(value)
+
+
 def _text(spec: ModelSpec, *, model_dir: Path, out: str, labels: list[str] | None) -> dict[str, Any]:
     tokenizer = _param(spec, "tokenizer") or "tokenizer.json"
     try:
@@ -34,8 +45,9 @@ def _text(spec: ModelSpec, *, model_dir: Path, out: str, labels: list[str] | Non
         raise ModelLoadError(f"model {spec.name!r}: {exc.message}") from None
     if not tok.is_file():
         raise ModelLoadError(f"model {spec.name!r}: tokenizer {spec.name}/{tokenizer} not found")
-    return {"tokenizer_path": tok, "max_length": int(_param(spec, "max_sequence_length") or 256),
-            "input_names": ["input_ids", "attention_mask"], "output_name": out, "labels": labels}
+    return {"tokenizer_path": tok, "max_length": int_param(spec, "max_sequence_length") or 256,
+            "input_names": ["input_ids", "attention_mask"], "output_name": out, "labels": labels,
+            "vocab_size": int_param(spec, "vocab_size")}
 
 
 @dataclass(frozen=True)
@@ -74,10 +86,16 @@ def processor_recipe(spec: ModelSpec, *, model_dir: Path) -> Recipe:
                        "cnn, transformer, speech and recommender models); use /v2/models/{name}/infer")
 
 
-def build_processor(spec: ModelSpec, *, model_dir: Path) -> Processor:
-    """The task processor for a model, or InvalidInput saying why it has no task endpoint."""
+def build_processor(spec: ModelSpec, *, model_dir: Path, limits: Limits | None = None) -> Processor:
+    """The task processor for a model (with the server's limits), or InvalidInput saying why it has none."""
     recipe = processor_recipe(spec, model_dir=model_dir)
-    processor: Processor = recipe.processor(**recipe.kwargs)
+    try:
+        processor: Processor = recipe.processor(**recipe.kwargs, limits=limits or Limits())
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"model {spec.name!r}: {exc.message}") from None
+    except Exception as exc:  # e.g. the tokenizers library's own parse errors
+        raise ModelLoadError(f"model {spec.name!r}: its processor could not be built "
+                             f"({type(exc).__name__})") from None
     return processor
 
 

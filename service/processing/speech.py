@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import io
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
-from math import gcd
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
@@ -17,10 +18,12 @@ import soundfile as sf
 from scipy.signal import resample_poly
 
 from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
-from service.processing.base import parse_k, top_k
+from service.processing.base import Limits, parse_k, setting, top_k
 
 RATE = 16_000
-MAX_SECONDS = 60.0
+# Largest up/down factor of the resampler: its filter (and time) grows with max(up, down), so a prime rate
+# such as 999,983 Hz would cost gigabytes; a ratio within 1e-6 of the true one is inaudible to the model.
+MAX_RESAMPLE_FACTOR = 1000
 ACCEPTS = "a WAV file (RIFF/WAVE; mono or stereo; 8/16/24/32-bit PCM or 32/64-bit float; any sample rate)"
 
 
@@ -32,35 +35,76 @@ class PreparedAudio:
     seconds: float
 
 
-def check_riff(data: bytes, *, index: int) -> None:
-    """Refuse non-WAV and truncated WAV data.
+@dataclass(frozen=True)
+class WavHeader:
+    sample_rate: int
+    channels: int
+    frames: int  # sample frames the data chunk declares
 
-    NOTE: hand-written because libsndfile silently decodes what is there of a truncated file; comparing the
-    data chunk's declared size with the bytes present is the only way to say the upload was cut short.
+    @property
+    def seconds(self) -> float:
+        return self.frames / self.sample_rate
+
+
+def _fmt(body: bytes, *, endian: str, index: int) -> tuple[int, int, int]:
+    if len(body) < 16:
+        raise InvalidInput(f"item {index}: WAV fmt chunk is {len(body)} bytes, shorter than 16; expected {ACCEPTS}")
+    _tag, channels, rate, _byte_rate, block_align = struct.unpack(endian + "HHIIH", body[:14])
+    if channels == 0 or block_align == 0:
+        raise InvalidInput(f"item {index}: WAV fmt chunk declares {channels} channels and {block_align}-byte "
+                           f"frames; expected {ACCEPTS}")
+    return rate, channels, block_align
+
+
+def read_header(data: bytes, *, index: int) -> WavHeader:
+    """Rate, channels and frame count from the RIFF header, refusing non-WAV and truncated data.
+
+    NOTE: hand-written because libsndfile silently decodes what is there of a truncated file (comparing the
+    data chunk's declared size with the bytes present is the only way to say the upload was cut short), and
+    because the rate and length must be known before decoding and resampling cost memory and time.
     """
     if len(data) < 12 or data[:4] not in (b"RIFF", b"RIFX") or data[8:12] != b"WAVE":
         raise UnsupportedMediaType(f"item {index}: not a WAV file; expected {ACCEPTS}")
+    endian = "<" if data[:4] == b"RIFF" else ">"
+    fmt: tuple[int, int, int] | None = None
     pos = 12
     while pos + 8 <= len(data):
-        chunk, size = data[pos:pos + 4], struct.unpack("<I", data[pos + 4:pos + 8])[0]
-        if chunk == b"data":
+        chunk, size = data[pos:pos + 4], struct.unpack(endian + "I", data[pos + 4:pos + 8])[0]
+        if chunk == b"fmt ":
+            fmt = _fmt(data[pos + 8:pos + 8 + size], endian=endian, index=index)
+        elif chunk == b"data":
             if pos + 8 + size > len(data):
                 raise InvalidInput(f"item {index}: truncated WAV: the data chunk declares {size} bytes but "
                                    f"{len(data) - pos - 8} are present; expected {ACCEPTS}")
-            return
+            if fmt is None:
+                raise InvalidInput(f"item {index}: WAV data chunk comes before any fmt chunk; expected {ACCEPTS}")
+            return WavHeader(sample_rate=fmt[0], channels=fmt[1], frames=size // fmt[2])
         pos += 8 + size + (size & 1)
     raise InvalidInput(f"item {index}: WAV file has no data chunk; expected {ACCEPTS}")
 
 
-def decode_wav(data: bytes, *, index: int) -> tuple[np.ndarray, int, int]:
-    check_riff(data, index=index)
+def check_header(header: WavHeader, *, index: int, limits: Limits) -> None:
+    """The declared rate and length within the limits, before anything is decoded."""
+    low, high = limits.min_sample_rate, limits.max_sample_rate
+    if not low <= header.sample_rate <= high:
+        raise InvalidInput(f"item {index}: WAV sample rate {header.sample_rate} Hz is outside the accepted "
+                           f"{low}-{high} Hz ({setting('min_sample_rate')} / {setting('max_sample_rate')})")
+    if header.seconds > limits.max_audio_seconds:
+        raise PayloadTooLarge(f"item {index}: {header.seconds:.1f} s of audio exceeds the limit of "
+                              f"{limits.max_audio_seconds:g} s per clip ({setting('max_audio_seconds')})")
+
+
+def decode_wav(data: bytes, *, index: int, limits: Limits) -> tuple[np.ndarray, int, int]:
+    header = read_header(data, index=index)
+    check_header(header, index=index, limits=limits)
     try:
-        audio, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        audio, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True,
+                              frames=int(limits.max_audio_seconds * header.sample_rate) + 1)
     except (sf.LibsndfileError, RuntimeError) as exc:
         raise InvalidInput(f"item {index}: unreadable WAV ({exc}); expected {ACCEPTS}") from None
-    if audio.shape[0] > MAX_SECONDS * rate:
-        raise PayloadTooLarge(f"item {index}: {audio.shape[0] / rate:.1f} s of audio exceeds the limit of "
-                              f"{MAX_SECONDS:.0f} s; send clips of at most {MAX_SECONDS:.0f} s")
+    if rate != header.sample_rate or audio.shape[0] > limits.max_audio_seconds * rate:
+        raise InvalidInput(f"item {index}: the WAV decodes to {audio.shape[0]} frames at {rate} Hz, not what its "
+                           f"header declares; expected {ACCEPTS}")
     if audio.shape[0] == 0:
         raise InvalidInput(f"item {index}: WAV file has no samples; expected {ACCEPTS}")
     return audio, int(rate), audio.shape[1]
@@ -69,8 +113,8 @@ def decode_wav(data: bytes, *, index: int) -> tuple[np.ndarray, int, int]:
 def to_model_rate(mono: np.ndarray, rate: int) -> np.ndarray:
     if rate == RATE:
         return mono.astype(np.float32)
-    g = gcd(RATE, rate)
-    return resample_poly(mono, RATE // g, rate // g).astype(np.float32)
+    ratio = Fraction(RATE, rate).limit_denominator(MAX_RESAMPLE_FACTOR)
+    return resample_poly(mono, ratio.numerator, ratio.denominator).astype(np.float32)
 
 
 def fit_one_second(wave: np.ndarray, *, samples: int = RATE) -> np.ndarray:
@@ -86,8 +130,9 @@ class SpeechProcessor:
     task = "keyword-spotting"
 
     def __init__(self, *, input_name: str, output_name: str, labels: list[str] | None,
-                 trained_samples: int = RATE) -> None:
+                 trained_samples: int = RATE, limits: Limits | None = None) -> None:
         self.input_name, self.output_name, self.labels = input_name, output_name, labels
+        self.limits = limits or Limits()
         self.samples = trained_samples
 
     def describe(self) -> dict:
@@ -96,15 +141,32 @@ class SpeechProcessor:
                                  f"{self.samples / RATE:g} s kept or zero-padded to it",
                 "params": {"k": "number of labels returned (default 3)"}}
 
+    def admit(self, payloads: Sequence[Any]) -> None:
+        """Refuse a request whose clips together declare more than max_request_audio_seconds, before decoding."""
+        total, limit = 0.0, self.limits.max_request_audio_seconds
+        for index, payload in enumerate(payloads):
+            if isinstance(payload, bytes):
+                header = read_header(payload, index=index)
+                check_header(header, index=index, limits=self.limits)
+                total += header.seconds
+            elif isinstance(payload, np.ndarray):
+                total += payload.size / RATE
+            if total > limit:
+                raise PayloadTooLarge(f"the request's clips last more than {limit:g} s together (at item {index}); "
+                                      f"send fewer or shorter clips ({setting('max_request_audio_seconds')})")
+
     def prepare(self, payload: Any, *, index: int) -> PreparedAudio:
         if isinstance(payload, np.ndarray):  # batch .npy rows: a 16 kHz waveform in [-1, 1]
             if payload.ndim != 1:
                 raise InvalidInput(f"item {index}: expected a 1-D 16 kHz waveform, got shape {list(payload.shape)}")
             audio, rate, channels = np.asarray(payload, np.float32)[:, None], RATE, 1
         else:
-            audio, rate, channels = decode_wav(payload, index=index)
+            audio, rate, channels = decode_wav(payload, index=index, limits=self.limits)
         mono = to_model_rate(audio.mean(axis=1), rate)
         return PreparedAudio(fit_one_second(mono, samples=self.samples), rate, channels, audio.shape[0] / rate)
+
+    def rows_per_run(self, prepared: Sequence[Any]) -> int | None:
+        return None
 
     def collate(self, prepared: list[PreparedAudio]) -> dict[str, np.ndarray]:
         return {self.input_name: np.stack([p.waveform for p in prepared]).astype(np.float32)}

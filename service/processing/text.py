@@ -7,6 +7,7 @@ them with other requests of that length.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,8 +15,8 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
-from service.errors import InvalidInput
-from service.processing.base import parse_k, top_k
+from service.errors import InvalidInput, ModelLoadError, PayloadTooLarge
+from service.processing.base import Limits, parse_k, setting, top_k
 
 ACCEPTS = "JSON {\"texts\": [\"non-empty string\", ...]}"
 
@@ -29,14 +30,19 @@ class PreparedText:
 
 class TextProcessor:
     def __init__(self, *, tokenizer_path: Path, max_length: int, input_names: list[str],
-                 output_name: str, labels: list[str] | None) -> None:
+                 output_name: str, labels: list[str] | None, vocab_size: int | None = None,
+                 limits: Limits | None = None) -> None:
         self.tokenizer = Tokenizer.from_file(str(tokenizer_path))
         self.tokenizer.no_padding()  # we pad per request in collate
-        self.tokenizer.enable_truncation(max_length)
-        # A second copy that never truncates, to report how long a truncated text really was.
-        self.counter = Tokenizer.from_str(self.tokenizer.to_str())
-        self.counter.no_truncation()
+        # Truncation keeps the cut-off tokens in `overflowing` (stride 0: no token twice), so one encode both
+        # truncates and counts the text's full length.
+        self.tokenizer.enable_truncation(max_length, stride=0)
         self.max_length = max_length
+        self.limits = limits or Limits()
+        if vocab_size is not None and self.tokenizer.get_vocab_size() > vocab_size:
+            # A token id past the model's embedding table would fail inside ONNX Runtime on some texts only.
+            raise ModelLoadError(f"the tokenizer has {self.tokenizer.get_vocab_size()} tokens but the model's "
+                                 f"vocab_size is {vocab_size}; expected a tokenizer that fits the model")
         self.pad_id = self.tokenizer.token_to_id("[PAD]") or 0
         self.input_names, self.output_name, self.labels = input_names, output_name, labels
         self.task = "text-classification" if labels else "text-embedding"
@@ -49,15 +55,30 @@ class TextProcessor:
             doc["params"] = {"k": "number of labels returned (default 3)"}
         return doc
 
+    def admit(self, payloads: Sequence[Any]) -> None:
+        """Texts are bounded one by one (max_text_bytes) and by the request's body limit."""
+
     def prepare(self, payload: Any, *, index: int) -> PreparedText:
         if not isinstance(payload, str):
             raise InvalidInput(f"text {index}: expected a string, got {type(payload).__name__}")
+        limit = self.limits.max_text_bytes
+        # len(str) <= its UTF-8 length <= 4 * len(str): encode only when the character count cannot decide.
+        if len(payload) > limit or (4 * len(payload) > limit and len(payload.encode()) > limit):
+            raise PayloadTooLarge(f"text {index} is longer than {limit} UTF-8 bytes; the model reads only its first "
+                                  f"{self.max_length} tokens, send at most {limit} bytes ({setting('max_text_bytes')})")
         if not payload.strip():
             raise InvalidInput(f"text {index} is empty; expected non-empty text")
         enc = self.tokenizer.encode(payload)
-        truncated = bool(enc.overflowing)
-        tokens = len(self.counter.encode(payload).ids) if truncated else len(enc.ids)
-        return PreparedText(list(enc.ids), truncated, tokens)
+        # Each overflowing piece is post-processed like the first (special tokens added again): count only its
+        # ordinary tokens.
+        extra = sum(len(o.ids) - sum(o.special_tokens_mask) for o in enc.overflowing)
+        return PreparedText(list(enc.ids), bool(enc.overflowing), len(enc.ids) + extra)
+
+    def rows_per_run(self, prepared: Sequence[Any]) -> int | None:
+        """Runs of at most max_batch_tokens tokens: the model's memory grows with rows x length (x length for
+        attention), and 64 texts at full length took over 1 GB in one run."""
+        longest = max(len(p.ids) for p in prepared)
+        return max(1, self.limits.max_batch_tokens // longest)
 
     def collate(self, prepared: list[PreparedText]) -> dict[str, np.ndarray]:
         length = max(len(p.ids) for p in prepared)

@@ -11,11 +11,12 @@ from typing import Any
 import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.core import MAX_TASK_ITEMS, InferenceCore
-from service.errors import InvalidInput, RequestCancelled, UnsupportedMediaType
-from service.http_infer import read_body
-from service.processing.base import b64decode
+from service.core import InferenceCore
+from service.errors import InvalidInput, PayloadTooLarge, RequestCancelled, UnsupportedMediaType
+from service.http_infer import read_body, server_disconnect_flag
+from service.processing.base import b64decode, setting
 from service.tasks.openapi_docs import MODELS_EXAMPLE, PREDICT_DOC, V1_DOC
 
 # JSON key holding the items, per task.
@@ -38,11 +39,17 @@ async def _body(request: Request, *, limit: int, timeout_s: float | None) -> byt
     return body
 
 
-async def _uploads(request: Request, task: str) -> tuple[list[bytes], dict]:
+async def _uploads(request: Request, task: str, *, max_items: int) -> tuple[list[bytes], dict]:
     if task not in UPLOAD_TASKS:
         raise UnsupportedMediaType(f"multipart uploads are for image and speech models; send JSON "
                                    f"{{\"{ITEM_KEYS[task]}\": [...]}} to this {task} model")
-    form = await request.form(max_files=MAX_TASK_ITEMS)
+    try:
+        form = await request.form(max_files=max_items)
+    except StarletteHTTPException as exc:  # Starlette's multipart parser refusing the body
+        if "Too many files" in str(exc.detail):
+            raise PayloadTooLarge(f"more than {max_items} files in one request; send at most {max_items} "
+                                  f"({setting('max_task_items')})") from None
+        raise InvalidInput(f"multipart body: {exc.detail}; expected files in the field 'file'") from None
     files = [f for f in form.getlist("file") if not isinstance(f, str)]
     if not files:
         raise InvalidInput("multipart body has no file; upload one or more files in the field 'file'")
@@ -68,13 +75,13 @@ def _json_items(doc: object, *, task: str, v1: bool) -> tuple[list[Any], dict]:
     return items, params
 
 
-async def _parse(request: Request, task: str, *, v1: bool, limit: int,
+async def _parse(request: Request, task: str, *, v1: bool, limit: int, max_items: int,
                  timeout_s: float | None) -> tuple[list[Any], dict]:
     body = await _body(request, limit=limit, timeout_s=timeout_s)
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     query = dict(request.query_params)
     if ctype == "multipart/form-data":
-        items, params = await _uploads(request, task)
+        items, params = await _uploads(request, task, max_items=max_items)
     elif ctype in ("application/json", ""):
         try:
             doc = orjson.loads(body)
@@ -109,8 +116,8 @@ def build_router(core: InferenceCore, *, max_request_bytes: int, body_timeout_s:
     async def predict(name: str, request: Request) -> Response:
         model = core.task_model(name)
         items, params = await _parse(request, model.processor.task, v1=False, limit=max_request_bytes,
-                                      timeout_s=body_timeout_s)
-        results = await core.predict(model, items, params)
+                                     max_items=core.max_task_items, timeout_s=body_timeout_s)
+        results = await core.predict(model, items, params, client_gone=server_disconnect_flag(request.receive))
         return _json({"model_name": name, "task": model.processor.task, "results": results})
 
     @router.post("/v1/models/{name}:predict", summary="KServe V1 predict: {\"instances\": [...]}",
@@ -118,7 +125,8 @@ def build_router(core: InferenceCore, *, max_request_bytes: int, body_timeout_s:
     async def predict_v1(name: str, request: Request) -> Response:
         model = core.task_model(name)
         items, params = await _parse(request, model.processor.task, v1=True, limit=max_request_bytes,
-                                      timeout_s=body_timeout_s)
-        return _json({"predictions": await core.predict(model, items, params)})
+                                     max_items=core.max_task_items, timeout_s=body_timeout_s)
+        results = await core.predict(model, items, params, client_gone=server_disconnect_flag(request.receive))
+        return _json({"predictions": results})
 
     return router
