@@ -163,7 +163,12 @@ class InferenceCore:
     def _select_outputs(mv: ModelVersion, requested: list[RequestedOutput] | None) -> list[RequestedOutput]:
         if not requested:
             return [RequestedOutput(name) for name in mv.output_names]
+        seen: set[str] = set()
         for o in requested:
+            if o.name in seen:
+                raise InvalidInput(f"Duplicate output name {o.name!r} is not allowed in a request "
+                                   f"to model {mv.name!r}; name each output once")
+            seen.add(o.name)
             if mv.spec.output(o.name) is None:
                 raise InvalidInput(
                     f"model {mv.name!r}: unknown output {o.name!r}; expected one of {mv.output_names}"
@@ -242,8 +247,8 @@ class InferenceCore:
         mode = self._repository.settings.model_control_mode
         if mode != "explicit":
             raise InvalidInput(
-                f"cannot {action} models: model control mode is {mode!r}; start the server with "
-                "--model-control-mode explicit to use the load/unload API"
+                f"explicit model load / unload is not allowed if model control mode is not EXPLICIT: cannot "
+                f"{action} models in mode {mode!r}; start the server with --model-control-mode explicit"
             )
 
     async def load_model(self, name: str) -> None:

@@ -9,7 +9,6 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
-from google.protobuf import json_format
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -18,6 +17,7 @@ from service.access import ASGIApp, control_body, wrap_http_app
 from service.core import InferenceCore
 from service.errors import ServingError
 from service.http_infer import InferFastPath
+from service.modelrepo.config import config_as_json
 from service.settings import ServerSettings
 from service.tasks.router import build_router
 
@@ -120,7 +120,7 @@ def _add_model_prefix_routes(app: FastAPI, core: InferenceCore, prefix: str) -> 
     @app.get(prefix + "/config", tags=["models"], summary="Model configuration (Triton ModelConfig as JSON)")
     async def config(model_name: str, model_version: str | None = None) -> Response:
         config = core.model_config(model_name, model_version)
-        return json_response(json_format.MessageToDict(config, preserving_proto_field_name=True))
+        return json_response(config_as_json(config))
 
 
 def _document_infer_routes(app: FastAPI) -> None:

@@ -38,6 +38,18 @@ def _shape_str(dims) -> str:
     return "[" + ", ".join(str(d) for d in dims) + "]"
 
 
+def _missing_inputs_message(spec: ModelSpec, *, got: list[str], missing: list[str]) -> str:
+    """Triton's wording (its QA tests look for it), list formatting included."""
+    def names(items: list[str]) -> str:
+        return "[" + ",".join(f"'{n}'" for n in items) + "]"
+
+    required = sum(1 for t in spec.inputs if not t.optional)
+    expected = (f"expected {required} inputs" if required == len(spec.inputs)
+                else f"expected number of inputs between {required} and {len(spec.inputs)}")
+    return (f"{expected} but got {len(got)} inputs for model '{spec.name}'. Got input(s) {names(got)}, but missing "
+            f"required input(s) {names(missing)}. Please provide all required input(s).")
+
+
 @dataclass
 class ModelVersion:
     """One served version. Created by `load` (blocking, in a worker thread), then `start`ed in the loop."""
@@ -139,14 +151,14 @@ class ModelVersion:
         unknown = set(inputs) - expected
         if unknown:
             raise InvalidInput(f"model {spec.name!r}: unexpected input(s) {sorted(unknown)}; expected {sorted(expected)}")
+        missing = [t.name for t in spec.inputs if not t.optional and t.name not in inputs]
+        if missing:
+            raise InvalidInput(_missing_inputs_message(spec, got=list(inputs), missing=missing))
         rows = None
         for t in spec.inputs:
             arr = inputs.get(t.name)
-            if arr is None:
-                if t.optional:
-                    continue
-                raise InvalidInput(f"model {spec.name!r}: input {t.name!r} is missing; expected inputs {sorted(expected)}")
-            rows = self._check_tensor(t, arr, rows)
+            if arr is not None:
+                rows = self._check_tensor(t, arr, rows)
         return rows if rows is not None else 1
 
     def _check_tensor(self, t, arr: np.ndarray, rows: int | None) -> int | None:

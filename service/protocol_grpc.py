@@ -72,10 +72,11 @@ def decode_infer(request: pb.ModelInferRequest) -> InferRequest:
     for i, tensor in enumerate(request.inputs):
         if tensor.name in inputs:
             raise InvalidInput(f"input {tensor.name!r} is given twice")
-        shape = codec.check_shape(list(tensor.shape), name=tensor.name)
         numpy_dtype(tensor.datatype)  # raises with the list of valid datatypes
+        shape = codec.check_shape(list(tensor.shape), name=tensor.name, datatype=tensor.datatype)
         if raw:
-            inputs[tensor.name] = codec.from_raw(raw[i], name=tensor.name, datatype=tensor.datatype, shape=shape)
+            inputs[tensor.name] = codec.from_raw(raw[i], name=tensor.name, datatype=tensor.datatype, shape=shape,
+                                                 model=request.model_name)
         else:
             inputs[tensor.name] = _typed_contents(tensor, shape)
     outputs = [RequestedOutput(o.name, _class_count(o)) for o in request.outputs] or None

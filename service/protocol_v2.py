@@ -71,21 +71,22 @@ def _requested_outputs(doc: dict, encoding: OutputEncoding) -> list[RequestedOut
     return result
 
 
-def _decode_input(inp: object, *, tail: memoryview, offset: int) -> tuple[str, np.ndarray, int]:
+def _decode_input(inp: object, *, tail: memoryview, offset: int, model: str) -> tuple[str, np.ndarray, int]:
     name = inp.get("name") if isinstance(inp, dict) else None
     if not isinstance(inp, dict) or not isinstance(name, str):
         raise InvalidInput("every input needs a string 'name'")
-    shape = codec.check_shape(inp.get("shape"), name=name)
     datatype = inp.get("datatype")
     if not isinstance(datatype, str):
         raise InvalidInput(f"input {name!r}: 'datatype' must be a string such as \"FP32\"")
+    shape = codec.check_shape(inp.get("shape"), name=name, datatype=datatype)
     size = _parameters(inp.get("parameters"), where=f"input {name!r}").get("binary_data_size")
     if size is not None:
         if not isinstance(size, int) or isinstance(size, bool) or size < 0 or offset + size > len(tail):
             raise InvalidInput(
                 f"input {name!r}: binary_data_size {size!r} does not fit the {len(tail) - offset} binary bytes left"
             )
-        return name, codec.from_raw(tail[offset:offset + size], name=name, datatype=datatype, shape=shape), size
+        return name, codec.from_raw(tail[offset:offset + size], name=name, datatype=datatype, shape=shape,
+                                        model=model), size
     if "data" in inp:
         return name, codec.from_values(inp["data"], name=name, datatype=datatype, shape=shape), 0
     raise InvalidInput(f"input {name!r}: needs 'data' or parameters.binary_data_size")
@@ -106,12 +107,12 @@ def decode_request(
         header, tail = view[:header_length], view[header_length:]
     doc = _parse_header(header)
     raw_inputs = doc.get("inputs")
-    if not isinstance(raw_inputs, list) or not raw_inputs:
-        raise InvalidInput("'inputs' must be a non-empty list of tensors (name, shape, datatype, data)")
+    if not isinstance(raw_inputs, list):
+        raise InvalidInput("'inputs' must be a list of tensors (name, shape, datatype, data)")
     inputs: dict[str, np.ndarray] = {}
     offset = 0
     for inp in raw_inputs:
-        name, array, used = _decode_input(inp, tail=tail, offset=offset)
+        name, array, used = _decode_input(inp, tail=tail, offset=offset, model=model_name)
         if name in inputs:
             raise InvalidInput(f"input {name!r} is given twice")
         inputs[name] = array

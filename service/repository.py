@@ -140,14 +140,15 @@ class ModelRepository:
         """The READY version asked for (latest if none); never awaits."""
         entry = self.entries.get(name)
         if entry is None:
-            raise ModelNotFound(f"unknown model {name!r}; available models are {sorted(self.entries)}")
+            raise ModelNotFound(f"Request for unknown model: {name!r} is not found; available models are "
+                                f"{sorted(self.entries)}")
         if version:
             mv = entry.versions.get(version)
             if mv is None:
                 if entry.versions:
                     raise ModelNotFound(
-                        f"model {name!r} has no version {version!r} loaded; loaded versions are "
-                        f"{sorted(entry.versions, key=int)}"
+                        f"Request for unknown model: {name!r} version {version} is not found; loaded versions "
+                        f"are {sorted(entry.versions, key=int)}"
                     )
                 raise ModelNotReady(f"model {name!r} is not ready ({entry.state}: {entry.reason or 'loading'})")
             return mv

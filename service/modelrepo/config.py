@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from google.protobuf import text_format
+from google.protobuf import descriptor, json_format, text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from service.datatypes import config_to_v2, ort_to_v2, v2_to_config
@@ -93,6 +93,38 @@ def parse_config_text(text: str, *, where: str = CONFIG_FILENAME) -> mc.ModelCon
     except text_format.ParseError as exc:
         raise ModelLoadError(f"{where}: not a valid Triton ModelConfig text proto: {exc}") from None
     return config
+
+
+_INT64_TYPES = frozenset({descriptor.FieldDescriptor.CPPTYPE_INT64, descriptor.FieldDescriptor.CPPTYPE_UINT64})
+
+
+def _int64_as_numbers(message_desc: descriptor.Descriptor, doc: dict) -> dict:
+    """proto3 JSON writes 64-bit integers as strings; Triton's config JSON has numbers (clients do arithmetic)."""
+    for fd in message_desc.fields:
+        value = doc.get(fd.name)
+        if value is None:
+            continue
+        if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
+            value_fd = fd.message_type.fields_by_name["value"]
+            if value_fd.message_type is not None:
+                for v in value.values():
+                    _int64_as_numbers(value_fd.message_type, v)
+            elif value_fd.cpp_type in _INT64_TYPES:
+                doc[fd.name] = {k: int(v) for k, v in value.items()}
+        elif fd.message_type is not None:
+            for v in value if isinstance(value, list) else [value]:
+                _int64_as_numbers(fd.message_type, v)
+        elif fd.cpp_type in _INT64_TYPES:
+            doc[fd.name] = [int(v) for v in value] if isinstance(value, list) else int(value)
+    return doc
+
+
+def config_as_json(config: mc.ModelConfig) -> dict:
+    """A ModelConfig as Triton's HTTP config route returns it: every field present (zeros and empty lists
+    included, so `max_batch_size: 0` is there), field names as in the proto, 64-bit integers as numbers."""
+    doc = json_format.MessageToDict(config, preserving_proto_field_name=True,
+                                    always_print_fields_with_no_presence=True)
+    return _int64_as_numbers(config.DESCRIPTOR, doc)
 
 
 def read_config(model_dir: Path) -> tuple[mc.ModelConfig, bool, bool]:
