@@ -38,6 +38,10 @@ def _shape_str(dims) -> str:
     return "[" + ", ".join(str(d) for d in dims) + "]"
 
 
+def _reshaped(arr: np.ndarray, dims: tuple[int, ...], *, batched: bool) -> np.ndarray:
+    return arr.reshape(((arr.shape[0],) if batched else ()) + tuple(dims))
+
+
 def _missing_inputs_message(spec: ModelSpec, *, got: list[str], missing: list[str]) -> str:
     """Triton's wording (its QA tests look for it), list formatting included."""
     def names(items: list[str]) -> str:
@@ -86,7 +90,8 @@ class ModelVersion:
         spec = completed_spec(req.model_dir, name=req.name,
                               read=(config, req.has_file, req.max_batch_size_given),  # type: ignore[arg-type]
                               graph_inputs=pool.graph_inputs, graph_outputs=pool.graph_outputs,
-                              default_max_batch_size=settings.default_max_batch_size)
+                              default_max_batch_size=settings.default_max_batch_size,
+                              graph_optional=pool.graph_optional)
         log.info(
             "model %s v%s: %d instance(s) on %s, %d intra-op thread(s) each, max_batch_size %d, batching %s",
             req.name, version, count, pool.providers, threads, spec.max_batch_size,
@@ -94,7 +99,7 @@ class ModelVersion:
         )
         mv = cls(spec=spec, version=str(version), pool=pool, stats=ModelStats(req.name, str(version)))
         mv.output_names = [o.name for o in spec.outputs]
-        mv._string_inputs = {t.name for t in pool.graph_inputs if t.datatype == "BYTES"}
+        mv._string_inputs = {t.name for t in [*pool.graph_inputs, *pool.graph_optional] if t.datatype == "BYTES"}
         if settings.warmup:
             mv._warmup()
         return mv
@@ -132,10 +137,17 @@ class ModelVersion:
         for name in self._string_inputs & feeds.keys():
             # ORT takes str, not bytes, for string tensors.
             feeds[name] = np.vectorize(lambda b: b.decode() if isinstance(b, bytes) else b, otypes=[object])(feeds[name])
+        batched = self.spec.max_batch_size > 0
+        for t in self.spec.inputs:  # Triton's reshape: served dims -> the graph's shape
+            if t.reshape is not None and t.name in feeds:
+                feeds[t.name] = _reshaped(feeds[t.name], t.reshape, batched=batched)
         t0 = time.perf_counter_ns()
         arrays = self.pool.run(feeds, self.output_names)
         t1 = time.perf_counter_ns()
         outputs = dict(zip(self.output_names, arrays))
+        for t in self.spec.outputs:  # and the graph's shape -> served dims
+            if t.reshape is not None:
+                outputs[t.name] = _reshaped(outputs[t.name], t.dims, batched=batched)
         return outputs, t1 - t0, time.perf_counter_ns() - t1
 
     async def close(self, *, grace_s: float) -> None:
