@@ -19,7 +19,7 @@ from service import __version__
 from service.errors import InvalidInput, PayloadTooLarge, RequestCancelled, ServingError
 from service.metrics import Metrics
 from service.model import ModelVersion
-from service.modelrepo import layout
+from service.modelrepo import layout, overrides
 from service.processing.base import Processor
 from service.processing.registry import build_processor, describe_model
 from service.repository import ModelRepository
@@ -251,10 +251,14 @@ class InferenceCore:
                 f"{action} models in mode {mode!r}; start the server with --model-control-mode explicit"
             )
 
-    async def load_model(self, name: str) -> None:
+    async def load_model(self, name: str, *, config: object | None = None,
+                         files: dict[str, bytes] | None = None) -> None:
+        """Load or reload `name`; `config` (JSON text) and `files` ("<version>/<path>" -> bytes) are Triton's
+        load overrides, checked before anything is touched."""
         layout.check_model_name(name)
         self._check_explicit("load")
-        await self._repository.load(name)
+        override = overrides.parse_override(name, config=config, files=files or {})
+        await self._repository.load(name, override)
 
     async def unload_model(self, name: str) -> None:
         layout.check_model_name(name)

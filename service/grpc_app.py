@@ -18,7 +18,7 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from service.core import InferenceCore
 from service.errors import ServingError
-from service.protocol_grpc import decode_infer, encode_infer, grpc_status
+from service.protocol_grpc import decode_infer, encode_infer, grpc_status, load_overrides
 
 log = logging.getLogger("modelserve.grpc")
 
@@ -73,7 +73,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @_serving_errors_to_status
     async def RepositoryModelLoad(self, request, context):
-        await self.core.load_model(request.model_name)
+        config, files = load_overrides(request)
+        await self.core.load_model(request.model_name, config=config, files=files)
         return pb.RepositoryModelLoadResponse()
 
     @_serving_errors_to_status

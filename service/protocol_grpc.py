@@ -15,6 +15,7 @@ from service import codec
 from service.core import InferRequest, InferResponse, RequestedOutput
 from service.datatypes import numpy_dtype, v2_datatype
 from service.errors import InvalidInput, ServingError
+from service.modelrepo.overrides import FILE_PREFIX
 
 # A ServingError's HTTP status -> the gRPC status code Triton's clients expect for it.
 _STATUS_TO_GRPC = {
@@ -91,3 +92,16 @@ def encode_infer(resp: InferResponse) -> pb.ModelInferResponse:
         out.outputs.add(name=tensor.name, datatype=v2_datatype(tensor.data), shape=list(tensor.data.shape))
         out.raw_output_contents.append(codec.to_raw(tensor.data))
     return out
+
+
+def load_overrides(request: pb.RepositoryModelLoadRequest) -> tuple[object | None, dict[str, bytes]]:
+    """Triton's load parameters over gRPC: 'config' (string_param, JSON) and 'file:<path>' (bytes_param)."""
+    files = {}
+    for key, param in request.parameters.items():
+        if key.startswith(FILE_PREFIX):
+            if param.WhichOneof("parameter_choice") != "bytes_param":
+                raise InvalidInput(f"failed to load '{request.model_name}': parameter {key!r} must be a "
+                                   "bytes_param holding the file's contents")
+            files[key[len(FILE_PREFIX):]] = param.bytes_param
+    config = request.parameters["config"] if "config" in request.parameters else None
+    return (param_value(config) if config is not None else None), files

@@ -15,8 +15,9 @@ from pathlib import Path
 
 from service.errors import ModelLoadError, ModelNotFound, ModelNotReady, ServingError
 from service.model import LoadRequest, ModelVersion
-from service.modelrepo import layout
+from service.modelrepo import layout, overrides
 from service.modelrepo.config import read_config, select_versions
+from service.modelrepo.overrides import LoadOverride
 from service.settings import ServerSettings
 
 log = logging.getLogger("modelserve.repository")
@@ -34,6 +35,8 @@ class ModelEntry:
     reason: str = "unloaded"
     fingerprint: tuple = ()
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # The temporary model folder of a load with file overrides (service/modelrepo/overrides.py).
+    override_dir: Path | None = None
 
     def latest(self) -> ModelVersion | None:
         if not self.versions:
@@ -71,23 +74,28 @@ class ModelRepository:
         if mode == "poll":
             self._poller = asyncio.create_task(self._poll_forever(), name="repository-poll")
 
-    async def load(self, name: str) -> None:
-        """(Re)load a model from disk; new versions serve before the old ones drain."""
+    async def load(self, name: str, override: LoadOverride | None = None) -> None:
+        """(Re)load a model from disk (or from a load request's override); new versions serve before the old
+        ones drain."""
         model_dir = layout.model_dir(self.root, name)
-        if not layout.is_model_folder(model_dir):
+        if (override is None or not override.files) and not layout.is_model_folder(model_dir):
             raise ModelNotFound(f"no model {name!r} in the model repository; found {sorted(self.scan())}")
         entry = self.entries.setdefault(name, ModelEntry(name))
         async with entry.lock:
+            temp = await asyncio.to_thread(overrides.materialize, override, name=name) \
+                if override is not None and override.files else None
             fingerprint = await asyncio.to_thread(layout.fingerprint, model_dir)
             if not entry.versions:
                 entry.state, entry.reason = LOADING, ""
             try:
-                loaded = await self._load_versions(name, model_dir)
+                loaded = await self._load_versions(name, temp or model_dir, override)
             except ServingError as exc:
+                overrides.discard(temp)
                 self._mark_failed(entry, exc.message)
                 entry.fingerprint = fingerprint
                 raise
             except Exception as exc:  # an unexpected bug in one model must not take the others down
+                overrides.discard(temp)
                 log.exception("model %s: unexpected load failure", name)
                 self._mark_failed(entry, f"{type(exc).__name__}: {exc}")
                 entry.fingerprint = fingerprint
@@ -96,6 +104,8 @@ class ModelRepository:
             for mv in loaded.values():
                 mv.start()
             entry.versions, entry.state, entry.reason, entry.fingerprint = loaded, READY, "", fingerprint
+            overrides.discard(entry.override_dir)
+            entry.override_dir = temp
             self._drain(list(old.values()))
             log.info("model %s ready: versions %s", name, sorted(loaded, key=int))
 
@@ -106,8 +116,12 @@ class ModelRepository:
             entry.state, entry.reason = UNAVAILABLE, reason
         log.error("model %s: %s", entry.name, entry.reason)
 
-    async def _load_versions(self, name: str, model_dir: Path) -> dict[str, ModelVersion]:
-        config, has_file, mbs_given = read_config(model_dir)
+    async def _load_versions(self, name: str, model_dir: Path,
+                             override: LoadOverride | None = None) -> dict[str, ModelVersion]:
+        if override is not None:
+            config, has_file, mbs_given = override.config, True, override.max_batch_size_given
+        else:
+            config, has_file, mbs_given = read_config(model_dir)
         available = layout.disk_versions(model_dir)
         if not available:
             raise ModelLoadError(f"model {name!r}: no numeric version folder (e.g. {name}/1/model.onnx)")
@@ -133,6 +147,8 @@ class ModelRepository:
             entry.versions, entry.state, entry.reason = {}, UNLOADING, ""
             await asyncio.gather(*(mv.close(grace_s=self.settings.unload_grace_secs) for mv in old))
             entry.state, entry.reason = UNAVAILABLE, "unloaded"
+            overrides.discard(entry.override_dir)
+            entry.override_dir = None
         if not (self.root / name).is_dir():
             self.entries.pop(name, None)
 
@@ -204,3 +220,5 @@ class ModelRepository:
             for mv in entry.versions.values():
                 await mv.close(grace_s=1.0)
             entry.versions = {}
+            overrides.discard(entry.override_dir)
+            entry.override_dir = None
