@@ -148,7 +148,7 @@ def decode_raw_request(
     t = spec.inputs[0]
     full = ([1] if spec.max_batch_size > 0 else []) + list(t.dims)
     if t.datatype == "BYTES":
-        if any(d not in (1, -1) for d in t.dims):
+        if any(d != 1 for d in t.dims):
             raise InvalidInput(f"For BYTE datatype raw input '{t.name}', the model must have input shape [1]; "
                                f"model '{model_name}' has {list(t.dims)}, so send a JSON header instead")
         array = codec.bytes_array([bytes(body)], [1] * len(full))
