@@ -20,14 +20,14 @@ from onnx import TensorProto, helper, numpy_helper
 from tests.onnx_builders import write_config
 
 
-def _model(graph: onnx.GraphProto) -> bytes:
+def model_bytes(graph: onnx.GraphProto) -> bytes:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.checker.check_model(model)
     return model.SerializeToString()
 
 
-def _save(folder: Path, data: bytes, config: str, *, version: int = 1) -> Path:
+def save_model(folder: Path, data: bytes, config: str, *, version: int = 1) -> Path:
     write_config(folder, config)
     (folder / str(version)).mkdir(parents=True, exist_ok=True)
     (folder / str(version) / "model.onnx").write_bytes(data)
@@ -39,7 +39,7 @@ def add_sub_onnx(*, dtype: int = TensorProto.INT32, dims: tuple = ("N", 16)) -> 
     io = [helper.make_tensor_value_info(n, dtype, list(dims)) for n in ("INPUT0", "INPUT1", "OUTPUT0", "OUTPUT1")]
     nodes = [helper.make_node("Add", ["INPUT0", "INPUT1"], ["OUTPUT0"]),
              helper.make_node("Sub", ["INPUT0", "INPUT1"], ["OUTPUT1"])]
-    return _model(helper.make_graph(nodes, "simple", io[:2], io[2:]))
+    return model_bytes(helper.make_graph(nodes, "simple", io[:2], io[2:]))
 
 
 def add_sub_string_onnx() -> bytes:
@@ -51,13 +51,13 @@ def add_sub_string_onnx() -> bytes:
              helper.make_node("Add", ["a", "b"], ["s"]), helper.make_node("Sub", ["a", "b"], ["d"]),
              helper.make_node("Cast", ["s"], ["OUTPUT0"], to=TensorProto.STRING),
              helper.make_node("Cast", ["d"], ["OUTPUT1"], to=TensorProto.STRING)]
-    return _model(helper.make_graph(nodes, "simple_string", io[:2], io[2:]))
+    return model_bytes(helper.make_graph(nodes, "simple_string", io[:2], io[2:]))
 
 
 def identity_onnx(dtype: int, shape: list) -> bytes:
     x = helper.make_tensor_value_info("INPUT0", dtype, shape)
     y = helper.make_tensor_value_info("OUTPUT0", dtype, shape)
-    return _model(helper.make_graph([helper.make_node("Identity", ["INPUT0"], ["OUTPUT0"])], "identity", [x], [y]))
+    return model_bytes(helper.make_graph([helper.make_node("Identity", ["INPUT0"], ["OUTPUT0"])], "identity", [x], [y]))
 
 
 def flat_sum_onnx() -> bytes:
@@ -65,7 +65,7 @@ def flat_sum_onnx() -> bytes:
     x = helper.make_tensor_value_info("INPUT0", TensorProto.FLOAT, ["N", 4])
     y = helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, ["N", 4])
     one = numpy_helper.from_array(np.array([1.0], dtype=np.float32), "one")
-    return _model(helper.make_graph([helper.make_node("Add", ["INPUT0", "one"], ["OUTPUT0"])], "flat", [x], [y],
+    return model_bytes(helper.make_graph([helper.make_node("Add", ["INPUT0", "one"], ["OUTPUT0"])], "flat", [x], [y],
                                     [one]))
 
 
@@ -75,7 +75,7 @@ def optional_bias_onnx() -> bytes:
     b = helper.make_tensor_value_info("BIAS", TensorProto.FLOAT, [4])
     y = helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, [4])
     bias = numpy_helper.from_array(np.ones(4, dtype=np.float32), "BIAS")
-    return _model(helper.make_graph([helper.make_node("Add", ["INPUT0", "BIAS"], ["OUTPUT0"])], "bias", [x, b], [y],
+    return model_bytes(helper.make_graph([helper.make_node("Add", ["INPUT0", "BIAS"], ["OUTPUT0"])], "bias", [x, b], [y],
                                     [bias]))
 
 
@@ -97,14 +97,14 @@ def _identity_config(name: str, data_type: str, dims: str, max_batch_size: int =
 
 def build_triton_examples(repo: Path) -> Path:
     """Triton's example repository (the models above) under `repo`."""
-    _save(repo / "simple", add_sub_onnx(), simple_config("simple", "TYPE_INT32"))
-    _save(repo / "simple_string", add_sub_string_onnx(), simple_config("simple_string", "TYPE_STRING"))
-    _save(repo / "simple_identity", identity_onnx(TensorProto.STRING, ["N", "L"]),
+    save_model(repo / "simple", add_sub_onnx(), simple_config("simple", "TYPE_INT32"))
+    save_model(repo / "simple_string", add_sub_string_onnx(), simple_config("simple_string", "TYPE_STRING"))
+    save_model(repo / "simple_identity", identity_onnx(TensorProto.STRING, ["N", "L"]),
           _identity_config("simple_identity", "TYPE_STRING", "-1"))
-    _save(repo / "identity_fp32", identity_onnx(TensorProto.FLOAT, ["N", "L"]),
+    save_model(repo / "identity_fp32", identity_onnx(TensorProto.FLOAT, ["N", "L"]),
           _identity_config("identity_fp32", "TYPE_FP32", "-1"))
-    _save(repo / "identity_fp16_2d", identity_onnx(TensorProto.FLOAT16, ["N", "H", "W"]),
+    save_model(repo / "identity_fp16_2d", identity_onnx(TensorProto.FLOAT16, ["N", "H", "W"]),
           _identity_config("identity_fp16_2d", "TYPE_FP16", "-1, -1"))
-    _save(repo / "identity_bytes_1", identity_onnx(TensorProto.STRING, ["N", 1]),
+    save_model(repo / "identity_bytes_1", identity_onnx(TensorProto.STRING, ["N", 1]),
           _identity_config("identity_bytes_1", "TYPE_STRING", "1"))
     return repo
