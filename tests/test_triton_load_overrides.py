@@ -14,6 +14,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from tests.conftest import free_port, run_server
+from tests.inprocess import inprocess_server
 from tests.triton_models import add_sub_onnx, build_triton_examples
 
 OVERRIDE_CONFIG = json.dumps({
@@ -110,3 +111,14 @@ def test_http_load_body_checks(server):
     not_object = httpx.post(url, json={"parameters": ["config"]})
     assert bad_b64.status_code == 400 and "base64" in bad_b64.json()["error"]
     assert not_object.status_code == 400 and "'parameters' must be a JSON object" in not_object.json()["error"]
+
+
+async def test_load_body_over_the_request_limit_is_413_before_it_is_read(tmp_path):
+    repo = build_triton_examples(tmp_path / "repo")
+    body = json.dumps({"parameters": {"config": OVERRIDE_CONFIG, "file:1/model.onnx": "A" * 4096}})
+    async with inprocess_server(repo, model_control_mode="explicit", max_request_bytes=2048) as (_, client):
+        resp = await client.post("/v2/repository/models/big/load", content=body,
+                                 headers={"Content-Type": "application/json"})
+    assert resp.status_code == 413
+    assert "request JSON size" in resp.json()["error"]
+    assert " exceeds the maximum allowed input size. " in resp.json()["error"]
