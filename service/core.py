@@ -246,9 +246,10 @@ class InferenceCore:
     def _check_explicit(self, action: str) -> None:
         mode = self._repository.settings.model_control_mode
         if mode != "explicit":
+            # NOTE: Triton's text (its tests match it) says "polling" for every non-explicit mode.
             raise InvalidInput(
-                f"explicit model load / unload is not allowed if model control mode is not EXPLICIT: cannot "
-                f"{action} models in mode {mode!r}; start the server with --model-control-mode explicit"
+                f"explicit model load / unload is not allowed if polling is enabled: cannot {action} models, "
+                f"model control mode is {mode!r}; start the server with --model-control-mode explicit"
             )
 
     async def load_model(self, name: str, *, config: object | None = None,

@@ -10,6 +10,7 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+import tritonclient.grpc.aio as grpcaio
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
@@ -122,3 +123,18 @@ async def test_load_body_over_the_request_limit_is_413_before_it_is_read(tmp_pat
     assert resp.status_code == 413
     assert "request JSON size" in resp.json()["error"]
     assert " exceeds the maximum allowed input size. " in resp.json()["error"]
+
+
+async def test_load_and_unload_outside_explicit_mode_use_tritons_text(tmp_path):
+    repo = build_triton_examples(tmp_path / "repo")
+    port = free_port()
+    async with inprocess_server(repo, model_control_mode="poll", grpc_port=port):
+        client = grpcaio.InferenceServerClient(f"127.0.0.1:{port}")
+        try:
+            for call in (client.load_model, client.unload_model):
+                with pytest.raises(InferenceServerException,
+                                   match="explicit model load / unload is not allowed if polling is enabled"):
+                    await call("simple")
+            assert await client.is_model_ready("simple")
+        finally:
+            await client.close()
