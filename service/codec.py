@@ -79,6 +79,14 @@ def _check_count(got: int, shape: Sequence[int], *, name: str, what: str) -> Non
         raise InvalidInput(f"input {name!r}: shape {list(shape)} needs {need} elements, {what} has {got}")
 
 
+def _check_string_count(got: int, shape: Sequence[int], *, name: str, what: str) -> None:
+    """As _check_count, with Triton's wording for strings first (its clients' tests look for it)."""
+    need = element_count(shape)
+    if got != need:
+        raise InvalidInput(f"expected {need} strings for inference input {name!r}, got {got}: shape {list(shape)} "
+                           f"needs {need} elements, {what} has {got}")
+
+
 def from_raw(raw: memoryview | bytes, *, name: str, datatype: str, shape: list[int], model: str = "") -> np.ndarray:
     """An array from raw bytes (binary extension / gRPC raw contents), checked against shape and datatype.
     `model` only names the model in the byte-size message (Triton's wording, which its tests look for)."""
@@ -96,7 +104,8 @@ def from_raw(raw: memoryview | bytes, *, name: str, datatype: str, shape: list[i
     offset, size = 0, len(raw)
     while offset < size:
         if len(items) >= n:
-            raise InvalidInput(f"input {name!r}: shape {shape} needs {n} BYTES elements; the data holds more")
+            raise InvalidInput(f"expected {n} strings for inference input {name!r}, got more: shape {shape} needs "
+                               f"{n} BYTES elements; the data holds more")
         if offset + 4 > size:
             raise InvalidInput(f"input {name!r}: BYTES element {len(items)} is cut inside its 4-byte length prefix")
         (length,) = struct.unpack_from("<I", raw, offset)
@@ -105,7 +114,7 @@ def from_raw(raw: memoryview | bytes, *, name: str, datatype: str, shape: list[i
             raise InvalidInput(f"input {name!r}: BYTES element {len(items)} claims {length} bytes past the data's end")
         items.append(bytes(raw[offset:offset + length]))
         offset += length
-    _check_count(len(items), shape, name=name, what="the data")
+    _check_string_count(len(items), shape, name=name, what="the data")
     return bytes_array(items, shape)
 
 
@@ -165,7 +174,7 @@ def from_values(values: Any, *, name: str, datatype: str, shape: list[int]) -> n
         values = [values]
     if datatype == "BYTES":
         flat = _flatten_bytes(list(values), name=name)
-        _check_count(len(flat), shape, name=name, what="'data'")
+        _check_string_count(len(flat), shape, name=name, what="'data'")
         return bytes_array(flat, shape)
     if _nesting(values) > MAX_NESTING:
         raise InvalidInput(_too_deep(name))

@@ -154,3 +154,21 @@ async def test_raw_binary_requests(repo):
     assert ragged.status_code == 400 and "not a whole number of FP32 elements" in ragged.json()["error"]
     assert many_bytes.status_code == 400
     assert "For BYTE datatype raw input 'INPUT0', the model must have input shape [1]" in many_bytes.json()["error"]
+
+
+async def test_string_count_mismatch_uses_tritons_wording(repo):
+    port = free_port()
+    async with inprocess_server(repo, grpc_port=port) as (_, client):
+        resp = await client.post("/v2/models/simple_identity/infer", json={"inputs": [
+            {"name": "INPUT0", "shape": [1, 3], "datatype": "BYTES", "data": ["a", "b"]}]})
+        grpc_client = grpcaio.InferenceServerClient(f"127.0.0.1:{port}")
+        try:
+            short = _input("INPUT0", np.array([[b"a", b"b"]], dtype=object), "BYTES")
+            short.set_shape([1, 3])
+            with pytest.raises(InferenceServerException) as err:
+                await grpc_client.infer("simple_identity", [short])
+        finally:
+            await grpc_client.close()
+    assert resp.status_code == 400 and "expected 3 strings for inference input 'INPUT0', got 2" in resp.json()["error"]
+    assert err.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "expected 3 strings for inference input 'INPUT0', got 2" in err.value.message()
