@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from service.datatypes import numpy_dtype
+from service.datatypes import V2_TO_NUMPY, numpy_dtype
 from service.errors import InvalidInput, PayloadTooLarge
 
 # Triton rejects JSON nested deeper than this; a deeper BYTES list would otherwise recurse without bound.
@@ -25,10 +25,13 @@ MAX_NESTING = 100
 # No real tensor has a dimension this large; bigger ones only overflow numpy's size arithmetic.
 MAX_DIM = 2**31 - 1
 MAX_RANK = 32
+INT64_MAX = 2**63 - 1
+UINT64_MAX = 2**64 - 1
 
 
-def check_shape(shape: object, *, name: str) -> list[int]:
-    """A shape as a list of ints in [0, MAX_DIM]; InvalidInput naming the input otherwise."""
+def check_shape(shape: object, *, name: str, datatype: str | None = None) -> list[int]:
+    """A shape as a list of ints in [0, MAX_DIM]; InvalidInput naming the input otherwise. With `datatype`,
+    also refuses a shape whose byte size overflows 64 bits (Triton's wording for both overflows)."""
     if not isinstance(shape, (list, tuple)) or not all(
         isinstance(d, int) and not isinstance(d, bool) for d in shape
     ):
@@ -39,6 +42,13 @@ def check_shape(shape: object, *, name: str) -> list[int]:
         if d < 0:
             raise InvalidInput(f"input {name!r}: shape {list(shape)} has a negative dimension; "
                                "expected non-negative integers")
+    count = prod(shape)
+    if count > INT64_MAX:
+        raise InvalidInput(f"input {name!r}: shape {list(shape)} causes total element count to exceed maximum "
+                           f"size of {INT64_MAX}")
+    if datatype in V2_TO_NUMPY and count * (1 if datatype == "BYTES" else numpy_dtype(datatype).itemsize) > UINT64_MAX:
+        raise InvalidInput(f"byte size overflow for input {name!r}: shape {list(shape)} of {datatype}")
+    for d in shape:
         if d > MAX_DIM:
             raise InvalidInput(f"input {name!r}: dimension {d} of shape {list(shape)} exceeds {MAX_DIM}")
     return list(shape)
@@ -70,21 +80,33 @@ def _check_count(got: int, shape: Sequence[int], *, name: str, what: str) -> Non
         raise InvalidInput(f"input {name!r}: shape {list(shape)} needs {need} elements, {what} has {got}")
 
 
-def from_raw(raw: memoryview | bytes, *, name: str, datatype: str, shape: list[int]) -> np.ndarray:
-    """An array from raw bytes (binary extension / gRPC raw contents), checked against shape and datatype."""
+def _check_string_count(got: int, shape: Sequence[int], *, name: str, what: str) -> None:
+    """As _check_count, with Triton's wording for strings first (its clients' tests look for it)."""
+    need = element_count(shape)
+    if got != need:
+        raise InvalidInput(f"expected {need} strings for inference input {name!r}, got {got}: shape {list(shape)} "
+                           f"needs {need} elements, {what} has {got}")
+
+
+def from_raw(raw: memoryview | bytes, *, name: str, datatype: str, shape: list[int], model: str = "") -> np.ndarray:
+    """An array from raw bytes (binary extension / gRPC raw contents), checked against shape and datatype.
+    `model` only names the model in the byte-size message (Triton's wording, which its tests look for)."""
     n = element_count(shape)
     if datatype != "BYTES":
         dtype = numpy_dtype(datatype)
         if len(raw) != n * dtype.itemsize:
+            for_model = f" for model {model!r}" if model else ""
             raise InvalidInput(
-                f"input {name!r}: shape {shape} of {datatype} needs {n * dtype.itemsize} bytes, got {len(raw)}"
+                f"input byte size mismatch for input {name!r}{for_model}. Expected {n * dtype.itemsize}, got "
+                f"{len(raw)}: shape {shape} of {datatype} needs {n * dtype.itemsize} bytes, got {len(raw)}"
             )
         return np.frombuffer(raw, dtype=dtype).reshape(shape)
     items: list[bytes] = []
     offset, size = 0, len(raw)
     while offset < size:
         if len(items) >= n:
-            raise InvalidInput(f"input {name!r}: shape {shape} needs {n} BYTES elements; the data holds more")
+            raise InvalidInput(f"expected {n} strings for inference input {name!r}, got more: shape {shape} needs "
+                               f"{n} BYTES elements; the data holds more")
         if offset + 4 > size:
             raise InvalidInput(f"input {name!r}: BYTES element {len(items)} is cut inside its 4-byte length prefix")
         (length,) = struct.unpack_from("<I", raw, offset)
@@ -93,7 +115,7 @@ def from_raw(raw: memoryview | bytes, *, name: str, datatype: str, shape: list[i
             raise InvalidInput(f"input {name!r}: BYTES element {len(items)} claims {length} bytes past the data's end")
         items.append(bytes(raw[offset:offset + length]))
         offset += length
-    _check_count(len(items), shape, name=name, what="the data")
+    _check_string_count(len(items), shape, name=name, what="the data")
     return bytes_array(items, shape)
 
 
@@ -109,6 +131,19 @@ def to_raw(arr: np.ndarray) -> bytes:
     return np.ascontiguousarray(arr).tobytes()
 
 
+def _too_deep(name: str) -> str:
+    return f"JSON nesting depth exceeds maximum allowed limit ({MAX_NESTING}) in the data of input {name!r}"
+
+
+def _nesting(values: Any) -> int:
+    """Depth of nested lists along the first elements (numpy needs a regular nesting, so that is the depth)."""
+    depth = 0
+    while isinstance(values, (list, tuple)):
+        depth += 1
+        values = values[0] if values else None
+    return depth
+
+
 def _flatten_bytes(data: list, *, name: str) -> list[bytes]:
     """Nested lists of strings (or numbers, sent as their text) -> flat list of bytes, depth-limited."""
     out: list[bytes] = []
@@ -120,7 +155,7 @@ def _flatten_bytes(data: list, *, name: str) -> list[bytes]:
             stack.pop()
         elif isinstance(item, list):
             if depth >= MAX_NESTING:
-                raise InvalidInput(f"input {name!r}: BYTES data is nested deeper than {MAX_NESTING} levels")
+                raise InvalidInput(_too_deep(name))
             stack.append((iter(item), depth + 1))
         elif isinstance(item, str):
             out.append(item.encode())
@@ -140,8 +175,10 @@ def from_values(values: Any, *, name: str, datatype: str, shape: list[int]) -> n
         values = [values]
     if datatype == "BYTES":
         flat = _flatten_bytes(list(values), name=name)
-        _check_count(len(flat), shape, name=name, what="'data'")
+        _check_string_count(len(flat), shape, name=name, what="'data'")
         return bytes_array(flat, shape)
+    if _nesting(values) > MAX_NESTING:
+        raise InvalidInput(_too_deep(name))
     try:
         arr = np.asarray(values, dtype=dtype)
     except (ValueError, TypeError, OverflowError):

@@ -19,7 +19,7 @@ from service import __version__
 from service.errors import InvalidInput, PayloadTooLarge, RequestCancelled, ServingError
 from service.metrics import Metrics
 from service.model import ModelVersion
-from service.modelrepo import layout
+from service.modelrepo import layout, overrides
 from service.processing.base import Limits, Processor, setting
 from service.processing.registry import build_processor, describe_model
 from service.repository import ModelRepository
@@ -187,7 +187,12 @@ class InferenceCore:
     def _select_outputs(mv: ModelVersion, requested: list[RequestedOutput] | None) -> list[RequestedOutput]:
         if not requested:
             return [RequestedOutput(name) for name in mv.output_names]
+        seen: set[str] = set()
         for o in requested:
+            if o.name in seen:
+                raise InvalidInput(f"Duplicate output name {o.name!r} is not allowed in a request "
+                                   f"to model {mv.name!r}; name each output once")
+            seen.add(o.name)
             if mv.spec.output(o.name) is None:
                 raise InvalidInput(
                     f"model {mv.name!r}: unknown output {o.name!r}; expected one of {mv.output_names}"
@@ -297,15 +302,20 @@ class InferenceCore:
     def _check_explicit(self, action: str) -> None:
         mode = self._repository.settings.model_control_mode
         if mode != "explicit":
+            # NOTE: Triton's text (its tests match it) says "polling" for every non-explicit mode.
             raise InvalidInput(
-                f"cannot {action} models: model control mode is {mode!r}; start the server with "
-                "--model-control-mode explicit to use the load/unload API"
+                f"explicit model load / unload is not allowed if polling is enabled: cannot {action} models, "
+                f"model control mode is {mode!r}; start the server with --model-control-mode explicit"
             )
 
-    async def load_model(self, name: str) -> None:
+    async def load_model(self, name: str, *, config: object | None = None,
+                         files: dict[str, bytes] | None = None) -> None:
+        """Load or reload `name`; `config` (JSON text) and `files` ("<version>/<path>" -> bytes) are Triton's
+        load overrides, checked before anything is touched."""
         layout.check_model_name(name)
         self._check_explicit("load")
-        await self._repository.load(name)
+        override = overrides.parse_override(name, config=config, files=files or {})
+        await self._repository.load(name, override)
 
     async def unload_model(self, name: str) -> None:
         layout.check_model_name(name)

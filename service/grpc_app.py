@@ -19,7 +19,7 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from service.core import InferenceCore
 from service.errors import ServingError
 from service.ports import StartupError
-from service.protocol_grpc import decode_infer, encode_infer, grpc_status
+from service.protocol_grpc import decode_infer, encode_infer, grpc_status, load_overrides
 
 log = logging.getLogger("modelserve.grpc")
 
@@ -127,7 +127,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.RepositoryIndexResponse(models=[pb.RepositoryIndexResponse.ModelIndex(**r) for r in rows])
 
     async def RepositoryModelLoad(self, request, context):
-        await self.core.load_model(request.model_name)
+        config, files = load_overrides(request)
+        await self.core.load_model(request.model_name, config=config, files=files)
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(self, request, context):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import logging
 from typing import Any
 
@@ -9,16 +10,17 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
-from google.protobuf import json_format
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import __version__
 from service.access import ASGIApp, control_body, wrap_http_app
 from service.core import InferenceCore
-from service.errors import ServingError
+from service.errors import InvalidInput, PayloadTooLarge, ServingError
 from service.http_docs import install_docs
 from service.http_infer import InferFastPath
+from service.modelrepo.config import config_as_json
+from service.modelrepo.overrides import FILE_PREFIX
 from service.settings import ServerSettings
 from service.tasks.openai_embeddings import build_openai_router
 from service.tasks.router import build_router
@@ -51,7 +53,7 @@ def create_app(core: InferenceCore, settings: ServerSettings) -> ASGIApp:
     _install_error_handlers(app)
     _add_health_routes(app, core)
     _add_model_routes(app, core)
-    _add_repository_routes(app, core)
+    _add_repository_routes(app, core, max_request_bytes=settings.max_request_bytes)
     _document_infer_routes(app)
     app.include_router(build_router(core, max_request_bytes=settings.max_request_bytes,
                                     body_timeout_s=settings.http_body_timeout_secs))
@@ -129,7 +131,7 @@ def _add_model_prefix_routes(app: FastAPI, core: InferenceCore, prefix: str) -> 
     @app.get(prefix + "/config", tags=["models"], summary="Model configuration (Triton ModelConfig as JSON)")
     async def config(model_name: str, model_version: str | None = None) -> Response:
         config = core.model_config(model_name, model_version)
-        return json_response(json_format.MessageToDict(config, preserving_proto_field_name=True))
+        return json_response(config_as_json(config))
 
 
 def _document_infer_routes(app: FastAPI) -> None:
@@ -172,7 +174,40 @@ def _document_infer_routes(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-def _add_repository_routes(app: FastAPI, core: InferenceCore) -> None:
+async def _bounded_body(request: Request, *, limit: int) -> bytes:
+    """A control route's body, refusing more than `limit` bytes before holding them (Triton's wording)."""
+    declared = request.headers.get("content-length", "")
+    size, chunks = int(declared) if declared.isdigit() else 0, []
+    if size <= limit:
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                break
+            chunks.append(chunk)
+    if size > limit:
+        raise PayloadTooLarge(f"request JSON size of {size} bytes exceeds the maximum allowed input size. "
+                              f"Send at most {limit} bytes (--max-request-bytes / MODELSERVE_MAX_REQUEST_BYTES)")
+    return b"".join(chunks)
+
+
+def _load_overrides(name: str, doc: dict) -> tuple[object | None, dict[str, bytes]]:
+    """Triton's load parameters over HTTP: 'config' (JSON text) and 'file:<path>' (base64 file contents)."""
+    params = doc.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise InvalidInput(f"failed to load '{name}': 'parameters' must be a JSON object")
+    files = {}
+    for key, value in params.items():
+        if key.startswith(FILE_PREFIX):
+            try:
+                files[key[len(FILE_PREFIX):]] = base64.b64decode(value, validate=True)
+            except (TypeError, ValueError):
+                raise InvalidInput(f"failed to load '{name}': parameter {key!r} must be the file's contents "
+                                   "as a base64 string") from None
+    return params.get("config"), files
+
+
+def _add_repository_routes(app: FastAPI, core: InferenceCore, *, max_request_bytes: int) -> None:
     @app.post("/v2/repository/index", tags=["repository"], summary="Models in the repository and their state")
     async def index(request: Request) -> Response:
         doc = control_body(request.headers.get("content-type"), await request.body())
@@ -180,8 +215,9 @@ def _add_repository_routes(app: FastAPI, core: InferenceCore) -> None:
 
     @app.post("/v2/repository/models/{model_name}/load", tags=["repository"], summary="Load or reload a model")
     async def load(model_name: str, request: Request) -> Response:
-        control_body(request.headers.get("content-type"), await request.body())
-        await core.load_model(model_name)
+        body = await _bounded_body(request, limit=max_request_bytes)
+        config, files = _load_overrides(model_name, control_body(request.headers.get("content-type"), body))
+        await core.load_model(model_name, config=config, files=files)
         return json_response({})
 
     @app.post("/v2/repository/models/{model_name}/unload", tags=["repository"], summary="Unload a model")

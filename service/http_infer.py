@@ -26,7 +26,7 @@ from service.errors import (
     ServingError,
     UnsupportedMediaType,
 )
-from service.protocol_v2 import decode_request, encode_response
+from service.protocol_v2 import decode_raw_request, decode_request, encode_response
 
 log = logging.getLogger("modelserve.http")
 
@@ -148,8 +148,13 @@ class InferFastPath:
             if body is None:
                 return
             body = decompress(body, encoding=headers.get(b"content-encoding", b"").decode().lower(), limit=self.limit)
-            req, encoding = decode_request(body, header_length=_header_length(headers), model_name=model,
-                                           model_version=version, max_tensor_bytes=self.limit)
+            header_length = _header_length(headers)
+            if header_length == 0:  # Triton's raw binary request: the body is the only input's data
+                spec = self.core.model(model, version).spec
+                req, encoding = decode_raw_request(body, spec=spec, model_name=model, model_version=version)
+            else:
+                req, encoding = decode_request(body, header_length=header_length, model_name=model,
+                                               model_version=version, max_tensor_bytes=self.limit)
             req.client_gone = server_disconnect_flag(receive)
             try:
                 resp = await self.core.infer(req)

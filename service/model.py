@@ -73,6 +73,22 @@ def _shape_str(dims) -> str:
     return "[" + ", ".join(str(d) for d in dims) + "]"
 
 
+def _reshaped(arr: np.ndarray, dims: tuple[int, ...], *, batched: bool) -> np.ndarray:
+    return arr.reshape(((arr.shape[0],) if batched else ()) + tuple(dims))
+
+
+def _missing_inputs_message(spec: ModelSpec, *, got: list[str], missing: list[str]) -> str:
+    """Triton's wording (its QA tests look for it), list formatting included."""
+    def names(items: list[str]) -> str:
+        return "[" + ",".join(f"'{n}'" for n in items) + "]"
+
+    required = sum(1 for t in spec.inputs if not t.optional)
+    expected = (f"expected {required} inputs" if required == len(spec.inputs)
+                else f"expected number of inputs between {required} and {len(spec.inputs)}")
+    return (f"{expected} but got {len(got)} inputs for model '{spec.name}'. Got input(s) {names(got)}, but missing "
+            f"required input(s) {names(missing)}. Please provide all required input(s).")
+
+
 @dataclass
 class ModelVersion:
     """One served version. Created by `load` (blocking, in a worker thread), then `start`ed in the loop."""
@@ -109,7 +125,8 @@ class ModelVersion:
         spec = completed_spec(req.model_dir, name=req.name,
                               read=(config, req.has_file, req.max_batch_size_given),  # type: ignore[arg-type]
                               graph_inputs=pool.graph_inputs, graph_outputs=pool.graph_outputs,
-                              default_max_batch_size=settings.default_max_batch_size)
+                              default_max_batch_size=settings.default_max_batch_size,
+                              graph_optional=pool.graph_optional)
         log.info(
             "model %s v%s: %d instance(s) on %s, %d intra-op thread(s) each, max_batch_size %d, batching %s",
             req.name, version, count, pool.providers, threads, spec.max_batch_size,
@@ -117,7 +134,7 @@ class ModelVersion:
         )
         mv = cls(spec=spec, version=str(version), pool=pool, stats=ModelStats(req.name, str(version)))
         mv.output_names = [o.name for o in spec.outputs]
-        mv._string_inputs = {t.name for t in pool.graph_inputs if t.datatype == "BYTES"}
+        mv._string_inputs = {t.name for t in [*pool.graph_inputs, *pool.graph_optional] if t.datatype == "BYTES"}
         if settings.warmup:
             mv._warmup()
         return mv
@@ -155,6 +172,10 @@ class ModelVersion:
         for name in self._string_inputs & feeds.keys():
             # ORT takes str, not bytes, for string tensors.
             feeds[name] = np.vectorize(lambda b: b.decode() if isinstance(b, bytes) else b, otypes=[object])(feeds[name])
+        batched = self.spec.max_batch_size > 0
+        for t in self.spec.inputs:  # Triton's reshape: served dims -> the graph's shape
+            if t.reshape is not None and t.name in feeds:
+                feeds[t.name] = _reshaped(feeds[t.name], t.reshape, batched=batched)
         t0 = time.perf_counter_ns()
         try:
             arrays = self.pool.run(feeds, self.output_names)
@@ -162,6 +183,9 @@ class ModelVersion:
             raise classify_run_error(exc, model=self.name) from None
         t1 = time.perf_counter_ns()
         outputs = dict(zip(self.output_names, arrays))
+        for t in self.spec.outputs:  # and the graph's shape -> served dims
+            if t.reshape is not None:
+                outputs[t.name] = _reshaped(outputs[t.name], t.dims, batched=batched)
         return outputs, t1 - t0, time.perf_counter_ns() - t1
 
     async def close(self, *, grace_s: float) -> None:
@@ -187,14 +211,14 @@ class ModelVersion:
         unknown = set(inputs) - expected
         if unknown:
             raise InvalidInput(f"model {spec.name!r}: unexpected input(s) {sorted(unknown)}; expected {sorted(expected)}")
+        missing = [t.name for t in spec.inputs if not t.optional and t.name not in inputs]
+        if missing:
+            raise InvalidInput(_missing_inputs_message(spec, got=list(inputs), missing=missing))
         rows = None
         for t in spec.inputs:
             arr = inputs.get(t.name)
-            if arr is None:
-                if t.optional:
-                    continue
-                raise InvalidInput(f"model {spec.name!r}: input {t.name!r} is missing; expected inputs {sorted(expected)}")
-            rows = self._check_tensor(t, arr, rows)
+            if arr is not None:
+                rows = self._check_tensor(t, arr, rows)
         check_tokens(spec, inputs)
         return rows if rows is not None else 1
 

@@ -15,6 +15,7 @@ from service import codec
 from service.core import InferRequest, InferResponse, RequestedOutput
 from service.datatypes import numpy_dtype, v2_datatype
 from service.errors import InvalidInput, ServingError
+from service.modelrepo.overrides import FILE_PREFIX
 
 # A ServingError's HTTP status -> the gRPC status code Triton's clients expect for it.
 _STATUS_TO_GRPC = {
@@ -73,11 +74,12 @@ def decode_infer(request: pb.ModelInferRequest, *, max_tensor_bytes: int = 2**62
     for i, tensor in enumerate(request.inputs):
         if tensor.name in inputs:
             raise InvalidInput(f"input {tensor.name!r} is given twice")
-        shape = codec.check_shape(list(tensor.shape), name=tensor.name)
         numpy_dtype(tensor.datatype)  # raises with the list of valid datatypes
+        shape = codec.check_shape(list(tensor.shape), name=tensor.name, datatype=tensor.datatype)
         codec.check_byte_budget(shape, name=tensor.name, datatype=tensor.datatype, limit=max_tensor_bytes)
         if raw:
-            inputs[tensor.name] = codec.from_raw(raw[i], name=tensor.name, datatype=tensor.datatype, shape=shape)
+            inputs[tensor.name] = codec.from_raw(raw[i], name=tensor.name, datatype=tensor.datatype, shape=shape,
+                                                 model=request.model_name)
         else:
             inputs[tensor.name] = _typed_contents(tensor, shape)
     outputs = [RequestedOutput(o.name, _class_count(o)) for o in request.outputs] or None
@@ -92,3 +94,16 @@ def encode_infer(resp: InferResponse) -> pb.ModelInferResponse:
         out.outputs.add(name=tensor.name, datatype=v2_datatype(tensor.data), shape=list(tensor.data.shape))
         out.raw_output_contents.append(codec.to_raw(tensor.data))
     return out
+
+
+def load_overrides(request: pb.RepositoryModelLoadRequest) -> tuple[object | None, dict[str, bytes]]:
+    """Triton's load parameters over gRPC: 'config' (string_param, JSON) and 'file:<path>' (bytes_param)."""
+    files = {}
+    for key, param in request.parameters.items():
+        if key.startswith(FILE_PREFIX):
+            if param.WhichOneof("parameter_choice") != "bytes_param":
+                raise InvalidInput(f"failed to load '{request.model_name}': parameter {key!r} must be a "
+                                   "bytes_param holding the file's contents")
+            files[key[len(FILE_PREFIX):]] = param.bytes_param
+    config = request.parameters["config"] if "config" in request.parameters else None
+    return (param_value(config) if config is not None else None), files

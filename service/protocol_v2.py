@@ -10,6 +10,7 @@ binary or JSON outputs.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from math import prod
 from typing import Any
 
 import numpy as np
@@ -17,8 +18,9 @@ import orjson
 
 from service import codec
 from service.core import InferRequest, InferResponse, RequestedOutput
-from service.datatypes import v2_datatype
+from service.datatypes import numpy_dtype, v2_datatype
 from service.errors import InvalidInput
+from service.modelrepo.config import ModelSpec, TensorSpec
 
 _NUMPY_JSON = orjson.OPT_SERIALIZE_NUMPY
 
@@ -71,14 +73,15 @@ def _requested_outputs(doc: dict, encoding: OutputEncoding) -> list[RequestedOut
     return result
 
 
-def _decode_input(inp: object, *, tail: memoryview, offset: int, max_bytes: int) -> tuple[str, np.ndarray, int]:
+def _decode_input(inp: object, *, tail: memoryview, offset: int, model: str,
+                  max_bytes: int) -> tuple[str, np.ndarray, int]:
     name = inp.get("name") if isinstance(inp, dict) else None
     if not isinstance(inp, dict) or not isinstance(name, str):
         raise InvalidInput("every input needs a string 'name'")
-    shape = codec.check_shape(inp.get("shape"), name=name)
     datatype = inp.get("datatype")
     if not isinstance(datatype, str):
         raise InvalidInput(f"input {name!r}: 'datatype' must be a string such as \"FP32\"")
+    shape = codec.check_shape(inp.get("shape"), name=name, datatype=datatype)
     codec.check_byte_budget(shape, name=name, datatype=datatype, limit=max_bytes)
     size = _parameters(inp.get("parameters"), where=f"input {name!r}").get("binary_data_size")
     if size is not None:
@@ -86,7 +89,8 @@ def _decode_input(inp: object, *, tail: memoryview, offset: int, max_bytes: int)
             raise InvalidInput(
                 f"input {name!r}: binary_data_size {size!r} does not fit the {len(tail) - offset} binary bytes left"
             )
-        return name, codec.from_raw(tail[offset:offset + size], name=name, datatype=datatype, shape=shape), size
+        return name, codec.from_raw(tail[offset:offset + size], name=name, datatype=datatype, shape=shape,
+                                        model=model), size
     if "data" in inp:
         return name, codec.from_values(inp["data"], name=name, datatype=datatype, shape=shape), 0
     raise InvalidInput(f"input {name!r}: needs 'data' or parameters.binary_data_size")
@@ -109,12 +113,13 @@ def decode_request(
         header, tail = view[:header_length], view[header_length:]
     doc = _parse_header(header)
     raw_inputs = doc.get("inputs")
-    if not isinstance(raw_inputs, list) or not raw_inputs:
-        raise InvalidInput("'inputs' must be a non-empty list of tensors (name, shape, datatype, data)")
+    if not isinstance(raw_inputs, list):
+        raise InvalidInput("'inputs' must be a list of tensors (name, shape, datatype, data)")
     inputs: dict[str, np.ndarray] = {}
     offset = 0
     for inp in raw_inputs:
-        name, array, used = _decode_input(inp, tail=tail, offset=offset, max_bytes=max_tensor_bytes)
+        name, array, used = _decode_input(inp, tail=tail, offset=offset, model=model_name,
+                                          max_bytes=max_tensor_bytes)
         if name in inputs:
             raise InvalidInput(f"input {name!r} is given twice")
         inputs[name] = array
@@ -133,6 +138,44 @@ def decode_request(
         parameters=params,
     )
     return request, encoding
+
+
+def decode_raw_request(
+    body: bytes, *, spec: ModelSpec, model_name: str, model_version: str | None
+) -> tuple[InferRequest, OutputEncoding]:
+    """Triton's raw binary request (`Inference-Header-Content-Length: 0`): the whole body is the data of the
+    model's only input, its shape deduced from the config (batch 1), and every output comes back binary."""
+    if len(spec.inputs) != 1:
+        raise InvalidInput(
+            f"Raw request must only have 1 input (found 1) to be deduced but got {len(spec.inputs)} inputs in "
+            f"'{model_name}' model configuration; send a JSON header (Inference-Header-Content-Length > 0) instead"
+        )
+    t = spec.inputs[0]
+    full = ([1] if spec.max_batch_size > 0 else []) + list(t.dims)
+    if t.datatype == "BYTES":
+        if any(d != 1 for d in t.dims):
+            raise InvalidInput(f"For BYTE datatype raw input '{t.name}', the model must have input shape [1]; "
+                               f"model '{model_name}' has {list(t.dims)}, so send a JSON header instead")
+        array = codec.bytes_array([bytes(body)], [1] * len(full))
+    else:
+        array = codec.from_raw(body, name=t.name, datatype=t.datatype, shape=_raw_shape(t, full, len(body)),
+                               model=model_name)
+    request = InferRequest(model_name=model_name, model_version=model_version, inputs={t.name: array})
+    return request, OutputEncoding(default=True)
+
+
+def _raw_shape(t: TensorSpec, full: list[int], size: int) -> list[int]:
+    variable = [i for i, d in enumerate(full) if d == -1]
+    if len(variable) > 1:
+        raise InvalidInput(f"The shape of the raw input '{t.name}' can not be deduced because there are more than "
+                           f"one variable-sized dimension in {full}; send a JSON header with the shape instead")
+    if not variable:
+        return full
+    known = numpy_dtype(t.datatype).itemsize * prod(d for d in full if d != -1)
+    if known == 0 or size % known:
+        raise InvalidInput(f"raw input '{t.name}': {size} bytes is not a whole number of {t.datatype} elements of "
+                           f"shape {full} ({known} bytes per step of the variable dimension)")
+    return [size // known if d == -1 else d for d in full]
 
 
 def _to_json_data(arr: np.ndarray) -> Any:

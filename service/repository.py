@@ -15,8 +15,9 @@ from pathlib import Path
 
 from service.errors import ModelLoadError, ModelNotFound, ModelNotReady, ServingError
 from service.model import LoadRequest, ModelVersion
-from service.modelrepo import layout
+from service.modelrepo import layout, overrides
 from service.modelrepo.config import read_config, select_versions
+from service.modelrepo.overrides import LoadOverride
 from service.settings import ServerSettings
 
 log = logging.getLogger("modelserve.repository")
@@ -37,6 +38,8 @@ class ModelEntry:
     # Should be loaded: asked to load (at start, by poll or the API) and not unloaded since. Strict readiness
     # waits for every such model to be READY.
     wanted: bool = False
+    # The temporary model folder of a load with file overrides (service/modelrepo/overrides.py).
+    override_dir: Path | None = None
 
     def latest(self) -> ModelVersion | None:
         if not self.versions:
@@ -74,24 +77,29 @@ class ModelRepository:
         if mode == "poll":
             self._poller = asyncio.create_task(self._poll_forever(), name="repository-poll")
 
-    async def load(self, name: str) -> None:
-        """(Re)load a model from disk; new versions serve before the old ones drain."""
+    async def load(self, name: str, override: LoadOverride | None = None) -> None:
+        """(Re)load a model from disk (or from a load request's override); new versions serve before the old
+        ones drain."""
         model_dir = layout.model_dir(self.root, name)
-        if not layout.is_model_folder(model_dir):
+        if (override is None or not override.files) and not layout.is_model_folder(model_dir):
             raise ModelNotFound(f"no model {name!r} in the model repository; found {sorted(self.scan())}")
         entry = self.entries.setdefault(name, ModelEntry(name))
         entry.wanted = True
         async with entry.lock:
+            temp = await asyncio.to_thread(overrides.materialize, override, name=name) \
+                if override is not None and override.files else None
             fingerprint = await asyncio.to_thread(layout.fingerprint, model_dir)
             if not entry.versions:
                 entry.state, entry.reason = LOADING, ""
             try:
-                loaded = await self._load_versions(name, model_dir)
+                loaded = await self._load_versions(name, temp or model_dir, override)
             except ServingError as exc:
+                overrides.discard(temp)
                 self._mark_failed(entry, exc.message)
                 entry.fingerprint = fingerprint
                 raise
             except Exception as exc:  # an unexpected bug in one model must not take the others down
+                overrides.discard(temp)
                 log.exception("model %s: unexpected load failure", name)
                 self._mark_failed(entry, f"{type(exc).__name__}: {exc}")
                 entry.fingerprint = fingerprint
@@ -100,6 +108,8 @@ class ModelRepository:
             for mv in loaded.values():
                 mv.start()
             entry.versions, entry.state, entry.reason, entry.fingerprint = loaded, READY, "", fingerprint
+            overrides.discard(entry.override_dir)
+            entry.override_dir = temp
             self._drain(list(old.values()))
             log.info("model %s ready: versions %s", name, sorted(loaded, key=int))
 
@@ -110,8 +120,12 @@ class ModelRepository:
             entry.state, entry.reason = UNAVAILABLE, reason
         log.error("model %s: %s", entry.name, entry.reason)
 
-    async def _load_versions(self, name: str, model_dir: Path) -> dict[str, ModelVersion]:
-        config, has_file, mbs_given = read_config(model_dir)
+    async def _load_versions(self, name: str, model_dir: Path,
+                             override: LoadOverride | None = None) -> dict[str, ModelVersion]:
+        if override is not None:
+            config, has_file, mbs_given = override.config, True, override.max_batch_size_given
+        else:
+            config, has_file, mbs_given = read_config(model_dir)
         available = layout.disk_versions(model_dir)
         if not available:
             raise ModelLoadError(f"model {name!r}: no numeric version folder (e.g. {name}/1/model.onnx)")
@@ -138,6 +152,8 @@ class ModelRepository:
             entry.versions, entry.state, entry.reason = {}, UNLOADING, ""
             await asyncio.gather(*(mv.close(grace_s=self.settings.unload_grace_secs) for mv in old))
             entry.state, entry.reason = UNAVAILABLE, "unloaded"
+            overrides.discard(entry.override_dir)
+            entry.override_dir = None
         if not (self.root / name).is_dir():
             self.entries.pop(name, None)
 
@@ -145,14 +161,15 @@ class ModelRepository:
         """The READY version asked for (latest if none); never awaits."""
         entry = self.entries.get(name)
         if entry is None:
-            raise ModelNotFound(f"unknown model {name!r}; available models are {sorted(self.entries)}")
+            raise ModelNotFound(f"Request for unknown model: {name!r} is not found; available models are "
+                                f"{sorted(self.entries)}")
         if version:
             mv = entry.versions.get(version)
             if mv is None:
                 if entry.versions:
                     raise ModelNotFound(
-                        f"model {name!r} has no version {version!r} loaded; loaded versions are "
-                        f"{sorted(entry.versions, key=int)}"
+                        f"Request for unknown model: {name!r} version {version} is not found; loaded versions "
+                        f"are {sorted(entry.versions, key=int)}"
                     )
                 raise ModelNotReady(f"model {name!r} is not ready ({entry.state}: {entry.reason or 'loading'})")
             return mv
@@ -218,6 +235,9 @@ class ModelRepository:
         await asyncio.gather(*closing)
         if self._background:  # replaced versions still draining
             await asyncio.wait(set(self._background), timeout=grace_s)
+        for entry in self.entries.values():
+            overrides.discard(entry.override_dir)
+            entry.override_dir = None
 
     def stop_polling(self) -> None:
         if self._poller is not None:

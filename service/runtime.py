@@ -13,7 +13,7 @@ import onnxruntime as ort
 
 from service.datatypes import V2_TO_NUMPY
 from service.errors import BackendError, InvalidInput, ServingError
-from service.modelrepo.config import GraphTensor, graph_tensors
+from service.modelrepo.config import GraphTensor, graph_tensors, overridable_initializers
 from service.modelrepo.sessions import create_session
 
 log = logging.getLogger("modelserve.runtime")
@@ -81,6 +81,7 @@ class InstancePool:
             self._idle.put(session)
         probe = self._idle.get()
         self.graph_inputs, self.graph_outputs = graph_tensors(probe)
+        self.graph_optional = overridable_initializers(probe)
         self._idle.put(probe)
 
     def run(self, feeds: dict[str, np.ndarray], output_names: Sequence[str]) -> list[np.ndarray]:

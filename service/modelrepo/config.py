@@ -9,9 +9,10 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from math import prod
 from pathlib import Path
 
-from google.protobuf import text_format
+from google.protobuf import descriptor, json_format, text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from service.datatypes import config_to_v2, ort_to_v2, v2_to_config
@@ -32,6 +33,8 @@ class TensorSpec:
     datatype: str
     dims: tuple[int, ...]
     optional: bool = False
+    # Triton's `reshape`: the graph's shape (batch dim excluded) when it differs from the served `dims`.
+    reshape: tuple[int, ...] | None = None
 
     def as_metadata(self, max_batch_size: int) -> dict:
         shape = ([-1] if max_batch_size > 0 else []) + list(self.dims)
@@ -95,6 +98,38 @@ def parse_config_text(text: str, *, where: str = CONFIG_FILENAME) -> mc.ModelCon
     return config
 
 
+_INT64_TYPES = frozenset({descriptor.FieldDescriptor.CPPTYPE_INT64, descriptor.FieldDescriptor.CPPTYPE_UINT64})
+
+
+def _int64_as_numbers(message_desc: descriptor.Descriptor, doc: dict) -> dict:
+    """proto3 JSON writes 64-bit integers as strings; Triton's config JSON has numbers (clients do arithmetic)."""
+    for fd in message_desc.fields:
+        value = doc.get(fd.name)
+        if value is None:
+            continue
+        if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
+            value_fd = fd.message_type.fields_by_name["value"]
+            if value_fd.message_type is not None:
+                for v in value.values():
+                    _int64_as_numbers(value_fd.message_type, v)
+            elif value_fd.cpp_type in _INT64_TYPES:
+                doc[fd.name] = {k: int(v) for k, v in value.items()}
+        elif fd.message_type is not None:
+            for v in value if isinstance(value, list) else [value]:
+                _int64_as_numbers(fd.message_type, v)
+        elif fd.cpp_type in _INT64_TYPES:
+            doc[fd.name] = [int(v) for v in value] if isinstance(value, list) else int(value)
+    return doc
+
+
+def config_as_json(config: mc.ModelConfig) -> dict:
+    """A ModelConfig as Triton's HTTP config route returns it: every field present (zeros and empty lists
+    included, so `max_batch_size: 0` is there), field names as in the proto, 64-bit integers as numbers."""
+    doc = json_format.MessageToDict(config, preserving_proto_field_name=True,
+                                    always_print_fields_with_no_presence=True)
+    return _int64_as_numbers(config.DESCRIPTOR, doc)
+
+
 def read_config(model_dir: Path) -> tuple[mc.ModelConfig, bool, bool]:
     """Parse <model_dir>/config.pbtxt. Returns (config, file_exists, max_batch_size_was_given)."""
     path = model_dir / CONFIG_FILENAME
@@ -125,8 +160,11 @@ def complete_config(
     max_batch_size_given: bool,
     default_max_batch_size: int,
     has_file: bool,
+    graph_optional: Sequence[GraphTensor] = (),
 ) -> mc.ModelConfig:
-    """Fill what the config leaves out from the graph (Triton's auto-complete), then check it against it."""
+    """Fill what the config leaves out from the graph (Triton's auto-complete), then check it against it.
+    `graph_optional`: initializers a request may feed (ORT's overridable initializers); the config may list
+    them as inputs (`optional: true` lets requests omit them), auto-complete leaves them out."""
     out = mc.ModelConfig()
     out.CopyFrom(config)
     if out.name and out.name != name:
@@ -155,19 +193,33 @@ def complete_config(
         out.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_AUTO)
     if not out.HasField("version_policy"):
         out.version_policy.latest.num_versions = 1
-    _check_against_graph(out, graph_inputs, "input")
+    _check_against_graph(out, graph_inputs, "input", optional=graph_optional)
     _check_against_graph(out, graph_outputs, "output")
     return out
 
 
-def _check_against_graph(config: mc.ModelConfig, graph: Sequence[GraphTensor], kind: str) -> None:
-    by_name = {t.name: t for t in graph}
+def _check_reshape(entry, where: str) -> list[int]:
+    """The graph-side dims of a config entry: its `reshape` when given (element counts must agree), else dims."""
+    if not entry.HasField("reshape"):
+        return list(entry.dims)
+    shape, dims = list(entry.reshape.shape), list(entry.dims)
+    if -1 not in dims and -1 not in shape and prod(dims) != prod(shape):
+        raise ModelLoadError(f"{where}: reshape {shape} holds {prod(shape)} elements, dims {dims} hold {prod(dims)}; "
+                             "they must hold the same number")
+    if (-1 in dims) != (-1 in shape) or dims.count(-1) > 1 or shape.count(-1) > 1:
+        raise ModelLoadError(f"{where}: dims {dims} and reshape {shape} must both have one variable (-1) "
+                             "dimension or neither")
+    return shape
+
+
+def _check_against_graph(config: mc.ModelConfig, graph: Sequence[GraphTensor], kind: str,
+                         optional: Sequence[GraphTensor] = ()) -> None:
+    by_name = {t.name: t for t in [*optional, *graph]}
     entries = config.input if kind == "input" else config.output
     strip = 1 if config.max_batch_size > 0 else 0
     for entry in entries:
         where = f"model {config.name!r} {kind} {entry.name!r}"
-        if entry.HasField("reshape"):
-            raise ModelLoadError(f"{where}: 'reshape' is not supported; give dims that match the graph")
+        dims = _check_reshape(entry, where)
         t = by_name.get(entry.name)
         if t is None:
             raise ModelLoadError(f"{where}: not in the ONNX graph, whose {kind}s are {sorted(by_name)}")
@@ -181,13 +233,13 @@ def _check_against_graph(config: mc.ModelConfig, graph: Sequence[GraphTensor], k
                 f"the graph has shape {_dims(t.shape)}"
             )
         graph_dims = t.shape[strip:]
-        dims = list(entry.dims)
         compatible = len(dims) == len(graph_dims) and all(
             g is None or d == g for d, g in zip(dims, graph_dims)
         )
         if not compatible:
             raise ModelLoadError(
-                f"{where}: config dims {dims} do not match the graph's {_dims(graph_dims)} "
+                f"{where}: config {'reshape' if entry.HasField('reshape') else 'dims'} {dims} do not match the "
+                f"graph's {_dims(graph_dims)} "
                 f"(batch dim {'excluded' if strip else 'included'})"
             )
     if kind == "input":
@@ -243,7 +295,9 @@ def build_spec(config: mc.ModelConfig, *, model_dir: Path) -> ModelSpec:
     """Turn a completed ModelConfig into the server's ModelSpec."""
     def specs(entries) -> list[TensorSpec]:
         return [
-            TensorSpec(e.name, config_to_v2(e.data_type), tuple(int(d) for d in e.dims), bool(getattr(e, "optional", False)))
+            TensorSpec(e.name, config_to_v2(e.data_type), tuple(int(d) for d in e.dims),
+                       bool(getattr(e, "optional", False)),
+                       tuple(int(d) for d in e.reshape.shape) if e.HasField("reshape") else None)
             for e in entries
         ]
 
@@ -287,12 +341,18 @@ def graph_tensors(session) -> tuple[list[GraphTensor], list[GraphTensor]]:
             [GraphTensor.from_node_arg(a) for a in session.get_outputs()])
 
 
+def overridable_initializers(session) -> list[GraphTensor]:
+    """Initializers a request may feed: ONNX Runtime lists them apart from get_inputs()."""
+    return [GraphTensor.from_node_arg(a) for a in session.get_overridable_initializers()]
+
+
 def completed_spec(model_dir: Path, *, name: str, read: tuple[mc.ModelConfig, bool, bool],
                    graph_inputs: Sequence[GraphTensor], graph_outputs: Sequence[GraphTensor],
-                   default_max_batch_size: int) -> ModelSpec:
+                   default_max_batch_size: int, graph_optional: Sequence[GraphTensor] = ()) -> ModelSpec:
     """The spec of a model as served: its config.pbtxt (`read_config`) completed from its graph."""
     config, has_file, max_batch_size_given = read
     completed = complete_config(config, name=name, graph_inputs=graph_inputs, graph_outputs=graph_outputs,
                                 max_batch_size_given=max_batch_size_given,
-                                default_max_batch_size=default_max_batch_size, has_file=has_file)
+                                default_max_batch_size=default_max_batch_size, has_file=has_file,
+                                graph_optional=graph_optional)
     return build_spec(completed, model_dir=model_dir)
