@@ -45,7 +45,7 @@ def _nested(depth: int, *, datatype: str, shape: str) -> bytes:
 
 HTTP_CASES = [
     ("scale", {"inputs": [{"name": "x", "shape": [0, 4611686018427387904, 4], "datatype": "FP32", "data": []}]},
-     400, "exceeds"),
+     400, "exceed"),
     ("scale", {"inputs": [{"name": "x", "shape": [65536, 65536, 65536], "datatype": "FP32", "data": []}]},
      413, "max_request_bytes"),
     ("scale", {"inputs": [{"name": "x", "shape": [2**31 - 1, 2**31 - 1], "datatype": "FP32", "data": [1.0]}]},
@@ -54,8 +54,8 @@ HTTP_CASES = [
                            "parameters": [1]}]}, 400, "parameters"),
     ("scale", {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}],
                "outputs": [{"name": "y", "parameters": "x"}]}, 400, "parameters"),
-    ("strings", _nested(1000, datatype="BYTES", shape="[1, 1]"), 400, "nested"),
-    ("scale", _nested(1000, datatype="FP32", shape="[1, 4]"), 400, "'data'"),
+    ("strings", _nested(1000, datatype="BYTES", shape="[1, 1]"), 400, "nesting depth"),
+    ("scale", _nested(1000, datatype="FP32", shape="[1, 4]"), 400, "nesting depth"),
     ("gather", {"inputs": [{"name": "idx", "shape": [1, 1], "datatype": "INT64", "data": [12]}]},
      400, "out of the model's range"),
 ]
@@ -109,8 +109,8 @@ def _gather_oob() -> pb.ModelInferRequest:
 
 
 GRPC_CASES = [
-    (_tensor([2**32, 2**32]).SerializeToString(), "exceeds"),
-    (_tensor([0, 2**62]).SerializeToString(), "exceeds"),
+    (_tensor([2**32, 2**32]).SerializeToString(), "exceed"),
+    (_tensor([0, 2**62]).SerializeToString(), "exceed"),
     (_classification_abc().SerializeToString(), "classification"),
     (_gather_oob().SerializeToString(), "out of the model's range"),
     (b"\xff\xff\xff\xff garbage that is not a protobuf", "not a valid ModelInferRequest"),
