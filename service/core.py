@@ -17,14 +17,18 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from service import __version__
 from service.errors import InvalidInput, PayloadTooLarge, RequestCancelled, ServingError
+from service.log_settings import LogSettings
 from service.metrics import Metrics
 from service.model import ModelVersion
 from service.modelrepo import layout
 from service.processing.base import Processor
 from service.processing.registry import build_processor, describe_model
 from service.repository import ModelRepository
+from service.shm import SharedMemoryRegistry, ShmRef
+from service.tracing import RequestTrace, Tracing
 
-EXTENSIONS = ["classification", "binary_tensor_data", "model_repository", "statistics"]
+EXTENSIONS = ["classification", "binary_tensor_data", "model_repository", "statistics",
+              "system_shared_memory", "trace", "logging"]
 # Items in one task request (images, texts, clips, user ids).
 MAX_TASK_ITEMS = 1024
 
@@ -33,6 +37,8 @@ MAX_TASK_ITEMS = 1024
 class RequestedOutput:
     name: str
     class_count: int = 0
+    # Where to write the output (system shared memory extension) instead of the response.
+    shm: ShmRef | None = None
 
 
 @dataclass
@@ -45,12 +51,15 @@ class InferRequest:
     parameters: dict = field(default_factory=dict)
     # Tells whether the caller has gone away; checked before compute is spent on the request.
     client_gone: Callable[[], bool] | None = None
+    # Set by the transport when this request is sampled for tracing (service/tracing.py).
+    trace: RequestTrace | None = None
 
 
 @dataclass
 class OutputTensor:
     name: str
     data: np.ndarray
+    shm: ShmRef | None = None
 
 
 @dataclass
@@ -90,6 +99,10 @@ class InferenceCore:
         self.metrics = metrics
         # One processor per loaded version, rebuilt when the version is swapped (keyed by the version object).
         self._processors: dict[str, tuple[ModelVersion, Processor]] = {}
+        self.shm = SharedMemoryRegistry(allowed=repository.settings.allow_client_shm)
+        self.tracing = Tracing(repository.settings)
+        self.logging = LogSettings(level=repository.settings.log_level, verbose=repository.settings.log_verbose,
+                                   log_format=repository.settings.log_format)
 
     # ------------------------------------------------------------------ health and metadata
 
@@ -155,6 +168,8 @@ class InferenceCore:
         total = time.perf_counter_ns() - t0
         queue_ns = int(result.queue_s * 1e9)
         mv.stats.record_success(total_ns=total, queue_ns=queue_ns, timings=result.timings_ns)
+        if req.trace is not None:
+            req.trace.batch(queue_ns=queue_ns, timings_ns=result.timings_ns, rows=result.batch_rows)
         self.metrics.observe_request(mv.name, mv.version, total_s=total / 1e9, queue_s=result.queue_s,
                                      batch_rows=result.batch_rows)
         return InferResponse(model_name=mv.name, model_version=mv.version, outputs=outputs, id=req.id)
@@ -177,7 +192,7 @@ class InferenceCore:
             data = classify(
                 data, k=want.class_count, labels=mv.spec.labels.get(want.name), batched=mv.spec.max_batch_size > 0
             )
-        return OutputTensor(want.name, data)
+        return OutputTensor(want.name, data, want.shm)
 
     # ------------------------------------------------------------------ task endpoints
 

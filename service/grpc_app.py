@@ -18,7 +18,9 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from service.core import InferenceCore
 from service.errors import ServingError
-from service.protocol_grpc import decode_infer, encode_infer, grpc_status
+from service.grpc_extensions import ExtensionServicer
+from service.grpc_stream import infer_one
+from service.protocol_grpc import grpc_status
 
 log = logging.getLogger("modelserve.grpc")
 
@@ -35,7 +37,7 @@ def _serving_errors_to_status(method: Callable) -> Callable:
     return wrapper
 
 
-class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+class InferenceServicer(ExtensionServicer, pb_grpc.GRPCInferenceServiceServicer):
     """GRPCInferenceService on the InferenceCore; method names are fixed by the service definition."""
 
     def __init__(self, core: InferenceCore) -> None:
@@ -83,7 +85,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @_serving_errors_to_status
     async def ModelInfer(self, request, context):
-        return encode_infer(await self.core.infer(decode_infer(request)))
+        return await infer_one(self.core, request)
 
 
 async def start_grpc_server(core: InferenceCore, *, host: str, port: int, max_message_bytes: int,

@@ -17,6 +17,7 @@ from service import __version__
 from service.access import ASGIApp, control_body, wrap_http_app
 from service.core import InferenceCore
 from service.errors import ServingError
+from service.http_extensions import add_extension_routes
 from service.http_infer import InferFastPath
 from service.settings import ServerSettings
 from service.tasks.router import build_router
@@ -48,6 +49,7 @@ def create_app(core: InferenceCore, settings: ServerSettings) -> ASGIApp:
     _add_health_routes(app, core)
     _add_model_routes(app, core)
     _add_repository_routes(app, core)
+    add_extension_routes(app, core)
     _document_infer_routes(app)
     app.include_router(build_router(core, max_request_bytes=settings.max_request_bytes))
 

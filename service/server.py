@@ -52,6 +52,8 @@ class Server:
             await self._grpc.stop(grace=GRPC_GRACE_S)
             self._grpc = None
         await self.repository.close()
+        self.core.shm.close()
+        self.core.tracing.shutdown()
 
     async def __aenter__(self) -> Server:
         await self.start()
