@@ -60,9 +60,11 @@ class ExtensionServicer:
 
     core: InferenceCore
 
-    def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest],
-                         context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        return stream_infer(self.core, request_iterator)
+    async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest],
+                               context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        # NOTE: grpc.aio serves a stream from the method only when it is itself an async generator function.
+        async for response in stream_infer(self.core, request_iterator):
+            yield response
 
     @_aborts_on_serving_error
     async def SystemSharedMemoryStatus(self, request, context):
