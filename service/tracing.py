@@ -123,8 +123,9 @@ class Tracing:
             return self._effective(model)
 
     def update(self, model: str | None, changes: dict[str, object]) -> dict[str, Setting]:
-        """Apply Triton's update: listed settings change; a null value clears a model's override (or resets a
-        global one to its start-up value). trace_file cannot change over the network (it names a server path)."""
+        """Apply Triton's update: listed settings change; a null value clears a model's override (a global
+        setting has nothing to fall back to and is kept). trace_file cannot change over the network (it names
+        a server path)."""
         checked = {k: (None if v is None or v == [] else check_setting(k, v)) for k, v in changes.items()}
         if "trace_file" in checked:
             raise InvalidInput("trace file location can not be updated through network protocol; set it when the "
