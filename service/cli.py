@@ -9,6 +9,7 @@ import sys
 
 from pydantic import ValidationError
 
+from service.log_settings import ModelserveFormatter
 from service.ports import StartupError
 from service.server import run_server
 from service.settings import ServerSettings
@@ -34,11 +35,29 @@ def _serve_parser(sub) -> None:
     p.add_argument("--grpc-restricted-protocol", dest="grpc_restricted_protocol", action="append",
                    metavar="PROTOCOL[,PROTOCOL...]:KEY=VALUE",
                    help="those gRPC protocols need metadata triton-grpc-protocol-KEY: VALUE (repeatable)")
-
+    p.add_argument("--allow-client-shm", dest="allow_client_shm", type=_flag, metavar="BOOL",
+                   help="let clients register system shared memory regions (default false)")
+    p.add_argument("--trace-level", dest="trace_level", action="append", choices=["OFF", "TIMESTAMPS", "TENSORS"])
+    p.add_argument("--trace-rate", dest="trace_rate", type=int, help="trace one request in N")
+    p.add_argument("--trace-count", dest="trace_count", type=int, help="traces to take; -1 for no limit")
+    p.add_argument("--trace-log-frequency", dest="trace_log_frequency", type=int)
+    p.add_argument("--trace-file", dest="trace_file", help="append spans to this file as JSON lines")
+    p.add_argument("--trace-mode", dest="trace_mode", choices=["triton", "opentelemetry"])
+    p.add_argument("--trace-otlp-endpoint", dest="trace_otlp_endpoint", help="OTLP/HTTP traces endpoint")
+    p.add_argument("--log-verbose", dest="log_verbose", type=int, help="> 0 logs at DEBUG")
+    p.add_argument("--log-format", dest="log_format", choices=["default", "ISO8601"])
     p.add_argument("--exit-timeout-secs", dest="exit_timeout_secs", type=float,
                    help="on SIGTERM/SIGINT, finish requests in progress for at most this long (default 30)")
     p.add_argument("--strict-readiness", dest="strict_readiness", metavar="BOOL",
                    help="ready only when every model is READY (default true); false: ready while serving")
+
+
+def _flag(value: str) -> bool:
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
 # Settings whose values hold secrets: never echoed in an error.
@@ -99,7 +118,9 @@ def _main(argv: list[str] | None) -> int:
         sub.add_parser(name, help=f"{help_text} (see `modelserve {name} --help`)")
     args = parser.parse_args(argv)
     level = (getattr(args, "log_level", None) or "info").upper()
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(ModelserveFormatter())  # v2/logging switches its format live
+    logging.basicConfig(level=level, handlers=[handler])
     return serve(args)
 
 

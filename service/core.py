@@ -17,20 +17,26 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from service import __version__
 from service.errors import InvalidInput, PayloadTooLarge, RequestCancelled, ServingError
+from service.log_settings import LogSettings
 from service.metrics import Metrics
 from service.model import ModelVersion
 from service.modelrepo import layout, overrides
 from service.processing.base import Limits, Processor, setting
 from service.processing.registry import build_processor, describe_model
 from service.repository import ModelRepository
+from service.shm import SharedMemoryRegistry, ShmRef
+from service.tracing import RequestTrace, Tracing
 
-EXTENSIONS = ["classification", "binary_tensor_data", "model_repository", "statistics"]
+EXTENSIONS = ["classification", "binary_tensor_data", "model_repository", "statistics",
+              "system_shared_memory", "trace", "logging"]
 
 
 @dataclass
 class RequestedOutput:
     name: str
     class_count: int = 0
+    # Where to write the output (system shared memory extension) instead of the response.
+    shm: ShmRef | None = None
 
 
 @dataclass
@@ -43,12 +49,15 @@ class InferRequest:
     parameters: dict = field(default_factory=dict)
     # Tells whether the caller has gone away; checked before compute is spent on the request.
     client_gone: Callable[[], bool] | None = None
+    # Set by the transport when this request is sampled for tracing (service/tracing.py).
+    trace: RequestTrace | None = None
 
 
 @dataclass
 class OutputTensor:
     name: str
     data: np.ndarray
+    shm: ShmRef | None = None
 
 
 @dataclass
@@ -106,6 +115,12 @@ class InferenceCore:
         # One processor per loaded version, rebuilt when the version is swapped (keyed by the version object).
         self._processors: dict[str, tuple[ModelVersion, Processor]] = {}
         self._shutting_down = False
+        # Also the most bytes any one tensor may need (a gRPC message is bounded by it too).
+        self.max_request_bytes = repository.settings.max_request_bytes
+        self.shm = SharedMemoryRegistry(allowed=repository.settings.allow_client_shm)
+        self.tracing = Tracing(repository.settings)
+        self.logging = LogSettings(level=repository.settings.log_level, verbose=repository.settings.log_verbose,
+                                   log_format=repository.settings.log_format)
 
     # ------------------------------------------------------------------ health and metadata
 
@@ -179,6 +194,8 @@ class InferenceCore:
         total = time.perf_counter_ns() - t0
         queue_ns = int(result.queue_s * 1e9)
         mv.stats.record_success(total_ns=total, queue_ns=queue_ns, timings=result.timings_ns)
+        if req.trace is not None:
+            req.trace.batch(queue_ns=queue_ns, timings_ns=result.timings_ns, rows=result.batch_rows)
         self.metrics.observe_request(mv.name, mv.version, total_s=total / 1e9, queue_s=result.queue_s,
                                      batch_rows=result.batch_rows)
         return InferResponse(model_name=mv.name, model_version=mv.version, outputs=outputs, id=req.id)
@@ -206,7 +223,7 @@ class InferenceCore:
             data = classify(
                 data, k=want.class_count, labels=mv.spec.labels.get(want.name), batched=mv.spec.max_batch_size > 0
             )
-        return OutputTensor(want.name, data)
+        return OutputTensor(want.name, data, want.shm)
 
     # ------------------------------------------------------------------ task endpoints
 

@@ -18,8 +18,10 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from service.core import InferenceCore
 from service.errors import ServingError
+from service.grpc_extensions import ExtensionServicer
+from service.grpc_stream import infer_one
 from service.ports import StartupError
-from service.protocol_grpc import decode_infer, encode_infer, grpc_status, load_overrides
+from service.protocol_grpc import grpc_status, load_overrides
 
 log = logging.getLogger("modelserve.grpc")
 
@@ -92,12 +94,11 @@ def generic_handler(servicer: InferenceServicer) -> grpc.GenericRpcHandler:
     return grpc.method_handlers_generic_handler(_SERVICE.full_name, handlers)
 
 
-class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+class InferenceServicer(ExtensionServicer, pb_grpc.GRPCInferenceServiceServicer):
     """GRPCInferenceService on the InferenceCore; method names are fixed by the service definition."""
 
-    def __init__(self, core: InferenceCore, *, max_tensor_bytes: int) -> None:
+    def __init__(self, core: InferenceCore) -> None:
         self.core = core
-        self.max_tensor_bytes = max_tensor_bytes
 
     async def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=self.core.live())
@@ -136,7 +137,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.RepositoryModelUnloadResponse()
 
     async def ModelInfer(self, request, context):
-        return encode_infer(await self.core.infer(decode_infer(request, max_tensor_bytes=self.max_tensor_bytes)))
+        return await infer_one(self.core, request)
 
 
 async def start_grpc_server(core: InferenceCore, *, host: str, port: int, max_message_bytes: int,
@@ -151,7 +152,7 @@ async def start_grpc_server(core: InferenceCore, *, host: str, port: int, max_me
                ("grpc.max_send_message_length", max_message_bytes),
                ("grpc.so_reuseport", 0)]
     server = grpc.aio.server(options=options, interceptors=list(interceptors) or None)
-    server.add_generic_rpc_handlers((generic_handler(InferenceServicer(core, max_tensor_bytes=max_message_bytes)),))
+    server.add_generic_rpc_handlers((generic_handler(InferenceServicer(core)),))
     try:
         bound = server.add_insecure_port(f"{host}:{port}")
     except RuntimeError:

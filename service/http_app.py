@@ -18,6 +18,7 @@ from service.access import ASGIApp, control_body, wrap_http_app
 from service.core import InferenceCore
 from service.errors import InvalidInput, PayloadTooLarge, ServingError
 from service.http_docs import install_docs
+from service.http_extensions import add_extension_routes
 from service.http_infer import InferFastPath
 from service.modelrepo.config import config_as_json
 from service.modelrepo.overrides import FILE_PREFIX
@@ -54,6 +55,7 @@ def create_app(core: InferenceCore, settings: ServerSettings) -> ASGIApp:
     _add_health_routes(app, core)
     _add_model_routes(app, core)
     _add_repository_routes(app, core, max_request_bytes=settings.max_request_bytes)
+    add_extension_routes(app, core)
     _document_infer_routes(app)
     app.include_router(build_router(core, max_request_bytes=settings.max_request_bytes,
                                     body_timeout_s=settings.http_body_timeout_secs))

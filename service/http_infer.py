@@ -141,6 +141,7 @@ class InferFastPath:
         await self.app(scope, receive, send)
 
     async def _infer(self, scope: dict, receive: Callable, send: Callable, model: str, version: str | None) -> None:
+        trace = None
         try:
             headers = _headers(scope)
             body = await read_body(receive, declared=headers.get(b"content-length"), limit=self.limit,
@@ -148,20 +149,29 @@ class InferFastPath:
             if body is None:
                 return
             body = decompress(body, encoding=headers.get(b"content-encoding", b"").decode().lower(), limit=self.limit)
+            trace = self.core.tracing.begin(model) if self.core.tracing.enabled else None
             header_length = _header_length(headers)
             if header_length == 0:  # Triton's raw binary request: the body is the only input's data
                 spec = self.core.model(model, version).spec
                 req, encoding = decode_raw_request(body, spec=spec, model_name=model, model_version=version)
             else:
                 req, encoding = decode_request(body, header_length=header_length, model_name=model,
-                                               model_version=version, max_tensor_bytes=self.limit)
+                                               model_version=version, max_tensor_bytes=self.limit,
+                                               shm=self.core.shm)
+            if trace is not None:
+                trace.decoded(req)
+                req.trace = trace
             req.client_gone = server_disconnect_flag(receive)
             try:
                 resp = await self.core.infer(req)
             except RequestCancelled:
                 return  # the client is gone: nobody to answer
             payload, header_len = encode_response(resp, encoding)
+            if trace is not None:
+                trace.end(version=resp.model_version)
         except ServingError as exc:
+            if trace is not None:
+                trace.end(error=exc)
             await send_error(send, exc)
             return
         except Exception as exc:  # never a bare 500 in plain text

@@ -16,6 +16,7 @@ from service.core import InferRequest, InferResponse, RequestedOutput
 from service.datatypes import numpy_dtype, v2_datatype
 from service.errors import InvalidInput, ServingError
 from service.modelrepo.overrides import FILE_PREFIX
+from service.shm import SharedMemoryRegistry, read_input
 
 # A ServingError's HTTP status -> the gRPC status code Triton's clients expect for it.
 _STATUS_TO_GRPC = {
@@ -23,6 +24,7 @@ _STATUS_TO_GRPC = {
     401: grpc.StatusCode.UNAUTHENTICATED,
     403: grpc.StatusCode.PERMISSION_DENIED,
     404: grpc.StatusCode.NOT_FOUND,
+    409: grpc.StatusCode.ALREADY_EXISTS,
     413: grpc.StatusCode.RESOURCE_EXHAUSTED,
     415: grpc.StatusCode.INVALID_ARGUMENT,
     499: grpc.StatusCode.CANCELLED,
@@ -64,35 +66,78 @@ def _class_count(output: Any) -> int:
     return value
 
 
-def decode_infer(request: pb.ModelInferRequest, *, max_tensor_bytes: int = 2**62) -> InferRequest:
-    """A protocol-agnostic InferRequest from a ModelInferRequest (raw or typed contents); no input may need
-    more than `max_tensor_bytes` (the server passes max_request_bytes)."""
+def _params(parameters: Any) -> dict[str, Any]:
+    return {k: param_value(v) for k, v in parameters.items()}
+
+
+def _shm_input(tensor: Any, shape: list[int], shm: SharedMemoryRegistry | None) -> np.ndarray | None:
+    """The input read from shared memory when its parameters name a region (system shared memory extension)."""
+    if shm is None or "shared_memory_region" not in tensor.parameters:
+        return None
+    ref = shm.ref(_params(tensor.parameters), tensor=tensor.name)
+    assert ref is not None
+    expected = None if tensor.datatype == "BYTES" else codec.element_count(shape) * numpy_dtype(tensor.datatype).itemsize
+    raw = read_input(ref, name=tensor.name, expected=expected)
+    return codec.from_raw(raw, name=tensor.name, datatype=tensor.datatype, shape=shape)
+
+
+def _requested(output: Any, shm: SharedMemoryRegistry | None) -> RequestedOutput:
+    ref = shm.ref(_params(output.parameters), tensor=output.name) if shm is not None else None
+    return RequestedOutput(output.name, _class_count(output), ref)
+
+
+def decode_infer(request: pb.ModelInferRequest, *, shm: SharedMemoryRegistry | None = None,
+                 max_tensor_bytes: int = 2**62) -> InferRequest:
+    """A protocol-agnostic InferRequest from a ModelInferRequest (raw or typed contents, or shared memory); no
+    input may need more than `max_tensor_bytes` (the server passes max_request_bytes)."""
     raw = list(request.raw_input_contents)
-    if raw and len(raw) != len(request.inputs):
-        raise InvalidInput(f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs; expected one per input")
     inputs: dict[str, np.ndarray] = {}
-    for i, tensor in enumerate(request.inputs):
+    used = 0
+    for tensor in request.inputs:
         if tensor.name in inputs:
             raise InvalidInput(f"input {tensor.name!r} is given twice")
         numpy_dtype(tensor.datatype)  # raises with the list of valid datatypes
         shape = codec.check_shape(list(tensor.shape), name=tensor.name, datatype=tensor.datatype)
         codec.check_byte_budget(shape, name=tensor.name, datatype=tensor.datatype, limit=max_tensor_bytes)
-        if raw:
-            inputs[tensor.name] = codec.from_raw(raw[i], name=tensor.name, datatype=tensor.datatype, shape=shape,
+        from_shm = _shm_input(tensor, shape, shm)
+        if from_shm is not None:
+            inputs[tensor.name] = from_shm
+        elif raw:
+            if used >= len(raw):
+                raise InvalidInput(f"{len(raw)} raw_input_contents for more inputs; expected one per input not in "
+                                   "shared memory")
+            inputs[tensor.name] = codec.from_raw(raw[used], name=tensor.name, datatype=tensor.datatype, shape=shape,
                                                  model=request.model_name)
+            used += 1
         else:
             inputs[tensor.name] = _typed_contents(tensor, shape)
-    outputs = [RequestedOutput(o.name, _class_count(o)) for o in request.outputs] or None
-    params = {k: param_value(v) for k, v in request.parameters.items()}
+    if used != len(raw):
+        raise InvalidInput(f"{len(raw)} raw_input_contents for {used} inputs; expected one per input not in "
+                           "shared memory")
+    outputs = [_requested(o, shm) for o in request.outputs] or None
     return InferRequest(model_name=request.model_name, model_version=request.model_version or None,
-                        inputs=inputs, outputs=outputs, id=request.id or None, parameters=params)
+                        inputs=inputs, outputs=outputs, id=request.id or None, parameters=_params(request.parameters))
+
+
+def _set_param(params: Any, key: str, value: Any) -> None:
+    if isinstance(value, str):
+        params[key].string_param = value
+    else:
+        params[key].int64_param = value
 
 
 def encode_infer(resp: InferResponse) -> pb.ModelInferResponse:
     out = pb.ModelInferResponse(model_name=resp.model_name, model_version=resp.model_version, id=resp.id or "")
     for tensor in resp.outputs:
-        out.outputs.add(name=tensor.name, datatype=v2_datatype(tensor.data), shape=list(tensor.data.shape))
-        out.raw_output_contents.append(codec.to_raw(tensor.data))
+        entry = out.outputs.add(name=tensor.name, datatype=v2_datatype(tensor.data), shape=list(tensor.data.shape))
+        if tensor.shm is None:
+            out.raw_output_contents.append(codec.to_raw(tensor.data))
+            continue
+        tensor.shm.write(codec.to_raw(tensor.data), output=tensor.name)
+        for key, value in tensor.shm.parameters().items():
+            _set_param(entry.parameters, key, value)
+        # NOTE: raw_output_contents pairs with outputs by position, so a shared memory output holds an empty slot.
+        out.raw_output_contents.append(b"")
     return out
 
 

@@ -21,6 +21,7 @@ from service.core import InferRequest, InferResponse, RequestedOutput
 from service.datatypes import numpy_dtype, v2_datatype
 from service.errors import InvalidInput
 from service.modelrepo.config import ModelSpec, TensorSpec
+from service.shm import SharedMemoryRegistry, read_input
 
 _NUMPY_JSON = orjson.OPT_SERIALIZE_NUMPY
 
@@ -54,7 +55,8 @@ def _parse_header(header: bytes | memoryview) -> dict:
     return doc
 
 
-def _requested_outputs(doc: dict, encoding: OutputEncoding) -> list[RequestedOutput] | None:
+def _requested_outputs(doc: dict, encoding: OutputEncoding,
+                       shm: SharedMemoryRegistry | None = None) -> list[RequestedOutput] | None:
     outputs = doc.get("outputs")
     if outputs is None:
         return None
@@ -69,12 +71,13 @@ def _requested_outputs(doc: dict, encoding: OutputEncoding) -> list[RequestedOut
         class_count = params.get("classification", 0)
         if not isinstance(class_count, int) or isinstance(class_count, bool) or class_count < 0:
             raise InvalidInput(f"output {o['name']!r}: 'classification' must be a non-negative integer")
-        result.append(RequestedOutput(o["name"], class_count))
+        ref = shm.ref(params, tensor=o["name"]) if shm is not None else None
+        result.append(RequestedOutput(o["name"], class_count, ref))
     return result
 
 
-def _decode_input(inp: object, *, tail: memoryview, offset: int, model: str,
-                  max_bytes: int) -> tuple[str, np.ndarray, int]:
+def _decode_input(inp: object, *, tail: memoryview, offset: int, model: str, max_bytes: int,
+                  shm: SharedMemoryRegistry | None = None) -> tuple[str, np.ndarray, int]:
     name = inp.get("name") if isinstance(inp, dict) else None
     if not isinstance(inp, dict) or not isinstance(name, str):
         raise InvalidInput("every input needs a string 'name'")
@@ -83,7 +86,15 @@ def _decode_input(inp: object, *, tail: memoryview, offset: int, model: str,
         raise InvalidInput(f"input {name!r}: 'datatype' must be a string such as \"FP32\"")
     shape = codec.check_shape(inp.get("shape"), name=name, datatype=datatype)
     codec.check_byte_budget(shape, name=name, datatype=datatype, limit=max_bytes)
-    size = _parameters(inp.get("parameters"), where=f"input {name!r}").get("binary_data_size")
+    params = _parameters(inp.get("parameters"), where=f"input {name!r}")
+    ref = shm.ref(params, tensor=name) if shm is not None else None
+    if ref is not None:
+        if "data" in inp:
+            raise InvalidInput(f"input {name!r}: 'data' must not be set when the input is in shared memory")
+        expected = None if datatype == "BYTES" else codec.element_count(shape) * numpy_dtype(datatype).itemsize
+        raw = read_input(ref, name=name, expected=expected)
+        return name, codec.from_raw(raw, name=name, datatype=datatype, shape=shape), 0
+    size = params.get("binary_data_size")
     if size is not None:
         if not isinstance(size, int) or isinstance(size, bool) or size < 0 or offset + size > len(tail):
             raise InvalidInput(
@@ -99,6 +110,7 @@ def _decode_input(inp: object, *, tail: memoryview, offset: int, model: str,
 def decode_request(
     body: bytes, *, header_length: int | None, model_name: str, model_version: str | None,
     max_tensor_bytes: int = 2**62,
+    shm: SharedMemoryRegistry | None = None,
 ) -> tuple[InferRequest, OutputEncoding]:
     """Parse a V2 infer request body (JSON, or JSON plus binary tensor data); no input may need more than
     `max_tensor_bytes` (the server passes max_request_bytes)."""
@@ -119,7 +131,7 @@ def decode_request(
     offset = 0
     for inp in raw_inputs:
         name, array, used = _decode_input(inp, tail=tail, offset=offset, model=model_name,
-                                          max_bytes=max_tensor_bytes)
+                                          max_bytes=max_tensor_bytes, shm=shm)
         if name in inputs:
             raise InvalidInput(f"input {name!r} is given twice")
         inputs[name] = array
@@ -133,7 +145,7 @@ def decode_request(
         model_name=model_name,
         model_version=model_version,
         inputs=inputs,
-        outputs=_requested_outputs(doc, encoding),
+        outputs=_requested_outputs(doc, encoding, shm),
         id=str(request_id) if request_id is not None else None,
         parameters=params,
     )
@@ -193,7 +205,10 @@ def encode_response(resp: InferResponse, encoding: OutputEncoding) -> tuple[byte
     for out in resp.outputs:
         arr = out.data
         entry: dict[str, Any] = {"name": out.name, "datatype": v2_datatype(arr), "shape": list(arr.shape)}
-        if encoding.binary(out.name):
+        if out.shm is not None:
+            out.shm.write(codec.to_raw(arr), output=out.name)
+            entry["parameters"] = out.shm.parameters()
+        elif encoding.binary(out.name):
             raw = codec.to_raw(arr)
             entry["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)

@@ -67,7 +67,13 @@ class Server:
         deadline = loop.time() + self.settings.exit_timeout_secs
         self.core.begin_shutdown()
         await self._stop_grpc(deadline)
-        await self.repository.close(grace_s=max(0.0, deadline - loop.time()))
+        await self._close(grace_s=max(0.0, deadline - loop.time()))
+
+    async def _close(self, *, grace_s: float) -> None:
+        """Close the models (within `grace_s`), then shared memory and tracing."""
+        await self.repository.close(grace_s=grace_s)
+        self.core.shm.close()
+        self.core.tracing.shutdown()
 
     async def _stop_grpc(self, deadline: float) -> None:
         if self._grpc is not None:
@@ -129,7 +135,7 @@ class Server:
         await asyncio.gather(serving, self._stop_grpc(deadline))
         stopping.cancel()
         grace = 0.0 if self._forced else max(0.0, deadline - loop.time())
-        await self.repository.close(grace_s=grace)
+        await self._close(grace_s=grace)
         log.info("stopped")
 
     def _on_signal(self, sig: signal.Signals) -> None:

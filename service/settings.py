@@ -71,6 +71,26 @@ class ServerSettings(BaseSettings):
     """Address the gRPC server binds (default: http_host)."""
     metrics_host: str | None = Field(None, min_length=1)
     """Address the separate metrics port binds (default: http_host)."""
+    allow_client_shm: bool = False
+    """Let clients register /dev/shm regions (system shared memory extension); off by default, as in Triton."""
+    trace_level: list[Literal["OFF", "TIMESTAMPS", "TENSORS"]] = ["OFF"]
+    """Triton's trace level at start: OFF, or TIMESTAMPS and/or TENSORS (v2/trace/setting changes it live)."""
+    trace_rate: PositiveInt = 1000
+    """Trace one request in this many."""
+    trace_count: int = Field(-1, ge=-1)
+    """How many traces to take before tracing stops; -1: no limit."""
+    trace_log_frequency: int = Field(0, ge=0)
+    """Triton's log_frequency, reported to clients; spans are written as each trace ends."""
+    trace_file: Path | None = None
+    """Append finished spans to this file as OpenTelemetry JSON lines."""
+    trace_mode: Literal["triton", "opentelemetry"] = "triton"
+    """opentelemetry: also export spans over OTLP/HTTP to trace_otlp_endpoint."""
+    trace_otlp_endpoint: str | None = Field(None, min_length=1)
+    """OTLP/HTTP traces endpoint, e.g. http://collector:4318/v1/traces (trace_mode opentelemetry)."""
+    log_verbose: int = Field(0, ge=0)
+    """Triton's --log-verbose: > 0 logs at DEBUG."""
+    log_format: Literal["default", "ISO8601"] = "default"
+    """Log line format (Triton's --log-format)."""
 
     exit_timeout_secs: NonNegativeFloat = 30.0
     """On SIGTERM/SIGINT, how long in-flight and queued requests may take before the process exits anyway."""

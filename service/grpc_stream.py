@@ -1,0 +1,116 @@
+"""gRPC ModelStreamInfer: many requests in flight on one bidirectional stream, answered as they finish.
+
+Each request is decoded, run through the core and encoded exactly as a unary ModelInfer; its answer (or its
+error, as `error_message`) is written on the stream with the request's id, so answers may come out of order
+and a bad request never ends the stream.
+
+Decoupled models (`model_transaction_policy { decoupled: true }`): an ONNX graph yields exactly one result per
+request, so a decoupled model here sends one response per request; when the client asks for it
+(`triton_enable_empty_final_response`, tritonclient's `enable_empty_final_response=True`), that response is
+flagged `triton_final_response: false` and followed by an empty response flagged `triton_final_response:
+true`, as Triton sends it. A non-decoupled model's single response is itself the final one (flagged true when
+the client asked for the flag).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+from tritonclient.grpc import service_pb2 as pb
+
+from service.core import InferenceCore
+from service.errors import ServingError
+from service.protocol_grpc import decode_infer, encode_infer
+
+log = logging.getLogger("modelserve.grpc")
+
+ENABLE_EMPTY_FINAL = "triton_enable_empty_final_response"
+FINAL_FLAG = "triton_final_response"
+# Responses waiting to be written per stream before the reader stops taking new requests (back-pressure).
+MAX_PENDING_RESPONSES = 1024
+
+
+async def infer_one(core: InferenceCore, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+    """Decode (inputs may be in shared memory), infer, encode: one ModelInfer, traced when sampled."""
+    trace = core.tracing.begin(request.model_name) if core.tracing.enabled else None
+    try:
+        req = decode_infer(request, shm=core.shm, max_tensor_bytes=core.max_request_bytes)
+        if trace is not None:
+            trace.decoded(req)
+            req.trace = trace
+        resp = encode_infer(await core.infer(req))
+    except ServingError as exc:
+        if trace is not None:
+            trace.end(error=exc)
+        raise
+    if trace is not None:
+        trace.end(version=resp.model_version)
+    return resp
+
+
+def _error(request: pb.ModelInferRequest, message: str) -> pb.ModelStreamInferResponse:
+    resp = pb.ModelInferResponse(model_name=request.model_name, model_version=request.model_version,
+                                 id=request.id)
+    return pb.ModelStreamInferResponse(error_message=message, infer_response=resp)
+
+
+def _flag(resp: pb.ModelInferResponse, final: bool) -> pb.ModelInferResponse:
+    resp.parameters[FINAL_FLAG].bool_param = final
+    return resp
+
+
+async def answer(core: InferenceCore, request: pb.ModelInferRequest) -> list[pb.ModelStreamInferResponse]:
+    """The stream responses for one request: its result (plus the empty final one for a decoupled model
+    when asked), or one error_message response."""
+    try:
+        decoupled = core.model_config(request.model_name, request.model_version or None) \
+            .model_transaction_policy.decoupled
+        result = await infer_one(core, request)
+    except ServingError as exc:
+        return [_error(request, exc.message)]
+    except Exception as exc:  # one broken request must not end everyone's stream
+        log.exception("unhandled error in a streamed request")
+        return [_error(request, f"internal error: {type(exc).__name__}: {exc}")]
+    empty_final = ENABLE_EMPTY_FINAL in request.parameters and \
+        request.parameters[ENABLE_EMPTY_FINAL].bool_param
+    if not empty_final:
+        return [pb.ModelStreamInferResponse(infer_response=result)]
+    if not decoupled:
+        return [pb.ModelStreamInferResponse(infer_response=_flag(result, True))]
+    final = pb.ModelInferResponse(model_name=result.model_name, model_version=result.model_version, id=result.id)
+    return [pb.ModelStreamInferResponse(infer_response=_flag(result, False)),
+            pb.ModelStreamInferResponse(infer_response=_flag(final, True))]
+
+
+async def stream_infer(core: InferenceCore,
+                       requests: AsyncIterator[pb.ModelInferRequest]) -> AsyncIterator[pb.ModelStreamInferResponse]:
+    """Read requests as they come, run each concurrently, yield responses as they finish."""
+    out: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue(MAX_PENDING_RESPONSES)
+    tasks: set[asyncio.Task] = set()
+
+    async def run_one(request: pb.ModelInferRequest) -> None:
+        for resp in await answer(core, request):
+            await out.put(resp)
+
+    async def read_all() -> None:
+        try:
+            async for request in requests:
+                task = asyncio.create_task(run_one(request))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            if tasks:
+                await asyncio.wait(set(tasks))
+        finally:
+            await out.put(None)  # the client closed its side and every answer is written
+
+    reader = asyncio.create_task(read_all())
+    try:
+        while (item := await out.get()) is not None:
+            yield item
+    finally:
+        # The client went away (or the server is stopping): stop reading and drop what is in flight.
+        reader.cancel()
+        for task in list(tasks):
+            task.cancel()
