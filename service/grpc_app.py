@@ -85,8 +85,11 @@ def generic_handler(servicer: InferenceServicer) -> grpc.GenericRpcHandler:
     for method in _SERVICE.methods:
         request_class = getattr(pb, method.input_type.name)
         serialize = getattr(pb, method.output_type.name).SerializeToString
-        if method.client_streaming or method.server_streaming:
-            continue  # ModelStreamInfer: absent from the table, grpc answers UNIMPLEMENTED
+        if method.client_streaming and method.server_streaming:  # ModelStreamInfer: errors go on the stream
+            handlers[method.name] = grpc.stream_stream_rpc_method_handler(
+                getattr(servicer, method.name), request_deserializer=request_class.FromString,
+                response_serializer=serialize)
+            continue
         own = getattr(type(servicer), method.name) is not getattr(pb_grpc.GRPCInferenceServiceServicer, method.name)
         behaviour = _guarded(getattr(servicer, method.name), method.name) if own else _unimplemented
         handlers[method.name] = grpc.unary_unary_rpc_method_handler(
