@@ -10,7 +10,7 @@ PROFILE ?= default
 # `make serve EXTRAS=train,test,gpu` swaps in onnxruntime-gpu on a machine with CUDA.
 EXTRAS ?= train,test
 
-.PHONY: install serve zoo test lint bench clean
+.PHONY: install serve zoo test lint bench clean tools
 
 $(VENV)/.installed-$(EXTRAS): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,3 +42,8 @@ bench: install
 
 clean:
 	rm -rf $(VENV) bench_results .pytest_cache
+
+# Prometheus' promtool and server (Debian's `prometheus` package) for the observability tests.
+tools:
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }

@@ -10,13 +10,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from google.protobuf import json_format
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import __version__
 from service.core import InferenceCore
 from service.errors import InvalidInput, ServingError
 from service.http_infer import InferFastPath
+from service.metrics import CONTENT_TYPE, exposition
 from service.settings import ServerSettings
 from service.tasks.router import build_router
 
@@ -51,7 +51,7 @@ def create_app(core: InferenceCore, settings: ServerSettings) -> InferFastPath:
 
     @app.get("/metrics", tags=["metrics"], summary="Prometheus metrics (Triton's names)")
     async def prometheus() -> Response:
-        return Response(generate_latest(core.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(exposition(core.metrics.registry), media_type=CONTENT_TYPE)
 
     return InferFastPath(app, core=core, max_request_bytes=settings.max_request_bytes)
 
@@ -77,6 +77,12 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 def _add_health_routes(app: FastAPI, core: InferenceCore) -> None:
+    @app.get("/", tags=["health"], summary="Server liveness for KServe V1 clients")
+    async def v1_live() -> Response:
+        # KServe's V1 protocol checks liveness with GET / and reads {"status": "alive"}.
+        live = core.live()
+        return json_response({"status": "alive" if live else "not alive"}, 200 if live else 503)
+
     @app.get("/v2/health/live", tags=["health"], summary="Server liveness")
     async def live() -> Response:
         return json_response({"live": core.live()})

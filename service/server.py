@@ -11,13 +11,12 @@ import logging
 import grpc
 import uvicorn
 import uvloop
-from prometheus_client import start_http_server
 
 from service.core import InferenceCore
 from service.grpc_app import start_grpc_server
 from service.http_app import create_app
 from service.http_infer import InferFastPath
-from service.metrics import Metrics
+from service.metrics import Metrics, MetricsPortServer
 from service.repository import ModelRepository
 from service.settings import ServerSettings
 
@@ -37,6 +36,7 @@ class Server:
         self.core = InferenceCore(self.repository, self.metrics)
         self.app = create_app(self.core, settings)
         self._grpc: grpc.aio.Server | None = None
+        self._metrics_port: MetricsPortServer | None = None
 
     async def start(self) -> None:
         """Load the repository, then open gRPC (HTTP is opened by `serve`)."""
@@ -61,11 +61,16 @@ class Server:
     async def serve(self) -> None:
         """Run until SIGINT/SIGTERM: uvicorn drains HTTP, then gRPC and the models are stopped."""
         if self.settings.metrics_port is not None:
-            start_http_server(self.settings.metrics_port, addr=self.settings.http_host, registry=self.metrics.registry)
+            self._metrics_port = MetricsPortServer(self.metrics.registry, host=self.settings.http_host,
+                                                   port=self.settings.metrics_port)
             log.info("metrics also on port %d", self.settings.metrics_port)
         http = uvicorn.Server(uvicorn_config(self.settings, self.app))
-        async with self:
-            await http.serve()
+        try:
+            async with self:
+                await http.serve()
+        finally:
+            if self._metrics_port is not None:
+                self._metrics_port.close()
 
 
 def uvicorn_config(settings: ServerSettings, app: InferFastPath) -> uvicorn.Config:
