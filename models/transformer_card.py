@@ -40,6 +40,7 @@ dynamic_batching {{ preferred_batch_size: [ 16, 32 ] max_queue_delay_microsecond
 instance_group [ {{ count: 1 kind: KIND_CPU }} ]
 parameters {{ key: "tokenizer" value: {{ string_value: "tokenizer.json" }} }}
 parameters {{ key: "max_sequence_length" value: {{ string_value: "{max_length}" }} }}
+parameters {{ key: "text_input" value: {{ string_value: "text" }} }}
 """
 
 
