@@ -102,6 +102,8 @@ class RayEngine:
         context = ray.data.DataContext.get_current()
         context.execution_options.preserve_order = True  # parts are committed in input order
         context.enable_progress_bars = False  # the job's own tqdm bar counts rows
+        # Ray Data logs its execution plan and a line per dataset at INFO; the job's summary line says enough.
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
 
     def predict(self, items: list) -> list[dict]:
         return next(self.predict_windows([items]), [])
