@@ -11,7 +11,7 @@ PROFILE ?= default
 EXTRAS ?= train,test
 
 comma := ,
-.PHONY: install helm serve zoo test lint bench fuzz clean image image-test
+.PHONY: install helm serve zoo test lint bench fuzz clean image image-test tools
 
 $(VENV)/.installed-$(EXTRAS): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -92,3 +92,8 @@ image-test:
 	$(ENGINE) exec $(SMOKE_NAME) python -c "import onnxruntime, service.cpuquota as q; print('onnxruntime', onnxruntime.__version__, 'cpus', q.usable_cpus())"
 	$(ENGINE) image inspect $(IMAGE):$(IMAGE_TAG) --format '{{.Size}}' | awk '{printf "image size: %.0f MB\n", $$1/1e6}'
 	$(ENGINE) rm -f $(SMOKE_NAME)
+
+# Prometheus' promtool and server (Debian's `prometheus` package) for the observability tests.
+tools:
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }

@@ -67,6 +67,10 @@ def _tensors(doc: dict, key: str) -> tuple[TensorMeta, ...]:
 def model_info(metadata: dict, config: dict | None) -> ModelInfo:
     """ModelInfo from GET /v2/models/<m> and, when the server has it, GET /v2/models/<m>/config."""
     inputs, outputs = _tensors(metadata, "inputs"), _tensors(metadata, "outputs")
+    # A text model's `text` input is an alternative to its token inputs (config parameter text_input), not one
+    # more input to send with them.
+    alternative = ((config or {}).get("parameters") or {}).get("text_input", {}).get("string_value")
+    inputs = tuple(t for t in inputs if t.name != alternative) if alternative else inputs
     if config is not None and "max_batch_size" in config:
         mbs = int(config["max_batch_size"])
     else:

@@ -42,6 +42,7 @@ instance_group [ {{ count: 1 kind: KIND_CPU }} ]
 parameters {{ key: "tokenizer" value: {{ string_value: "tokenizer.json" }} }}
 parameters {{ key: "max_sequence_length" value: {{ string_value: "{max_length}" }} }}
 parameters {{ key: "vocab_size" value: {{ string_value: "{vocab_size}" }} }}
+parameters {{ key: "text_input" value: {{ string_value: "text" }} }}
 """
 
 

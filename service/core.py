@@ -7,6 +7,7 @@ the repository privately: no transport looks a model up by itself.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from service.model import ModelVersion
 from service.modelrepo import layout, overrides
 from service.processing.base import Limits, Processor, setting
 from service.processing.registry import build_processor, describe_model
+from service.processing.text_input import text_input_name, text_metadata, tokenized
 from service.repository import ModelRepository
 from service.shm import SharedMemoryRegistry, ShmRef
 from service.tracing import RequestTrace, Tracing
@@ -149,11 +151,14 @@ class InferenceCore:
     def model_metadata(self, name: str, version: str | None) -> dict:
         spec = self.model(name, version).spec
         versions = sorted(self._repository.entries[name].versions, key=int)
+        inputs = [t.as_metadata(spec.max_batch_size) for t in spec.inputs]
+        if (text := text_input_name(spec)) is not None:  # the alternative to the token inputs
+            inputs.append(text_metadata(spec, text))
         return {
             "name": spec.name,
             "versions": versions,
             "platform": "onnxruntime_onnx",
-            "inputs": [t.as_metadata(spec.max_batch_size) for t in spec.inputs],
+            "inputs": inputs,
             "outputs": [t.as_metadata(spec.max_batch_size) for t in spec.outputs],
         }
 
@@ -172,6 +177,11 @@ class InferenceCore:
     async def infer(self, req: InferRequest, *, pinned: ModelVersion | None = None) -> InferResponse:
         """Validate, queue on the model's batcher, await the batch, pick outputs. `pinned`: a version already
         chosen (a task request keeps the version its processor belongs to)."""
+        if pinned is None:
+            mv = self.model(req.model_name, req.model_version)
+            text = text_input_name(mv.spec)
+            if text is not None and text in req.inputs:
+                req, pinned = await self._tokenize(mv, req, text), mv
         t0 = time.perf_counter_ns()
         mv = pinned or self.model(req.model_name, req.model_version)
         try:
@@ -199,6 +209,21 @@ class InferenceCore:
         self.metrics.observe_request(mv.name, mv.version, total_s=total / 1e9, queue_s=result.queue_s,
                                      batch_rows=result.batch_rows)
         return InferResponse(model_name=mv.name, model_version=mv.version, outputs=outputs, id=req.id)
+
+    async def _tokenize(self, mv: ModelVersion, req: InferRequest, text: str) -> InferRequest:
+        """A V2 request carrying raw texts: the model's token tensors, made as the task route makes them."""
+        t0 = time.perf_counter_ns()
+        try:
+            if len(req.inputs) != 1:
+                graph = ", ".join(repr(t.name) for t in mv.spec.inputs)
+                raise InvalidInput(f"model {mv.name!r}: send either the BYTES input {text!r} alone or {graph}, "
+                                   f"not both (got {sorted(req.inputs)})")
+            processor = self._processor(mv)
+            feeds = await asyncio.to_thread(tokenized, processor, name=text, array=req.inputs[text])
+        except ServingError as exc:
+            mv.stats.record_failure(total_ns=time.perf_counter_ns() - t0, reason=exc.failure_reason)
+            raise
+        return dataclasses.replace(req, inputs=feeds)
 
     @staticmethod
     def _select_outputs(mv: ModelVersion, requested: list[RequestedOutput] | None) -> list[RequestedOutput]:
@@ -230,12 +255,16 @@ class InferenceCore:
     def task_model(self, name: str) -> TaskModel:
         """The latest READY version of `name` with its processor; InvalidInput when it has no task endpoint."""
         mv = self.model(name)
-        cached = self._processors.get(name)
+        return TaskModel(mv, self._processor(mv))
+
+    def _processor(self, mv: ModelVersion) -> Processor:
+        """The processor of one loaded version, built once (the latest version's is cached per model)."""
+        cached = self._processors.get(mv.name)
         if cached is None or cached[0] is not mv:
-            cached = (mv, build_processor(mv.spec, model_dir=layout.model_dir(self._repository.root, name),
+            cached = (mv, build_processor(mv.spec, model_dir=layout.model_dir(self._repository.root, mv.name),
                                           limits=self.limits))
-            self._processors[name] = cached
-        return TaskModel(mv, cached[1])
+            self._processors[mv.name] = cached
+        return cached[1]
 
     async def predict(self, model: TaskModel, items: list[Any], params: dict, *,
                       client_gone: Callable[[], bool] | None = None) -> list[dict]:

@@ -25,6 +25,7 @@ class ServingError(Exception):
 
 class InvalidInput(ServingError):
     status_code = 400
+    failure_reason = "REJECTED"  # Triton counts a malformed request (wrong shape, dtype, name) as rejected
 
 
 class ModelNotFound(ServingError):
@@ -57,10 +58,12 @@ class RequestCancelled(ServingError):
 
 class PayloadTooLarge(ServingError):
     status_code = 413
+    failure_reason = "REJECTED"
 
 
 class UnsupportedMediaType(ServingError):
     status_code = 415
+    failure_reason = "REJECTED"
 
 
 class ModelLoadError(ServingError):

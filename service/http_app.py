@@ -10,7 +10,6 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import __version__
@@ -20,6 +19,7 @@ from service.errors import InvalidInput, PayloadTooLarge, ServingError
 from service.http_docs import install_docs
 from service.http_extensions import add_extension_routes
 from service.http_infer import InferFastPath
+from service.metrics import CONTENT_TYPE, exposition
 from service.modelrepo.config import config_as_json
 from service.modelrepo.overrides import FILE_PREFIX
 from service.settings import ServerSettings
@@ -65,7 +65,7 @@ def create_app(core: InferenceCore, settings: ServerSettings) -> ASGIApp:
 
     @app.get("/metrics", tags=["metrics"], summary="Prometheus metrics (Triton's names)")
     async def prometheus() -> Response:
-        return Response(generate_latest(core.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(exposition(core.metrics.registry), media_type=CONTENT_TYPE)
 
     return wrap_http_app(InferFastPath(app, core=core, max_request_bytes=settings.max_request_bytes,
                                        body_timeout_s=settings.http_body_timeout_secs), settings)
@@ -92,6 +92,12 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 def _add_health_routes(app: FastAPI, core: InferenceCore) -> None:
+    @app.get("/", tags=["health"], summary="Server liveness for KServe V1 clients")
+    async def v1_live() -> Response:
+        # KServe's V1 protocol checks liveness with GET / and reads {"status": "alive"}.
+        live = core.live()
+        return json_response({"status": "alive" if live else "not alive"}, 200 if live else 503)
+
     @app.get("/v2/health/live", tags=["health"], summary="Server liveness")
     async def live() -> Response:
         return json_response({"live": core.live()})

@@ -3,16 +3,23 @@
 Counters are not incremented on the hot path: a collector reads the per-version ModelStats (the same numbers
 the statistics extension serves) at scrape time. Histograms (end-to-end latency, queue wait, batch size) are
 ours. Every metric lives on a registry owned by one server, so tests get fresh ones.
+
+The text exposition is written here (`exposition`), not by prometheus_client's `generate_latest`: that one
+always renames a counter family to `<name>_total` and adds `<name>_created` series, and Triton's counters
+(`# TYPE nv_inference_request_success counter`, samples without `_total`) have neither.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Iterable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from service.stats import ModelStats
 
@@ -41,12 +48,7 @@ _FAILURE_REASONS = ("REJECTED", "CANCELED", "BACKEND", "OTHER")
 
 
 class TritonStatsCollector(Collector):
-    """Exposes ModelStats under Triton's exact sample names.
-
-    NOTE: prometheus_client always appends `_total` to counter families in the text format, and Triton's
-    names have no such suffix; the families are therefore typed `unknown` (written `untyped`), which keeps
-    the sample names byte-identical to Triton's so `rate(nv_inference_request_success[1m])` works unchanged.
-    """
+    """Exposes ModelStats as counters under Triton's exact sample names (written by `exposition`)."""
 
     def __init__(self, versions: Callable[[], Iterable[ModelStats]]) -> None:
         self._versions = versions
@@ -54,11 +56,11 @@ class TritonStatsCollector(Collector):
     def collect(self) -> Iterable[Metric]:
         stats = list(self._versions())
         for name, doc, read in _COUNTERS:
-            metric = Metric(name, doc, "unknown")
+            metric = Metric(name, doc, "counter")
             for s in stats:
                 metric.add_sample(name, {"model": s.name, "version": s.version}, read(s))
             yield metric
-        failure = Metric("nv_inference_request_failure", "Number of failed inference requests", "unknown")
+        failure = Metric("nv_inference_request_failure", "Number of failed inference requests", "counter")
         for s in stats:
             for reason in _FAILURE_REASONS:
                 labels = {"model": s.name, "version": s.version, "reason": reason}
@@ -131,3 +133,58 @@ class Metrics:
         children[0].observe(total_s)
         children[1].observe(queue_s)
         children[2].observe(batch_rows)
+
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def _escape(text: str, *, quotes: bool) -> str:
+    text = text.replace("\\", r"\\").replace("\n", r"\n")
+    return text.replace('"', r"\"") if quotes else text
+
+
+def _sample_line(name: str, labels: dict[str, str], value: float) -> str:
+    if labels:
+        pairs = ",".join(f'{k}="{_escape(str(v), quotes=True)}"' for k, v in sorted(labels.items()))
+        return f"{name}{{{pairs}}} {floatToGoString(value)}\n"
+    return f"{name} {floatToGoString(value)}\n"
+
+
+def exposition(registry: CollectorRegistry) -> bytes:
+    """Prometheus text format 0.0.4 with family names as given: Triton's counters keep their names, and no
+    `_created` series is written (Triton has none)."""
+    out: list[str] = []
+    for family in registry.collect():
+        kind = "untyped" if family.type == "unknown" else family.type
+        out.append(f"# HELP {family.name} {_escape(family.documentation, quotes=False)}\n")
+        out.append(f"# TYPE {family.name} {kind}\n")
+        created = family.name + "_created"
+        out.extend(_sample_line(s.name, s.labels, s.value) for s in family.samples if s.name != created)
+    return "".join(out).encode()
+
+
+class MetricsPortServer:
+    """`--metrics-port`: /metrics on its own port (as Triton's 8002), served from a daemon thread."""
+
+    def __init__(self, registry: CollectorRegistry, *, host: str, port: int) -> None:
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                body, status = (exposition(registry), 200) if self.path.split("?")[0] in ("/metrics", "/") \
+                    else (b"not found: metrics are at /metrics\n", 404)
+                self.send_response(status)
+                self.send_header("Content-Type", CONTENT_TYPE)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:  # scrapes are not worth a log line
+                pass
+
+        self._httpd = ThreadingHTTPServer((host, port), Handler)
+        self._httpd.daemon_threads = True
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="metrics-port", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()

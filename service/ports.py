@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import errno
 import socket
-import threading
 from dataclasses import dataclass
-from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
+
+from service.metrics import MetricsPortServer
 
 
 class StartupError(Exception):
@@ -71,16 +71,13 @@ def check_free(spec: PortSpec) -> None:
 
 
 class MetricsServer:
-    """Prometheus on its own port (Triton's 8002), in prometheus_client's thread."""
+    """Prometheus on its own port (Triton's 8002), with a one-line error when the port is taken."""
 
     def __init__(self, spec: PortSpec, registry: CollectorRegistry) -> None:
         try:
-            server, thread = start_http_server(spec.port, addr=spec.host, registry=registry)
+            self._server = MetricsPortServer(registry, host=spec.host, port=spec.port)
         except OSError as exc:
             raise spec.error(exc) from None
-        self._server: WSGIServer = server
-        self._thread: threading.Thread = thread
 
     def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        self._server.close()

@@ -312,7 +312,7 @@ def _metric(url: str, series: str) -> float:
 
 def test_metrics_counters_move(client, url):
     series = 'nv_inference_request_success{model="scale",version="1"}'
-    fail = 'nv_inference_request_failure{model="scale",reason="OTHER",version="1"}'
+    fail = 'nv_inference_request_failure{model="scale",reason="REJECTED",version="1"}'
     s0, f0 = _metric(url, series), _metric(url, fail)
     client.infer("scale", [_input("x", np.ones((2, 4), np.float32), "FP32", binary=True)])
     with pytest.raises(InferenceServerException):

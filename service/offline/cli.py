@@ -55,7 +55,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--engine", choices=["local", "ray"], default="local")
     p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
                    help="threads preparing rows (decode, resize, tokenise) for --engine local (default: cores)")
-    p.add_argument("--ray-actors", type=int, default=2, help="actors (one ORT session each) for --engine ray")
+    p.add_argument("--ray-actors", type=int, default=None,
+                   help="most actors (one ORT session, one CPU or GPU each) for --engine ray (default: fill the cluster)")
+    p.add_argument("--ray-address", default=None,
+                   help="Ray cluster to run on, HOST:6379 of the head node (default: $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--k", type=int, default=None, help="labels/items per row (the endpoint's k)")
     p.add_argument("--include-seen", action="store_true", help="recommender: keep items the user has seen")
     p.add_argument("--max-rows", type=int, default=None, help="stop after this many rows (later --resume goes on)")
@@ -91,7 +94,8 @@ def _engine(args: argparse.Namespace, model_dir: Path, params: dict):
             from service.offline.ray_engine import RayEngine
         except ImportError:
             raise ValueError("--engine ray needs Ray Data: pip install 'modelserve[ray]'") from None
-        return RayEngine(model_dir, batch_size=args.batch_size, params=params, actors=args.ray_actors)
+        return RayEngine(model_dir, batch_size=args.batch_size, params=params, actors=args.ray_actors,
+                         address=args.ray_address)
     return LocalEngine(model_dir, batch_size=args.batch_size, params=params, workers=args.workers)
 
 
@@ -117,8 +121,8 @@ def run(args: argparse.Namespace) -> Summary:
         total = min(total, args.max_rows)
     t0 = time.perf_counter()
     with tqdm(total=total, unit="rows", desc=f"predict {args.model}", dynamic_ncols=True) as bar:
-        while window := list(itertools.islice(items, args.part_rows)):
-            rows = engine.predict(window)
+        windows = iter(lambda: list(itertools.islice(items, args.part_rows)), [])
+        for rows in engine.predict_windows(windows):
             writer.commit(rows)
             failed = sum(not r["ok"] for r in rows)
             summary.ok += len(rows) - failed

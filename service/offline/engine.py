@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,6 +114,10 @@ class LocalEngine:
             out.extend(predict_items(self.model, items[start:start + self.batch_size], params=self.params,
                                      pool=self.pool, workers=self.workers))
         return out
+
+    def predict_windows(self, windows: Iterable[list]) -> Iterator[list[dict]]:
+        for window in windows:
+            yield self.predict(window)
 
     def close(self) -> None:
         if self.pool is not None:
