@@ -6,7 +6,6 @@ The nodes run with `ray start --block` as children of the test and are stopped b
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import shutil
@@ -108,8 +107,7 @@ def test_predict_on_a_cluster_matches_local(tiny_zoo, cluster, tmp_path):
     assert [(r["row"], r["id"], r["ok"], r["error"]) for r in a] == [(r["row"], r["id"], r["ok"], r["error"]) for r in b]
     for x, y in zip(a, b):
         if x["ok"]:
-            top = [p["label"] for p in json.loads(x["result"])["predictions"]]
-            assert top == [p["label"] for p in json.loads(y["result"])["predictions"]]
+            assert [p["label"] for p in x["result"]["predictions"]] == [p["label"] for p in y["result"]["predictions"]]
     # One dataset per job: no actor pool torn down between parts, and no deprecation noise.
     assert "Failed to kill actor" not in done.stderr
     assert "DeprecationWarning" not in done.stderr and "deprecated" not in done.stderr.lower(), done.stderr[-3000:]
