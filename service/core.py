@@ -140,9 +140,7 @@ class InferenceCore:
             # close the version we picked before our request is queued on it.
             rows = mv.validate(req.inputs)
             selected = self._select_outputs(mv, req.outputs)
-            assert mv.batcher is not None
-            fut = mv.batcher.submit(inputs=req.inputs, rows=rows, timeout_s=mv.timeout_s(req.parameters),
-                                    client_gone=req.client_gone)
+            fut = mv.submit(inputs=req.inputs, rows=rows, parameters=req.parameters, client_gone=req.client_gone)
             try:
                 result = await fut
             except asyncio.CancelledError:
