@@ -90,6 +90,7 @@ class InferenceCore:
         self.metrics = metrics
         # One processor per loaded version, rebuilt when the version is swapped (keyed by the version object).
         self._processors: dict[str, tuple[ModelVersion, Processor]] = {}
+        repository.step_runner = self._run_step
 
     # ------------------------------------------------------------------ health and metadata
 
@@ -113,7 +114,7 @@ class InferenceCore:
         return {
             "name": spec.name,
             "versions": versions,
-            "platform": "onnxruntime_onnx",
+            "platform": spec.config.platform or "onnxruntime_onnx",
             "inputs": [t.as_metadata(spec.max_batch_size) for t in spec.inputs],
             "outputs": [t.as_metadata(spec.max_batch_size) for t in spec.outputs],
         }
@@ -156,6 +157,12 @@ class InferenceCore:
         self.metrics.observe_request(mv.name, mv.version, total_s=total / 1e9, queue_s=result.queue_s,
                                      batch_rows=result.batch_rows)
         return InferResponse(model_name=mv.name, model_version=mv.version, outputs=outputs, id=req.id)
+
+    async def _run_step(self, model: str, version: str | None, inputs: dict[str, np.ndarray],
+                        outputs: list[str]) -> dict[str, np.ndarray]:
+        """One ensemble step: an ordinary inference on the composing model (its batcher, its statistics)."""
+        resp = await self.infer(InferRequest(model, version, inputs, [RequestedOutput(o) for o in outputs]))
+        return {o.name: o.data for o in resp.outputs}
 
     @staticmethod
     def _select_outputs(mv: ModelVersion, requested: list[RequestedOutput] | None) -> list[RequestedOutput]:
