@@ -159,9 +159,10 @@ class InferenceCore:
         return InferResponse(model_name=mv.name, model_version=mv.version, outputs=outputs, id=req.id)
 
     async def _run_step(self, model: str, version: str | None, inputs: dict[str, np.ndarray],
-                        outputs: list[str]) -> dict[str, np.ndarray]:
+                        outputs: list[str], parameters: dict) -> dict[str, np.ndarray]:
         """One ensemble step: an ordinary inference on the composing model (its batcher, its statistics)."""
-        resp = await self.infer(InferRequest(model, version, inputs, [RequestedOutput(o) for o in outputs]))
+        resp = await self.infer(InferRequest(model, version, inputs, [RequestedOutput(o) for o in outputs],
+                                             parameters=parameters))
         return {o.name: o.data for o in resp.outputs}
 
     @staticmethod

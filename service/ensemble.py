@@ -30,8 +30,10 @@ log = logging.getLogger("modelserve.ensemble")
 
 ENSEMBLE_PLATFORM = "ensemble"
 Tensors = dict[str, np.ndarray]
-# (model name, version or None, inputs, wanted outputs) -> outputs: one inference through the core.
-StepRunner = Callable[[str, str | None, Tensors, list[str]], Awaitable[Tensors]]
+# (model name, version or None, inputs, wanted outputs, parameters) -> outputs: one inference through the core.
+StepRunner = Callable[[str, str | None, Tensors, list[str], dict], Awaitable[Tensors]]
+# Request parameters an ensemble hands on to its steps: a sequence's flags reach its stateful steps, as in Triton.
+FORWARDED_PARAMETERS = ("sequence_id", "sequence_start", "sequence_end", "priority", "timeout")
 # (model name, version or None) -> the READY version (ModelNotFound / ModelNotReady otherwise).
 Lookup = Callable[[str, str | None], ModelVersion]
 
@@ -140,17 +142,18 @@ class EnsembleVersion(ModelVersion):
 
     def submit(self, *, inputs: Tensors, rows: int, parameters: dict,
                client_gone: Callable[[], bool] | None = None) -> Awaitable[BatchResult]:
-        task = asyncio.get_running_loop().create_task(self._run_steps(inputs, rows))
+        forwarded = {k: v for k, v in parameters.items() if k in FORWARDED_PARAMETERS}
+        task = asyncio.get_running_loop().create_task(self._run_steps(inputs, rows, forwarded))
         self._running.add(task)
         task.add_done_callback(self._running.discard)
         return task
 
-    async def _run_steps(self, inputs: Tensors, rows: int) -> BatchResult:
+    async def _run_steps(self, inputs: Tensors, rows: int, parameters: dict) -> BatchResult:
         tensors = dict(inputs)
         pending = list(self.steps or [])
         while pending:
             runnable = [s for s in pending if set(s.input_map.values()) <= tensors.keys()]
-            results = await asyncio.gather(*(self._step(s, tensors) for s in runnable))
+            results = await asyncio.gather(*(self._step(s, tensors, parameters) for s in runnable))
             for step, outputs in zip(runnable, results):
                 for model_output, tensor in step.output_map.items():
                     tensors[tensor] = outputs[model_output]
@@ -158,11 +161,11 @@ class EnsembleVersion(ModelVersion):
         self.stats.record_execution(rows, (0, 0, 0))
         return BatchResult({n: tensors[n] for n in self.output_names}, 0.0, rows)
 
-    async def _step(self, step: EnsembleStep, tensors: Tensors) -> Tensors:
+    async def _step(self, step: EnsembleStep, tensors: Tensors, parameters: dict) -> Tensors:
         assert self.runner is not None
         feeds = {name: tensors[tensor] for name, tensor in step.input_map.items()}
         try:
-            return await self.runner(step.model, step.version, feeds, list(step.output_map))
+            return await self.runner(step.model, step.version, feeds, list(step.output_map), parameters)
         except ServingError as exc:
             # Triton's wording first ("in ensemble 'x', ..."), then what the step said; same status.
             err = copy.copy(exc)

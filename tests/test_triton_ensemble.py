@@ -17,6 +17,7 @@ from tritonclient.utils import InferenceServerException
 from tests.conftest import free_port, run_server
 from tests.inprocess import inprocess_server
 from tests.onnx_builders import scale_model, two_io_model, write_config
+from tests.triton_sequence_models import accumulator
 
 # IN -> double -> D, IN -> triple -> T (independent steps), then two_io(a=D, b=T) -> OUT = 5 * IN, IDX = argmax.
 PIPELINE = """name: "{name}"
@@ -126,4 +127,33 @@ async def test_explicit_load_of_an_ensemble_loads_its_models_first_grpc_aio(tmp_
             assert await client.is_model_ready(model)
         result = await client.infer("pipeline", _in(grpcaio, np.ones((4, 4), np.float32)))
         np.testing.assert_allclose(result.as_numpy("OUT"), np.full((4, 4), 5.0))
+        await client.close()
+
+
+async def test_sequence_flags_reach_a_stateful_step_grpc_aio(tmp_path):
+    """sequence_id / start / end on an ensemble request reach its stateful step, as in Triton."""
+    repo = tmp_path / "models"
+    accumulator(repo, name="acc")
+    write_config(repo / "acc_ensemble", """name: "acc_ensemble"
+platform: "ensemble"
+max_batch_size: 8
+input [ { name: "V" data_type: TYPE_INT32 dims: [ 1 ] } ]
+output [ { name: "TOTAL" data_type: TYPE_INT32 dims: [ 1 ] } ]
+ensemble_scheduling { step [ { model_name: "acc" model_version: -1
+  input_map { key: "INPUT" value: "V" } output_map { key: "OUTPUT" value: "TOTAL" } } ] }
+""")
+    port = free_port()
+    async with inprocess_server(repo, grpc_port=port):
+        client = grpcaio.InferenceServerClient(f"127.0.0.1:{port}")
+        totals = []
+        for i, v in enumerate([4, 5, 6]):
+            inp = grpcaio.InferInput("V", [1, 1], "INT32")
+            inp.set_data_from_numpy(np.full((1, 1), v, np.int32))
+            r = await client.infer("acc_ensemble", [inp], sequence_id=77, sequence_start=i == 0, sequence_end=i == 2)
+            totals.append(int(r.as_numpy("TOTAL")[0][0]))
+        assert totals == [4, 9, 15]
+        with pytest.raises(InferenceServerException) as err:
+            await client.infer("acc_ensemble", [inp])
+        assert "in ensemble 'acc_ensemble'" in err.value.message()
+        assert "must specify a non-zero or non-empty correlation ID" in err.value.message()
         await client.close()
