@@ -123,6 +123,7 @@ class InferenceCore:
         self.tracing = Tracing(repository.settings)
         self.logging = LogSettings(level=repository.settings.log_level, verbose=repository.settings.log_verbose,
                                    log_format=repository.settings.log_format)
+        repository.step_runner = self._run_step
 
     # ------------------------------------------------------------------ health and metadata
 
@@ -157,7 +158,7 @@ class InferenceCore:
         return {
             "name": spec.name,
             "versions": versions,
-            "platform": "onnxruntime_onnx",
+            "platform": spec.config.platform or "onnxruntime_onnx",
             "inputs": inputs,
             "outputs": [t.as_metadata(spec.max_batch_size) for t in spec.outputs],
         }
@@ -189,9 +190,7 @@ class InferenceCore:
             # close the version we picked before our request is queued on it.
             rows = mv.validate(req.inputs)
             selected = self._select_outputs(mv, req.outputs)
-            assert mv.batcher is not None
-            fut = mv.batcher.submit(inputs=req.inputs, rows=rows, timeout_s=mv.timeout_s(req.parameters),
-                                    client_gone=req.client_gone)
+            fut = mv.submit(inputs=req.inputs, rows=rows, parameters=req.parameters, client_gone=req.client_gone)
             try:
                 result = await fut
             except asyncio.CancelledError:
@@ -224,6 +223,13 @@ class InferenceCore:
             mv.stats.record_failure(total_ns=time.perf_counter_ns() - t0, reason=exc.failure_reason)
             raise
         return dataclasses.replace(req, inputs=feeds)
+
+    async def _run_step(self, model: str, version: str | None, inputs: dict[str, np.ndarray],
+                        outputs: list[str], parameters: dict) -> dict[str, np.ndarray]:
+        """One ensemble step: an ordinary inference on the composing model (its batcher, its statistics)."""
+        resp = await self.infer(InferRequest(model, version, inputs, [RequestedOutput(o) for o in outputs],
+                                             parameters=parameters))
+        return {o.name: o.data for o in resp.outputs}
 
     @staticmethod
     def _select_outputs(mv: ModelVersion, requested: list[RequestedOutput] | None) -> list[RequestedOutput]:

@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from service.batcher import Batcher, BatcherStats
+from service.batcher import Batcher, BatcherStats, BatchResult
 from service.datatypes import v2_datatype
 from service.errors import InvalidInput, ModelLoadError
 from service.modelrepo.config import ModelSpec, completed_spec, instance_settings
 from service.modelrepo.layout import DEFAULT_MODEL_FILENAME, model_file
 from service.modelrepo.sessions import choose_providers
 from service.runtime import InstancePool, classify_run_error, synthetic_inputs
+from service.sequence import SequenceBatcher
+from service.sequence_config import sequence_policy
 from service.settings import ServerSettings
 from service.stats import ModelStats
 
@@ -98,6 +101,7 @@ class ModelVersion:
     pool: InstancePool
     stats: ModelStats
     batcher: Batcher | None = None
+    sequencer: SequenceBatcher | None = None
     executor: ThreadPoolExecutor | None = None
     output_names: list[str] = field(default_factory=list)
     _string_inputs: set[str] = field(default_factory=set)
@@ -157,6 +161,15 @@ class ModelVersion:
         def on_queue(depth: int) -> None:
             self.stats.pending = depth
 
+        policy = sequence_policy(self.spec.config)
+        if policy is not None:
+            self.sequencer = SequenceBatcher(
+                model=self.name, run=self._run, executor=self.executor, policy=policy,
+                max_batch_size=self.spec.max_batch_size, output_names=self.output_names,
+                stats=BatcherStats(on_execution=self.stats.record_execution, on_queue_change=on_queue),
+            )
+            self.sequencer.start()
+            return
         self.batcher = Batcher(
             model=self.name,
             run=self._run,
@@ -168,7 +181,17 @@ class ModelVersion:
         )
         self.batcher.start()
 
-    def _run(self, feeds: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int, int]:
+    def submit(self, *, inputs: dict[str, np.ndarray], rows: int, parameters: dict,
+               client_gone: Callable[[], bool] | None = None) -> Awaitable[BatchResult]:
+        """Queue a validated request on the sequence batcher or the dynamic batcher."""
+        if self.sequencer is not None:
+            return self.sequencer.submit(inputs=inputs, rows=rows, parameters=parameters, client_gone=client_gone)
+        assert self.batcher is not None
+        return self.batcher.submit(inputs=inputs, rows=rows, timeout_s=self.timeout_s(parameters),
+                                   client_gone=client_gone)
+
+    def _run(self, feeds: dict[str, np.ndarray],
+             names: list[str] | None = None) -> tuple[dict[str, np.ndarray], int, int]:
         for name in self._string_inputs & feeds.keys():
             # ORT takes str, not bytes, for string tensors.
             feeds[name] = np.vectorize(lambda b: b.decode() if isinstance(b, bytes) else b, otypes=[object])(feeds[name])
@@ -177,14 +200,15 @@ class ModelVersion:
             if t.reshape is not None and t.name in feeds:
                 feeds[t.name] = _reshaped(feeds[t.name], t.reshape, batched=batched)
         t0 = time.perf_counter_ns()
+        names = names or self.output_names
         try:
-            arrays = self.pool.run(feeds, self.output_names)
+            arrays = self.pool.run(feeds, names)
         except Exception as exc:
             raise classify_run_error(exc, model=self.name) from None
         t1 = time.perf_counter_ns()
-        outputs = dict(zip(self.output_names, arrays))
+        outputs = dict(zip(names, arrays))
         for t in self.spec.outputs:  # and the graph's shape -> served dims
-            if t.reshape is not None:
+            if t.reshape is not None and t.name in outputs:
                 outputs[t.name] = _reshaped(outputs[t.name], t.dims, batched=batched)
         return outputs, t1 - t0, time.perf_counter_ns() - t1
 
@@ -199,6 +223,9 @@ class ModelVersion:
         if self.batcher is not None:
             await self.batcher.close(grace_s=grace_s)
             self.batcher = None
+        if self.sequencer is not None:
+            await self.sequencer.close(grace_s=grace_s)
+            self.sequencer = None
         if self.executor is not None:
             self.executor.shutdown(wait=False)
             self.executor = None

@@ -13,6 +13,9 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tritonclient.grpc import model_config_pb2 as mc
+
+from service.ensemble import EnsembleVersion, StepRunner, composing_models, is_ensemble
 from service.errors import ModelLoadError, ModelNotFound, ModelNotReady, ServingError
 from service.model import LoadRequest, ModelVersion
 from service.modelrepo import layout, overrides
@@ -56,6 +59,9 @@ class ModelRepository:
         self.entries: dict[str, ModelEntry] = {}
         self._background: set[asyncio.Task] = set()
         self._poller: asyncio.Task | None = None
+        # Runs one ensemble step through the core (set by InferenceCore); ensembles cannot load without it.
+        self.step_runner: StepRunner | None = None
+        self._loading_ensembles: set[str] = set()
 
     def scan(self) -> dict[str, Path]:
         """Model folders on disk (see service.modelrepo.layout.scan)."""
@@ -69,7 +75,8 @@ class ModelRepository:
         wanted = list(on_disk)
         if mode == "explicit":
             wanted = list(on_disk) if "*" in self.settings.load_model else self.settings.load_model
-        for name in wanted:
+        # Composing models before the ensembles that call them.
+        for name in sorted(wanted, key=lambda n: self._is_ensemble(on_disk.get(n))):
             try:
                 await self.load(name)
             except ServingError as exc:
@@ -113,6 +120,13 @@ class ModelRepository:
             self._drain(list(old.values()))
             log.info("model %s ready: versions %s", name, sorted(loaded, key=int))
 
+    @staticmethod
+    def _is_ensemble(model_dir: Path | None) -> bool:
+        try:
+            return model_dir is not None and is_ensemble(read_config(model_dir)[0])
+        except ServingError:
+            return False
+
     def _mark_failed(self, entry: ModelEntry, reason: str) -> None:
         if entry.versions:
             entry.reason = f"reload failed, still serving versions {sorted(entry.versions, key=int)}: {reason}"
@@ -126,6 +140,8 @@ class ModelRepository:
             config, has_file, mbs_given = override.config, True, override.max_batch_size_given
         else:
             config, has_file, mbs_given = read_config(model_dir)
+        if is_ensemble(config):
+            return await self._load_ensemble(LoadRequest(name, model_dir, config, has_file, mbs_given))
         available = layout.disk_versions(model_dir)
         if not available:
             raise ModelLoadError(f"model {name!r}: no numeric version folder (e.g. {name}/1/model.onnx)")
@@ -135,6 +151,29 @@ class ModelRepository:
         for v in versions:
             loaded[str(v)] = await asyncio.to_thread(ModelVersion.load, request, version=v, settings=self.settings)
         return loaded
+
+    async def _load_ensemble(self, request: LoadRequest) -> dict[str, ModelVersion]:
+        """Load the composing models that are not serving yet, then the ensemble (Triton: no version file,
+        at most an empty `1/`)."""
+        config = request.config
+        assert isinstance(config, mc.ModelConfig) and self.step_runner is not None
+        self._loading_ensembles.add(request.name)
+        try:
+            for dep in composing_models(config):
+                if dep in self._loading_ensembles:
+                    raise ModelLoadError(f"ensemble {request.name!r}: step model {dep!r} leads back to "
+                                         f"{request.name!r}; ensembles cannot form a cycle")
+                entry = self.entries.get(dep)
+                if (entry is None or not entry.versions) and layout.is_model_folder(self.root / dep):
+                    try:
+                        await self.load(dep)
+                    except ServingError:
+                        pass  # the ensemble's load says which step cannot serve, and why
+        finally:
+            self._loading_ensembles.discard(request.name)
+        versions = select_versions(config, layout.disk_versions(request.model_dir) or [1])
+        return {str(v): EnsembleVersion.load_ensemble(request, version=v, lookup=self.get, runner=self.step_runner,
+                                                      settings=self.settings) for v in versions}
 
     def _drain(self, versions: list[ModelVersion]) -> None:
         for mv in versions:

@@ -18,6 +18,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from service.datatypes import config_to_v2, ort_to_v2, v2_to_config
 from service.errors import InvalidInput, ModelLoadError
 from service.modelrepo.layout import CONFIG_FILENAME, DEFAULT_MODEL_FILENAME, contained
+from service.sequence_config import server_fed_names
 
 # max_batch_size given to a model whose config sets none and whose graph batches.
 DEFAULT_MAX_BATCH_SIZE = 32
@@ -183,6 +184,10 @@ def complete_config(
         if batches and not has_file and not out.HasField("dynamic_batching"):
             out.dynamic_batching.SetInParent()
     strip = 1 if out.max_batch_size > 0 else 0
+    # Sequence controls and implicit state are fed by the server, never by clients.
+    fed_inputs, fed_outputs = server_fed_names(out)
+    graph_inputs = [t for t in graph_inputs if t.name not in fed_inputs]
+    graph_outputs = [t for t in graph_outputs if t.name not in fed_outputs]
     if not out.input:
         for t in graph_inputs:
             out.input.add(name=t.name, data_type=v2_to_config(t.datatype), dims=_dims(t.shape[strip:]))
