@@ -26,7 +26,14 @@ import orjson
 
 # NOTE: only errors and libraries here: settings.py imports this module to validate the specs at start-up, and
 # the transports (http_infer, protocol_grpc) import the core, which imports settings.
-from service.errors import InvalidInput, PermissionDenied, ServingError, Unauthenticated, UnsupportedMediaType
+from service.errors import (
+    InvalidInput,
+    PayloadTooLarge,
+    PermissionDenied,
+    ServingError,
+    Unauthenticated,
+    UnsupportedMediaType,
+)
 
 if TYPE_CHECKING:
     from service.settings import ServerSettings
@@ -233,6 +240,29 @@ def control_body(content_type: str | None, body: bytes) -> dict:
     if not isinstance(doc, dict):
         raise InvalidInput(f"control request body must be a JSON object, got {type(doc).__name__}")
     return doc
+
+
+async def _bounded_body(request: Any, *, limit: int) -> bytes:
+    """A control route's body, refusing more than `limit` bytes before holding them (Triton's wording)."""
+    declared = request.headers.get("content-length", "")
+    size, chunks = int(declared) if declared.isdigit() else 0, []
+    if size <= limit:
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                break
+            chunks.append(chunk)
+    if size > limit:
+        raise PayloadTooLarge(f"request JSON size of {size} bytes exceeds the maximum allowed input size. "
+                              f"Send at most {limit} bytes (--max-request-bytes / MODELSERVE_MAX_REQUEST_BYTES)")
+    return b"".join(chunks)
+
+
+async def read_control_body(request: Any, *, limit: int) -> dict:
+    """A control route's JSON object (index, load, unload, shared memory, trace, logging): at most `limit`
+    bytes, JSON only (see control_body)."""
+    return control_body(request.headers.get("content-type"), await _bounded_body(request, limit=limit))
 
 
 # ---------------------------------------------------------------------------------------------- gRPC

@@ -13,9 +13,9 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import __version__
-from service.access import ASGIApp, control_body, wrap_http_app
+from service.access import ASGIApp, read_control_body, wrap_http_app
 from service.core import InferenceCore
-from service.errors import InvalidInput, PayloadTooLarge, ServingError
+from service.errors import InvalidInput, ServingError
 from service.http_docs import install_docs
 from service.http_extensions import add_extension_routes
 from service.http_infer import InferFastPath
@@ -182,23 +182,6 @@ def _document_infer_routes(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-async def _bounded_body(request: Request, *, limit: int) -> bytes:
-    """A control route's body, refusing more than `limit` bytes before holding them (Triton's wording)."""
-    declared = request.headers.get("content-length", "")
-    size, chunks = int(declared) if declared.isdigit() else 0, []
-    if size <= limit:
-        size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                break
-            chunks.append(chunk)
-    if size > limit:
-        raise PayloadTooLarge(f"request JSON size of {size} bytes exceeds the maximum allowed input size. "
-                              f"Send at most {limit} bytes (--max-request-bytes / MODELSERVE_MAX_REQUEST_BYTES)")
-    return b"".join(chunks)
-
-
 def _load_overrides(name: str, doc: dict) -> tuple[object | None, dict[str, bytes]]:
     """Triton's load parameters over HTTP: 'config' (JSON text) and 'file:<path>' (base64 file contents)."""
     params = doc.get("parameters") or {}
@@ -218,18 +201,17 @@ def _load_overrides(name: str, doc: dict) -> tuple[object | None, dict[str, byte
 def _add_repository_routes(app: FastAPI, core: InferenceCore, *, max_request_bytes: int) -> None:
     @app.post("/v2/repository/index", tags=["repository"], summary="Models in the repository and their state")
     async def index(request: Request) -> Response:
-        doc = control_body(request.headers.get("content-type"), await request.body())
+        doc = await read_control_body(request, limit=max_request_bytes)
         return json_response(core.repository_index(ready_only=bool(doc.get("ready"))))
 
     @app.post("/v2/repository/models/{model_name}/load", tags=["repository"], summary="Load or reload a model")
     async def load(model_name: str, request: Request) -> Response:
-        body = await _bounded_body(request, limit=max_request_bytes)
-        config, files = _load_overrides(model_name, control_body(request.headers.get("content-type"), body))
+        config, files = _load_overrides(model_name, await read_control_body(request, limit=max_request_bytes))
         await core.load_model(model_name, config=config, files=files)
         return json_response({})
 
     @app.post("/v2/repository/models/{model_name}/unload", tags=["repository"], summary="Unload a model")
     async def unload(model_name: str, request: Request) -> Response:
-        control_body(request.headers.get("content-type"), await request.body())
+        await read_control_body(request, limit=max_request_bytes)
         await core.unload_model(model_name)
         return json_response({})

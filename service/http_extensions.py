@@ -12,7 +12,7 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
-from service.access import control_body
+from service.access import read_control_body
 from service.core import InferenceCore
 from service.errors import InvalidInput
 from service.shm import CUDA_UNSUPPORTED
@@ -25,8 +25,8 @@ def _json(doc: object) -> Response:
     return Response(orjson.dumps(doc), media_type="application/json")
 
 
-async def _body(request: Request) -> dict[str, Any]:
-    return control_body(request.headers.get("content-type"), await request.body())
+async def _body(request: Request, core: InferenceCore) -> dict[str, Any]:
+    return await read_control_body(request, limit=core.max_request_bytes)
 
 
 def _int_field(doc: dict, key: str, *, default: int | None = None) -> int:
@@ -53,7 +53,7 @@ def _add_shm_routes(app: FastAPI, core: InferenceCore) -> None:
 
     @app.post(_SHM + "/region/{region}/register", tags=tags, summary="Register a /dev/shm region")
     async def register(region: str, request: Request) -> Response:
-        doc = await _body(request)
+        doc = await _body(request, core)
         key = doc.get("key")
         if not isinstance(key, str):
             raise InvalidInput("failed to register shared memory region: invalid args: 'key' must be a string "
@@ -65,12 +65,14 @@ def _add_shm_routes(app: FastAPI, core: InferenceCore) -> None:
     @app.post(_SHM + "/unregister", tags=tags, summary="Unregister every region")
     @app.post(_SHM + "/region/{region}/unregister", tags=tags, summary="Unregister one region")
     async def unregister(request: Request, region: str | None = None) -> Response:
-        await _body(request)
+        await _body(request, core)
         core.shm.unregister(region)
         return _json({})
 
-    @app.api_route(_CUDA + "/{rest:path}", methods=["GET", "POST"], tags=tags,
-                   summary="CUDA shared memory: not supported (answers 400 saying so)")
+    summary = "CUDA shared memory: not supported (answers 400 saying so)"
+
+    @app.get(_CUDA + "/{rest:path}", tags=tags, summary=summary, operation_id="cuda_shared_memory_get")
+    @app.post(_CUDA + "/{rest:path}", tags=tags, summary=summary, operation_id="cuda_shared_memory_post")
     async def cuda(rest: str) -> Response:
         raise InvalidInput(CUDA_UNSUPPORTED)
 
@@ -90,7 +92,7 @@ def _add_trace_routes(app: FastAPI, core: InferenceCore) -> None:
     async def update_trace(request: Request, model_name: str | None = None) -> Response:
         if model_name:
             core.model(model_name)
-        return _json(core.tracing.update(model_name, await _body(request)))
+        return _json(core.tracing.update(model_name, await _body(request, core)))
 
 
 def _add_logging_routes(app: FastAPI, core: InferenceCore) -> None:
@@ -100,4 +102,4 @@ def _add_logging_routes(app: FastAPI, core: InferenceCore) -> None:
 
     @app.post("/v2/logging", tags=["logging"], summary="Update log settings")
     async def update_logging(request: Request) -> Response:
-        return _json(core.logging.update(await _body(request)))
+        return _json(core.logging.update(await _body(request, core)))
