@@ -17,6 +17,7 @@ from service.errors import ModelLoadError
 from service.modelrepo import remote
 from service.settings import ServerSettings
 from tests.conftest import free_port, run_server, wait_until
+from tests.inprocess import inprocess_server
 from tests.onnx_builders import scale_model
 
 BUCKET = "modelserve-test"
@@ -122,3 +123,21 @@ def test_server_serves_and_polls_an_s3_repository(s3_env, tmp_path):
             s3.delete_object(Bucket=BUCKET, Key=f"{prefix}/scale/{v}/model.onnx")
         wait_until(lambda: not client.is_model_ready("scale"), what="the removed model to unload")
         assert not (cache / "scale").exists()
+
+
+async def test_explicit_load_reads_the_bucket_as_it_is_now(s3_env, tmp_path):
+    """In explicit mode nothing polls: a load request re-syncs, so a model uploaded after start can load."""
+    _, s3 = s3_env
+    prefix = "explicit"
+    _upload_model(s3, tmp_path, key_prefix=f"{prefix}/first/1", factor=2.0)
+    async with inprocess_server(f"s3://{BUCKET}/{prefix}", model_control_mode="explicit", load_model=["first"],
+                                repository_cache_dir=tmp_path / "cache") as (_server, client):
+        assert (await client.get("/v2/models/first/ready")).status_code == 200
+        late = await client.post("/v2/repository/models/late/load")
+        assert late.status_code == 404 and "no model 'late'" in late.json()["error"]
+
+        _upload_model(s3, tmp_path, key_prefix=f"{prefix}/late/1", factor=5.0)
+        assert (await client.post("/v2/repository/models/late/load")).status_code == 200
+        body = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 1, 1, 1]}]}
+        out = (await client.post("/v2/models/late/infer", json=body)).json()
+        assert out["outputs"][0]["data"] == [5.0] * 4
