@@ -4,6 +4,9 @@ poll mode, driven by tritonclient while versions are added and a model is remove
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import boto3
@@ -16,7 +19,7 @@ from pydantic import ValidationError
 from service.errors import ModelLoadError
 from service.modelrepo import remote
 from service.settings import ServerSettings
-from tests.conftest import free_port, run_server, wait_until
+from tests.conftest import REPO_ROOT, free_port, run_server, wait_until
 from tests.inprocess import inprocess_server
 from tests.onnx_builders import scale_model
 
@@ -141,3 +144,14 @@ async def test_explicit_load_reads_the_bucket_as_it_is_now(s3_env, tmp_path):
         body = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 1, 1, 1]}]}
         out = (await client.post("/v2/models/late/infer", json=body)).json()
         assert out["outputs"][0]["data"] == [5.0] * 4
+
+
+def test_a_bucket_that_cannot_be_listed_stops_the_server_with_one_line(s3_env, tmp_path):
+    env, _ = s3_env
+    proc = subprocess.run([sys.executable, "-m", "service.cli", "serve", "--model-repository", "s3://no-such-bucket/m",
+                           "--repository-cache-dir", str(tmp_path), "--http-port", str(free_port())],
+                          cwd=REPO_ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("modelserve: cannot list model repository s3://no-such-bucket/m"), proc.stderr
+    assert "Traceback" not in proc.stderr
