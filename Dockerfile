@@ -49,20 +49,25 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1 PYTHON
     MODELSERVE_METRICS_PORT=8002 \
     NVIDIA_VISIBLE_DEVICES=all NVIDIA_DRIVER_CAPABILITIES=compute,utility
 # libsndfile for WAV decoding; python3-venv where the base lacks ensurepip (Debian's, Ubuntu's CUDA images).
+# NOTE: apt-get clean and the package caches removed: a base without Docker's apt "docker-clean" hook (a
+# debootstrapped one) otherwise keeps the downloaded .debs and pkgcache.bin, 78 MB of the image.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends libsndfile1 \
        $(python3 -c 'import ensurepip' 2>/dev/null || echo python3-venv) \
-    && rm -rf /var/lib/apt/lists/* \
-    && python3 -m venv /opt/modelserve \
+    && apt-get clean && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin \
+    && python3 -m venv --without-pip /opt/modelserve \
     && useradd --uid 10001 --user-group --create-home --home-dir /home/modelserve --shell /usr/sbin/nologin modelserve
 WORKDIR /app
+# NOTE: the server's venv has no pip or setuptools (27 MB): each install runs a throwaway pip from /tmp against
+# it (`pip --python`), removed in the same layer; the chart's read-only root installs nothing at run time anyway.
 # Dependency layer: changes only when a lock changes. On the GPU variant, the CUDA / cuDNN libraries of
 # NVIDIA's wheels are registered with the loader (ld.so.conf.d), so no LD_LIBRARY_PATH is needed.
 COPY requirements requirements
 RUN --mount=type=secret,id=pip_ca \
     if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi; \
     [ -n "$PIP_EXTRA_INDEX_URL" ] || unset PIP_EXTRA_INDEX_URL; \
-    pip install -r "requirements/server-$VARIANT.lock" \
+    python3 -m venv /tmp/pip && /tmp/pip/bin/pip --python /opt/modelserve/bin/python install -q \
+       -r "requirements/server-$VARIANT.lock" && rm -rf /tmp/pip \
     && if [ "$VARIANT" = gpu ]; then \
       find /opt/modelserve -path '*/nvidia/*' -name 'lib*.so*' -printf '%h\n' | sort -u > /etc/ld.so.conf.d/modelserve-nvidia.conf \
       && ldconfig; \
@@ -78,7 +83,8 @@ COPY loadtests loadtests
 RUN --mount=type=secret,id=pip_ca \
     if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi; \
     [ -n "$PIP_EXTRA_INDEX_URL" ] || unset PIP_EXTRA_INDEX_URL; \
-    pip install --no-deps . && if [ "$VARIANT" = cpu ]; then pip check; fi
+    python3 -m venv /tmp/pip && pip="/tmp/pip/bin/pip --python /opt/modelserve/bin/python" \
+    && $pip install -q --no-deps . && if [ "$VARIANT" = cpu ]; then $pip check; fi && rm -rf /tmp/pip
 # Models: owned by root, readable and not writable by the server.
 COPY --from=zoo /models /models
 USER 10001:10001

@@ -54,7 +54,7 @@ MANIFEST = runner.MANIFEST
 SHIPPED_COMMON = ("service/__init__.py", "service/errors.py", "service/processing/__init__.py",
                   "service/processing/base.py")
 # What the family's module needs on the device besides onnxruntime and numpy (its third-party imports).
-DEVICE_PACKAGES = {"cnn": "pillow", "transformer": "tokenizers", "speech": "soundfile scipy", "recommender": ""}
+DEVICE_PACKAGES = {"cnn": "pillow", "transformer": "tokenizers", "speech": "soundfile soxr", "recommender": ""}
 
 
 def choose_source(repo: Path, name: str) -> tuple[Path, str]:

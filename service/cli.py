@@ -6,6 +6,7 @@ import argparse
 import importlib
 import logging
 import sys
+from pathlib import Path
 
 from pydantic import ValidationError
 
@@ -18,7 +19,8 @@ from service.settings import ServerSettings
 def _serve_parser(sub) -> None:
     p = sub.add_parser("serve", help="serve a model repository over KServe V2 HTTP")
     # Triton's flag names; each also reads from the environment as MODELSERVE_<NAME>.
-    p.add_argument("--model-repository", dest="model_repository", help="model repository directory")
+    p.add_argument("--model-repository", dest="model_repository",
+                   help="model repository: a directory, or s3://bucket/prefix (gs://, az://) mirrored locally")
     p.add_argument("--http-port", dest="http_port", type=int, help="HTTP port (default 8000)")
     p.add_argument("--http-address", dest="http_host", help="address to bind (default 0.0.0.0)")
     p.add_argument("--grpc-port", dest="grpc_port", type=int, help="KServe V2 gRPC port (off unless given)")
@@ -50,6 +52,8 @@ def _serve_parser(sub) -> None:
                    help="on SIGTERM/SIGINT, finish requests in progress for at most this long (default 30)")
     p.add_argument("--strict-readiness", dest="strict_readiness", metavar="BOOL",
                    help="ready only when every model is READY (default true); false: ready while serving")
+    p.add_argument("--repository-cache-dir", dest="repository_cache_dir",
+                   help="local folder an s3:// (gs://, az://) model repository is mirrored into (default: a temp dir)")
 
 
 def _flag(value: str) -> bool:
@@ -78,7 +82,7 @@ def _settings(args: argparse.Namespace) -> ServerSettings:
 
 def serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    if not settings.model_repository.is_dir():
+    if isinstance(settings.model_repository, Path) and not settings.model_repository.is_dir():
         sys.exit(f"modelserve: model repository {settings.model_repository} is not a directory; "
                  "build one with `modelserve build` or pass --model-repository DIR")
     try:

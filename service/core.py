@@ -367,6 +367,7 @@ class InferenceCore:
         layout.check_model_name(name)
         self._check_explicit("load")
         override = overrides.parse_override(name, config=config, files=files or {})
+        await self._repository.sync_remote()  # an object-storage repository: load what the bucket holds now
         await self._repository.load(name, override)
 
     async def unload_model(self, name: str) -> None:

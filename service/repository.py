@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,9 +20,10 @@ from tritonclient.grpc import model_config_pb2 as mc
 from service.ensemble import EnsembleVersion, StepRunner, composing_models, is_ensemble
 from service.errors import ModelLoadError, ModelNotFound, ModelNotReady, ServingError
 from service.model import LoadRequest, ModelVersion
-from service.modelrepo import layout, overrides
+from service.modelrepo import layout, overrides, remote
 from service.modelrepo.config import read_config, select_versions
 from service.modelrepo.overrides import LoadOverride
+from service.ports import StartupError
 from service.settings import ServerSettings
 
 log = logging.getLogger("modelserve.repository")
@@ -55,7 +58,15 @@ class ModelRepository:
 
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
-        self.root = settings.model_repository
+        # An object-storage repository (s3://...) is mirrored into a local folder and served from there.
+        self.remote_url = settings.model_repository if isinstance(settings.model_repository, str) else None
+        self._own_cache: Path | None = None
+        if self.remote_url is None:
+            self.root = Path(settings.model_repository)
+        elif settings.repository_cache_dir is not None:
+            self.root = settings.repository_cache_dir
+        else:
+            self.root = self._own_cache = Path(tempfile.mkdtemp(prefix="modelserve-repository-"))
         self.entries: dict[str, ModelEntry] = {}
         self._background: set[asyncio.Task] = set()
         self._poller: asyncio.Task | None = None
@@ -67,7 +78,18 @@ class ModelRepository:
         """Model folders on disk (see service.modelrepo.layout.scan)."""
         return layout.scan(self.root)
 
+    async def sync_remote(self) -> None:
+        """Mirror an object-storage repository into the local cache (a no-op for a local repository)."""
+        if self.remote_url is not None:
+            changed = await asyncio.to_thread(remote.sync, self.remote_url, self.root)
+            if changed:
+                log.info("object storage: %s changed in %s", changed, self.remote_url)
+
     async def start(self) -> None:
+        try:
+            await self.sync_remote()
+        except ServingError as exc:  # an unreachable bucket at start: one line from `modelserve`, no traceback
+            raise StartupError(exc.message) from exc
         on_disk = self.scan()
         for name in on_disk:
             self.entries.setdefault(name, ModelEntry(name))
@@ -242,6 +264,7 @@ class ModelRepository:
 
     async def poll_once(self) -> None:
         """Load new or changed models and unload removed ones."""
+        await self.sync_remote()
         on_disk = await asyncio.to_thread(self.scan)
         for name in [n for n in self.entries if n not in on_disk and self.entries[n].versions]:
             log.info("model %s removed from the repository; unloading", name)
@@ -277,6 +300,8 @@ class ModelRepository:
         for entry in self.entries.values():
             overrides.discard(entry.override_dir)
             entry.override_dir = None
+        if self._own_cache is not None:
+            shutil.rmtree(self._own_cache, ignore_errors=True)
 
     def stop_polling(self) -> None:
         if self._poller is not None:

@@ -11,6 +11,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from service.access import GRPC_KEY_PREFIX, check_api_keys, parse_restricted_specs
 from service.cpuquota import usable_cpus
 from service.modelrepo.config import DEFAULT_MAX_BATCH_SIZE
+from service.modelrepo.remote import check_url, is_remote
 
 
 def default_cpu_threads() -> int:
@@ -29,8 +30,8 @@ class ServerSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="MODELSERVE_", extra="forbid")
 
-    model_repository: Path = Path("model_repository")
-    """Triton-layout model repository: <repo>/<model>/<version>/model.onnx."""
+    model_repository: Path | str = Path("model_repository")
+    """Triton-layout model repository: a local folder <repo>/<model>/<version>/model.onnx, or s3://, gs://, az://."""
     http_host: str = "0.0.0.0"
     """Address the HTTP server binds."""
     http_port: int = Field(8000, ge=0, le=65535)
@@ -118,6 +119,15 @@ class ServerSettings(BaseSettings):
     """Seconds of audio in one task request together; more get 413."""
     max_batch_tokens: PositiveInt = 4096
     """Tokens (rows x padded length) a text task request runs at once; its texts go in runs of this size."""
+    repository_cache_dir: Path | None = None
+    """Local folder an object-storage model repository is mirrored into (default: a new temporary folder)."""
+
+    @field_validator("model_repository", mode="before")
+    @classmethod
+    def _local_or_url(cls, value: object) -> object:
+        if isinstance(value, str) and is_remote(value):
+            return check_url(value)  # ValueError naming the supported schemes
+        return Path(value) if isinstance(value, str) else value
 
     @field_validator("http_restricted_api", "grpc_restricted_protocol")
     @classmethod

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from service.offline.arrow import parquet
 from service.offline.readers import AUDIO_SUFFIXES, IMAGE_SUFFIXES, TEXT_FIELDS, folder_files
 
 # What each task's model takes, in words, and the input kinds it accepts ("files": path/b64 records, whose
@@ -53,8 +54,7 @@ def input_kind(path: Path) -> tuple[str, str] | None:
         fields = _first_record_fields(path)
         return _records_kind(fields, "JSONL") if fields is not None else None
     if suffix == ".parquet" and path.is_file():
-        import pyarrow.parquet as pq  # NOTE: pyarrow pulls in pandas; only loaded for Parquet inputs
-
+        pq = parquet(f"Parquet input {path}")  # the optional `parquet` extra, loaded only for Parquet inputs
         return _records_kind(set(pq.read_schema(path).names), "Parquet file")
     if suffix == ".npy":
         return "arrays", "this .npy holds arrays"

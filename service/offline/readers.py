@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from service.offline.arrow import parquet
 from service.processing.base import b64decode
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -125,7 +126,7 @@ def _jsonl(path: Path, *, start: int) -> Iterator[Item]:
 
 
 def _parquet(path: Path, *, start: int) -> Source:
-    import pyarrow.parquet as pq
+    pq = parquet(f"Parquet input {path}")
 
     pf = pq.ParquetFile(path)
     total = pf.metadata.num_rows

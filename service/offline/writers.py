@@ -22,6 +22,8 @@ import os
 import shutil
 from pathlib import Path
 
+from service.offline.arrow import parquet
+
 COLUMNS = ("row", "id", "ok", "error", "result")
 
 
@@ -35,6 +37,8 @@ class PartWriter:
     def __init__(self, output: Path, *, job: dict, resume: bool) -> None:
         self.output = output
         self.fmt = "jsonl" if output.suffix.lower() in (".jsonl", ".ndjson") else "parquet"
+        if self.fmt == "parquet":
+            parquet(f"Parquet output {output}")  # before any file is written: the extra's name if it is missing
         self.parts_dir = output.with_name(output.name + ".parts")
         self.progress_path = self.parts_dir / "progress.json"
         self.job = job
@@ -56,6 +60,7 @@ class PartWriter:
             self.rows, self.parts = int(state["rows"]), int(state["parts"])
         self.parts_dir.mkdir(parents=True, exist_ok=True)
         if self.fmt == "parquet":  # import pyarrow (and the pandas it pulls in) now, not inside the timed run
+            # NOTE: pyarrow imports in this module are deferred: it is the optional `parquet` extra (checked above).
             import pyarrow as pa
 
             pa.Table.from_pylist([], schema=base_schema())
