@@ -118,7 +118,7 @@ def test_ray_engine_matches_local(tiny_zoo, inputs, tmp_path):
     ray = pytest.importorskip("ray")
     local, remote = tmp_path / "local.parquet", tmp_path / "ray.parquet"
     assert predict(tiny_zoo, "cnn", inputs["images"], local) == 0
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         assert predict(tiny_zoo, "cnn", inputs["images"], remote, "--engine", "ray", "--ray-actors", "1") == 0
     finally:

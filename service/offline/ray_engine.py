@@ -56,7 +56,10 @@ def connect(address: str | None) -> None:
     _check_reachable(address or os.environ.get("RAY_ADDRESS"))
     try:
         _check_token(address or os.environ.get("RAY_ADDRESS"))
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+        # NOTE: with no address, start a local Ray of our own ("local"): a bare ray.init() would join whatever
+        # cluster /tmp/ray/ray_current_cluster names, even a dead one left by an earlier `ray start`.
+        ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", logging_level=logging.WARNING,
+                 log_to_driver=False)
     except AuthenticationError:
         raise ValueError(f"the Ray cluster at {where} requires token authentication: set RAY_AUTH_MODE=token "
                          "and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to the cluster's token") from None
