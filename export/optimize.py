@@ -147,7 +147,7 @@ def expected_seconds(parent: ParentModel, *, repeats: int, students: bool) -> di
     variants = 5 if students else 3
     cost = {step: base + per_mb * mb for step, (base, per_mb) in STEP_COST.items()}
     if parent.name in quantize.STATIC_MODELS:
-        cost["int8"] *= 3  # three calibration methods
+        cost["int8"] *= 3 + len(quant_grid.GRID)  # the measured layout grid, then three calibration methods
     if parent.family == "speech":
         cost["held-out data"] += 30.0  # the eSpeak corpus is re-synthesized (or read from its cache)
     cost["latency"] *= (repeats + 2) * variants

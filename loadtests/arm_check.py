@@ -32,6 +32,7 @@ import numpy as np
 import onnxruntime
 
 from export import edge
+from export.int8_measure import parse_cpuinfo
 from loadtests.serverproc import serve
 
 PY_PACKAGES = ["python3.11", "libstdc++6", "libgomp1"]
@@ -206,11 +207,14 @@ def check(*, env: ArmEnv, repo: Path, model: str, work: Path) -> tuple[str, bool
     arm = {"model.ort": arm_probabilities(env, bundle, args, onnx=False),
            "model.onnx": arm_probabilities(env, bundle, args, onnx=True)}
     x86 = server_probabilities(bundle, repo, items, log=work / "server.log")
+    guest = env.python("-c", "print(open('/proc/cpuinfo').read())", cwd=work)
+    flags = parse_cpuinfo(guest.stdout)["flags"]
     same = all(got.shape == x86.shape and (got.argmax(1) == x86.argmax(1)).all()
                and np.abs(got - x86).max() <= 1e-4 for got in arm.values())
     about = (f"model {model} -> bundle of {manifest['source_model']} ({manifest['variant']}), target arm "
              f"(ORT level {manifest['ort_optimization_level']}); onnxruntime {onnxruntime.__version__} x86 server "
-             f"vs aarch64 wheel under {env.qemu.name}; same answers (top-1 equal, max abs diff <= 1e-4): "
+             f"vs aarch64 wheel under {env.qemu.name} (guest ISA: "
+             f"{', '.join(f'{k} {v}' for k, v in flags.items())}); same answers (top-1 equal, max abs diff <= 1e-4): "
              f"{'yes' if same else 'NO'}")
     return about + "\n\n" + table(names, arm, x86) + "\n", same
 
