@@ -23,7 +23,7 @@ from export.int8_measure import (
     ratio_ci,
     ratio_cis,
 )
-from export.quant_grid import GRID
+from export.quant_grid import GRID, pick
 
 X86_CPUINFO = """processor\t: 0
 vendor_id\t: GenuineIntel
@@ -161,3 +161,13 @@ def test_gate_refuses_when_the_ratio_ci_reaches_parity() -> None:
     sure = {1: RatioCI(0.5, 0.4, 0.6, 30), 32: RatioCI(0.4, 0.3, 0.5, 30)}
     assert decide(variant="int8", verdict=WITHIN, latency=fast, parent_latency=parent, timed_on="CPU",
                   device=CPU, ratio_ci=sure).publish
+
+
+def test_grid_keeps_the_default_layout_unless_clearly_beaten() -> None:
+    default = {1: RatioCI(0.80, 0.70, 0.90, 15), 32: RatioCI(0.45, 0.40, 0.50, 15)}
+    within_noise = {1: RatioCI(0.76, 0.70, 0.85, 15), 32: RatioCI(0.42, 0.38, 0.47, 15)}
+    assert pick({"0": default, "8": within_noise}, default="0") == "0"
+    clearly = {1: RatioCI(0.60, 0.55, 0.70, 15), 32: RatioCI(0.30, 0.28, 0.33, 15)}
+    assert pick({"0": default, "8": within_noise, "9": clearly}, default="0") == "9"
+    # The default over budget (not timed): the fastest timed layout wins.
+    assert pick({"8": within_noise, "9": clearly}, default="0") == "9"
