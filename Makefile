@@ -11,7 +11,7 @@ PROFILE ?= default
 EXTRAS ?= train,test
 
 comma := ,
-.PHONY: install helm serve zoo test lint bench fuzz clean image image-test tools
+.PHONY: install helm serve zoo test lint bench fuzz clean image image-test tools arm-check
 
 $(VENV)/.installed-$(EXTRAS): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,11 @@ bench: install
 # Fuzz + soak a real server on the zoo; counts and peak RSS in fuzz_results.json (docs/RELIABILITY.md).
 fuzz: zoo
 	$(PY) -m loadtests.fuzz --model-repository $(MODEL_REPOSITORY) --duration 60
+
+# The --target arm edge bundle run under qemu-user aarch64 against the x86 server (not part of CI; downloads
+# qemu, an arm64 Python and aarch64 wheels from Debian and PyPI on first use). Table in arm_check.md.
+arm-check: zoo
+	$(PY) -m loadtests.arm_check --model-repository $(MODEL_REPOSITORY) --out arm_check.md
 
 clean:
 	rm -rf $(VENV) bench_results .pytest_cache

@@ -141,14 +141,15 @@ def ort_session(path: Path, *, threads: int = 1, providers: Sequence[str] = CPU_
     return create_session(path, threads=threads, providers=providers)
 
 
-def measure_latency(paths: dict[str, Path], *, feeds: dict[int, dict[str, np.ndarray]], repeats: int = 20,
+def latency_samples(paths: dict[str, Path], *, feeds: dict[int, dict[str, np.ndarray]], repeats: int = 20,
                     warmup: int = 2, threads: int = 1, progress: Any = None,
-                    providers: Sequence[str] = CPU_ONLY) -> dict[str, dict[int, float]]:
-    """p50 milliseconds per variant and batch size, all variants measured in one interleaved loop.
+                    providers: Sequence[str] = CPU_ONLY) -> dict[str, dict[int, list[float]]]:
+    """Milliseconds per round, variant and batch size, all variants measured in one interleaved loop.
 
     ``feeds`` maps batch size -> input dict. Each round runs every variant once per batch size, in a
-    rotating order, so load from other processes on the shared machine affects all variants alike.
-    ``progress`` (optional) is called with no argument after each round.
+    rotating order, so load from other processes on the shared machine affects all variants alike (and
+    sample i of two variants forms a pair: export.int8_measure.ratio_ci). ``progress`` (optional) is
+    called with no argument after each round.
     """
     sessions = {name: ort_session(path, threads=threads, providers=providers) for name, path in paths.items()}
     samples: dict[str, dict[int, list[float]]] = {n: {b: [] for b in feeds} for n in sessions}
@@ -163,7 +164,19 @@ def measure_latency(paths: dict[str, Path], *, feeds: dict[int, dict[str, np.nda
                     samples[name][batch].append((time.perf_counter() - start) * 1e3)
         if progress is not None:
             progress()
+    return samples
+
+
+def p50(samples: dict[str, dict[int, list[float]]]) -> dict[str, dict[int, float]]:
     return {n: {b: float(statistics.median(v)) for b, v in per.items()} for n, per in samples.items()}
+
+
+def measure_latency(paths: dict[str, Path], *, feeds: dict[int, dict[str, np.ndarray]], repeats: int = 20,
+                    warmup: int = 2, threads: int = 1, progress: Any = None,
+                    providers: Sequence[str] = CPU_ONLY) -> dict[str, dict[int, float]]:
+    """p50 milliseconds per variant and batch size of ``latency_samples``."""
+    return p50(latency_samples(paths, feeds=feeds, repeats=repeats, warmup=warmup, threads=threads,
+                               progress=progress, providers=providers))
 
 
 def file_size_mb(path: Path) -> float:

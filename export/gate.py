@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from export.common import Verdict
+from export.int8_measure import CONFIDENCE, RatioCI
 from service.modelrepo.sessions import GPU_PROVIDERS, choose_providers
 
 GATE_BATCHES = (1, 32)
@@ -61,9 +62,10 @@ def _speed_text(speedup: dict[int, float], latency: dict[int, float], parent: di
 
 def decide(*, variant: str, verdict: Verdict | None, latency: dict[int, float] | None,
            parent_latency: dict[int, float] | None, timed_on: str, device: Device,
-           batches: Sequence[int] = GATE_BATCHES) -> Decision:
+           batches: Sequence[int] = GATE_BATCHES, ratio_ci: dict[int, RatioCI] | None = None) -> Decision:
     """Publish ``variant`` or not. ``verdict`` is None when the variant was not built; ``latency`` and
-    ``parent_latency`` are p50 ms per batch size measured side by side on ``timed_on`` ("CPU"/"GPU")."""
+    ``parent_latency`` are p50 ms per batch size measured side by side on ``timed_on`` ("CPU"/"GPU");
+    ``ratio_ci`` (variant/FP32 latency, per batch size): when given, the whole interval must be below 1."""
     target = TARGET_DEVICE.get(variant, "CPU")
     if verdict is None:
         return Decision(False, "not published: not built", target)
@@ -88,6 +90,12 @@ def decide(*, variant: str, verdict: Verdict | None, latency: dict[int, float] |
     if slow:
         return Decision(False, f"not published: within budget ({budget}) but not at least {MIN_SPEEDUP:g}x "
                                f"faster than FP32 on {timed_on} at batch {', '.join(map(str, slow))}: {timing}",
+                        target, speedup)
+    unsure = [b for b in batches if ratio_ci is not None and b in ratio_ci and ratio_ci[b].high >= 1.0]
+    if unsure:
+        cis = ", ".join(f"b{b} {ratio_ci[b].text()}" for b in unsure)  # type: ignore[index]
+        return Decision(False, f"not published: within budget ({budget}) but not faster than FP32 with "
+                               f"{CONFIDENCE:.0%} confidence (latency ratio median [CI]: {cis}): {timing}",
                         target, speedup)
     return Decision(True, f"published: within budget ({budget}) and faster than FP32 on {timed_on}: {timing}",
                     target, speedup)

@@ -25,19 +25,21 @@ from typing import Any
 
 from rich.progress import Progress
 
-from export import fp16, quantize, report
+from export import fp16, quant_grid, quantize, report
 from export.common import (
     BUDGETS,
     FAMILY_MODELS,
     ParentModel,
     check_budget,
     file_size_mb,
+    latency_samples,
     load_parent,
-    measure_latency,
+    p50,
     publish_variant,
 )
 from export.gate import GATE_BATCHES, MIN_SPEEDUP, TARGET_DEVICE, Decision, Device, decide, detect_device
 from export.heldout import HeldOut, evaluate, fp32_outputs, load_heldout
+from export.int8_measure import RatioCI, cpu_isa, isa_text, kernel_counts, kernels_text, ratio_cis
 from models.runlog import WeightedEta, format_seconds, progress, quiet_to_log
 from service.modelrepo.card import variant_name
 
@@ -62,12 +64,20 @@ class Variant:
 
 
 def _int8(parent: ParentModel, heldout: HeldOut, *, work: Path, fp32: dict[str, float], ref: Any,
-          name: str = "int8") -> Variant:
-    result = quantize.quantize(parent, heldout, work_dir=work / name, fp32_metrics=fp32, reference=ref)
+          name: str = "int8", threads: int = 1) -> Variant:
+    config, grid = quantize.DEFAULT_CONFIG, list[dict[str, Any]]()
+    if parent.name in quantize.STATIC_MODELS:  # the layout is measured on this CPU (export.quant_grid)
+        config, grid = quant_grid.choose_config(parent, heldout, work_dir=work / f"{name}-grid", fp32_metrics=fp32,
+                                                reference=ref, threads=threads)
+    result = quantize.quantize(parent, heldout, work_dir=work / name, fp32_metrics=fp32, reference=ref,
+                               config=config)
     kept = ", ".join(result.kept_fp32) or "nothing"
+    layout = f"{config.label()} (measured)" if grid else "dynamic"
     return Variant(name, result.path, result.metrics,
-                   notes=f"{result.method}; kept FP32: {kept}; int ops {quantize.integer_op_counts(result.path)}",
-                   card={"method": result.method, "kept_fp32": result.kept_fp32, "attempts": result.attempts})
+                   notes=f"{result.method}, {layout}; kept FP32: {kept}; "
+                         f"int ops {quantize.integer_op_counts(result.path)}",
+                   card={"method": result.method, "layout": layout, "layout_grid": grid,
+                         "kept_fp32": result.kept_fp32, "attempts": result.attempts})
 
 
 def _fp16(parent: ParentModel, heldout: HeldOut, *, work: Path, ref: Any) -> Variant:
@@ -137,7 +147,7 @@ def expected_seconds(parent: ParentModel, *, repeats: int, students: bool) -> di
     variants = 5 if students else 3
     cost = {step: base + per_mb * mb for step, (base, per_mb) in STEP_COST.items()}
     if parent.name in quantize.STATIC_MODELS:
-        cost["int8"] *= 3  # three calibration methods
+        cost["int8"] *= 3 + len(quant_grid.GRID)  # the measured layout grid, then three calibration methods
     if parent.family == "speech":
         cost["held-out data"] += 30.0  # the eSpeak corpus is re-synthesized (or read from its cache)
     cost["latency"] *= (repeats + 2) * variants
@@ -147,14 +157,14 @@ def expected_seconds(parent: ParentModel, *, repeats: int, students: bool) -> di
 
 
 def build_variants(parent: ParentModel, *, repo: Path, work: Path, with_students: bool,
-                   steps: Steps) -> tuple[list[Variant], dict[str, float], HeldOut]:
+                   steps: Steps, threads: int = 1) -> tuple[list[Variant], dict[str, float], HeldOut]:
     with steps.step(f"{parent.name}: held-out data"):
         heldout = load_heldout(parent)
         ref = fp32_outputs(parent, heldout) if BUDGETS[parent.name].metric == "cosine_to_fp32" else None
         fp32 = evaluate(parent, parent.onnx_path, heldout, reference=ref)
     rows = [Variant("fp32", parent.onnx_path, fp32)]
     with steps.step(f"{parent.name}: int8"):
-        rows.append(_int8(parent, heldout, work=work, fp32=fp32, ref=ref))
+        rows.append(_int8(parent, heldout, work=work, fp32=fp32, ref=ref, threads=threads))
     with steps.step(f"{parent.name}: fp16"):
         rows.append(_fp16(parent, heldout, work=work, ref=ref))
     if with_students:
@@ -165,22 +175,32 @@ def build_variants(parent: ParentModel, *, repo: Path, work: Path, with_students
     return rows, fp32, heldout
 
 
-def time_variants(rows: list[Variant], *, heldout: HeldOut, args: argparse.Namespace,
-                  device: Device) -> dict[str, dict[str, dict[int, float]]]:
-    """p50 ms per variant and batch size, measured side by side: all on CPU, and FP32 vs FP16 on the GPU
-    providers when there are any (FP16's target). Returns {"CPU": ..., "GPU": ...}."""
+@dataclasses.dataclass
+class Timing:
+    """p50 ms per device ("CPU"/"GPU"), variant and batch size, and each variant's latency-ratio CI vs FP32."""
+
+    p50: dict[str, dict[str, dict[int, float]]]
+    ci: dict[str, dict[str, dict[int, RatioCI]]]
+
+
+def time_variants(rows: list[Variant], *, heldout: HeldOut, args: argparse.Namespace, device: Device) -> Timing:
+    """Latency measured side by side: all on CPU, and FP32 vs FP16 on the GPU providers when there are any
+    (FP16's target). Each round pairs every variant with FP32, so ratios get a bootstrap CI."""
     feeds = {b: heldout.batch(b) for b in GATE_BATCHES}
     timed = {v.name: v.path for v in rows if v.path is not None}
-    out = {"CPU": measure_latency(timed, feeds=feeds, repeats=args.repeats, threads=args.threads)}
+    samples = {"CPU": latency_samples(timed, feeds=feeds, repeats=args.repeats, threads=args.threads)}
     if device.has_gpu and "fp16" in timed:
         gpu = {n: timed[n] for n in ("fp32", "fp16")}
-        out["GPU"] = measure_latency(gpu, feeds=feeds, repeats=args.repeats, threads=args.threads,
-                                     providers=device.providers)
-    return out
+        samples["GPU"] = latency_samples(gpu, feeds=feeds, repeats=args.repeats, threads=args.threads,
+                                         providers=device.providers)
+    enough = args.repeats >= 2
+    return Timing({on: p50(s) for on, s in samples.items()},
+                  {on: ratio_cis(s) if enough else {} for on, s in samples.items()})
 
 
-def _row(parent: ParentModel, v: Variant, *, fp32: dict[str, float], latency: dict[str, dict[str, dict[int, float]]],
-         device: Device) -> tuple[dict[str, Any], Decision]:
+def _row(parent: ParentModel, v: Variant, *, fp32: dict[str, float], timing: Timing, device: Device,
+         kernels: dict[str, int] | None) -> tuple[dict[str, Any], Decision]:
+    latency = timing.p50
     metric = BUDGETS[parent.name].metric
     row: dict[str, Any] = {"variant": v.name, "status": v.status, "notes": v.notes, "metric": metric,
                            "published": False}
@@ -197,12 +217,18 @@ def _row(parent: ParentModel, v: Variant, *, fp32: dict[str, float], latency: di
                    within_budget=verdict.ok if v.name != "fp32" else None, verdict=verdict.as_dict(),
                    metrics=v.metrics)
     timed_on = "GPU" if TARGET_DEVICE.get(v.name) == "GPU" and "GPU" in latency else "CPU"
+    cis = timing.ci.get(timed_on, {}).get(v.name)
+    if cis:
+        row["ratio_ci"] = {str(b): ci.as_dict() for b, ci in cis.items()}
+        row.update({f"ratio_ci_b{b}": ci.text() for b, ci in cis.items()})
+    if kernels is not None:
+        row["kernel_counts"], row["kernels"] = kernels, kernels_text(kernels)
     if v.name == "fp32":
         decision = Decision(False, "the parent (already published)", "CPU")
     else:
         decision = decide(variant=v.name, verdict=verdict if v.path is not None else None,
                           latency=latency[timed_on].get(v.name), parent_latency=latency[timed_on].get("fp32"),
-                          timed_on=timed_on, device=device)
+                          timed_on=timed_on, device=device, ratio_ci=cis)
     row.update(target_device=decision.target_device, timed_on=timed_on, gate=decision.as_dict(), why=decision.why,
                **{f"speedup_b{b}": s for b, s in decision.speedup.items()})
     return row, decision
@@ -213,12 +239,14 @@ def optimize_model(parent: ParentModel, *, args: argparse.Namespace, work: Path,
     """Build, evaluate, time and gate every variant of ``parent``; publish what passes when --publish.
     Returns the report paths and the names published."""
     rows, fp32, heldout = build_variants(parent, repo=args.model_repository, work=work,
-                                         with_students=not args.no_students, steps=steps)
+                                         with_students=not args.no_students, steps=steps, threads=args.threads)
     with steps.step(f"{parent.name}: latency"):
-        latency = time_variants(rows, heldout=heldout, args=args, device=device)
+        timing = time_variants(rows, heldout=heldout, args=args, device=device)
+    latency = timing.p50
     table, published = [], []
     for v in rows:
-        row, decision = _row(parent, v, fp32=fp32, latency=latency, device=device)
+        kernels = kernel_counts(v.path, heldout.batch(1), threads=args.threads) if v.path is not None else None
+        row, decision = _row(parent, v, fp32=fp32, timing=timing, device=device, kernels=kernels)
         if decision.publish and not args.publish:
             row["why"] = decision.why.replace("published:", "would be published (without --publish):", 1)
         elif decision.publish and v.path is not None and v.metrics is not None:
@@ -233,6 +261,8 @@ def optimize_model(parent: ParentModel, *, args: argparse.Namespace, work: Path,
     about = {"repository": str(args.model_repository), "profile": parent.profile, "seed": parent.seed,
              "held_out": f"{sum(len(next(iter(f.values()))) for f in heldout.feeds)} examples",
              "latency": f"p50 of {args.repeats} interleaved rounds, ORT, {args.threads} intra-op thread(s)",
+             "latency_ci": "variant/FP32 latency ratio: median of per-round pairs [95% bootstrap CI]",
+             "cpu_isa": isa_text(cpu_isa()),
              "device": device.describe(), "budget": BUDGETS[parent.name].describe(),
              "gate": f"published only if within budget and >= {MIN_SPEEDUP:g}x faster than FP32 at batch "
                      f"{' and '.join(map(str, GATE_BATCHES))} on its target device"}

@@ -41,6 +41,26 @@ SENSITIVE_OPS = {"LayerNormalization", "Softmax"}
 FALLBACK_EDGE_NODES = ((0, 0), (2, 1), (3, 3))
 
 
+@dataclass(frozen=True)
+class QuantConfig:
+    """How static INT8 is laid out: ORT format (QDQ pairs or QOperator QLinear* nodes), per-channel
+    weights, 7-bit reduce_range weights, symmetric activations. export.quant_grid picks it by measurement."""
+
+    fmt: str = "QDQ"
+    per_channel: bool = True
+    reduce_range: bool = False
+    symmetric_activations: bool = False
+
+    def label(self) -> str:
+        return (f"{self.fmt}, {'per-channel' if self.per_channel else 'per-tensor'}"
+                f"{', reduce_range' if self.reduce_range else ''}, "
+                f"{'symmetric' if self.symmetric_activations else 'asymmetric'} activations")
+
+
+# The layout before it was measured (kept for callers that do not run the grid).
+DEFAULT_CONFIG = QuantConfig()
+
+
 @dataclass
 class QuantResult:
     """The chosen quantized model of one parent and how it was found."""
@@ -132,20 +152,23 @@ def quantize_dynamic_model(pre: Path, out: Path, *, op_types: list[str], exclude
 
 
 def quantize_static_model(pre: Path, out: Path, *, method: str, calibration: list[dict[str, np.ndarray]],
-                          op_types: list[str], exclude: list[str]) -> Path:
+                          op_types: list[str], exclude: list[str], config: QuantConfig = DEFAULT_CONFIG) -> Path:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     if method not in CALIBRATION_METHODS:
         raise ValueError(f"calibration method {method!r}: expected one of {CALIBRATION_METHODS}")
-    quantize_static(str(pre), str(out), _reader(calibration), quant_format=QuantFormat.QDQ, per_channel=True,
+    quant_format = getattr(QuantFormat, config.fmt)
+    quantize_static(str(pre), str(out), _reader(calibration), quant_format=quant_format,
+                    per_channel=config.per_channel, reduce_range=config.reduce_range,
                     # NOTE: U8 activations, S8 weights: ORT's fast x86 (VNNI) path; S8S8 measured 1.8x
                     # *slower* than FP32 on this CPU for the default cnn at batch 32, U8S8 0.72x.
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                     calibrate_method=getattr(CalibrationMethod, method), op_types_to_quantize=op_types,
                     nodes_to_exclude=exclude,
-                    # NOTE: per-tensor symmetric activations would clip ReLU outputs' half range;
-                    # asymmetric (the default) keeps it.
-                    extra_options={"CalibTensorRangeSymmetric": False})
+                    # NOTE: symmetric activations waste half the U8 range on ReLU outputs; whether that
+                    # costs accuracy or buys speed is measured (export.quant_grid), not assumed.
+                    extra_options={"CalibTensorRangeSymmetric": config.symmetric_activations,
+                                   "ActivationSymmetric": config.symmetric_activations})
     return out
 
 
@@ -157,7 +180,8 @@ def _attempt(parent: ParentModel, heldout: HeldOut, *, path: Path, method: str,
 
 
 def _candidates(parent: ParentModel, heldout: HeldOut, *, pre: Path, work_dir: Path, step: int,
-                fp32_metrics: dict[str, float], reference: list[np.ndarray] | None) -> list[dict[str, Any]]:
+                fp32_metrics: dict[str, float], reference: list[np.ndarray] | None,
+                config: QuantConfig) -> list[dict[str, Any]]:
     dynamic = parent.name in DYNAMIC_MODELS
     all_ops = DYNAMIC_OPS if dynamic else STATIC_OPS
     ops, exclude = fallback_plan(pre, op_types=all_ops, step=step)
@@ -169,7 +193,7 @@ def _candidates(parent: ParentModel, heldout: HeldOut, *, pre: Path, work_dir: P
             quantize_dynamic_model(pre, out, op_types=ops, exclude=exclude)
         else:
             quantize_static_model(pre, out, method=method, calibration=heldout.calibration, op_types=ops,
-                                  exclude=exclude)
+                                  exclude=exclude, config=config)
         row = _attempt(parent, heldout, path=out, method=method, fp32_metrics=fp32_metrics, reference=reference)
         found.append({**row, "kept_fp32": kept, "step": step})
     return found
@@ -187,17 +211,24 @@ def _pick(parent: ParentModel, rows: list[dict[str, Any]], heldout: HeldOut) -> 
 
 
 def quantize(parent: ParentModel, heldout: HeldOut, *, work_dir: Path, fp32_metrics: dict[str, float],
-             reference: list[np.ndarray] | None = None) -> QuantResult:
-    """INT8 variant of ``parent``: pre-process, quantize (dynamic or static x 3 calibrations), evaluate,
-    fall back sensitive nodes to FP32 while over budget. Returns the best attempt (maybe over budget)."""
+             reference: list[np.ndarray] | None = None, config: QuantConfig = DEFAULT_CONFIG) -> QuantResult:
+    """INT8 variant of ``parent``: pre-process, quantize (dynamic or static x 3 calibrations, laid out as
+    ``config``), evaluate, fall back sensitive nodes to FP32 while over budget. Returns the best attempt
+    (maybe over budget)."""
     if parent.name not in DYNAMIC_MODELS + STATIC_MODELS:
         raise ValueError(f"no quantization recipe for {parent.name!r}")
     work_dir.mkdir(parents=True, exist_ok=True)
     pre = preprocess(parent.onnx_path, work_dir / f"{parent.name}-pre.onnx")
+    return _search(parent, heldout, pre=pre, work_dir=work_dir, fp32_metrics=fp32_metrics, reference=reference,
+                   config=config)
+
+
+def _search(parent: ParentModel, heldout: HeldOut, *, pre: Path, work_dir: Path, fp32_metrics: dict[str, float],
+            reference: list[np.ndarray] | None, config: QuantConfig) -> QuantResult:
     history: list[dict[str, Any]] = []
     for step in range(len(FALLBACK_EDGE_NODES)):
         rows = _candidates(parent, heldout, pre=pre, work_dir=work_dir, step=step, fp32_metrics=fp32_metrics,
-                           reference=reference)
+                           reference=reference, config=config)
         history += rows
         within = [r for r in rows if r["verdict"].ok]
         if within:

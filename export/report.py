@@ -11,9 +11,11 @@ from typing import Any
 # Latency targets of issue 4: INT8 at most this fraction of FP32's batch-32 p50 latency.
 LATENCY_TARGETS = {"cnn": 0.6, "speech": 0.6, "transformer": 0.6}
 
-# speedup_bN: FP32's p50 / the variant's at batch N, on the device the gate used (timed_on); why: the
-# publish gate's reason (export.gate), with the latencies it compared.
-COLUMNS = ("variant", "status", "size_mb", "p50_ms_b1", "p50_ms_b32", "speedup_b1", "speedup_b32", "timed_on",
+# speedup_bN: FP32's p50 / the variant's at batch N, on the device the gate used (timed_on); ratio_ci_bN: the
+# variant/FP32 latency ratio, median of per-round pairs [95% bootstrap CI] (export.int8_measure); kernels:
+# the Conv/MatMul op types ORT's profiler saw run; why: the publish gate's reason (export.gate).
+COLUMNS = ("variant", "status", "size_mb", "p50_ms_b1", "p50_ms_b32", "speedup_b1", "speedup_b32",
+           "ratio_ci_b1", "ratio_ci_b32", "kernels", "timed_on",
            "metric", "value", "delta", "budget", "within_budget", "target_device", "published", "why", "notes")
 
 

@@ -29,7 +29,7 @@ def optimized(tiny_zoo: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple
     # The publish gate also asks for a speed-up, which depends on this machine: the latencies are the
     # measured ones with INT8 reported twice as fast (tests/test_optimize_gate.py tests the gate itself).
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(optimize, "measure_latency", int8_and_fp16_twice_as_fast(optimize.measure_latency))
+        patch.setattr(optimize, "latency_samples", int8_and_fp16_twice_as_fast(optimize.latency_samples))
         code = optimize.main(["--model-repository", str(repo), "--families", "cnn,recommender", "--output",
                               str(out), "--publish", "--repeats", "3", "--no-students"])
     assert code == 0
