@@ -199,13 +199,6 @@ def _to_json_data(arr: np.ndarray) -> Any:
     return np.ascontiguousarray(flat)
 
 
-def _raw_view(arr: np.ndarray) -> bytes | memoryview:
-    """A tensor's raw bytes without a copy where numpy can give them (C-contiguous fixed-size data)."""
-    if arr.dtype != object and arr.dtype.kind not in ("U", "S") and arr.flags.c_contiguous:
-        return arr.data.cast("B") if arr.size else b""
-    return codec.to_raw(arr)
-
-
 # (model, version, id, ((name, dtype, shape), ...)) -> the JSON header of an all-binary response; bounded.
 _HEADERS: dict[tuple, bytes] = {}
 _MAX_HEADERS = 256
@@ -236,7 +229,7 @@ def encode_response_parts(resp: InferResponse,
     if resp.outputs and all(o.shm is None and o.data.dtype != object and o.data.dtype.kind not in ("U", "S")
                             and encoding.binary(o.name) for o in resp.outputs):
         header = _binary_header(resp)
-        return [header, *[_raw_view(o.data) for o in resp.outputs]], len(header)
+        return [header, *[codec.raw_view(o.data) for o in resp.outputs]], len(header)
     outputs, chunks = [], []
     for out in resp.outputs:
         arr = out.data
@@ -245,7 +238,7 @@ def encode_response_parts(resp: InferResponse,
             out.shm.write(codec.to_raw(arr), output=out.name)
             entry["parameters"] = out.shm.parameters()
         elif encoding.binary(out.name):
-            raw = _raw_view(arr)
+            raw = codec.raw_view(arr)
             entry["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
         else:
