@@ -26,7 +26,7 @@ from service.errors import (
     ServingError,
     UnsupportedMediaType,
 )
-from service.http_server import corked
+from service.http_server import arrived, corked
 from service.protocol_v2 import OutputEncoding, decode_raw_request, decode_request, encode_response_parts
 from service.v2_plans import RequestPlans
 
@@ -59,6 +59,8 @@ def _headers(scope: dict) -> dict[bytes, bytes]:
 
 async def _receive(receive: Callable, timeout_s: float | None) -> dict:
     """One ASGI message; RequestTimeout (408, then the connection closes) if the client stalls longer."""
+    if timeout_s is None or arrived(receive):
+        return await receive()
     try:
         async with asyncio.timeout(timeout_s):
             return await receive()
