@@ -34,7 +34,7 @@ def _protocols(text: str) -> list[str]:
     values = [v.strip() for v in text.split(",") if v.strip()]
     bad = [v for v in values if v not in PROTOCOLS]
     if not values or bad:
-        raise argparse.ArgumentTypeError(f"protocol must be json, binary or both (json,binary), got {text!r}")
+        raise argparse.ArgumentTypeError(f"protocol must be json, binary, grpc or a list (json,binary), got {text!r}")
     return values
 
 
@@ -57,7 +57,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--url", default="127.0.0.1:8000", help="server address, host:port or http://host:port")
     p.add_argument("--model", required=True, help="model name")
     p.add_argument("--model-version", help="model version (default: the server's choice)")
-    p.add_argument("--protocol", type=_protocols, default=["json"], help="json, binary or json,binary")
+    p.add_argument("--protocol", type=_protocols, default=["json"], help="json, binary, grpc or a list: json,binary")
+    p.add_argument("--grpc-url", help="the server's gRPC host:port (needed for --protocol grpc)")
     p.add_argument("--concurrency", type=_int_list, default=[1, 8, 32], help="in-flight requests, e.g. 1,8,32")
     p.add_argument("--requests", type=int, default=1000, help="measured requests per concurrency level")
     p.add_argument("--batch", type=int, default=1, help="rows per request (models with max_batch_size > 0)")
@@ -86,7 +87,7 @@ def _npy_files(pairs: list[tuple[str, Path]]) -> dict[str, Path]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = LoadConfig(
-        target=Target(args.url, args.model, args.model_version),
+        target=Target(args.url, args.model, args.model_version, grpc_url=args.grpc_url),
         protocols=args.protocol, concurrencies=args.concurrency, requests=args.requests, batch=args.batch,
         time_cap_s=args.time_cap, timeout_s=args.timeout, warmup=args.warmup, shape_overrides=dict(args.shape),
         npy_files=_npy_files(args.input_npy), int_high=args.int_high, seed=args.seed, progress=not args.no_progress,

@@ -3,7 +3,7 @@
     .venv/bin/python -m loadtests.bench --output bench_results/
 
 (a) in-process ceiling: back-to-back session.run at batch 1..64 (server's session options);
-(b) the real server (subprocess, free loopback port) at several concurrencies, JSON and binary,
+(b) the real server (subprocess, free loopback ports) at several concurrencies, JSON, binary and gRPC,
     with dynamic batching ON and OFF (two copies of the model with different config.pbtxt).
 Writes bench.md, bench.json, throughput.png and server.log to the output folder. The load generator
 runs on the same cores as the server; both processes' CPU use is measured and printed.
@@ -55,6 +55,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", type=Path, default=Path("bench_results"), help="folder for bench.md/json/png")
     p.add_argument("--concurrency", default="1,8,32", help="client concurrencies, comma-separated")
+    p.add_argument("--protocols", default="json,binary,grpc",
+                   help="comma-separated: json, binary (V2 HTTP) and grpc (V2 gRPC, raw contents)")
+    p.add_argument("--batching", default="off,on", help="comma-separated: off, on")
     p.add_argument("--requests", type=int, default=4000, help="measured requests per cell (upper bound)")
     p.add_argument("--time-cap", type=float, default=6.0, help="seconds per cell; keeps the bench ~2-3 min")
     p.add_argument("--ceiling-seconds", type=float, default=0.5, help="timed seconds per in-process batch size")
@@ -72,6 +75,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.concurrency = [int(c) for c in args.concurrency.split(",")]
     except ValueError:
         p.error(f"--concurrency must be comma-separated integers like 1,8,32, got {args.concurrency!r}")
+    args.protocols = [v for v in args.protocols.split(",") if v]
+    args.batching = [v for v in args.batching.split(",") if v]
+    if not args.protocols or not set(args.protocols) <= {"json", "binary", "grpc"}:
+        p.error(f"--protocols must name json, binary and/or grpc, got {','.join(args.protocols)!r}")
+    if not args.batching or not set(args.batching) <= set(MODES):
+        p.error(f"--batching must name off and/or on, got {','.join(args.batching)!r}")
     if args.requests < 1 or args.time_cap <= 0 or args.ceiling_seconds <= 0 or min(args.concurrency) < 1:
         p.error("--requests, --concurrency must be >= 1; --time-cap and --ceiling-seconds must be > 0")
     return args
@@ -88,8 +97,9 @@ def write_repository(repo: Path, *, onnx_path: Path, delay_us: int) -> None:
 
 async def _measure_server(server: ServerProcess, *, args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
-    for mode, model in MODES.items():
-        cfg = LoadConfig(target=Target(server.url, model), protocols=["json", "binary"],
+    for mode in args.batching:
+        model = MODES[mode]
+        cfg = LoadConfig(target=Target(server.url, model, grpc_url=server.grpc_url), protocols=args.protocols,
                          concurrencies=args.concurrency, requests=args.requests, time_cap_s=args.time_cap,
                          progress=not args.no_progress, cpu_probes={"server": lambda: cpu_seconds(server.pid), "machine": machine_busy_seconds})
         async with aiohttp.ClientSession() as session:
@@ -142,7 +152,7 @@ def run_bench(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         console.print("starting the server and running the load ...")
         # Default: the server's own choice (service.settings.default_cpu_threads: the usable cores).
         threads = {"MODELSERVE_CPU_THREADS": str(server_threads(args))}
-        with serve(repo, log_path=args.output / "server.log", env=threads) as server:
+        with serve(repo, log_path=args.output / "server.log", env=threads, grpc="grpc" in args.protocols) as server:
             rows = _run_async(_measure_server(server, args=args))
     best = max(ceiling, key=lambda p: p.rows_per_s)
     for row in rows:
@@ -151,7 +161,7 @@ def run_bench(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     return {
         "model": {"arch": "conv-conv-pool-conv-pool-conv-gap-linear", "input": "[N,1,28,28] FP32",
                   "width": args.width, "max_batch_size": 64},
-        "settings": {"concurrency": args.concurrency, "requests_per_cell": args.requests,
+        "settings": {"concurrency": args.concurrency, "protocols": args.protocols, "requests_per_cell": args.requests,
                      "time_cap_s": args.time_cap, "queue_delay_us": args.queue_delay_us, "instances": 1,
                      "server_intra_op_threads": server_threads(args),
                      "ceiling_intra_op_threads": usable_cpus()},

@@ -19,6 +19,7 @@ import numpy as np
 import orjson
 from tqdm import tqdm
 
+from loadtests.grpcload import close_channels, encode_grpc, open_channels, run_grpc_level
 from loadtests.payloads import (
     EncodedRequest,
     ModelInfo,
@@ -48,6 +49,7 @@ class Target:
     url: str
     model: str
     version: str | None = None
+    grpc_url: str | None = None  # "host:port" of the gRPC endpoint, for protocol "grpc"
 
     def model_path(self) -> str:
         version = f"/versions/{self.version}" if self.version else ""
@@ -192,11 +194,37 @@ class LoadConfig:
 
 def build_bodies(info: ModelInfo, cfg: LoadConfig, *, protocol: str) -> list[EncodedRequest]:
     shapes = request_shapes(info, batch=cfg.batch, overrides=cfg.shape_overrides)
+
+    def one(inputs: dict[str, np.ndarray]) -> EncodedRequest:
+        if protocol == "grpc":
+            return encode_grpc(inputs, info=info, model=cfg.target.model, version=cfg.target.version)
+        return encode(inputs, info=info, protocol=protocol)
+
     if cfg.npy_files:
-        return [encode(npy_inputs(info, files=cfg.npy_files, shapes=shapes), info=info, protocol=protocol)]
+        return [one(npy_inputs(info, files=cfg.npy_files, shapes=shapes))]
     rng = np.random.default_rng(cfg.seed)  # same seed, same bodies: runs are comparable
-    return [encode(random_inputs(info, shapes=shapes, rng=rng, int_high=cfg.int_high), info=info, protocol=protocol)
-            for _ in range(DISTINCT_BODIES)]
+    return [one(random_inputs(info, shapes=shapes, rng=rng, int_high=cfg.int_high)) for _ in range(DISTINCT_BODIES)]
+
+
+async def _grpc_levels(cfg: LoadConfig, *, info: ModelInfo, warm: LevelResult, result: LevelResult,
+                       bodies: list[EncodedRequest], session: aiohttp.ClientSession) -> None:
+    """The warm-up and the measured level over gRPC, on the same channels (connections open before timing)."""
+    if cfg.target.grpc_url is None:
+        raise ValueError("protocol 'grpc' needs Target.grpc_url (the server's gRPC host:port)")
+    channels = open_channels(cfg.target.grpc_url, result.concurrency)
+    try:
+        await run_grpc_level(channels, info=info, bodies=bodies, result=warm, time_cap_s=cfg.time_cap_s,
+                             timeout_s=cfg.timeout_s)
+        result.warmup_errors = warm.errors
+        result.error_samples.extend(f"(warm-up) {s}" for s in warm.error_samples[:2])
+        result.stats_before = await fetch_stats(session, cfg.target)
+        start = {name: probe() for name, probe in cfg.cpu_probes.items()}
+        await run_grpc_level(channels, info=info, bodies=bodies, result=result, time_cap_s=cfg.time_cap_s,
+                             timeout_s=cfg.timeout_s)
+        result.probe_cpu_s = {name: probe() - start[name] for name, probe in cfg.cpu_probes.items()}
+        result.stats_after = await fetch_stats(session, cfg.target)
+    finally:
+        await close_channels(channels)
 
 
 async def measure_level(cfg: LoadConfig, *, info: ModelInfo, protocol: str, concurrency: int,
@@ -208,6 +236,11 @@ async def measure_level(cfg: LoadConfig, *, info: ModelInfo, protocol: str, conc
         rows = bodies[0].rows
         warm = LevelResult(protocol=protocol, concurrency=concurrency, rows_per_request=rows,
                            requested=cfg.warmup or max(2 * concurrency, 16))
+        if protocol == "grpc":
+            result = LevelResult(protocol=protocol, concurrency=concurrency, rows_per_request=rows,
+                                 requested=cfg.requests)
+            await _grpc_levels(cfg, info=info, warm=warm, result=result, bodies=bodies, session=session)
+            return result
         await run_level(session, target=cfg.target, info=info, bodies=bodies, result=warm,
                         time_cap_s=cfg.time_cap_s, progress=False)
         result = LevelResult(protocol=protocol, concurrency=concurrency, rows_per_request=rows,

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-PROTOCOLS = ("json", "binary")
+PROTOCOLS = ("json", "binary", "grpc")  # grpc: loadtests/grpcload.py
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
 # V2 datatype -> numpy dtype; BF16 has no numpy dtype, so it is refused with a message.

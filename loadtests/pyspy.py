@@ -97,12 +97,12 @@ def profile(args: argparse.Namespace, console: Console) -> None:
     raw = args.output / "pyspy_raw.txt"
     with tempfile.TemporaryDirectory(prefix="modelserve-prof-") as tmp:
         repo, model = (args.repository, args.model) if args.repository else _bench_repository(Path(tmp))
-        with serve(repo, log_path=args.output / "server.log") as server:
+        with serve(repo, log_path=args.output / "server.log", grpc=args.protocol == "grpc") as server:
             cmd = [pyspy, "record", "--pid", str(server.pid), "--rate", str(args.rate), "--duration",
                    str(args.seconds), "--format", "raw", "--threads", "--output", str(raw)]
             # The load runs a second past py-spy's window so the server is under load for all of it.
             with subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as spy:
-                cfg = LoadConfig(target=Target(server.url, model), protocols=[args.protocol],
+                cfg = LoadConfig(target=Target(server.url, model, grpc_url=server.grpc_url), protocols=[args.protocol],
                                  concurrencies=[args.concurrency], requests=10**7, time_cap_s=args.seconds + 1,
                                  progress=False)
                 _, (level,) = run_sync(cfg)
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", type=Path, default=Path("bench_results/profile"))
     p.add_argument("--repository", type=Path, help="model repository to serve (default: the bench CNN)")
     p.add_argument("--model", help="model to load (with --repository)")
-    p.add_argument("--protocol", choices=["json", "binary"], default="binary")
+    p.add_argument("--protocol", choices=["json", "binary", "grpc"], default="binary")
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--seconds", type=int, default=8, help="py-spy recording window")
     p.add_argument("--rate", type=int, default=200, help="samples per second")

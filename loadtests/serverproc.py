@@ -23,6 +23,7 @@ class ServerProcess:
     url: str  # "127.0.0.1:PORT", the form the load generator takes
     pid: int
     log_path: Path
+    grpc_url: str | None = None  # "127.0.0.1:PORT" when started with grpc=True
 
 
 def free_port() -> int:
@@ -63,6 +64,7 @@ def serve(
     env: dict[str, str] | None = None,
     ready_timeout_s: float = 120.0,
     command_prefix: list[str] | None = None,
+    grpc: bool = False,
 ) -> Iterator[ServerProcess]:
     """Run the server until the block ends. `env` adds MODELSERVE_* settings; `command_prefix` wraps the
     command (e.g. py-spy record ... --), in which case `pid` is the wrapper's."""
@@ -70,6 +72,11 @@ def serve(
     cmd = [*(command_prefix or []), sys.executable, "-m", "service.cli", "serve", "--model-repository", str(repository),
            "--http-port", str(port), "--http-address", "127.0.0.1", "--log-level", "warning"]
     url = f"127.0.0.1:{port}"
+    grpc_url = None
+    if grpc:
+        grpc_port = free_port()
+        cmd += ["--grpc-port", str(grpc_port)]
+        grpc_url = f"127.0.0.1:{grpc_port}"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
@@ -82,7 +89,7 @@ def serve(
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"server on {url} not ready after {ready_timeout_s:.0f} s; see {log_path}")
                 time.sleep(0.05)  # poll interval, not a wait for readiness: the loop ends as soon as it answers
-            yield ServerProcess(url=url, pid=proc.pid, log_path=log_path)
+            yield ServerProcess(url=url, pid=proc.pid, log_path=log_path, grpc_url=grpc_url)
         finally:
             # SIGINT: uvicorn (and a py-spy wrapper) shut down cleanly and flush what they hold.
             proc.send_signal(signal.SIGINT)

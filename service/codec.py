@@ -131,6 +131,14 @@ def to_raw(arr: np.ndarray) -> bytes:
     return np.ascontiguousarray(arr).tobytes()
 
 
+def raw_view(arr: np.ndarray) -> bytes | memoryview:
+    """As to_raw, without a copy where numpy can give the bytes (C-contiguous fixed-size data): a response
+    carries the output array's own memory (a batch output's rows are already a view)."""
+    if arr.dtype != object and arr.dtype.kind not in ("U", "S") and arr.flags.c_contiguous:
+        return arr.data.cast("B") if arr.size else b""
+    return to_raw(arr)
+
+
 def _too_deep(name: str) -> str:
     return f"JSON nesting depth exceeds maximum allowed limit ({MAX_NESTING}) in the data of input {name!r}"
 

@@ -180,11 +180,12 @@ class InferenceCore:
         chosen (a task request keeps the version its processor belongs to)."""
         if pinned is None:
             mv = self.model(req.model_name, req.model_version)
-            text = text_input_name(mv.spec)
+            text = mv.text_input
             if text is not None and text in req.inputs:
-                req, pinned = await self._tokenize(mv, req, text), mv
+                req = await self._tokenize(mv, req, text)  # tokenized for this version: it runs them
+        else:
+            mv = pinned
         t0 = time.perf_counter_ns()
-        mv = pinned or self.model(req.model_name, req.model_version)
         try:
             # NOTE: lookup and submit happen without an await between them, so a reload cannot
             # close the version we picked before our request is queued on it.

@@ -21,7 +21,7 @@ from service.errors import ServingError
 from service.grpc_extensions import ExtensionServicer
 from service.grpc_stream import infer_one
 from service.ports import StartupError
-from service.protocol_grpc import grpc_status, load_overrides
+from service.protocol_grpc import encode_infer_wire, grpc_status, load_overrides
 
 log = logging.getLogger("modelserve.grpc")
 
@@ -78,13 +78,23 @@ async def _unimplemented(request: Any, context: grpc.aio.ServicerContext) -> Any
     await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this method is not supported by modelserve")
 
 
+def _serializer(message_class: Any) -> Callable[[Any], bytes]:
+    """The message's SerializeToString, passing bytes through (ModelInfer answers already serialized)."""
+    serialize = message_class.SerializeToString
+
+    def to_bytes(response: Any) -> bytes:
+        return response if isinstance(response, bytes) else serialize(response)
+
+    return to_bytes
+
+
 def generic_handler(servicer: InferenceServicer) -> grpc.GenericRpcHandler:
     """GRPCInferenceService's method table, built from the service descriptor tritonclient ships, with
     lenient deserializers and every handler guarded (the generated add_..._to_server allows neither)."""
     handlers = {}
     for method in _SERVICE.methods:
         request_class = getattr(pb, method.input_type.name)
-        serialize = getattr(pb, method.output_type.name).SerializeToString
+        serialize = _serializer(getattr(pb, method.output_type.name))
         if method.client_streaming and method.server_streaming:  # ModelStreamInfer: errors go on the stream
             handlers[method.name] = grpc.stream_stream_rpc_method_handler(
                 getattr(servicer, method.name), request_deserializer=request_class.FromString,
@@ -140,7 +150,7 @@ class InferenceServicer(ExtensionServicer, pb_grpc.GRPCInferenceServiceServicer)
         return pb.RepositoryModelUnloadResponse()
 
     async def ModelInfer(self, request, context):
-        return await infer_one(self.core, request)
+        return await infer_one(self.core, request, encode=encode_infer_wire)
 
 
 async def start_grpc_server(core: InferenceCore, *, host: str, port: int, max_message_bytes: int,

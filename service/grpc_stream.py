@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from tritonclient.grpc import service_pb2 as pb
 
-from service.core import InferenceCore
+from service.core import InferenceCore, InferResponse
 from service.errors import ServingError
 from service.protocol_grpc import decode_infer, encode_infer
 
@@ -32,21 +33,24 @@ FINAL_FLAG = "triton_final_response"
 MAX_PENDING_RESPONSES = 1024
 
 
-async def infer_one(core: InferenceCore, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
-    """Decode (inputs may be in shared memory), infer, encode: one ModelInfer, traced when sampled."""
+async def infer_one(core: InferenceCore, request: pb.ModelInferRequest, *,
+                    encode: Callable[[InferResponse], Any] = encode_infer) -> Any:
+    """Decode (inputs may be in shared memory), infer, encode: one ModelInfer, traced when sampled. `encode`:
+    encode_infer (a message, as the stream needs) or encode_infer_wire (its bytes, for unary ModelInfer)."""
     trace = core.tracing.begin(request.model_name) if core.tracing.enabled else None
     try:
         req = decode_infer(request, shm=core.shm, max_tensor_bytes=core.max_request_bytes)
         if trace is not None:
             trace.decoded(req)
             req.trace = trace
-        resp = encode_infer(await core.infer(req))
+        result = await core.infer(req)
+        resp = encode(result)
     except ServingError as exc:
         if trace is not None:
             trace.end(error=exc)
         raise
     if trace is not None:
-        trace.end(version=resp.model_version)
+        trace.end(version=result.model_version)
     return resp
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from service.core import InferenceCore
+from service.core import InferenceCore, InferRequest
 from service.errors import (
     InvalidInput,
     PayloadTooLarge,
@@ -26,7 +26,9 @@ from service.errors import (
     ServingError,
     UnsupportedMediaType,
 )
-from service.protocol_v2 import decode_raw_request, decode_request, encode_response
+from service.http_server import arrived, corked
+from service.protocol_v2 import OutputEncoding, decode_raw_request, decode_request, encode_response_parts
+from service.v2_plans import RequestPlans
 
 log = logging.getLogger("modelserve.http")
 
@@ -57,6 +59,8 @@ def _headers(scope: dict) -> dict[bytes, bytes]:
 
 async def _receive(receive: Callable, timeout_s: float | None) -> dict:
     """One ASGI message; RequestTimeout (408, then the connection closes) if the client stalls longer."""
+    if timeout_s is None or arrived(receive):
+        return await receive()
     try:
         async with asyncio.timeout(timeout_s):
             return await receive()
@@ -91,12 +95,17 @@ async def read_body(receive: Callable, *, declared: bytes | str | None, limit: i
             return b"".join(chunks)
 
 
-async def _send(send: Callable, *, status: int, body: bytes, content_type: bytes, extra: list | None = None) -> None:
-    headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
+async def _send(send: Callable, *, status: int, body: bytes | list, content_type: bytes,
+                extra: list | None = None, receive: Callable | None = None) -> None:
+    """Answer with one response; `body` may be a list of parts (joined once, into the single write that
+    carries the status line and headers too, where the connection offers it: see http_server.corked)."""
+    size = len(body) if isinstance(body, bytes) else sum(len(part) for part in body)
+    headers = [(b"content-type", content_type), (b"content-length", str(size).encode())]
     if extra:
         headers.extend(extra)
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    with corked(receive):
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body if isinstance(body, bytes) else b"".join(body)})
 
 
 async def send_error(send: Callable, exc: ServingError) -> None:
@@ -128,6 +137,7 @@ class InferFastPath:
         self.core = core
         self.limit = max_request_bytes
         self.body_timeout_s = body_timeout_s
+        self.plans = RequestPlans()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.app, name)  # e.g. `.state`, `.openapi` of the wrapped FastAPI app
@@ -155,9 +165,7 @@ class InferFastPath:
                 spec = self.core.model(model, version).spec
                 req, encoding = decode_raw_request(body, spec=spec, model_name=model, model_version=version)
             else:
-                req, encoding = decode_request(body, header_length=header_length, model_name=model,
-                                               model_version=version, max_tensor_bytes=self.limit,
-                                               shm=self.core.shm)
+                req, encoding = self._decode(body, header_length=header_length, model=model, version=version)
             if trace is not None:
                 trace.decoded(req)
                 req.trace = trace
@@ -166,7 +174,7 @@ class InferFastPath:
                 resp = await self.core.infer(req)
             except RequestCancelled:
                 return  # the client is gone: nobody to answer
-            payload, header_len = encode_response(resp, encoding)
+            payload, header_len = encode_response_parts(resp, encoding)
             if trace is not None:
                 trace.end(version=resp.model_version)
         except ServingError as exc:
@@ -179,10 +187,25 @@ class InferFastPath:
             await send_error(send, ServingError(f"internal error ({type(exc).__name__}); see the server log"))
             return
         if header_len is None:
-            await _send(send, status=200, body=payload, content_type=_JSON)
+            await _send(send, status=200, body=payload, content_type=_JSON, receive=receive)
         else:
             await _send(send, status=200, body=payload, content_type=b"application/octet-stream",
-                        extra=[(b"inference-header-content-length", str(header_len).encode())])
+                        extra=[(b"inference-header-content-length", str(header_len).encode())], receive=receive)
+
+    def _decode(self, body: bytes, *, header_length: int | None, model: str,
+                version: str | None) -> tuple[InferRequest, OutputEncoding]:
+        """A JSON (+ binary) request; a binary request's header is parsed and checked once (v2_plans)."""
+        if header_length is not None and 0 < header_length <= len(body):
+            plan = self.plans.get(body, header_length)
+            if plan is not None:
+                planned = plan.request(body, header_length=header_length, model_name=model, model_version=version)
+                if planned is not None:
+                    return planned
+        req, encoding = decode_request(body, header_length=header_length, model_name=model, model_version=version,
+                                       max_tensor_bytes=self.limit, shm=self.core.shm)
+        if header_length is not None and 0 < header_length < len(body):
+            self.plans.learn(body, header_length=header_length, req=req, encoding=encoding)
+        return req, encoding
 
 
 def _header_length(headers: dict[bytes, bytes]) -> int | None:

@@ -7,6 +7,7 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from service.errors import InvalidInput, ModelLoadError
 from service.modelrepo.config import ModelSpec, completed_spec, instance_settings
 from service.modelrepo.layout import DEFAULT_MODEL_FILENAME, model_file
 from service.modelrepo.sessions import choose_providers
+from service.processing.text_input import text_input_name
 from service.runtime import InstancePool, classify_run_error, synthetic_inputs
 from service.sequence import SequenceBatcher
 from service.sequence_config import sequence_policy
@@ -36,6 +38,9 @@ class LoadRequest:
     has_file: bool
     max_batch_size_given: bool
 
+
+# Request layouts ((name, dtype, shape) per input) a version remembers as valid; past this it starts over.
+MAX_KNOWN_LAYOUTS = 256
 
 # A text model's token-id input (Hugging Face's name); checked against the config's vocab_size and
 # max_sequence_length parameters where the config gives them, so bad ids get 400 before ONNX Runtime runs.
@@ -105,10 +110,23 @@ class ModelVersion:
     executor: ThreadPoolExecutor | None = None
     output_names: list[str] = field(default_factory=list)
     _string_inputs: set[str] = field(default_factory=set)
+    # Input layouts already validated -> their row count: names, dtypes and shapes are checked once per
+    # layout, not per request (the hot path sees the same few layouts again and again).
+    _known_layouts: dict[tuple, int] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
         return self.spec.name
+
+    @cached_property
+    def text_input(self) -> str | None:
+        """The BYTES input accepted in place of the token tensors (service/processing/text_input.py)."""
+        return text_input_name(self.spec)
+
+    @cached_property
+    def _checks_values(self) -> bool:
+        """Whether validation looks at values (token ids, sequence lengths), not only at the layout."""
+        return any(t.name in SEQUENCE_INPUTS for t in self.spec.inputs)
 
     @classmethod
     def load(cls, req: LoadRequest, *, version: int, settings: ServerSettings) -> ModelVersion:
@@ -233,6 +251,18 @@ class ModelVersion:
 
     def validate(self, inputs: dict[str, np.ndarray]) -> int:
         """Check names, dtypes and shapes against the spec; returns the request's row count."""
+        layout = tuple([(name, arr.dtype, arr.shape) for name, arr in inputs.items()])
+        rows = self._known_layouts.get(layout)
+        if rows is None:
+            rows = self._validate_layout(inputs)
+            if len(self._known_layouts) >= MAX_KNOWN_LAYOUTS:
+                self._known_layouts.clear()
+            self._known_layouts[layout] = rows
+        if self._checks_values:
+            check_tokens(self.spec, inputs)
+        return rows
+
+    def _validate_layout(self, inputs: dict[str, np.ndarray]) -> int:
         spec = self.spec
         expected = {t.name for t in spec.inputs}
         unknown = set(inputs) - expected
@@ -246,7 +276,6 @@ class ModelVersion:
             arr = inputs.get(t.name)
             if arr is not None:
                 rows = self._check_tensor(t, arr, rows)
-        check_tokens(spec, inputs)
         return rows if rows is not None else 1
 
     def _check_tensor(self, t, arr: np.ndarray, rows: int | None) -> int | None:

@@ -5,6 +5,7 @@ Tensors are built by the shared codec (service/codec.py), exactly as for HTTP.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
 import grpc
@@ -86,6 +87,14 @@ def _requested(output: Any, shm: SharedMemoryRegistry | None) -> RequestedOutput
     return RequestedOutput(output.name, _class_count(output), ref)
 
 
+@lru_cache(maxsize=1024)
+def _checked_shape(shape: tuple[int, ...], *, name: str, datatype: str, limit: int) -> None:
+    """Shape checks once per (shape, name, datatype, limit): the hot path sends the same few again and again
+    (only successes are remembered: lru_cache does not keep exceptions)."""
+    codec.check_byte_budget(codec.check_shape(list(shape), name=name, datatype=datatype), name=name,
+                            datatype=datatype, limit=limit)
+
+
 def decode_infer(request: pb.ModelInferRequest, *, shm: SharedMemoryRegistry | None = None,
                  max_tensor_bytes: int = 2**62) -> InferRequest:
     """A protocol-agnostic InferRequest from a ModelInferRequest (raw or typed contents, or shared memory); no
@@ -97,8 +106,8 @@ def decode_infer(request: pb.ModelInferRequest, *, shm: SharedMemoryRegistry | N
         if tensor.name in inputs:
             raise InvalidInput(f"input {tensor.name!r} is given twice")
         numpy_dtype(tensor.datatype)  # raises with the list of valid datatypes
-        shape = codec.check_shape(list(tensor.shape), name=tensor.name, datatype=tensor.datatype)
-        codec.check_byte_budget(shape, name=tensor.name, datatype=tensor.datatype, limit=max_tensor_bytes)
+        shape = list(tensor.shape)
+        _checked_shape(tuple(shape), name=tensor.name, datatype=tensor.datatype, limit=max_tensor_bytes)
         from_shm = _shm_input(tensor, shape, shm)
         if from_shm is not None:
             inputs[tensor.name] = from_shm
@@ -139,6 +148,56 @@ def encode_infer(resp: InferResponse) -> pb.ModelInferResponse:
         # NOTE: raw_output_contents pairs with outputs by position, so a shared memory output holds an empty slot.
         out.raw_output_contents.append(b"")
     return out
+
+
+# (model, version, ((name, dtype, shape), ...)) -> a serialized ModelInferResponse holding the name, version and
+# output descriptions, without id or raw contents; bounded.
+_TEMPLATES: dict[tuple, bytes] = {}
+_MAX_TEMPLATES = 256
+_ID_TAG = bytes([3 << 3 | 2])  # field 3 (id), length-delimited
+_RAW_TAG = bytes([6 << 3 | 2])  # field 6 (raw_output_contents), length-delimited
+
+
+def _varint(value: int) -> bytes:
+    """Protobuf's base-128 varint. NOTE: hand-written because protobuf's Python API has no public way to
+    append pre-serialized fields; its wire format is the documented, stable one."""
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _template(resp: InferResponse) -> bytes:
+    key = (resp.model_name, resp.model_version, tuple([(t.name, t.data.dtype, t.data.shape) for t in resp.outputs]))
+    template = _TEMPLATES.get(key)
+    if template is None:
+        msg = pb.ModelInferResponse(model_name=resp.model_name, model_version=resp.model_version)
+        for t in resp.outputs:
+            msg.outputs.add(name=t.name, datatype=v2_datatype(t.data), shape=list(t.data.shape))
+        template = msg.SerializeToString()
+        if len(_TEMPLATES) >= _MAX_TEMPLATES:
+            _TEMPLATES.clear()
+        _TEMPLATES[key] = template
+    return template
+
+
+def encode_infer_wire(resp: InferResponse) -> bytes | pb.ModelInferResponse:
+    """The serialized ModelInferResponse, built from a template per output layout plus the id and each
+    output's raw bytes (views on the output arrays, joined once). Protobuf parsers merge fields in any
+    order, so template + id + raw contents is the same message encode_infer builds. Shared memory outputs
+    take encode_infer (a message; the servicer's serializer takes both)."""
+    if any(t.shm is not None for t in resp.outputs):
+        return encode_infer(resp)
+    parts: list[bytes | memoryview] = [_template(resp)]
+    if resp.id:
+        ident = resp.id.encode()
+        parts += [_ID_TAG, _varint(len(ident)), ident]
+    for t in resp.outputs:
+        raw = codec.raw_view(t.data)
+        parts += [_RAW_TAG, _varint(len(raw)), raw]
+    return b"".join(parts)
 
 
 def load_overrides(request: pb.RepositoryModelLoadRequest) -> tuple[object | None, dict[str, bytes]]:

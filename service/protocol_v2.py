@@ -199,8 +199,37 @@ def _to_json_data(arr: np.ndarray) -> Any:
     return np.ascontiguousarray(flat)
 
 
-def encode_response(resp: InferResponse, encoding: OutputEncoding) -> tuple[bytes, int | None]:
-    """Serialize a response; returns (body, json header length or None when there is no binary part)."""
+# (model, version, id, ((name, dtype, shape), ...)) -> the JSON header of an all-binary response; bounded.
+_HEADERS: dict[tuple, bytes] = {}
+_MAX_HEADERS = 256
+
+
+def _binary_header(resp: InferResponse) -> bytes:
+    """The JSON header when every output goes in the binary tail: built once per output layout."""
+    key = (resp.model_name, resp.model_version, resp.id,
+           tuple([(o.name, o.data.dtype, o.data.shape) for o in resp.outputs]))
+    header = _HEADERS.get(key)
+    if header is None:
+        outputs = [{"name": o.name, "datatype": v2_datatype(o.data), "shape": list(o.data.shape),
+                    "parameters": {"binary_data_size": o.data.nbytes}} for o in resp.outputs]
+        doc: dict[str, Any] = {"model_name": resp.model_name, "model_version": resp.model_version, "outputs": outputs}
+        if resp.id is not None:
+            doc["id"] = resp.id
+        header = orjson.dumps(doc)
+        if len(_HEADERS) >= _MAX_HEADERS:
+            _HEADERS.clear()
+        _HEADERS[key] = header
+    return header
+
+
+def encode_response_parts(resp: InferResponse,
+                          encoding: OutputEncoding) -> tuple[list[bytes | memoryview], int | None]:
+    """A response as parts to write one after the other (JSON header, then each binary output, as views on
+    the output arrays), and the JSON header's length, None when there is no binary part."""
+    if resp.outputs and all(o.shm is None and o.data.dtype != object and o.data.dtype.kind not in ("U", "S")
+                            and encoding.binary(o.name) for o in resp.outputs):
+        header = _binary_header(resp)
+        return [header, *[codec.raw_view(o.data) for o in resp.outputs]], len(header)
     outputs, chunks = [], []
     for out in resp.outputs:
         arr = out.data
@@ -209,7 +238,7 @@ def encode_response(resp: InferResponse, encoding: OutputEncoding) -> tuple[byte
             out.shm.write(codec.to_raw(arr), output=out.name)
             entry["parameters"] = out.shm.parameters()
         elif encoding.binary(out.name):
-            raw = codec.to_raw(arr)
+            raw = codec.raw_view(arr)
             entry["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
         else:
@@ -220,5 +249,11 @@ def encode_response(resp: InferResponse, encoding: OutputEncoding) -> tuple[byte
         doc["id"] = resp.id
     header = orjson.dumps(doc, option=_NUMPY_JSON)
     if not chunks:
-        return header, None
-    return header + b"".join(chunks), len(header)
+        return [header], None
+    return [header, *chunks], len(header)
+
+
+def encode_response(resp: InferResponse, encoding: OutputEncoding) -> tuple[bytes, int | None]:
+    """Serialize a response; returns (body, json header length or None when there is no binary part)."""
+    parts, header_length = encode_response_parts(resp, encoding)
+    return b"".join(parts), header_length
