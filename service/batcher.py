@@ -1,7 +1,7 @@
 """Dynamic batcher: a bounded admission queue, a batch collector and a batch runner.
 
 The two halves are separately testable, as in Ray Serve and MLServer:
-  * `collect_batch` waits for a first request, then up to `max_queue_delay` measured from *its* arrival,
+  * `Collector.collect` waits for a first request, then up to `max_queue_delay` measured from *its* arrival,
     stopping early at max_batch_size or the largest preferred size; requests whose non-batch dims or
     dtypes differ from the first one's are left queued for a later batch, never stacked;
   * `Batcher._run_batch` drops callers that were cancelled or timed out before spending compute on them,
@@ -21,8 +21,10 @@ from typing import Any
 
 import numpy as np
 
+from service.batch_planner import DispatchReason, Planner
 from service.errors import BackendError, DeadlineExceeded, ModelNotReady, QueueFull, RequestCancelled, ServingError
 from service.modelrepo.config import BatchingPolicy
+from service.ragged import RaggedPolicy
 
 log = logging.getLogger("modelserve.batcher")
 
@@ -45,6 +47,7 @@ class PendingRequest:
     timer: asyncio.TimerHandle | None = None
     started: float | None = None
     client_gone: Callable[[], bool] | None = None
+    length: int = 0  # the ragged axis's length, for length-aware models; 0 otherwise
 
     def hung_up(self) -> bool:
         return self.client_gone is not None and self.client_gone()
@@ -144,11 +147,19 @@ class AdmissionQueue:
         finally:
             timer.cancel()
 
-    def compatible(self, *, max_rows: int) -> tuple[list[PendingRequest], int]:
-        """The queued requests that stack with the first one, in order, up to max_rows."""
-        key = self._items[0].shape_key
+    def compatible(self, *, max_rows: int, by_length: bool = False) -> tuple[list[PendingRequest], int]:
+        """The queued requests that stack with the first one, in order, up to max_rows.
+
+        by_length: the first (oldest) request always goes, and its batch-mates are those closest to its length,
+        so a batch pads little; the others wait for a batch of their own length.
+        """
+        first = self._items[0]
+        key = first.shape_key
+        candidates: Sequence[PendingRequest] = self._items
+        if by_length:
+            candidates = sorted(self._items, key=lambda r: (r is not first, abs(r.length - first.length)))
         taken, rows = [], 0
-        for req in self._items:
+        for req in candidates:
             if req.shape_key != key or not req.wanted():
                 continue
             if rows + req.rows > max_rows:
@@ -158,48 +169,68 @@ class AdmissionQueue:
         return taken, rows
 
 
-async def collect_batch(
-    queue: AdmissionQueue, *, policy: BatchingPolicy | None, max_batch_size: int, clock: Clock
-) -> list[PendingRequest]:
-    """Wait for requests and form one batch, as Triton's dynamic batcher does."""
-    while True:
-        await queue.wait_not_empty()
-        if policy is None or max_batch_size <= 0:
-            return [queue.popleft()]
-        batch = await _fill_batch(queue, policy=policy, max_batch_size=max_batch_size, clock=clock)
-        if batch:
-            return batch
+@dataclass
+class Collector:
+    """How one batcher forms batches: Triton's policy, and optionally the adaptive planner and length grouping."""
+
+    policy: BatchingPolicy | None
+    max_batch_size: int
+    clock: Clock
+    planner: Planner | None = None  # None: Triton's fixed max_queue_delay
+    in_flight: Callable[[], int] = lambda: 0  # requests running now
+    by_length: bool = False
+
+    async def collect(self, queue: AdmissionQueue) -> tuple[list[PendingRequest], DispatchReason]:
+        """Wait for requests and form one batch, as Triton's dynamic batcher does."""
+        while True:
+            await queue.wait_not_empty()
+            if self.policy is None or self.max_batch_size <= 0:
+                return [queue.popleft()], DispatchReason.UNBATCHED
+            batch, reason = await self._fill(queue, self.policy)
+            if batch:
+                return batch, reason
+
+    def _wait_s(self, queue: AdmissionQueue, *, taken: list[PendingRequest], rows: int, delay_end: float) -> float:
+        now = self.clock()
+        remaining = delay_end - now
+        if self.planner is None or remaining <= 0:
+            return remaining
+        others = len(queue) - len(taken) + self.in_flight()
+        return min(remaining, self.planner.wait_s(rows=rows, others_in_flight=others, now=now))
+
+    async def _fill(self, queue: AdmissionQueue, policy: BatchingPolicy) -> tuple[list[PendingRequest], DispatchReason]:
+        """One batch from a non-empty queue, waiting up to the first request's delay; [] if the queue emptied."""
+        target = self.max_batch_size
+        if policy.preferred_batch_sizes:
+            target = min(self.max_batch_size, policy.preferred_batch_sizes[-1])
+        delay_end = queue.first().enqueued + policy.max_queue_delay_us / 1e6
+        # As Triton: a full preferred batch goes at once and is not topped up past the preferred size.
+        taken, rows = queue.compatible(max_rows=target, by_length=self.by_length)
+        reason = DispatchReason.FULL if target == self.max_batch_size else DispatchReason.PREFERRED
+        while taken and rows < target:
+            wait = self._wait_s(queue, taken=taken, rows=rows, delay_end=delay_end)
+            if wait <= 0:
+                reason = DispatchReason.DELAY if self.clock() >= delay_end else DispatchReason.ADAPTIVE
+                break
+            await queue.wait_for_arrival(wait)
+            queue.prune()
+            if not len(queue):
+                return [], reason
+            taken, rows = queue.compatible(max_rows=target, by_length=self.by_length)
+        if rows < target:
+            # The wait ended before a preferred batch formed: send the largest batch there is.
+            taken, rows = queue.compatible(max_rows=self.max_batch_size, by_length=self.by_length)
+            if rows >= self.max_batch_size:
+                reason = DispatchReason.FULL
+        queue.remove(taken)
+        return taken, reason
 
 
-async def _fill_batch(
-    queue: AdmissionQueue, *, policy: BatchingPolicy, max_batch_size: int, clock: Clock
-) -> list[PendingRequest]:
-    """One batch from a non-empty queue, waiting up to the first request's delay; [] if the queue emptied."""
-    target = max_batch_size
-    if policy.preferred_batch_sizes:
-        target = min(max_batch_size, policy.preferred_batch_sizes[-1])
-    delay_end = queue.first().enqueued + policy.max_queue_delay_us / 1e6
-    # As Triton: a full preferred batch goes at once and is not topped up past the preferred size.
-    taken, rows = queue.compatible(max_rows=target)
-    while taken and rows < target:
-        remaining = delay_end - clock()
-        if remaining <= 0:
-            break
-        await queue.wait_for_arrival(remaining)
-        queue.prune()
-        if not len(queue):
-            return []
-        taken, rows = queue.compatible(max_rows=target)
-    if rows < target:
-        # The delay ran out before a preferred batch formed: send the largest batch there is.
-        taken, rows = queue.compatible(max_rows=max_batch_size)
-    queue.remove(taken)
-    return taken
-
-
-def _concat(batch: Sequence[PendingRequest]) -> Feeds:
+def _concat(batch: Sequence[PendingRequest], ragged: RaggedPolicy | None) -> Feeds:
     if len(batch) == 1:
         return batch[0].inputs
+    if ragged is not None:
+        return ragged.concat([r.inputs for r in batch])
     return {name: np.concatenate([r.inputs[name] for r in batch], axis=0) for name in batch[0].inputs}
 
 
@@ -209,11 +240,17 @@ class BatcherStats:
 
     on_execution: Callable[[int, tuple[int, int, int]], None] = lambda rows, timings: None
     on_queue_change: Callable[[int], None] = lambda depth: None
+    on_dispatch: Callable[[DispatchReason, int], None] = lambda reason, rows: None
 
 
 @dataclass
 class Batcher:
-    """One model version's queue, collector loop and bounded executions."""
+    """One model version's queue, collector loop and bounded executions.
+
+    adaptive: decide each wait with a `Planner` (Triton's max_queue_delay stays the upper bound) and shed
+    requests whose queue timeout the predicted batch cost would miss. ragged: pad requests of different lengths
+    into one batch, grouping similar lengths.
+    """
 
     model: str
     run: RunFn
@@ -223,6 +260,8 @@ class Batcher:
     concurrency: int
     clock: Clock = time.monotonic
     stats: BatcherStats = field(default_factory=BatcherStats)
+    adaptive: bool = False
+    ragged: RaggedPolicy | None = None
 
     def __post_init__(self) -> None:
         self.queue = AdmissionQueue(max_size=self.policy.max_queue_size if self.policy else 0)
@@ -230,9 +269,19 @@ class Batcher:
         self._tasks: set[asyncio.Task] = set()
         self._loop_task: asyncio.Task | None = None
         self.accepting = True
+        self.planner = Planner()
+        self._running = 0
+        self.collector = Collector(policy=self.policy, max_batch_size=self.max_batch_size, clock=self.clock,
+                                   planner=self.planner if self.adaptive else None,
+                                   in_flight=lambda: self._running, by_length=self.ragged is not None)
 
     def start(self) -> None:
         self._loop_task = asyncio.get_running_loop().create_task(self._collect_loop(), name=f"batcher:{self.model}")
+
+    def _shape_key(self, inputs: Feeds) -> tuple:
+        if self.ragged is not None:
+            return self.ragged.shape_key(inputs)
+        return tuple((n, a.shape[1:] if self.max_batch_size > 0 else a.shape, a.dtype.str) for n, a in inputs.items())
 
     def submit(
         self, *, inputs: Feeds, rows: int, timeout_s: float | None, client_gone: Callable[[], bool] | None = None
@@ -242,10 +291,11 @@ class Batcher:
             raise ModelNotReady(f"model {self.model!r} is unloading; not accepting new requests")
         loop = asyncio.get_running_loop()
         now = self.clock()
-        key = tuple((n, a.shape[1:] if self.max_batch_size > 0 else a.shape, a.dtype.str) for n, a in inputs.items())
-        req = PendingRequest(inputs=inputs, rows=rows, shape_key=key, future=loop.create_future(), enqueued=now,
-                             client_gone=client_gone)
+        req = PendingRequest(inputs=inputs, rows=rows, shape_key=self._shape_key(inputs), future=loop.create_future(),
+                             enqueued=now, client_gone=client_gone,
+                             length=self.ragged.length(inputs) if self.ragged is not None else 0)
         self.queue.put(req, model=self.model)
+        self.planner.arrivals.observe(now)
         if timeout_s is not None and timeout_s > 0:
             req.deadline = now + timeout_s
             req.timer = loop.call_later(timeout_s, self._expire, req)
@@ -266,29 +316,47 @@ class Batcher:
         while True:
             await self._slots.acquire()
             try:
-                batch = await collect_batch(
-                    self.queue, policy=self.policy, max_batch_size=self.max_batch_size, clock=self.clock
-                )
+                batch, reason = await self.collector.collect(self.queue)
             except BaseException:
                 self._slots.release()
                 raise
             self.stats.on_queue_change(len(self.queue))
+            self.stats.on_dispatch(reason, sum(r.rows for r in batch))
             task = asyncio.get_running_loop().create_task(self._run_batch(batch))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
     async def _run_batch(self, batch: list[PendingRequest]) -> None:
+        self._running += len(batch)
         try:
-            live = self._live(batch)
+            live = self._shed_late(self._live(batch))
             if live:
                 await self._execute(live)
         finally:
+            self._running -= len(batch)
             self._slots.release()
 
     @staticmethod
     def _live(batch: list[PendingRequest]) -> list[PendingRequest]:
         """The batch's requests someone still waits for; callers who hung up are answered here."""
         return [r for r in batch if not _cancel_if_hung_up(r) and not r.future.done()]
+
+    def _shed_late(self, live: list[PendingRequest]) -> list[PendingRequest]:
+        """Adaptive only: answer 504 now, not late, to requests the predicted batch cost would finish too late for."""
+        if not self.adaptive or all(r.deadline is None for r in live):
+            return live
+        now, rows = self.clock(), sum(r.rows for r in live)
+        kept = []
+        for r in live:
+            if self.planner.can_meet(deadline=r.deadline, rows=rows, now=now):
+                kept.append(r)
+                continue
+            predicted = self.planner.cost.predict(rows) or 0.0
+            left_ms = ((r.deadline or now) - now) * 1e3
+            _set_exception_if_not_done(r.future, DeadlineExceeded(
+                f"model {self.model!r}: shed before running: a batch of {rows} rows is predicted to take "
+                f"{predicted * 1e3:.1f} ms and the request's queue timeout leaves {left_ms:.1f} ms"))
+        return kept
 
     async def _execute(self, live: list[PendingRequest]) -> None:
         now = self.clock()
@@ -312,16 +380,23 @@ class Batcher:
                 _set_exception_if_not_done(r.future, err)
             return
         rows = sum(r.rows for r in live)
+        self.planner.cost.observe(rows, self.clock() - now)
         self.stats.on_execution(rows, timings)
+        self._answer(live, outputs, rows=rows, queued_at=now, timings=timings)
+
+    def _answer(self, live: list[PendingRequest], outputs: dict[str, np.ndarray], *, rows: int, queued_at: float,
+                timings: tuple[int, int, int]) -> None:
         offset = 0
         for r in live:
             part = {name: out[offset:offset + r.rows] for name, out in outputs.items()} if len(live) > 1 else outputs
+            if self.ragged is not None and len(live) > 1:
+                part = self.ragged.cut(part, length=r.length)
             offset += r.rows
-            _set_result_if_not_done(r.future, BatchResult(part, now - r.enqueued, rows, timings))
+            _set_result_if_not_done(r.future, BatchResult(part, queued_at - r.enqueued, rows, timings))
 
     def _run_concat(self, live: list[PendingRequest]) -> tuple[dict[str, np.ndarray], tuple[int, int, int]]:
         t0 = time.perf_counter_ns()
-        feeds = _concat(live)
+        feeds = _concat(live, self.ragged)
         t1 = time.perf_counter_ns()
         outputs, infer_ns, output_ns = self.run(feeds)
         rows = sum(r.rows for r in live)
