@@ -27,6 +27,8 @@ import numpy as np
 _COST_WINDOW = 64
 # Inter-arrival smoothing: 0.2 follows a change in load within ~5 arrivals without chasing single outliers.
 _ARRIVAL_ALPHA = 0.2
+# The shortest wait worth a timer: a burst's gaps are ~0, and a zero wait would dispatch it one request at a time.
+_MIN_WAIT_S = 50e-6
 
 
 class DispatchReason(str, enum.Enum):
@@ -84,11 +86,12 @@ class ArrivalRate:
         self.last = now
 
     def until_next(self, now: float) -> float | None:
-        """Expected seconds until the next arrival; an overdue one is still about one gap away."""
+        """Expected seconds until the next arrival. An overdue one is at least one gap away, and at least as far
+        as the silence so far: a wait that saw nobody come stops looking worth it."""
         if self.gap is None or self.last is None:
             return None
         due = self.last + self.gap - now
-        return due if due > 0 else self.gap
+        return due if due > 0 else max(self.gap, now - self.last)
 
 
 @dataclass
@@ -107,7 +110,7 @@ class Planner:
         if fit is None or gap is None:
             return float("inf")  # others in flight but nothing learned yet: Triton's wait
         gain = fit[1]
-        return gap if gap * rows < gain else 0.0
+        return max(gap, _MIN_WAIT_S) if gap * rows < gain else 0.0
 
     def can_meet(self, *, deadline: float | None, rows: int, now: float) -> bool:
         """False when a batch of `rows` is predicted to end after `deadline`: better shed now than late."""

@@ -92,6 +92,7 @@ class AdmissionQueue:
         self.max_size = max_size
         self._items: deque[PendingRequest] = deque()
         self._arrived = asyncio.Event()
+        self.token_bound_hit = False
 
     def __len__(self) -> int:
         return len(self._items)
@@ -147,25 +148,34 @@ class AdmissionQueue:
         finally:
             timer.cancel()
 
-    def compatible(self, *, max_rows: int, by_length: bool = False) -> tuple[list[PendingRequest], int]:
+    def compatible(self, *, max_rows: int, by_length: bool = False,
+                   max_tokens: int = 0) -> tuple[list[PendingRequest], int]:
         """The queued requests that stack with the first one, in order, up to max_rows.
 
         by_length: the first (oldest) request always goes, and its batch-mates are those closest to its length,
-        so a batch pads little; the others wait for a batch of their own length.
+        so a batch pads little; the others wait for a batch of their own length. max_tokens (> 0): rows times
+        the padded length stays within it (a model's memory grows with both).
         """
         first = self._items[0]
         key = first.shape_key
         candidates: Sequence[PendingRequest] = self._items
         if by_length:
             candidates = sorted(self._items, key=lambda r: (r is not first, abs(r.length - first.length)))
-        taken, rows = [], 0
+        taken: list[PendingRequest] = []
+        rows = longest = 0
+        self.token_bound_hit = False  # read by the collector: a batch at its token bound is as full as it gets
         for req in candidates:
             if req.shape_key != key or not req.wanted():
                 continue
             if rows + req.rows > max_rows:
                 break
+            padded = (rows + req.rows) * max(longest, req.length)
+            if taken and max_tokens and padded > max_tokens:
+                self.token_bound_hit = True
+                break
             taken.append(req)
             rows += req.rows
+            longest = max(longest, req.length)
         return taken, rows
 
 
@@ -179,6 +189,7 @@ class Collector:
     planner: Planner | None = None  # None: Triton's fixed max_queue_delay
     in_flight: Callable[[], int] = lambda: 0  # requests running now
     by_length: bool = False
+    max_tokens: int = 0  # with by_length: rows x padded length per batch, at most (0: no bound)
 
     async def collect(self, queue: AdmissionQueue) -> tuple[list[PendingRequest], DispatchReason]:
         """Wait for requests and form one batch, as Triton's dynamic batcher does."""
@@ -205,9 +216,9 @@ class Collector:
             target = min(self.max_batch_size, policy.preferred_batch_sizes[-1])
         delay_end = queue.first().enqueued + policy.max_queue_delay_us / 1e6
         # As Triton: a full preferred batch goes at once and is not topped up past the preferred size.
-        taken, rows = queue.compatible(max_rows=target, by_length=self.by_length)
+        taken, rows = queue.compatible(max_rows=target, by_length=self.by_length, max_tokens=self.max_tokens)
         reason = DispatchReason.FULL if target == self.max_batch_size else DispatchReason.PREFERRED
-        while taken and rows < target:
+        while taken and rows < target and not queue.token_bound_hit:
             wait = self._wait_s(queue, taken=taken, rows=rows, delay_end=delay_end)
             if wait <= 0:
                 reason = DispatchReason.DELAY if self.clock() >= delay_end else DispatchReason.ADAPTIVE
@@ -216,10 +227,10 @@ class Collector:
             queue.prune()
             if not len(queue):
                 return [], reason
-            taken, rows = queue.compatible(max_rows=target, by_length=self.by_length)
-        if rows < target:
+            taken, rows = queue.compatible(max_rows=target, by_length=self.by_length, max_tokens=self.max_tokens)
+        if rows < target and not queue.token_bound_hit:
             # The wait ended before a preferred batch formed: send the largest batch there is.
-            taken, rows = queue.compatible(max_rows=self.max_batch_size, by_length=self.by_length)
+            taken, rows = queue.compatible(max_rows=self.max_batch_size, by_length=self.by_length, max_tokens=self.max_tokens)
             if rows >= self.max_batch_size:
                 reason = DispatchReason.FULL
         queue.remove(taken)
@@ -273,7 +284,8 @@ class Batcher:
         self._running = 0
         self.collector = Collector(policy=self.policy, max_batch_size=self.max_batch_size, clock=self.clock,
                                    planner=self.planner if self.adaptive else None,
-                                   in_flight=lambda: self._running, by_length=self.ragged is not None)
+                                   in_flight=lambda: self._running, by_length=self.ragged is not None,
+                                   max_tokens=self.ragged.max_tokens if self.ragged is not None else 0)
 
     def start(self) -> None:
         self._loop_task = asyncio.get_running_loop().create_task(self._collect_loop(), name=f"batcher:{self.model}")

@@ -50,6 +50,8 @@ def _serve_parser(sub) -> None:
                    help="on SIGTERM/SIGINT, finish requests in progress for at most this long (default 30)")
     p.add_argument("--strict-readiness", dest="strict_readiness", metavar="BOOL",
                    help="ready only when every model is READY (default true); false: ready while serving")
+    p.add_argument("--adaptive-batching", dest="adaptive_batching", type=_flag, metavar="BOOL",
+                   help="wait for batch-mates only while it pays, by observed load (default false: Triton's delay)")
 
 
 def _flag(value: str) -> bool:

@@ -11,12 +11,14 @@ from pathlib import Path
 
 import numpy as np
 
+from service.batch_planner import DispatchReason
 from service.batcher import Batcher, BatcherStats, BatchResult
 from service.datatypes import v2_datatype
 from service.errors import InvalidInput, ModelLoadError
 from service.modelrepo.config import ModelSpec, completed_spec, instance_settings
 from service.modelrepo.layout import DEFAULT_MODEL_FILENAME, model_file
 from service.modelrepo.sessions import choose_providers
+from service.ragged import RaggedPolicy, ragged_policy
 from service.runtime import InstancePool, classify_run_error, synthetic_inputs
 from service.sequence import SequenceBatcher
 from service.sequence_config import sequence_policy
@@ -104,6 +106,8 @@ class ModelVersion:
     sequencer: SequenceBatcher | None = None
     executor: ThreadPoolExecutor | None = None
     output_names: list[str] = field(default_factory=list)
+    adaptive: bool = False  # settings.adaptive_batching
+    ragged: RaggedPolicy | None = None  # the config's length-aware batching
     _string_inputs: set[str] = field(default_factory=set)
 
     @property
@@ -138,6 +142,7 @@ class ModelVersion:
         )
         mv = cls(spec=spec, version=str(version), pool=pool, stats=ModelStats(req.name, str(version)))
         mv.output_names = [o.name for o in spec.outputs]
+        mv.adaptive, mv.ragged = settings.adaptive_batching, ragged_policy(spec, max_tokens=settings.max_batch_tokens)
         mv._string_inputs = {t.name for t in [*pool.graph_inputs, *pool.graph_optional] if t.datatype == "BYTES"}
         if settings.warmup:
             mv._warmup()
@@ -177,9 +182,15 @@ class ModelVersion:
             policy=self.spec.batching,
             max_batch_size=self.spec.max_batch_size,
             concurrency=self.pool.count,
-            stats=BatcherStats(on_execution=self.stats.record_execution, on_queue_change=on_queue),
+            stats=BatcherStats(on_execution=self.stats.record_execution, on_queue_change=on_queue,
+                               on_dispatch=self._record_dispatch),
+            adaptive=self.adaptive,
+            ragged=self.ragged,
         )
         self.batcher.start()
+
+    def _record_dispatch(self, reason: DispatchReason, rows: int) -> None:
+        self.stats.record_dispatch(reason.value, rows / max(self.spec.max_batch_size, 1))
 
     def submit(self, *, inputs: dict[str, np.ndarray], rows: int, parameters: dict,
                client_gone: Callable[[], bool] | None = None) -> Awaitable[BatchResult]:

@@ -34,6 +34,7 @@ class RaggedPolicy:
 
     pad_values: dict[str, float]
     outputs: tuple[str, ...] = ()
+    max_tokens: int = 0  # rows x padded length per batch, at most (settings.max_batch_tokens); 0: no bound
 
     def shape_key(self, inputs: dict[str, np.ndarray]) -> tuple:
         """What must match for two requests to stack: everything but the padded axis."""
@@ -72,7 +73,7 @@ def _param(spec: ModelSpec, key: str) -> str:
     return p.string_value.strip() if p is not None else ""
 
 
-def ragged_policy(spec: ModelSpec) -> RaggedPolicy | None:
+def ragged_policy(spec: ModelSpec, *, max_tokens: int = 0) -> RaggedPolicy | None:
     """The model's declared length-aware batching, or None; ModelLoadError says what a bad declaration lacks."""
     mode = _param(spec, RAGGED_KEY)
     if not mode:
@@ -97,4 +98,4 @@ def ragged_policy(spec: ModelSpec) -> RaggedPolicy | None:
     if not pads:
         raise ModelLoadError(f"{where} needs {PAD_VALUES_KEY!r}, e.g. \"input_ids:0,attention_mask:0\"")
     outputs = tuple(t.name for t in spec.outputs if t.dims and t.dims[0] == -1)
-    return RaggedPolicy(pad_values=pads, outputs=outputs)
+    return RaggedPolicy(pad_values=pads, outputs=outputs, max_tokens=max_tokens)

@@ -118,6 +118,8 @@ class ServerSettings(BaseSettings):
     """Seconds of audio in one task request together; more get 413."""
     max_batch_tokens: PositiveInt = 4096
     """Tokens (rows x padded length) a text task request runs at once; its texts go in runs of this size."""
+    adaptive_batching: bool = False
+    """Decide each batch's wait from observed load (max_queue_delay the bound) and shed late requests early."""
 
     @field_validator("http_restricted_api", "grpc_restricted_protocol")
     @classmethod
