@@ -234,3 +234,37 @@ async def test_dispatch_reason_and_fill_are_metrics(tmp_path):
     assert f"modelserve_batch_dispatch{{{labels}}} 1" in metrics
     assert f'modelserve_batch_fill_ratio_bucket{{le="0.25",{labels}}} 1' in metrics
     assert f"modelserve_batch_fill_ratio_sum{{{labels}}} 0.25" in metrics
+
+
+@pytest.fixture(scope="module")
+def tiny_transformer(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny zoo's transformer family only (its config declares ragged padding)."""
+    from models import build
+
+    repo = tmp_path_factory.mktemp("tiny_transformer") / "model_repository"
+    assert build.main(["--profile", "tiny", "--model-repository", str(repo), "--families", "transformer"]) == 0
+    config = repo / "transformer" / "config.pbtxt"
+    text = config.read_text()
+    assert 'key: "ragged_batching"' in text
+    # Three texts form a batch at once; one alone waits the (short) delay: batching decided by size, not timing.
+    config.write_text(text.replace("preferred_batch_size: [ 16, 32 ] max_queue_delay_microseconds: 500",
+                                   "preferred_batch_size: [ 3 ] max_queue_delay_microseconds: 200000"))
+    return repo
+
+
+async def test_zoo_transformer_embeddings_equal_alone_or_padded_with_longer_texts(tiny_transformer):
+    short = "a short docstring"
+    longer = ["return the list of items sorted by key, with ties broken by insertion order " * 3,
+              "open the file at path and yield its lines without the trailing newline"]
+    async with inprocess_server(tiny_transformer, load_model=["transformer"], model_control_mode="explicit") \
+            as (_, client):
+        alone = await client.post("/v1/models/transformer/predict", json={"texts": [short]})
+        # Three callers, three lengths: without length-aware batching their shapes differ and never stack.
+        together = await asyncio.gather(*(client.post("/v1/models/transformer/predict", json={"texts": [t]})
+                                          for t in [short, *longer]))
+        stats = (await client.get("/v2/models/transformer/stats")).json()["model_stats"][0]
+    assert alone.status_code == 200 and [r.status_code for r in together] == [200] * 3, alone.text
+    solo, mixed = alone.json()["results"][0], [r.json()["results"][0] for r in together]
+    assert mixed[0]["tokens_used"] < mixed[1]["tokens_used"]  # really padded next to a longer text
+    np.testing.assert_allclose(mixed[0]["embedding"], solo["embedding"], atol=1e-5)
+    assert {b["batch_size"] for b in stats["batch_stats"]} == {1, 3}  # one padded run held all three callers' texts
