@@ -142,7 +142,10 @@ class ModelVersion:
         )
         mv = cls(spec=spec, version=str(version), pool=pool, stats=ModelStats(req.name, str(version)))
         mv.output_names = [o.name for o in spec.outputs]
-        mv.adaptive, mv.ragged = settings.adaptive_batching, ragged_policy(spec, max_tokens=settings.max_batch_tokens)
+        mv.ragged = ragged_policy(spec, max_tokens=settings.max_batch_tokens)
+        # A model may choose for itself: parameters { key: "adaptive_batching" value: { string_value: "true" } }.
+        own = spec.config.parameters.get("adaptive_batching")
+        mv.adaptive = settings.adaptive_batching if own is None else own.string_value.strip().lower() == "true"
         mv._string_inputs = {t.name for t in [*pool.graph_inputs, *pool.graph_optional] if t.datatype == "BYTES"}
         if settings.warmup:
             mv._warmup()
