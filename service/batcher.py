@@ -13,170 +13,31 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
 from service.batch_planner import DispatchReason, Planner
-from service.errors import BackendError, DeadlineExceeded, ModelNotReady, QueueFull, RequestCancelled, ServingError
+from service.batch_queue import (
+    AdmissionQueue,
+    BatchResult,
+    Feeds,
+    PendingRequest,
+    cancel_if_hung_up,
+    set_exception_if_not_done,
+    set_result_if_not_done,
+)
+from service.errors import BackendError, DeadlineExceeded, ModelNotReady, ServingError
 from service.modelrepo.config import BatchingPolicy
 from service.ragged import RaggedPolicy
 
 log = logging.getLogger("modelserve.batcher")
 
 Clock = Callable[[], float]
-Feeds = dict[str, np.ndarray]
 # feeds -> (outputs by name, compute_infer_ns, compute_output_ns); blocking, runs in a worker thread.
 RunFn = Callable[[Feeds], tuple[dict[str, np.ndarray], int, int]]
-
-
-@dataclass(eq=False)
-class PendingRequest:
-    """One caller's request waiting in (or taken from) the queue."""
-
-    inputs: Feeds
-    rows: int
-    shape_key: tuple
-    future: asyncio.Future
-    enqueued: float
-    deadline: float | None = None
-    timer: asyncio.TimerHandle | None = None
-    started: float | None = None
-    client_gone: Callable[[], bool] | None = None
-    length: int = 0  # the ragged axis's length, for length-aware models; 0 otherwise
-
-    def hung_up(self) -> bool:
-        return self.client_gone is not None and self.client_gone()
-
-    def wanted(self) -> bool:
-        """Whether anyone still waits for this answer (not cancelled, timed out, or hung up)."""
-        return not self.future.done() and not self.hung_up()
-
-
-@dataclass
-class BatchResult:
-    """What the runner hands back to each caller's future."""
-
-    outputs: dict[str, np.ndarray]
-    queue_s: float
-    batch_rows: int
-    timings_ns: tuple[int, int, int] = (0, 0, 0)
-
-
-def _set_result_if_not_done(fut: asyncio.Future, value: Any) -> None:
-    if not fut.done():
-        fut.set_result(value)
-
-
-def _set_exception_if_not_done(fut: asyncio.Future, exc: BaseException) -> None:
-    if not fut.done():
-        fut.set_exception(exc)
-
-
-def _cancel_if_hung_up(req: PendingRequest) -> bool:
-    """True, and the caller answered RequestCancelled, when the caller hung up."""
-    if not req.hung_up():
-        return False
-    _set_exception_if_not_done(req.future, RequestCancelled("client went away while its request was queued"))
-    return True
-
-
-class AdmissionQueue:
-    """The bounded FIFO in front of the batcher. max_size 0 means unbounded (Triton's meaning)."""
-
-    def __init__(self, *, max_size: int) -> None:
-        self.max_size = max_size
-        self._items: deque[PendingRequest] = deque()
-        self._arrived = asyncio.Event()
-        self.token_bound_hit = False
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def put(self, req: PendingRequest, *, model: str) -> None:
-        if self.max_size and len(self._items) >= self.max_size:
-            raise QueueFull(f"model {model!r}: queue is full ({self.max_size} requests waiting); retry later")
-        self._items.append(req)
-        self._arrived.set()
-
-    def discard(self, req: PendingRequest) -> None:
-        try:
-            self._items.remove(req)
-        except ValueError:
-            pass
-
-    def first(self) -> PendingRequest:
-        return self._items[0]
-
-    def popleft(self) -> PendingRequest:
-        return self._items.popleft()
-
-    def remove(self, taken: Sequence[PendingRequest]) -> None:
-        chosen = set(map(id, taken))
-        self._items = deque(r for r in self._items if id(r) not in chosen)
-
-    def prune(self) -> None:
-        """Drop requests nobody waits for; callers who hung up are answered RequestCancelled here."""
-        if all(r.wanted() for r in self._items):
-            return
-        self._items = deque(r for r in self._items if not _cancel_if_hung_up(r) and not r.future.done())
-
-    def drain(self) -> list[PendingRequest]:
-        """Empty the queue, returning what was in it."""
-        items, self._items = list(self._items), deque()
-        return items
-
-    async def wait_not_empty(self) -> None:
-        while True:
-            self.prune()
-            if self._items:
-                return
-            self._arrived.clear()
-            await self._arrived.wait()
-
-    async def wait_for_arrival(self, timeout_s: float) -> None:
-        """Until another request arrives or `timeout_s` passes."""
-        self._arrived.clear()
-        # A timer that sets the event is cheaper than wait_for, which wraps the wait in a new task.
-        timer = asyncio.get_running_loop().call_later(timeout_s, self._arrived.set)
-        try:
-            await self._arrived.wait()
-        finally:
-            timer.cancel()
-
-    def compatible(self, *, max_rows: int, by_length: bool = False,
-                   max_tokens: int = 0) -> tuple[list[PendingRequest], int]:
-        """The queued requests that stack with the first one, in order, up to max_rows.
-
-        by_length: the first (oldest) request always goes, and its batch-mates are those closest to its length,
-        so a batch pads little; the others wait for a batch of their own length. max_tokens (> 0): rows times
-        the padded length stays within it (a model's memory grows with both).
-        """
-        first = self._items[0]
-        key = first.shape_key
-        candidates: Sequence[PendingRequest] = self._items
-        if by_length:
-            candidates = sorted(self._items, key=lambda r: (r is not first, abs(r.length - first.length)))
-        taken: list[PendingRequest] = []
-        rows = longest = 0
-        self.token_bound_hit = False  # read by the collector: a batch at its token bound is as full as it gets
-        for req in candidates:
-            if req.shape_key != key or not req.wanted():
-                continue
-            if rows + req.rows > max_rows:
-                break
-            padded = (rows + req.rows) * max(longest, req.length)
-            if taken and max_tokens and padded > max_tokens:
-                self.token_bound_hit = True
-                break
-            taken.append(req)
-            rows += req.rows
-            longest = max(longest, req.length)
-        return taken, rows
 
 
 @dataclass
@@ -317,7 +178,7 @@ class Batcher:
     def _expire(self, req: PendingRequest) -> None:
         if req.started is None:
             waited_ms = (self.clock() - req.enqueued) * 1e3
-            _set_exception_if_not_done(
+            set_exception_if_not_done(
                 req.future,
                 DeadlineExceeded(f"model {self.model!r}: request timed out in the queue after {waited_ms:.1f} ms"),
             )
@@ -351,7 +212,7 @@ class Batcher:
     @staticmethod
     def _live(batch: list[PendingRequest]) -> list[PendingRequest]:
         """The batch's requests someone still waits for; callers who hung up are answered here."""
-        return [r for r in batch if not _cancel_if_hung_up(r) and not r.future.done()]
+        return [r for r in batch if not cancel_if_hung_up(r) and not r.future.done()]
 
     def _shed_late(self, live: list[PendingRequest]) -> list[PendingRequest]:
         """Adaptive only: answer 504 now, not late, to requests the predicted batch cost would finish too late for."""
@@ -365,7 +226,7 @@ class Batcher:
                 continue
             predicted = self.planner.cost.predict(rows) or 0.0
             left_ms = ((r.deadline or now) - now) * 1e3
-            _set_exception_if_not_done(r.future, DeadlineExceeded(
+            set_exception_if_not_done(r.future, DeadlineExceeded(
                 f"model {self.model!r}: shed before running: a batch of {rows} rows is predicted to take "
                 f"{predicted * 1e3:.1f} ms and the request's queue timeout leaves {left_ms:.1f} ms"))
         return kept
@@ -389,7 +250,7 @@ class Batcher:
                 return
             err = exc if isinstance(exc, ServingError) else BackendError(f"model {self.model!r}: inference failed: {exc}")
             for r in live:
-                _set_exception_if_not_done(r.future, err)
+                set_exception_if_not_done(r.future, err)
             return
         rows = sum(r.rows for r in live)
         self.planner.cost.observe(rows, self.clock() - now)
@@ -404,7 +265,7 @@ class Batcher:
             if self.ragged is not None and len(live) > 1:
                 part = self.ragged.cut(part, length=r.length)
             offset += r.rows
-            _set_result_if_not_done(r.future, BatchResult(part, queued_at - r.enqueued, rows, timings))
+            set_result_if_not_done(r.future, BatchResult(part, queued_at - r.enqueued, rows, timings))
 
     def _run_concat(self, live: list[PendingRequest]) -> tuple[dict[str, np.ndarray], tuple[int, int, int]]:
         t0 = time.perf_counter_ns()
@@ -429,7 +290,7 @@ class Batcher:
             self.queue.prune()
             await asyncio.sleep(0.01)
         for r in self.queue.drain():
-            _set_exception_if_not_done(r.future, ModelNotReady(f"model {self.model!r} was unloaded"))
+            set_exception_if_not_done(r.future, ModelNotReady(f"model {self.model!r} was unloaded"))
         if self._loop_task is not None:
             self._loop_task.cancel()
             try:
