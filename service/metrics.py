@@ -75,12 +75,12 @@ class TritonStatsCollector(Collector):
 
 def _dispatch_metrics(stats: list[ModelStats]) -> Iterable[Metric]:
     """Why each batch left the queue (full, preferred, delay, adaptive, unbatched) and how full it was."""
-    count = Metric("modelserve_batch_dispatch", "Batches dispatched, by why they left the queue", "counter")
+    count = Metric("modelserve_batch_dispatch_total", "Batches dispatched, by why they left the queue", "counter")
     fill = Metric("modelserve_batch_fill_ratio", "Rows of each dispatched batch over max_batch_size", "histogram")
     for s in stats:
         for reason, d in sorted(s.dispatches.items()):
             labels = {"model": s.name, "version": s.version, "reason": reason}
-            count.add_sample("modelserve_batch_dispatch", labels, d.count)
+            count.add_sample("modelserve_batch_dispatch_total", labels, d.count)
             cumulative = 0
             for le, n in zip(FILL_BUCKETS, d.fill_buckets):
                 cumulative += n
