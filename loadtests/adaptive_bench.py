@@ -27,7 +27,7 @@ import onnxruntime as ort
 from rich.console import Console
 from rich.table import Table
 
-from loadtests.benchmodel import build_cnn_onnx, usable_cpus
+from loadtests.benchmodel import build_cnn_onnx, ort_session, usable_cpus
 from loadtests.generator import LoadConfig, Target, build_bodies, fetch_model_info, fetch_stats, measure_level
 from loadtests.report import fmt, stats_delta, summarize, write_json
 from loadtests.serverproc import serve
@@ -77,9 +77,7 @@ def _text_ceiling(model_dir: Path, texts: list[str], *, batch: int) -> dict[str,
 
     tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     ids = [e.ids[:128] for e in tok.encode_batch(texts)]
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = usable_cpus()
-    session = ort.InferenceSession(str(model_dir / "1" / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    session = ort_session(model_dir / "1" / "model.onnx")  # the server's session options, not ORT's defaults
 
     def rows_per_s(order: list[list[int]]) -> float:
         t0 = time.perf_counter()
