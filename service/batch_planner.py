@@ -8,8 +8,8 @@ who never come. The planner keeps Triton's knobs as upper bounds and decides eac
   * the cost of a batch as a function of its rows, a least-squares fit `a*n + b` over recent batches (the idea
     of BentoML's dispatcher: `b` is what a request saves by sharing a run instead of paying for its own).
 Waiting for the next arrival costs every waiting row that long; it gains about `b` (one run's fixed cost not
-paid again). So the batch waits while `rows * expected_gap < b`, and not at all when nobody else is in flight
-and the next arrival is expected later than that gain.
+paid again). So the batch waits while `rows * (waited + expected_gap) < b`, and not at all when nobody else is
+in flight and the next arrival is expected later than that gain.
 
 Written here rather than taken from a library: no maintained package offers a batching cost model that is not
 tied to its own server (BentoML's lives inside its runner).
@@ -101,16 +101,19 @@ class Planner:
     cost: CostModel = field(default_factory=CostModel)
     arrivals: ArrivalRate = field(default_factory=ArrivalRate)
 
-    def wait_s(self, *, rows: int, others_in_flight: int, now: float) -> float:
-        """Seconds worth waiting for one more arrival; the caller caps it at max_queue_delay."""
+    def wait_s(self, *, rows: int, others_in_flight: int, now: float, waited: float = 0.0) -> float:
+        """Seconds worth waiting for one more arrival; the caller caps it at max_queue_delay.
+
+        `waited`: how long the batch's oldest request has waited already. The whole wait counts against the
+        gain, so a batch never waits longer in all than the run cost it would save (`b / rows`).
+        """
         fit = self.cost.fit()
         gap = self.arrivals.until_next(now)
-        if others_in_flight == 0 and (fit is None or gap is None or gap * rows >= fit[1]):
+        if others_in_flight == 0 and (fit is None or gap is None or (waited + gap) * rows >= fit[1]):
             return 0.0  # nobody else is coming soon enough to be worth it
         if fit is None or gap is None:
             return float("inf")  # others in flight but nothing learned yet: Triton's wait
-        gain = fit[1]
-        return max(gap, _MIN_WAIT_S) if gap * rows < gain else 0.0
+        return max(gap, _MIN_WAIT_S) if (waited + gap) * rows < fit[1] else 0.0
 
     def can_meet(self, *, deadline: float | None, rows: int, now: float) -> bool:
         """False when a batch of `rows` is predicted to end after `deadline`: better shed now than late."""

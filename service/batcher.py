@@ -68,7 +68,8 @@ class Collector:
         if self.planner is None or remaining <= 0:
             return remaining
         others = len(queue) - len(taken) + self.in_flight()
-        return min(remaining, self.planner.wait_s(rows=rows, others_in_flight=others, now=now))
+        waited = now - queue.first().enqueued
+        return min(remaining, self.planner.wait_s(rows=rows, others_in_flight=others, now=now, waited=waited))
 
     async def _fill(self, queue: AdmissionQueue, policy: BatchingPolicy) -> tuple[list[PendingRequest], DispatchReason]:
         """One batch from a non-empty queue, waiting up to the first request's delay; [] if the queue emptied."""

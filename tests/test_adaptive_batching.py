@@ -59,6 +59,8 @@ def test_planner_waits_zero_when_alone_and_while_it_pays_in_a_burst():
         burst.arrivals.observe(t)
     assert burst.wait_s(rows=1, others_in_flight=0, now=0.0015) > 0  # a 0.5 ms gap saves 9 ms: wait
     assert burst.wait_s(rows=30, others_in_flight=0, now=0.0015) == 0.0  # 30 rows x 0.5 ms > 9 ms: go
+    # Having waited 8.8 ms already, one more 0.5 ms gap would cost more than the 9 ms a shared run saves.
+    assert burst.wait_s(rows=1, others_in_flight=4, now=0.0015, waited=0.0088) == 0.0
 
 
 async def test_a_lone_request_does_not_wait_out_the_delay():
