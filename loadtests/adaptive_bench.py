@@ -76,6 +76,7 @@ def _text_ceiling(model_dir: Path, texts: list[str], *, batch: int) -> dict[str,
     from tokenizers import Tokenizer  # NOTE: the text family's dependency, needed only for this half
 
     tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    tok.no_padding()  # as the server's text processor: the file may pad every text to max_length
     ids = [e.ids[:128] for e in tok.encode_batch(texts)]
     session = ort_session(model_dir / "1" / "model.onnx")  # the server's session options, not ORT's defaults
 

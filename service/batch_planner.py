@@ -43,7 +43,10 @@ class DispatchReason(str, enum.Enum):
 
 @dataclass
 class CostModel:
-    """Least-squares `seconds = a * rows + b` over the most recent batches."""
+    """Least-squares `seconds = a * units + b` over the most recent batches.
+
+    Units are rows, or for a length-aware model padded tokens (rows x padded length): its cost follows those.
+    """
 
     samples: deque[tuple[int, float]] = field(default_factory=lambda: deque(maxlen=_COST_WINDOW))
     _fit: tuple[float, float] | None = None
@@ -115,9 +118,18 @@ class Planner:
             return float("inf")  # others in flight but nothing learned yet: Triton's wait
         return max(gap, _MIN_WAIT_S) if (waited + gap) * rows < fit[1] else 0.0
 
-    def can_meet(self, *, deadline: float | None, rows: int, now: float) -> bool:
-        """False when a batch of `rows` is predicted to end after `deadline`: better shed now than late."""
+    def max_padding(self) -> float | None:
+        """For a length-aware model (cost fitted per padded token): the padding, in tokens, worth one run's fixed
+        cost. None before anything was learned."""
+        fit = self.cost.fit()
+        if fit is None:
+            return None
+        a, b = fit
+        return b / a if a > 0 else float("inf")
+
+    def can_meet(self, *, deadline: float | None, units: int, now: float) -> bool:
+        """False when a batch of `units` (rows, or padded tokens) is predicted to end after `deadline`."""
         if deadline is None:
             return True
-        predicted = self.cost.predict(rows)
+        predicted = self.cost.predict(units)
         return predicted is None or now + predicted <= deadline

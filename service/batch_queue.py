@@ -129,13 +129,14 @@ class AdmissionQueue:
         finally:
             timer.cancel()
 
-    def compatible(self, *, max_rows: int, by_length: bool = False,
-                   max_tokens: int = 0) -> tuple[list[PendingRequest], int]:
+    def compatible(self, *, max_rows: int, by_length: bool = False, max_tokens: int = 0,
+                   max_padding: float | None = None) -> tuple[list[PendingRequest], int]:
         """The queued requests that stack with the first one, in order, up to max_rows.
 
         by_length: the first (oldest) request always goes, and its batch-mates are those closest to its length,
         so a batch pads little; the others wait for a batch of their own length. max_tokens (> 0): rows times
-        the padded length stays within it (a model's memory grows with both).
+        the padded length stays within it (a model's memory grows with both). max_padding: a request joins only
+        if the padding it adds (in tokens) costs less than the run it saves (the planner's b / a).
         """
         first = self._items[0]
         key = first.shape_key
@@ -154,6 +155,8 @@ class AdmissionQueue:
             if taken and max_tokens and padded > max_tokens:
                 self.token_bound_hit = True
                 break
+            if taken and max_padding is not None and padded - rows * longest - req.rows * req.length > max_padding:
+                continue
             taken.append(req)
             rows += req.rows
             longest = max(longest, req.length)

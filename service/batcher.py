@@ -62,6 +62,11 @@ class Collector:
             if batch:
                 return batch, reason
 
+    def _compatible(self, queue: AdmissionQueue, max_rows: int) -> tuple[list[PendingRequest], int]:
+        padding = self.planner.max_padding() if self.planner is not None and self.by_length else None
+        return queue.compatible(max_rows=max_rows, by_length=self.by_length, max_tokens=self.max_tokens,
+                                max_padding=padding)
+
     def _wait_s(self, queue: AdmissionQueue, *, taken: list[PendingRequest], rows: int, delay_end: float) -> float:
         now = self.clock()
         remaining = delay_end - now
@@ -78,7 +83,7 @@ class Collector:
             target = min(self.max_batch_size, policy.preferred_batch_sizes[-1])
         delay_end = queue.first().enqueued + policy.max_queue_delay_us / 1e6
         # As Triton: a full preferred batch goes at once and is not topped up past the preferred size.
-        taken, rows = queue.compatible(max_rows=target, by_length=self.by_length, max_tokens=self.max_tokens)
+        taken, rows = self._compatible(queue, target)
         reason = DispatchReason.FULL if target == self.max_batch_size else DispatchReason.PREFERRED
         while taken and rows < target and not queue.token_bound_hit:
             wait = self._wait_s(queue, taken=taken, rows=rows, delay_end=delay_end)
@@ -89,10 +94,10 @@ class Collector:
             queue.prune()
             if not len(queue):
                 return [], reason
-            taken, rows = queue.compatible(max_rows=target, by_length=self.by_length, max_tokens=self.max_tokens)
+            taken, rows = self._compatible(queue, target)
         if rows < target and not queue.token_bound_hit:
             # The wait ended before a preferred batch formed: send the largest batch there is.
-            taken, rows = queue.compatible(max_rows=self.max_batch_size, by_length=self.by_length, max_tokens=self.max_tokens)
+            taken, rows = self._compatible(queue, self.max_batch_size)
             if rows >= self.max_batch_size:
                 reason = DispatchReason.FULL
         queue.remove(taken)
@@ -222,15 +227,20 @@ class Batcher:
         now, rows = self.clock(), sum(r.rows for r in live)
         kept = []
         for r in live:
-            if self.planner.can_meet(deadline=r.deadline, rows=rows, now=now):
+            if self.planner.can_meet(deadline=r.deadline, units=self._units(live), now=now):
                 kept.append(r)
                 continue
-            predicted = self.planner.cost.predict(rows) or 0.0
+            predicted = self.planner.cost.predict(self._units(live)) or 0.0
             left_ms = ((r.deadline or now) - now) * 1e3
             set_exception_if_not_done(r.future, DeadlineExceeded(
                 f"model {self.model!r}: shed before running: a batch of {rows} rows is predicted to take "
                 f"{predicted * 1e3:.1f} ms and the request's queue timeout leaves {left_ms:.1f} ms"))
         return kept
+
+    def _units(self, live: list[PendingRequest]) -> int:
+        """What a batch's cost follows: rows, or for a length-aware model rows x padded length."""
+        rows = sum(r.rows for r in live)
+        return rows * max(r.length for r in live) if self.ragged is not None else rows
 
     async def _execute(self, live: list[PendingRequest]) -> None:
         now = self.clock()
@@ -254,7 +264,7 @@ class Batcher:
                 set_exception_if_not_done(r.future, err)
             return
         rows = sum(r.rows for r in live)
-        self.planner.cost.observe(rows, self.clock() - now)
+        self.planner.cost.observe(self._units(live), self.clock() - now)
         self.stats.on_execution(rows, timings)
         self._answer(live, outputs, rows=rows, queued_at=now, timings=timings)
 

@@ -155,6 +155,38 @@ async def test_length_aware_batches_keep_the_token_bound():
     await b.close(grace_s=1)
 
 
+class TickingClock:
+    """Moves 1 ms each time it is read: waits end by the planner's arithmetic, never by a real timer."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        self.now += 0.001
+        return self.now
+
+
+async def test_adaptive_length_aware_batches_take_a_request_only_if_its_padding_costs_less_than_a_run():
+    seen = []
+
+    def run(feeds):
+        seen.append(feeds["input_ids"].shape)
+        return masked_run(feeds)
+
+    ragged = RaggedPolicy(pad_values={"input_ids": 0, "attention_mask": 0})
+    policy = BatchingPolicy(max_queue_delay_us=HUGE_DELAY_US)
+    b = Batcher(model="m", run=run, executor=ThreadPoolExecutor(1), policy=policy, max_batch_size=4, concurrency=1,
+                clock=TickingClock(), adaptive=True, ragged=ragged)
+    for tokens_, seconds in [(10, 0.015), (20, 0.025)]:
+        b.planner.cost.observe(tokens_, seconds)  # 1 ms a token plus 5 ms a run: 5 padding tokens are worth a run
+    assert b.planner.max_padding() == pytest.approx(5.0)
+    b.start()
+    futs = [b.submit(inputs=tokens(list(range(1, n + 1))), rows=1, timeout_s=None) for n in (10, 12, 30)]
+    await asyncio.wait_for(asyncio.gather(*futs), timeout=10)
+    assert seen == [(2, 12), (1, 30)]  # 10 pads by 2 to join 12; 30 would pad the others by 36: it runs alone
+    await b.close(grace_s=1)
+
+
 def masked_mean_model(path: Path) -> Path:
     """ONNX: mean = sum(ids * mask) / sum(mask) per row (FP32 [n, 1]), tokens = ids * 2 (FP32 [n, L])."""
     ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["n", "L"])
