@@ -179,6 +179,7 @@ async def test_adaptive_length_aware_batches_take_a_request_only_if_its_padding_
                 clock=TickingClock(), adaptive=True, ragged=ragged)
     for tokens_, seconds in [(10, 0.015), (20, 0.025)]:
         b.planner.cost.observe(tokens_, seconds)  # 1 ms a token plus 5 ms a run: 5 padding tokens are worth a run
+    assert Planner().max_padding() == 0.0  # nothing learned: equal lengths only
     assert b.planner.max_padding() == pytest.approx(5.0)
     b.start()
     futs = [b.submit(inputs=tokens(list(range(1, n + 1))), rows=1, timeout_s=None) for n in (10, 12, 30)]
