@@ -56,14 +56,16 @@ class CostModel:
         self._fit = None
 
     def fit(self) -> tuple[float, float] | None:
-        """(a, b), or None before any batch ran. One batch size seen only: all of its cost counts as fixed."""
+        """(a, b), or None before any batch ran. One batch size seen only: nothing tells the fixed part from the
+        per-unit part, so none of it counts as fixed (no gain is promised that was never measured; a lone
+        client would otherwise wait for batch-mates on the strength of its own run time)."""
         if not self.samples:
             return None
         if self._fit is None:
             rows = np.array([s[0] for s in self.samples], dtype=np.float64)
             cost = np.array([s[1] for s in self.samples], dtype=np.float64)
             if np.ptp(rows) == 0:
-                self._fit = (0.0, float(cost.mean()))
+                self._fit = (float(cost.mean() / max(rows[0], 1.0)), 0.0)
             else:
                 a, b = np.polyfit(rows, cost, 1)
                 # Noise can tilt the line below zero; a batch never costs less than nothing per row or per run.

@@ -46,6 +46,11 @@ def adaptive_batcher(model, *, clock, max_batch_size=4, reasons=None, ragged=Non
 def test_planner_waits_zero_when_alone_and_while_it_pays_in_a_burst():
     planner = Planner()
     assert planner.wait_s(rows=1, others_in_flight=0, now=0.0) == 0.0  # nothing learned, nobody else: go
+    for t in (0.0, 0.001, 0.002):
+        planner.arrivals.observe(t)
+    planner.cost.observe(1, 0.005)  # only lone runs seen, slower than the arrivals: no gain was ever measured
+    assert planner.wait_s(rows=1, others_in_flight=0, now=0.002) == 0.0
+    planner = Planner()
     for rows, cost in [(1, 0.010), (8, 0.017), (1, 0.010), (8, 0.017)]:
         planner.cost.observe(rows, cost)
     a, b = planner.cost.fit()  # type: ignore[misc]
