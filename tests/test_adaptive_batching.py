@@ -250,7 +250,7 @@ async def test_server_pads_requests_of_different_lengths_into_one_onnx_batch(tmp
         out = {o["name"]: o for o in resp.json()["outputs"]}
         assert out["mean"]["data"] == pytest.approx([sum(values) / len(values)], abs=1e-5)
         assert out["tokens"]["shape"] == [1, len(values)] and out["tokens"]["data"] == [2.0 * v for v in values]
-    assert 'modelserve_batch_dispatch_total{model="masked",reason="preferred",version="1"} 1' in metrics
+    assert 'modelserve_batch_fill_ratio_count{model="masked",reason="preferred",version="1"} 1' in metrics
 
 
 async def test_a_bad_ragged_declaration_fails_the_load_with_what_is_expected(tmp_path):
@@ -271,7 +271,7 @@ async def test_dispatch_reason_and_fill_are_metrics(tmp_path):
         metrics = (await client.get("/metrics")).text
     assert resp.status_code == 200  # alone: sent at once, not after the minute's delay
     labels = 'model="batched",reason="adaptive",version="1"'
-    assert f"modelserve_batch_dispatch_total{{{labels}}} 1" in metrics
+    assert f"modelserve_batch_fill_ratio_count{{{labels}}} 1" in metrics  # one batch, sent for this reason
     assert f'modelserve_batch_fill_ratio_bucket{{le="0.25",{labels}}} 1' in metrics
     assert f"modelserve_batch_fill_ratio_sum{{{labels}}} 0.25" in metrics
 
