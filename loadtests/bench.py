@@ -27,6 +27,7 @@ import aiohttp
 import onnxruntime
 from rich.console import Console
 
+from loadtests.adaptive_bench import main_adaptive
 from loadtests.benchmodel import DEFAULT_WIDTH, build_cnn_onnx, measure_ceiling, usable_cpus
 from loadtests.benchreport import render_bench_table, write_markdown, write_plot
 from loadtests.generator import LoadConfig, Target, build_bodies, fetch_model_info, measure_level
@@ -70,6 +71,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="server's MODELSERVE_CPU_THREADS (ORT intra-op threads); default: the server's own "
                         "(the usable cores, as the ceiling uses)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--mode", choices=["server", "adaptive"], default="server",
+                   help="adaptive: no batching vs Triton's fixed delay vs adaptive, and a mixed-length text bench "
+                        "(loadtests/adaptive_bench.py)")
+    p.add_argument("--texts", type=int, default=512, help="--mode adaptive: texts in the text bench")
     args = p.parse_args(argv)
     try:
         args.concurrency = [int(c) for c in args.concurrency.split(",")]
@@ -177,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     console = Console(width=None if sys.stdout.isatty() else 160)
     args.output.mkdir(parents=True, exist_ok=True)
+    if args.mode == "adaptive":
+        return main_adaptive(args, console)
     doc = run_bench(args, console)
     render_bench_table(doc, console=console)
     write_json(args.output / "bench.json", doc)

@@ -43,6 +43,8 @@ parameters {{ key: "tokenizer" value: {{ string_value: "tokenizer.json" }} }}
 parameters {{ key: "max_sequence_length" value: {{ string_value: "{max_length}" }} }}
 parameters {{ key: "vocab_size" value: {{ string_value: "{vocab_size}" }} }}
 parameters {{ key: "text_input" value: {{ string_value: "text" }} }}
+parameters {{ key: "ragged_batching" value: {{ string_value: "pad" }} }}
+parameters {{ key: "ragged_pad_values" value: {{ string_value: "input_ids:0,attention_mask:0" }} }}
 """
 
 

@@ -1,7 +1,7 @@
 """Dynamic batcher: a bounded admission queue, a batch collector and a batch runner.
 
 The two halves are separately testable, as in Ray Serve and MLServer:
-  * `collect_batch` waits for a first request, then up to `max_queue_delay` measured from *its* arrival,
+  * `Collector.collect` waits for a first request, then up to `max_queue_delay` measured from *its* arrival,
     stopping early at max_batch_size or the largest preferred size; requests whose non-batch dims or
     dtypes differ from the first one's are left queued for a later batch, never stacked;
   * `Batcher._run_batch` drops callers that were cancelled or timed out before spending compute on them,
@@ -13,193 +13,102 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
-from service.errors import BackendError, DeadlineExceeded, ModelNotReady, QueueFull, RequestCancelled, ServingError
+from service.batch_planner import DispatchReason, Planner
+from service.batch_queue import (
+    AdmissionQueue,
+    BatchResult,
+    Feeds,
+    PendingRequest,
+    cancel_if_hung_up,
+    set_exception_if_not_done,
+    set_result_if_not_done,
+)
+from service.errors import BackendError, DeadlineExceeded, ModelNotReady, ServingError
 from service.modelrepo.config import BatchingPolicy
+from service.ragged import RaggedPolicy
 
 log = logging.getLogger("modelserve.batcher")
 
 Clock = Callable[[], float]
-Feeds = dict[str, np.ndarray]
 # feeds -> (outputs by name, compute_infer_ns, compute_output_ns); blocking, runs in a worker thread.
 RunFn = Callable[[Feeds], tuple[dict[str, np.ndarray], int, int]]
 
 
-@dataclass(eq=False)
-class PendingRequest:
-    """One caller's request waiting in (or taken from) the queue."""
-
-    inputs: Feeds
-    rows: int
-    shape_key: tuple
-    future: asyncio.Future
-    enqueued: float
-    deadline: float | None = None
-    timer: asyncio.TimerHandle | None = None
-    started: float | None = None
-    client_gone: Callable[[], bool] | None = None
-
-    def hung_up(self) -> bool:
-        return self.client_gone is not None and self.client_gone()
-
-    def wanted(self) -> bool:
-        """Whether anyone still waits for this answer (not cancelled, timed out, or hung up)."""
-        return not self.future.done() and not self.hung_up()
-
-
 @dataclass
-class BatchResult:
-    """What the runner hands back to each caller's future."""
+class Collector:
+    """How one batcher forms batches: Triton's policy, and optionally the adaptive planner and length grouping."""
 
-    outputs: dict[str, np.ndarray]
-    queue_s: float
-    batch_rows: int
-    timings_ns: tuple[int, int, int] = (0, 0, 0)
+    policy: BatchingPolicy | None
+    max_batch_size: int
+    clock: Clock
+    planner: Planner | None = None  # None: Triton's fixed max_queue_delay
+    in_flight: Callable[[], int] = lambda: 0  # requests running now
+    by_length: bool = False
+    max_tokens: int = 0  # with by_length: rows x padded length per batch, at most (0: no bound)
 
-
-def _set_result_if_not_done(fut: asyncio.Future, value: Any) -> None:
-    if not fut.done():
-        fut.set_result(value)
-
-
-def _set_exception_if_not_done(fut: asyncio.Future, exc: BaseException) -> None:
-    if not fut.done():
-        fut.set_exception(exc)
-
-
-def _cancel_if_hung_up(req: PendingRequest) -> bool:
-    """True, and the caller answered RequestCancelled, when the caller hung up."""
-    if not req.hung_up():
-        return False
-    _set_exception_if_not_done(req.future, RequestCancelled("client went away while its request was queued"))
-    return True
-
-
-class AdmissionQueue:
-    """The bounded FIFO in front of the batcher. max_size 0 means unbounded (Triton's meaning)."""
-
-    def __init__(self, *, max_size: int) -> None:
-        self.max_size = max_size
-        self._items: deque[PendingRequest] = deque()
-        self._arrived = asyncio.Event()
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def put(self, req: PendingRequest, *, model: str) -> None:
-        if self.max_size and len(self._items) >= self.max_size:
-            raise QueueFull(f"model {model!r}: queue is full ({self.max_size} requests waiting); retry later")
-        self._items.append(req)
-        self._arrived.set()
-
-    def discard(self, req: PendingRequest) -> None:
-        try:
-            self._items.remove(req)
-        except ValueError:
-            pass
-
-    def first(self) -> PendingRequest:
-        return self._items[0]
-
-    def popleft(self) -> PendingRequest:
-        return self._items.popleft()
-
-    def remove(self, taken: Sequence[PendingRequest]) -> None:
-        chosen = set(map(id, taken))
-        self._items = deque(r for r in self._items if id(r) not in chosen)
-
-    def prune(self) -> None:
-        """Drop requests nobody waits for; callers who hung up are answered RequestCancelled here."""
-        if all(r.wanted() for r in self._items):
-            return
-        self._items = deque(r for r in self._items if not _cancel_if_hung_up(r) and not r.future.done())
-
-    def drain(self) -> list[PendingRequest]:
-        """Empty the queue, returning what was in it."""
-        items, self._items = list(self._items), deque()
-        return items
-
-    async def wait_not_empty(self) -> None:
+    async def collect(self, queue: AdmissionQueue) -> tuple[list[PendingRequest], DispatchReason]:
+        """Wait for requests and form one batch, as Triton's dynamic batcher does."""
         while True:
-            self.prune()
-            if self._items:
-                return
-            self._arrived.clear()
-            await self._arrived.wait()
+            await queue.wait_not_empty()
+            if self.policy is None or self.max_batch_size <= 0:
+                return [queue.popleft()], DispatchReason.UNBATCHED
+            batch, reason = await self._fill(queue, self.policy)
+            if batch:
+                return batch, reason
 
-    async def wait_for_arrival(self, timeout_s: float) -> None:
-        """Until another request arrives or `timeout_s` passes."""
-        self._arrived.clear()
-        # A timer that sets the event is cheaper than wait_for, which wraps the wait in a new task.
-        timer = asyncio.get_running_loop().call_later(timeout_s, self._arrived.set)
-        try:
-            await self._arrived.wait()
-        finally:
-            timer.cancel()
+    def _compatible(self, queue: AdmissionQueue, max_rows: int) -> tuple[list[PendingRequest], int]:
+        padding = self.planner.max_padding() if self.planner is not None and self.by_length else None
+        return queue.compatible(max_rows=max_rows, by_length=self.by_length, max_tokens=self.max_tokens,
+                                max_padding=padding)
 
-    def compatible(self, *, max_rows: int) -> tuple[list[PendingRequest], int]:
-        """The queued requests that stack with the first one, in order, up to max_rows."""
-        key = self._items[0].shape_key
-        taken, rows = [], 0
-        for req in self._items:
-            if req.shape_key != key or not req.wanted():
-                continue
-            if rows + req.rows > max_rows:
+    def _wait_s(self, queue: AdmissionQueue, *, taken: list[PendingRequest], rows: int, delay_end: float) -> float:
+        now = self.clock()
+        remaining = delay_end - now
+        if self.planner is None or remaining <= 0:
+            return remaining
+        others = len(queue) - len(taken) + self.in_flight()
+        waited = now - queue.first().enqueued
+        return min(remaining, self.planner.wait_s(rows=rows, others_in_flight=others, now=now, waited=waited))
+
+    async def _fill(self, queue: AdmissionQueue, policy: BatchingPolicy) -> tuple[list[PendingRequest], DispatchReason]:
+        """One batch from a non-empty queue, waiting up to the first request's delay; [] if the queue emptied."""
+        target = self.max_batch_size
+        if policy.preferred_batch_sizes:
+            target = min(self.max_batch_size, policy.preferred_batch_sizes[-1])
+        delay_end = queue.first().enqueued + policy.max_queue_delay_us / 1e6
+        # As Triton: a full preferred batch goes at once and is not topped up past the preferred size.
+        taken, rows = self._compatible(queue, target)
+        reason = DispatchReason.FULL if target == self.max_batch_size else DispatchReason.PREFERRED
+        while taken and rows < target and not queue.token_bound_hit:
+            wait = self._wait_s(queue, taken=taken, rows=rows, delay_end=delay_end)
+            if wait <= 0:
+                reason = DispatchReason.DELAY if self.clock() >= delay_end else DispatchReason.ADAPTIVE
                 break
-            taken.append(req)
-            rows += req.rows
-        return taken, rows
+            await queue.wait_for_arrival(wait)
+            queue.prune()
+            if not len(queue):
+                return [], reason
+            taken, rows = self._compatible(queue, target)
+        if rows < target and not queue.token_bound_hit:
+            # The wait ended before a preferred batch formed: send the largest batch there is.
+            taken, rows = self._compatible(queue, self.max_batch_size)
+            if rows >= self.max_batch_size:
+                reason = DispatchReason.FULL
+        queue.remove(taken)
+        return taken, reason
 
 
-async def collect_batch(
-    queue: AdmissionQueue, *, policy: BatchingPolicy | None, max_batch_size: int, clock: Clock
-) -> list[PendingRequest]:
-    """Wait for requests and form one batch, as Triton's dynamic batcher does."""
-    while True:
-        await queue.wait_not_empty()
-        if policy is None or max_batch_size <= 0:
-            return [queue.popleft()]
-        batch = await _fill_batch(queue, policy=policy, max_batch_size=max_batch_size, clock=clock)
-        if batch:
-            return batch
-
-
-async def _fill_batch(
-    queue: AdmissionQueue, *, policy: BatchingPolicy, max_batch_size: int, clock: Clock
-) -> list[PendingRequest]:
-    """One batch from a non-empty queue, waiting up to the first request's delay; [] if the queue emptied."""
-    target = max_batch_size
-    if policy.preferred_batch_sizes:
-        target = min(max_batch_size, policy.preferred_batch_sizes[-1])
-    delay_end = queue.first().enqueued + policy.max_queue_delay_us / 1e6
-    # As Triton: a full preferred batch goes at once and is not topped up past the preferred size.
-    taken, rows = queue.compatible(max_rows=target)
-    while taken and rows < target:
-        remaining = delay_end - clock()
-        if remaining <= 0:
-            break
-        await queue.wait_for_arrival(remaining)
-        queue.prune()
-        if not len(queue):
-            return []
-        taken, rows = queue.compatible(max_rows=target)
-    if rows < target:
-        # The delay ran out before a preferred batch formed: send the largest batch there is.
-        taken, rows = queue.compatible(max_rows=max_batch_size)
-    queue.remove(taken)
-    return taken
-
-
-def _concat(batch: Sequence[PendingRequest]) -> Feeds:
+def _concat(batch: Sequence[PendingRequest], ragged: RaggedPolicy | None) -> Feeds:
     if len(batch) == 1:
         return batch[0].inputs
+    if ragged is not None:
+        return ragged.concat([r.inputs for r in batch])
     return {name: np.concatenate([r.inputs[name] for r in batch], axis=0) for name in batch[0].inputs}
 
 
@@ -209,11 +118,17 @@ class BatcherStats:
 
     on_execution: Callable[[int, tuple[int, int, int]], None] = lambda rows, timings: None
     on_queue_change: Callable[[int], None] = lambda depth: None
+    on_dispatch: Callable[[DispatchReason, int], None] = lambda reason, rows: None
 
 
 @dataclass
 class Batcher:
-    """One model version's queue, collector loop and bounded executions."""
+    """One model version's queue, collector loop and bounded executions.
+
+    adaptive: decide each wait with a `Planner` (Triton's max_queue_delay stays the upper bound) and shed
+    requests whose queue timeout the predicted batch cost would miss. ragged: pad requests of different lengths
+    into one batch, grouping similar lengths.
+    """
 
     model: str
     run: RunFn
@@ -223,6 +138,8 @@ class Batcher:
     concurrency: int
     clock: Clock = time.monotonic
     stats: BatcherStats = field(default_factory=BatcherStats)
+    adaptive: bool = False
+    ragged: RaggedPolicy | None = None
 
     def __post_init__(self) -> None:
         self.queue = AdmissionQueue(max_size=self.policy.max_queue_size if self.policy else 0)
@@ -230,9 +147,20 @@ class Batcher:
         self._tasks: set[asyncio.Task] = set()
         self._loop_task: asyncio.Task | None = None
         self.accepting = True
+        self.planner = Planner()
+        self._running = 0
+        self.collector = Collector(policy=self.policy, max_batch_size=self.max_batch_size, clock=self.clock,
+                                   planner=self.planner if self.adaptive else None,
+                                   in_flight=lambda: self._running, by_length=self.ragged is not None,
+                                   max_tokens=self.ragged.max_tokens if self.ragged is not None else 0)
 
     def start(self) -> None:
         self._loop_task = asyncio.get_running_loop().create_task(self._collect_loop(), name=f"batcher:{self.model}")
+
+    def _shape_key(self, inputs: Feeds) -> tuple:
+        if self.ragged is not None:
+            return self.ragged.shape_key(inputs)
+        return tuple((n, a.shape[1:] if self.max_batch_size > 0 else a.shape, a.dtype.str) for n, a in inputs.items())
 
     def submit(
         self, *, inputs: Feeds, rows: int, timeout_s: float | None, client_gone: Callable[[], bool] | None = None
@@ -242,10 +170,11 @@ class Batcher:
             raise ModelNotReady(f"model {self.model!r} is unloading; not accepting new requests")
         loop = asyncio.get_running_loop()
         now = self.clock()
-        key = tuple((n, a.shape[1:] if self.max_batch_size > 0 else a.shape, a.dtype.str) for n, a in inputs.items())
-        req = PendingRequest(inputs=inputs, rows=rows, shape_key=key, future=loop.create_future(), enqueued=now,
-                             client_gone=client_gone)
+        req = PendingRequest(inputs=inputs, rows=rows, shape_key=self._shape_key(inputs), future=loop.create_future(),
+                             enqueued=now, client_gone=client_gone,
+                             length=self.ragged.length(inputs) if self.ragged is not None else 0)
         self.queue.put(req, model=self.model)
+        self.planner.arrivals.observe(now)
         if timeout_s is not None and timeout_s > 0:
             req.deadline = now + timeout_s
             req.timer = loop.call_later(timeout_s, self._expire, req)
@@ -255,7 +184,7 @@ class Batcher:
     def _expire(self, req: PendingRequest) -> None:
         if req.started is None:
             waited_ms = (self.clock() - req.enqueued) * 1e3
-            _set_exception_if_not_done(
+            set_exception_if_not_done(
                 req.future,
                 DeadlineExceeded(f"model {self.model!r}: request timed out in the queue after {waited_ms:.1f} ms"),
             )
@@ -266,29 +195,52 @@ class Batcher:
         while True:
             await self._slots.acquire()
             try:
-                batch = await collect_batch(
-                    self.queue, policy=self.policy, max_batch_size=self.max_batch_size, clock=self.clock
-                )
+                batch, reason = await self.collector.collect(self.queue)
             except BaseException:
                 self._slots.release()
                 raise
             self.stats.on_queue_change(len(self.queue))
+            self.stats.on_dispatch(reason, sum(r.rows for r in batch))
             task = asyncio.get_running_loop().create_task(self._run_batch(batch))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
     async def _run_batch(self, batch: list[PendingRequest]) -> None:
+        self._running += len(batch)
         try:
-            live = self._live(batch)
+            live = self._shed_late(self._live(batch))
             if live:
                 await self._execute(live)
         finally:
+            self._running -= len(batch)
             self._slots.release()
 
     @staticmethod
     def _live(batch: list[PendingRequest]) -> list[PendingRequest]:
         """The batch's requests someone still waits for; callers who hung up are answered here."""
-        return [r for r in batch if not _cancel_if_hung_up(r) and not r.future.done()]
+        return [r for r in batch if not cancel_if_hung_up(r) and not r.future.done()]
+
+    def _shed_late(self, live: list[PendingRequest]) -> list[PendingRequest]:
+        """Adaptive only: answer 504 now, not late, to requests the predicted batch cost would finish too late for."""
+        if not self.adaptive or all(r.deadline is None for r in live):
+            return live
+        now, rows = self.clock(), sum(r.rows for r in live)
+        kept = []
+        for r in live:
+            if self.planner.can_meet(deadline=r.deadline, units=self._units(live), now=now):
+                kept.append(r)
+                continue
+            predicted = self.planner.cost.predict(self._units(live)) or 0.0
+            left_ms = ((r.deadline or now) - now) * 1e3
+            set_exception_if_not_done(r.future, DeadlineExceeded(
+                f"model {self.model!r}: shed before running: a batch of {rows} rows is predicted to take "
+                f"{predicted * 1e3:.1f} ms and the request's queue timeout leaves {left_ms:.1f} ms"))
+        return kept
+
+    def _units(self, live: list[PendingRequest]) -> int:
+        """What a batch's cost follows: rows, or for a length-aware model rows x padded length."""
+        rows = sum(r.rows for r in live)
+        return rows * max(r.length for r in live) if self.ragged is not None else rows
 
     async def _execute(self, live: list[PendingRequest]) -> None:
         now = self.clock()
@@ -309,19 +261,26 @@ class Batcher:
                 return
             err = exc if isinstance(exc, ServingError) else BackendError(f"model {self.model!r}: inference failed: {exc}")
             for r in live:
-                _set_exception_if_not_done(r.future, err)
+                set_exception_if_not_done(r.future, err)
             return
         rows = sum(r.rows for r in live)
+        self.planner.cost.observe(self._units(live), self.clock() - now)
         self.stats.on_execution(rows, timings)
+        self._answer(live, outputs, rows=rows, queued_at=now, timings=timings)
+
+    def _answer(self, live: list[PendingRequest], outputs: dict[str, np.ndarray], *, rows: int, queued_at: float,
+                timings: tuple[int, int, int]) -> None:
         offset = 0
         for r in live:
             part = {name: out[offset:offset + r.rows] for name, out in outputs.items()} if len(live) > 1 else outputs
+            if self.ragged is not None and len(live) > 1:
+                part = self.ragged.cut(part, length=r.length)
             offset += r.rows
-            _set_result_if_not_done(r.future, BatchResult(part, now - r.enqueued, rows, timings))
+            set_result_if_not_done(r.future, BatchResult(part, queued_at - r.enqueued, rows, timings))
 
     def _run_concat(self, live: list[PendingRequest]) -> tuple[dict[str, np.ndarray], tuple[int, int, int]]:
         t0 = time.perf_counter_ns()
-        feeds = _concat(live)
+        feeds = _concat(live, self.ragged)
         t1 = time.perf_counter_ns()
         outputs, infer_ns, output_ns = self.run(feeds)
         rows = sum(r.rows for r in live)
@@ -342,7 +301,7 @@ class Batcher:
             self.queue.prune()
             await asyncio.sleep(0.01)
         for r in self.queue.drain():
-            _set_exception_if_not_done(r.future, ModelNotReady(f"model {self.model!r} was unloaded"))
+            set_exception_if_not_done(r.future, ModelNotReady(f"model {self.model!r} was unloaded"))
         if self._loop_task is not None:
             self._loop_task.cancel()
             try:

@@ -54,6 +54,8 @@ def _serve_parser(sub) -> None:
                    help="ready only when every model is READY (default true); false: ready while serving")
     p.add_argument("--repository-cache-dir", dest="repository_cache_dir",
                    help="local folder an s3:// (gs://, az://) model repository is mirrored into (default: a temp dir)")
+    p.add_argument("--adaptive-batching", dest="adaptive_batching", type=_flag, metavar="BOOL",
+                   help="wait for batch-mates only while it pays, by observed load (default false: Triton's delay)")
 
 
 def _flag(value: str) -> bool:

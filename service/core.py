@@ -290,6 +290,8 @@ class InferenceCore:
         size = mv.spec.max_batch_size or len(prepared)
         bounded = processor.rows_per_run(prepared)
         step = min(size, bounded or size)
+        if mv.ragged is not None:  # the batcher pads, groups by length and keeps the token bound: send unpadded
+            step, bounded = 1, None
         chunks = [prepared[i:i + step] for i in range(0, len(prepared), step)]
 
         def run(chunk: list[Any]) -> Any:

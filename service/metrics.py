@@ -21,7 +21,7 @@ from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from service.stats import ModelStats
+from service.stats import FILL_BUCKETS, ModelStats
 
 log = logging.getLogger("modelserve.metrics")
 
@@ -70,6 +70,26 @@ class TritonStatsCollector(Collector):
         for s in stats:
             pending.add_sample("nv_inference_pending_request_count", {"model": s.name, "version": s.version}, s.pending)
         yield pending
+        yield from _dispatch_metrics(stats)
+
+
+def _dispatch_metrics(stats: list[ModelStats]) -> Iterable[Metric]:
+    """How full each dispatched batch was, by why it left the queue (full, preferred, delay, adaptive,
+    unbatched); the histogram's `_count` is the number of batches dispatched for that reason. One histogram
+    rather than an extra counter: a counter would need a `_total` name, which Triton's style here avoids."""
+    fill = Metric("modelserve_batch_fill_ratio",
+                  "Rows of each dispatched batch over max_batch_size, by dispatch reason", "histogram")
+    for s in stats:
+        for reason, d in sorted(s.dispatches.items()):
+            labels = {"model": s.name, "version": s.version, "reason": reason}
+            cumulative = 0
+            for le, n in zip(FILL_BUCKETS, d.fill_buckets):
+                cumulative += n
+                fill.add_sample("modelserve_batch_fill_ratio_bucket", {**labels, "le": floatToGoString(le)}, cumulative)
+            fill.add_sample("modelserve_batch_fill_ratio_bucket", {**labels, "le": "+Inf"}, d.count)
+            fill.add_sample("modelserve_batch_fill_ratio_count", labels, d.count)
+            fill.add_sample("modelserve_batch_fill_ratio_sum", labels, d.fill_sum)
+    yield fill
 
 
 class GpuCollector(Collector):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from service.batch_planner import DispatchReason
 from service.batcher import Batcher, BatcherStats, BatchResult
 from service.datatypes import v2_datatype
 from service.errors import InvalidInput, ModelLoadError
@@ -19,6 +20,7 @@ from service.modelrepo.config import ModelSpec, completed_spec, instance_setting
 from service.modelrepo.layout import DEFAULT_MODEL_FILENAME, model_file
 from service.modelrepo.sessions import choose_providers
 from service.processing.text_input import text_input_name
+from service.ragged import RaggedPolicy, ragged_policy
 from service.runtime import InstancePool, classify_run_error, synthetic_inputs
 from service.sequence import SequenceBatcher
 from service.sequence_config import sequence_policy
@@ -109,6 +111,8 @@ class ModelVersion:
     sequencer: SequenceBatcher | None = None
     executor: ThreadPoolExecutor | None = None
     output_names: list[str] = field(default_factory=list)
+    adaptive: bool = False  # settings.adaptive_batching
+    ragged: RaggedPolicy | None = None  # the config's length-aware batching
     _string_inputs: set[str] = field(default_factory=set)
     # Input layouts already validated -> their row count: names, dtypes and shapes are checked once per
     # layout, not per request (the hot path sees the same few layouts again and again).
@@ -156,6 +160,10 @@ class ModelVersion:
         )
         mv = cls(spec=spec, version=str(version), pool=pool, stats=ModelStats(req.name, str(version)))
         mv.output_names = [o.name for o in spec.outputs]
+        mv.ragged = ragged_policy(spec, max_tokens=settings.max_batch_tokens)
+        # A model may choose for itself: parameters { key: "adaptive_batching" value: { string_value: "true" } }.
+        own = spec.config.parameters.get("adaptive_batching")
+        mv.adaptive = settings.adaptive_batching if own is None else own.string_value.strip().lower() == "true"
         mv._string_inputs = {t.name for t in [*pool.graph_inputs, *pool.graph_optional] if t.datatype == "BYTES"}
         if settings.warmup:
             mv._warmup()
@@ -195,9 +203,15 @@ class ModelVersion:
             policy=self.spec.batching,
             max_batch_size=self.spec.max_batch_size,
             concurrency=self.pool.count,
-            stats=BatcherStats(on_execution=self.stats.record_execution, on_queue_change=on_queue),
+            stats=BatcherStats(on_execution=self.stats.record_execution, on_queue_change=on_queue,
+                               on_dispatch=self._record_dispatch),
+            adaptive=self.adaptive,
+            ragged=self.ragged,
         )
         self.batcher.start()
+
+    def _record_dispatch(self, reason: DispatchReason, rows: int) -> None:
+        self.stats.record_dispatch(reason.value, rows / max(self.spec.max_batch_size, 1))
 
     def submit(self, *, inputs: dict[str, np.ndarray], rows: int, parameters: dict,
                client_gone: Callable[[], bool] | None = None) -> Awaitable[BatchResult]:

@@ -121,6 +121,8 @@ class ServerSettings(BaseSettings):
     """Tokens (rows x padded length) a text task request runs at once; its texts go in runs of this size."""
     repository_cache_dir: Path | None = None
     """Local folder an object-storage model repository is mirrored into (default: a new temporary folder)."""
+    adaptive_batching: bool = False
+    """Decide each batch's wait from observed load (max_queue_delay the bound) and shed late requests early."""
 
     @field_validator("model_repository", mode="before")
     @classmethod

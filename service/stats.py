@@ -30,6 +30,26 @@ class BatchStat:
     compute_output: Duration = field(default_factory=Duration)
 
 
+FILL_BUCKETS = (0.125, 0.25, 0.5, 0.75, 1.0)
+
+
+@dataclass
+class DispatchStat:
+    """Batches that left the queue for one reason, and how full they were (rows / max_batch_size)."""
+
+    count: int = 0
+    fill_sum: float = 0.0
+    fill_buckets: list[int] = field(default_factory=lambda: [0] * len(FILL_BUCKETS))  # not cumulative
+
+    def add(self, fill: float) -> None:
+        self.count += 1
+        self.fill_sum += fill
+        for i, le in enumerate(FILL_BUCKETS):
+            if fill <= le:
+                self.fill_buckets[i] += 1
+                return
+
+
 @dataclass
 class ModelStats:
     """Counters for one model version. Only the event loop thread writes them."""
@@ -48,6 +68,7 @@ class ModelStats:
     failures: dict[str, int] = field(default_factory=dict)
     batches: dict[int, BatchStat] = field(default_factory=dict)
     pending: int = 0
+    dispatches: dict[str, DispatchStat] = field(default_factory=dict)  # by reason (batch_planner.DispatchReason)
 
     def record_execution(self, rows: int, timings: tuple[int, int, int]) -> None:
         self.execution_count += 1
@@ -55,6 +76,9 @@ class ModelStats:
         batch = self.batches.setdefault(rows, BatchStat())
         for name, ns in zip(("compute_input", "compute_infer", "compute_output"), timings):
             getattr(batch, name).add(ns)
+
+    def record_dispatch(self, reason: str, fill: float) -> None:
+        self.dispatches.setdefault(reason, DispatchStat()).add(fill)
 
     def record_success(self, *, total_ns: int, queue_ns: int, timings: tuple[int, int, int]) -> None:
         """Per request: Triton attributes each batch's compute time to every request in it."""

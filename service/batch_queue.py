@@ -1,0 +1,163 @@
+"""The batcher's queue: pending requests, the bounded admission FIFO, and which requests stack together."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from service.errors import QueueFull, RequestCancelled
+
+Feeds = dict[str, np.ndarray]
+
+
+@dataclass(eq=False)
+class PendingRequest:
+    """One caller's request waiting in (or taken from) the queue."""
+
+    inputs: Feeds
+    rows: int
+    shape_key: tuple
+    future: asyncio.Future
+    enqueued: float
+    deadline: float | None = None
+    timer: asyncio.TimerHandle | None = None
+    started: float | None = None
+    client_gone: Callable[[], bool] | None = None
+    length: int = 0  # the ragged axis's length, for length-aware models; 0 otherwise
+
+    def hung_up(self) -> bool:
+        return self.client_gone is not None and self.client_gone()
+
+    def wanted(self) -> bool:
+        """Whether anyone still waits for this answer (not cancelled, timed out, or hung up)."""
+        return not self.future.done() and not self.hung_up()
+
+
+@dataclass
+class BatchResult:
+    """What the runner hands back to each caller's future."""
+
+    outputs: dict[str, np.ndarray]
+    queue_s: float
+    batch_rows: int
+    timings_ns: tuple[int, int, int] = (0, 0, 0)
+
+
+def set_result_if_not_done(fut: asyncio.Future, value: Any) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+def set_exception_if_not_done(fut: asyncio.Future, exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)
+
+
+def cancel_if_hung_up(req: PendingRequest) -> bool:
+    """True, and the caller answered RequestCancelled, when the caller hung up."""
+    if not req.hung_up():
+        return False
+    set_exception_if_not_done(req.future, RequestCancelled("client went away while its request was queued"))
+    return True
+
+
+class AdmissionQueue:
+    """The bounded FIFO in front of the batcher. max_size 0 means unbounded (Triton's meaning)."""
+
+    def __init__(self, *, max_size: int) -> None:
+        self.max_size = max_size
+        self._items: deque[PendingRequest] = deque()
+        self._arrived = asyncio.Event()
+        self.token_bound_hit = False
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, req: PendingRequest, *, model: str) -> None:
+        if self.max_size and len(self._items) >= self.max_size:
+            raise QueueFull(f"model {model!r}: queue is full ({self.max_size} requests waiting); retry later")
+        self._items.append(req)
+        self._arrived.set()
+
+    def discard(self, req: PendingRequest) -> None:
+        try:
+            self._items.remove(req)
+        except ValueError:
+            pass
+
+    def first(self) -> PendingRequest:
+        return self._items[0]
+
+    def popleft(self) -> PendingRequest:
+        return self._items.popleft()
+
+    def remove(self, taken: Sequence[PendingRequest]) -> None:
+        chosen = set(map(id, taken))
+        self._items = deque(r for r in self._items if id(r) not in chosen)
+
+    def prune(self) -> None:
+        """Drop requests nobody waits for; callers who hung up are answered RequestCancelled here."""
+        if all(r.wanted() for r in self._items):
+            return
+        self._items = deque(r for r in self._items if not cancel_if_hung_up(r) and not r.future.done())
+
+    def drain(self) -> list[PendingRequest]:
+        """Empty the queue, returning what was in it."""
+        items, self._items = list(self._items), deque()
+        return items
+
+    async def wait_not_empty(self) -> None:
+        while True:
+            self.prune()
+            if self._items:
+                return
+            self._arrived.clear()
+            await self._arrived.wait()
+
+    async def wait_for_arrival(self, timeout_s: float) -> None:
+        """Until another request arrives or `timeout_s` passes."""
+        self._arrived.clear()
+        # A timer that sets the event is cheaper than wait_for, which wraps the wait in a new task.
+        timer = asyncio.get_running_loop().call_later(timeout_s, self._arrived.set)
+        try:
+            await self._arrived.wait()
+        finally:
+            timer.cancel()
+
+    def compatible(self, *, max_rows: int, by_length: bool = False, max_tokens: int = 0,
+                   max_padding: float | None = None) -> tuple[list[PendingRequest], int]:
+        """The queued requests that stack with the first one, in order, up to max_rows.
+
+        by_length: the first (oldest) request always goes, and its batch-mates are those closest to its length,
+        so a batch pads little; the others wait for a batch of their own length. max_tokens (> 0): rows times
+        the padded length stays within it (a model's memory grows with both). max_padding: a request joins only
+        if the padding it adds (in tokens) costs less than the run it saves (the planner's b / a).
+        """
+        first = self._items[0]
+        key = first.shape_key
+        candidates: Sequence[PendingRequest] = self._items
+        if by_length:
+            candidates = sorted(self._items, key=lambda r: (r is not first, abs(r.length - first.length)))
+        taken: list[PendingRequest] = []
+        rows = longest = 0
+        self.token_bound_hit = False  # read by the collector: a batch at its token bound is as full as it gets
+        for req in candidates:
+            if req.shape_key != key or not req.wanted():
+                continue
+            if rows + req.rows > max_rows:
+                break
+            padded = (rows + req.rows) * max(longest, req.length)
+            if taken and max_tokens and padded > max_tokens:
+                self.token_bound_hit = True
+                break
+            if taken and max_padding is not None and padded - rows * longest - req.rows * req.length > max_padding:
+                continue
+            taken.append(req)
+            rows += req.rows
+            longest = max(longest, req.length)
+        return taken, rows
