@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import soundfile as sf
-from scipy.signal import resample_poly
 
 from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
 from service.processing.base import Limits, parse_k, setting, top_k
@@ -113,6 +112,10 @@ def decode_wav(data: bytes, *, index: int, limits: Limits) -> tuple[np.ndarray, 
 def to_model_rate(mono: np.ndarray, rate: int) -> np.ndarray:
     if rate == RATE:
         return mono.astype(np.float32)
+    # NOTE: scipy.signal costs ~0.5-4 s to import (2 shared cores) and only resampling needs it; every process
+    # that builds any family's processor (each Ray actor, `modelserve predict`) would otherwise pay it.
+    from scipy.signal import resample_poly
+
     ratio = Fraction(RATE, rate).limit_denominator(MAX_RESAMPLE_FACTOR)
     return resample_poly(mono, ratio.numerator, ratio.denominator).astype(np.float32)
 
