@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pickle
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -24,31 +25,33 @@ from service.offline.readers import Item
 PAYLOAD_KINDS = ("text", "bytes", "int", "array", "pickle")
 
 
-def _kind(payloads: Sequence) -> str:
-    """The narrowest column kind that holds every payload (items that failed to read carry None)."""
-    present = [p for p in payloads if p is not None]
-    if not present:
+def _kind(values: Sequence) -> str:
+    """The narrowest column kind that holds the payloads of every item that was read."""
+    if not values:
         return "pickle"
-    if all(isinstance(p, str) for p in present):
-        return "text"
-    if all(isinstance(p, bytes) for p in present):
-        return "bytes"
-    if all(isinstance(p, int) and not isinstance(p, bool) for p in present):
+    for kind, cls in (("text", str), ("bytes", bytes)):  # nullable columns: a JSONL `text` may be null
+        if all(v is None or isinstance(v, cls) for v in values) and any(v is not None for v in values):
+            return kind
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
         return "int"
-    first = present[0]
-    if (len(present) == len(payloads) and isinstance(first, np.ndarray) and first.dtype.kind in "biuf"
-            and all(isinstance(p, np.ndarray) and p.shape == first.shape and p.dtype == first.dtype
-                    for p in present)):
+    first = values[0]
+    if (isinstance(first, np.ndarray) and first.dtype.kind in "biuf"
+            and all(isinstance(v, np.ndarray) and v.shape == first.shape and v.dtype == first.dtype
+                    for v in values)):
         return "array"
     return "pickle"
 
 
 def to_block(items: Sequence[Item]) -> pa.Table:
     """One Arrow table for `items`, with the payload in the narrowest native column."""
-    payloads = [None if it.error is not None else it.payload for it in items]
-    kind = _kind(payloads)
+    kind = _kind([it.payload for it in items if it.error is None])
+    read = next((it.payload for it in items if it.error is None), None)
+    # Rows that failed to read carry a filler in int and tensor columns (those must not hold nulls: Ray Data
+    # would turn an int column with nulls into floats); their error column says the payload is not there.
+    filler = {"int": 0, "array": np.zeros_like(read) if kind == "array" else None}.get(kind)
+    payloads: list[Any] = [filler if it.error is not None else it.payload for it in items]
     if kind == "array":
-        column = ArrowTensorArray.from_numpy(np.stack([p for p in payloads if p is not None]))
+        column = ArrowTensorArray.from_numpy(np.stack(payloads))
     elif kind == "pickle":
         column = pa.array([pickle.dumps(p) for p in payloads], pa.binary())
     else:
