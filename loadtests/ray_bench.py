@@ -163,7 +163,7 @@ def report(results: list[dict], *, out_dir: Path, note: str) -> None:
     for h in HEAD:
         table.add_column(h)
     for r in results:
-        cells = [str(r.get(h, "n/a")) for h in HEAD]
+        cells = [str(r.get(h, "-" if r["engine"] == "local" and h.startswith("ray_vs") else "n/a")) for h in HEAD]
         table.add_row(*cells)
         lines.append("| " + " | ".join(cells) + " |")
     Console().print(table)
