@@ -2,10 +2,11 @@
 session per actor.
 
 The driver reads the input in windows (the part size) with the same readers as the local engine, so resume and
-the output layout are identical. Each window goes into the object store as one Arrow block; the blocks form ONE
-dataset whose batches run on an actor pool sized to the cluster (`num_gpus=1` per actor when it has GPUs), and
-results stream back in input order (`preserve_order`) to be committed part by part. The pool is started once
-per job, not once per part.
+the output layout are identical. Each window goes into the object store as one Arrow block per actor (whole
+model batches; native columns, see ray_blocks.py); the blocks form ONE dataset whose blocks each make one call
+on a fixed-size actor pool sized to the cluster (`num_gpus=1` per actor when it has GPUs), which runs the block
+in `--batch-size` model runs; results stream back in input order (`preserve_order`) to be committed part by
+part. The pool is started once per job, not once per part. Throughput figures: docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
