@@ -2,10 +2,11 @@
 session per actor.
 
 The driver reads the input in windows (the part size) with the same readers as the local engine, so resume and
-the output layout are identical. Each window goes into the object store as one Arrow block; the blocks form ONE
-dataset whose batches run on an actor pool sized to the cluster (`num_gpus=1` per actor when it has GPUs), and
-results stream back in input order (`preserve_order`) to be committed part by part. The pool is started once
-per job, not once per part.
+the output layout are identical. Each window goes into the object store as one Arrow block per actor (whole
+model batches; native columns, see ray_blocks.py); the blocks form ONE dataset whose blocks each make one call
+on a fixed-size actor pool sized to the cluster (`num_gpus=1` per actor when it has GPUs), which runs the block
+in `--batch-size` model runs; results stream back in input order (`preserve_order`) to be committed part by
+part. The pool is started once per job, not once per part. Throughput figures: docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -13,33 +14,34 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pickle
 import socket
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 
 # NOTE: ray is an optional extra (`pip install -e '.[ray]'`); this module is imported only for --engine ray.
 import ray
 from ray.exceptions import AuthenticationError
 
 from service.offline.engine import load_model, predict_items
+from service.offline.ray_blocks import from_columns, to_block
 from service.offline.writers import COLUMNS
 
 
 class _Predictor:
-    """Ray actor: loads the model once, then predicts batches of pickled Items."""
+    """Ray actor: loads the model once, then predicts whole blocks (many model batches per call)."""
 
-    def __init__(self, model_dir: str, params: dict) -> None:
+    def __init__(self, model_dir: str, params: dict, batch_size: int) -> None:
         self.model = load_model(Path(model_dir), threads=1)  # one CPU per actor: the pool is the parallelism
-        self.params = params
+        self.params, self.batch_size = params, batch_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        items = [pickle.loads(blob) for blob in batch["item"]]
-        rows = predict_items(self.model, items, params=self.params)
+        items = from_columns(batch)
+        rows = []
+        for start in range(0, len(items), self.batch_size):
+            rows += predict_items(self.model, items[start:start + self.batch_size], params=self.params)
         # NOTE: results travel back as JSON text: Ray would otherwise infer one Arrow struct per block (and turn
         # nested lists into numpy arrays); the driver decodes them, so both engines write the same rows.
         for r in rows:
@@ -92,6 +94,12 @@ def _check_token(address: str | None) -> None:
     ray._raylet.GcsClient(address=address)  # type: ignore[attr-defined]
 
 
+def block_rows(window: int, *, batch_size: int, actors: int) -> int:
+    """Rows per block (one actor call): the window shared among the actors, in whole model batches."""
+    share = -(-window // max(actors, 1))
+    return max(batch_size, -(-share // batch_size) * batch_size)
+
+
 def _pool_size(requested: int | None, *, gpus: float, cpus: float) -> int:
     """Actors for the job: one per GPU when the cluster has GPUs, else one per CPU; `requested` caps it."""
     fits = int(gpus) if gpus >= 1 else max(1, int(cpus))
@@ -120,9 +128,10 @@ class RayEngine:
         """Rows for each window, in order, from one dataset (one actor pool) over all windows."""
         sizes, blocks = [], []
         for window in windows:
-            # NOTE: items are pickled into one binary column because Arrow blocks need one type per column and
-            # payloads are bytes, str, int, arrays or read errors depending on the input.
-            blocks.append(ray.put(pa.table({"item": pa.array([pickle.dumps(it) for it in window], pa.binary())})))
+            # Windows split into blocks of `chunk` rows: one block is one actor call, big enough to amortize
+            # Ray Data's per-call cost over many model batches, small enough that a part feeds every actor.
+            chunk = block_rows(len(window), batch_size=self.batch_size, actors=self.actors)
+            blocks += [ray.put(to_block(window[i:i + chunk])) for i in range(0, len(window), chunk)]
             sizes.append(len(window))
         if not blocks:
             return
@@ -131,9 +140,11 @@ class RayEngine:
             yield [next(rows) for _ in range(size)]
 
     def _rows(self, ds: ray.data.Dataset) -> Iterator[dict]:
-        out = ds.map_batches(_Predictor, batch_size=self.batch_size, batch_format="numpy",
-                             fn_constructor_kwargs={"model_dir": str(self.model_dir), "params": self.params},
-                             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=self.actors),
+        # batch_size=None: each block is one batch; the actor runs it in model batches of --batch-size.
+        out = ds.map_batches(_Predictor, batch_size=None, batch_format="numpy",
+                             fn_constructor_kwargs={"model_dir": str(self.model_dir), "params": self.params,
+                                                    "batch_size": self.batch_size},
+                             compute=ray.data.ActorPoolStrategy(size=self.actors),
                              num_cpus=1, num_gpus=self.num_gpus)
         expected = None
         with warnings.catch_warnings():
