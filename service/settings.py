@@ -12,6 +12,7 @@ from service.access import GRPC_KEY_PREFIX, check_api_keys, parse_restricted_spe
 from service.cpuquota import usable_cpus
 from service.modelrepo.config import DEFAULT_MAX_BATCH_SIZE
 from service.modelrepo.remote import check_url, is_remote
+from service.processing.base import Limits
 
 
 def default_cpu_threads() -> int:
@@ -103,21 +104,21 @@ class ServerSettings(BaseSettings):
     """Longest pause allowed between two chunks of a request body before the request ends with 408."""
     max_task_items: PositiveInt = 1024
     """Items (images, texts, clips, user ids) in one task request; more get 413."""
-    max_text_bytes: PositiveInt = 64 * 1024
+    max_text_bytes: PositiveInt = Limits.max_text_bytes
     """UTF-8 bytes of one text sent to a text model; longer texts get 413 (the model truncates far sooner)."""
-    max_image_pixels: PositiveInt = 4_000_000
+    max_image_pixels: PositiveInt = Limits.max_image_pixels
     """Decoded pixels of one image, read from its header before decoding; larger images get 413."""
-    max_request_pixels: PositiveInt = 64_000_000
+    max_request_pixels: PositiveInt = Limits.max_request_pixels
     """Decoded pixels of all images in one task request together; more get 413."""
-    min_sample_rate: PositiveInt = 8_000
+    min_sample_rate: PositiveInt = Limits.min_sample_rate
     """Lowest sample rate a WAV may declare (Hz); checked from the RIFF header before decoding."""
-    max_sample_rate: PositiveInt = 192_000
+    max_sample_rate: PositiveInt = Limits.max_sample_rate
     """Highest sample rate a WAV may declare (Hz); checked from the RIFF header before decoding."""
-    max_audio_seconds: PositiveFloat = 60.0
+    max_audio_seconds: PositiveFloat = Limits.max_audio_seconds
     """Longest clip accepted, from the WAV header before decoding; longer ones get 413."""
-    max_request_audio_seconds: PositiveFloat = 600.0
+    max_request_audio_seconds: PositiveFloat = Limits.max_request_audio_seconds
     """Seconds of audio in one task request together; more get 413."""
-    max_batch_tokens: PositiveInt = 4096
+    max_batch_tokens: PositiveInt = Limits.max_batch_tokens
     """Tokens (rows x padded length) a text task request runs at once; its texts go in runs of this size."""
     repository_cache_dir: Path | None = None
     """Local folder an object-storage model repository is mirrored into (default: a new temporary folder)."""
