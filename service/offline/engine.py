@@ -95,8 +95,61 @@ def predict_items(model: LoadedModel, items: list, *, params: dict, pool: Thread
     return [rows[i] for i in range(len(items))]
 
 
+def inline_prepare(model: LoadedModel, items: list) -> bool:
+    """True where preparing a row is trivial (a user id, an in-memory .npy row): a thread pool around it costs
+    more in task hand-offs than the work itself."""
+    return model.processor.task == "recommendation" or any(isinstance(it.payload, np.ndarray) for it in items[:1])
+
+
+def length_order(prepared: list) -> list[int]:
+    """Positions of `prepared` shortest first when rows are token sequences (text), else as they are.
+
+    A batch pads to its longest row, so batching texts of like length cuts the padded work; the sort is stable
+    so equal lengths keep input order, and callers put every result back at its own row.
+    """
+    if prepared and all(hasattr(p, "ids") for p in prepared):
+        return sorted(range(len(prepared)), key=lambda i: len(prepared[i].ids))
+    return list(range(len(prepared)))
+
+
+def predict_window(model: LoadedModel, items: list, *, params: dict, batch_size: int,
+                   pool: ThreadPoolExecutor | None = None, workers: int = 1) -> list[dict]:
+    """Output rows for a whole window (one output part) in input order: every row prepared first, text rows
+    batched by token length, each batch's rows written back to their own positions."""
+    if inline_prepare(model, items):
+        pool = None
+    rows: list[dict | None] = [None] * len(items)
+    good, prepared = [], []
+    for i, (item, (ready, error)) in enumerate(zip(items, _prepare_all(model, items, pool=pool, workers=workers))):
+        if error is not None:
+            rows[i] = error_row(item, error)
+        else:
+            prepared.append(ready)
+            good.append(i)
+    order = length_order(prepared)
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        for j, row in zip(batch, _run_batch(model, [prepared[j] for j in batch],
+                                            [items[good[j]] for j in batch], params=params)):
+            rows[good[j]] = row
+    return [r for r in rows if r is not None]
+
+
+def _run_batch(model: LoadedModel, prepared: list, items: list, *, params: dict) -> list[dict]:
+    try:
+        feeds = model.processor.collate(prepared)
+        arrays = model.session.run(model.output_names, feeds)
+        outputs = dict(zip(model.output_names, (np.asarray(a) for a in arrays)))
+        results = model.processor.postprocess(outputs, prepared, params=params)
+        return [{"row": it.row, "id": it.id, "ok": True, "error": None, "result": result}
+                for it, result in zip(items, results, strict=True)]
+    except Exception as exc:  # the whole batch failed in the runtime: record it on each row
+        message = getattr(exc, "message", f"{type(exc).__name__}: {exc}")
+        return [error_row(it, message) for it in items]
+
+
 class LocalEngine:
-    """In-process: one session, batches of `batch_size` items."""
+    """In-process: one session; each window prepared whole, then run in batches of `batch_size` rows."""
 
     def __init__(self, model_dir: Path, *, batch_size: int, params: dict, workers: int = 2) -> None:
         self.model = load_model(model_dir)
@@ -109,11 +162,8 @@ class LocalEngine:
         return self.model.processor.task
 
     def predict(self, items: list) -> list[dict]:
-        out: list[dict] = []
-        for start in range(0, len(items), self.batch_size):
-            out.extend(predict_items(self.model, items[start:start + self.batch_size], params=self.params,
-                                     pool=self.pool, workers=self.workers))
-        return out
+        return predict_window(self.model, items, params=self.params, batch_size=self.batch_size,
+                              pool=self.pool, workers=self.workers)
 
     def predict_windows(self, windows: Iterable[list]) -> Iterator[list[dict]]:
         for window in windows:

@@ -86,6 +86,31 @@ def top_k(probs: np.ndarray, *, labels: list[str] | None, k: int) -> list[dict]:
              "probability": float(probs[i])} for i in order]
 
 
+def top_k_rows(probs: np.ndarray, *, labels: list[str] | None, k: int) -> list[list[dict]]:
+    """`top_k` of every row of a [batch, classes] array at once, each row's list identical to `top_k`'s.
+
+    argpartition finds each row's k best in O(classes); only those k are sorted. A row whose k-th best value is
+    tied with one left outside falls back to `top_k`, whose stable sort breaks ties by the lower index.
+    """
+    rows, classes = probs.shape
+    k = max(1, min(int(k), classes))
+    if rows == 0:
+        return []
+    if k < classes:
+        part = np.argpartition(-probs, k - 1, axis=1)[:, :k]
+    else:
+        part = np.broadcast_to(np.arange(classes), (rows, classes))
+    vals = np.take_along_axis(probs, part, axis=1)
+    order = np.lexsort((part, -vals), axis=1)  # best first, ties by index, as the stable argsort
+    idx, vals = np.take_along_axis(part, order, axis=1), np.take_along_axis(vals, order, axis=1)
+    tied = (probs >= vals[:, -1:]).sum(axis=1) > k
+    names = [labels[i] if labels and i < len(labels) else str(i) for i in range(classes)]
+    idx_l, vals_l = idx.tolist(), vals.tolist()
+    return [top_k(probs[r], labels=labels, k=k) if tied[r] else
+            [{"label": names[i], "index": i, "probability": v} for i, v in zip(idx_l[r], vals_l[r])]
+            for r in range(rows)]
+
+
 def parse_k(value: object, *, default: int, limit: int) -> int:
     if value is None:
         return default

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image, ImageFilter, UnidentifiedImageError
 
 from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
-from service.processing.base import Limits, parse_k, setting, top_k
+from service.processing.base import Limits, parse_k, setting, top_k_rows
 
 SIDE, BOX = 28, 20
 ACCEPTED_FORMATS = ("PNG", "JPEG")
@@ -200,6 +200,7 @@ class ImageProcessor:
                     params: dict) -> list[dict]:
         k = parse_k(params.get("k"), default=3, limit=len(self.labels or []) or 1000)
         probs = outputs[self.output_name]
-        return [{"predictions": top_k(probs[i], labels=self.labels, k=k),
+        best = top_k_rows(probs[:len(prepared)], labels=self.labels, k=k)
+        return [{"predictions": best[i],
                  "preprocessing": {"original_size": list(p.original_size), "inverted": p.inverted}}
                 for i, p in enumerate(prepared)]

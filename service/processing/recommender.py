@@ -21,6 +21,7 @@ from service.processing.base import Limits
 
 ACCEPTS = "JSON {\"user_id\": int, \"k\": 10, \"exclude_seen\": true} (or {\"user_ids\": [...]})"
 INT64_MAX = 2**63 - 1
+_EMPTY: frozenset[int] = frozenset()
 
 
 @dataclass
@@ -74,12 +75,13 @@ class RecommenderProcessor:
                     params: dict) -> list[dict]:
         k = _int_param(params.get("k"), default=10, limit=self.top_k)
         exclude = _bool_param(params.get("exclude_seen"), default=True)
-        items, scores = outputs[self.item_output], outputs[self.score_output]
+        # One tolist per batch: Python ints/floats of the same values, without a numpy scalar per element.
+        items = outputs[self.item_output][:len(prepared)].tolist()
+        scores = outputs[self.score_output][:len(prepared)].astype(np.float64).tolist()
         results = []
-        for i, p in enumerate(prepared):
-            seen = self.seen.get(p.user_id, set()) if exclude else set()
-            picks = [{"item_id": int(it), "score": float(sc)} for it, sc in zip(items[i], scores[i])
-                     if int(it) not in seen][:k]
+        for p, row_items, row_scores in zip(prepared, items, scores):
+            seen = self.seen.get(p.user_id, _EMPTY) if exclude else _EMPTY
+            picks = [{"item_id": it, "score": sc} for it, sc in zip(row_items, row_scores) if it not in seen][:k]
             result: dict[str, Any] = {"user_id": p.user_id, "items": picks, "returned": len(picks)}
             if not p.known:
                 result["fallback"] = "popular"

@@ -17,7 +17,7 @@ import soundfile as sf
 import soxr
 
 from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
-from service.processing.base import Limits, parse_k, setting, top_k
+from service.processing.base import Limits, parse_k, setting, top_k_rows
 
 RATE = 16_000
 ACCEPTS = "a WAV file (RIFF/WAVE; mono or stereo; 8/16/24/32-bit PCM or 32/64-bit float; any sample rate)"
@@ -173,8 +173,7 @@ class SpeechProcessor:
         k = parse_k(params.get("k"), default=3, limit=len(self.labels or []) or 1000)
         probs = outputs[self.output_name]
         results = []
-        for i, p in enumerate(prepared):
-            best = top_k(probs[i], labels=self.labels, k=k)
+        for p, best in zip(prepared, top_k_rows(probs[:len(prepared)], labels=self.labels, k=k)):
             results.append({"keyword": best[0]["label"], "predictions": best,
                             "audio": {"sample_rate": p.sample_rate, "channels": p.channels,
                                       "seconds": round(p.seconds, 3)}})

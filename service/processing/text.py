@@ -16,7 +16,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from service.errors import InvalidInput, ModelLoadError, PayloadTooLarge
-from service.processing.base import Limits, parse_k, setting, top_k
+from service.processing.base import Limits, parse_k, setting, top_k_rows
 
 ACCEPTS = "JSON {\"texts\": [\"non-empty string\", ...]}"
 
@@ -93,12 +93,12 @@ class TextProcessor:
                     params: dict) -> list[dict]:
         data = outputs[self.output_name]
         k = parse_k(params.get("k"), default=3, limit=len(self.labels)) if self.labels else 0
+        # One top-k (or tolist) over the batch: per-row numpy scalars were the cost of this step.
+        per_row = top_k_rows(data[:len(prepared)], labels=self.labels, k=k) if self.labels \
+            else data[:len(prepared)].astype(np.float64).tolist()
         results = []
-        for i, p in enumerate(prepared):
+        for p, out in zip(prepared, per_row):
             item: dict[str, Any] = {"tokens": p.tokens, "tokens_used": len(p.ids), "truncated": p.truncated}
-            if self.labels:
-                item["predictions"] = top_k(data[i], labels=self.labels, k=k)
-            else:
-                item["embedding"] = [float(x) for x in data[i]]
+            item["predictions" if self.labels else "embedding"] = out
             results.append(item)
         return results
