@@ -26,9 +26,10 @@ from rich.table import Table
 
 from models.speech_synth import synth_word
 from service.offline import cli
-from service.offline.engine import load_model
+from service.offline.engine import length_order, load_model
 from service.offline.readers import open_input
 
+PART_ROWS = cli.parse_args(["--model", "m", "--input", "i", "--output", "o"]).part_rows  # predict's default
 _WORDS = ["yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go"]
 
 
@@ -73,15 +74,17 @@ def _wav_folder(folder: Path, *, rows: int) -> Path:
     return folder
 
 
-def ceiling(model_dir: Path, *, src: Path, batch_size: int) -> float:
-    """Rows/s of session.run alone over the same batches `predict` runs, prepared and collated beforehand."""
+def ceiling(model_dir: Path, *, src: Path, batch_size: int, part_rows: int = PART_ROWS) -> float:
+    """Rows/s of session.run alone over the same batches `predict` runs, prepared and collated beforehand:
+    within each output part, text rows sorted by token length as `predict` batches them."""
     model = load_model(model_dir)
     items = [it for it in open_input(src, task=model.processor.task).items if it.error is None]
+    prepared = [model.processor.prepare(it.payload, index=it.row) for it in items]
     batches = []
-    for start in range(0, len(items), batch_size):
-        chunk = items[start:start + batch_size]
-        batches.append(model.processor.collate([model.processor.prepare(it.payload, index=it.row)
-                                                for it in chunk]))
+    for part in range(0, len(prepared), part_rows):
+        rows = prepared[part:part + part_rows]
+        rows = [rows[i] for i in length_order(rows)]
+        batches += [model.processor.collate(rows[s:s + batch_size]) for s in range(0, len(rows), batch_size)]
     model.session.run(model.output_names, batches[0])  # warm-up, as predict's first batch pays for it
     t0 = time.perf_counter()
     for feeds in batches:
