@@ -114,3 +114,23 @@ def test_batch_top_k_equals_per_row_top_k_ties_included(k):
     assert top_k_rows(probs, labels=labels, k=k) == [top_k(row, labels=labels, k=k) for row in probs]
     assert top_k_rows(probs, labels=None, k=k) == [top_k(row, labels=None, k=k) for row in probs]
     assert top_k_rows(probs[:0], labels=labels, k=k) == []
+
+
+def test_recommender_batch_postprocess_matches_the_graph_row_by_row(tiny_zoo):
+    engine = LocalEngine(tiny_zoo / "recommender", batch_size=8, params={"k": 5, "exclude_seen": True})
+    try:
+        model = engine.model
+        users = [0, 1, 2, 3, 10**9, 7]
+        prepared = [model.processor.prepare(u, index=i) for i, u in enumerate(users)]
+        items, scores = model.session.run(model.output_names, model.processor.collate(prepared))
+        got = model.processor.postprocess({model.output_names[0]: items, model.output_names[1]: scores},
+                                          prepared, params={"k": 5})
+        seen = model.processor.seen  # type: ignore[attr-defined]
+    finally:
+        engine.close()
+    for i, user in enumerate(users):
+        want = [{"item_id": int(it), "score": float(sc)} for it, sc in zip(items[i], scores[i])
+                if int(it) not in seen.get(user, set())][:5]
+        assert got[i]["items"] == want and got[i]["returned"] == len(want)
+        assert all(type(p["item_id"]) is int and type(p["score"]) is float for p in got[i]["items"])
+        assert ("fallback" in got[i]) == (user not in seen)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +82,9 @@ class RecommenderProcessor:
         results = []
         for p, row_items, row_scores in zip(prepared, items, scores):
             seen = self.seen.get(p.user_id, _EMPTY) if exclude else _EMPTY
-            picks = [{"item_id": it, "score": sc} for it, sc in zip(row_items, row_scores) if it not in seen][:k]
+            # islice: only the k kept items become dicts, not all of the graph's top 50.
+            picks = list(islice(({"item_id": it, "score": sc} for it, sc in zip(row_items, row_scores)
+                                 if it not in seen), k))
             result: dict[str, Any] = {"user_id": p.user_id, "items": picks, "returned": len(picks)}
             if not p.known:
                 result["fallback"] = "popular"
