@@ -162,8 +162,14 @@ class LocalEngine:
         return self.model.processor.task
 
     def predict(self, items: list) -> list[dict]:
-        return predict_window(self.model, items, params=self.params, batch_size=self.batch_size,
-                              pool=self.pool, workers=self.workers)
+        # Text is prepared a whole part at a time so it can be batched by length; other rows (decoded images,
+        # waveforms) a batch at a time, so a part's decoded arrays are never all in memory at once.
+        step = len(items) if self.model.processor.task.startswith("text-") else self.batch_size
+        out: list[dict] = []
+        for start in range(0, len(items), max(step, 1)):
+            out += predict_window(self.model, items[start:start + step], params=self.params,
+                                  batch_size=self.batch_size, pool=self.pool, workers=self.workers)
+        return out
 
     def predict_windows(self, windows: Iterable[list]) -> Iterator[list[dict]]:
         for window in windows:
