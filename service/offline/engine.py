@@ -67,32 +67,10 @@ def _prepare_all(model: LoadedModel, items: list, *, pool: ThreadPoolExecutor | 
 
 def predict_items(model: LoadedModel, items: list, *, params: dict, pool: ThreadPoolExecutor | None = None,
                   workers: int = 1) -> list[dict]:
-    """Output rows for `items` in order; a bad item becomes an error row and never stops the batch.
-
-    `pool` prepares items in threads: decoding and resizing (Pillow, numpy, scipy, tokenizers) release the GIL.
-    """
-    rows: dict[int, dict] = {}
-    good, prepared = [], []
-    for i, (item, (ready, error)) in enumerate(zip(items, _prepare_all(model, items, pool=pool, workers=workers))):
-        if error is not None:
-            rows[i] = error_row(item, error)
-        else:
-            prepared.append(ready)
-            good.append(i)
-    if prepared:
-        try:
-            feeds = model.processor.collate(prepared)
-            arrays = model.session.run(model.output_names, feeds)
-            outputs = dict(zip(model.output_names, (np.asarray(a) for a in arrays)))
-            results = model.processor.postprocess(outputs, prepared, params=params)
-            for i, result in zip(good, results):
-                rows[i] = {"row": items[i].row, "id": items[i].id, "ok": True, "error": None,
-                           "result": result}
-        except Exception as exc:  # the whole batch failed in the runtime: record it on each row
-            message = getattr(exc, "message", f"{type(exc).__name__}: {exc}")
-            for i in good:
-                rows[i] = error_row(items[i], message)
-    return [rows[i] for i in range(len(items))]
+    """Output rows for `items` in order, as one batch in input order; a bad item becomes an error row and never
+    stops the batch. `pool` prepares items in threads (decoding and resizing release the GIL)."""
+    return predict_window(model, items, params=params, batch_size=max(len(items), 1), pool=pool, workers=workers,
+                          by_length=False)
 
 
 def inline_prepare(model: LoadedModel, items: list) -> bool:
@@ -113,9 +91,9 @@ def length_order(prepared: list) -> list[int]:
 
 
 def predict_window(model: LoadedModel, items: list, *, params: dict, batch_size: int,
-                   pool: ThreadPoolExecutor | None = None, workers: int = 1) -> list[dict]:
+                   pool: ThreadPoolExecutor | None = None, workers: int = 1, by_length: bool = True) -> list[dict]:
     """Output rows for a whole window (one output part) in input order: every row prepared first, text rows
-    batched by token length, each batch's rows written back to their own positions."""
+    batched by token length (unless `by_length` is off), each batch's rows written back to their own positions."""
     if inline_prepare(model, items):
         pool = None
     rows: list[dict | None] = [None] * len(items)
@@ -126,7 +104,7 @@ def predict_window(model: LoadedModel, items: list, *, params: dict, batch_size:
         else:
             prepared.append(ready)
             good.append(i)
-    order = length_order(prepared)
+    order = length_order(prepared) if by_length else list(range(len(prepared)))
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
         for j, row in zip(batch, _run_batch(model, [prepared[j] for j in batch],
