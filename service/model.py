@@ -11,17 +11,20 @@ from functools import cached_property
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
+from tritonclient.grpc import model_config_pb2 as mc
 
 from service.batch_planner import DispatchReason
 from service.batcher import Batcher, BatcherStats, BatchResult
 from service.datatypes import v2_datatype
 from service.errors import InvalidInput, ModelLoadError
-from service.modelrepo.config import ModelSpec, completed_spec, instance_settings
+from service.modelrepo.accelerators import GPU_PROVIDER_NAMES, gpu_options, instance_plans, provider_plan
+from service.modelrepo.config import ModelSpec, completed_spec
 from service.modelrepo.layout import DEFAULT_MODEL_FILENAME, model_file
-from service.modelrepo.sessions import choose_providers
+from service.modelrepo.variants import fp16_variant_file, instance_model_file
 from service.processing.text_input import text_input_name
 from service.ragged import RaggedPolicy, ragged_policy
-from service.runtime import InstancePool, classify_run_error, synthetic_inputs
+from service.runtime import InstancePool, InstanceSetup, classify_run_error, synthetic_inputs
 from service.sequence import SequenceBatcher
 from service.sequence_config import sequence_policy
 from service.settings import ServerSettings
@@ -99,6 +102,23 @@ def _missing_inputs_message(spec: ModelSpec, *, got: list[str], missing: list[st
             f"required input(s) {names(missing)}. Please provide all required input(s).")
 
 
+def instance_setups(config: mc.ModelConfig, *, fp32: Path, fp16: Path | None, shown_as: str,
+                    settings: ServerSettings) -> list[InstanceSetup]:
+    """One setup per instance (service/modelrepo/accelerators.py places them): its providers with the
+    config's options, and its file (the FP16 variant where the instance runs on a GPU provider)."""
+    options = gpu_options(config)
+    available = ort.get_available_providers()
+    setups = []
+    for plan in instance_plans(config):
+        providers, provider_options = provider_plan(plan, options, available=available,
+                                                    requested=settings.execution_providers)
+        path = instance_model_file(fp32, fp16=fp16, on_gpu=providers[0] in GPU_PROVIDER_NAMES,
+                                   prefer_fp16=settings.gpu_fp16_variants)
+        shown = shown_as if path == fp32 else f"{path.parent.parent.name}/{path.parent.name}/{path.name}"
+        setups.append(InstanceSetup(path, providers, provider_options, shown_as=shown))
+    return setups
+
+
 @dataclass
 class ModelVersion:
     """One served version. Created by `load` (blocking, in a worker thread), then `start`ed in the loop."""
@@ -143,20 +163,22 @@ class ModelVersion:
         shown = f"{req.name}/{version}/{filename}"
         if not path.is_file():
             raise ModelLoadError(f"model {req.name!r} version {version}: {shown} not found")
-        count, kind = instance_settings(config)  # type: ignore[arg-type]
-        providers = choose_providers(requested=settings.execution_providers, instance_kind=kind)
-        threads = max(1, settings.cpu_threads // count)
-        pool = InstancePool(path, count=count, providers=providers, intra_op_threads=threads,
-                            allow_spinning=settings.allow_spinning, shown_as=shown)
+        fp16 = fp16_variant_file(req.model_dir, name=req.name, version=version) if settings.gpu_fp16_variants else None
+        setups = instance_setups(config, fp32=path, fp16=fp16, shown_as=shown, settings=settings)  # type: ignore[arg-type]
+        threads = max(1, settings.cpu_threads // len(setups))
+        pool = InstancePool(setups, intra_op_threads=threads, allow_spinning=settings.allow_spinning,
+                            io_binding=settings.io_binding,
+                            max_batch_size=max(0, int(config.max_batch_size)))  # type: ignore[attr-defined]
         spec = completed_spec(req.model_dir, name=req.name,
                               read=(config, req.has_file, req.max_batch_size_given),  # type: ignore[arg-type]
                               graph_inputs=pool.graph_inputs, graph_outputs=pool.graph_outputs,
                               default_max_batch_size=settings.default_max_batch_size,
                               graph_optional=pool.graph_optional)
+        served = sorted({str(s.shown_as) for s in setups})
         log.info(
-            "model %s v%s: %d instance(s) on %s, %d intra-op thread(s) each, max_batch_size %d, batching %s",
-            req.name, version, count, pool.providers, threads, spec.max_batch_size,
-            "on" if spec.batching else "off",
+            "model %s v%s: %d instance(s) on %s serving %s, %d intra-op thread(s) each, io binding on %d, "
+            "max_batch_size %d, batching %s", req.name, version, pool.count, pool.providers, served, threads,
+            pool.bound, spec.max_batch_size, "on" if spec.batching else "off",
         )
         mv = cls(spec=spec, version=str(version), pool=pool, stats=ModelStats(req.name, str(version)))
         mv.output_names = [o.name for o in spec.outputs]

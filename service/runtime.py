@@ -6,6 +6,7 @@ import logging
 import queue
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import onnxruntime as ort
 
 from service.datatypes import V2_TO_NUMPY
 from service.errors import BackendError, InvalidInput, ServingError
+from service.iobinding import BoundRunner, on_gpu
 from service.modelrepo.config import GraphTensor, graph_tensors, overridable_initializers
 from service.modelrepo.sessions import create_session
 
@@ -53,60 +55,78 @@ def classify_run_error(exc: Exception, *, model: str) -> ServingError:
     log.error("model %s: inference failed: %s", model, text)
     return BackendError(f"model {model!r}: inference failed ({type(exc).__name__}); see the server log")
 
-class InstancePool:
-    """`count` sessions of one model; `run` borrows an idle one, so at most `count` runs execute at once.
+@dataclass(frozen=True)
+class InstanceSetup:
+    """How to create one instance: its model file (the FP16 variant on a GPU) and its providers."""
 
-    ONNX Runtime releases the GIL inside `run`, so worker threads give real parallelism.
+    model_path: Path
+    providers: list[str]
+    provider_options: list[dict[str, str]] = field(default_factory=list)
+    shown_as: str | None = None
+
+
+IO_BINDING_MODES = ("auto", "on", "off")  # auto: instances on a GPU provider
+
+
+class InstancePool:
+    """One session per instance; `run` borrows an idle one, so at most `count` runs execute at once.
+
+    ONNX Runtime releases the GIL inside `run`, so worker threads give real parallelism. With I/O binding
+    (service/iobinding.py) each session comes with its runner and its preallocated buffers.
     """
 
-    def __init__(
-        self,
-        model_path: Path,
-        *,
-        count: int,
-        providers: Sequence[str],
-        intra_op_threads: int,
-        allow_spinning: bool,
-        shown_as: str | None = None,
-    ) -> None:
-        self.path = model_path
-        self.count = count
-        self.providers: list[str] = []
-        self._idle: queue.SimpleQueue[ort.InferenceSession] = queue.SimpleQueue()
+    def __init__(self, setups: Sequence[InstanceSetup], *, intra_op_threads: int, allow_spinning: bool,
+                 io_binding: str = "auto", max_batch_size: int = 0) -> None:
+        if not setups:
+            raise ValueError("an InstancePool needs at least one instance")
+        self.path = setups[0].model_path
+        self.count = len(setups)
+        self._idle: queue.SimpleQueue[tuple[ort.InferenceSession, BoundRunner | None]] = queue.SimpleQueue()
         self._closed = False
-        for _ in range(count):
-            session = create_session(model_path, providers=providers, threads=intra_op_threads,
-                                     allow_spinning=allow_spinning, shown_as=shown_as)
-            self.providers = session.get_providers()
-            self._idle.put(session)
-        probe = self._idle.get()
-        self.graph_inputs, self.graph_outputs = graph_tensors(probe)
-        self.graph_optional = overridable_initializers(probe)
-        self._idle.put(probe)
+        sessions = [create_session(s.model_path, providers=s.providers, provider_options=s.provider_options,
+                                   threads=intra_op_threads, allow_spinning=allow_spinning, shown_as=s.shown_as)
+                    for s in setups]
+        self.providers: list[str] = sessions[0].get_providers()
+        self.graph_inputs, self.graph_outputs = graph_tensors(sessions[0])
+        self.graph_optional = overridable_initializers(sessions[0])
+        strings = any(t.datatype == "BYTES" for t in [*self.graph_inputs, *self.graph_optional])
+        self.bound = 0
+        for session in sessions:
+            runner = None
+            if not strings and (io_binding == "on" or (io_binding == "auto" and on_gpu(session))):
+                runner = BoundRunner(session, inputs=self.graph_inputs, outputs=self.graph_outputs,
+                                     max_rows=max_batch_size)
+                self.bound += 1
+            self._idle.put((session, runner))
 
     def run(self, feeds: dict[str, np.ndarray], output_names: Sequence[str]) -> list[np.ndarray]:
         """Blocking run on an idle session; call it from a worker thread."""
         idle = self._idle
-        session = idle.get()
+        instance = idle.get()
         try:
-            return session.run(list(output_names), feeds)
+            session, runner = instance
+            return runner.run(feeds, output_names) if runner is not None else session.run(list(output_names), feeds)
         finally:
             if not self.closed:  # after close() a run still in progress lets its session go with it
-                idle.put(session)
-            del session
+                idle.put(instance)
+            del instance
 
     @property
     def closed(self) -> bool:
         return self._closed
 
-    def sessions(self) -> list[ort.InferenceSession]:
-        """The idle sessions (all of them when nothing runs); for inspection and tests."""
+    def _take_all(self) -> list[tuple[ort.InferenceSession, BoundRunner | None]]:
         found = []
         while not self._idle.empty():
             found.append(self._idle.get())
-        for session in found:
-            self._idle.put(session)
         return found
+
+    def sessions(self) -> list[ort.InferenceSession]:
+        """The idle sessions (all of them when nothing runs); for inspection and tests."""
+        found = self._take_all()
+        for instance in found:
+            self._idle.put(instance)
+        return [session for session, _ in found]
 
     def close(self) -> None:
         """Drop every session reference, so ONNX Runtime frees the model now rather than at the next GC."""
@@ -114,14 +134,17 @@ class InstancePool:
         self._idle = queue.SimpleQueue()
 
     def warmup(self, feeds: dict[str, np.ndarray], output_names: Sequence[str]) -> None:
-        """Run every session once so the first real request does not pay for lazy initialisation."""
-        sessions = [self._idle.get() for _ in range(self.count)]
+        """Run every instance once so the first real request does not pay for lazy initialisation."""
+        instances = [self._idle.get() for _ in range(self.count)]
         try:
-            for session in sessions:
-                session.run(list(output_names), feeds)
+            for session, runner in instances:
+                if runner is not None:
+                    runner.run(dict(feeds), output_names)
+                else:
+                    session.run(list(output_names), feeds)
         finally:
-            for session in sessions:
-                self._idle.put(session)
+            for instance in instances:
+                self._idle.put(instance)
 
 
 def synthetic_inputs(

@@ -50,7 +50,7 @@ class ServerSettings(BaseSettings):
     max_request_bytes: PositiveInt = 64 * 1024 * 1024
     """Largest request body accepted; larger ones get 413."""
     execution_providers: list[str] | None = None
-    """ONNX Runtime providers in order of preference; default TensorRT, CUDA, CPU as available."""
+    """ONNX Runtime providers in order of preference; default CUDA then CPU (TensorRT when a config asks)."""
     cpu_threads: PositiveInt = Field(default_factory=default_cpu_threads)
     """Cores shared among a model's instances for intra-op threads (default: the usable cores)."""
     default_max_batch_size: PositiveInt = DEFAULT_MAX_BATCH_SIZE
@@ -124,6 +124,10 @@ class ServerSettings(BaseSettings):
     """Local folder an object-storage model repository is mirrored into (default: a new temporary folder)."""
     adaptive_batching: bool = False
     """Decide each batch's wait from observed load (max_queue_delay the bound) and shed late requests early."""
+    io_binding: Literal["auto", "on", "off"] = "auto"
+    """ORT I/O binding into per-instance preallocated buffers (pinned on CUDA): auto = on GPU instances only."""
+    gpu_fp16_variants: bool = True
+    """On GPU instances, serve a model's published FP16 variant (<model>-fp16, same version) in its place."""
 
     @field_validator("model_repository", mode="before")
     @classmethod

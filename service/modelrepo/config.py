@@ -17,6 +17,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from service.datatypes import config_to_v2, ort_to_v2, v2_to_config
 from service.errors import InvalidInput, ModelLoadError
+from service.modelrepo.accelerators import instance_plans
 from service.modelrepo.layout import CONFIG_FILENAME, DEFAULT_MODEL_FILENAME, contained
 from service.sequence_config import server_fed_names
 
@@ -289,8 +290,9 @@ def _labels(config: mc.ModelConfig, model_dir: Path) -> dict[str, list[str]]:
 
 
 def instance_settings(config: mc.ModelConfig) -> tuple[int, str]:
-    """Total instance count and kind (KIND_GPU, KIND_CPU or KIND_AUTO) from instance_group."""
-    count = sum(max(1, g.count) for g in config.instance_group) or 1
+    """Total instance count (`count` per listed GPU, see accelerators.instance_plans) and kind (KIND_GPU,
+    KIND_CPU or KIND_AUTO) from instance_group."""
+    count = len(instance_plans(config))
     kinds = {mc.ModelInstanceGroup.Kind.Name(g.kind) for g in config.instance_group}
     kind = "KIND_GPU" if "KIND_GPU" in kinds else "KIND_CPU" if kinds == {"KIND_CPU"} else "KIND_AUTO"
     return count, kind

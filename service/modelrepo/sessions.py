@@ -51,11 +51,14 @@ def session_options(*, threads: int = 0, allow_spinning: bool = False, quiet: bo
 
 
 def create_session(path: Path, *, providers: Sequence[str] = CPU_ONLY, threads: int = 0,
-                   allow_spinning: bool = False, shown_as: str | None = None) -> ort.InferenceSession:
-    """An InferenceSession on `path`; ModelLoadError (naming the file as `shown_as`) if ORT refuses it."""
+                   allow_spinning: bool = False, shown_as: str | None = None,
+                   provider_options: Sequence[dict[str, str]] | None = None) -> ort.InferenceSession:
+    """An InferenceSession on `path`; ModelLoadError (naming the file as `shown_as`) if ORT refuses it.
+    `provider_options`: one dict per provider (service/modelrepo/accelerators.py builds them from config)."""
     options = session_options(threads=threads, allow_spinning=allow_spinning)
     try:
-        return ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
+        return ort.InferenceSession(str(path), sess_options=options, providers=list(providers),
+                                    provider_options=list(provider_options) if provider_options else None)
     except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, NoSuchFile, ...)
         where = shown_as or Path(path).name
         message = str(exc).replace(str(path), where)
