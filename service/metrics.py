@@ -93,29 +93,65 @@ def _dispatch_metrics(stats: list[ModelStats]) -> Iterable[Metric]:
 
 
 class GpuCollector(Collector):
-    """GPU utilization and memory through NVML, as Triton's nv_gpu_* metrics; absent without a GPU."""
+    """Triton's nv_gpu_* metrics through NVML, labelled by gpu_uuid; absent without a GPU.
+
+    Power and energy are not supported on every board: NVML raises for them there, and that GPU's sample
+    is left out rather than written as 0. Energy is counted from the collector's start, as Triton counts
+    it from the server's.
+    """
 
     def __init__(self) -> None:
-        import pynvml  # from nvidia-ml-py, installed by the `gpu` extra
+        # NOTE: optional dependency (nvidia-ml-py, the `gpu` extra); without it there are no GPU metrics
+        import pynvml
 
         pynvml.nvmlInit()
         self._nvml = pynvml
-        self._count = pynvml.nvmlDeviceGetCount()
+        handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        self._devices = [(handle, self._uuid(handle)) for handle in handles]
+        self._energy_start = {uuid: self._read(pynvml.nvmlDeviceGetTotalEnergyConsumption, handle)
+                              for handle, uuid in self._devices}
+
+    def _uuid(self, handle) -> str:
+        uuid = self._nvml.nvmlDeviceGetUUID(handle)
+        return uuid if isinstance(uuid, str) else uuid.decode()
+
+    def _read(self, call: Callable, handle) -> float | None:
+        try:
+            return float(call(handle))
+        except self._nvml.NVMLError:  # not supported on this board (power, energy on some GPUs)
+            return None
 
     def collect(self) -> Iterable[Metric]:
         nv = self._nvml
-        util = Metric("nv_gpu_utilization", "GPU utilization rate [0.0 - 1.0)", "gauge")
-        used = Metric("nv_gpu_memory_used_bytes", "GPU used memory, in bytes", "gauge")
-        total = Metric("nv_gpu_memory_total_bytes", "GPU total memory, in bytes", "gauge")
-        for i in range(self._count):
-            handle = nv.nvmlDeviceGetHandleByIndex(i)
-            uuid = nv.nvmlDeviceGetUUID(handle)
-            labels = {"gpu_uuid": uuid if isinstance(uuid, str) else uuid.decode()}
+        families = {name: Metric(name, doc, kind) for name, doc, kind in _GPU_FAMILIES}
+        for handle, uuid in self._devices:
+            labels = {"gpu_uuid": uuid}
             mem = nv.nvmlDeviceGetMemoryInfo(handle)
-            util.add_sample(util.name, labels, nv.nvmlDeviceGetUtilizationRates(handle).gpu / 100.0)
-            used.add_sample(used.name, labels, mem.used)
-            total.add_sample(total.name, labels, mem.total)
-        yield from (util, used, total)
+            energy, start = self._read(nv.nvmlDeviceGetTotalEnergyConsumption, handle), self._energy_start[uuid]
+            power = self._read(nv.nvmlDeviceGetPowerUsage, handle)
+            limit = self._read(nv.nvmlDeviceGetPowerManagementLimit, handle)
+            values = {
+                "nv_gpu_utilization": nv.nvmlDeviceGetUtilizationRates(handle).gpu / 100.0,
+                "nv_gpu_memory_used_bytes": mem.used, "nv_gpu_memory_total_bytes": mem.total,
+                "nv_gpu_power_usage": None if power is None else power / 1000.0,  # NVML: milliwatts
+                "nv_gpu_power_limit": None if limit is None else limit / 1000.0,
+                "nv_energy_consumption": None if energy is None or start is None else (energy - start) / 1000.0,  # mJ
+            }
+            for name, value in values.items():
+                if value is not None:
+                    families[name].add_sample(name, labels, value)
+        yield from families.values()
+
+
+# Triton's names, help texts and types (nv_energy_consumption is its one GPU counter).
+_GPU_FAMILIES = (
+    ("nv_gpu_utilization", "GPU utilization rate [0.0 - 1.0)", "gauge"),
+    ("nv_gpu_memory_total_bytes", "GPU total memory, in bytes", "gauge"),
+    ("nv_gpu_memory_used_bytes", "GPU used memory, in bytes", "gauge"),
+    ("nv_gpu_power_usage", "GPU power usage in watts", "gauge"),
+    ("nv_gpu_power_limit", "GPU power management limit in watts", "gauge"),
+    ("nv_energy_consumption", "GPU energy consumption in joules since the Triton Server started", "counter"),
+)
 
 
 class Metrics:
