@@ -43,8 +43,10 @@ lint: install
 test: install
 	$(PY) -m pytest -q
 
+# `make bench PROVIDER=cuda` (or tensorrt) runs the ceiling and the server on a GPU (needs EXTRAS=...,gpu).
+PROVIDER ?= cpu
 bench: install
-	$(PY) -m loadtests.bench --output bench_results
+	$(PY) -m loadtests.bench --provider $(PROVIDER) --output bench_results
 
 bench-adaptive: install
 	$(PY) -m loadtests.bench --mode adaptive --output bench_results

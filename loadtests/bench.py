@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import platform
 import shutil
@@ -28,7 +29,7 @@ import onnxruntime
 from rich.console import Console
 
 from loadtests.adaptive_bench import main_adaptive
-from loadtests.benchmodel import DEFAULT_WIDTH, build_cnn_onnx, measure_ceiling, usable_cpus
+from loadtests.benchmodel import DEFAULT_WIDTH, PROVIDERS, build_cnn_onnx, check_provider, measure_ceiling, usable_cpus
 from loadtests.benchreport import render_bench_table, write_markdown, write_plot
 from loadtests.generator import LoadConfig, Target, build_bodies, fetch_model_info, measure_level
 from loadtests.report import summarize, write_json
@@ -39,11 +40,11 @@ CEILING_BATCHES = [1, 2, 4, 8, 16, 32, 64]
 MODES = {"off": "cnn_single", "on": "cnn_dynamic"}  # batching mode -> model name in the bench repository
 
 _CONFIG_OFF = """max_batch_size: 64
-instance_group [ {{ count: 1 kind: KIND_CPU }} ]
+instance_group [ {{ count: 1 kind: {kind} }} ]
 """
 _CONFIG_ON = """max_batch_size: 64
 dynamic_batching {{ max_queue_delay_microseconds: {delay_us} }}
-instance_group [ {{ count: 1 kind: KIND_CPU }} ]
+instance_group [ {{ count: 1 kind: {kind} }} ]
 """
 
 
@@ -70,6 +71,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--server-threads", type=int, default=0,
                    help="server's MODELSERVE_CPU_THREADS (ORT intra-op threads); default: the server's own "
                         "(the usable cores, as the ceiling uses)")
+    p.add_argument("--provider", choices=sorted(PROVIDERS), default="cpu",
+                   help="execution provider of the ceiling and the server (cuda/tensorrt: instances KIND_GPU)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--mode", choices=["server", "adaptive"], default="server",
                    help="adaptive: no batching vs Triton's fixed delay vs adaptive, and a mixed-length text bench "
@@ -91,12 +94,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def write_repository(repo: Path, *, onnx_path: Path, delay_us: int) -> None:
+def write_repository(repo: Path, *, onnx_path: Path, delay_us: int, kind: str = "KIND_CPU") -> None:
     """Two copies of one model: the server reads config per model, so ON/OFF run in one server process."""
     for mode, name in MODES.items():
         (repo / name / "1").mkdir(parents=True)
         shutil.copyfile(onnx_path, repo / name / "1" / "model.onnx")
-        config = _CONFIG_ON.format(delay_us=delay_us) if mode == "on" else _CONFIG_OFF.format()
+        config = _CONFIG_ON.format(delay_us=delay_us, kind=kind) if mode == "on" else _CONFIG_OFF.format(kind=kind)
         (repo / name / "config.pbtxt").write_text(config)
 
 
@@ -141,22 +144,26 @@ def _environment() -> dict[str, Any]:
 
 def run_bench(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     started = time.perf_counter()
-    env = _environment()
+    providers = check_provider(args.provider)
+    env = {**_environment(), "provider": args.provider}
     with tempfile.TemporaryDirectory(prefix="modelserve-bench-") as tmp:
         onnx_path = Path(tmp) / "cnn.onnx"
         console.print(f"building the CNN (width {args.width}) and checking batches 1, 5, 64 against PyTorch ...")
         build_cnn_onnx(onnx_path, width=args.width)
-        console.print("measuring the in-process ONNX Runtime ceiling ...")
+        console.print(f"measuring the in-process ONNX Runtime ceiling on {providers[0]} ...")
         busy0, own0, t0 = machine_busy_seconds(), time.process_time(), time.perf_counter()
-        ceiling = measure_ceiling(onnx_path, batches=CEILING_BATCHES, seconds_each=args.ceiling_seconds)
+        ceiling = measure_ceiling(onnx_path, batches=CEILING_BATCHES, seconds_each=args.ceiling_seconds,
+                                  providers=providers)
         wall = time.perf_counter() - t0
         # Other jobs on a shared box slow the ceiling too; record how much of the machine they took.
         env["ceiling_others_cpu_pct"] = 100 * (machine_busy_seconds() - busy0 - (time.process_time() - own0)) / wall
         repo = Path(tmp) / "repo"
-        write_repository(repo, onnx_path=onnx_path, delay_us=args.queue_delay_us)
+        write_repository(repo, onnx_path=onnx_path, delay_us=args.queue_delay_us,
+                         kind="KIND_CPU" if args.provider == "cpu" else "KIND_GPU")
         console.print("starting the server and running the load ...")
         # Default: the server's own choice (service.settings.default_cpu_threads: the usable cores).
-        threads = {"MODELSERVE_CPU_THREADS": str(server_threads(args))}
+        threads = {"MODELSERVE_CPU_THREADS": str(server_threads(args)),
+                   "MODELSERVE_EXECUTION_PROVIDERS": json.dumps(providers)}
         with serve(repo, log_path=args.output / "server.log", env=threads, grpc="grpc" in args.protocols) as server:
             rows = _run_async(_measure_server(server, args=args))
     best = max(ceiling, key=lambda p: p.rows_per_s)

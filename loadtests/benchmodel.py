@@ -74,12 +74,31 @@ def usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def ort_session(path: Path) -> ort.InferenceSession:
-    """A CPU session from the one session factory the server uses (service/modelrepo/sessions.py).
+# `--provider` of the benches -> ONNX Runtime providers, best first (CPU last: the fallback for any node
+# a GPU provider does not take).
+PROVIDERS = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+
+
+def check_provider(provider: str) -> list[str]:
+    """The providers for `--provider`; SystemExit naming what this onnxruntime build has when it lacks one."""
+    wanted = PROVIDERS[provider]
+    missing = [p for p in wanted if p not in ort.get_available_providers()]
+    if missing:
+        raise SystemExit(f"--provider {provider} needs {missing}; this onnxruntime build has "
+                         f"{ort.get_available_providers()} (GPU: pip install 'onnxruntime-gpu[cuda,cudnn]')")
+    return wanted
+
+
+def ort_session(path: Path, *, providers: list[str] | None = None) -> ort.InferenceSession:
+    """A session from the one session factory the server uses (service/modelrepo/sessions.py).
 
     The bench gives the server the same thread count (MODELSERVE_CPU_THREADS), so both sides match.
     """
-    return create_session(path, threads=usable_cpus())
+    return create_session(path, threads=usable_cpus(), providers=providers or PROVIDERS["cpu"])
 
 
 @dataclass(frozen=True)
@@ -90,7 +109,7 @@ class CeilingPoint:
     runs: int
 
 
-def _timed_runs(session, feeds: dict[str, np.ndarray], *, seconds: float) -> np.ndarray:
+def timed_runs(session, feeds: dict[str, np.ndarray], *, seconds: float) -> np.ndarray:
     times: list[float] = []
     end = time.perf_counter() + seconds
     while time.perf_counter() < end or len(times) < 3:
@@ -100,13 +119,14 @@ def _timed_runs(session, feeds: dict[str, np.ndarray], *, seconds: float) -> np.
     return np.asarray(times)
 
 
-def measure_ceiling(path: Path, *, batches: list[int], seconds_each: float, rounds: int = 2) -> list[CeilingPoint]:
+def measure_ceiling(path: Path, *, batches: list[int], seconds_each: float, rounds: int = 2,
+                    providers: list[str] | None = None) -> list[CeilingPoint]:
     """Back-to-back session.run at each batch size: what ONNX Runtime alone does on these cores.
 
     Batch sizes are interleaved over `rounds` and each keeps its best round: on a shared machine a burst
     of someone else's work would otherwise land on one batch size and make a different one look best.
     """
-    session = ort_session(path)
+    session = ort_session(path, providers=providers)
     rng = np.random.default_rng(1)
     feeds = {n: {INPUT_NAME: rng.standard_normal((n, *INPUT_DIMS)).astype(np.float32)} for n in batches}
     for n in batches:
@@ -115,7 +135,7 @@ def measure_ceiling(path: Path, *, batches: list[int], seconds_each: float, roun
     best: dict[int, CeilingPoint] = {}
     for _ in range(rounds):
         for n in batches:
-            arr = _timed_runs(session, feeds[n], seconds=seconds_each / rounds)
+            arr = timed_runs(session, feeds[n], seconds=seconds_each / rounds)
             point = CeilingPoint(batch=n, latency_ms=float(np.median(arr) * 1e3),
                                  rows_per_s=float(n / arr.mean()), runs=len(arr))
             if n not in best or point.rows_per_s > best[n].rows_per_s:

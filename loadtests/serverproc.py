@@ -65,12 +65,13 @@ def serve(
     ready_timeout_s: float = 120.0,
     command_prefix: list[str] | None = None,
     grpc: bool = False,
+    log_level: str = "warning",
 ) -> Iterator[ServerProcess]:
     """Run the server until the block ends. `env` adds MODELSERVE_* settings; `command_prefix` wraps the
     command (e.g. py-spy record ... --), in which case `pid` is the wrapper's."""
     port = free_port()
     cmd = [*(command_prefix or []), sys.executable, "-m", "service.cli", "serve", "--model-repository", str(repository),
-           "--http-port", str(port), "--http-address", "127.0.0.1", "--log-level", "warning"]
+           "--http-port", str(port), "--http-address", "127.0.0.1", "--log-level", log_level]
     url = f"127.0.0.1:{port}"
     grpc_url = None
     if grpc:
