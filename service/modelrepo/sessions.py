@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from functools import cache
 from pathlib import Path
 
 import onnxruntime as ort
@@ -50,12 +51,31 @@ def session_options(*, threads: int = 0, allow_spinning: bool = False, quiet: bo
     return options
 
 
+@cache
+def preload_cuda_libraries() -> None:
+    """Load CUDA and cuDNN before the first GPU session, once.
+
+    NOTE: `pip install onnxruntime-gpu[cuda,cudnn]` puts them in nvidia-* wheels the dynamic loader does
+    not search; onnxruntime.preload_dlls (1.21+) loads them from there (or from a compatible torch). Where
+    CUDA is installed system-wide it is not needed, and a failure here only means ORT looks on its own.
+    """
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return
+    try:
+        preload()
+    except Exception as exc:  # best effort: ORT still searches the default library path itself
+        log.warning("onnxruntime.preload_dlls failed (%s); relying on the system's CUDA libraries", exc)
+
+
 def create_session(path: Path, *, providers: Sequence[str] = CPU_ONLY, threads: int = 0,
                    allow_spinning: bool = False, shown_as: str | None = None,
                    provider_options: Sequence[dict[str, str]] | None = None) -> ort.InferenceSession:
     """An InferenceSession on `path`; ModelLoadError (naming the file as `shown_as`) if ORT refuses it.
     `provider_options`: one dict per provider (service/modelrepo/accelerators.py builds them from config)."""
     options = session_options(threads=threads, allow_spinning=allow_spinning)
+    if GPU_PROVIDERS.intersection(providers):
+        preload_cuda_libraries()
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=list(providers),
                                     provider_options=list(provider_options) if provider_options else None)
