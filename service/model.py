@@ -108,6 +108,9 @@ def instance_setups(config: mc.ModelConfig, *, fp32: Path, fp16: Path | None, sh
     config's options, and its file (the FP16 variant where the instance runs on a GPU provider)."""
     options = gpu_options(config)
     available = ort.get_available_providers()
+    unknown = [p for p in settings.execution_providers or [] if p not in available]
+    if unknown:
+        log.warning("execution providers %s are not in this onnxruntime build (has %s)", unknown, available)
     setups = []
     for plan in instance_plans(config):
         providers, provider_options = provider_plan(plan, options, available=available,
@@ -166,14 +169,13 @@ class ModelVersion:
         fp16 = fp16_variant_file(req.model_dir, name=req.name, version=version) if settings.gpu_fp16_variants else None
         setups = instance_setups(config, fp32=path, fp16=fp16, shown_as=shown, settings=settings)  # type: ignore[arg-type]
         threads = max(1, settings.cpu_threads // len(setups))
-        pool = InstancePool(setups, intra_op_threads=threads, allow_spinning=settings.allow_spinning,
-                            io_binding=settings.io_binding,
-                            max_batch_size=max(0, int(config.max_batch_size)))  # type: ignore[attr-defined]
+        pool = InstancePool(setups, intra_op_threads=threads, allow_spinning=settings.allow_spinning)
         spec = completed_spec(req.model_dir, name=req.name,
                               read=(config, req.has_file, req.max_batch_size_given),  # type: ignore[arg-type]
                               graph_inputs=pool.graph_inputs, graph_outputs=pool.graph_outputs,
                               default_max_batch_size=settings.default_max_batch_size,
                               graph_optional=pool.graph_optional)
+        pool.configure_io_binding(mode=settings.io_binding, max_batch_size=spec.max_batch_size)
         served = sorted({str(s.shown_as) for s in setups})
         log.info(
             "model %s v%s: %d instance(s) on %s serving %s, %d intra-op thread(s) each, io binding on %d, "

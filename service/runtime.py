@@ -75,8 +75,7 @@ class InstancePool:
     (service/iobinding.py) each session comes with its runner and its preallocated buffers.
     """
 
-    def __init__(self, setups: Sequence[InstanceSetup], *, intra_op_threads: int, allow_spinning: bool,
-                 io_binding: str = "auto", max_batch_size: int = 0) -> None:
+    def __init__(self, setups: Sequence[InstanceSetup], *, intra_op_threads: int, allow_spinning: bool) -> None:
         if not setups:
             raise ValueError("an InstancePool needs at least one instance")
         self.path = setups[0].model_path
@@ -89,11 +88,22 @@ class InstancePool:
         self.providers: list[str] = sessions[0].get_providers()
         self.graph_inputs, self.graph_outputs = graph_tensors(sessions[0])
         self.graph_optional = overridable_initializers(sessions[0])
-        strings = any(t.datatype == "BYTES" for t in [*self.graph_inputs, *self.graph_optional])
-        self.bound = 0
+        self.bound = 0  # instances running through I/O binding
         for session in sessions:
+            self._idle.put((session, None))
+
+    def configure_io_binding(self, *, mode: str, max_batch_size: int) -> None:
+        """Give each instance a BoundRunner (buffers for max_batch_size rows) where `mode` says: "on" every
+        instance, "auto" those on a GPU provider, "off" none. Models with string inputs run unbound (ORT
+        binds no string tensors). Call before serving: it takes every instance."""
+        if mode not in IO_BINDING_MODES:
+            raise ValueError(f"io_binding must be one of {IO_BINDING_MODES}, got {mode!r}")
+        strings = any(t.datatype == "BYTES" for t in [*self.graph_inputs, *self.graph_optional])
+        instances = [self._idle.get() for _ in range(self.count)]
+        self.bound = 0
+        for session, _ in instances:
             runner = None
-            if not strings and (io_binding == "on" or (io_binding == "auto" and on_gpu(session))):
+            if not strings and (mode == "on" or (mode == "auto" and on_gpu(session))):
                 runner = BoundRunner(session, inputs=self.graph_inputs, outputs=self.graph_outputs,
                                      max_rows=max_batch_size)
                 self.bound += 1
@@ -127,6 +137,13 @@ class InstancePool:
         for instance in found:
             self._idle.put(instance)
         return [session for session, _ in found]
+
+    def runners(self) -> list[BoundRunner | None]:
+        """The idle instances' I/O binding runners (None where unbound); for inspection and tests."""
+        found = self._take_all()
+        for instance in found:
+            self._idle.put(instance)
+        return [runner for _, runner in found]
 
     def close(self) -> None:
         """Drop every session reference, so ONNX Runtime frees the model now rather than at the next GC."""

@@ -22,8 +22,9 @@ HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 def _pool(path: Path, *, io_binding: str, count: int = 1, max_batch_size: int = 8,
           providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> InstancePool:
     setups = [InstanceSetup(path, list(providers)) for _ in range(count)]
-    return InstancePool(setups, intra_op_threads=1, allow_spinning=False, io_binding=io_binding,
-                        max_batch_size=max_batch_size)
+    pool = InstancePool(setups, intra_op_threads=1, allow_spinning=False)
+    pool.configure_io_binding(mode=io_binding, max_batch_size=max_batch_size)
+    return pool
 
 
 @pytest.mark.parametrize("rows", [1, 3, 8])
@@ -31,9 +32,8 @@ def test_bound_run_equals_plain_run_with_preallocated_outputs(tmp_path: Path, ro
     path = scale_model(tmp_path / "m.onnx", factor=3.0, width=5)
     bound, plain = _pool(path, io_binding="on"), _pool(path, io_binding="off")
     assert (bound.bound, plain.bound) == (1, 0)
-    [runner] = [r for _, r in bound._take_all()]
+    [runner] = bound.runners()
     assert runner is not None and set(runner.out_buffers) == {"y"} and runner.out_buffers["y"].shape == (8, 5)
-    bound._idle.put((runner.session, runner))
     x = np.random.default_rng(rows).standard_normal((rows, 5)).astype(np.float32)
     [got], [want] = bound.run({"x": x}, ["y"]), plain.run({"x": x}, ["y"])
     np.testing.assert_array_equal(got, want)
@@ -91,3 +91,13 @@ def test_cuda_instance_binds_pinned_buffers(tmp_path: Path) -> None:
     assert runner.pinned and any(isinstance(o, PinnedBuffer) for o in runner._owners)
     x = np.random.default_rng(0).standard_normal((17, 16)).astype(np.float32)
     np.testing.assert_allclose(runner.run({"x": x}, ["y"])[0], x * 2, rtol=1e-6)
+
+
+async def test_buffers_follow_the_completed_max_batch_size(tmp_path: Path) -> None:
+    repo = tmp_path / "models"
+    scale_model(repo / "m" / "1" / "model.onnx", width=3)  # no config.pbtxt: auto-complete picks max_batch_size
+    async with inprocess_server(repo, io_binding="on", default_max_batch_size=16) as (server, client):
+        [runner] = server.core.model("m").pool.runners()
+        assert runner is not None and runner.out_buffers["y"].shape == (16, 3)
+        body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3]}]}
+        assert (await client.post("/v2/models/m/infer", json=body)).json()["outputs"][0]["data"] == [2, 4, 6]
