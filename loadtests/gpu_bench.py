@@ -49,8 +49,12 @@ from loadtests.gpu_sampler import GpuSampler, gpu_name
 from loadtests.gpumodel import build_cnn
 from loadtests.report import summarize, write_json
 from loadtests.serverproc import ServerProcess, cpu_seconds, machine_busy_seconds, serve
+from service.iobinding import BoundRunner
+from service.modelrepo.config import graph_tensors
 
 PRECISIONS = ("fp32", "fp16")
+# Server runs: (label, MODELSERVE_GPU_FP16_VARIANTS, MODELSERVE_IO_BINDING); auto binds GPU instances only.
+SERVER_RUNS = (("fp32", False, "auto"), ("fp16", True, "auto"), ("fp32-unbound", False, "off"))
 MODEL = "cnn"
 
 
@@ -86,27 +90,49 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+class _Bound:
+    """A BoundRunner with session.run's signature, so the same timing loop measures both paths."""
+
+    def __init__(self, runner: BoundRunner) -> None:
+        self.runner = runner
+
+    def run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.runner.run(feeds, names)
+
+
+def _runners(path: Path, *, providers: list[str], max_rows: int) -> dict[str, Any]:
+    """The two ways the server runs a session: plain session.run, and I/O binding (pinned on CUDA)."""
+    session = ort_session(path, providers=providers)
+    inputs, outputs = graph_tensors(session)
+    return {"run": session, "iobinding": _Bound(BoundRunner(session, inputs=inputs, outputs=outputs,
+                                                            max_rows=max_rows))}
+
+
 def ceiling(files: dict[str, Path], *, args: argparse.Namespace, providers: list[str]) -> list[dict[str, Any]]:
-    """Back-to-back runs on one session per precision; FP32 and FP16 interleaved over two rounds (each
-    point keeps its best round), GPU utilization sampled during each point."""
+    """Back-to-back runs on one session per precision, each through session.run and through I/O binding;
+    every (precision, path, batch) interleaved over two rounds, each keeping its best; GPU utilization
+    sampled during each point."""
     rng = np.random.default_rng(1)
     feeds = {b: {INPUT_NAME: rng.standard_normal((b, *INPUT_DIMS)).astype(np.float32)} for b in args.batches}
-    sessions = {p: ort_session(files[p], providers=providers) for p in PRECISIONS}
-    for session in sessions.values():
+    runners = {(p, mode): runner for p in PRECISIONS
+               for mode, runner in _runners(files[p], providers=providers, max_rows=max(args.batches)).items()}
+    for runner in runners.values():
         for batch in args.batches:  # first runs allocate arenas and pick kernels (cuDNN's algorithm search)
             for _ in range(3):
-                session.run([OUTPUT_NAME], feeds[batch])
-    best: dict[tuple[str, int], dict[str, Any]] = {}
+                runner.run([OUTPUT_NAME], feeds[batch])
+    best: dict[tuple[str, str, int], dict[str, Any]] = {}
     for _ in range(2):
-        for precision, session in sessions.items():
+        for (precision, mode), runner in runners.items():
             for batch in args.batches:
                 with GpuSampler() as gpu:
-                    times = timed_runs(session, feeds[batch], seconds=args.ceiling_seconds / 2)
-                row = {"precision": precision, "batch": batch, "latency_ms": float(np.median(times) * 1e3),
-                       "rows_per_s": float(batch / times.mean()), "runs": len(times), **gpu.summary()}
-                if (precision, batch) not in best or row["rows_per_s"] > best[(precision, batch)]["rows_per_s"]:
-                    best[(precision, batch)] = row
-    return [best[(p, b)] for p in PRECISIONS for b in args.batches]
+                    times = timed_runs(runner, feeds[batch], seconds=args.ceiling_seconds / 2)
+                row = {"precision": precision, "path": mode, "batch": batch,
+                       "latency_ms": float(np.median(times) * 1e3), "rows_per_s": float(batch / times.mean()),
+                       "runs": len(times), **gpu.summary()}
+                key = (precision, mode, batch)
+                if key not in best or row["rows_per_s"] > best[key]["rows_per_s"]:
+                    best[key] = row
+    return [best[key] for key in sorted(best, key=lambda k: (PRECISIONS.index(k[0]), k[1] != "run", k[2]))]
 
 
 def write_repository(repo: Path, *, files: dict[str, Path], kind: str, max_batch: int, instances: int) -> None:
@@ -157,18 +183,18 @@ def server_runs(files: dict[str, Path], *, args: argparse.Namespace, providers: 
     kind = "KIND_CPU" if args.provider == "cpu" else "KIND_GPU"
     write_repository(repo, files=files, kind=kind, max_batch=max(args.batches), instances=args.instances)
     rows: list[dict[str, Any]] = []
-    for precision in PRECISIONS:
+    for label, fp16, io_binding in SERVER_RUNS:
         env = {"MODELSERVE_EXECUTION_PROVIDERS": json.dumps(providers),
-               "MODELSERVE_GPU_FP16_VARIANTS": str(precision == "fp16").lower()}
-        log_path = args.output / f"server-{precision}.log"
+               "MODELSERVE_GPU_FP16_VARIANTS": str(fp16).lower(), "MODELSERVE_IO_BINDING": io_binding}
+        log_path = args.output / f"server-{label}.log"
         # info: the load line says which file each instance serves (no access log: the server has none)
         with serve(repo, log_path=log_path, env=env, grpc="grpc" in args.protocols, log_level="info") as server:
             measured = asyncio.run(_load(server, args=args))
         served, bound = load_line(log_path)
         # What ran, from the log: on CPU the server keeps FP32 even with the variant allowed.
         ran = "fp16" if served and all(f"{MODEL}-fp16/" in f for f in served) else "fp32" if served else "?"
-        rows.extend({"fp16_variants": precision == "fp16", "served": served, "precision": ran,
-                     "io_bound_instances": bound, **row}
+        rows.extend({"run": label, "fp16_variants": fp16, "io_binding": io_binding, "served": served,
+                     "precision": ran, "io_bound_instances": bound, **row}
                     for row in measured)
     return rows
 

@@ -21,17 +21,17 @@ def _util(row: dict[str, Any]) -> str:
 
 
 def _ceiling(doc: dict[str, Any]) -> list[str]:
-    rows = [[p["precision"], str(p["batch"]), fmt(p["latency_ms"], ".3f"), fmt(p["rows_per_s"], ".0f"), _util(p)]
+    rows = [[p["precision"], p["path"], str(p["batch"]), fmt(p["latency_ms"], ".3f"), fmt(p["rows_per_s"], ".0f"), _util(p)]
             for p in doc["ceiling"]]
-    return _table(("precision", "batch", "p50 ms/run", "rows/s", "GPU util"), rows)
+    return _table(("precision", "path", "batch", "p50 ms/run", "rows/s", "GPU util"), rows)
 
 
 def _server(doc: dict[str, Any]) -> list[str]:
-    rows = [["on" if r["fp16_variants"] else "off", r["precision"], ", ".join(r.get("served") or ["?"]), r["protocol"], str(r["concurrency"]),
+    rows = [[r["run"], r["precision"], ", ".join(r.get("served") or ["?"]), r["protocol"], str(r["concurrency"]),
              fmt(r["rows_per_s"], ".0f"), fmt(r["pct_of_ceiling"], ".0f") + "%", fmt(r["p50_ms"]), fmt(r["p99_ms"]),
              _util(r), str(r.get("io_bound_instances", "?")), fmt(r.get("server_cpu_pct"), ".0f") + "%", str(r["errors"] + r["warmup_errors"])]
             for r in doc["server"]]
-    return _table(("FP16 variants", "precision", "file served", "protocol", "concurrency", "rows/s", "% of ceiling", "p50 ms",
+    return _table(("server run", "precision", "file served", "protocol", "concurrency", "rows/s", "% of ceiling", "p50 ms",
                    "p99 ms", "GPU util", "instances with I/O binding", "server CPU", "errors"), rows)
 
 
@@ -47,11 +47,14 @@ def render(doc: dict[str, Any]) -> str:
         f"{doc['model']['max_batch_size']}, {doc['model']['instances']} instance(s); "
         f"{doc['settings']['time_cap_s']} s per load level.",
         "",
-        "## In-process ceiling (ONNX Runtime alone, FP32 and FP16 interleaved)",
+        "## In-process ceiling (ONNX Runtime alone; FP32 and FP16, session.run and I/O binding, interleaved)",
         "",
         *_ceiling(doc),
         "",
         "## Server (closed loop, one request = 1 row; % of the same precision's best ceiling)",
+        "",
+        "Runs: `fp32` (FP16 variants off, I/O binding auto), `fp16` (variants on: a GPU instance serves "
+        "cnn-fp16), `fp32-unbound` (I/O binding off). On CPU all three serve FP32 unbound.",
         "",
         *_server(doc),
         "",

@@ -27,17 +27,18 @@ def test_quick_cpu_run_writes_both_tables(tmp_path: Path) -> None:
     done = _run("--provider", "cpu", "--quick", "--output", str(out))
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     doc = json.loads((out / "gpu_bench.json").read_text())
-    assert [(p["precision"], p["batch"]) for p in doc["ceiling"]] == [("fp32", 1), ("fp32", 8), ("fp16", 1), ("fp16", 8)]
+    assert [(p["precision"], p["path"], p["batch"]) for p in doc["ceiling"]] == [
+        (precision, path, batch) for precision in ("fp32", "fp16") for path in ("run", "iobinding") for batch in (1, 8)]
     assert all(p["rows_per_s"] > 0 and p["gpu_util_mean"] is None for p in doc["ceiling"])
     rows = doc["server"]
-    assert [(r["fp16_variants"], r["protocol"], r["concurrency"]) for r in rows] == [
-        (v, p, c) for v in (False, True) for p in ("binary", "grpc") for c in (1, 8)]
+    assert [(r["run"], r["protocol"], r["concurrency"]) for r in rows] == [
+        (run, p, c) for run in ("fp32", "fp16", "fp32-unbound") for p in ("binary", "grpc") for c in (1, 8)]
     # On CPU the server keeps FP32 even with the variant allowed, and says so in its load line.
     assert {(tuple(r["served"]), r["precision"], r["io_bound_instances"]) for r in rows} == {
         (("cnn/1/model.onnx",), "fp32", 0)}
     assert all(r["ok"] > 0 and r["errors"] == 0 and r["warmup_errors"] == 0 for r in rows)
     markdown = (out / "gpu_bench.md").read_text()
-    assert "## In-process ceiling" in markdown and "| on | fp32 | cnn/1/model.onnx | grpc | 8 |" in markdown
+    assert "## In-process ceiling" in markdown and "| fp16 | fp32 | cnn/1/model.onnx | grpc | 8 |" in markdown
 
 
 @pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="checks the CPU-only message")
