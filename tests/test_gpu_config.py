@@ -14,6 +14,7 @@ from service.errors import ModelLoadError
 from service.model import instance_setups
 from service.modelrepo.accelerators import GpuOptions, InstancePlan, gpu_options, instance_plans, provider_plan
 from service.modelrepo.config import parse_config_text
+from service.modelrepo.sessions import choose_providers
 from service.modelrepo.variants import fp16_variant_file, instance_model_file
 from service.settings import ServerSettings
 from tests.inprocess import inprocess_server
@@ -198,3 +199,10 @@ async def test_cpu_server_serves_fp32_although_a_variant_exists(tmp_path: Path) 
         body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": x.tolist()}]}
         resp = await client.post("/v2/models/m/infer", json=body)
         assert resp.json()["outputs"][0]["data"] == (x * 2).tolist()
+
+
+def test_offline_and_export_pick_providers_the_same_way(monkeypatch) -> None:
+    monkeypatch.setattr(ort, "get_available_providers", lambda: list(ALL))
+    assert choose_providers() == ["CUDAExecutionProvider", "CPUExecutionProvider"]  # TensorRT only when asked
+    assert choose_providers(requested=ALL) == ALL
+    assert choose_providers(instance_kind="KIND_CPU") == ["CPUExecutionProvider"]

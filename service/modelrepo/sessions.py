@@ -11,29 +11,24 @@ from pathlib import Path
 import onnxruntime as ort
 
 from service.errors import ModelLoadError
+from service.modelrepo.accelerators import GPU_PROVIDER_NAMES, GpuOptions, InstancePlan, provider_plan
 
 log = logging.getLogger("modelserve.sessions")
 
-PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
-GPU_PROVIDERS = frozenset({"TensorrtExecutionProvider", "CUDAExecutionProvider"})
+GPU_PROVIDERS = frozenset(GPU_PROVIDER_NAMES)
 CPU_ONLY = ("CPUExecutionProvider",)
 
 
 def choose_providers(*, requested: Sequence[str] | None = None, instance_kind: str = "KIND_AUTO") -> list[str]:
-    """Providers to use, best first, keeping only those this onnxruntime build has."""
+    """Providers to use, best first, keeping only those this onnxruntime build has: the server's choice for
+    one instance (service/modelrepo/accelerators.py: CUDA then CPU; TensorRT only when `requested`)."""
     available = ort.get_available_providers()
-    wanted = list(requested) if requested else list(PREFERRED_PROVIDERS)
-    unknown = [p for p in wanted if p not in available]
-    if requested and unknown:
+    unknown = [p for p in requested or [] if p not in available]
+    if unknown:
         log.warning("execution providers %s are not in this onnxruntime build (has %s)", unknown, available)
-    chosen = [p for p in wanted if p in available]
-    if instance_kind == "KIND_CPU":
-        chosen = [p for p in chosen if p not in GPU_PROVIDERS]
-    if instance_kind == "KIND_GPU" and not any(p in GPU_PROVIDERS for p in chosen):
-        raise ModelLoadError(f"instance_group kind KIND_GPU needs a GPU provider; this build has {available}")
-    if "CPUExecutionProvider" not in chosen:
-        chosen.append("CPUExecutionProvider")
-    return chosen
+    providers, _ = provider_plan(InstancePlan(kind=instance_kind), GpuOptions(), available=available,
+                                 requested=requested)
+    return providers
 
 
 def session_options(*, threads: int = 0, allow_spinning: bool = False, quiet: bool = True) -> ort.SessionOptions:
