@@ -101,3 +101,15 @@ async def test_buffers_follow_the_completed_max_batch_size(tmp_path: Path) -> No
         assert runner is not None and runner.out_buffers["y"].shape == (16, 3)
         body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3]}]}
         assert (await client.post("/v2/models/m/infer", json=body)).json()["outputs"][0]["data"] == [2, 4, 6]
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the fallback where CUDA cannot pin memory")
+def test_pinned_mode_without_cuda_stages_inputs_in_pageable_buffers(tmp_path: Path, caplog) -> None:
+    session = create_session(scale_model(tmp_path / "m.onnx", width=4))
+    inputs, outputs = graph_tensors(session)
+    runner = BoundRunner(session, inputs=inputs, outputs=outputs, max_rows=8, pinned=True)
+    assert "pinned host buffer unavailable" in caplog.text
+    assert set(runner.in_buffers) == {"x"} and not any(isinstance(o, PinnedBuffer) for o in runner._owners)
+    for rows in (3, 8, 9):  # 9: past the staging buffer, bound straight from the request's array
+        x = np.arange(rows * 4, dtype=np.float32).reshape(rows, 4)
+        np.testing.assert_array_equal(runner.run({"x": x}, ["y"])[0], x * 2)
