@@ -167,16 +167,20 @@ class ModelVersion:
         if not path.is_file():
             raise ModelLoadError(f"model {req.name!r} version {version}: {shown} not found")
         fp16 = fp16_variant_file(req.model_dir, name=req.name, version=version) if settings.gpu_fp16_variants else None
-        setups = instance_setups(config, fp32=path, fp16=fp16, shown_as=shown, settings=settings)  # type: ignore[arg-type]
-        threads = max(1, settings.cpu_threads // len(setups))
-        pool = InstancePool(setups, intra_op_threads=threads, allow_spinning=settings.allow_spinning)
-        spec = completed_spec(req.model_dir, name=req.name,
-                              read=(config, req.has_file, req.max_batch_size_given),  # type: ignore[arg-type]
-                              graph_inputs=pool.graph_inputs, graph_outputs=pool.graph_outputs,
-                              default_max_batch_size=settings.default_max_batch_size,
-                              graph_optional=pool.graph_optional)
+        setups = instance_setups(req.config, fp32=path, fp16=fp16, shown_as=shown, settings=settings)  # type: ignore[arg-type]
+        try:
+            pool, spec = cls._instances(req, setups, settings=settings)
+        except ModelLoadError as exc:
+            if not any(s.model_path == fp16 for s in setups):
+                raise
+            # NOTE: a variant that does not fit (FP16 inputs, another graph) must not take its parent down.
+            log.warning("model %s v%s: not serving its FP16 variant (%s); serving FP32", req.name, version,
+                        exc.message)
+            setups = instance_setups(req.config, fp32=path, fp16=None, shown_as=shown, settings=settings)  # type: ignore[arg-type]
+            pool, spec = cls._instances(req, setups, settings=settings)
         pool.configure_io_binding(mode=settings.io_binding, max_batch_size=spec.max_batch_size)
         served = sorted({str(s.shown_as) for s in setups})
+        threads = pool.intra_op_threads
         log.info(
             "model %s v%s: %d instance(s) on %s serving %s, %d intra-op thread(s) each, io binding on %d, "
             "max_batch_size %d, batching %s", req.name, version, pool.count, pool.providers, served, threads,
@@ -192,6 +196,20 @@ class ModelVersion:
         if settings.warmup:
             mv._warmup()
         return mv
+
+    @staticmethod
+    def _instances(req: LoadRequest, setups: list[InstanceSetup], *,
+                   settings: ServerSettings) -> tuple[InstancePool, ModelSpec]:
+        """The instances' sessions and the spec completed from their graph (load errors as ModelLoadError)."""
+        config = req.config
+        threads = max(1, settings.cpu_threads // len(setups))
+        pool = InstancePool(setups, intra_op_threads=threads, allow_spinning=settings.allow_spinning)
+        spec = completed_spec(req.model_dir, name=req.name,
+                              read=(config, req.has_file, req.max_batch_size_given),  # type: ignore[arg-type]
+                              graph_inputs=pool.graph_inputs, graph_outputs=pool.graph_outputs,
+                              default_max_batch_size=settings.default_max_batch_size,
+                              graph_optional=pool.graph_optional)
+        return pool, spec
 
     def _warmup(self) -> None:
         batched = self.spec.max_batch_size > 0

@@ -13,7 +13,7 @@ import numpy as np
 import onnxruntime as ort
 
 from service.datatypes import V2_TO_NUMPY
-from service.errors import BackendError, InvalidInput, ServingError
+from service.errors import BackendError, InvalidInput, ModelLoadError, ServingError
 from service.iobinding import BoundRunner, on_gpu
 from service.modelrepo.config import GraphTensor, graph_tensors, overridable_initializers
 from service.modelrepo.sessions import create_session
@@ -55,6 +55,7 @@ def classify_run_error(exc: Exception, *, model: str) -> ServingError:
     log.error("model %s: inference failed: %s", model, text)
     return BackendError(f"model {model!r}: inference failed ({type(exc).__name__}); see the server log")
 
+
 @dataclass(frozen=True)
 class InstanceSetup:
     """How to create one instance: its model file (the FP16 variant on a GPU) and its providers."""
@@ -66,6 +67,21 @@ class InstanceSetup:
 
 
 IO_BINDING_MODES = ("auto", "on", "off")  # auto: instances on a GPU provider
+
+
+def _signature(session: ort.InferenceSession) -> list[tuple[str, str]]:
+    inputs, outputs = graph_tensors(session)
+    return [(t.name, t.datatype) for t in [*inputs, *outputs]]
+
+
+def _check_same_signature(sessions: Sequence[ort.InferenceSession], setups: Sequence[InstanceSetup]) -> None:
+    """Every instance must take and give the same tensors (an FP16 variant must keep FP32 I/O)."""
+    first = _signature(sessions[0])
+    for session, setup in zip(sessions[1:], setups[1:]):
+        other = _signature(session)
+        if other != first:
+            raise ModelLoadError(f"instances disagree on inputs/outputs: {setups[0].shown_as} has {first}, "
+                                 f"{setup.shown_as} has {other}")
 
 
 class InstancePool:
@@ -80,6 +96,7 @@ class InstancePool:
             raise ValueError("an InstancePool needs at least one instance")
         self.path = setups[0].model_path
         self.count = len(setups)
+        self.intra_op_threads = intra_op_threads
         self._idle: queue.SimpleQueue[tuple[ort.InferenceSession, BoundRunner | None]] = queue.SimpleQueue()
         self._closed = False
         sessions = [create_session(s.model_path, providers=s.providers, provider_options=s.provider_options,
@@ -88,6 +105,7 @@ class InstancePool:
         self.providers: list[str] = sessions[0].get_providers()
         self.graph_inputs, self.graph_outputs = graph_tensors(sessions[0])
         self.graph_optional = overridable_initializers(sessions[0])
+        _check_same_signature(sessions, setups)
         self.bound = 0  # instances running through I/O binding
         for session in sessions:
             self._idle.put((session, None))

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+from onnx import TensorProto
 
 from service.errors import ModelLoadError
 from service.model import instance_setups
@@ -206,3 +207,39 @@ def test_offline_and_export_pick_providers_the_same_way(monkeypatch) -> None:
     assert choose_providers() == ["CUDAExecutionProvider", "CPUExecutionProvider"]  # TensorRT only when asked
     assert choose_providers(requested=ALL) == ALL
     assert choose_providers(instance_kind="KIND_CPU") == ["CPUExecutionProvider"]
+
+
+def _pretend_cuda(monkeypatch) -> None:
+    """Our provider choice sees a CUDA build; ONNX Runtime itself (no CUDA here) falls back to its CPU
+    provider with a warning, so the server's whole load path runs with GPU-placed instances."""
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ALL[1:])
+
+
+@pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider':UserWarning")
+async def test_gpu_instance_of_a_model_serves_its_fp16_variant(tmp_path: Path, monkeypatch) -> None:
+    repo = tmp_path / "models"
+    scale_model(repo / "m" / "1" / "model.onnx")
+    write_config(repo / "m", "max_batch_size: 8\ninstance_group [ { kind: KIND_GPU } ]")
+    _variant(repo)  # FP32 I/O like `modelserve optimize` writes, factor 3 so answers show which file ran
+    _pretend_cuda(monkeypatch)
+    body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}
+    for prefer, want in ((True, [3, 6, 9, 12]), (False, [2, 4, 6, 8])):
+        async with inprocess_server(repo, gpu_fp16_variants=prefer, model_control_mode="explicit",
+                                    load_model=["m"]) as (server, client):
+            assert server.core.model("m").pool.path.parent.parent.name == ("m-fp16" if prefer else "m")
+            assert (await client.post("/v2/models/m/infer", json=body)).json()["outputs"][0]["data"] == want
+
+
+@pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider':UserWarning")
+async def test_a_variant_with_other_io_types_falls_back_to_fp32(tmp_path: Path, monkeypatch, caplog) -> None:
+    repo = tmp_path / "models"
+    scale_model(repo / "m" / "1" / "model.onnx")
+    write_config(repo / "m", "max_batch_size: 8\ninput [ { name: \"x\" data_type: TYPE_FP32 dims: [ 4 ] } ]")
+    scale_model(repo / "m-fp16" / "1" / "model.onnx", dtype=TensorProto.FLOAT16)  # FP16 I/O: does not fit m
+    (repo / "m-fp16" / "metrics.json").write_text(json.dumps({"variant": "fp16", "parent": "m"}))
+    _pretend_cuda(monkeypatch)
+    async with inprocess_server(repo, model_control_mode="explicit", load_model=["m"]) as (server, client):
+        assert server.core.model("m").pool.path == repo / "m" / "1" / "model.onnx"
+        assert "not serving its FP16 variant" in caplog.text and "FP16" in caplog.text
+        body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}
+        assert (await client.post("/v2/models/m/infer", json=body)).json()["outputs"][0]["data"] == [2, 4, 6, 8]
