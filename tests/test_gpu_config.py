@@ -243,3 +243,16 @@ async def test_a_variant_with_other_io_types_falls_back_to_fp32(tmp_path: Path, 
         assert "not serving its FP16 variant" in caplog.text and "FP16" in caplog.text
         body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}
         assert (await client.post("/v2/models/m/infer", json=body)).json()["outputs"][0]["data"] == [2, 4, 6, 8]
+
+
+@pytest.mark.filterwarnings("ignore:Specified provider:UserWarning")
+async def test_server_places_instances_on_each_listed_gpu(tmp_path: Path, monkeypatch, caplog) -> None:
+    repo = _repo_with(tmp_path, TRT_CONFIG.replace('name: "m"', "max_batch_size: 8").replace(
+        "count: 1 gpus: [ 1 ]", "count: 2 gpus: [ 0, 1 ]"))
+    monkeypatch.setattr(ort, "get_available_providers", lambda: list(ALL))  # a TensorRT build, pretended
+    caplog.set_level("INFO", logger="modelserve.model")
+    async with inprocess_server(repo) as (server, client):
+        assert server.core.model("m").pool.count == 4
+        assert "m v1: 4 instance(s)" in caplog.text
+        body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}
+        assert (await client.post("/v2/models/m/infer", json=body)).json()["outputs"][0]["data"] == [2, 4, 6, 8]
