@@ -7,7 +7,9 @@ import sys
 import types
 from pathlib import Path
 
+from loadtests.gpu_sampler import GpuSampler, gpu_name
 from service.metrics import Metrics, exposition
+from tests.conftest import wait_until
 from tests.inprocess import inprocess_server
 from tests.onnx_builders import scale_model
 
@@ -79,3 +81,15 @@ async def test_server_metrics_route_carries_gpu_metrics(tmp_path: Path, monkeypa
         assert 'nv_gpu_power_usage{gpu_uuid="GPU-aaaa"} 123.456' in lines
         assert 'nv_energy_consumption{gpu_uuid="GPU-aaaa"} 0.0' in lines
         assert 'nv_inference_request_success{model="m",version="1"} 0.0' in lines
+
+
+def test_bench_sampler_reads_utilization_during_a_block(monkeypatch) -> None:
+    nv = fake_nvml(energy_mj=[])
+    nv.nvmlDeviceGetName = lambda h: "Fake H100"
+    monkeypatch.setitem(sys.modules, "pynvml", nv)
+    assert gpu_name() == "Fake H100"
+    with GpuSampler() as gpu:
+        wait_until(lambda: gpu.summary()["gpu_samples"] >= 2, what="two NVML samples")
+    summary = gpu.summary()
+    assert summary["gpu_util_mean"] == 37 and summary["gpu_util_max"] == 37
+    assert summary["gpu_mem_peak_mb"] == 1024 / 2**20
