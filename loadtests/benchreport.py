@@ -56,7 +56,9 @@ def _note(doc: dict[str, Any]) -> str:
 
 def _title(doc: dict[str, Any]) -> str:
     best, model = doc["ceiling_best"], doc["model"]
-    return (f"CNN width {model['width']} on {doc['environment']['cpus']} cores: in-process ceiling "
+    provider = doc["environment"].get("provider", "cpu")
+    where = f"{doc['environment']['cpus']} cores" if provider == "cpu" else f"{provider} (GPU 0)"
+    return (f"CNN width {model['width']} on {where}: in-process ceiling "
             f"{best['rows_per_s']:.0f} rows/s (batch {best['batch']}); batch-1 latency "
             f"{doc['ceiling'][0]['latency_ms']:.3f} ms")
 
