@@ -80,8 +80,8 @@ def _ms(values: list[float]) -> dict[str, float]:
 async def _counters(client: grpcaio.InferenceServerClient) -> tuple[int, int, int]:
     """(executions, requests, compute ns) of speech-stream so far."""
     stats = (await client.get_inference_statistics(STREAM, as_json=True))["model_stats"][0]
-    return (int(stats.get("execution_count", 0)), int(stats.get("inference_count", 0)),
-            int(stats["inference_stats"]["compute_infer"]["ns"]))
+    compute = stats.get("inference_stats", {}).get("compute_infer", {})  # zero fields are left out of the JSON
+    return int(stats.get("execution_count", 0)), int(stats.get("inference_count", 0)), int(compute.get("ns", 0))
 
 
 def _server(before: tuple[int, int, int], after: tuple[int, int, int]) -> dict[str, float]:
