@@ -17,8 +17,9 @@ NOTE: why the DS-CNN is not carried layer by layer (each conv's last k-1 frames 
 The ``speech`` model removes the per-clip mean of the log-mel features before its first convolution, and
 a ReLU follows that convolution: every output position depends non-linearly on a mean that is only known
 when the clip has ended, so no fixed summary of the past reproduces the whole-clip scores. Carrying the
-log-mel frames (40 floats per 20 ms) is the smallest state that does; the conv stack is re-run over them,
-masked to the frames held, which costs about as much as one whole-clip inference per chunk.
+log-mel frames (40 floats per 20 ms) is the smallest state that does; the conv stack is re-run over the
+frames held (up to the fullest row of the batch, masked per row), which costs at most one whole-clip
+inference of the audio so far per chunk (measured: docs/BENCHMARKS.md).
 Streams longer than ``--max-seconds`` (default 2 s; the model is trained on 1 s clips) are scored on
 their first ``max_seconds``.
 
@@ -129,7 +130,12 @@ class StreamingKeywordSpotter(nn.Module):
         """The whole-clip network over the first ``frames_seen`` frames of each row; zeros past them stand
         for the convolutions' zero padding, so every kept position sees what the whole-clip model sees."""
         seen = torch.clamp(frames_seen, min=1).to(log_mel.dtype)  # idle rows (READY 0) hold no frame
-        valid = (torch.arange(self.capacity, device=log_mel.device)[None, :] < frames_seen)[:, :, None]
+        # Only the frames the fullest row holds: early in a stream that is a fraction of the capacity.
+        longest = torch.clamp(frames_seen.max(), 1, self.capacity).item()
+        torch._check(longest >= 1)
+        torch._check(longest <= self.capacity)
+        log_mel = log_mel[:, :longest]
+        valid = (torch.arange(longest, device=log_mel.device)[None, :] < frames_seen)[:, :, None]
         mean = (log_mel * valid).sum(dim=(1, 2)) / (seen[:, 0] * N_MELS)
         x = F.relu(self.stem(((log_mel - mean[:, None, None]) * valid)[:, None]))
         rows = torch.div(frames_seen, 2, rounding_mode="floor") + 1  # the stem's stride-2 output length
