@@ -15,6 +15,7 @@ import tritonclient.http as httpclient
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
+from loadtests import speech_stream_check
 from models import speech, speech_stream
 from models import speech_data as sd
 from service.modelrepo.sessions import create_session
@@ -165,3 +166,15 @@ async def test_task_endpoint_points_sequence_models_to_v2_infer(repo) -> None:
         r = await client.post("/v1/models/speech-stream/predict", json={"instances": [[0.0] * 100]})
     assert r.status_code == 400, r.text
     assert "sequence model" in r.json()["error"] and "sequence_id" in r.json()["error"]
+
+
+def test_benchmark_command_reports_equal_accuracy(repo, tmp_path) -> None:
+    """`python -m loadtests.speech_stream_check` (docs/BENCHMARKS.md) on a few tiny held-out clips."""
+    out = tmp_path / "check.json"
+    assert speech_stream_check.main(["--model-repository", str(repo), "--clips", "6", "--streams", "3",
+                                     "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["clips"] == 6 and result["labels_identical"] == 6 and result["max_abs_diff"] <= ATOL
+    assert result["accuracy_streamed"] == result["accuracy_whole_clip"]
+    assert result["one_stream"]["server"]["executions"] > 0
+    assert result["layer_by_layer_alternative"]["accuracy_whole_clip"] == result["accuracy_whole_clip"]
