@@ -4,7 +4,8 @@ Trains on words synthesized with eSpeak NG (``--data synth``, the default; test 
 voices) or on the real Speech Commands folder layout (``--data speech_commands:PATH``). The log-mel
 front end is part of the exported graph, so the served model takes raw 16 kHz mono audio
 ``waveform`` FP32 ``[batch, samples]`` in [-1, 1] (any length; trained on one-second clips) and
-returns ``probabilities`` FP32 ``[batch, 12]`` (``labels.txt``). Publishes model ``speech``.
+returns ``probabilities`` FP32 ``[batch, 12]`` (``labels.txt``). Publishes model ``speech`` and its streaming
+form ``speech-stream`` (models/speech_stream.py).
 
     python -m models.speech --profile default --model-repository model_repository
 """
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from models import speech_commands, speech_export
+from models import speech_commands, speech_export, speech_stream
 from models import speech_data as sd
 from models.common import (
     FamilyResult,
@@ -203,7 +204,8 @@ def build(*, profile: str, repo_dir: Path, seed: int = 0, work_dir: Path | None 
             corpus=corpus, model=model, metrics=metrics, per_class=per_class, parity=parity, hyper=hyper,
             train_clips=len(corpus.train), build_seconds=time.perf_counter() - start, profile=profile, seed=seed)
         speech_export.publish_model(repo_dir=Path(repo_dir), onnx_path=Path(tmp) / "model.onnx", card=card)
-    return FamilyResult(NAME, [NAME], {"accuracy": metrics["accuracy"]}, count_parameters(model),
+    speech_stream.publish_stream(repo_dir=Path(repo_dir), held_out=test_clips)
+    return FamilyResult(NAME, [NAME, speech_stream.NAME], {"accuracy": metrics["accuracy"]}, count_parameters(model),
                         round(time.perf_counter() - start, 2), parity["max_abs_diff"])
 
 

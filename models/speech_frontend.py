@@ -89,8 +89,12 @@ class LogMel(nn.Module):
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:
         if waveform.dim() != 2:
             raise ValueError(f"waveform must be [batch, samples], got shape {list(waveform.shape)}")
-        padded = F.pad(waveform[:, None, :], (N_FFT // 2, N_FFT // 2))
-        spec = F.conv1d(padded, self.basis, stride=HOP)  # [batch, 2 * bins, frames]
+        return self.framed(F.pad(waveform, (N_FFT // 2, N_FFT // 2)))
+
+    def framed(self, padded: torch.Tensor) -> torch.Tensor:
+        """Log-mel of every ``N_FFT`` window at multiples of ``HOP`` in ``[batch, samples]`` (no padding
+        added): the streaming model (models/speech_stream.py) frames its carried samples with it."""
+        spec = F.conv1d(padded[:, None, :], self.basis, stride=HOP)  # [batch, 2 * bins, frames]
         bins = N_FFT // 2 + 1
         power = spec[:, :bins] ** 2 + spec[:, bins:] ** 2
         return torch.log(torch.matmul(power.transpose(1, 2), self.mel) + LOG_EPS)

@@ -114,6 +114,7 @@ class EnsembleVersion(ModelVersion):
 
     steps: list[EnsembleStep] | None = None
     runner: StepRunner | None = None
+    lookup: Lookup | None = None
     _running: set[asyncio.Task] = field(default_factory=set)
 
     @classmethod
@@ -132,13 +133,25 @@ class EnsembleVersion(ModelVersion):
         spec = build_spec(config, model_dir=req.model_dir)
         # NOTE: an ensemble owns no ONNX Runtime sessions; `pool` stays unset and is never used.
         mv = cls(spec=spec, version=str(version), pool=None, stats=ModelStats(req.name, str(version)),  # type: ignore[arg-type]
-                 steps=steps, runner=runner)
+                 steps=steps, runner=runner, lookup=lookup)
         mv.output_names = [o.name for o in spec.outputs]
         log.info("ensemble %s v%s: steps %s", req.name, version, [s.model for s in steps])
         return mv
 
     def start(self) -> None:
         """Nothing to start: the composing models' batchers do the queueing."""
+
+    def unavailable_reason(self) -> str | None:
+        """Why the ensemble cannot serve now (None: every step can run): a composing model was unloaded, is
+        not ready, or was reloaded with tensors its step no longer matches. Checked on every lookup, so the
+        ensemble serves again as soon as the composing model does, with no reload of its own."""
+        assert self.lookup is not None
+        for step in self.steps or []:
+            try:
+                _check_step(step, self.lookup(step.model, step.version).spec, where=f"ensemble {self.name!r}")
+            except ServingError as exc:
+                return f"composing model {step.model!r} is not available: {exc.message}"
+        return None
 
     def submit(self, *, inputs: Tensors, rows: int, parameters: dict,
                client_gone: Callable[[], bool] | None = None) -> Awaitable[BatchResult]:

@@ -233,21 +233,22 @@ class ModelRepository:
                         f"are {sorted(entry.versions, key=int)}"
                     )
                 raise ModelNotReady(f"model {name!r} is not ready ({entry.state}: {entry.reason or 'loading'})")
-            return mv
+            return _serving(mv)
         mv = entry.latest()
         if mv is None:
             raise ModelNotReady(f"model {name!r} is not ready ({entry.state}: {entry.reason or 'loading'})")
-        return mv
+        return _serving(mv)
 
     def index(self, *, ready_only: bool = False) -> list[dict]:
         rows: list[dict] = []
         for name in sorted(self.entries):
             entry = self.entries[name]
             if entry.versions:
-                rows.extend(
-                    {"name": name, "version": v, "state": READY, "reason": entry.reason}
-                    for v in sorted(entry.versions, key=int)
-                )
+                for v in sorted(entry.versions, key=int):
+                    why = _ensemble_unavailable(entry.versions[v])
+                    if why is None or not ready_only:
+                        rows.append({"name": name, "version": v, "state": UNAVAILABLE if why else READY,
+                                     "reason": why or entry.reason})
             elif not ready_only:
                 rows.append({"name": name, "state": entry.state, "reason": entry.reason})
         return rows
@@ -307,3 +308,15 @@ class ModelRepository:
         if self._poller is not None:
             self._poller.cancel()
             self._poller = None
+
+
+def _ensemble_unavailable(mv: ModelVersion) -> str | None:
+    return mv.unavailable_reason() if isinstance(mv, EnsembleVersion) else None
+
+
+def _serving(mv: ModelVersion) -> ModelVersion:
+    """`mv`, unless it is an ensemble one of whose composing models cannot serve (Triton: UNAVAILABLE)."""
+    why = _ensemble_unavailable(mv)
+    if why is not None:
+        raise ModelNotReady(f"ensemble {mv.name!r} is not ready: {why}")
+    return mv

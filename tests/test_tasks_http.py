@@ -45,7 +45,9 @@ async def test_models_list_tasks_labels_and_variants(base):
     assert {n: m["task"] for n, m in models.items()} == {
         "cnn": "image-classification", "cnn-int8": "image-classification", "speech": "keyword-spotting",
         "transformer": "text-embedding", "transformer-classifier": "text-classification",
-        "recommender": "recommendation"}
+        "recommender": "recommendation", "speech-stream": None}  # a sequence model: /v2 infer only
+    assert "sequence_id" in models["speech-stream"]["task_error"]
+    assert {"name": "speech-stream", "variant": "stream"} in models["speech"]["variants"]
     assert models["cnn"]["labels"] == [str(d) for d in range(10)]
     assert models["cnn"]["inputs"] == [{"name": "image", "datatype": "FP32", "shape": [-1, 1, 28, 28]}]
     assert models["cnn"]["variants"] == [{"name": "cnn", "variant": "fp32"}, {"name": "cnn-int8", "variant": "int8"}]

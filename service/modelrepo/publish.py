@@ -22,6 +22,7 @@ from service.modelrepo.layout import (
     check_model_name,
 )
 from service.modelrepo.sessions import create_session
+from service.sequence_config import server_fed_names
 
 
 def validate(*, name: str, onnx_path: Path, config_pbtxt: str, card: dict[str, Any], labels: list[str] | None) -> None:
@@ -34,9 +35,10 @@ def validate(*, name: str, onnx_path: Path, config_pbtxt: str, card: dict[str, A
     if missing:
         raise ValueError(f"model card for {name!r} lacks keys {missing}; required: {list(CARD_KEYS)}")
     session = create_session(onnx_path)
+    fed_in, fed_out = server_fed_names(config)  # a sequence model's control and state tensors
     for kind, declared, actual in (
-        ("input", [i.name for i in config.input], [i.name for i in session.get_inputs()]),
-        ("output", [o.name for o in config.output], [o.name for o in session.get_outputs()]),
+        ("input", [i.name for i in config.input] + sorted(fed_in), [i.name for i in session.get_inputs()]),
+        ("output", [o.name for o in config.output] + sorted(fed_out), [o.name for o in session.get_outputs()]),
     ):
         if sorted(declared) != sorted(actual):
             raise ValueError(f"{name}: config.pbtxt {kind}s {declared} differ from the ONNX graph's {actual}")

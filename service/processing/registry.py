@@ -63,6 +63,10 @@ class Recipe:
 
 def processor_recipe(spec: ModelSpec, *, model_dir: Path) -> Recipe:
     """The processor recipe of a model, or InvalidInput saying why it has no task endpoint."""
+    if spec.config.HasField("sequence_batching"):  # e.g. speech-stream: its state lives in the sequence batcher
+        raise InvalidInput(f"model {spec.name!r} is a sequence model and has no task endpoint; stream it over "
+                           f"/v2/models/{spec.name}/infer with the sequence_id, sequence_start and sequence_end "
+                           "parameters")
     card = read_card(model_dir)
     family = family_of({t.name for t in spec.inputs}, card)
     out = _first_labelled(spec)
