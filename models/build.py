@@ -25,8 +25,8 @@ from rich.table import Table
 
 from models.common import FAMILIES, PROFILES, FamilyResult
 from models.runlog import WeightedEta, format_seconds, progress, quiet_to_log
-from models.zoo import EXPECTED_SECONDS, FAMILY_MODELS, SHARED_MACHINE_FACTOR, family_complete
-from service.modelrepo.layout import CARD_FILENAME
+from models.zoo import DERIVED_MODELS, EXPECTED_SECONDS, FAMILY_MODELS, SHARED_MACHINE_FACTOR, family_complete
+from service.modelrepo.layout import CARD_FILENAME, CONFIG_FILENAME
 
 SUMMARY_FILE = "build_summary.json"
 LOG_FILE = "build.log"
@@ -171,6 +171,7 @@ def _build_all(args: argparse.Namespace) -> int:
     summary = {"profile": args.profile, "seed": args.seed, "kept": kept}
     with quiet_to_log(log_path) as console:
         _announce(console, todo=todo, kept=kept, profile=args.profile, log_path=log_path)
+        _derive_missing(kept, repo_dir=repo_dir, console=console)
         try:
             _run_families(todo, args=args, console=console, results=results, failures=failures,
                           on_done=lambda: _write_summary(repo_dir, {**summary, **_rows(results, failures)}))
@@ -186,6 +187,16 @@ def _build_all(args: argparse.Namespace) -> int:
     Console(stderr=True).print(f"total {total:.1f} s; summary written to {repo_dir / SUMMARY_FILE}; "
                                f"training output in {log_path}")
     return 1 if failures else 0
+
+
+def _derive_missing(kept: list[str], *, repo_dir: Path, console: Console) -> None:
+    """Publish the derived models (DERIVED_MODELS) a kept family lacks, from its published model."""
+    for family in kept:
+        missing = [n for n in DERIVED_MODELS.get(family, ()) if not (repo_dir / n / CONFIG_FILENAME).is_file()]
+        if missing:
+            module = importlib.import_module(f"models.{family}")
+            module.derive(repo_dir=repo_dir)
+            console.print(f"derived from kept {family}: {', '.join(missing)}")
 
 
 def _rows(results: list[FamilyResult], failures: dict[str, str]) -> dict:

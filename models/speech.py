@@ -209,6 +209,11 @@ def build(*, profile: str, repo_dir: Path, seed: int = 0, work_dir: Path | None 
                         round(time.perf_counter() - start, 2), parity["max_abs_diff"])
 
 
+def derive(*, repo_dir: Path) -> None:
+    """Publish the models derived from a published ``speech`` without training (``speech-stream``)."""
+    speech_stream.publish_stream(repo_dir=Path(repo_dir))
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = family_parser("speech", __doc__)
     parser.add_argument("--data", default="synth", help="synth | speech_commands:PATH (default: synth)")

@@ -19,6 +19,10 @@ FAMILY_MODELS: dict[str, tuple[str, ...]] = {
     "recommender": ("recommender",),
 }
 
+# Models derived from a family's published model without training (cheap), so a zoo built before they
+# existed gains them on the next `modelserve build` instead of retraining the family.
+DERIVED_MODELS: dict[str, tuple[str, ...]] = {"speech": ("speech-stream",)}
+
 # Seconds per family on this project's 2-core machine, otherwise idle (docs/BENCHMARKS.md: default
 # profile with an empty speech-synthesis cache; tiny profile measured with `modelserve build --profile
 # tiny`). The build's ETA starts from these and rescales them by how fast the finished families went.

@@ -4,6 +4,7 @@ builds only the missing family (tiny profile, cnn + recommender: the two quickes
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -59,3 +60,20 @@ def test_a_family_built_with_another_seed_is_not_complete(tmp_path: Path) -> Non
     assert not family_complete(repo, "recommender", profile="default", seed=0)
     (repo / "recommender" / "metrics.json").write_text("{not json")
     assert not family_complete(repo, "recommender", profile="tiny", seed=0)
+
+
+def test_a_kept_speech_family_gains_its_missing_streaming_model_without_retraining(
+        tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    repo = tmp_path / "model_repository"
+    argv = ["--profile", "tiny", "--families", "speech", "--model-repository", str(repo)]
+    assert build.main(argv) == 0
+    capfd.readouterr()
+    streamed = (repo / "speech-stream" / "1" / "model.onnx").read_bytes()
+    kept = _mtimes(repo / "speech")
+    shutil.rmtree(repo / "speech-stream")  # a zoo built before the streaming model existed
+
+    assert build.main(argv) == 0
+    out = capfd.readouterr()
+    assert "building speech" not in out.err and "derived from kept speech: speech-stream" in out.out + out.err
+    assert _mtimes(repo / "speech") == kept
+    assert (repo / "speech-stream" / "1" / "model.onnx").read_bytes() == streamed
