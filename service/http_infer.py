@@ -26,7 +26,7 @@ from service.errors import (
     ServingError,
     UnsupportedMediaType,
 )
-from service.http_server import arrived, corked
+from service.http_server import arrived, body_complete, corked
 from service.protocol_v2 import OutputEncoding, decode_raw_request, decode_request, encode_response_parts
 from service.v2_plans import RequestPlans
 
@@ -154,8 +154,13 @@ class InferFastPath:
         trace = None
         try:
             headers = _headers(scope)
-            body = await read_body(receive, declared=headers.get(b"content-length"), limit=self.limit,
-                                   timeout_s=self.body_timeout_s)
+            if body_complete(receive):  # the common case: the body came with the headers
+                body = await read_body(receive, declared=headers.get(b"content-length"), limit=self.limit,
+                                       timeout_s=self.body_timeout_s)
+            else:  # an adaptive batcher waits for a request it knows is on its way
+                with self.core.arriving(model, version):
+                    body = await read_body(receive, declared=headers.get(b"content-length"), limit=self.limit,
+                                           timeout_s=self.body_timeout_s)
             if body is None:
                 return
             body = decompress(body, encoding=headers.get(b"content-encoding", b"").decode().lower(), limit=self.limit)

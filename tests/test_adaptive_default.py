@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import orjson
 import pytest
 
 from tests.inprocess import inprocess_server
 from tests.onnx_builders import scale_model, slow_model, write_config
+from tests.test_batcher import until
 
 MINUTE_US = 60_000_000
 ADAPTIVE_OFF = 'parameters { key: "adaptive_batching" value: { string_value: "false" } }\n'
@@ -96,3 +98,32 @@ async def test_a_request_the_predicted_run_would_make_late_gets_504_before_any_c
     assert after["execution_count"] == before["execution_count"], "compute was spent on a request shed as late"
     assert after["inference_stats"]["fail"]["count"] == before["inference_stats"]["fail"]["count"] + 1
     assert ok.status_code == 200, ok.text  # a request that can make it still runs
+
+
+async def test_adaptive_waits_for_requests_whose_bodies_are_still_arriving(repo):
+    """More requests in flight than queued: the batch waits for the ones still being read, not only the queued."""
+    gate = asyncio.Event()
+    payload = orjson.dumps(_body(3.0))
+
+    async def slow_body():
+        yield payload[:10]
+        await gate.wait()
+        yield payload[10:]
+
+    async with inprocess_server(repo, adaptive_batching=True, warmup=False) as (server, client):
+        batcher = server.core.model("batched").batcher
+        headers = {"content-type": "application/json"}
+        slow = [asyncio.ensure_future(client.post("/v2/models/batched/infer", content=slow_body(), headers=headers))
+                for _ in range(3)]
+        await until(lambda: batcher.arriving == 3, "three requests announced while their bodies arrive")
+        whole = asyncio.ensure_future(client.post("/v2/models/batched/infer", json=_body(1.0)))
+        await until(lambda: len(batcher.queue) == 1, "the whole request queued")  # and held for the three
+        gate.set()
+        answers = await asyncio.wait_for(asyncio.gather(whole, *slow), timeout=30)
+        stats = await _stats(client, "batched")
+    assert [r.status_code for r in answers] == [200] * 4
+    assert answers[0].json()["outputs"][0]["data"] == [2.0] * 4
+    assert all(r.json()["outputs"][0]["data"] == [6.0] * 4 for r in answers[1:])
+    assert stats["inference_count"] == 4 and stats["execution_count"] == 1
+    assert batcher.arriving == 0
+
