@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         worker.close()
         cpu_front = uvloop.run(_front(front, messages=args.messages, per_write=per_write))
         front.close()
-        _, status, usage = os.wait4(pid, 0)
+        _, _, usage = os.wait4(pid, 0)
         cpu_worker = usage.ru_utime + usage.ru_stime
         per = (cpu_front + cpu_worker) / args.messages * 1e6
         print(f"{per_write:3d} descriptor(s) per write: {per:6.1f} CPU-us per request round trip "
