@@ -11,7 +11,7 @@ PROFILE ?= default
 EXTRAS ?= train,test
 
 comma := ,
-.PHONY: install helm serve zoo test lint bench bench-adaptive fuzz clean image image-test tools arm-check
+.PHONY: install helm serve zoo test lint bench bench-quick fuzz clean image image-test tools arm-check
 
 $(VENV)/.installed-$(EXTRAS): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,8 +48,8 @@ PROVIDER ?= cpu
 bench: install
 	$(PY) -m loadtests.bench --provider $(PROVIDER) --output bench_results
 
-bench-adaptive: install
-	$(PY) -m loadtests.bench --mode adaptive --output bench_results
+bench-quick: install
+	$(PY) -m loadtests.bench --quick --output bench_results
 
 # Fuzz + soak a real server on the zoo; counts and peak RSS in fuzz_results.json (docs/RELIABILITY.md).
 fuzz: zoo

@@ -109,33 +109,35 @@ class CeilingPoint:
     runs: int
 
 
-def timed_runs(session, feeds: dict[str, np.ndarray], *, seconds: float) -> np.ndarray:
+def timed_runs(session, feeds: dict[str, np.ndarray], *, seconds: float, output: str = OUTPUT_NAME) -> np.ndarray:
     times: list[float] = []
     end = time.perf_counter() + seconds
     while time.perf_counter() < end or len(times) < 3:
         t0 = time.perf_counter()
-        session.run([OUTPUT_NAME], feeds)
+        session.run([output], feeds)
         times.append(time.perf_counter() - t0)
     return np.asarray(times)
 
 
 def measure_ceiling(path: Path, *, batches: list[int], seconds_each: float, rounds: int = 2,
-                    providers: list[str] | None = None) -> list[CeilingPoint]:
+                    providers: list[str] | None = None, input_name: str = INPUT_NAME,
+                    output_name: str = OUTPUT_NAME) -> list[CeilingPoint]:
     """Back-to-back session.run at each batch size: what ONNX Runtime alone does on these cores.
 
     Batch sizes are interleaved over `rounds` and each keeps its best round: on a shared machine a burst
     of someone else's work would otherwise land on one batch size and make a different one look best.
+    The input is FP32 `[N, *INPUT_DIMS]` (the bench CNN's and the zoo cnn's).
     """
     session = ort_session(path, providers=providers)
     rng = np.random.default_rng(1)
-    feeds = {n: {INPUT_NAME: rng.standard_normal((n, *INPUT_DIMS)).astype(np.float32)} for n in batches}
+    feeds = {n: {input_name: rng.standard_normal((n, *INPUT_DIMS)).astype(np.float32)} for n in batches}
     for n in batches:
         for _ in range(3):  # first runs allocate arenas and pick kernels
-            session.run([OUTPUT_NAME], feeds[n])
+            session.run([output_name], feeds[n])
     best: dict[int, CeilingPoint] = {}
     for _ in range(rounds):
         for n in batches:
-            arr = timed_runs(session, feeds[n], seconds=seconds_each / rounds)
+            arr = timed_runs(session, feeds[n], seconds=seconds_each / rounds, output=output_name)
             point = CeilingPoint(batch=n, latency_ms=float(np.median(arr) * 1e3),
                                  rows_per_s=float(n / arr.mean()), runs=len(arr))
             if n not in best or point.rows_per_s > best[n].rows_per_s:

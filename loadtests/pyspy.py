@@ -100,6 +100,8 @@ def profile(args: argparse.Namespace, console: Console) -> None:
         with serve(repo, log_path=args.output / "server.log", grpc=args.protocol == "grpc") as server:
             cmd = [pyspy, "record", "--pid", str(server.pid), "--rate", str(args.rate), "--duration",
                    str(args.seconds), "--format", "raw", "--threads", "--output", str(raw)]
+            if args.native:
+                cmd.append("--native")  # C/Cython frames too: where "Runner.run" self time goes
             # The load runs a second past py-spy's window so the server is under load for all of it.
             with subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as spy:
                 cfg = LoadConfig(target=Target(server.url, model, grpc_url=server.grpc_url), protocols=[args.protocol],
@@ -126,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--seconds", type=int, default=8, help="py-spy recording window")
     p.add_argument("--rate", type=int, default=200, help="samples per second")
+    p.add_argument("--native", action="store_true", help="sample native (C, Cython) frames too")
     p.add_argument("--summarize", type=Path, help="only summarize an existing raw file (needs --requests)")
     p.add_argument("--requests", type=int, default=0, help="requests served during --summarize's recording")
     args = p.parse_args(argv)

@@ -66,9 +66,11 @@ def serve(
     command_prefix: list[str] | None = None,
     grpc: bool = False,
     log_level: str = "warning",
+    code_root: Path = REPO_ROOT,
 ) -> Iterator[ServerProcess]:
     """Run the server until the block ends. `env` adds MODELSERVE_* settings; `command_prefix` wraps the
-    command (e.g. py-spy record ... --), in which case `pid` is the wrapper's."""
+    command (e.g. py-spy record ... --), in which case `pid` is the wrapper's. `code_root`: the checkout whose
+    `service` package runs (another commit's, to compare two versions side by side)."""
     port = free_port()
     cmd = [*(command_prefix or []), sys.executable, "-m", "service.cli", "serve", "--model-repository", str(repository),
            "--http-port", str(port), "--http-address", "127.0.0.1", "--log-level", log_level]
@@ -80,8 +82,8 @@ def serve(
         grpc_url = f"127.0.0.1:{grpc_port}"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, **(env or {})})
+        proc = subprocess.Popen(cmd, cwd=code_root, stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONPATH": str(code_root), **(env or {})})
         try:
             deadline = time.monotonic() + ready_timeout_s
             while not _ready(url):

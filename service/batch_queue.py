@@ -119,6 +119,10 @@ class AdmissionQueue:
             self._arrived.clear()
             await self._arrived.wait()
 
+    def wake(self) -> None:
+        """Wake a collector waiting for an arrival (something it waits on changed without one)."""
+        self._arrived.set()
+
     async def wait_for_arrival(self, timeout_s: float) -> None:
         """Until another request arrives or `timeout_s` passes."""
         self._arrived.clear()

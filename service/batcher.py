@@ -49,6 +49,7 @@ class Collector:
     clock: Clock
     planner: Planner | None = None  # None: Triton's fixed max_queue_delay
     in_flight: Callable[[], int] = lambda: 0  # requests running now
+    arriving: Callable[[], int] = lambda: 0  # requests routed to this model whose bodies are still being read
     by_length: bool = False
     max_tokens: int = 0  # with by_length: rows x padded length per batch, at most (0: no bound)
 
@@ -71,6 +72,10 @@ class Collector:
         now = self.clock()
         remaining = delay_end - now
         if self.planner is None or remaining <= 0:
+            return remaining
+        if self.arriving() > 0:
+            # More requests are in flight than are queued or running: they are certain batch-mates, not guessed
+            # ones, so wait for them (an arrival, or an arrival that failed, wakes the wait).
             return remaining
         others = len(queue) - len(taken) + self.in_flight()
         waited = now - queue.first().enqueued
@@ -149,13 +154,28 @@ class Batcher:
         self.accepting = True
         self.planner = Planner()
         self._running = 0
+        self._arriving = 0
         self.collector = Collector(policy=self.policy, max_batch_size=self.max_batch_size, clock=self.clock,
                                    planner=self.planner if self.adaptive else None,
-                                   in_flight=lambda: self._running, by_length=self.ragged is not None,
+                                   in_flight=lambda: self._running, arriving=lambda: self._arriving,
+                                   by_length=self.ragged is not None,
                                    max_tokens=self.ragged.max_tokens if self.ragged is not None else 0)
 
     def start(self) -> None:
         self._loop_task = asyncio.get_running_loop().create_task(self._collect_loop(), name=f"batcher:{self.model}")
+
+    @property
+    def arriving(self) -> int:
+        return self._arriving
+
+    def announce(self) -> None:
+        """A transport has a request for this model whose body is still arriving; `withdraw` when it is decoded
+        (and about to be submitted) or failed."""
+        self._arriving += 1
+
+    def withdraw(self) -> None:
+        self._arriving -= 1
+        self.queue.wake()
 
     def _shape_key(self, inputs: Feeds) -> tuple:
         if self.ragged is not None:

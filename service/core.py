@@ -7,9 +7,10 @@ the repository privately: no transport looks a model up by itself.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -148,6 +149,23 @@ class InferenceCore:
     def model(self, name: str, version: str | None = None) -> ModelVersion:
         """The READY version asked for (latest if none): ModelNotFound / ModelNotReady with the reason."""
         return self._repository.get(name, version)
+
+    @contextlib.contextmanager
+    def arriving(self, name: str, version: str | None) -> Iterator[None]:
+        """Counts, for an adaptive batcher, a request whose body is still being read: a batch-mate on its way.
+        A name that does not resolve counts nowhere; infer() reports it."""
+        try:
+            batcher = self.model(name, version).batcher
+        except ServingError:
+            batcher = None
+        if batcher is None or not batcher.adaptive:
+            yield
+            return
+        batcher.announce()
+        try:
+            yield
+        finally:
+            batcher.withdraw()
 
     def model_metadata(self, name: str, version: str | None) -> dict:
         spec = self.model(name, version).spec

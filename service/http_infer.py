@@ -13,6 +13,7 @@ import logging
 import re
 import zlib
 from collections.abc import Awaitable, Callable
+from contextlib import nullcontext
 from typing import Any
 
 import orjson
@@ -26,7 +27,7 @@ from service.errors import (
     ServingError,
     UnsupportedMediaType,
 )
-from service.http_server import arrived, corked
+from service.http_server import arrived, body_complete, corked
 from service.protocol_v2 import OutputEncoding, decode_raw_request, decode_request, encode_response_parts
 from service.v2_plans import RequestPlans
 
@@ -154,8 +155,12 @@ class InferFastPath:
         trace = None
         try:
             headers = _headers(scope)
-            body = await read_body(receive, declared=headers.get(b"content-length"), limit=self.limit,
-                                   timeout_s=self.body_timeout_s)
+            # A body still arriving is announced: an adaptive batcher waits for a request it knows is on its way.
+            # The common case (the body came with the headers) skips the model lookup that needs.
+            announce = nullcontext() if body_complete(receive) else self.core.arriving(model, version)
+            with announce:
+                body = await read_body(receive, declared=headers.get(b"content-length"), limit=self.limit,
+                                       timeout_s=self.body_timeout_s)
             if body is None:
                 return
             body = decompress(body, encoding=headers.get(b"content-encoding", b"").decode().lower(), limit=self.limit)

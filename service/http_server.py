@@ -85,6 +85,12 @@ def arrived(receive: Callable) -> bool:
     return isinstance(event, asyncio.Event) and event.is_set()
 
 
+def body_complete(receive: Callable) -> bool:
+    """Whether uvicorn has the request's whole body already (False under another ASGI server: not known)."""
+    cycle = getattr(receive, "__self__", None)
+    return getattr(cycle, "more_body", True) is False
+
+
 class TimedHttpToolsProtocol(HttpToolsProtocol):
     """HttpToolsProtocol that closes a connection whose request headers do not arrive in time.
 

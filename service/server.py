@@ -163,6 +163,9 @@ def uvicorn_config(settings: ServerSettings, app: ASGIApp) -> uvicorn.Config:
         lifespan="off",  # Server owns the lifecycle
         log_level=settings.log_level,
         access_log=False,  # one log line per inference costs more than the inference on small models
+        # Nothing reads the client address (no access log), so uvicorn's X-Forwarded-For middleware would only
+        # add a layer to every request (py-spy: ~2 % of the event loop at concurrency 32).
+        proxy_headers=False,
         timeout_keep_alive=30,
     )
 

@@ -1,0 +1,87 @@
+"""Server CPU time per request, per protocol, optionally for two versions of the code side by side.
+
+    python -m loadtests.cpu_per_request --repository DIR --model cnn                       # this checkout
+    python -m loadtests.cpu_per_request --repository DIR --model cnn --compare /tmp/before  # vs another one
+
+CPU-us per request = the server process's CPU time (all threads: event loop, gRPC, ONNX Runtime) over the
+requests it answered during a cell. On a shared machine it moves far less than rows/s: other jobs slow the
+server down but do not make it do more work per request. With --compare, both servers run at once and the
+cells alternate between them, round by round, so both see the same machine load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from contextlib import ExitStack
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from loadtests.generator import LoadConfig, Target, run_sync
+from loadtests.report import summarize
+from loadtests.serverproc import REPO_ROOT, cpu_seconds, serve
+
+
+def _cell(server, *, model: str, protocol: str, args: argparse.Namespace) -> tuple[float, float]:
+    """(server CPU-us per request, requests/s) of one timed level."""
+    cfg = LoadConfig(target=Target(server.url, model, grpc_url=server.grpc_url), protocols=[protocol],
+                     concurrencies=[args.concurrency], requests=10**7, time_cap_s=args.seconds, progress=False,
+                     cpu_probes={"server": lambda: cpu_seconds(server.pid)})
+    _, (level,) = run_sync(cfg)
+    row = summarize(level)
+    if row["errors"] or not level.ok:
+        raise RuntimeError(f"{protocol}: {row['errors_by_kind']} {row['error_samples'][:2]}")
+    return level.probe_cpu_s["server"] / level.ok * 1e6, row["requests_per_s"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m loadtests.cpu_per_request", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repository", type=Path, required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--protocols", default="binary,json,grpc")
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--seconds", type=float, default=4.0, help="per cell")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--compare", type=Path, help="another checkout of the project (e.g. `git archive` of a commit)")
+    p.add_argument("--output", type=Path, default=Path("bench_results/cpu_per_request.md"))
+    args = p.parse_args(argv)
+    roots = {"this": REPO_ROOT, **({"compare": args.compare.resolve()} if args.compare else {})}
+    protocols = [v for v in args.protocols.split(",") if v]
+    load0 = os.getloadavg()
+    samples: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    with ExitStack() as stack:
+        servers = {name: stack.enter_context(serve(args.repository, log_path=args.output.parent / f"server-{name}.log",
+                                                   grpc="grpc" in protocols, code_root=root))
+                   for name, root in roots.items()}
+        for _ in range(args.rounds):
+            for protocol in protocols:
+                for name, server in servers.items():
+                    samples.setdefault((name, protocol), []).append(
+                        _cell(server, model=args.model, protocol=protocol, args=args))
+    table = Table(title=f"server CPU-us per request, {args.model}, c={args.concurrency}, "
+                        f"{args.rounds} rounds x {args.seconds:g} s (median, min-max)")
+    for col in ("code", "protocol", "CPU-us/req", "req/s"):
+        table.add_column(col)
+    md = ["| code | protocol | CPU-us/req median [min-max] | req/s median |", "|---|---|---|---|"]
+    for (name, protocol), cells in samples.items():
+        cpu, rate = np.array([c[0] for c in cells]), np.array([c[1] for c in cells])
+        cpu_text = f"{np.median(cpu):.0f} [{cpu.min():.0f}-{cpu.max():.0f}]"
+        table.add_row(name, protocol, cpu_text, f"{np.median(rate):.0f}")
+        md.append(f"| {name} | {protocol} | {cpu_text} | {np.median(rate):.0f} |")
+    load = f"load average {', '.join(f'{v:.1f}' for v in load0)} before, " \
+           f"{', '.join(f'{v:.1f}' for v in os.getloadavg())} after"
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    console.print(table)
+    console.print(load)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text("\n".join(md) + f"\n\n{load}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
