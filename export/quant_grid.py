@@ -37,7 +37,7 @@ def _build(parent: ParentModel, heldout: HeldOut, *, pre: Path, work_dir: Path, 
     for i, config in enumerate(GRID):
         out = work_dir / f"{parent.name}-grid{i}.onnx"
         quantize.quantize_static_model(pre, out, method=GRID_METHOD, calibration=heldout.calibration,
-                                       op_types=quantize.STATIC_OPS, exclude=frontend, config=config)
+                                       op_types=quantize.static_ops(parent.name), exclude=frontend, config=config)
         metrics = evaluate(parent, out, heldout, reference=reference)
         verdict = check_budget(model=parent.name, variant_metrics=metrics, fp32_metrics=fp32_metrics)
         rows.append({"config": config, "path": out, "verdict": verdict})

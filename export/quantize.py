@@ -36,6 +36,10 @@ DYNAMIC_OPS = ["MatMul", "Gather", "Gemm", "Attention"]
 # NOTE: only the compute-heavy ops: QDQ around residual Adds/ReLUs added Quantize/Dequantize pairs that
 # cost more than they saved (default cnn, batch 32: 0.72x FP32 with them, 0.36x without).
 STATIC_OPS = ["Conv", "MatMul", "Gemm"]
+# NOTE: speech's ReLUs each follow a Conv with nothing in between: quantized, the quantizer folds them into the
+# Conv's U8 output range (ORT's removable-activation rule), removing a Dequantize/Quantize pair per ReLU.
+# Default speech network at batch 32: INT8/FP32 1.19x without them (8 pairs), 0.69x with, same accuracy.
+EXTRA_STATIC_OPS = {"speech": ["Relu"]}
 ALWAYS_FP32 = ["Softmax"]
 SENSITIVE_OPS = {"LayerNormalization", "Softmax"}
 # Fallback steps: how many quantizable nodes to keep in FP32 at the (start, end) of the graph. Two at
@@ -137,6 +141,11 @@ def fallback_plan(model_path: Path, *, op_types: list[str], step: int) -> tuple[
     return ops, list(dict.fromkeys(n.name for n in excluded))
 
 
+def static_ops(model: str) -> list[str]:
+    """Op types static INT8 quantizes in ``model`` (``STATIC_OPS`` plus ``EXTRA_STATIC_OPS``)."""
+    return STATIC_OPS + EXTRA_STATIC_OPS.get(model, [])
+
+
 def fixed_fp32_nodes(model_path: Path, *, family: str) -> list[str]:
     """Nodes that stay FP32 whatever the fallback step: a speech graph's front end, none elsewhere."""
     if family != "speech":
@@ -193,7 +202,7 @@ def _candidates(parent: ParentModel, heldout: HeldOut, *, pre: Path, work_dir: P
                 fp32_metrics: dict[str, float], reference: list[np.ndarray] | None,
                 config: QuantConfig) -> list[dict[str, Any]]:
     dynamic = parent.name in DYNAMIC_MODELS
-    all_ops = DYNAMIC_OPS if dynamic else STATIC_OPS
+    all_ops = DYNAMIC_OPS if dynamic else static_ops(parent.name)
     ops, exclude = fallback_plan(pre, op_types=all_ops, step=step)
     frontend = fixed_fp32_nodes(pre, family=parent.family)
     kept = _describe_kept(pre, exclude, ops, all_ops + ALWAYS_FP32)

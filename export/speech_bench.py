@@ -7,7 +7,9 @@ answer a batch of waveforms, each against the FP32 parent graph:
 - ``int8``: the INT8 variant ``modelserve optimize`` builds (front end FP32 in the same graph, network INT8);
 - ``int8-all``: everything quantized, front end included (why it is not done: its accuracy);
 - ``fp32+numpy`` / ``int8+numpy``: NumPy log-mel (service/processing/logmel.py) then the network graph, FP32 or
-  INT8 (what an edge bundle made with ``--speech-frontend numpy`` and a features-input model on the server run).
+  INT8 (what an edge bundle made with ``--speech-frontend numpy`` and a features-input model on the server run);
+- ``front end (graph)``, ``net-fp32``, ``net-int8``: the parts alone (features computed before timing), to show
+  where the time goes.
 
 Ratios are medians of per-round ratios with 95% bootstrap CIs (export.int8_measure.ratio_ci), plus
 ``int8+numpy`` against ``fp32+numpy`` (the INT8 gain on the network alone). Accuracy of each on the held-out
@@ -47,6 +49,13 @@ def _numpy_front(path: Path, threads: int) -> Runner:
     return lambda wave: session.run(None, {FEATURES: log_mel(wave)})[0]
 
 
+def _features(path: Path, threads: int, waves: dict[int, np.ndarray]) -> Runner:
+    """The network graph on features computed before timing (the network's own time)."""
+    session = ort_session(path, threads=threads)
+    feats = {len(w): log_mel(w) for w in waves.values()}
+    return lambda wave: session.run(None, {FEATURES: feats[len(wave)]})[0]
+
+
 def build(repo: Path, work: Path) -> tuple[HeldOut, dict[str, Any], dict[str, Path]]:
     """Held-out data, per-variant accuracy verdicts and the graphs: parent, INT8 (network only), INT8 (all),
     and the network-only graphs of the parent and of the INT8 variant."""
@@ -56,11 +65,13 @@ def build(repo: Path, work: Path) -> tuple[HeldOut, dict[str, Any], dict[str, Pa
     result = quantize.quantize(parent, heldout, work_dir=work / "int8", fp32_metrics=fp32)
     pre = quantize.preprocess(parent.onnx_path, work / "all-pre.onnx")
     everything = quantize.quantize_static_model(pre, work / "int8-all.onnx", method=result.method,
-                                                calibration=heldout.calibration, op_types=quantize.STATIC_OPS,
+                                                calibration=heldout.calibration,
+                                                op_types=quantize.static_ops("speech"),
                                                 exclude=[])
     paths = {"fp32": parent.onnx_path, "int8": result.path, "int8-all": everything,
              "net-fp32": speech_split.network_graph(parent.onnx_path, work / "net-fp32.onnx"),
-             "net-int8": speech_split.network_graph(result.path, work / "net-int8.onnx")}
+             "net-int8": speech_split.network_graph(result.path, work / "net-int8.onnx"),
+             "front": speech_split.frontend_graph(parent.onnx_path, work / "front.onnx")}
     metrics = {"fp32": fp32, "int8": result.metrics, "int8-all": evaluate(parent, everything, heldout),
                "fp32+numpy": _numpy_metrics(paths["net-fp32"], heldout),
                "int8+numpy": _numpy_metrics(paths["net-int8"], heldout)}
@@ -79,11 +90,14 @@ def _numpy_metrics(network: Path, heldout: HeldOut) -> dict[str, float]:
 
 def time_once(paths: dict[str, Path], heldout: HeldOut, *, threads: int, repeats: int) -> dict[str, Any]:
     """One interleaved run: per pipeline and batch, ms per round; ratio CIs against fp32 (and numpy pair)."""
+    waves = {b: heldout.batch(b)[speech_split.WAVEFORM] for b in GATE_BATCHES}
     runners = {"fp32": _graph(paths["fp32"], threads), "int8": _graph(paths["int8"], threads),
                "int8-all": _graph(paths["int8-all"], threads),
                "fp32+numpy": _numpy_front(paths["net-fp32"], threads),
-               "int8+numpy": _numpy_front(paths["net-int8"], threads)}
-    waves = {b: heldout.batch(b)[speech_split.WAVEFORM] for b in GATE_BATCHES}
+               "int8+numpy": _numpy_front(paths["net-int8"], threads),
+               "front end (graph)": _graph(paths["front"], threads),
+               "net-fp32": _features(paths["net-fp32"], threads, waves),
+               "net-int8": _features(paths["net-int8"], threads, waves)}
     samples: dict[str, dict[int, list[float]]] = {n: {b: [] for b in waves} for n in runners}
     names, load = list(runners), os.getloadavg()[0]
     for index in range(repeats + 2):
@@ -96,6 +110,8 @@ def time_once(paths: dict[str, Path], heldout: HeldOut, *, threads: int, repeats
                     samples[name][batch].append((time.perf_counter() - start) * 1e3)
     ratios = {n: {b: ratio_ci(samples["fp32"][b], samples[n][b]).as_dict() for b in waves}
               for n in names if n != "fp32"}
+    ratios["net-int8 vs net-fp32"] = {b: ratio_ci(samples["net-fp32"][b], samples["net-int8"][b]).as_dict()
+                                      for b in waves}
     ratios["int8+numpy vs fp32+numpy"] = {b: ratio_ci(samples["fp32+numpy"][b], samples["int8+numpy"][b]).as_dict()
                                           for b in waves}
     return {"load_average": [load, os.getloadavg()[0]],
