@@ -38,7 +38,9 @@ DYNAMIC_OPS = ["MatMul", "Gather", "Gemm", "Attention"]
 STATIC_OPS = ["Conv", "MatMul", "Gemm"]
 # NOTE: speech's ReLUs each follow a Conv with nothing in between: quantized, the quantizer folds them into the
 # Conv's U8 output range (ORT's removable-activation rule), removing a Dequantize/Quantize pair per ReLU.
-# Default speech network at batch 32: INT8/FP32 1.19x without them (8 pairs), 0.69x with, same accuracy.
+# Default speech network at batch 32 (one interleaved run, load average 14): INT8/FP32 1.19 [0.91, 1.38] without
+# them (8 pairs), 0.69 [0.61, 0.95] with, same accuracy; export.speech_bench, 3 runs: NumPy front end + INT8 network
+# vs + FP32 network 1.09-1.12 without, 0.85-1.06 with (docs/BENCHMARKS.md, "Speech: front end split").
 EXTRA_STATIC_OPS = {"speech": ["Relu"]}
 ALWAYS_FP32 = ["Softmax"]
 SENSITIVE_OPS = {"LayerNormalization", "Softmax"}
