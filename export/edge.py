@@ -1,6 +1,7 @@
 """``modelserve edge-bundle``: a self-contained folder to run one model on a device with only ONNX Runtime.
 
     modelserve edge-bundle --model NAME [--model-repository DIR] [--target x86|arm] --output DIR [--sign-key KEY.pem]
+                           [--speech-frontend graph|numpy]
     modelserve edge-bundle --verify DIR [--public-key PUB.pem]
 
 The bundle holds the model (the ``<NAME>-int8`` variant when the repository has one, else the FP32
@@ -12,6 +13,11 @@ preprocessing module for the model's family (``modelserve_processing/``, copied 
 verifies it (and refuses any file it does not list) before it imports anything from the bundle;
 ``--sign-key`` adds an Ed25519 signature of the manifest (``manifest.sig``). ``--verify`` checks a bundle
 from outside it, with this package's code rather than the bundle's own ``run.py``.
+
+``--speech-frontend numpy`` (speech only): the bundle's graph is the network without its in-graph log-mel
+front end (export/speech_split.py) and the shipped processing computes the features with NumPy
+(``service/processing/logmel.py``, the same file the server runs): no 514 x 512 DFT matrix per frame on
+the device. The default, ``graph``, ships the graph as served.
 
 Target differences (only these): the ORT format itself is portable, but a "Fixed"-style conversion bakes
 in the optimizations of the level it ran at. ``x86`` converts at level ``all`` for ``amd64`` (includes the
@@ -41,12 +47,15 @@ from rich.console import Console
 
 import service
 from export import edge_runner_template as runner
+from export import speech_split
 from service.errors import ServingError
 from service.offline.engine import load_model
+from service.processing.logmel import FEATURES
 from service.processing.registry import Recipe, processor_recipe
 
 RUNNER_TEMPLATE = Path(runner.__file__)
 TARGETS = {"x86": ("amd64", "all"), "arm": ("arm", "basic")}
+SPEECH_FRONTENDS = ("graph", "numpy")
 MANIFEST = runner.MANIFEST
 # NOTE: the processing modules are shipped verbatim at their own package paths under one folder that the
 # runner puts first on sys.path after verification, so their `from service.errors import ...` resolve with no
@@ -93,15 +102,25 @@ def preprocess_spec(recipe: Recipe) -> tuple[dict, dict[str, Path]]:
 
 
 def shipped_sources(module: str) -> list[str]:
-    """Repository-relative files of ``module`` and what it needs; refuses project imports beyond those."""
+    """Repository-relative files of ``module`` and what it needs: ``SHIPPED_COMMON`` and the other
+    ``service.processing`` modules it imports (e.g. speech's ``logmel``), checked the same way in turn;
+    refuses any other project import."""
     root = Path(service.__file__).resolve().parent.parent
-    own = module.replace(".", "/") + ".py"
-    files = [*SHIPPED_COMMON, own]
-    for node in ast.walk(ast.parse((root / own).read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in ("service", "models"):
-            if node.module.replace(".", "/") + ".py" not in files:
-                raise ValueError(f"{own} imports {node.module}, which edge bundles do not ship; "
-                                 f"processing modules may import only {', '.join(SHIPPED_COMMON[1:])}")
+    files, todo = list(SHIPPED_COMMON), [module.replace(".", "/") + ".py"]
+    while todo:
+        own = todo.pop()
+        files.append(own)
+        for node in ast.walk(ast.parse((root / own).read_text())):
+            if not (isinstance(node, ast.ImportFrom) and node.module
+                    and node.module.split(".")[0] in ("service", "models")):
+                continue
+            needed = node.module.replace(".", "/") + ".py"
+            if needed in files or needed in todo:
+                continue
+            if not needed.startswith("service/processing/"):
+                raise ValueError(f"{own} imports {node.module}, which edge bundles do not ship; processing "
+                                 f"modules may import only {', '.join(SHIPPED_COMMON[1:])} and service.processing")
+            todo.append(needed)
     return files
 
 
@@ -175,8 +194,20 @@ Target `{target}`: ORT optimization level `{TARGETS[target][1]}`, platform `{TAR
 """
 
 
+def stage_model(stage: Path, *, source: Path, spec: dict, speech_frontend: str) -> None:
+    """``model.onnx`` as served, or (``speech_frontend="numpy"``) its network after the log-mel front end."""
+    if speech_frontend == "graph":
+        shutil.copyfile(source / "1" / "model.onnx", stage / "model.onnx")
+        return
+    if spec["family"] != "speech":
+        raise ValueError(f"--speech-frontend numpy is for speech models; this one is {spec['family']}")
+    speech_split.network_graph(source / "1" / "model.onnx", stage / "model.onnx")
+    spec["kwargs"]["input_name"] = FEATURES
+    spec["speech_frontend"] = "numpy"
+
+
 def stage_files(stage: Path, *, repo: Path, name: str, source: Path, variant: str,
-                target: str) -> tuple[dict, str | None]:
+                target: str, speech_frontend: str = "graph") -> tuple[dict, str | None]:
     """Write every bundle file except the manifest into ``stage``; return (preprocess spec, sample file)."""
     base = repo / name
     try:
@@ -184,7 +215,7 @@ def stage_files(stage: Path, *, repo: Path, name: str, source: Path, variant: st
     except ServingError as exc:
         raise ValueError(f"{name}: {exc.message}") from None
     spec, assets = preprocess_spec(recipe)
-    shutil.copyfile(source / "1" / "model.onnx", stage / "model.onnx")
+    stage_model(stage, source=source, spec=spec, speech_frontend=speech_frontend)
     convert_to_ort(stage / "model.onnx", out_dir=stage, target=target)
     for asset, path in assets.items():
         shutil.copyfile(path, stage / asset)
@@ -200,16 +231,22 @@ def stage_files(stage: Path, *, repo: Path, name: str, source: Path, variant: st
     return spec, sample
 
 
-def write_bundle(*, repo: Path, name: str, output: Path, target: str, sign_key: Path | None = None) -> dict:
+def write_bundle(*, repo: Path, name: str, output: Path, target: str, sign_key: Path | None = None,
+                 speech_frontend: str = "graph") -> dict:
     """Build the bundle in a temporary sibling folder, then rename it to ``output``; return the manifest."""
     if target not in TARGETS:
         raise ValueError(f"--target {target!r}: expected one of {', '.join(TARGETS)}")
+    if speech_frontend not in SPEECH_FRONTENDS:
+        raise ValueError(f"--speech-frontend {speech_frontend!r}: expected one of {', '.join(SPEECH_FRONTENDS)}")
     source, variant = choose_source(repo, name)
     output.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
-        stage_files(stage, repo=repo, name=name, source=source, variant=variant, target=target)
+        spec, _ = stage_files(stage, repo=repo, name=name, source=source, variant=variant, target=target,
+                              speech_frontend=speech_frontend)
         manifest = _manifest(stage, name=name, source=source, variant=variant, target=target)
+        if spec["family"] == "speech":
+            manifest["speech_frontend"] = speech_frontend
         (stage / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         if sign_key is not None:
             (stage / runner.SIGNATURE).write_bytes(sign_manifest(stage / MANIFEST, sign_key))
@@ -253,6 +290,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--target", choices=sorted(TARGETS), default="x86")
     parser.add_argument("--output", type=Path, help="bundle folder to write (replaced)")
     parser.add_argument("--sign-key", type=Path, help="Ed25519 private key (PEM): write manifest.sig")
+    parser.add_argument("--speech-frontend", choices=SPEECH_FRONTENDS, default="graph",
+                        help="speech only: log-mel inside the graph (as served) or in NumPy before it")
     parser.add_argument("--verify", type=Path, metavar="DIR", help="check an existing bundle and exit")
     parser.add_argument("--public-key", type=Path, help="with --verify: Ed25519 public key (PEM) for manifest.sig")
     args = parser.parse_args(argv)
@@ -283,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with console.status(f"bundling {args.model} for {args.target}"):
             manifest = write_bundle(repo=args.model_repository, name=args.model, output=args.output,
-                                    target=args.target, sign_key=args.sign_key)
+                                    target=args.target, sign_key=args.sign_key,
+                                    speech_frontend=args.speech_frontend)
     except (ValueError, RuntimeError) as exc:
         console.print(f"[red]edge-bundle: {exc}[/red]")
         return 2

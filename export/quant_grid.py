@@ -33,10 +33,11 @@ GRID_METHOD = "MinMax"
 def _build(parent: ParentModel, heldout: HeldOut, *, pre: Path, work_dir: Path, fp32_metrics: dict[str, float],
            reference: list[np.ndarray] | None) -> list[dict[str, Any]]:
     rows = []
+    frontend = quantize.fixed_fp32_nodes(pre, family=parent.family)
     for i, config in enumerate(GRID):
         out = work_dir / f"{parent.name}-grid{i}.onnx"
         quantize.quantize_static_model(pre, out, method=GRID_METHOD, calibration=heldout.calibration,
-                                       op_types=quantize.STATIC_OPS, exclude=[], config=config)
+                                       op_types=quantize.static_ops(parent.name), exclude=frontend, config=config)
         metrics = evaluate(parent, out, heldout, reference=reference)
         verdict = check_budget(model=parent.name, variant_metrics=metrics, fp32_metrics=fp32_metrics)
         rows.append({"config": config, "path": out, "verdict": verdict})

@@ -5,6 +5,8 @@
 - Static INT8, QDQ format, per-channel weights (``quantize_static``) for ``cnn`` and ``speech``,
   calibrated on training examples through a ``CalibrationDataReader`` with MinMax, Entropy and
   Percentile; the best is kept (held-out metric first, then batch-32 latency).
+- Speech graphs quantize their network only: the in-graph log-mel front end (STFT Conv, mel MatMul, Log)
+  stays FP32 at every step (``fixed_fp32_nodes``, export/speech_split.py says why).
 - When a result misses its accuracy budget, the most sensitive operators go back to FP32 in steps,
   as Intel Neural Compressor's basic strategy does (first/last quantizable nodes, LayerNormalization
   and Softmax, then more nodes at both ends), through ``nodes_to_exclude`` / ``op_types_to_quantize``.
@@ -21,6 +23,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from export import speech_split
 from export.common import ParentModel, Verdict, check_budget, measure_latency
 from export.heldout import HeldOut, evaluate
 
@@ -33,6 +36,12 @@ DYNAMIC_OPS = ["MatMul", "Gather", "Gemm", "Attention"]
 # NOTE: only the compute-heavy ops: QDQ around residual Adds/ReLUs added Quantize/Dequantize pairs that
 # cost more than they saved (default cnn, batch 32: 0.72x FP32 with them, 0.36x without).
 STATIC_OPS = ["Conv", "MatMul", "Gemm"]
+# NOTE: speech's ReLUs each follow a Conv with nothing in between: quantized, the quantizer folds them into the
+# Conv's U8 output range (ORT's removable-activation rule), removing a Dequantize/Quantize pair per ReLU.
+# Default speech network at batch 32 (one interleaved run, load average 14): INT8/FP32 1.19 [0.91, 1.38] without
+# them (8 pairs), 0.69 [0.61, 0.95] with, same accuracy; export.speech_bench, 3 runs: NumPy front end + INT8 network
+# vs + FP32 network 1.09-1.12 without, 0.85-1.06 with (docs/BENCHMARKS.md, "Speech: front end split").
+EXTRA_STATIC_OPS = {"speech": ["Relu"]}
 ALWAYS_FP32 = ["Softmax"]
 SENSITIVE_OPS = {"LayerNormalization", "Softmax"}
 # Fallback steps: how many quantizable nodes to keep in FP32 at the (start, end) of the graph. Two at
@@ -134,6 +143,18 @@ def fallback_plan(model_path: Path, *, op_types: list[str], step: int) -> tuple[
     return ops, list(dict.fromkeys(n.name for n in excluded))
 
 
+def static_ops(model: str) -> list[str]:
+    """Op types static INT8 quantizes in ``model`` (``STATIC_OPS`` plus ``EXTRA_STATIC_OPS``)."""
+    return STATIC_OPS + EXTRA_STATIC_OPS.get(model, [])
+
+
+def fixed_fp32_nodes(model_path: Path, *, family: str) -> list[str]:
+    """Nodes that stay FP32 whatever the fallback step: a speech graph's front end, none elsewhere."""
+    if family != "speech":
+        return []
+    return speech_split.frontend_nodes(onnx.load(str(model_path)).graph)
+
+
 def _describe_kept(model_path: Path, excluded: list[str], op_types: list[str], all_ops: list[str]) -> list[str]:
     by_name = {n.name: n.op_type for n in onnx.load(str(model_path)).graph.node}
     kept = [f"{name} ({by_name.get(name, '?')})" for name in excluded]
@@ -183,9 +204,13 @@ def _candidates(parent: ParentModel, heldout: HeldOut, *, pre: Path, work_dir: P
                 fp32_metrics: dict[str, float], reference: list[np.ndarray] | None,
                 config: QuantConfig) -> list[dict[str, Any]]:
     dynamic = parent.name in DYNAMIC_MODELS
-    all_ops = DYNAMIC_OPS if dynamic else STATIC_OPS
+    all_ops = DYNAMIC_OPS if dynamic else static_ops(parent.name)
     ops, exclude = fallback_plan(pre, op_types=all_ops, step=step)
+    frontend = fixed_fp32_nodes(pre, family=parent.family)
     kept = _describe_kept(pre, exclude, ops, all_ops + ALWAYS_FP32)
+    if frontend:
+        kept.insert(0, f"log-mel front end ({len(frontend)} nodes)")
+        exclude = list(dict.fromkeys([*frontend, *exclude]))
     found = []
     for method in (("dynamic",) if dynamic else CALIBRATION_METHODS):
         out = work_dir / f"{parent.name}-int8-{method.lower()}-s{step}.onnx"

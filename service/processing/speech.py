@@ -2,6 +2,8 @@
 
 Decoded with soundfile (libsndfile), downmixed to mono, resampled to 16 kHz with libsoxr (python-soxr),
 then cut or zero-padded to the one second the model was trained on (the loudest second of a longer clip).
+A model whose input is ``logmel`` (the network without its in-graph front end, e.g. an edge bundle made with
+``--speech-frontend numpy``) gets the family's log-mel features from ``service.processing.logmel`` instead.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import soxr
 
 from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
 from service.processing.base import Limits, parse_k, setting, top_k_rows
+from service.processing.logmel import FEATURES, log_mel
 
 RATE = 16_000
 ACCEPTS = "a WAV file (RIFF/WAVE; mono or stereo; 8/16/24/32-bit PCM or 32/64-bit float; any sample rate)"
@@ -131,11 +134,13 @@ class SpeechProcessor:
         self.input_name, self.output_name, self.labels = input_name, output_name, labels
         self.limits = limits or Limits()
         self.samples = trained_samples
+        self.features = input_name == FEATURES  # the graph takes log-mel features, not the waveform
 
     def describe(self) -> dict:
+        features = ", then log-mel features (NumPy)" if self.features else ""
         return {"accepts": ACCEPTS + ": multipart field 'file' (repeatable) or JSON {\"audio\": [base64, ...]}",
                 "preprocessing": f"downmixed to mono, resampled to {RATE} Hz (libsoxr), the loudest "
-                                 f"{self.samples / RATE:g} s kept or zero-padded to it",
+                                 f"{self.samples / RATE:g} s kept or zero-padded to it{features}",
                 "params": {"k": "number of labels returned (default 3)"}}
 
     def admit(self, payloads: Sequence[Any]) -> None:
@@ -166,7 +171,8 @@ class SpeechProcessor:
         return None
 
     def collate(self, prepared: list[PreparedAudio]) -> dict[str, np.ndarray]:
-        return {self.input_name: np.stack([p.waveform for p in prepared]).astype(np.float32)}
+        waveforms = np.stack([p.waveform for p in prepared]).astype(np.float32)
+        return {self.input_name: log_mel(waveforms) if self.features else waveforms}
 
     def postprocess(self, outputs: dict[str, np.ndarray], prepared: list[PreparedAudio], *,
                     params: dict) -> list[dict]:
