@@ -153,31 +153,34 @@ def run_suite(suite: Suite, *, qa_dir: Path, work: Path, heavy: bool, timeout: f
     return Row.from_outcomes(suite.label, json.loads(out.read_text()))
 
 
-def run_examples(examples_dir: Path, *, work: Path, timeout: float) -> Row:
+def run_examples(examples_dir: Path, *, work: Path, timeout: float) -> list[Row]:
     """Each example client is one case: run as a script (its defaults: localhost:8000 / :8001), rc 0 passes."""
-    from loadtests.triton_qa_examples import EXAMPLES, example_repo  # NOTE: only needed with --examples-dir
+    from loadtests.triton_qa_examples import GROUPS, NOT_RUN  # NOTE: only needed with --examples-dir
 
-    repo = work / "repos" / "examples"
-    repo.mkdir(parents=True)
-    example_repo(repo)
-    outcomes: dict[str, dict] = {}
     stage = work / "examples"
     shutil.copytree(examples_dir, stage)
-    with serve(repo, args=("--allow-client-shm", "true", "--model-control-mode", "explicit",
-                           *[a for m in ("simple", "simple_string", "simple_identity", "simple_sequence",
-                                         "simple_dyna_sequence", "simple_int8", "inception_graphdef")
-                             for a in ("--load-model", m)]),
-               log=work / "examples.server.log"):
-        for script, (args, skip) in EXAMPLES.items():
-            outcomes[script] = _run_example(stage, script, args=args, skip=skip, timeout=timeout)
-    return Row.from_outcomes("client src/python/examples", outcomes)
+    rows, listed = [], set(NOT_RUN)
+    for i, group in enumerate(GROUPS):
+        repo = work / "repos" / f"examples_{i}"
+        repo.mkdir(parents=True)
+        group.build(repo)
+        outcomes: dict[str, dict] = {}
+        with serve(repo, args=group.server_args, log=work / f"examples_{i}.server.log"):
+            for script, args in group.cases:
+                listed.add(script)
+                outcomes[" ".join((script, *args))] = _run_example(stage, script, args=args, timeout=timeout)
+        rows.append(Row.from_outcomes(group.name, outcomes))
+    skipped = {s: {"outcome": "skipped", "detail": f"not run: {why}"} for s, why in NOT_RUN.items()
+               if (stage / s).is_file()}
+    skipped.update({p.name: {"outcome": "skipped", "detail": "not run: not in the harness's list"}
+                    for p in sorted(stage.glob("*.py")) if p.name not in listed})
+    rows.append(Row.from_outcomes("examples not run", skipped))
+    return rows
 
 
-def _run_example(stage: Path, script: str, *, args: tuple[str, ...], skip: str, timeout: float) -> dict:
+def _run_example(stage: Path, script: str, *, args: tuple[str, ...], timeout: float) -> dict:
     if not (stage / script).is_file():
         return {"outcome": "skipped", "detail": "not in --examples-dir"}
-    if skip:
-        return {"outcome": "skipped", "detail": f"not run: {skip}"}
     try:
         proc = subprocess.run([sys.executable, script, *args], cwd=stage, capture_output=True, text=True,
                               timeout=timeout)
@@ -210,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
                                   timeout=args.timeout))
             print(render([rows[-1]], header=len(rows) == 1), flush=True)
         if args.examples_dir:
-            rows.append(run_examples(args.examples_dir.resolve(), work=work, timeout=args.timeout / 10))
+            rows += run_examples(args.examples_dir.resolve(), work=work, timeout=args.timeout / 10)
     finally:
         print(f"work folder: {work}" if args.keep else "", end="")
         if not args.keep:

@@ -56,6 +56,11 @@ def render(rows: list[Row], *, header: bool, total: bool = False) -> str:
     return "\n".join(lines)
 
 
+def _short(case: str) -> str:
+    """A unittest id ("module.Class.test_x") as its method; an example ("script.py -d") as it is."""
+    return case if case.endswith(".py") or " " in case else case.rsplit(".", 1)[-1]
+
+
 def grouped_reasons(rows: list[Row]) -> str:
     """Failures and skips grouped by reason, each with the cases it covers."""
     groups: dict[tuple[str, str], list[str]] = defaultdict(list)
@@ -65,7 +70,7 @@ def grouped_reasons(rows: list[Row]) -> str:
         for case, outcome in row.outcomes.items():
             if outcome["outcome"] in ("failed", "error", "skipped"):
                 kind = "skipped" if outcome["outcome"] == "skipped" else "failed"
-                groups[(kind, reason(outcome["detail"]))].append(case.rsplit(".", 1)[-1])
+                groups[(kind, reason(outcome["detail"]))].append(_short(case))
     out = []
     for (kind, text), cases in sorted(groups.items(), key=lambda kv: (kv[0][0], -len(kv[1]))):
         out.append(f"- {kind} ({len(cases)}): {text}\n    {', '.join(cases)}")
