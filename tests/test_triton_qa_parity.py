@@ -13,11 +13,13 @@ import textwrap
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+import tritonclient.grpc.aio as grpcaio
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from loadtests import triton_qa_models as qm
 from tests.conftest import REPO_ROOT, free_port, run_server
+from tests.inprocess import inprocess_server
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +120,23 @@ def test_restricted_apis_answer_with_tritons_words(repo):
             h.get_model_repository_index()
         assert info.value.status() == "403"
         assert h.get_model_repository_index(headers={"admin-key": "admin-value"})
+
+
+async def test_load_override_paths_too_long_or_outside_a_version_are_invalid_file_paths(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    qm.add_simple_models(repo)
+    port = free_port()
+    async with inprocess_server(repo, model_control_mode="explicit", grpc_port=port):
+        client = grpcaio.InferenceServerClient(f"127.0.0.1:{port}")
+        try:
+            for path in ("file:" + "A" * 256, "file:1/" + "A" * 256):
+                with pytest.raises(InferenceServerException, match="Invalid file path") as info:
+                    await client.load_model("simple", config="{}", files={path: b"a"})
+                assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
+            assert await client.is_server_live()
+        finally:
+            await client.close()
 
 
 UNITTEST_FILE = '''
