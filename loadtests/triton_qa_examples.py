@@ -41,17 +41,20 @@ GROUPS = (
     ExampleGroup("examples (simple models)", _simple_repo, ("--allow-client-shm", "true"), (
         ("simple_http_infer_client.py", ()), ("simple_grpc_infer_client.py", ()),
         ("simple_http_aio_infer_client.py", ()), ("simple_grpc_aio_infer_client.py", ()),
-        ("simple_grpc_async_infer_client.py", ()),
+        ("simple_http_async_infer_client.py", ()), ("simple_grpc_async_infer_client.py", ()),
+        ("simple_grpc_keepalive_client.py", ()), ("simple_grpc_custom_args_client.py", ()),
         ("simple_http_health_metadata.py", ()), ("simple_grpc_health_metadata.py", ()),
+        ("simple_http_aio_health_metadata.py", ()),
         ("simple_http_string_infer_client.py", ()), ("simple_grpc_string_infer_client.py", ()),
-        ("simple_http_shm_client.py", ()), ("simple_grpc_shm_client.py", ()),
+        ("simple_http_shm_client.py", ()), ("simple_grpc_shm_client.py", ()), ("simple_http_shm_string_client.py", ()),
         ("reuse_infer_objects_client.py", ()), ("reuse_infer_objects_client.py", ("-i", "grpc", "-u", "localhost:8001")),
         ("simple_grpc_sequence_stream_infer_client.py", ()), ("simple_grpc_sequence_stream_infer_client.py", ("-d",)),
         ("simple_http_sequence_sync_infer_client.py", ()), ("simple_http_sequence_sync_infer_client.py", ("-d",)),
+        ("simple_grpc_sequence_sync_infer_client.py", ()), ("simple_grpc_sequence_sync_infer_client.py", ("-d",)),
     )),
     # The model-control examples count the repository (7 over HTTP, 8 over gRPC) and load/unload `simple`.
     ExampleGroup("examples (model control, HTTP)", _control_repo(7), ("--model-control-mode", "explicit"),
-                 (("simple_http_model_control.py", ()),)),
+                 (("simple_http_model_control.py", ()), ("simple_http_aio_model_control.py", ()))),
     ExampleGroup("examples (model control, gRPC)", _control_repo(8), ("--model-control-mode", "explicit"),
                  (("simple_grpc_model_control.py", ()),)),
 )
@@ -66,5 +69,6 @@ NOT_RUN = {
     "ensemble_image_client.py": "needs Triton's preprocess + densenet ensemble and image files",
     "memory_growth_test.py": "a long client-side leak soak, not a protocol check",
     "vllm_client.py": "needs a vLLM backend model",
+    "grpc_client.py": "needs Triton's densenet_onnx model (an Inception input of 1x299x299x3)",
     "simple_grpc_custom_repeat.py": "needs the repeat_int32 decoupled python-backend model",
 }

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+_SAYS_WHY = re.compile(r"^(FAILED|[\w.]*(Error|Exception)\b)|\berror\b", re.IGNORECASE)
+
 
 def reason(detail: str, *, width: int = 160) -> str:
-    """The line of a traceback that says what went wrong (its last non-blank line), shortened."""
+    """The line of a traceback or client output that says what went wrong, shortened: the last line naming a
+    failure or an error (a client's closing warnings come after it), else the last line."""
     lines = [line.strip() for line in detail.strip().splitlines() if line.strip()]
-    text = lines[-1] if lines else "(no detail)"
+    telling = [line for line in lines if _SAYS_WHY.search(line)]
+    text = (telling or lines or ["(no detail)"])[-1]
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
