@@ -18,6 +18,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from loadtests import triton_qa_models as qm
+from loadtests.triton_qa_report import Row, grouped_reasons, render
 from tests.conftest import REPO_ROOT, free_port, run_server
 from tests.inprocess import inprocess_server
 
@@ -190,3 +191,20 @@ def test_runner_records_each_case_of_a_unittest_file(tmp_path):
     assert "one is not two" in outcomes["test_fail"]["detail"]
     assert "(i=1)" in outcomes["test_subtests"]["detail"]
     assert outcomes["test_heavy"]["detail"] == "not run: needs too much memory"
+
+
+def test_report_counts_rates_and_groups_reasons():
+    rows = [Row("a_test.py", {"m.C.test_1": {"outcome": "passed", "detail": ""},
+                              "m.C.test_2": {"outcome": "failed",
+                                             "detail": "Traceback\n  File x\nAssertionError: 'modelserve' != 'triton'"},
+                              "m.C.test_3": {"outcome": "skipped", "detail": "not run: heavy"}}),
+            Row("client.py -d", {"client.py -d": {"outcome": "failed",
+                                                 "detail": "FAILED : get_server_metadata\nUnclosed connector"}}),
+            Row("b_test.py", note="not run: starts its own server")]
+    table = render(rows, header=True, total=True)
+    assert "| a_test.py | 3 | 1 | 1 | 1 | 50% |" in table
+    assert "| b_test.py | 0 | 0 | 0 | 0 | not run: starts its own server |" in table
+    assert "| **all** | 4 | 1 | 2 | 1 | 33% |" in table
+    reasons = grouped_reasons(rows)
+    assert "AssertionError: 'modelserve' != 'triton'\n    test_2" in reasons
+    assert "FAILED : get_server_metadata\n    client.py -d" in reasons
