@@ -68,6 +68,9 @@ SUITES = [
     Suite("L0_http/http_test.py", _http_repo,
           deselect={"test_loading_large_invalid_model": "builds a 2 GiB model and a ~3 GB JSON body in the client "
                     "(about 12 GB of client memory); --include-heavy runs it"}),
+    Suite("L0_http/http_restricted_api_test.py", qm.add_simple_models, classes=("RestrictedAPITest",),
+          server_args=("--http-restricted-api", "model-repository:admin-key=admin-value",
+                       "--http-restricted-api", "inference,metadata:infer-key=infer-value")),
     Suite("L0_http/python_http_aio_test.py", _aio_repo(7), ("--allow-client-shm", "true")),
     Suite("L0_grpc/python_grpc_aio_test.py", _aio_repo(8), ("--allow-client-shm", "true")),
     Suite("L0_grpc/python_unit_test.py", qm.add_simple_models, classes=("GrpcTest",)),
