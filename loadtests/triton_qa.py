@@ -8,8 +8,9 @@ under Triton's QA model names), start a real `modelserve serve` on 127.0.0.1:800
 the flags Triton's test.sh gives that file, run the file with unittest (loadtests/triton_qa_runner.py) in a
 copy of its folder, stop the server. Each example client is run as a script against a server holding Triton's
 example models; exit status 0 is a pass. Prints a table (file, cases, passed, failed, skipped) and the failure
-reasons grouped, and writes both as JSON. The QA files hard-code ports 8000/8001: they must be free (or run
-under `unshare -rn`, see --netns).
+reasons grouped, and writes both as JSON. The QA files hard-code ports 8000/8001, so those must be free on
+loopback (on a shared machine, run it in its own network namespace: `unshare -rn sh -c 'ip link set lo up &&
+python -m loadtests.triton_qa ...'`).
 """
 
 from __future__ import annotations
