@@ -10,11 +10,13 @@ import subprocess
 import sys
 import textwrap
 
+import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcaio
 import tritonclient.http as httpclient
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from loadtests import triton_qa_models as qm
@@ -121,6 +123,41 @@ def test_restricted_apis_answer_with_tritons_words(repo):
             h.get_model_repository_index()
         assert info.value.status() == "403"
         assert h.get_model_repository_index(headers={"admin-key": "admin-value"})
+
+
+def test_raw_and_typed_contents_on_one_input_are_refused_in_tritons_words(urls):
+    stub = service_pb2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(urls["grpc"]))
+    request = service_pb2.ModelInferRequest(model_name="simple")
+    for name in ("INPUT0", "INPUT1"):
+        tensor = request.inputs.add(name=name, datatype="INT32", shape=[1, 16])
+        tensor.contents.int_contents[:] = list(range(16))
+    request.raw_input_contents.append(np.arange(8, dtype=np.int32).tobytes())
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ModelInfer(request)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert ("contents field must not be specified when using raw_input_contents for 'INPUT0' for model 'simple'"
+            in info.value.details())
+
+
+def test_a_version_that_is_not_a_number_is_a_400_in_tritons_words(urls):
+    g = grpcclient.InferenceServerClient(urls["grpc"])
+    h = httpclient.InferenceServerClient(urls["http"])
+    for module, client in ((grpcclient, g), (httpclient, h)):
+        with pytest.raises(InferenceServerException, match="failed to get model version from specified version "
+                                                           "string 'wrong_specification'") as info:
+            client.infer("simple", _simple_inputs(module), model_version="wrong_specification")
+        assert info.value.status() in ("StatusCode.INVALID_ARGUMENT", "400")
+    assert h.infer("simple", _simple_inputs(httpclient), model_version="1").as_numpy("OUTPUT0").tolist() == [[2] * 16]
+
+
+async def test_loading_a_model_the_repository_lacks_says_failed_to_load(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    qm.add_simple_models(repo)
+    async with inprocess_server(repo, model_control_mode="explicit") as (_, client):
+        resp = await client.post("/v2/repository/models/wrong_model_name/load")
+        assert resp.status_code == 404
+        assert resp.json()["error"].startswith("failed to load 'wrong_model_name': no model 'wrong_model_name'")
 
 
 async def test_load_override_paths_too_long_or_outside_a_version_are_invalid_file_paths(tmp_path):
