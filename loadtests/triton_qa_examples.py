@@ -1,7 +1,8 @@
 """tritonclient's example clients (src/python/examples) that loadtests/triton_qa.py runs unchanged, grouped by
 the server they need (repository + flags), and those it does not run, with the reason.
 
-Each case is one script run with the arguments Triton's own client tests give it; exit status 0 passes.
+Each case is one script run with the arguments Triton's own client tests give it; exit status 0 passes (with
+"PASS" printed, where the script prints it).
 Scripts in --examples-dir that are in neither list are reported as not run ("not in the harness's list").
 """
 
@@ -43,12 +44,16 @@ GROUPS = (
         ("simple_http_aio_infer_client.py", ()), ("simple_grpc_aio_infer_client.py", ()),
         ("simple_http_async_infer_client.py", ()), ("simple_grpc_async_infer_client.py", ()),
         ("simple_grpc_keepalive_client.py", ()), ("simple_grpc_custom_args_client.py", ()),
+        ("grpc_explicit_int_content_client.py", ()), ("grpc_explicit_int8_content_client.py", ()),
+        ("grpc_explicit_byte_content_client.py", ()),
         ("simple_http_health_metadata.py", ()), ("simple_grpc_health_metadata.py", ()),
         ("simple_http_aio_health_metadata.py", ()),
         ("simple_http_string_infer_client.py", ()), ("simple_grpc_string_infer_client.py", ()),
         ("simple_http_shm_client.py", ()), ("simple_grpc_shm_client.py", ()), ("simple_http_shm_string_client.py", ()),
         ("reuse_infer_objects_client.py", ()), ("reuse_infer_objects_client.py", ("-i", "grpc", "-u", "localhost:8001")),
         ("simple_grpc_sequence_stream_infer_client.py", ()), ("simple_grpc_sequence_stream_infer_client.py", ("-d",)),
+        ("simple_grpc_aio_sequence_stream_infer_client.py", ()),
+        ("simple_grpc_aio_sequence_stream_infer_client.py", ("-d",)),
         ("simple_http_sequence_sync_infer_client.py", ()), ("simple_http_sequence_sync_infer_client.py", ("-d",)),
         ("simple_grpc_sequence_sync_infer_client.py", ()), ("simple_grpc_sequence_sync_infer_client.py", ("-d",)),
     )),

@@ -8,7 +8,7 @@ expects, under the name and config the test asks for:
     onnx_zero_1_float16              identity FP16 with dims [-1, -1] (the "two variable dims" raw-binary case)
     onnx_zero_1_object_1_element     BYTES identity with dims [1]
     onnx_zero_1_float32_queue        onnx_zero_1_float32 with a 1 s batching delay and max_queue_size 1
-    simple, simple_string, simple_identity, simple_identity_int64   Triton's example models
+    simple, simple_string, simple_int8, simple_identity, simple_identity_int64   Triton's example models
     string_identity                  BYTES identity without batching (L0_grpc)
     input_all_required / input_optional / input_all_optional        sum of the given inputs -> OUTPUT0 [1]
     pt_identity                      FP32 identity, dims [8], max_batch_size 8 (TorchScript in Triton's QA)
@@ -74,9 +74,11 @@ def add_identity_models(repo: Path) -> None:
 
 
 def add_simple_models(repo: Path) -> None:
-    """Triton's example models: simple (INT32 add/sub), simple_string, simple_identity (BYTES), *_int64."""
+    """Triton's example models: simple (INT32 add/sub), simple_string, simple_int8, simple_identity (BYTES),
+    simple_identity_int64, string_identity."""
     save_model(repo / "simple", add_sub_onnx(), simple_config("simple", "TYPE_INT32"))
     save_model(repo / "simple_string", add_sub_string_onnx(), simple_config("simple_string", "TYPE_STRING"))
+    save_model(repo / "simple_int8", add_sub_onnx(dtype=TensorProto.INT8), simple_config("simple_int8", "TYPE_INT8"))
     for name, dtype, batch in (("simple_identity", "object", 8), ("simple_identity_int64", "int64", 8),
                                ("string_identity", "object", 0)):
         onnx_type, config_type = ONNX_TYPES[dtype]
