@@ -49,6 +49,7 @@ GROUPS = (
         ("simple_http_health_metadata.py", ()), ("simple_grpc_health_metadata.py", ()),
         ("simple_http_aio_health_metadata.py", ()),
         ("simple_http_string_infer_client.py", ()), ("simple_grpc_string_infer_client.py", ()),
+        ("simple_grpc_aio_string_infer_client.py", ()), ("simple_grpc_aio_shm_client.py", ()),
         ("simple_http_shm_client.py", ()), ("simple_grpc_shm_client.py", ()), ("simple_http_shm_string_client.py", ()),
         ("reuse_infer_objects_client.py", ()), ("reuse_infer_objects_client.py", ("-i", "grpc", "-u", "localhost:8001")),
         ("simple_grpc_sequence_stream_infer_client.py", ()), ("simple_grpc_sequence_stream_infer_client.py", ("-d",)),
@@ -56,12 +57,14 @@ GROUPS = (
         ("simple_grpc_aio_sequence_stream_infer_client.py", ("-d",)),
         ("simple_http_sequence_sync_infer_client.py", ()), ("simple_http_sequence_sync_infer_client.py", ("-d",)),
         ("simple_grpc_sequence_sync_infer_client.py", ()), ("simple_grpc_sequence_sync_infer_client.py", ("-d",)),
+        ("simple_http_aio_sequence_sync_infer_client.py", ()),
+        ("simple_http_aio_sequence_sync_infer_client.py", ("-d",)),
     )),
     # The model-control examples count the repository (7 over HTTP, 8 over gRPC) and load/unload `simple`.
     ExampleGroup("examples (model control, HTTP)", _control_repo(7), ("--model-control-mode", "explicit"),
                  (("simple_http_model_control.py", ()), ("simple_http_aio_model_control.py", ()))),
     ExampleGroup("examples (model control, gRPC)", _control_repo(8), ("--model-control-mode", "explicit"),
-                 (("simple_grpc_model_control.py", ()),)),
+                 (("simple_grpc_model_control.py", ()), ("simple_grpc_aio_model_control.py", ()))),
 )
 
 NOT_RUN = {
