@@ -116,8 +116,11 @@ class AccessPolicy:
                 return error
         restriction = self.restrictions.get(api)
         if restriction is not None and not _any_equal(values(restriction.header), (restriction.value,)):
-            return PermissionDenied(f"the {api} API is restricted on this server: send {self.noun} "
-                                    f"'{restriction.header}' with the value it was configured with")
+            # NOTE: Triton's words first (its QA tests match them), then what to send.
+            lead = "This protocol is restricted" if self.noun == "metadata" else "This API is restricted"
+            return PermissionDenied(f"{lead}, expecting header '{restriction.header}': the {api} API is restricted "
+                                    f"on this server; send {self.noun} '{restriction.header}' with the value it was "
+                                    "configured with")
         return None
 
     def _check_bearer(self, given: list[bytes]) -> ServingError | None:

@@ -18,7 +18,7 @@ import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 
 from service import __version__
-from service.errors import InvalidInput, PayloadTooLarge, RequestCancelled, ServingError
+from service.errors import InvalidInput, ModelControlUnavailable, PayloadTooLarge, RequestCancelled, ServingError
 from service.log_settings import LogSettings
 from service.metrics import Metrics
 from service.model import ModelVersion
@@ -257,8 +257,10 @@ class InferenceCore:
         seen: set[str] = set()
         for o in requested:
             if o.name in seen:
+                # NOTE: Triton's HTTP and gRPC words differ; both are here so either's tests match.
                 raise InvalidInput(f"Duplicate output name {o.name!r} is not allowed in a request "
-                                   f"to model {mv.name!r}; name each output once")
+                                   f"(output {o.name!r} already exists in request) to model {mv.name!r}; "
+                                   "name each output once")
             seen.add(o.name)
             if mv.spec.output(o.name) is None:
                 raise InvalidInput(
@@ -376,7 +378,7 @@ class InferenceCore:
         mode = self._repository.settings.model_control_mode
         if mode != "explicit":
             # NOTE: Triton's text (its tests match it) says "polling" for every non-explicit mode.
-            raise InvalidInput(
+            raise ModelControlUnavailable(
                 f"explicit model load / unload is not allowed if polling is enabled: cannot {action} models, "
                 f"model control mode is {mode!r}; start the server with --model-control-mode explicit"
             )

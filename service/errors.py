@@ -36,6 +36,13 @@ class ModelNotReady(ServingError):
     status_code = 503
 
 
+class ModelControlUnavailable(ServingError):
+    """Load/unload on a server whose model control mode is not explicit: a well-formed request this server's
+    configuration does not serve; 503 / UNAVAILABLE as Triton answers (its clients and QA tests expect it)."""
+
+    status_code = 503
+
+
 class QueueFull(ServingError):
     status_code = 503
     failure_reason = "REJECTED"

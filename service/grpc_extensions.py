@@ -17,7 +17,7 @@ from service.core import InferenceCore
 from service.errors import InvalidInput, ServingError
 from service.grpc_stream import stream_infer
 from service.protocol_grpc import grpc_status
-from service.shm import CUDA_UNSUPPORTED
+from service.shm import CUDA_UNSUPPORTED, cuda_region_missing
 
 
 def _aborts_on_serving_error(method: Callable) -> Callable:
@@ -84,13 +84,16 @@ class ExtensionServicer:
         return pb.SystemSharedMemoryUnregisterResponse()
 
     async def CudaSharedMemoryStatus(self, request, context):
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, CUDA_UNSUPPORTED)
+        # No CUDA region can ever be registered: none to list, none to unregister (Triton's answers then).
+        if request.name:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, cuda_region_missing(request.name))
+        return pb.CudaSharedMemoryStatusResponse()
 
     async def CudaSharedMemoryRegister(self, request, context):
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, CUDA_UNSUPPORTED)
 
     async def CudaSharedMemoryUnregister(self, request, context):
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, CUDA_UNSUPPORTED)
+        return pb.CudaSharedMemoryUnregisterResponse()
 
     @_aborts_on_serving_error
     async def TraceSetting(self, request, context):

@@ -15,7 +15,7 @@ from fastapi.responses import Response
 from service.access import read_control_body
 from service.core import InferenceCore
 from service.errors import InvalidInput
-from service.shm import CUDA_UNSUPPORTED
+from service.shm import CUDA_UNSUPPORTED, cuda_region_missing
 
 _SHM = "/v2/systemsharedmemory"
 _CUDA = "/v2/cudasharedmemory"
@@ -69,7 +69,23 @@ def _add_shm_routes(app: FastAPI, core: InferenceCore) -> None:
         core.shm.unregister(region)
         return _json({})
 
-    summary = "CUDA shared memory: not supported (answers 400 saying so)"
+    # No CUDA region can ever be registered, so status lists none and unregistering is a no-op (as Triton
+    # answers with none registered); registering says why it cannot.
+    @app.get(_CUDA + "/status", tags=tags, summary="CUDA shared memory regions: always none")
+    async def cuda_status() -> Response:
+        return _json([])
+
+    @app.get(_CUDA + "/region/{region}/status", tags=tags, summary="A CUDA shared memory region: never registered")
+    async def cuda_region_status(region: str) -> Response:
+        raise InvalidInput(cuda_region_missing(region))
+
+    @app.post(_CUDA + "/unregister", tags=tags, summary="Unregister every CUDA region: none to unregister")
+    @app.post(_CUDA + "/region/{region}/unregister", tags=tags, summary="Unregister a CUDA region: a no-op")
+    async def cuda_unregister(request: Request, region: str | None = None) -> Response:
+        await _body(request, core)
+        return _json({})
+
+    summary = "CUDA shared memory registration: not supported (answers 400 saying so)"
 
     @app.get(_CUDA + "/{rest:path}", tags=tags, summary=summary, operation_id="cuda_shared_memory_get")
     @app.post(_CUDA + "/{rest:path}", tags=tags, summary=summary, operation_id="cuda_shared_memory_post")

@@ -112,6 +112,9 @@ def decode_infer(request: pb.ModelInferRequest, *, shm: SharedMemoryRegistry | N
         if from_shm is not None:
             inputs[tensor.name] = from_shm
         elif raw:
+            if tensor.HasField("contents"):  # Triton's words: a tensor is raw or typed, never both
+                raise InvalidInput(f"contents field must not be specified when using raw_input_contents for "
+                                   f"{tensor.name!r} for model {request.model_name!r}")
             if used >= len(raw):
                 raise InvalidInput(f"{len(raw)} raw_input_contents for more inputs; expected one per input not in "
                                    "shared memory")

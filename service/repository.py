@@ -18,7 +18,7 @@ from pathlib import Path
 from tritonclient.grpc import model_config_pb2 as mc
 
 from service.ensemble import EnsembleVersion, StepRunner, composing_models, is_ensemble
-from service.errors import ModelLoadError, ModelNotFound, ModelNotReady, ServingError
+from service.errors import InvalidInput, ModelLoadError, ModelNotFound, ModelNotReady, ServingError
 from service.model import LoadRequest, ModelVersion
 from service.modelrepo import layout, overrides, remote
 from service.modelrepo.config import read_config, select_versions
@@ -111,7 +111,8 @@ class ModelRepository:
         ones drain."""
         model_dir = layout.model_dir(self.root, name)
         if (override is None or not override.files) and not layout.is_model_folder(model_dir):
-            raise ModelNotFound(f"no model {name!r} in the model repository; found {sorted(self.scan())}")
+            raise ModelNotFound(f"failed to load {name!r}: no model {name!r} in the model repository; found "
+                                f"{sorted(self.scan())}")
         entry = self.entries.setdefault(name, ModelEntry(name))
         entry.wanted = True
         async with entry.lock:
@@ -225,6 +226,10 @@ class ModelRepository:
             raise ModelNotFound(f"Request for unknown model: {name!r} is not found; available models are "
                                 f"{sorted(self.entries)}")
         if version:
+            if not (version.isascii() and version.isdigit()):
+                # NOTE: Triton's words (its example clients match them), then what is expected.
+                raise InvalidInput(f"failed to get model version from specified version string {version!r}: "
+                                   "expected a version number, or no version for the latest")
             mv = entry.versions.get(version)
             if mv is None:
                 if entry.versions:

@@ -31,6 +31,10 @@ CUDA_UNSUPPORTED = ("CUDA shared memory is not supported on this server (it runs
                     "host memory); use system shared memory (v2/systemsharedmemory) or send tensors in the request")
 
 
+def cuda_region_missing(name: str) -> str:
+    return f"Unable to find cuda shared memory region: '{name}'; none can be registered: {CUDA_UNSUPPORTED}"
+
+
 class AlreadyExists(ServingError):
     status_code = 409
 

@@ -178,7 +178,7 @@ def test_bad_references_are_client_errors(client, regions):
 def test_cuda_shared_memory_is_refused_clearly(urls):
     http = httpclient.InferenceServerClient(urls["http"])
     with pytest.raises(InferenceServerException, match="CUDA shared memory is not supported on this server") as info:
-        http.get_cuda_shared_memory_status()
+        http.register_cuda_shared_memory("r", base64.b64encode(b"handle"), 0, 8)
     assert info.value.status() == "400"
     g = grpcclient.InferenceServerClient(urls["grpc"])
     with pytest.raises(InferenceServerException, match="CUDA shared memory is not supported on this server") as info:

@@ -20,6 +20,7 @@ from service.errors import InvalidInput
 from service.modelrepo.layout import check_model_name, contained
 
 FILE_PREFIX = "file:"
+NAME_MAX = 255  # bytes in one path component on Linux filesystems; longer would fail writing it
 
 
 @dataclass(frozen=True)
@@ -54,10 +55,15 @@ def _parse_config(name: str, text: object) -> tuple[mc.ModelConfig, bool]:
 
 def _check_file_path(name: str, path: str) -> str:
     parts = PurePosixPath(path).parts
+    # NOTE: "Invalid file path" is Triton's wording (its clients match it).
     if (len(parts) < 2 or not parts[0].isdigit() or not parts[0].isascii() or path.startswith("/")
             or any(p in ("..", ".") for p in parts) or "\\" in path):
-        raise InvalidInput(f"failed to load '{name}': file override '{FILE_PREFIX}{path}' must name a file "
-                           f"inside a version folder, as '{FILE_PREFIX}<version>/model.onnx'")
+        raise InvalidInput(f"failed to load '{name}': Invalid file path: file override '{FILE_PREFIX}{path}' must "
+                           f"name a file inside a version folder, as '{FILE_PREFIX}<version>/model.onnx'")
+    too_long = [p for p in parts if len(p.encode()) > NAME_MAX]
+    if too_long:
+        raise InvalidInput(f"failed to load '{name}': Invalid file path: file override '{FILE_PREFIX}{path}' has a "
+                           f"path component of {len(too_long[0].encode())} bytes; at most {NAME_MAX} are allowed")
     return path
 
 

@@ -1,0 +1,124 @@
+"""The model repositories Triton's QA tests expect, written by our own ONNX builders.
+
+Triton's QA builds its repositories with gen_qa_*_models.py (TensorFlow, PyTorch, python backend ...). The tests
+only see names, configs and behaviour, so each model here is the smallest ONNX graph that behaves as the test
+expects, under the name and config the test asks for:
+
+    onnx_zero_<n>_<dtype>            identity, n inputs INPUT<i> -> OUTPUT<i>, dims [-1], max_batch_size 8
+    onnx_zero_1_float16              identity FP16 with dims [-1, -1] (the "two variable dims" raw-binary case)
+    onnx_zero_1_object_1_element     BYTES identity with dims [1]
+    onnx_zero_1_float32_queue        onnx_zero_1_float32 with a 1 s batching delay and max_queue_size 1
+    simple, simple_string, simple_int8, simple_identity, simple_identity_int64   Triton's example models
+    string_identity                  BYTES identity without batching (L0_grpc)
+    input_all_required / input_optional / input_all_optional        sum of the given inputs -> OUTPUT0 [1]
+    pt_identity                      FP32 identity, dims [8], max_batch_size 8 (TorchScript in Triton's QA)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from onnx import TensorProto, helper, numpy_helper
+
+from tests.triton_models import add_sub_onnx, add_sub_string_onnx, identity_onnx, model_bytes, save_model, simple_config
+
+ONNX_TYPES = {"float32": (TensorProto.FLOAT, "TYPE_FP32"), "float16": (TensorProto.FLOAT16, "TYPE_FP16"),
+              "object": (TensorProto.STRING, "TYPE_STRING"), "int64": (TensorProto.INT64, "TYPE_INT64"),
+              "int32": (TensorProto.INT32, "TYPE_INT32")}
+
+
+def _io_block(kind: str, names: list[str], data_type: str, dims: str, *, optional: tuple[str, ...] = ()) -> str:
+    rows = [f'  {{ name: "{n}" data_type: {data_type} dims: [ {dims} ]{" optional: true" if n in optional else ""} }}'
+            for n in names]
+    return f"{kind} [\n" + ",\n".join(rows) + "\n]\n"
+
+
+def identity_n_onnx(count: int, dtype: int, dims: list) -> bytes:
+    """`count` independent identities INPUT<i> -> OUTPUT<i>."""
+    ins = [helper.make_tensor_value_info(f"INPUT{i}", dtype, ["N", *dims]) for i in range(count)]
+    outs = [helper.make_tensor_value_info(f"OUTPUT{i}", dtype, ["N", *dims]) for i in range(count)]
+    nodes = [helper.make_node("Identity", [f"INPUT{i}"], [f"OUTPUT{i}"]) for i in range(count)]
+    return model_bytes(helper.make_graph(nodes, "identity_n", ins, outs))
+
+
+def zero_model(repo: Path, *, name: str, count: int, dtype: str, dims: str = "-1", extra: str = "") -> None:
+    """Triton's qa_identity_model_repository model `onnx_zero_<count>_<dtype>` (batching, max 8)."""
+    onnx_type, config_type = ONNX_TYPES[dtype]
+    graph_dims = [f"D{i}" if d.strip() == "-1" else int(d) for i, d in enumerate(dims.split(","))]
+    names = [f"INPUT{i}" for i in range(count)]
+    config = (f'name: "{name}"\nplatform: "onnxruntime_onnx"\nmax_batch_size: 8\n'
+              + _io_block("input", names, config_type, dims)
+              + _io_block("output", [f"OUTPUT{i}" for i in range(count)], config_type, dims) + extra)
+    save_model(repo / name, identity_n_onnx(count, onnx_type, graph_dims), config)
+
+
+QUEUE_POLICY = """dynamic_batching {
+    max_queue_delay_microseconds: 1000000
+    preferred_batch_size: [ 8 ]
+    default_queue_policy {
+        max_queue_size: 1
+    }
+}
+"""
+
+
+def add_identity_models(repo: Path) -> None:
+    """The identity models L0_http's test.sh copies into its repository."""
+    zero_model(repo, name="onnx_zero_1_float32", count=1, dtype="float32")
+    zero_model(repo, name="onnx_zero_1_object", count=1, dtype="object")
+    zero_model(repo, name="onnx_zero_1_float16", count=1, dtype="float16", dims="-1, -1")
+    zero_model(repo, name="onnx_zero_3_float32", count=3, dtype="float32")
+    zero_model(repo, name="onnx_zero_1_object_1_element", count=1, dtype="object", dims="1")
+    zero_model(repo, name="onnx_zero_1_float32_queue", count=1, dtype="float32", extra=QUEUE_POLICY)
+
+
+def add_simple_models(repo: Path) -> None:
+    """Triton's example models: simple (INT32 add/sub), simple_string, simple_int8, simple_identity (BYTES),
+    simple_identity_int64, string_identity."""
+    save_model(repo / "simple", add_sub_onnx(), simple_config("simple", "TYPE_INT32"))
+    save_model(repo / "simple_string", add_sub_string_onnx(), simple_config("simple_string", "TYPE_STRING"))
+    save_model(repo / "simple_int8", add_sub_onnx(dtype=TensorProto.INT8), simple_config("simple_int8", "TYPE_INT8"))
+    for name, dtype, batch in (("simple_identity", "object", 8), ("simple_identity_int64", "int64", 8),
+                               ("string_identity", "object", 0)):
+        onnx_type, config_type = ONNX_TYPES[dtype]
+        config = (f'name: "{name}"\nplatform: "onnxruntime_onnx"\nmax_batch_size: {batch}\n'
+                  + _io_block("input", ["INPUT0"], config_type, "-1")
+                  + _io_block("output", ["OUTPUT0"], config_type, "-1"))
+        save_model(repo / name, identity_onnx(onnx_type, ["N", "L"] if batch else ["L"]), config)
+
+
+def summing_onnx(required: list[str], optional: list[str]) -> bytes:
+    """OUTPUT0 [1] = the sum of every element of every input; `optional` inputs are zero initializers that a
+    request may override (how an ONNX graph has inputs a request may leave out)."""
+    names = [*required, *optional]
+    # An initializer is overridable only when it is also a graph input (ONNX IR >= 4).
+    ins = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [f"L{i}"]) for i, n in enumerate(names)]
+    inits = [numpy_helper.from_array(np.zeros(1, dtype=np.float32), n) for n in optional]
+    nodes = [helper.make_node("ReduceSum", [n], [f"s{i}"], keepdims=1) for i, n in enumerate(names)]
+    nodes.append(helper.make_node("Sum", [f"s{i}" for i in range(len(names))], ["OUTPUT0"]))
+    out = helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, [1])
+    return model_bytes(helper.make_graph(nodes, "summing", ins, [out], inits))
+
+
+def add_input_validation_models(repo: Path) -> None:
+    """L0_input_validation's models (python backend in Triton) and pt_identity (TorchScript there)."""
+    for name, required, optional in (("input_all_required", ["INPUT0", "INPUT1", "INPUT2"], []),
+                                     ("input_optional", ["INPUT0", "INPUT1", "INPUT2"], ["INPUT3"]),
+                                     ("input_all_optional", [], ["INPUT0", "INPUT1", "INPUT2"])):
+        config = (f'name: "{name}"\nplatform: "onnxruntime_onnx"\n'
+                  + _io_block("input", [*required, *optional], "TYPE_FP32", "-1", optional=tuple(optional))
+                  + _io_block("output", ["OUTPUT0"], "TYPE_FP32", "1")
+                  + "instance_group [{ kind: KIND_CPU }]\n")
+        save_model(repo / name, summing_onnx(required, optional), config)
+    config = ('name: "pt_identity"\nplatform: "onnxruntime_onnx"\nmax_batch_size: 8\n'
+              + _io_block("input", ["INPUT0"], "TYPE_FP32", "8") + _io_block("output", ["OUTPUT0"], "TYPE_FP32", "8"))
+    save_model(repo / "pt_identity", identity_onnx(TensorProto.FLOAT, ["N", 8]), config)
+
+
+def add_fillers(repo: Path, *, total: int) -> None:
+    """Copies of `simple` until the repository holds `total` models (the aio tests count the index)."""
+    present = sum(1 for p in repo.iterdir() if p.is_dir())
+    for i in range(total - present):
+        name = f"simple_copy_{i}"
+        save_model(repo / name, add_sub_onnx(), simple_config(name, "TYPE_INT32"))
