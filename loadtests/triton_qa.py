@@ -47,10 +47,13 @@ class Suite:
     deselect: dict[str, str] = field(default_factory=dict)
     not_runnable: str = ""  # the whole file cannot run against another server, and why
     classes: tuple[str, ...] = ()  # only these TestCase classes (test.sh runs some classes with other flags)
+    env: dict[str, str] = field(default_factory=dict)  # the environment test.sh gives the file
+    variant: str = ""  # names a second run of one file with other env/flags
 
     @property
     def label(self) -> str:
-        return self.path + (f" ({', '.join(self.classes)})" if self.classes else "")
+        parts = [*self.classes, *([self.variant] if self.variant else [])]
+        return self.path + (f" ({', '.join(parts)})" if parts else "")
 
 
 def _http_repo(repo: Path) -> None:
@@ -64,6 +67,9 @@ def _aio_repo(total: int) -> Callable[[Path], None]:
         qm.add_fillers(repo, total=total)
     return build
 
+
+_INFER_ENV = {"BACKENDS": "onnx", "ENSEMBLES": "0", "TRITON_SERVER_CPU_ONLY": "1",
+              "TEST_SYSTEM_SHARED_MEMORY": "0", "TEST_CUDA_SHARED_MEMORY": "0"}
 
 SUITES = [
     Suite("L0_http/http_test.py", _http_repo,
@@ -79,6 +85,12 @@ SUITES = [
           server_args=("--grpc-restricted-protocol", "model-repository:admin-key=admin-value",
                        "--grpc-restricted-protocol", "inference,health:infer-key=infer-value")),
     Suite("L0_input_validation/input_validation_test.py", qm.add_input_validation_models),
+    # test.sh runs infer_test.py once per backend list; only ONNX here (the other backends' models are not ONNX),
+    # on CPU, without the ensemble wrappers (simple_/sequence_/fan_ need graphdef/identity models), as it is and
+    # again with every tensor in system shared memory (test.sh's TEST_SYSTEM_SHARED_MEMORY=1 pass).
+    Suite("L0_infer/infer_test.py", qm.add_infer_models, env=_INFER_ENV),
+    Suite("L0_infer/infer_test.py", qm.add_infer_models, ("--allow-client-shm", "true"), variant="system shm",
+          env={**_INFER_ENV, "TEST_SYSTEM_SHARED_MEMORY": "1"}),
     Suite("L0_input_validation/input_shape_validation_test.py", qm.add_input_validation_models,
           not_runnable="starts /opt/tritonserver/bin/tritonserver itself (and needs torch for its TorchScript model)"),
 ]
@@ -131,12 +143,19 @@ def _stage(qa_dir: Path, rel: str, work: Path) -> Path:
     return dest_dir / src.name
 
 
+def _pythonpath() -> str:
+    """The repository first, then the caller's PYTHONPATH (e.g. where tritonclient[cuda]'s cuda-bindings live: the
+    2021 infer_util.py imports tritonclient's CUDA shm module whenever system shm is on)."""
+    return os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+
+
 def run_suite(suite: Suite, *, qa_dir: Path, work: Path, heavy: bool, timeout: float) -> Row:
     if not (qa_dir / suite.path).is_file():
         return Row(suite.label, note="file not found under --qa-dir")
     if suite.not_runnable:
         return Row(suite.label, note=f"not run: {suite.not_runnable}")
-    name = suite.path.replace("/", "_").removesuffix(".py") + "".join(f"_{c}" for c in suite.classes)
+    name = (suite.path.replace("/", "_").removesuffix(".py") + "".join(f"_{c}" for c in suite.classes)
+            + (f"_{suite.variant.replace(' ', '_')}" if suite.variant else ""))
     repo = work / "repos" / name
     repo.mkdir(parents=True)
     suite.build(repo)
@@ -149,7 +168,7 @@ def run_suite(suite: Suite, *, qa_dir: Path, work: Path, heavy: bool, timeout: f
         with open(work / f"{name}.client.log", "wb") as log:
             try:
                 subprocess.run(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, timeout=timeout,
-                               env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+                               env={**os.environ, **suite.env, "PYTHONPATH": _pythonpath()})
             except subprocess.TimeoutExpired:
                 return Row(suite.label, note=f"timed out after {timeout:.0f} s")
     if not out.is_file():

@@ -12,6 +12,8 @@ expects, under the name and config the test asks for:
     string_identity                  BYTES identity without batching (L0_grpc)
     input_all_required / input_optional / input_all_optional        sum of the given inputs -> OUTPUT0 [1]
     pt_identity                      FP32 identity, dims [8], max_batch_size 8 (TorchScript in Triton's QA)
+    onnx[_nobatch]_<in>_<out0>_<out1>   L0_infer's "addsub" models (gen_qa_models.py's names, dims [16],
+                                     max_batch_size 8 or 0, OUTPUT0 labels label0..label15, versions below)
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from tests.triton_models import add_sub_onnx, add_sub_string_onnx, identity_onnx
 
 ONNX_TYPES = {"float32": (TensorProto.FLOAT, "TYPE_FP32"), "float16": (TensorProto.FLOAT16, "TYPE_FP16"),
               "object": (TensorProto.STRING, "TYPE_STRING"), "int64": (TensorProto.INT64, "TYPE_INT64"),
-              "int32": (TensorProto.INT32, "TYPE_INT32")}
+              "int32": (TensorProto.INT32, "TYPE_INT32"),
+              "int16": (TensorProto.INT16, "TYPE_INT16"), "int8": (TensorProto.INT8, "TYPE_INT8")}
 
 
 def _io_block(kind: str, names: list[str], data_type: str, dims: str, *, optional: tuple[str, ...] = ()) -> str:
@@ -122,3 +125,55 @@ def add_fillers(repo: Path, *, total: int) -> None:
     for i in range(total - present):
         name = f"simple_copy_{i}"
         save_model(repo / name, add_sub_onnx(), simple_config(name, "TYPE_INT32"))
+
+
+# L0_infer's addsub models as gen_qa_models.py's create_fixed_models lists them: (input, output0, output1) and
+# the version policy. A model with a policy has versions 1 (sum, difference) and 2, 3 (swapped: OUTPUT0 = difference,
+# OUTPUT1 = sum); one without has version 1 only -- what infer_test.py's `swap` flags expect of the latest version.
+ADDSUB_MODELS: tuple[tuple[str, str, str, str], ...] = (
+    ("int8", "int8", "int8", "latest { num_versions: 1 }"), ("int16", "int16", "int16", "latest { num_versions: 2 }"),
+    ("int32", "int32", "int32", "all { }"), ("int64", "int64", "int64", ""),
+    ("float16", "float16", "float16", "specific { versions: [ 1 ] }"),
+    ("float32", "float32", "float32", "specific { versions: [ 1, 3 ] }"),
+    ("float16", "float32", "float32", ""), ("int32", "int8", "int8", ""), ("int8", "int32", "int32", ""),
+    ("int32", "int8", "int16", ""), ("int32", "float32", "float32", ""), ("float32", "int32", "int32", ""),
+    ("int32", "float16", "int16", ""), ("object", "int32", "int32", ""), ("object", "object", "object", ""),
+    ("object", "int32", "object", ""), ("object", "object", "int32", ""), ("int32", "object", "object", ""),
+    ("int32", "int32", "object", ""), ("int32", "object", "int32", ""))
+# ONNX Runtime's CPU Add/Sub have no INT8/INT16/FP16/STRING kernels: compute in INT32 (FP32 for FP16) and cast.
+_COMPUTE = {"int8": TensorProto.INT32, "int16": TensorProto.INT32, "object": TensorProto.INT32,
+            "float16": TensorProto.FLOAT}
+
+
+def addsub_onnx(dtypes: tuple[str, str, str], *, batch: bool, swap: bool, size: int = 16) -> bytes:
+    """OUTPUT0 = INPUT0 + INPUT1 and OUTPUT1 = INPUT0 - INPUT1 (swapped when `swap`), each cast to its dtype."""
+    shape = (["N"] if batch else []) + [size]
+    in_type = ONNX_TYPES[dtypes[0]][0]
+    compute = _COMPUTE.get(dtypes[0], in_type)
+    nodes = [helper.make_node("Cast", [f"INPUT{i}"], [f"c{i}"], to=compute) for i in (0, 1)]
+    nodes += [helper.make_node("Add", ["c0", "c1"], ["sum"]), helper.make_node("Sub", ["c0", "c1"], ["diff"])]
+    results = ("diff", "sum") if swap else ("sum", "diff")
+    nodes += [helper.make_node("Cast", [results[i]], [f"OUTPUT{i}"], to=ONNX_TYPES[dtypes[i + 1]][0]) for i in (0, 1)]
+    ins = [helper.make_tensor_value_info(f"INPUT{i}", in_type, shape) for i in (0, 1)]
+    outs = [helper.make_tensor_value_info(f"OUTPUT{i}", ONNX_TYPES[dtypes[i + 1]][0], shape) for i in (0, 1)]
+    return model_bytes(helper.make_graph(nodes, "addsub", ins, outs))
+
+
+def add_infer_models(repo: Path, *, size: int = 16, only: tuple[tuple[str, str, str], ...] = ()) -> None:
+    """L0_infer's ONNX models: `onnx_<in>_<out0>_<out1>` (max_batch_size 8) and `onnx_nobatch_...` (0); `only`
+    keeps just those dtype triples."""
+    for in_dt, out0_dt, out1_dt, policy in ADDSUB_MODELS:
+        if only and (in_dt, out0_dt, out1_dt) not in only:
+            continue
+        for batch in (True, False):
+            name = f"onnx{'' if batch else '_nobatch'}_{in_dt}_{out0_dt}_{out1_dt}"
+            config = (f'name: "{name}"\nplatform: "onnxruntime_onnx"\nmax_batch_size: {8 if batch else 0}\n'
+                      + (f"version_policy: {{ {policy} }}\n" if policy else "")
+                      + _io_block("input", ["INPUT0", "INPUT1"], ONNX_TYPES[in_dt][1], str(size))
+                      + f'output [\n  {{ name: "OUTPUT0" data_type: {ONNX_TYPES[out0_dt][1]} dims: [ {size} ] '
+                      f'label_filename: "output0_labels.txt" }},\n'
+                      f'  {{ name: "OUTPUT1" data_type: {ONNX_TYPES[out1_dt][1]} dims: [ {size} ] }}\n]\n')
+            for version in (1, 2, 3) if policy else (1,):
+                save_model(repo / name, addsub_onnx((in_dt, out0_dt, out1_dt), batch=batch, swap=version > 1),
+                           config, version=version)
+            (repo / name / "output0_labels.txt").write_text("".join(f"label{i}\n" for i in range(size)))
