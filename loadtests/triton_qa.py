@@ -68,7 +68,12 @@ def _aio_repo(total: int) -> Callable[[Path], None]:
     return build
 
 
-_INFER_ENV = {"BACKENDS": "onnx", "ENSEMBLES": "0", "TRITON_SERVER_CPU_ONLY": "1",
+def _infer_repo(repo: Path) -> None:
+    qm.add_infer_models(repo)
+    qm.add_infer_ensembles(repo)
+
+
+_INFER_ENV = {"BACKENDS": "onnx", "ENSEMBLES": "1", "TRITON_SERVER_CPU_ONLY": "1",
               "TEST_SYSTEM_SHARED_MEMORY": "0", "TEST_CUDA_SHARED_MEMORY": "0"}
 
 SUITES = [
@@ -86,10 +91,10 @@ SUITES = [
                        "--grpc-restricted-protocol", "inference,health:infer-key=infer-value")),
     Suite("L0_input_validation/input_validation_test.py", qm.add_input_validation_models),
     # test.sh runs infer_test.py once per backend list; only ONNX here (the other backends' models are not ONNX),
-    # on CPU, without the ensemble wrappers (simple_/sequence_/fan_ need graphdef/identity models), as it is and
-    # again with every tensor in system shared memory (test.sh's TEST_SYSTEM_SHARED_MEMORY=1 pass).
-    Suite("L0_infer/infer_test.py", qm.add_infer_models, env=_INFER_ENV),
-    Suite("L0_infer/infer_test.py", qm.add_infer_models, ("--allow-client-shm", "true"), variant="system shm",
+    # on CPU, with the simple_/sequence_/fan_ ensemble wrappers (ENSEMBLES=1), as it is and again with every
+    # tensor in system shared memory (test.sh's TEST_SYSTEM_SHARED_MEMORY=1 pass).
+    Suite("L0_infer/infer_test.py", _infer_repo, env=_INFER_ENV),
+    Suite("L0_infer/infer_test.py", _infer_repo, ("--allow-client-shm", "true"), variant="system shm",
           env={**_INFER_ENV, "TEST_SYSTEM_SHARED_MEMORY": "1"}),
     Suite("L0_input_validation/input_shape_validation_test.py", qm.add_input_validation_models,
           not_runnable="starts /opt/tritonserver/bin/tritonserver itself (and needs torch for its TorchScript model)"),

@@ -14,6 +14,7 @@ expects, under the name and config the test asks for:
     pt_identity                      FP32 identity, dims [8], max_batch_size 8 (TorchScript in Triton's QA)
     onnx[_nobatch]_<in>_<out0>_<out1>   L0_infer's "addsub" models (gen_qa_models.py's names, dims [16],
                                      max_batch_size 8 or 0, OUTPUT0 labels label0..label15, versions below)
+    {simple,sequence,fan}_onnx[_nobatch]_...   L0_infer's ensembles over them, and the nop_<TYPE>_-1 they call
 """
 
 from __future__ import annotations
@@ -177,3 +178,68 @@ def add_infer_models(repo: Path, *, size: int = 16, only: tuple[tuple[str, str, 
                 save_model(repo / name, addsub_onnx((in_dt, out0_dt, out1_dt), batch=batch, swap=version > 1),
                            config, version=version)
             (repo / name / "output0_labels.txt").write_text("".join(f"label{i}\n" for i in range(size)))
+
+
+def _ensemble_config(name: str, *, batch: bool, dtypes: tuple[str, str, str], policy: str, labels: bool,
+                     steps: list[tuple[str, dict[str, str], dict[str, str]]], size: int = 16) -> str:
+    """gen_ensemble_model_utils' addsub ensemble: the addsub model's inputs/outputs, `steps` as (model,
+    input_map, output_map) with model_version -1."""
+    label = ' label_filename: "output0_labels.txt"' if labels else ""
+    types = [ONNX_TYPES[d][1] for d in dtypes]
+    text = (f'name: "{name}"\nplatform: "ensemble"\nmax_batch_size: {8 if batch else 0}\n'
+            + (f"version_policy: {{ {policy} }}\n" if policy else "")
+            + _io_block("input", ["INPUT0", "INPUT1"], types[0], str(size))
+            + f'output [\n  {{ name: "OUTPUT0" data_type: {types[1]} dims: [ {size} ]{label} }},\n'
+            f'  {{ name: "OUTPUT1" data_type: {types[2]} dims: [ {size} ] }}\n]\nensemble_scheduling {{ step [\n')
+    rows = []
+    for model, ins, outs in steps:
+        maps = "".join(f' input_map {{ key: "{k}" value: "{v}" }}' for k, v in ins.items())
+        maps += "".join(f' output_map {{ key: "{k}" value: "{v}" }}' for k, v in outs.items())
+        rows.append(f'  {{ model_name: "{model}" model_version: -1{maps} }}')
+    return text + ",\n".join(rows) + "\n] }\n"
+
+
+def _nop(repo: Path, dtype: str) -> str:
+    """Triton's `nop_<TYPE>_-1` (identity backend there): INPUT0/INPUT1 -> OUTPUT0/OUTPUT1, dims [-1], batching."""
+    onnx_type, config_type = ONNX_TYPES[dtype]
+    name = f"nop_{config_type}_-1"
+    if not (repo / name).exists():
+        config = (f'name: "{name}"\nplatform: "onnxruntime_onnx"\nmax_batch_size: 1024\n'
+                  + _io_block("input", ["INPUT0", "INPUT1"], config_type, "-1")
+                  + _io_block("output", ["OUTPUT0", "OUTPUT1"], config_type, "-1"))
+        save_model(repo / name, identity_n_onnx(2, onnx_type, ["L"]), config)
+    return name
+
+
+def add_infer_ensembles(repo: Path, *, size: int = 16, only: tuple[tuple[str, str, str], ...] = ()) -> None:
+    """The simple_/sequence_/fan_ ensembles over each addsub model (ENSEMBLES=1), with the nop models they call;
+    fan_ carries its own OUTPUT0 labels, the others take the addsub model's (gen_ensemble_model_utils.py)."""
+    same = {"INPUT0": "INPUT0", "INPUT1": "INPUT1"}
+    for in_dt, out0_dt, out1_dt, policy in ADDSUB_MODELS:
+        dtypes = (in_dt, out0_dt, out1_dt)
+        if only and dtypes not in only:
+            continue
+        kinds = ["simple"] + (["sequence"] if in_dt != "object" else []) + (["fan"] if "object" not in dtypes else [])
+        for batch in (True, False):
+            suffix = f"{'' if batch else '_nobatch'}_{in_dt}_{out0_dt}_{out1_dt}"
+            base = f"onnx{suffix}"
+            for kind in kinds:
+                if kind == "simple":
+                    steps = [(base, same, {"OUTPUT0": "OUTPUT0", "OUTPUT1": "OUTPUT1"})]
+                else:
+                    steps = [(_nop(repo, in_dt), same, {"OUTPUT0": "same_input0", "OUTPUT1": "same_input1"}),
+                             (base, {"INPUT0": "same_input0", "INPUT1": "same_input1"},
+                              {"OUTPUT0": "OUTPUT0", "OUTPUT1": "OUTPUT1"} if kind == "sequence"
+                              else {"OUTPUT0": "same_output0", "OUTPUT1": "same_output1"})]
+                if kind == "fan":
+                    steps += [(_nop(repo, out0_dt), {"INPUT0": "same_output0", "INPUT1": "same_output0"},
+                               {"OUTPUT0": "OUTPUT0"}),
+                              (_nop(repo, out1_dt), {"INPUT0": "same_output1", "INPUT1": "same_output1"},
+                               {"OUTPUT1": "OUTPUT1"})]
+                name = f"{kind}_onnx{suffix}"
+                for version in (1, 2, 3) if policy else (1,):  # empty version folders, as the policy asks
+                    (repo / name / str(version)).mkdir(parents=True, exist_ok=True)
+                (repo / name / "config.pbtxt").write_text(_ensemble_config(
+                    name, batch=batch, dtypes=dtypes, policy=policy, labels=kind == "fan", steps=steps, size=size))
+                if kind == "fan":
+                    (repo / name / "output0_labels.txt").write_text("".join(f"label{i}\n" for i in range(size)))

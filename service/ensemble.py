@@ -108,6 +108,17 @@ def _check_graph(config: mc.ModelConfig, steps: list[EnsembleStep]) -> None:
         raise ModelLoadError(f"{where}: outputs {missing_out} are not produced by any step's output_map")
 
 
+def _inherit_labels(spec: ModelSpec, steps: list[EnsembleStep], lookup: Lookup) -> None:
+    """An ensemble output without a label_filename of its own takes the labels of the composing model's output
+    mapped straight onto it, as Triton looks labels up "from the actual model" (nested ensembles pass them on)."""
+    outputs = {o.name for o in spec.outputs}
+    for step in steps:
+        step_labels = lookup(step.model, step.version).spec.labels
+        for model_output, tensor in step.output_map.items():
+            if tensor in outputs and tensor not in spec.labels and model_output in step_labels:
+                spec.labels[tensor] = step_labels[model_output]
+
+
 @dataclass
 class EnsembleVersion(ModelVersion):
     """A served ensemble: validated like a model, run by `run_steps` instead of a batcher and sessions."""
@@ -131,6 +142,7 @@ class EnsembleVersion(ModelVersion):
         steps = _steps(config, lookup)
         _check_graph(config, steps)
         spec = build_spec(config, model_dir=req.model_dir)
+        _inherit_labels(spec, steps, lookup)
         # NOTE: an ensemble owns no ONNX Runtime sessions; `pool` stays unset and is never used.
         mv = cls(spec=spec, version=str(version), pool=None, stats=ModelStats(req.name, str(version)),  # type: ignore[arg-type]
                  steps=steps, runner=runner, lookup=lookup)
@@ -175,10 +187,16 @@ class EnsembleVersion(ModelVersion):
         return BatchResult({n: tensors[n] for n in self.output_names}, 0.0, rows)
 
     async def _step(self, step: EnsembleStep, tensors: Tensors, parameters: dict) -> Tensors:
-        assert self.runner is not None
+        assert self.runner is not None and self.lookup is not None
         feeds = {name: tensors[tensor] for name, tensor in step.input_map.items()}
+        # A non-batching ensemble hands a batching step its tensors as a batch of one and takes row 0 back (how
+        # Triton's QA "_nobatch" ensembles call their batching nop models).
+        add_batch = self.spec.max_batch_size == 0 and self.lookup(step.model, step.version).spec.max_batch_size > 0
+        if add_batch:
+            feeds = {name: value[np.newaxis] for name, value in feeds.items()}
         try:
-            return await self.runner(step.model, step.version, feeds, list(step.output_map), parameters)
+            outputs = await self.runner(step.model, step.version, feeds, list(step.output_map), parameters)
+            return {name: value[0] for name, value in outputs.items()} if add_batch else outputs
         except ServingError as exc:
             # Triton's wording first ("in ensemble 'x', ..."), then what the step said; same status.
             err = copy.copy(exc)

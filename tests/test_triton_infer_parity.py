@@ -1,7 +1,9 @@
 """What Triton's qa/L0_infer/infer_test.py relies on, shown with the real tritonclient against a real server
 holding the harness's L0_infer models (loadtests/triton_qa_models.add_infer_models): version policies pick the
 latest served version, classification answers "value:index:label" per row (shape [k] without batching), strings
-are cast by the graph, and gRPC streaming and system shared memory carry the same tensors."""
+are cast by the graph, gRPC streaming and system shared memory carry the same tensors, and the simple_/sequence_/
+fan_ ensembles answer as their addsub model does (labels taken from it; a non-batching ensemble calls its batching
+nop models with a batch of one)."""
 
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ def urls(tmp_path_factory):
     repo = tmp_path_factory.mktemp("triton_infer") / "repo"
     repo.mkdir()
     qm.add_infer_models(repo, only=SUBSET)
+    qm.add_infer_ensembles(repo, only=SUBSET)
     grpc_port = free_port()
     with run_server(repo, extra_args=["--grpc-port", str(grpc_port), "--allow-client-shm", "true"]) as http_url:
         yield {"http": http_url, "grpc": f"127.0.0.1:{grpc_port}"}
@@ -140,3 +143,23 @@ def test_system_shared_memory_inputs_and_outputs_as_infer_util_uses_them(urls):
         client.unregister_system_shared_memory()
         for h in handles:
             shm.destroy_shared_memory_region(h)
+
+
+@pytest.mark.parametrize("kind", ["simple", "sequence", "fan"])
+@pytest.mark.parametrize("batch", [True, False])
+def test_ensembles_answer_as_their_addsub_model_with_its_labels(urls, kind, batch):
+    name = f"{kind}_onnx{'' if batch else '_nobatch'}_int8_int8_int8"
+    shape = (2, 16) if batch else (16,)
+    a, b = _int8_pair(shape)
+    client = grpcclient.InferenceServerClient(urls["grpc"])
+    raw = client.infer(name, _inputs(grpcclient, a, b, "INT8"))
+    np.testing.assert_array_equal(raw.as_numpy("OUTPUT0"), a - b)  # the addsub model's latest version (swapped)
+    np.testing.assert_array_equal(raw.as_numpy("OUTPUT1"), a + b)
+    classes = client.infer(name, _inputs(grpcclient, a, b, "INT8"),
+                           outputs=[grpcclient.InferRequestedOutput("OUTPUT0", class_count=3)]).as_numpy("OUTPUT0")
+    assert classes.shape == ((2, 3) if batch else (3,))
+    expected = (a - b).reshape(-1, 16)
+    for row, entries in zip(expected, classes.reshape(-1, 3)):
+        for entry in entries:
+            value, index, label = entry.decode().split(":")  # simple_/sequence_ have no label file of their own
+            assert float(value) == row[int(index)] and label == f"label{index}"
