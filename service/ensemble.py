@@ -189,9 +189,13 @@ class EnsembleVersion(ModelVersion):
     async def _step(self, step: EnsembleStep, tensors: Tensors, parameters: dict) -> Tensors:
         assert self.runner is not None and self.lookup is not None
         feeds = {name: tensors[tensor] for name, tensor in step.input_map.items()}
-        # A non-batching ensemble hands a batching step its tensors as a batch of one and takes row 0 back (how
-        # Triton's QA "_nobatch" ensembles call their batching nop models).
-        add_batch = self.spec.max_batch_size == 0 and self.lookup(step.model, step.version).spec.max_batch_size > 0
+        # A non-batching ensemble hands a batching step tensors that lack its batch dim as a batch of one and
+        # takes row 0 back (how Triton's QA "_nobatch" ensembles call their batching nop models); tensors that
+        # already carry it pass as they are.
+        spec = self.lookup(step.model, step.version).spec
+        dims = {t.name: len(t.dims) for t in spec.inputs}
+        add_batch = (self.spec.max_batch_size == 0 and spec.max_batch_size > 0
+                     and all(v.ndim == dims.get(n) for n, v in feeds.items()))
         if add_batch:
             feeds = {name: value[np.newaxis] for name, value in feeds.items()}
         try:

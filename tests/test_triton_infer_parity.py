@@ -30,6 +30,15 @@ def urls(tmp_path_factory):
     repo.mkdir()
     qm.add_infer_models(repo, only=SUBSET)
     qm.add_infer_ensembles(repo, only=SUBSET)
+    # A non-batching ensemble whose tensors already carry the batching step's batch dim.
+    (repo / "full_shape_nobatch" / "1").mkdir(parents=True)
+    (repo / "full_shape_nobatch" / "config.pbtxt").write_text(
+        'name: "full_shape_nobatch"\nplatform: "ensemble"\nmax_batch_size: 0\n'
+        'input [ { name: "A" data_type: TYPE_INT8 dims: [ -1, 16 ] }, { name: "B" data_type: TYPE_INT8 dims: [ -1, 16 ] } ]\n'
+        'output [ { name: "DIFF" data_type: TYPE_INT8 dims: [ -1, 16 ] } ]\n'
+        'ensemble_scheduling { step [ { model_name: "onnx_int8_int8_int8" model_version: -1 '
+        'input_map { key: "INPUT0" value: "A" } input_map { key: "INPUT1" value: "B" } '
+        'output_map { key: "OUTPUT0" value: "DIFF" } } ] }\n')
     grpc_port = free_port()
     with run_server(repo, extra_args=["--grpc-port", str(grpc_port), "--allow-client-shm", "true"]) as http_url:
         yield {"http": http_url, "grpc": f"127.0.0.1:{grpc_port}"}
@@ -163,3 +172,12 @@ def test_ensembles_answer_as_their_addsub_model_with_its_labels(urls, kind, batc
         for entry in entries:
             value, index, label = entry.decode().split(":")  # simple_/sequence_ have no label file of their own
             assert float(value) == row[int(index)] and label == f"label{index}"
+
+
+def test_non_batching_ensemble_passes_tensors_that_carry_the_batch_dim_as_they_are(urls):
+    a, b = _int8_pair((3, 16))
+    inputs = [httpclient.InferInput("A", [3, 16], "INT8"), httpclient.InferInput("B", [3, 16], "INT8")]
+    inputs[0].set_data_from_numpy(a)
+    inputs[1].set_data_from_numpy(b)
+    result = httpclient.InferenceServerClient(urls["http"]).infer("full_shape_nobatch", inputs)
+    np.testing.assert_array_equal(result.as_numpy("DIFF"), a - b)
