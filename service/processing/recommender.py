@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,6 @@ from service.processing.base import Limits
 
 ACCEPTS = "JSON {\"user_id\": int, \"k\": 10, \"exclude_seen\": true} (or {\"user_ids\": [...]})"
 INT64_MAX = 2**63 - 1
-_EMPTY: frozenset[int] = frozenset()
 
 
 @dataclass
@@ -42,6 +40,7 @@ class RecommenderProcessor:
         seen_path = model_dir / "seen_items.json"
         raw = json.loads(seen_path.read_text()) if seen_path.is_file() else {}
         self.seen: dict[int, set[int]] = {int(u): set(items) for u, items in raw.items()}
+        self._seen_keys, self._users, self._stride = _seen_keys(self.seen)
         self.input_name, self.item_output, self.score_output = input_name, item_output, score_output
         self.top_k = top_k
 
@@ -76,20 +75,43 @@ class RecommenderProcessor:
                     params: dict) -> list[dict]:
         k = _int_param(params.get("k"), default=10, limit=self.top_k)
         exclude = _bool_param(params.get("exclude_seen"), default=True)
-        # One tolist per batch: Python ints/floats of the same values, without a numpy scalar per element.
-        items = outputs[self.item_output][:len(prepared)].tolist()
-        scores = outputs[self.score_output][:len(prepared)].astype(np.float64).tolist()
-        results = []
-        for p, row_items, row_scores in zip(prepared, items, scores):
-            seen = self.seen.get(p.user_id, _EMPTY) if exclude else _EMPTY
-            # islice: only the k kept items become dicts, not all of the graph's top 50.
-            picks = list(islice(({"item_id": it, "score": sc} for it, sc in zip(row_items, row_scores)
-                                 if it not in seen), k))
-            result: dict[str, Any] = {"user_id": p.user_id, "items": picks, "returned": len(picks)}
+        items = outputs[self.item_output][:len(prepared)]
+        scores = outputs[self.score_output][:len(prepared)]
+        keep = self._kept(items, prepared, k=k, exclude=exclude)
+        returned = keep.sum(axis=1).tolist()
+        # One tolist per batch over the kept items only: Python ints/floats, no numpy scalar per element.
+        kept_items, kept_scores = items[keep].tolist(), scores[keep].astype(np.float64).tolist()
+        results, start = [], 0
+        for p, n in zip(prepared, returned):
+            picks = [{"item_id": it, "score": sc}
+                     for it, sc in zip(kept_items[start:start + n], kept_scores[start:start + n])]
+            start += n
+            result: dict[str, Any] = {"user_id": p.user_id, "items": picks, "returned": n}
             if not p.known:
                 result["fallback"] = "popular"
             results.append(result)
         return results
+
+    def _kept(self, items: np.ndarray, prepared: list[PreparedUser], *, k: int, exclude: bool) -> np.ndarray:
+        """[rows, graph top] mask of the items each row returns: the first k its user has not seen (all of the
+        graph's order), found for the whole batch with one sorted lookup of (user, item) keys."""
+        keep = np.ones(items.shape, bool)
+        if exclude and len(self._seen_keys):
+            users = np.array([self._users.get(p.user_id, -1) for p in prepared], np.int64)[:, None]
+            valid = (users >= 0) & (items >= 0) & (items < self._stride)
+            keys = np.where(valid, users * self._stride + items, -1)
+            found = np.minimum(np.searchsorted(self._seen_keys, keys), len(self._seen_keys) - 1)
+            keep = ~(valid & (self._seen_keys[found] == keys))
+        return keep & (np.cumsum(keep, axis=1) <= k)
+
+
+def _seen_keys(seen: dict[int, set[int]]) -> tuple[np.ndarray, dict[int, int], int]:
+    """Every (user, item) seen in training as one sorted int64 key (user's position * stride + item), the users'
+    positions, and the stride (one past the largest item id)."""
+    users = {user: i for i, user in enumerate(seen)}
+    stride = max((max(items) for items in seen.values() if items), default=-1) + 1
+    keys = [users[user] * stride + item for user, items in seen.items() for item in items if item >= 0]
+    return np.array(sorted(keys), np.int64), users, stride
 
 
 def _int_param(value: object, *, default: int, limit: int) -> int:
