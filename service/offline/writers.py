@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import shutil
+import threading
 from pathlib import Path
 
 from service.offline.arrow import parquet
@@ -120,6 +122,46 @@ class PartWriter:
                         out.write_table(table)
         _atomic_write(self.output, write)
         shutil.rmtree(self.parts_dir)
+
+
+class BackgroundWriter:
+    """`PartWriter.commit` in a thread, so a part is written while the engine computes the next window.
+
+    At most `depth` finished windows wait in the queue (a full queue blocks the engine: memory stays bounded).
+    Parts are committed one at a time in the order given, each exactly as `PartWriter.commit` does it, so output
+    order and --resume are unchanged; after a failed commit nothing more is written and the error is raised to
+    the caller at its next `commit` or at `close`.
+    """
+
+    def __init__(self, writer: PartWriter, *, depth: int = 1) -> None:
+        self.writer = writer
+        self.queue: queue.Queue[list[dict] | None] = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="part-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (rows := self.queue.get()) is not None:
+            if self.error is None:
+                try:
+                    self.writer.commit(rows)
+                except BaseException as exc:  # handed to the caller's thread, raised there
+                    self.error = exc
+
+    def commit(self, rows: list[dict]) -> None:
+        self._raise()
+        self.queue.put(rows)
+
+    def close(self, *, raise_error: bool = True) -> None:
+        """Wait until every queued part is committed (or the writer failed)."""
+        self.queue.put(None)
+        self.thread.join()
+        if raise_error:
+            self._raise()
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise self.error
 
 
 def base_schema():
