@@ -23,6 +23,7 @@ from tqdm import tqdm
 from service.offline.engine import LocalEngine
 from service.offline.kinds import check_input, input_kind
 from service.offline.readers import open_input
+from service.offline.rows import failed_rows
 from service.offline.writers import BackgroundWriter, PartWriter
 from service.settings import ServerSettings
 
@@ -145,7 +146,7 @@ def _predict(args: argparse.Namespace, *, engine, writer: PartWriter, summary: S
             windows = iter(lambda: list(itertools.islice(items, args.part_rows)), [])
             for rows in engine.predict_windows(windows):
                 background.commit(rows)
-                failed = sum(not r["ok"] for r in rows)
+                failed = failed_rows(rows)
                 summary.ok += len(rows) - failed
                 summary.failed += failed
                 bar.update(len(rows))

@@ -21,6 +21,7 @@ from service.modelrepo.config import DEFAULT_MAX_BATCH_SIZE, ModelSpec, complete
 from service.modelrepo.layout import DEFAULT_MODEL_FILENAME, latest_version, model_file
 from service.modelrepo.sessions import choose_providers, create_session
 from service.offline.prepare import DecodePool, Ready, decodes_files, prepare_rows, prepare_slices, thread_pool
+from service.offline.rows import ColumnSegment, Rows
 from service.processing.base import Processor
 from service.processing.registry import build_processor
 
@@ -112,6 +113,23 @@ def _run_batch(model: LoadedModel, prepared: list, items: list, *, params: dict)
         return [error_row(it, message) for it in items]
 
 
+def run_segment(model: LoadedModel, items: list, ready: list[Ready], *, params: dict) -> list[dict] | ColumnSegment:
+    """One model batch of `items` in input order: as result columns where the processor gives them
+    (`postprocess_columns`), else as row dicts."""
+    columns = getattr(model.processor, "postprocess_columns", None)
+    good = [i for i, (_, error) in enumerate(ready) if error is None]
+    if columns is None or not good:
+        return run_prepared(model, items, ready, params=params, batch_size=max(len(items), 1), by_length=False)
+    prepared = [ready[i][0] for i in good]
+    try:
+        arrays = model.session.run(model.output_names, model.processor.collate(prepared))
+        results = columns(dict(zip(model.output_names, (np.asarray(a) for a in arrays))), prepared, params=params)
+    except Exception as exc:  # the whole batch failed in the runtime: record it on each row
+        message = getattr(exc, "message", f"{type(exc).__name__}: {exc}")
+        return [error_row(it, error or message) for it, (_, error) in zip(items, ready)]
+    return ColumnSegment(items, [error for _, error in ready], results)
+
+
 # A window in flight: its items and, per model batch, the future of its prepared rows (None: prepare inline).
 Pending = tuple[list, list[tuple[list, Future[list[Ready]] | None]]]
 
@@ -136,9 +154,9 @@ class LocalEngine:
         return self.model.processor.task
 
     def predict(self, items: list) -> list[dict]:
-        return self._finish(self._start(items))
+        return self._finish(self._start(items)).dicts()
 
-    def predict_windows(self, windows: Iterable[list]) -> Iterator[list[dict]]:
+    def predict_windows(self, windows: Iterable[list]) -> Iterator[Rows]:
         """Rows of each window in order; the next window's files are being decoded while this one runs."""
         pending: deque[Pending] = deque()
         for window in windows:
@@ -158,16 +176,16 @@ class LocalEngine:
             return window, [(batch, None) for batch in batches]
         return window, [(batch, self.decoder.submit(batch)) for batch in batches]
 
-    def _finish(self, pending: Pending) -> list[dict]:
+    def _finish(self, pending: Pending) -> Rows:
         window, batches = pending
         if self.text:  # a whole window tokenised, then batched by length
-            return predict_window(self.model, window, params=self.params, batch_size=self.batch_size,
-                                  pool=self.threads, workers=self.workers)
-        out: list[dict] = []
+            return Rows([predict_window(self.model, window, params=self.params, batch_size=self.batch_size,
+                                        pool=self.threads, workers=self.workers)])
+        segments = []
         for batch, future in batches:
             ready = future.result() if future is not None else prepare_rows(self.model.processor, batch)
-            out += run_prepared(self.model, batch, ready, params=self.params, batch_size=self.batch_size)
-        return out
+            segments.append(run_segment(self.model, batch, ready, params=self.params))
+        return Rows(segments)
 
     def close(self) -> None:
         if self.threads is not None:

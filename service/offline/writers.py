@@ -24,9 +24,12 @@ import shutil
 import threading
 from pathlib import Path
 
-from service.offline.arrow import parquet
+import orjson
 
-COLUMNS = ("row", "id", "ok", "error", "result")
+from service.offline.arrow import parquet
+from service.offline.rows import COLUMNS, Rows, base_schema, dict_table
+
+__all__ = ["COLUMNS", "BackgroundWriter", "PartWriter"]
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -75,9 +78,9 @@ class PartWriter:
 
         return int(pq.ParquetFile(self.output).metadata.num_rows)
 
-    def commit(self, rows: list[dict]) -> None:
+    def commit(self, rows: Rows | list[dict]) -> None:
         """Write one part (rows in input order, continuing from self.rows) and record it."""
-        if not rows:
+        if not len(rows):
             return
         part = self.parts_dir / f"part-{self.parts:05d}.{self.fmt}"
         _atomic_write(part, lambda tmp: self._write_rows(tmp, rows))
@@ -86,17 +89,16 @@ class PartWriter:
         state = {"rows": self.rows, "parts": self.parts, "job": self.job}
         _atomic_write(self.progress_path, lambda tmp: tmp.write_text(json.dumps(state)))
 
-    def _write_rows(self, path: Path, rows: list[dict]) -> None:
+    def _write_rows(self, path: Path, rows: Rows | list[dict]) -> None:
         if self.fmt == "jsonl":
-            with path.open("w") as handle:
-                handle.writelines(json.dumps(r) + "\n" for r in rows)
+            dicts = rows.dicts() if isinstance(rows, Rows) else rows
+            # orjson: one bytes write per part, ~10x json.dumps per row; the same JSON values.
+            path.write_bytes(b"".join(orjson.dumps(r, option=orjson.OPT_APPEND_NEWLINE) for r in dicts))
             return
-        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        base = pa.Table.from_pylist([{c: r[c] for c in COLUMNS[:-1]} for r in rows], schema=base_schema())
-        # The struct type is inferred from these rows' results (a part of failed rows only has type null).
-        pq.write_table(base.append_column("result", pa.array([r["result"] for r in rows])), path)
+        # Columnar batches go to Arrow as they are; dict rows' struct type is inferred from their results.
+        pq.write_table(rows.table() if isinstance(rows, Rows) else dict_table(rows), path)
 
     def finish(self) -> None:
         """Assemble the committed parts into the output (atomically) and remove the parts folder."""
@@ -135,7 +137,7 @@ class BackgroundWriter:
 
     def __init__(self, writer: PartWriter, *, depth: int = 1) -> None:
         self.writer = writer
-        self.queue: queue.Queue[list[dict] | None] = queue.Queue(maxsize=depth)
+        self.queue: queue.Queue[Rows | list[dict] | None] = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="part-writer", daemon=True)
         self.thread.start()
@@ -148,7 +150,7 @@ class BackgroundWriter:
                 except BaseException as exc:  # handed to the caller's thread, raised there
                     self.error = exc
 
-    def commit(self, rows: list[dict]) -> None:
+    def commit(self, rows: Rows | list[dict]) -> None:
         self._raise()
         self.queue.put(rows)
 
@@ -162,10 +164,3 @@ class BackgroundWriter:
     def _raise(self) -> None:
         if self.error is not None:
             raise self.error
-
-
-def base_schema():
-    """Every column but `result`, whose struct type depends on the model (inferred from the results)."""
-    import pyarrow as pa
-
-    return pa.schema([("row", pa.int64()), ("id", pa.string()), ("ok", pa.bool_()), ("error", pa.string())])

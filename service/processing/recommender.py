@@ -73,24 +73,20 @@ class RecommenderProcessor:
 
     def postprocess(self, outputs: dict[str, np.ndarray], prepared: list[PreparedUser], *,
                     params: dict) -> list[dict]:
+        return self.postprocess_columns(outputs, prepared, params=params).rows()
+
+    def postprocess_columns(self, outputs: dict[str, np.ndarray], prepared: list[PreparedUser], *,
+                            params: dict) -> UserColumns:
+        """`postprocess`'s results as columns (batch jobs write them without a dict per row)."""
         k = _int_param(params.get("k"), default=10, limit=self.top_k)
         exclude = _bool_param(params.get("exclude_seen"), default=True)
         items = outputs[self.item_output][:len(prepared)]
-        scores = outputs[self.score_output][:len(prepared)]
         keep = self._kept(items, prepared, k=k, exclude=exclude)
-        returned = keep.sum(axis=1).tolist()
-        # One tolist per batch over the kept items only: Python ints/floats, no numpy scalar per element.
-        kept_items, kept_scores = items[keep].tolist(), scores[keep].astype(np.float64).tolist()
-        results, start = [], 0
-        for p, n in zip(prepared, returned):
-            picks = [{"item_id": it, "score": sc}
-                     for it, sc in zip(kept_items[start:start + n], kept_scores[start:start + n])]
-            start += n
-            result: dict[str, Any] = {"user_id": p.user_id, "items": picks, "returned": n}
-            if not p.known:
-                result["fallback"] = "popular"
-            results.append(result)
-        return results
+        return UserColumns(user_ids=np.array([p.user_id for p in prepared], np.int64),
+                           known=np.array([p.known for p in prepared], bool),
+                           item_ids=items[keep].astype(np.int64),
+                           scores=outputs[self.score_output][:len(prepared)][keep].astype(np.float64),
+                           returned=keep.sum(axis=1).astype(np.int64))
 
     def _kept(self, items: np.ndarray, prepared: list[PreparedUser], *, k: int, exclude: bool) -> np.ndarray:
         """[rows, graph top] mask of the items each row returns: the first k its user has not seen (all of the
@@ -112,6 +108,50 @@ def _seen_keys(seen: dict[int, set[int]]) -> tuple[np.ndarray, dict[int, int], i
     stride = max((max(items) for items in seen.values() if items), default=-1) + 1
     keys = [users[user] * stride + item for user, items in seen.items() for item in items if item >= 0]
     return np.array(sorted(keys), np.int64), users, stride
+
+
+@dataclass
+class UserColumns:
+    """A batch's recommendations as columns: the kept items of every row one after another."""
+
+    user_ids: np.ndarray  # [rows] int64
+    known: np.ndarray  # [rows] bool: the user is in the training interactions
+    item_ids: np.ndarray  # [sum(returned)] int64
+    scores: np.ndarray  # [sum(returned)] float64
+    returned: np.ndarray  # [rows] int64: items kept per row
+
+    def __len__(self) -> int:
+        return len(self.user_ids)
+
+    def rows(self) -> list[dict]:
+        """One dict per row, as the task endpoint returns it (one tolist per column, no numpy scalars)."""
+        items, scores, returned = self.item_ids.tolist(), self.scores.tolist(), self.returned.tolist()
+        results, start = [], 0
+        for user, known, n in zip(self.user_ids.tolist(), self.known.tolist(), returned):
+            picks = [{"item_id": it, "score": sc} for it, sc in zip(items[start:start + n], scores[start:start + n])]
+            start += n
+            result: dict[str, Any] = {"user_id": user, "items": picks, "returned": n}
+            if not known:
+                result["fallback"] = "popular"
+            results.append(result)
+        return results
+
+    def arrow(self) -> Any:
+        """The same values as one Arrow struct array, typed as Arrow infers `rows()` (`fallback` only where a row
+        has it), built from the columns without a Python object per row."""
+        # NOTE: pyarrow is the optional `parquet` extra; only the Parquet writer calls this.
+        import pyarrow as pa
+
+        offsets = np.concatenate([[0], np.cumsum(self.returned)]).astype(np.int32)
+        picks = pa.StructArray.from_arrays([pa.array(self.item_ids), pa.array(self.scores)],
+                                           names=["item_id", "score"])
+        fields = [pa.array(self.user_ids), pa.ListArray.from_arrays(pa.array(offsets), picks),
+                  pa.array(self.returned)]
+        names = ["user_id", "items", "returned"]
+        if not self.known.all():
+            fields.append(pa.array(np.full(len(self), "popular"), pa.string(), mask=self.known))
+            names.append("fallback")
+        return pa.StructArray.from_arrays(fields, names=names)
 
 
 def _int_param(value: object, *, default: int, limit: int) -> int:
