@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import soundfile as sf
 from PIL import Image, ImageFilter
 
 from service.offline.cli import main
@@ -18,8 +19,10 @@ from service.offline.engine import LocalEngine, predict_items
 from service.offline.readers import Item, open_input
 from service.offline.rows import ColumnSegment, Rows, dict_table
 from service.offline.writers import PartWriter
+from service.processing.base import Limits
 from service.processing.image import ImageProcessor, layout_batch
 from service.processing.recommender import RecommenderProcessor
+from service.processing.speech import decode_wav
 from tests.task_media import digit_file, held_out_digits, keyword_audio, wav_bytes
 
 
@@ -104,6 +107,21 @@ def test_prepare_batch_keeps_each_item_in_place_and_fails_only_the_bad_one():
         one = processor.prepare(payloads[pos], index=pos)
         np.testing.assert_allclose(got[pos].pixels, one.pixels, atol=1e-6)  # type: ignore[union-attr]
         assert (got[pos].original_size, got[pos].inverted) == (one.original_size, one.inverted)  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(("subtype", "channels", "rate", "endian"), [
+    ("PCM_16", 1, 16000, "LITTLE"), ("PCM_16", 2, 22050, "LITTLE"), ("PCM_16", 1, 8000, "BIG"),
+    ("PCM_24", 1, 16000, "LITTLE"), ("FLOAT", 2, 44100, "LITTLE")])
+def test_wav_decoding_gives_libsndfiles_samples(subtype, channels, rate, endian):
+    wave = np.random.default_rng(rate).uniform(-1, 1, (rate // 2, channels)).astype(np.float32)
+    buf = io.BytesIO()
+    sf.write(buf, wave, rate, subtype=subtype, format="WAV", endian=endian)
+    audio, got_rate, got_channels = decode_wav(buf.getvalue(), index=0, limits=Limits())
+    want, want_rate = sf.read(io.BytesIO(buf.getvalue()), dtype="float32", always_2d=True)
+    assert (got_rate, got_channels, audio.dtype) == (want_rate, channels, np.float32)
+    np.testing.assert_array_equal(audio, want)  # bit for bit, on the read-it-ourselves path too
+    with pytest.raises(Exception, match="truncated WAV"):
+        decode_wav(buf.getvalue()[:len(buf.getvalue()) // 2], index=0, limits=Limits())
 
 
 @pytest.fixture()
