@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,8 +92,8 @@ def predict_items(model: LoadedModel, items: list, *, params: dict) -> list[dict
                         batch_size=max(len(items), 1), by_length=False)
 
 
-def predict_window(model: LoadedModel, items: list, *, params: dict, batch_size: int, pool=None,
-                   workers: int = 1) -> list[dict]:
+def predict_window(model: LoadedModel, items: list, *, params: dict, batch_size: int,
+                   pool: Executor | None = None, workers: int = 1) -> list[dict]:
     """Output rows for a whole window (one output part) in input order, every row prepared first (in `pool`'s
     threads when given), text batched by token length."""
     ready = prepare_slices(model.processor, items, pool=pool, workers=workers)
@@ -140,14 +140,18 @@ class LocalEngine:
 
     def __init__(self, model_dir: Path, *, batch_size: int, params: dict, workers: int = 2,
                  decode_files: bool | None = None) -> None:
-        self.model = load_model(model_dir)
+        # The decode workers first, while the process has no other thread (see DecodePool), when the caller
+        # knows the input holds files; otherwise on the first window that does.
+        self.decoder = DecodePool(workers=workers) if decode_files and workers > 1 else None
+        try:
+            self.model = load_model(model_dir)
+        except BaseException:
+            self.close()
+            raise
         self.batch_size, self.params = batch_size, params
         self.workers = workers
         self.text = self.model.processor.task.startswith("text-")
         self.threads = thread_pool(workers) if self.text else None
-        self.decoder: DecodePool | None = None
-        if decode_files and not self.text and workers > 1:  # the caller knows the input holds files
-            self.decoder = DecodePool(self.model.processor, workers=workers)
 
     @property
     def task(self) -> str:
@@ -171,10 +175,10 @@ class LocalEngine:
             return window, [(window, None)]
         batches = [window[s:s + self.batch_size] for s in range(0, len(window), self.batch_size)]
         if self.decoder is None and self.workers > 1 and decodes_files(window):
-            self.decoder = DecodePool(self.model.processor, workers=self.workers)
+            self.decoder = DecodePool(workers=self.workers)
         if self.decoder is None or not decodes_files(window):
             return window, [(batch, None) for batch in batches]
-        return window, [(batch, self.decoder.submit(batch)) for batch in batches]
+        return window, [(batch, self.decoder.submit(self.model.processor, batch)) for batch in batches]
 
     def _finish(self, pending: Pending) -> Rows:
         window, batches = pending
@@ -188,7 +192,7 @@ class LocalEngine:
         return Rows(segments)
 
     def close(self) -> None:
-        if self.threads is not None:
-            self.threads.shutdown()
+        if getattr(self, "threads", None) is not None:
+            self.threads.shutdown()  # type: ignore[union-attr]
         if self.decoder is not None:
             self.decoder.close()

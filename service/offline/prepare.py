@@ -9,7 +9,9 @@ A processor with `prepare_batch` (images) prepares a batch with one array op per
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
+import sys
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any
@@ -19,8 +21,6 @@ from service.processing.base import Processor
 
 # (prepared, None) for a row that is ready, (None, why) for one that is not.
 Ready = tuple[Any, str | None]
-
-_WORKER_PROCESSOR: Processor | None = None  # the processor, in each decode worker process
 
 
 def error_message(exc: BaseException) -> str:
@@ -68,33 +68,33 @@ def decodes_files(items: Sequence) -> bool:
     return any(isinstance(it.payload, bytes) for it in items)
 
 
-def _init_worker(processor: Processor) -> None:
-    global _WORKER_PROCESSOR
-    _WORKER_PROCESSOR = processor
-
-
-def _prepare_in_worker(items: list) -> list[Ready]:
-    assert _WORKER_PROCESSOR is not None, "decode worker started without its processor"
-    return prepare_rows(_WORKER_PROCESSOR, items)
-
-
 class DecodePool:
-    """Worker processes that prepare file rows, each holding a copy of the model's processor.
+    """Worker processes that prepare file rows (the model's processor travels with each batch: a few hundred
+    bytes of settings and labels).
 
-    NOTE: "forkserver", not "fork": the engine's process runs ONNX Runtime's and the writer's threads, and forking
-    a threaded process can deadlock the child; the server process preloads the processing modules once, so a
-    worker starts in milliseconds after the first.
+    NOTE: "fork" on Linux, and the engine starts the workers before it loads the model, while the `modelserve
+    predict` process has no other thread (forking a threaded process can deadlock the child; the workers never
+    touch ONNX Runtime).
+    "forkserver" or "spawn" would make every worker re-import the main module (for `modelserve` the whole
+    server: ~2 s per job on a busy machine; the fork server's `__main__` preload does not take effect in
+    Python 3.11), which costs more than a small job's decoding.
     """
 
-    def __init__(self, processor: Processor, *, workers: int) -> None:
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["service.offline.prepare", "service.processing.registry"])
-        self.pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                                        initargs=(processor,))
-        self.warm = self.pool.submit(_prepare_in_worker, [])  # start the workers now, while the model loads
+    def __init__(self, *, workers: int) -> None:
+        method = "fork" if sys.platform.startswith("linux") else "spawn"
+        self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method))
+        # Garbage is collected here, and what is left frozen while the workers fork, so that a worker never runs
+        # a finalizer of the parent's objects: an ONNX Runtime session's waits for its thread pool, whose threads
+        # a forked child does not have (a run of several jobs in one process hung exactly so).
+        gc.collect()
+        gc.freeze()
+        try:
+            self.pool.submit(len, [])  # starts every worker now (for "fork": before any other thread exists)
+        finally:
+            gc.unfreeze()
 
-    def submit(self, items: list) -> Future[list[Ready]]:
-        return self.pool.submit(_prepare_in_worker, items)
+    def submit(self, processor: Processor, items: list) -> Future[list[Ready]]:
+        return self.pool.submit(prepare_rows, processor, items)
 
     def close(self) -> None:
         self.pool.shutdown(cancel_futures=True)

@@ -44,10 +44,11 @@ class ColumnSegment:
         import pyarrow as pa
 
         ok = [error is None for error in self.errors]
-        # Each row's position among the results, null for failed rows: `take` then gives them a null result.
-        positions = pa.array(list(range(len(self.results))) if all(ok) else _positions(ok), pa.int64())
+        results = self.results.arrow()
+        if not all(ok):  # each row's position among the results, null for a failed row: `take` gives it null
+            results = results.take(pa.array(_positions(ok), pa.int64()))
         return base_table([it.row for it in self.items], [it.id for it in self.items], ok, self.errors) \
-            .append_column("result", self.results.arrow().take(positions))
+            .append_column("result", results)
 
 
 def _positions(ok: list[bool]) -> list[int | None]:

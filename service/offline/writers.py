@@ -8,7 +8,8 @@ parts are assembled (streamed, one part at a time) into `<output>` and the parts
 
 `result` is stored as an object, never as a JSON string inside JSON: in JSONL a nested JSON object (exactly
 what the task endpoint returns for the item); in Parquet a struct column whose type is inferred from the
-results (each part infers its own; at assembly the parts' types are unified, so a field only some rows have,
+results, or built from a batch's result columns where the processor gives them (rows.py; the same type as
+inference gives) (each part has its own; at assembly the parts' types are unified, so a field only some rows have,
 such as the recommender's `fallback`, is one nullable column). Reading it back (`pq.read_table(...).to_pylist()`)
 gives the same dicts, lists, strings and numbers, except that a field a row's result lacks reads back as null
 (`{k: v for k, v in result.items() if v is not None}` restores the endpoint's object). A failed row's result
