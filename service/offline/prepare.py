@@ -72,9 +72,9 @@ class DecodePool:
     """Worker processes that prepare file rows (the model's processor travels with each batch: a few hundred
     bytes of settings and labels).
 
-    NOTE: "fork" on Linux, and the engine starts the workers before it loads the model, while the `modelserve
-    predict` process has no other thread (forking a threaded process can deadlock the child; the workers never
-    touch ONNX Runtime).
+    NOTE: "fork" on Linux. `modelserve predict` starts the workers before it loads the model, while the process
+    has no other thread (forking a threaded process can deadlock the child); an engine that meets files only
+    later forks with ONNX Runtime's threads alive, which the workers never touch (see the gc note below).
     "forkserver" or "spawn" would make every worker re-import the main module (for `modelserve` the whole
     server: ~2 s per job on a busy machine; the fork server's `__main__` preload does not take effect in
     Python 3.11), which costs more than a small job's decoding.
