@@ -21,9 +21,10 @@ from rich.console import Console
 from tqdm import tqdm
 
 from service.offline.engine import LocalEngine
-from service.offline.kinds import check_input
+from service.offline.kinds import check_input, input_kind
 from service.offline.readers import open_input
-from service.offline.writers import PartWriter
+from service.offline.rows import failed_rows
+from service.offline.writers import BackgroundWriter, PartWriter
 from service.settings import ServerSettings
 
 
@@ -96,7 +97,17 @@ def _engine(args: argparse.Namespace, model_dir: Path, params: dict):
             raise ValueError("--engine ray needs Ray Data: pip install 'modelserve[ray]'") from None
         return RayEngine(model_dir, batch_size=args.batch_size, params=params, actors=args.ray_actors,
                          address=args.ray_address)
-    return LocalEngine(model_dir, batch_size=args.batch_size, params=params, workers=args.workers)
+    return LocalEngine(model_dir, batch_size=args.batch_size, params=params, workers=args.workers,
+                       decode_files=_holds_files(args.input))
+
+
+def _holds_files(path: Path) -> bool | None:
+    """Whether the input's rows are files to decode (images, WAVs), known up front; None when it cannot be told."""
+    try:
+        found = input_kind(path)
+    except (OSError, ValueError):  # check_input reports what is wrong with the input
+        return None
+    return found is not None and found[0] in ("images", "WAV audio", "files")
 
 
 def run(args: argparse.Namespace) -> Summary:
@@ -114,25 +125,38 @@ def run(args: argparse.Namespace) -> Summary:
     if writer.done:
         engine.close()
         return summary
+    try:
+        _predict(args, engine=engine, writer=writer, summary=summary)
+    finally:
+        engine.close()
+    return summary
+
+
+def _predict(args: argparse.Namespace, *, engine, writer: PartWriter, summary: Summary) -> None:
+    """Every window through the engine, each committed in the background while the next one computes."""
     source = open_input(args.input, task=engine.task, start=writer.rows)
     items = itertools.islice(source.items, args.max_rows) if args.max_rows else source.items
     total = source.total - writer.rows if source.total is not None else None
     if args.max_rows and total is not None:
         total = min(total, args.max_rows)
     t0 = time.perf_counter()
-    with tqdm(total=total, unit="rows", desc=f"predict {args.model}", dynamic_ncols=True) as bar:
-        windows = iter(lambda: list(itertools.islice(items, args.part_rows)), [])
-        for rows in engine.predict_windows(windows):
-            writer.commit(rows)
-            failed = sum(not r["ok"] for r in rows)
-            summary.ok += len(rows) - failed
-            summary.failed += failed
-            bar.update(len(rows))
+    background = BackgroundWriter(writer)
+    try:
+        with tqdm(total=total, unit="rows", desc=f"predict {args.model}", dynamic_ncols=True) as bar:
+            windows = iter(lambda: list(itertools.islice(items, args.part_rows)), [])
+            for rows in engine.predict_windows(windows):
+                background.commit(rows)
+                failed = failed_rows(rows)
+                summary.ok += len(rows) - failed
+                summary.failed += failed
+                bar.update(len(rows))
+    except BaseException:
+        background.close(raise_error=False)  # the parts already queued are still committed
+        raise
+    background.close()
     summary.seconds = time.perf_counter() - t0
     if args.max_rows is None or _exhausted(source.items):
         writer.finish()
-    engine.close()
-    return summary
 
 
 def _exhausted(items) -> bool:

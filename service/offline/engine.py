@@ -1,19 +1,27 @@
-"""Running a model over items in-process: one ONNX Runtime session, the task processors' pre/post-processing."""
+"""Running a model over items in-process: one ONNX Runtime session, the task processors' pre/post-processing.
+
+The local engine is a pipeline: while one window's batches run on ONNX Runtime, the next window's file rows are
+decoded in worker processes (service/offline/prepare.py), and the caller writes finished windows in the
+background (writers.BackgroundWriter), so decoding, compute and writing overlap with bounded memory: at most
+two windows are in flight.
+"""
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from service.errors import ServingError
 from service.modelrepo.config import DEFAULT_MAX_BATCH_SIZE, ModelSpec, completed_spec, graph_tensors, read_config
 from service.modelrepo.layout import DEFAULT_MODEL_FILENAME, latest_version, model_file
 from service.modelrepo.sessions import choose_providers, create_session
+from service.offline.prepare import DecodePool, Ready, decodes_files, prepare_rows, prepare_slices, thread_pool
+from service.offline.rows import ColumnSegment, Rows
 from service.processing.base import Processor
 from service.processing.registry import build_processor
 
@@ -44,41 +52,6 @@ def error_row(item, message: str) -> dict:
     return {"row": item.row, "id": item.id, "ok": False, "error": message, "result": None}
 
 
-def _prepare_one(model: LoadedModel, item) -> tuple[object, str | None]:
-    if item.error is not None:
-        return None, item.error
-    try:
-        return model.processor.prepare(item.payload, index=item.row), None
-    except ServingError as exc:
-        return None, exc.message
-    except Exception as exc:  # an unexpected failure on one row is still only that row's
-        return None, f"{type(exc).__name__}: {exc}"
-
-
-def _prepare_all(model: LoadedModel, items: list, *, pool: ThreadPoolExecutor | None, workers: int) -> list:
-    """Prepare in a few contiguous slices (one task per worker), so cheap rows do not pay a task each."""
-    if pool is None or workers < 2 or len(items) < 2:
-        return [_prepare_one(model, it) for it in items]
-    n = workers
-    step = -(-len(items) // n)
-    slices = pool.map(lambda s: [_prepare_one(model, it) for it in items[s:s + step]], range(0, len(items), step))
-    return [r for part in slices for r in part]
-
-
-def predict_items(model: LoadedModel, items: list, *, params: dict, pool: ThreadPoolExecutor | None = None,
-                  workers: int = 1) -> list[dict]:
-    """Output rows for `items` in order, as one batch in input order; a bad item becomes an error row and never
-    stops the batch. `pool` prepares items in threads (decoding and resizing release the GIL)."""
-    return predict_window(model, items, params=params, batch_size=max(len(items), 1), pool=pool, workers=workers,
-                          by_length=False)
-
-
-def inline_prepare(model: LoadedModel, items: list) -> bool:
-    """True where preparing a row is trivial (a user id, an in-memory .npy row): a thread pool around it costs
-    more in task hand-offs than the work itself."""
-    return model.processor.task == "recommendation" or any(isinstance(it.payload, np.ndarray) for it in items[:1])
-
-
 def length_order(prepared: list) -> list[int]:
     """Positions of `prepared` shortest first when rows are token sequences (text), else as they are.
 
@@ -90,19 +63,18 @@ def length_order(prepared: list) -> list[int]:
     return list(range(len(prepared)))
 
 
-def predict_window(model: LoadedModel, items: list, *, params: dict, batch_size: int,
-                   pool: ThreadPoolExecutor | None = None, workers: int = 1, by_length: bool = True) -> list[dict]:
-    """Output rows for a whole window (one output part) in input order: every row prepared first, text rows
-    batched by token length (unless `by_length` is off), each batch's rows written back to their own positions."""
-    if inline_prepare(model, items):
-        pool = None
+def run_prepared(model: LoadedModel, items: list, ready: list[Ready], *, params: dict, batch_size: int,
+                 by_length: bool = True) -> list[dict]:
+    """Output rows for `items` (prepared as `ready`) in input order: rows that failed to prepare become error
+    rows, the rest run in batches of `batch_size` (text by token length unless `by_length` is off), each
+    batch's rows written back to their own positions."""
     rows: list[dict | None] = [None] * len(items)
     good, prepared = [], []
-    for i, (item, (ready, error)) in enumerate(zip(items, _prepare_all(model, items, pool=pool, workers=workers))):
+    for i, (item, (value, error)) in enumerate(zip(items, ready, strict=True)):
         if error is not None:
             rows[i] = error_row(item, error)
         else:
-            prepared.append(ready)
+            prepared.append(value)
             good.append(i)
     order = length_order(prepared) if by_length else list(range(len(prepared)))
     for start in range(0, len(order), batch_size):
@@ -111,6 +83,21 @@ def predict_window(model: LoadedModel, items: list, *, params: dict, batch_size:
                                             [items[good[j]] for j in batch], params=params)):
             rows[good[j]] = row
     return [r for r in rows if r is not None]
+
+
+def predict_items(model: LoadedModel, items: list, *, params: dict) -> list[dict]:
+    """Output rows for `items` in order, as one batch in input order; a bad item becomes an error row and never
+    stops the batch."""
+    return run_prepared(model, items, prepare_rows(model.processor, items), params=params,
+                        batch_size=max(len(items), 1), by_length=False)
+
+
+def predict_window(model: LoadedModel, items: list, *, params: dict, batch_size: int,
+                   pool: Executor | None = None, workers: int = 1) -> list[dict]:
+    """Output rows for a whole window (one output part) in input order, every row prepared first (in `pool`'s
+    threads when given), text batched by token length."""
+    ready = prepare_slices(model.processor, items, pool=pool, workers=workers)
+    return run_prepared(model, items, ready, params=params, batch_size=batch_size)
 
 
 def _run_batch(model: LoadedModel, prepared: list, items: list, *, params: dict) -> list[dict]:
@@ -126,33 +113,86 @@ def _run_batch(model: LoadedModel, prepared: list, items: list, *, params: dict)
         return [error_row(it, message) for it in items]
 
 
-class LocalEngine:
-    """In-process: one session; each window prepared whole, then run in batches of `batch_size` rows."""
+def run_segment(model: LoadedModel, items: list, ready: list[Ready], *, params: dict) -> list[dict] | ColumnSegment:
+    """One model batch of `items` in input order: as result columns where the processor gives them
+    (`postprocess_columns`), else as row dicts."""
+    columns = getattr(model.processor, "postprocess_columns", None)
+    good = [i for i, (_, error) in enumerate(ready) if error is None]
+    if columns is None or not good:
+        return run_prepared(model, items, ready, params=params, batch_size=max(len(items), 1), by_length=False)
+    prepared = [ready[i][0] for i in good]
+    try:
+        arrays = model.session.run(model.output_names, model.processor.collate(prepared))
+        results = columns(dict(zip(model.output_names, (np.asarray(a) for a in arrays))), prepared, params=params)
+    except Exception as exc:  # the whole batch failed in the runtime: record it on each row
+        message = getattr(exc, "message", f"{type(exc).__name__}: {exc}")
+        return [error_row(it, error or message) for it, (_, error) in zip(items, ready)]
+    return ColumnSegment(items, [error for _, error in ready], results)
 
-    def __init__(self, model_dir: Path, *, batch_size: int, params: dict, workers: int = 2) -> None:
-        self.model = load_model(model_dir)
+
+# A window in flight: its items and, per model batch, the future of its prepared rows (None: prepare inline).
+Pending = tuple[list, list[tuple[list, Future[list[Ready]] | None]]]
+
+
+class LocalEngine:
+    """In-process: one session; file rows decoded a window ahead in worker processes, text tokenised a window
+    at a time in threads (and batched by length), trivial rows prepared inline a batch at a time."""
+
+    def __init__(self, model_dir: Path, *, batch_size: int, params: dict, workers: int = 2,
+                 decode_files: bool | None = None) -> None:
+        # The decode workers first, while the process has no other thread (see DecodePool), when the caller
+        # knows the input holds files; otherwise on the first window that does.
+        self.decoder = DecodePool(workers=workers) if decode_files and workers > 1 else None
+        try:
+            self.model = load_model(model_dir)
+        except BaseException:
+            self.close()
+            raise
         self.batch_size, self.params = batch_size, params
         self.workers = workers
-        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="prepare") if workers > 1 else None
+        self.text = self.model.processor.task.startswith("text-")
+        self.threads = thread_pool(workers) if self.text else None
 
     @property
     def task(self) -> str:
         return self.model.processor.task
 
     def predict(self, items: list) -> list[dict]:
-        # Text is prepared a whole part at a time so it can be batched by length; other rows (decoded images,
-        # waveforms) a batch at a time, so a part's decoded arrays are never all in memory at once.
-        step = len(items) if self.model.processor.task.startswith("text-") else self.batch_size
-        out: list[dict] = []
-        for start in range(0, len(items), max(step, 1)):
-            out += predict_window(self.model, items[start:start + step], params=self.params,
-                                  batch_size=self.batch_size, pool=self.pool, workers=self.workers)
-        return out
+        return self._finish(self._start(items)).dicts()
 
-    def predict_windows(self, windows: Iterable[list]) -> Iterator[list[dict]]:
+    def predict_windows(self, windows: Iterable[list]) -> Iterator[Rows]:
+        """Rows of each window in order; the next window's files are being decoded while this one runs."""
+        pending: deque[Pending] = deque()
         for window in windows:
-            yield self.predict(window)
+            pending.append(self._start(window))
+            if len(pending) > 1:
+                yield self._finish(pending.popleft())
+        while pending:
+            yield self._finish(pending.popleft())
+
+    def _start(self, window: list) -> Pending:
+        if self.text:
+            return window, [(window, None)]
+        batches = [window[s:s + self.batch_size] for s in range(0, len(window), self.batch_size)]
+        if self.decoder is None and self.workers > 1 and decodes_files(window):
+            self.decoder = DecodePool(workers=self.workers)
+        if self.decoder is None or not decodes_files(window):
+            return window, [(batch, None) for batch in batches]
+        return window, [(batch, self.decoder.submit(self.model.processor, batch)) for batch in batches]
+
+    def _finish(self, pending: Pending) -> Rows:
+        window, batches = pending
+        if self.text:  # a whole window tokenised, then batched by length
+            return Rows([predict_window(self.model, window, params=self.params, batch_size=self.batch_size,
+                                        pool=self.threads, workers=self.workers)])
+        segments = []
+        for batch, future in batches:
+            ready = future.result() if future is not None else prepare_rows(self.model.processor, batch)
+            segments.append(run_segment(self.model, batch, ready, params=self.params))
+        return Rows(segments)
 
     def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown()
+        if getattr(self, "threads", None) is not None:
+            self.threads.shutdown()  # type: ignore[union-attr]
+        if self.decoder is not None:
+            self.decoder.close()

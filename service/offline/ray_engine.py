@@ -5,13 +5,12 @@ The driver reads the input in windows (the part size) with the same readers as t
 the output layout are identical. Each window goes into the object store as one Arrow block per actor (whole
 model batches; native columns, see ray_blocks.py); the blocks form ONE dataset whose blocks each make one call
 on a fixed-size actor pool sized to the cluster (`num_gpus=1` per actor when it has GPUs), which runs the block
-in `--batch-size` model runs; results stream back in input order (`preserve_order`) to be committed part by
+in `--batch-size` model runs on the local engine's path (prepared a block at a time, text by length); results stream back in input order (`preserve_order`) to be committed part by
 part. The pool is started once per job, not once per part. Throughput figures: docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -20,32 +19,32 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
+import orjson
 
 # NOTE: ray is an optional extra (`pip install -e '.[ray]'`); this module is imported only for --engine ray.
 import ray
 from ray.exceptions import AuthenticationError
 
-from service.offline.engine import load_model, predict_items
+from service.offline.engine import load_model, predict_window
 from service.offline.ray_blocks import from_columns, to_block
 from service.offline.writers import COLUMNS
 
 
 class _Predictor:
-    """Ray actor: loads the model once, then predicts whole blocks (many model batches per call)."""
+    """Ray actor: loads the model once, then predicts whole blocks (many model batches per call) on the local
+    engine's path: the block prepared at once (images laid out a batch-wide array op at a time), text batched
+    by token length, every row written back at its own position."""
 
     def __init__(self, model_dir: str, params: dict, batch_size: int) -> None:
         self.model = load_model(Path(model_dir), threads=1)  # one CPU per actor: the pool is the parallelism
         self.params, self.batch_size = params, batch_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        items = from_columns(batch)
-        rows = []
-        for start in range(0, len(items), self.batch_size):
-            rows += predict_items(self.model, items[start:start + self.batch_size], params=self.params)
+        rows = predict_window(self.model, from_columns(batch), params=self.params, batch_size=self.batch_size)
         # NOTE: results travel back as JSON text: Ray would otherwise infer one Arrow struct per block (and turn
         # nested lists into numpy arrays); the driver decodes them, so both engines write the same rows.
         for r in rows:
-            r["result"] = json.dumps(r["result"]) if r["result"] is not None else None
+            r["result"] = orjson.dumps(r["result"]) if r["result"] is not None else None
         return {c: [r[c] for r in rows] for c in COLUMNS}
 
 
@@ -155,7 +154,7 @@ class RayEngine:
                     if expected is not None and row["row"] != expected:
                         raise RuntimeError(f"Ray returned row {row['row']} where row {expected} was due")
                     expected = row["row"] + 1
-                    row["result"] = json.loads(row["result"]) if row["result"] is not None else None
+                    row["result"] = orjson.loads(row["result"]) if row["result"] is not None else None
                     yield row
 
     def close(self) -> None:

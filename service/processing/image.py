@@ -16,10 +16,10 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
-from PIL import Image, ImageFilter, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
 from service.processing.base import Limits, parse_k, setting, top_k_rows
@@ -79,74 +79,145 @@ def to_gray(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("L"), np.float32) / 255.0
 
 
-def otsu_threshold(values: np.ndarray, *, bins: int = 256) -> float:
-    """Otsu's threshold of values in [0, 1]: the cut maximising the between-class variance.
+# np.histogram's bin edges for float32 values in [0, 1] (float32 themselves): Otsu's bins, exactly.
+_EDGES = np.histogram(np.zeros(1, np.float32), bins=256, range=(0.0, 1.0))[1]
+_CENTRES = (_EDGES[:-1] + _EDGES[1:]) / 2
 
-    NOTE: a few lines of numpy rather than scikit-image (not a dependency, and the edge bundle ships this file).
+
+def otsu_thresholds(values: np.ndarray) -> np.ndarray:
+    """Otsu's threshold of each row of `values` ([N, ...] in [0, 1]): the cut maximising the between-class variance.
+
+    NOTE: a few lines of numpy rather than scikit-image (not a dependency, and the edge bundle ships this file);
+    the bins are np.histogram's (256 over [0, 1]), counted for all rows at once with one bincount.
     """
-    hist, edges = np.histogram(values, bins=bins, range=(0.0, 1.0))
-    centres = (edges[:-1] + edges[1:]) / 2
-    weight = np.cumsum(hist).astype(np.float64)
-    mass = np.cumsum(hist * centres)
-    total, total_mass = weight[-1], mass[-1]
+    flat = values.reshape(len(values), -1)
+    bins = len(_CENTRES)
+    # Each value's bin as np.histogram finds it: scaled, then moved by one where float rounding crossed an edge.
+    index = np.minimum((flat * np.float32(bins)).astype(np.intp), bins - 1)
+    index -= flat < _EDGES[index]
+    index += (flat >= _EDGES[index + 1]) & (index < bins - 1)
+    index += np.arange(len(flat))[:, None] * bins
+    hist = np.bincount(index.ravel(), minlength=len(flat) * bins).reshape(len(flat), bins)
+    weight = np.cumsum(hist, axis=1).astype(np.float64)
+    mass = np.cumsum(hist * _CENTRES, axis=1)
+    total, total_mass = weight[:, -1:], mass[:, -1:]
     with np.errstate(divide="ignore", invalid="ignore"):
         between = (total_mass * weight - total * mass) ** 2 / (weight * (total - weight))
-    between = np.nan_to_num(between[:-1], nan=0.0, posinf=0.0)
-    return float(edges[int(np.argmax(between)) + 1]) if between.max() > 0 else 0.5
+    between = np.nan_to_num(between[:, :-1], nan=0.0, posinf=0.0)
+    cuts = _EDGES[np.argmax(between, axis=1) + 1]
+    return np.where(between.max(axis=1) > 0, cuts, np.float32(0.5)).astype(np.float32)
 
 
-def clean_ink(gray: np.ndarray) -> tuple[np.ndarray, bool]:
-    """White ink on black in [0, 1]: inverted if the border (paper) is lighter than the rest, paper set to 0."""
+def _border(images: np.ndarray) -> np.ndarray:
+    return np.concatenate([images[:, 0], images[:, -1], images[:, :, 0], images[:, :, -1]], axis=1)
+
+
+def clean_ink(gray: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """White ink on black in [0, 1] for each of [N, H, W] images: inverted where the border (paper) is lighter
+    than the rest, paper set to 0. Returns (ink, inverted[N])."""
     # Polarity: the pixels furthest from the paper (the border's level) are the ink; darker ones -> invert.
-    deviation = gray - float(np.median(np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])))
-    far = np.abs(deviation) >= np.quantile(np.abs(deviation), 0.95)
-    inverted = bool(deviation[far].mean() < 0)
-    ink = 1.0 - gray if inverted else gray
-    paper, top = float(np.median(np.concatenate([ink[0], ink[-1], ink[:, 0], ink[:, -1]]))), float(ink.max())
-    if top - paper < 1e-3:  # a blank image: nothing to find
-        return np.zeros_like(ink), inverted
-    stretched = np.clip((ink - paper) / (top - paper), 0.0, 1.0)
-    cut = otsu_threshold(stretched)
+    deviation = gray - np.median(_border(gray), axis=1)[:, None, None]
+    spread = np.abs(deviation)
+    far = spread >= np.quantile(spread.reshape(len(gray), -1), 0.95, axis=1)[:, None, None]
+    inverted = np.where(far, deviation, 0.0).sum(axis=(1, 2), dtype=np.float64) < 0
+    ink = np.where(inverted[:, None, None], 1.0 - gray, gray)
+    paper, top = np.median(_border(ink), axis=1), ink.max(axis=(1, 2))
+    span = top.astype(np.float64) - paper.astype(np.float64)
+    blank = span < 1e-3  # a blank image: nothing to find
+    span = np.where(blank, 1.0, span).astype(np.float32)
+    stretched = np.clip((ink - paper[:, None, None]) / span[:, None, None], 0.0, 1.0)
+    cut = otsu_thresholds(stretched)[:, None, None]
     # Below the threshold is paper (grain, shadows, JPEG ringing); above it the stroke keeps its soft edge.
-    return np.where(stretched >= cut, stretched, 0.0).astype(np.float32), inverted
+    kept = (stretched >= cut) & ~blank[:, None, None]
+    return np.where(kept, stretched, 0.0).astype(np.float32), inverted
 
 
-def ink_box(ink: np.ndarray) -> tuple[int, int, int, int] | None:
-    """(top, bottom, left, right) of the ink after a 3x3 median filter (isolated specks don't count)."""
-    mask = Image.fromarray(((ink > 0) * 255).astype(np.uint8)).filter(ImageFilter.MedianFilter(3))
-    box = mask.getbbox()
-    if box is None:
-        box = Image.fromarray(((ink > 0) * 255).astype(np.uint8)).getbbox()  # thin strokes only: keep them
-    if box is None:
-        return None
-    left, top, right, bottom = box
-    return top, bottom, left, right
+def _median3(mask: np.ndarray) -> np.ndarray:
+    """3x3 median of [N, H, W] booleans with the edges repeated, as Pillow's MedianFilter(3): at least 5 of 9."""
+    p = np.pad(mask, ((0, 0), (1, 1), (1, 1)), mode="edge").astype(np.uint8)
+    rows = p[:, :-2] + p[:, 1:-1] + p[:, 2:]
+    return np.greater_equal(rows[:, :, :-2] + rows[:, :, 1:-1] + rows[:, :, 2:], 5)
+
+
+def ink_boxes(ink: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(top, bottom, left, right) [N, 4] of each image's ink after a 3x3 median filter (isolated specks don't
+    count; thin strokes only, which the filter removes, are kept), and which images have any ink at all."""
+    mask: np.ndarray = np.greater(ink, 0)
+    filtered = _median3(mask)
+    use = np.where(np.any(filtered, axis=(1, 2))[:, None, None], filtered, mask)
+    rows, cols = np.any(use, axis=2), np.any(use, axis=1)
+    height, width = ink.shape[1:]
+    boxes = np.stack([rows.argmax(1), height - rows[:, ::-1].argmax(1),
+                      cols.argmax(1), width - cols[:, ::-1].argmax(1)], axis=1)
+    return boxes, np.any(rows, axis=1)
+
+
+_RESIZE: dict[int, np.ndarray] = {}
+
+
+def _resize_matrix(side: int) -> np.ndarray:
+    """[BOX, side] weights of Pillow's bilinear resize from `side` to BOX pixels along one axis.
+
+    NOTE: read off Pillow itself (resizing an identity image along one axis), so `A @ square @ A.T` is Pillow's
+    separable resize of a whole group of equally sized squares in one matmul, not one Pillow call per image.
+    """
+    if side not in _RESIZE:
+        eye = Image.fromarray(np.eye(side, dtype=np.float32), mode="F")
+        _RESIZE[side] = np.asarray(eye.resize((BOX, side), Image.Resampling.BILINEAR), np.float64).T.copy()
+    return _RESIZE[side]
+
+
+def _squares(ink: np.ndarray, boxes: np.ndarray, side: int) -> np.ndarray:
+    """Each image's ink box, centred in a zero `side` x `side` square (boxes at most `side` on each axis)."""
+    h, w = boxes[:, 1] - boxes[:, 0], boxes[:, 3] - boxes[:, 2]
+    oy, ox = (side - h) // 2, (side - w) // 2
+    step = np.arange(side)
+    r, c = boxes[:, :1] - oy[:, None] + step, boxes[:, 2:3] - ox[:, None] + step
+    inside = (((step >= oy[:, None]) & (step < (oy + h)[:, None]))[:, :, None]
+              & ((step >= ox[:, None]) & (step < (ox + w)[:, None]))[:, None, :])
+    picked = ink[np.arange(len(ink))[:, None, None], np.clip(r, 0, ink.shape[1] - 1)[:, :, None],
+                 np.clip(c, 0, ink.shape[2] - 1)[:, None, :]]
+    return np.where(inside, picked, 0.0)
+
+
+def _digits(ink: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """[N, BOX, BOX]: each ink box padded square and resized to BOX x BOX, at full contrast."""
+    sides = np.maximum(boxes[:, 1] - boxes[:, 0], boxes[:, 3] - boxes[:, 2])
+    small = np.empty((len(ink), BOX, BOX), np.float32)
+    for side in np.unique(sides).tolist():  # one matmul per square size present in the batch
+        rows = np.flatnonzero(sides == side)
+        a = _resize_matrix(side)
+        small[rows] = a @ _squares(ink[rows], boxes[rows], side) @ a.T
+    digits = np.clip(small, 0.0, 1.0)
+    return digits / np.maximum(digits.max(axis=(1, 2)), np.float32(1e-6))[:, None, None]  # as training digits
+
+
+def layout_batch(gray: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """MNIST layout of [N, H, W] grayscale images at once: clean, crop to the ink, pad square, resize to 20x20,
+    centre of mass at the 28x28 centre. Returns (pixels [N, 1, 28, 28] float32, inverted [N])."""
+    ink, inverted = clean_ink(gray)
+    boxes, found = ink_boxes(ink)
+    out = np.zeros((len(gray), 1, SIDE, SIDE), np.float32)
+    if not found.any():
+        return out, inverted
+    rows = np.flatnonzero(found)
+    digits = _digits(ink[rows], boxes[rows])
+    grid = np.arange(BOX, dtype=np.float64)
+    total = digits.sum(axis=(1, 2), dtype=np.float64)
+    cy = (digits.sum(axis=2, dtype=np.float64) @ grid) / total
+    cx = (digits.sum(axis=1, dtype=np.float64) @ grid) / total
+    # Shift so the centre of mass lands on the frame's centre, keeping the 20x20 box inside the frame.
+    y0 = np.clip(np.rint(SIDE / 2 - 0.5 - cy), 0, SIDE - BOX).astype(int).tolist()
+    x0 = np.clip(np.rint(SIDE / 2 - 0.5 - cx), 0, SIDE - BOX).astype(int).tolist()
+    for row, digit, y, x in zip(rows.tolist(), digits, y0, x0):
+        out[row, 0, y:y + BOX, x:x + BOX] = digit
+    return out, inverted
 
 
 def layout(gray: np.ndarray) -> tuple[np.ndarray, bool]:
-    """MNIST layout: clean, crop to the ink, pad square, resize to 20x20, centre of mass at the 28x28 centre."""
-    ink, inverted = clean_ink(gray)
-    box = ink_box(ink)
-    out = np.zeros((SIDE, SIDE), np.float32)
-    if box is None:
-        return out[None], inverted
-    top, bottom, left, right = box
-    crop = ink[top:bottom, left:right]
-    h, w = crop.shape
-    side = max(h, w)
-    square = np.zeros((side, side), np.float32)
-    square[(side - h) // 2:(side - h) // 2 + h, (side - w) // 2:(side - w) // 2 + w] = crop
-    small = Image.fromarray(square, mode="F").resize((BOX, BOX), Image.Resampling.BILINEAR)
-    digit = np.clip(np.asarray(small, np.float32), 0.0, 1.0)
-    digit /= max(float(digit.max()), 1e-6)  # full contrast, as the training digits
-    rows, cols = np.indices(digit.shape)
-    total = float(digit.sum())
-    cy, cx = float((rows * digit).sum()) / total, float((cols * digit).sum()) / total
-    # Shift so the centre of mass lands on the frame's centre, keeping the 20x20 box inside the frame.
-    y0 = int(np.clip(round(SIDE / 2 - 0.5 - cy), 0, SIDE - BOX))
-    x0 = int(np.clip(round(SIDE / 2 - 0.5 - cx), 0, SIDE - BOX))
-    out[y0:y0 + BOX, x0:x0 + BOX] = digit
-    return out[None], inverted
+    """`layout_batch` of one [H, W] image: ([1, 28, 28] pixels, inverted)."""
+    pixels, inverted = layout_batch(gray[None])
+    return pixels[0], bool(inverted[0])
 
 
 class ImageProcessor:
@@ -177,24 +248,44 @@ class ImageProcessor:
                 raise PayloadTooLarge(f"the request's images declare more than {limit} pixels together (at item "
                                       f"{index}); send fewer or smaller images ({setting('max_request_pixels')})")
 
-    def prepare(self, payload: Any, *, index: int) -> PreparedImage:
+    def _gray(self, payload: Any, *, index: int) -> tuple[np.ndarray, tuple[int, int]]:
+        """The item as grayscale [H, W] in [0, 1] and its original (width, height)."""
         if isinstance(payload, np.ndarray):  # batch .npy rows: a [H, W] or [1, H, W] image, uint8 or [0, 1]
             arr = np.squeeze(np.asarray(payload, np.float32))
             if arr.ndim != 2:
                 raise InvalidInput(f"item {index}: expected a 2-D image array, got shape {list(payload.shape)}")
-            gray = arr / 255.0 if payload.dtype == np.uint8 else arr
-            size = (arr.shape[1], arr.shape[0])
-        else:
-            img = _open(payload, index=index, max_pixels=self.limits.max_image_pixels)
-            gray, size = to_gray(img), img.size
+            return (arr / 255.0 if payload.dtype == np.uint8 else arr), (arr.shape[1], arr.shape[0])
+        img = _open(payload, index=index, max_pixels=self.limits.max_image_pixels)
+        return to_gray(img), img.size
+
+    def prepare(self, payload: Any, *, index: int) -> PreparedImage:
+        gray, size = self._gray(payload, index=index)
         pixels, inverted = layout(gray)
         return PreparedImage(pixels, size, inverted)
+
+    def prepare_batch(self, payloads: Sequence[Any], *, indices: Sequence[int]) -> list[PreparedImage | Exception]:
+        """`prepare` of many items, laid out together (one array op per group of equally sized images); an item
+        that cannot be decoded is its own exception in the list, never its batch-mates'."""
+        out: list[PreparedImage | Exception | None] = [None] * len(payloads)
+        groups: dict[tuple[int, ...], list[tuple[int, np.ndarray, tuple[int, int]]]] = {}
+        for pos, (payload, index) in enumerate(zip(payloads, indices)):
+            try:
+                gray, size = self._gray(payload, index=index)
+            except Exception as exc:  # a bad row's own error (InvalidInput, or anything odd in its data)
+                out[pos] = exc
+                continue
+            groups.setdefault(gray.shape, []).append((pos, gray, size))
+        for members in groups.values():
+            pixels, inverted = layout_batch(np.stack([gray for _, gray, _ in members]))
+            for (pos, _, size), px, inv in zip(members, pixels, inverted.tolist()):
+                out[pos] = PreparedImage(px, size, inv)
+        return cast(list[PreparedImage | Exception], out)  # every position was filled above
 
     def rows_per_run(self, prepared: Sequence[Any]) -> int | None:
         return None
 
     def collate(self, prepared: list[PreparedImage]) -> dict[str, np.ndarray]:
-        return {self.input_name: np.stack([p.pixels for p in prepared]).astype(np.float32)}
+        return {self.input_name: np.stack([p.pixels for p in prepared], dtype=np.float32)}
 
     def postprocess(self, outputs: dict[str, np.ndarray], prepared: list[PreparedImage], *,
                     params: dict) -> list[dict]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,6 @@ from service.processing.base import Limits
 
 ACCEPTS = "JSON {\"user_id\": int, \"k\": 10, \"exclude_seen\": true} (or {\"user_ids\": [...]})"
 INT64_MAX = 2**63 - 1
-_EMPTY: frozenset[int] = frozenset()
 
 
 @dataclass
@@ -42,6 +40,7 @@ class RecommenderProcessor:
         seen_path = model_dir / "seen_items.json"
         raw = json.loads(seen_path.read_text()) if seen_path.is_file() else {}
         self.seen: dict[int, set[int]] = {int(u): set(items) for u, items in raw.items()}
+        self._seen_keys, self._users, self._stride = _seen_keys(self.seen)
         self.input_name, self.item_output, self.score_output = input_name, item_output, score_output
         self.top_k = top_k
 
@@ -74,22 +73,85 @@ class RecommenderProcessor:
 
     def postprocess(self, outputs: dict[str, np.ndarray], prepared: list[PreparedUser], *,
                     params: dict) -> list[dict]:
+        return self.postprocess_columns(outputs, prepared, params=params).rows()
+
+    def postprocess_columns(self, outputs: dict[str, np.ndarray], prepared: list[PreparedUser], *,
+                            params: dict) -> UserColumns:
+        """`postprocess`'s results as columns (batch jobs write them without a dict per row)."""
         k = _int_param(params.get("k"), default=10, limit=self.top_k)
         exclude = _bool_param(params.get("exclude_seen"), default=True)
-        # One tolist per batch: Python ints/floats of the same values, without a numpy scalar per element.
-        items = outputs[self.item_output][:len(prepared)].tolist()
-        scores = outputs[self.score_output][:len(prepared)].astype(np.float64).tolist()
-        results = []
-        for p, row_items, row_scores in zip(prepared, items, scores):
-            seen = self.seen.get(p.user_id, _EMPTY) if exclude else _EMPTY
-            # islice: only the k kept items become dicts, not all of the graph's top 50.
-            picks = list(islice(({"item_id": it, "score": sc} for it, sc in zip(row_items, row_scores)
-                                 if it not in seen), k))
-            result: dict[str, Any] = {"user_id": p.user_id, "items": picks, "returned": len(picks)}
-            if not p.known:
+        items = outputs[self.item_output][:len(prepared)]
+        keep = self._kept(items, prepared, k=k, exclude=exclude)
+        return UserColumns(user_ids=np.array([p.user_id for p in prepared], np.int64),
+                           known=np.array([p.known for p in prepared], bool),
+                           item_ids=items[keep].astype(np.int64),
+                           scores=outputs[self.score_output][:len(prepared)][keep].astype(np.float64),
+                           returned=keep.sum(axis=1).astype(np.int64))
+
+    def _kept(self, items: np.ndarray, prepared: list[PreparedUser], *, k: int, exclude: bool) -> np.ndarray:
+        """[rows, graph top] mask of the items each row returns: the first k its user has not seen (all of the
+        graph's order), found for the whole batch with one sorted lookup of (user, item) keys."""
+        keep = np.ones(items.shape, bool)
+        if exclude and len(self._seen_keys):
+            users = np.array([self._users.get(p.user_id, -1) for p in prepared], np.int64)[:, None]
+            valid = (users >= 0) & (items >= 0) & (items < self._stride)
+            keys = np.where(valid, users * self._stride + items, -1)
+            found = np.minimum(np.searchsorted(self._seen_keys, keys), len(self._seen_keys) - 1)
+            keep = ~(valid & (self._seen_keys[found] == keys))
+        return keep & (np.cumsum(keep, axis=1) <= k)
+
+
+def _seen_keys(seen: dict[int, set[int]]) -> tuple[np.ndarray, dict[int, int], int]:
+    """Every (user, item) seen in training as one sorted int64 key (user's position * stride + item), the users'
+    positions, and the stride (one past the largest item id)."""
+    users = {user: i for i, user in enumerate(seen)}
+    stride = max((max(items) for items in seen.values() if items), default=-1) + 1
+    keys = [users[user] * stride + item for user, items in seen.items() for item in items if item >= 0]
+    return np.array(sorted(keys), np.int64), users, stride
+
+
+@dataclass
+class UserColumns:
+    """A batch's recommendations as columns: the kept items of every row one after another."""
+
+    user_ids: np.ndarray  # [rows] int64
+    known: np.ndarray  # [rows] bool: the user is in the training interactions
+    item_ids: np.ndarray  # [sum(returned)] int64
+    scores: np.ndarray  # [sum(returned)] float64
+    returned: np.ndarray  # [rows] int64: items kept per row
+
+    def __len__(self) -> int:
+        return len(self.user_ids)
+
+    def rows(self) -> list[dict]:
+        """One dict per row, as the task endpoint returns it (one tolist per column, no numpy scalars)."""
+        items, scores, returned = self.item_ids.tolist(), self.scores.tolist(), self.returned.tolist()
+        results, start = [], 0
+        for user, known, n in zip(self.user_ids.tolist(), self.known.tolist(), returned):
+            picks = [{"item_id": it, "score": sc} for it, sc in zip(items[start:start + n], scores[start:start + n])]
+            start += n
+            result: dict[str, Any] = {"user_id": user, "items": picks, "returned": n}
+            if not known:
                 result["fallback"] = "popular"
             results.append(result)
         return results
+
+    def arrow(self) -> Any:
+        """The same values as one Arrow struct array, typed as Arrow infers `rows()` (`fallback` only where a row
+        has it), built from the columns without a Python object per row."""
+        # NOTE: pyarrow is the optional `parquet` extra; only the Parquet writer calls this.
+        import pyarrow as pa
+
+        offsets = np.concatenate([[0], np.cumsum(self.returned)]).astype(np.int32)
+        picks = pa.StructArray.from_arrays([pa.array(self.item_ids), pa.array(self.scores)],
+                                           names=["item_id", "score"])
+        fields = [pa.array(self.user_ids), pa.ListArray.from_arrays(pa.array(offsets), picks),
+                  pa.array(self.returned)]
+        names = ["user_id", "items", "returned"]
+        if not self.known.all():
+            fields.append(pa.array(np.full(len(self), "popular"), pa.string(), mask=self.known))
+            names.append("fallback")
+        return pa.StructArray.from_arrays(fields, names=names)
 
 
 def _int_param(value: object, *, default: int, limit: int) -> int:
