@@ -134,3 +134,16 @@ def test_variant_format_says_what_each_pass_recorded() -> None:
                           family="recommender") == "FP32 ONNX, distilled recommender student (dim 16)"
     assert variant_format("student-int8", {"method": "dynamic", "layout": "dynamic"},
                           family="recommender") == "student, INT8 dynamic"
+
+
+def test_listwise_loss_is_zero_on_the_teachers_ranking_and_grows_away_from_it() -> None:
+    import torch
+
+    teacher = torch.tensor([[3.0, 1.0, 0.0, -2.0], [0.0, 0.5, 2.0, 1.0]])
+    events = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]])
+    same = distill_recommender.listwise_kd_loss(teacher.clone(), teacher, events, temperature=2.0, alpha=0.5)
+    reversed_ = distill_recommender.listwise_kd_loss(-teacher, teacher, events, temperature=2.0, alpha=0.5)
+    assert same[1].item() == pytest.approx(0.0, abs=1e-6) and reversed_[1].item() > 0.5
+    assert reversed_[2].item() > same[2].item()  # the events' own likelihood drops too
+    with pytest.raises(ValueError, match="temperature"):
+        distill_recommender.listwise_kd_loss(teacher, teacher, events, temperature=0.0, alpha=0.5)
