@@ -49,9 +49,12 @@ class RecKDSettings:
     weight_decay: float = 0.01
 
 
+# NOTE: the default student trains at 4x the teacher's learning rate: at the teacher's 5e-3 the half-width
+# towers plateaued at HR@10 0.603-0.638 (teacher 0.736, default zoo), at 2e-2 they reached 0.765; a quarter
+# of the width (dim 8) stayed at 0.638 even at 2e-2.
 SETTINGS = {
     "tiny": RecKDSettings(epochs=20, batch_size=64, lr=1e-2, weight_decay=0.0),
-    "default": RecKDSettings(epochs=30, batch_size=128, lr=5e-3),
+    "default": RecKDSettings(epochs=30, batch_size=128, lr=2e-2),
 }
 LATENCY_REPEATS = {"tiny": 5, "default": 30}
 
