@@ -1,8 +1,13 @@
 """Writes the optimization report of one model: a markdown table, the same rows as JSON, and a PNG plot
-of held-out accuracy metric against batch-32 latency."""
+of held-out accuracy metric against batch-32 latency; and the summary of an output folder (every variant
+of every family, ``export.report_rows.SUMMARY_FIELDS``) with a Pareto plot per family (``export.pareto``).
+
+    python -m export.report DIR   # rewrite DIR's summary from the <model>.json reports in it
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from pathlib import Path
@@ -126,3 +131,21 @@ def write_summary(out_dir: Path) -> dict[str, Any]:
                                          "rows": [{k: r.get(k) for k in (*SUMMARY_FIELDS, *DETAIL_KEYS)} for r in rows]},
                                         indent=2, default=str))
     return {**paths, "plots": plots}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m export.report DIR``: rewrite DIR's summary and Pareto plots from its per-model reports
+    (e.g. after optimizing families in separate runs into separate folders and copying their JSON together)."""
+    parser = argparse.ArgumentParser(prog="python -m export.report", description=main.__doc__)
+    parser.add_argument("output", type=Path, help="an optimize output folder holding <model>.json reports")
+    args = parser.parse_args(argv)
+    if not any(args.output.joinpath(f"{m}.json").is_file() for ms in FAMILY_MODELS.values() for m in ms):
+        parser.error(f"{args.output}: expected <model>.json reports of `modelserve optimize` "
+                     f"(models {', '.join(m for ms in FAMILY_MODELS.values() for m in ms)})")
+    paths = write_summary(args.output)
+    print(f"{paths['md']}, {paths['json']}, {', '.join(str(p) for p in paths['plots'])}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

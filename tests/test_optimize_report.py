@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from export import distill_recommender, optimize, pareto
+from export import distill_recommender, optimize, pareto, report
 from export.common import load_parent
 from export.report_rows import SUMMARY_FIELDS, isa_used, variant_format
 
@@ -78,6 +78,18 @@ def test_every_variant_gets_a_full_row_and_each_family_a_pareto_png(tiny_zoo: Pa
     table = (out / "summary.md").read_text()
     assert table.count("\n| recommender | recommender |") == len(VARIANTS)
     assert table.count("\n| cnn | cnn |") == len(VARIANTS)
+    # `python -m export.report DIR` rebuilds the same summary from the per-model reports alone
+    for made in [out / "summary.md", out / "summary.json", *out.glob("*-pareto.png")]:
+        made.unlink()
+    assert report.main([str(out)]) == 0
+    assert (out / "summary.md").read_text() == table
+    _assert_png(out / "cnn-pareto.png")
+
+
+def test_report_cli_refuses_a_folder_without_reports(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        report.main([str(tmp_path)])
+    assert exit_.value.code == 2 and "expected <model>.json reports" in capsys.readouterr().err
 
 
 def _notes(out: Path, model: str) -> str:
