@@ -255,7 +255,7 @@ def optimize_model(parent: ParentModel, *, args: argparse.Namespace, work: Path,
         kernels = kernel_counts(v.path, heldout.batch(1), threads=args.threads) if v.path is not None else None
         row, decision = _row(parent, v, fp32=fp32, timing=timing, device=device, kernels=kernels)
         row.update(report_rows.summary_fields(family=parent.family, model=parent.name, variant=v.name, card=v.card,
-                                              kernels=kernels, isa=isa,
+                                              kernels=kernels, isa=isa, built=v.path is not None,
                                               latency=timing.latency_ci.get(row["timed_on"], {}).get(v.name)))
         if decision.publish and not args.publish:
             row["why"] = decision.why.replace("published:", "would be published (without --publish):", 1)

@@ -90,10 +90,10 @@ def latency_text(ci: RatioCI | None) -> str | None:
 
 def summary_fields(*, family: str, model: str, variant: str, card: Mapping[str, Any],
                    kernels: Mapping[str, int] | None, isa: Mapping[str, Any],
-                   latency: Mapping[int, RatioCI] | None) -> dict[str, Any]:
+                   latency: Mapping[int, RatioCI] | None, built: bool = True) -> dict[str, Any]:
     """The row keys of ``SUMMARY_FIELDS`` that the gate's row (export.optimize._row) does not carry."""
-    out: dict[str, Any] = {"family": family, "model": model,
-                           "format": variant_format(variant, card, family=family), "isa_used": isa_used(kernels, isa)}
+    form = variant_format(variant, card, family=family) if built else "not built"
+    out: dict[str, Any] = {"family": family, "model": model, "format": form, "isa_used": isa_used(kernels, isa)}
     for b in GATE_BATCHES:
         ci = (latency or {}).get(b)
         out[f"latency_ms_b{b}"] = latency_text(ci)

@@ -70,6 +70,7 @@ def test_every_variant_gets_a_full_row_and_each_family_a_pareto_png(tiny_zoo: Pa
                 assert row[f"ratio_ci_b{b}"] and row["ratio_ci"][str(b)]["n"] == 3, key
     assert rows["recommender/fp32"]["delta"] == 0.0
     assert rows["cnn/student"]["why"] == "not published: not built" and "--no-students" in _notes(out, "cnn")
+    assert rows["cnn/student-int8"]["format"] == "not built" and rows["cnn/student-int8"]["isa_used"] == "—"
     teacher_dim = load_parent(repo, "recommender").card["training"]["dim"]
     assert f"dim {teacher_dim // 2}" in rows["recommender/student"]["format"]
     assert rows["recommender/int8"]["format"].startswith("INT8")
