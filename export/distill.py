@@ -1,6 +1,7 @@
-"""Knowledge distillation: smaller students of the cnn, speech and transformer (sentence encoder) models.
+"""Knowledge distillation: smaller students of the cnn, speech, transformer (sentence encoder) and recommender
+models.
 
-    python -m export.distill --model-repository DIR [--families cnn,speech,transformer] [--publish]
+    python -m export.distill --model-repository DIR [--families cnn,speech,transformer,recommender] [--publish]
 
 Classification students (cnn, speech) learn from Hinton et al.'s loss ("Distilling the Knowledge in a
 Neural Network", 2015): KL divergence between the teacher's and the student's distributions softened at
@@ -11,9 +12,11 @@ logsumexp(z) differs from z by a per-row constant and softmax is shift-invariant
 softmax(log p / T) == softmax(z / T) exactly (up to float rounding of p; p is clamped at 1e-30).
 
 The sentence-encoder student (export/distill_text.py) is the first layers of MiniLM, trained to
-reproduce the teacher's embeddings. ``build_student`` returns a ``StudentResult`` (student ONNX, held-out
-metrics of student and teacher measured the same way, parameter counts, side-by-side latency) or None
-for families without a student (recommender) and when the teacher is too small to shrink.
+reproduce the teacher's embeddings; the recommender student (export/distill_recommender.py) is the
+two-tower model with narrower towers, trained on the teacher's listwise ranking. ``build_student``
+returns a ``StudentResult`` (student ONNX, held-out metrics of student and teacher measured the same
+way, parameter counts, side-by-side latency) or None for families without a student and when the
+teacher is too small to shrink.
 """
 
 from __future__ import annotations
@@ -25,12 +28,12 @@ from typing import Any
 
 import numpy as np
 
-from export import distill_classify, distill_text
-from export.common import load_parent, publish_variant
+from export import distill_classify, distill_recommender, distill_text
+from export.common import BUDGETS, load_parent, publish_variant
 from export.distill_common import LATENCY_BATCH, StudentResult
 from models.common import check_profile, torch_threads
 
-FAMILIES = ("cnn", "speech", "transformer")
+FAMILIES = ("cnn", "speech", "transformer", "recommender")
 
 
 def build_student(family: str, /, *, repo_dir: Path, work_dir: Path, profile: str,
@@ -50,6 +53,8 @@ def build_student(family: str, /, *, repo_dir: Path, work_dir: Path, profile: st
     # synchronisation; on the shared 2-core machine 2 threads made cnn distillation ~30x slower
     # (1.9 s vs 0.06 s per step).
     with torch_threads(1):
+        if family == "recommender":
+            return distill_recommender.build(repo_dir=Path(repo_dir), work_dir=work_dir, profile=profile)
         if family == "transformer":
             return distill_text.build(repo_dir=Path(repo_dir), work_dir=work_dir, profile=profile,
                                       **(text_options or {}))
@@ -120,12 +125,12 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = [r["family"] for r in results]
-    metric = [("cosine_to_fp32" if r["family"] == "transformer" else "accuracy") for r in results]
+    metric = [BUDGETS[r["model"]].metric for r in results]
     panels = [
         ("parameters", [r["teacher_parameters"] for r in results], [r["parameters"] for r in results], True),
         (f"p50 ms, batch {LATENCY_BATCH}", [r["latency_ms"]["teacher"] for r in results],
          [r["latency_ms"]["student"] for r in results], True),
-        ("held-out accuracy / cosine to teacher", [r["teacher_metrics"].get(m, 1.0) for r, m in zip(results, metric)],
+        ("held-out budget metric (accuracy / cosine / HR@10)", [r["teacher_metrics"].get(m, 1.0) for r, m in zip(results, metric)],
          [r["metrics"][m] for r, m in zip(results, metric)], False),
     ]
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))

@@ -123,13 +123,22 @@ def ratio_ci(baseline: Sequence[float], variant: Sequence[float], *, confidence:
         raise ValueError(f"paired samples: expected two equal-length lists of at least 2, got {len(baseline)} "
                          f"and {len(variant)}")
     ratios = np.asarray(variant, dtype=float) / np.asarray(baseline, dtype=float)
-    median = float(np.median(ratios))
-    if np.ptp(ratios) == 0:
-        return RatioCI(median, median, median, len(ratios), confidence)
-    result = stats.bootstrap((ratios,), np.median, confidence_level=confidence, n_resamples=resamples,
+    return median_ci(ratios, confidence=confidence, resamples=resamples, seed=seed)
+
+
+def median_ci(values: Sequence[float], *, confidence: float = CONFIDENCE, resamples: int = 2000,
+              seed: int = 0) -> RatioCI:
+    """The median of ``values`` (at least 2) with its percentile-bootstrap CI (e.g. p50 latency of one variant)."""
+    data = np.asarray(values, dtype=float)
+    if len(data) < 2:
+        raise ValueError(f"a bootstrap CI needs at least 2 values, got {len(data)}")
+    median = float(np.median(data))
+    if np.ptp(data) == 0:
+        return RatioCI(median, median, median, len(data), confidence)
+    result = stats.bootstrap((data,), np.median, confidence_level=confidence, n_resamples=resamples,
                              method="percentile", rng=np.random.default_rng(seed))
     interval = result.confidence_interval
-    return RatioCI(median, float(interval.low), float(interval.high), len(ratios), confidence)
+    return RatioCI(median, float(interval.low), float(interval.high), len(data), confidence)
 
 
 def ratio_cis(samples: Mapping[str, Mapping[int, Sequence[float]]], *,

@@ -6,7 +6,10 @@
 Per model: FP32, INT8, FP16, student and student+INT8 rows (file size, p50 latency at batch 1 and 32
 measured side by side in one interleaved run on this CPU, held-out metric, delta vs FP32, budget
 verdict, and whether the publish gate (export.gate) lets it through, with why), written as markdown,
-JSON and a PNG plot. ``--publish`` adds the variants the gate passes to the repository as
+JSON and a PNG plot; then ``summary.md`` / ``summary.json``, one row per variant of every family reported in
+the output folder (format/layout, ISA features used, latency CIs, ratio to FP32, accuracy delta, size,
+published or not and why: export.report_rows) and a Pareto plot per family, ``<family>-pareto.png``.
+``--publish`` adds the variants the gate passes to the repository as
 ``<model>-<variant>``: within budget AND faster than FP32 on the device they are made for.
 Library output (quantizer logging, warnings, training bars) goes to ``<output>/optimize.log``.
 """
@@ -25,7 +28,7 @@ from typing import Any
 
 from rich.progress import Progress
 
-from export import fp16, quant_grid, quantize, report
+from export import fp16, quant_grid, quantize, report, report_rows
 from export.common import (
     BUDGETS,
     FAMILY_MODELS,
@@ -181,6 +184,8 @@ class Timing:
 
     p50: dict[str, dict[str, dict[int, float]]]
     ci: dict[str, dict[str, dict[int, RatioCI]]]
+    # p50 ms with its bootstrap CI per device, variant and batch size (export.report_rows.latency_cis)
+    latency_ci: dict[str, dict[str, dict[int, RatioCI]]] = dataclasses.field(default_factory=dict)
 
 
 def time_variants(rows: list[Variant], *, heldout: HeldOut, args: argparse.Namespace, device: Device) -> Timing:
@@ -195,7 +200,8 @@ def time_variants(rows: list[Variant], *, heldout: HeldOut, args: argparse.Names
                                          providers=device.providers)
     enough = args.repeats >= 2
     return Timing({on: p50(s) for on, s in samples.items()},
-                  {on: ratio_cis(s) if enough else {} for on, s in samples.items()})
+                  {on: ratio_cis(s) if enough else {} for on, s in samples.items()},
+                  {on: report_rows.latency_cis(s) for on, s in samples.items()})
 
 
 def _row(parent: ParentModel, v: Variant, *, fp32: dict[str, float], timing: Timing, device: Device,
@@ -244,9 +250,13 @@ def optimize_model(parent: ParentModel, *, args: argparse.Namespace, work: Path,
         timing = time_variants(rows, heldout=heldout, args=args, device=device)
     latency = timing.p50
     table, published = [], []
+    isa = cpu_isa()
     for v in rows:
         kernels = kernel_counts(v.path, heldout.batch(1), threads=args.threads) if v.path is not None else None
         row, decision = _row(parent, v, fp32=fp32, timing=timing, device=device, kernels=kernels)
+        row.update(report_rows.summary_fields(family=parent.family, model=parent.name, variant=v.name, card=v.card,
+                                              kernels=kernels, isa=isa, built=v.path is not None,
+                                              latency=timing.latency_ci.get(row["timed_on"], {}).get(v.name)))
         if decision.publish and not args.publish:
             row["why"] = decision.why.replace("published:", "would be published (without --publish):", 1)
         elif decision.publish and v.path is not None and v.metrics is not None:
@@ -262,7 +272,7 @@ def optimize_model(parent: ParentModel, *, args: argparse.Namespace, work: Path,
              "held_out": f"{sum(len(next(iter(f.values()))) for f in heldout.feeds)} examples",
              "latency": f"p50 of {args.repeats} interleaved rounds, ORT, {args.threads} intra-op thread(s)",
              "latency_ci": "variant/FP32 latency ratio: median of per-round pairs [95% bootstrap CI]",
-             "cpu_isa": isa_text(cpu_isa()),
+             "cpu_isa": isa_text(isa),
              "device": device.describe(), "budget": BUDGETS[parent.name].describe(),
              "gate": f"published only if within budget and >= {MIN_SPEEDUP:g}x faster than FP32 at batch "
                      f"{' and '.join(map(str, GATE_BATCHES))} on its target device"}
@@ -330,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, paths in written.items():
         print(f"{name}: {paths['md']}")
         print(paths["md"].read_text())
+    summary = report.write_summary(args.output)
+    print(f"all families: {summary['md']} (Pareto plots: {', '.join(str(p) for p in summary['plots'])})")
     print(closing_line(published, dry_run=not args.publish))
     return 0
 

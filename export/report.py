@@ -1,12 +1,21 @@
 """Writes the optimization report of one model: a markdown table, the same rows as JSON, and a PNG plot
-of held-out accuracy metric against batch-32 latency."""
+of held-out accuracy metric against batch-32 latency; and the summary of an output folder (every variant
+of every family, ``export.report_rows.SUMMARY_FIELDS``) with a Pareto plot per family (``export.pareto``).
+
+    python -m export.report DIR   # rewrite DIR's summary from the <model>.json reports in it
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from pathlib import Path
 from typing import Any
+
+from export import pareto
+from export.report_rows import SUMMARY_FIELDS
+from models.zoo import FAMILY_MODELS
 
 # Latency targets of issue 4: INT8 at most this fraction of FP32's batch-32 p50 latency.
 LATENCY_TARGETS = {"cnn": 0.6, "speech": 0.6, "transformer": 0.6}
@@ -81,3 +90,62 @@ def write(model: str, rows: list[dict[str, Any]], *, out_dir: Path, about: dict[
                                          "target": target_line(model, rows)}, indent=2, default=str))
     plot(model, rows, paths["png"])
     return paths
+
+
+SUMMARY_FILES = {"md": "summary.md", "json": "summary.json"}
+# Structured forms kept in summary.json beside the table's text fields.
+DETAIL_KEYS = ("latency_ci", "ratio_ci", "within_budget", "status", "kernels", "timed_on")
+
+
+def summary_markdown(rows: list[dict[str, Any]], *, cpu: str, plots: list[Path]) -> str:
+    """One table for all families: the ``export.report_rows.SUMMARY_FIELDS`` of every row, then their meaning."""
+    columns = list(SUMMARY_FIELDS)
+    lines = ["# Optimization summary: every variant of every family", "", f"- CPU: {cpu}",
+             f"- Pareto plots (latency at batch 32 vs held-out metric): {', '.join(p.name for p in plots) or 'none'}",
+             "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(_fmt(row.get(c), 4).replace("|", "/") for c in columns) + " |")
+    lines += ["", "Fields:", ""] + [f"- `{name}`: {meaning}" for name, meaning in SUMMARY_FIELDS.items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(out_dir: Path) -> dict[str, Any]:
+    """``summary.md`` / ``summary.json`` and ``<family>-pareto.png`` from the per-model reports in ``out_dir``
+    (written by this run or earlier ones, so families optimized in separate runs end up in one table)."""
+    reports = [json.loads(out_dir.joinpath(f"{model}.json").read_text())
+               for models in FAMILY_MODELS.values() for model in models if out_dir.joinpath(f"{model}.json").is_file()]
+    by_family: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    rows = []
+    for rep in reports:
+        family = next((f for f, models in FAMILY_MODELS.items() if rep["model"] in models), rep["model"])
+        for row in rep["rows"]:
+            row = {"family": family, "model": rep["model"], **row}
+            rows.append(row)
+            by_family.setdefault(family, {}).setdefault(rep["model"], []).append(row)
+    plots = [pareto.plot_family(family, models, out_dir / f"{family}-pareto.png")
+             for family, models in by_family.items()]
+    cpu = next((rep["about"].get("cpu_isa", "") for rep in reports), "")
+    paths = {kind: out_dir / name for kind, name in SUMMARY_FILES.items()}
+    paths["md"].write_text(summary_markdown(rows, cpu=cpu, plots=plots))
+    paths["json"].write_text(json.dumps({"cpu": cpu, "fields": SUMMARY_FIELDS, "plots": [p.name for p in plots],
+                                         "rows": [{k: r.get(k) for k in (*SUMMARY_FIELDS, *DETAIL_KEYS)} for r in rows]},
+                                        indent=2, default=str))
+    return {**paths, "plots": plots}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m export.report DIR``: rewrite DIR's summary and Pareto plots from its per-model reports
+    (e.g. after optimizing families in separate runs into separate folders and copying their JSON together)."""
+    parser = argparse.ArgumentParser(prog="python -m export.report", description=main.__doc__)
+    parser.add_argument("output", type=Path, help="an optimize output folder holding <model>.json reports")
+    args = parser.parse_args(argv)
+    if not any(args.output.joinpath(f"{m}.json").is_file() for ms in FAMILY_MODELS.values() for m in ms):
+        parser.error(f"{args.output}: expected <model>.json reports of `modelserve optimize` "
+                     f"(models {', '.join(m for ms in FAMILY_MODELS.values() for m in ms)})")
+    paths = write_summary(args.output)
+    print(f"{paths['md']}, {paths['json']}, {', '.join(str(p) for p in paths['plots'])}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -215,13 +215,19 @@ def _parity_cases(split: rd.Split) -> list[tuple[np.ndarray, ...]]:
     return cases
 
 
+def export_graph(served: ServedRecommender, split: rd.Split, onnx_path: Path) -> dict:
+    """Export the served graph to ``onnx_path`` and check its parity with PyTorch on known and unknown
+    user ids (also used for the distilled student, export.distill_recommender). Returns the parity report."""
+    example = torch.from_numpy(split.user_raw[:2].astype(np.int64))[:, None]
+    export_onnx(served, (example,), onnx_path, input_names=["user_id"], output_names=["item_ids", "scores"],
+                dynamic_shapes={"user_id": {0: torch.export.Dim("batch", min=1, max=4096)}})
+    return parity_check(served, onnx_path, _parity_cases(split), atol=1e-4, rtol=1e-4)
+
+
 def _export_and_publish(*, served: ServedRecommender, split: rd.Split, card: dict, repo_dir: Path,
                         tmp: Path) -> dict:
-    example = torch.from_numpy(split.user_raw[:2].astype(np.int64))[:, None]
-    onnx_path = export_onnx(served, (example,), tmp / "model.onnx", input_names=["user_id"],
-                            output_names=["item_ids", "scores"],
-                            dynamic_shapes={"user_id": {0: torch.export.Dim("batch", min=1, max=4096)}})
-    card["parity"] = parity_check(served, onnx_path, _parity_cases(split), atol=1e-4, rtol=1e-4)
+    onnx_path = tmp / "model.onnx"
+    card["parity"] = export_graph(served, split, onnx_path)
     publish(repo_dir=repo_dir, name=NAME, onnx_path=onnx_path, config_pbtxt=config_pbtxt(NAME, served.k),
             card=card, card_md=card_markdown(card), assets=write_assets(split, tmp))
     return card["parity"]

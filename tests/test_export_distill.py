@@ -97,6 +97,6 @@ def test_cnn_student_end_to_end(tiny_zoo, tmp_path, monkeypatch):
 
 
 def test_families_without_student_and_bad_profile(tmp_path):
-    assert distill.build_student("recommender", repo_dir=tmp_path, work_dir=tmp_path, profile="tiny") is None
+    assert distill.build_student("no-such-family", repo_dir=tmp_path, work_dir=tmp_path, profile="tiny") is None
     with pytest.raises(ValueError, match="profile"):
         distill.build_student("cnn", repo_dir=tmp_path, work_dir=tmp_path, profile="huge")
