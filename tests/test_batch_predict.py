@@ -180,4 +180,4 @@ def test_wrong_input_kind_and_missing_model_say_what_to_do(tiny_zoo, inputs, tmp
     monkeypatch.setenv("MODELSERVE_MODEL_REPOSITORY", str(tiny_zoo))
     assert main([*argv[:1], "nope", *argv[2:]]) == 2
     err = capsys.readouterr().err
-    assert str(tiny_zoo) in err and "cnn, recommender, speech, transformer" in err
+    assert str(tiny_zoo) in err and "cnn, recommender, speech, speech-stream, transformer" in err
