@@ -22,6 +22,7 @@ import uvloop
 
 from service.access import ASGIApp, grpc_interceptors, warn_if_exposed
 from service.core import InferenceCore
+from service.frontends import FrontEnds, reserve_port
 from service.grpc_app import start_grpc_server
 from service.http_app import create_app
 from service.http_server import DrainingServer, protocol_class
@@ -47,6 +48,7 @@ class Server:
         self._http: DrainingServer | None = None
         self._forced = False
         self._kill: asyncio.Future | None = None
+        self._fronts: FrontEnds | None = None
 
     async def start(self) -> None:
         """Bind gRPC, load the repository, then serve gRPC (HTTP is opened by `serve`)."""
@@ -95,7 +97,10 @@ class Server:
             loop.add_signal_handler(sig, self._on_signal, sig)
         s = self.settings
         warn_if_exposed(s)
-        http_sock = bind_tcp(PortSpec("HTTP", s.http_host, s.http_port, "--http-port"))
+        public = PortSpec("HTTP", s.http_host, s.http_port, "--http-port")
+        if s.http_workers > 1:
+            check_free(public)  # SO_REUSEPORT would bind beside a server of ours already listening there
+        http_sock = bind_tcp(public) if s.http_workers == 1 else reserve_port(public)
         metrics = None
         try:
             if s.metrics_port is not None:
@@ -125,14 +130,23 @@ class Server:
     async def _serve_http(self, sock: socket.socket) -> None:
         self._http = http = DrainingServer(uvicorn_config(self.settings, self.app))
         host, port = sock.getsockname()[:2]
-        log.info("KServe V2 HTTP on %s:%d", host, port)
+        if self.settings.http_workers > 1:  # front ends take the public port; this process serves them privately
+            self._fronts = FrontEnds(self.settings, self.core)
+            sock = bind_tcp(PortSpec("internal HTTP", "127.0.0.1", 0, "--http-workers"), listen=True)
+            await self._fronts.start(port=port, internal_url=f"http://127.0.0.1:{sock.getsockname()[1]}")
+        else:
+            log.info("KServe V2 HTTP on %s:%d", host, port)
         serving = asyncio.ensure_future(http.serve(sockets=[sock]))
         stopping = asyncio.ensure_future(self._stop.wait())
         await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.exit_timeout_secs
+        if self._fronts is not None:  # their requests in flight still need this process: they drain first
+            await self._fronts.stop(deadline)
         http.deadline, http.should_exit = deadline, True
         await asyncio.gather(serving, self._stop_grpc(deadline))
+        if self._fronts is not None:
+            sock.close()
         stopping.cancel()
         grace = 0.0 if self._forced else max(0.0, deadline - loop.time())
         await self._close(grace_s=grace)
@@ -144,6 +158,8 @@ class Server:
             self._forced = True
             if self._http is not None:
                 self._http.stop_now()
+            if self._fronts is not None:
+                self._fronts.kill()
             if self._grpc is not None:
                 self._kill = asyncio.ensure_future(self._grpc.stop(None))  # cancels the RPCs still running
             return

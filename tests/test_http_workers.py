@@ -1,0 +1,101 @@
+"""`modelserve serve --http-workers 2` (experimental): two HTTP front-end processes before one model process
+answer tritonclient like the single process does, and every process goes away on shutdown."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from tests.conftest import REPO_ROOT, free_port, wait_until
+from tests.onnx_builders import scale_model, write_config
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("workers") / "models"
+    scale_model(root / "scale" / "1" / "model.onnx")
+    write_config(root / "scale", "max_batch_size: 8\ndynamic_batching { }\n")
+    return root
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(v) for v in path.read_text().split()] if path.exists() else []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def _start(repo: Path, port: int) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "service.cli", "serve", "--model-repository", str(repo), "--http-port", str(port),
+           "--http-address", "127.0.0.1", "--log-level", "warning", "--http-workers", "2"]
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    def ready() -> bool:
+        assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1.0).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_until(ready, timeout=90, what="server with 2 front ends")
+    return proc
+
+
+def _infer(url: str, seed: int, *, binary: bool) -> None:
+    client = httpclient.InferenceServerClient(url)
+    x = np.random.default_rng(seed).standard_normal((1 + seed % 3, 4)).astype(np.float32)
+    inp = httpclient.InferInput("x", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x, binary_data=binary)
+    result = client.infer("scale", [inp], outputs=[httpclient.InferRequestedOutput("y", binary_data=binary)])
+    np.testing.assert_array_equal(result.as_numpy("y"), x * 2)
+    client.close()
+
+
+def test_two_front_ends_answer_tritonclient_and_leave_no_process_behind(repo):
+    port = free_port()
+    proc = _start(repo, port)
+    url = f"127.0.0.1:{port}"
+    try:
+        fronts = _children(proc.pid)
+        assert len(fronts) == 2 and all(_alive(p) for p in fronts), fronts
+        with ThreadPoolExecutor(8) as pool:  # many connections: both front ends get some (SO_REUSEPORT)
+            list(pool.map(lambda i: _infer(url, i, binary=i % 2 == 0), range(48)))
+        client = httpclient.InferenceServerClient(url)
+        assert client.is_server_ready() and client.get_model_metadata("scale")["name"] == "scale"  # proxied
+        bad = httpclient.InferInput("x", [1, 5], "FP32")
+        bad.set_data_from_numpy(np.ones((1, 5), np.float32))
+        with pytest.raises(InferenceServerException, match=r"expected shape \[-1, 4\], got \[1, 5\]"):
+            client.infer("scale", [bad])
+        stats = client.get_inference_statistics("scale")["model_stats"][0]["inference_stats"]
+        assert stats["success"]["count"] >= 48  # run by the one model process, whichever front end took it
+        client.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=30)
+    assert rc == 0
+    assert not [p for p in fronts if _alive(p)], "front-end processes outlived the server"
+
+
+def test_front_ends_die_with_a_killed_model_process(repo):
+    proc = _start(repo, free_port())
+    fronts = _children(proc.pid)
+    assert len(fronts) == 2
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+    wait_until(lambda: not any(_alive(p) for p in fronts), timeout=20, what="front ends to exit")
