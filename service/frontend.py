@@ -19,18 +19,18 @@ import signal
 import socket
 import sys
 from collections.abc import Callable
-from typing import Any
 
+import grpc
 import httpx
 import uvicorn
 import uvloop
 
 from service.errors import ModelNotReady, ServingError
-from service.frontend_link import FrontEndLink
+from service.frontend_link import FrontEndLink, ModelProcessDecodes, NoShm
+from service.grpc_frontend import start_grpc_frontend
 from service.http_infer import INFER_PATH, _header_length, _send, decompress, read_body, send_error
 from service.http_server import DrainingServer, protocol_class
 from service.protocol_v2 import decode_request, encode_response_parts
-from service.shm import OFFSET_PARAM, REGION_PARAM, SIZE_PARAM
 from service.v2_plans import RequestPlans
 
 log = logging.getLogger("modelserve.frontend")
@@ -38,19 +38,6 @@ log = logging.getLogger("modelserve.frontend")
 _HOP_BY_HOP = {b"connection", b"keep-alive", b"transfer-encoding", b"upgrade", b"proxy-connection", b"te",
                b"trailer", b"host"}
 _JSON = b"application/json"
-
-
-class _ModelProcessDecodes(Exception):
-    """This request needs the model process's own decoder (shared memory lives there)."""
-
-
-class _NoShm:
-    """Stands in for the shared-memory registry: any tensor that names a region goes to the model process."""
-
-    def ref(self, params: dict[str, Any], *, tensor: str) -> None:
-        if REGION_PARAM in params or SIZE_PARAM in params or OFFSET_PARAM in params:
-            raise _ModelProcessDecodes
-        return None
 
 
 class FrontEndApp:
@@ -87,7 +74,7 @@ class FrontEndApp:
                 return
             try:
                 req, encoding = self._decode(body, header_length=header_length, model=model, version=version)
-            except _ModelProcessDecodes:
+            except ModelProcessDecodes:
                 await self._proxy(scope, receive, send, body=raw)
                 return
             payload, header_len = encode_response_parts(await self.link.infer(req), encoding)
@@ -113,7 +100,7 @@ class FrontEndApp:
                 if planned is not None:
                     return planned
         req, encoding = decode_request(body, header_length=header_length, model_name=model, model_version=version,
-                                       max_tensor_bytes=self.limit, shm=_NoShm())  # type: ignore[arg-type]
+                                       max_tensor_bytes=self.limit, shm=NoShm())  # type: ignore[arg-type]
         if header_length is not None and 0 < header_length < len(body):
             self.plans.learn(body, header_length=header_length, req=req, encoding=encoding)
         return req, encoding
@@ -144,6 +131,14 @@ class FrontEndApp:
             await upstream.aclose()
 
 
+async def _serve_grpc(server: grpc.aio.Server, channel: grpc.aio.Channel, *, stopping: asyncio.Event,
+                      grace_s: float) -> None:
+    """Until SIGTERM: then refuse new RPCs and let those in flight finish, up to `grace_s`."""
+    await stopping.wait()
+    await server.stop(grace=grace_s)
+    await channel.close()
+
+
 def _die_with_parent() -> None:
     """Linux: SIGTERM this process when the model process dies, so a killed server leaves no orphans."""
     try:
@@ -172,16 +167,27 @@ async def _serve(args: argparse.Namespace) -> None:
                                 log_level=args.log_level, timeout_keep_alive=30,
                                 http=protocol_class(header_timeout=args.header_timeout))
         server = DrainingServer(config)
+        grpc_server = None
+        if args.grpc_port is not None:
+            grpc_server, channel = await start_grpc_frontend(
+                link=link, host=args.grpc_host or args.host, port=args.grpc_port, upstream=args.grpc_upstream,
+                max_request_bytes=args.max_request_bytes, fast=not args.proxy_only)
+
+        stopping = asyncio.Event()
 
         def stop() -> None:
             server.deadline = loop.time() + args.exit_timeout
             server.should_exit = True
+            stopping.set()
 
         loop.add_signal_handler(signal.SIGTERM, stop)
         loop.add_signal_handler(signal.SIGINT, lambda: None)  # the model process decides (Ctrl-C reaches all)
         watch = loop.create_task(link.closed.wait())
         watch.add_done_callback(lambda _: stop())  # model process gone: stop too
-        await server.serve(sockets=[sock])
+        serving = [server.serve(sockets=[sock])]
+        if grpc_server is not None:
+            serving.append(_serve_grpc(grpc_server, channel, stopping=stopping, grace_s=args.exit_timeout))
+        await asyncio.gather(*serving)
         watch.cancel()
     sock.close()
 
@@ -196,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--header-timeout", type=float, default=30.0)
     p.add_argument("--exit-timeout", type=float, default=30.0)
     p.add_argument("--log-level", default="warning")
+    p.add_argument("--grpc-port", type=int, help="also serve gRPC on this port, forwarding to --grpc-upstream")
+    p.add_argument("--grpc-host")
+    p.add_argument("--grpc-upstream", help="the model process's gRPC address (unix:PATH)")
     p.add_argument("--proxy-only", action="store_true", help="decode nothing here (access control, tracing)")
     args = p.parse_args(argv)
     _die_with_parent()

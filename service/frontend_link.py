@@ -21,10 +21,24 @@ from typing import Any
 
 from service.core import InferenceCore, InferRequest, InferResponse
 from service.errors import ModelNotReady, ServingError
+from service.shm import OFFSET_PARAM, REGION_PARAM, SIZE_PARAM
 
 log = logging.getLogger("modelserve.frontends")
 
 FRAME = struct.Struct("<IQ")  # payload bytes, request id
+
+
+class ModelProcessDecodes(Exception):
+    """This request needs the model process's own decoder (shared memory lives there)."""
+
+
+class NoShm:
+    """Stands in for the shared-memory registry: any tensor that names a region goes to the model process."""
+
+    def ref(self, params: dict[str, Any], *, tensor: str) -> None:
+        if REGION_PARAM in params or SIZE_PARAM in params or OFFSET_PARAM in params:
+            raise ModelProcessDecodes
+        return None
 
 
 class FrameProtocol(asyncio.Protocol):

@@ -34,6 +34,7 @@ class FrontEnds:
         self.settings = settings
         self.core = core
         self._dir = Path(tempfile.mkdtemp(prefix="modelserve-fe-"))
+        self.grpc_socket = self._dir / "grpc.sock"  # the model process's gRPC, for what front ends forward
         self._unix: asyncio.AbstractServer | None = None
         self.procs: list[asyncio.subprocess.Process] = []
 
@@ -53,6 +54,9 @@ class FrontEnds:
                "--max-request-bytes", str(s.max_request_bytes), "--header-timeout", str(s.http_header_timeout_secs),
                "--exit-timeout", str(s.exit_timeout_secs), "--log-level", s.log_level,
                *([] if self._fast() else ["--proxy-only"])]
+        if s.grpc_port is not None:
+            cmd += ["--grpc-port", str(s.grpc_port), "--grpc-host", s.grpc_host or s.http_host,
+                    "--grpc-upstream", f"unix:{self.grpc_socket}"]
         for _ in range(s.http_workers):
             self.procs.append(await asyncio.create_subprocess_exec(*cmd))
         log.info("KServe V2 HTTP on %s:%d: %d front-end processes (experimental), pids %s", s.http_host,

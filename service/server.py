@@ -48,7 +48,7 @@ class Server:
         self._http: DrainingServer | None = None
         self._forced = False
         self._kill: asyncio.Future | None = None
-        self._fronts: FrontEnds | None = None
+        self._fronts = FrontEnds(settings, self.core) if settings.http_workers > 1 else None
 
     async def start(self) -> None:
         """Bind gRPC, load the repository, then serve gRPC (HTTP is opened by `serve`)."""
@@ -56,9 +56,11 @@ class Server:
         if s.grpc_port is not None:
             host = s.grpc_host or s.http_host
             check_free(PortSpec("gRPC", host, s.grpc_port, "--grpc-port"))
+            # With front ends they serve the public port; this process's gRPC is theirs alone, on a Unix socket.
+            inner = None if self._fronts is None else f"unix:{self._fronts.grpc_socket}"
             self._grpc = await start_grpc_server(self.core, host=host, port=s.grpc_port,
                                                  max_message_bytes=s.max_request_bytes,
-                                                 interceptors=grpc_interceptors(s), start=False)
+                                                 interceptors=grpc_interceptors(s), start=False, address=inner)
         await self.repository.start()
         if self._grpc is not None:
             await self._grpc.start()
@@ -130,8 +132,7 @@ class Server:
     async def _serve_http(self, sock: socket.socket) -> None:
         self._http = http = DrainingServer(uvicorn_config(self.settings, self.app))
         host, port = sock.getsockname()[:2]
-        if self.settings.http_workers > 1:  # front ends take the public port; this process serves them privately
-            self._fronts = FrontEnds(self.settings, self.core)
+        if self._fronts is not None:  # front ends take the public port; this process serves them privately
             sock = bind_tcp(PortSpec("internal HTTP", "127.0.0.1", 0, "--http-workers"), listen=True)
             await self._fronts.start(port=port, internal_url=f"http://127.0.0.1:{sock.getsockname()[1]}")
         else:

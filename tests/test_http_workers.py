@@ -1,5 +1,5 @@
-"""`modelserve serve --http-workers 2` (experimental): two HTTP front-end processes before one model process
-answer tritonclient like the single process does, and every process goes away on shutdown."""
+"""`modelserve serve --http-workers 2` (experimental): two front-end processes (HTTP and gRPC) before one model
+process answer tritonclient like the single process does, and every process goes away on shutdown."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
@@ -41,9 +42,10 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def _start(repo: Path, port: int) -> subprocess.Popen:
+def _start(repo: Path, port: int, *, grpc_port: int | None = None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "service.cli", "serve", "--model-repository", str(repo), "--http-port", str(port),
-           "--http-address", "127.0.0.1", "--log-level", "warning", "--http-workers", "2"]
+           "--http-address", "127.0.0.1", "--log-level", "warning", "--http-workers", "2",
+           *([] if grpc_port is None else ["--grpc-port", str(grpc_port)])]
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
     def ready() -> bool:
@@ -67,9 +69,18 @@ def _infer(url: str, seed: int, *, binary: bool) -> None:
     client.close()
 
 
+def _grpc_infer(url: str, seed: int) -> None:
+    client = grpcclient.InferenceServerClient(url)
+    x = np.random.default_rng(seed).standard_normal((2, 4)).astype(np.float32)
+    inp = grpcclient.InferInput("x", [2, 4], "FP32")
+    inp.set_data_from_numpy(x)
+    np.testing.assert_array_equal(client.infer("scale", [inp]).as_numpy("y"), x * 2)
+    client.close()
+
+
 def test_two_front_ends_answer_tritonclient_and_leave_no_process_behind(repo):
-    port = free_port()
-    proc = _start(repo, port)
+    port, grpc_port = free_port(), free_port()
+    proc = _start(repo, port, grpc_port=grpc_port)
     url = f"127.0.0.1:{port}"
     try:
         fronts = _children(proc.pid)
@@ -82,8 +93,18 @@ def test_two_front_ends_answer_tritonclient_and_leave_no_process_behind(repo):
         bad.set_data_from_numpy(np.ones((1, 5), np.float32))
         with pytest.raises(InferenceServerException, match=r"expected shape \[-1, 4\], got \[1, 5\]"):
             client.infer("scale", [bad])
+        with ThreadPoolExecutor(8) as pool:  # gRPC: the front ends serve the public port too
+            list(pool.map(lambda i: _grpc_infer(f"127.0.0.1:{grpc_port}", i), range(16)))
+        g = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+        assert g.is_server_ready() and g.get_model_metadata("scale").name == "scale"  # forwarded RPCs
+        bad = grpcclient.InferInput("x", [1, 5], "FP32")
+        bad.set_data_from_numpy(np.ones((1, 5), np.float32))
+        with pytest.raises(InferenceServerException, match=r"expected shape \[-1, 4\], got \[1, 5\]") as err:
+            g.infer("scale", [bad])
+        assert err.value.status() == "StatusCode.INVALID_ARGUMENT"
+        g.close()
         stats = client.get_inference_statistics("scale")["model_stats"][0]["inference_stats"]
-        assert stats["success"]["count"] >= 48  # run by the one model process, whichever front end took it
+        assert stats["success"]["count"] >= 64  # run by the one model process, whichever front end took it
         client.close()
     finally:
         proc.send_signal(signal.SIGTERM)
