@@ -33,12 +33,12 @@ def _counts(server: ServerProcess, model: str) -> tuple[int, int]:
     return stats["inference_count"], stats["execution_count"]
 
 
-def _cell(server: ServerProcess, *, args: argparse.Namespace) -> tuple[float, ...]:
+def _cell(server: ServerProcess, *, protocol: str, args: argparse.Namespace) -> tuple[float, ...]:
     """(rows/s, CPU-us per request of the model process, of the front ends, of the load generator, mean batch)
     of one timed level."""
     rows0, runs0 = _counts(server, args.model)
     before, own = tree_cpu_seconds(server.pid), time.process_time()
-    cfg = LoadConfig(target=Target(server.url, args.model), protocols=[args.protocol],
+    cfg = LoadConfig(target=Target(server.url, args.model, grpc_url=server.grpc_url), protocols=[protocol],
                      concurrencies=[args.concurrency], requests=10**7, time_cap_s=args.seconds, progress=False)
     _, (level,) = run_sync(cfg)
     after, own = tree_cpu_seconds(server.pid), time.process_time() - own
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repository", type=Path, required=True)
     p.add_argument("--model", default="cnn")
-    p.add_argument("--protocol", default="binary", choices=["binary", "json"])
+    p.add_argument("--protocols", default="binary,grpc", help="comma-separated: binary, json, grpc")
     p.add_argument("--workers", default="1,2", help="comma-separated --http-workers values (1: one process)")
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--seconds", type=float, default=4.0, help="per cell")
@@ -76,27 +76,30 @@ def main(argv: list[str] | None = None) -> int:
     onnx_path = next((args.repository / args.model).glob("*/model.onnx"))
     workers = [int(v) for v in args.workers.split(",")]
     load0 = os.getloadavg()
-    cells: dict[int, list[tuple[float, ...]]] = {n: [] for n in workers}
+    protocols = [v for v in args.protocols.split(",") if v]
+    cells: dict[tuple[str, int], list[tuple[float, ...]]] = {(pr, n): [] for pr in protocols for n in workers}
     with ExitStack() as stack:
         servers = {n: stack.enter_context(serve(args.repository, log_path=args.output.parent / f"server-w{n}.log",
+                                                grpc="grpc" in protocols,
                                                 extra_args=["--http-workers", str(n)] if n > 1 else None))
                    for n in workers}
         for _ in range(args.rounds):
             ceiling = _ceiling(onnx_path, seconds=args.ceiling_seconds)
-            for n, server in servers.items():
-                cells[n].append((ceiling, *_cell(server, args=args)))
+            for protocol in protocols:
+                for n, server in servers.items():
+                    cells[protocol, n].append((ceiling, *_cell(server, protocol=protocol, args=args)))
     load1 = os.getloadavg()
-    lines = ["| --http-workers | rows/s median [min-max] | / ceiling (same round) | model-process CPU-us/req "
+    lines = ["| protocol | --http-workers | rows/s median [min-max] | / ceiling (same round) | model-process CPU-us/req "
              "| front-end CPU-us/req | load generator CPU-us/req | mean batch |",
-             "|---|---|---|---|---|---|---|"]
-    for n, rows in cells.items():
+             "|---|---|---|---|---|---|---|---|"]
+    for (protocol, n), rows in cells.items():
         arr = np.array(rows)
         rate, ratio = arr[:, 1], arr[:, 1] / arr[:, 0]
-        lines.append(f"| {n} | {np.median(rate):.0f} [{rate.min():.0f}-{rate.max():.0f}] | {np.median(ratio):.2f} "
+        lines.append(f"| {protocol} | {n} | {np.median(rate):.0f} [{rate.min():.0f}-{rate.max():.0f}] | {np.median(ratio):.2f} "
                      f"[{ratio.min():.2f}-{ratio.max():.2f}] | {np.median(arr[:, 2]):.0f} | {np.median(arr[:, 3]):.0f} "
                      f"| {np.median(arr[:, 4]):.0f} | {np.median(arr[:, 5]):.1f} |")
     ceilings = np.array([r[0] for r in next(iter(cells.values()))])
-    lines.append(f"\n{args.model}, {args.protocol}, c={args.concurrency}, {args.rounds} rounds x {args.seconds:g} s; "
+    lines.append(f"\n{args.model}, c={args.concurrency}, {args.rounds} rounds x {args.seconds:g} s; "
                  f"ceiling {np.median(ceilings):.0f} rows/s median [{ceilings.min():.0f}-{ceilings.max():.0f}]; "
                  f"load average {', '.join(f'{v:.1f}' for v in load0)} before, "
                  f"{', '.join(f'{v:.1f}' for v in load1)} after")
