@@ -17,6 +17,7 @@ import signal
 import socket
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from service.core import InferenceCore
@@ -37,14 +38,18 @@ class FrontEnds:
         self.grpc_socket = self._dir / "grpc.sock"  # the model process's gRPC, for what front ends forward
         self._unix: asyncio.AbstractServer | None = None
         self.procs: list[asyncio.subprocess.Process] = []
+        self.lost: str | None = None  # why a front end exited on its own, if one did
+        self._stopping = False
+        self._watches: list[asyncio.Task] = []
 
     def _fast(self) -> bool:
         """Decode in the front ends unless something they would skip is on (access control, tracing)."""
         enforced = bool(self.settings.api_keys or self.settings.http_restricted_api)
         return not enforced and not self.core.tracing.enabled
 
-    async def start(self, *, port: int, internal_url: str) -> None:
-        """Open the model process's end of the links, then start the front ends on the public `port`."""
+    async def start(self, *, port: int, internal_url: str, on_lost: Callable[[], None]) -> None:
+        """Open the model process's end of the links, then start the front ends on the public `port`.
+        `on_lost` is called if one exits on its own (could not bind, crashed, was killed): the server stops."""
         loop = asyncio.get_running_loop()
         path = str(self._dir / "worker.sock")
         self._unix = await loop.create_unix_server(lambda: WorkerProtocol(self.core), path)
@@ -58,12 +63,22 @@ class FrontEnds:
             cmd += ["--grpc-port", str(s.grpc_port), "--grpc-host", s.grpc_host or s.http_host,
                     "--grpc-upstream", f"unix:{self.grpc_socket}"]
         for _ in range(s.http_workers):
-            self.procs.append(await asyncio.create_subprocess_exec(*cmd))
+            proc = await asyncio.create_subprocess_exec(*cmd)
+            self.procs.append(proc)
+            self._watches.append(asyncio.ensure_future(self._watch(proc, on_lost)))
         log.info("KServe V2 HTTP on %s:%d: %d front-end processes (experimental), pids %s", s.http_host,
                  port, len(self.procs), [p.pid for p in self.procs])
 
+    async def _watch(self, proc: asyncio.subprocess.Process, on_lost: Callable[[], None]) -> None:
+        code = await proc.wait()
+        if not self._stopping and self.lost is None:
+            self.lost = f"front-end process {proc.pid} exited on its own (exit code {code}); see the log above"
+            log.error("%s: stopping the server", self.lost)
+            on_lost()
+
     async def stop(self, deadline: float) -> None:
         """SIGTERM every front end, wait for them up to `deadline` (loop time), kill what is left."""
+        self._stopping = True
         loop = asyncio.get_running_loop()
         for proc in self.procs:
             if proc.returncode is None:
@@ -75,6 +90,8 @@ class FrontEnds:
                 log.warning("exit timeout: killing %d front-end process(es)", len(pending))
                 self.kill()
                 await asyncio.gather(*pending)
+        for watch in self._watches:
+            watch.cancel()
         if self._unix is not None:
             self._unix.close()
         shutil.rmtree(self._dir, ignore_errors=True)

@@ -27,7 +27,7 @@ from service.grpc_app import start_grpc_server
 from service.http_app import create_app
 from service.http_server import DrainingServer, protocol_class
 from service.metrics import Metrics
-from service.ports import MetricsServer, PortSpec, bind_tcp, check_free
+from service.ports import MetricsServer, PortSpec, StartupError, bind_tcp, check_free
 from service.repository import ModelRepository
 from service.settings import ServerSettings
 
@@ -134,7 +134,8 @@ class Server:
         host, port = sock.getsockname()[:2]
         if self._fronts is not None:  # front ends take the public port; this process serves them privately
             sock = bind_tcp(PortSpec("internal HTTP", "127.0.0.1", 0, "--http-workers"), listen=True)
-            await self._fronts.start(port=port, internal_url=f"http://127.0.0.1:{sock.getsockname()[1]}")
+            await self._fronts.start(port=port, internal_url=f"http://127.0.0.1:{sock.getsockname()[1]}",
+                                     on_lost=self._lost_front_end)
         else:
             log.info("KServe V2 HTTP on %s:%d", host, port)
         serving = asyncio.ensure_future(http.serve(sockets=[sock]))
@@ -152,6 +153,12 @@ class Server:
         grace = 0.0 if self._forced else max(0.0, deadline - loop.time())
         await self._close(grace_s=grace)
         log.info("stopped")
+        if self._fronts is not None and self._fronts.lost is not None:
+            raise StartupError(f"{self._fronts.lost}; the server stopped")  # a non-zero exit, for supervisors
+
+    def _lost_front_end(self) -> None:
+        self.core.begin_shutdown()
+        self._stop.set()
 
     def _on_signal(self, sig: signal.Signals) -> None:
         if self._stop.is_set():

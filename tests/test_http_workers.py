@@ -120,3 +120,13 @@ def test_front_ends_die_with_a_killed_model_process(repo):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=10)
     wait_until(lambda: not any(_alive(p) for p in fronts), timeout=20, what="front ends to exit")
+
+
+def test_a_front_end_that_dies_stops_the_server_with_an_error(repo):
+    proc = _start(repo, free_port())
+    fronts = _children(proc.pid)
+    os.kill(fronts[0], signal.SIGKILL)
+    rc = proc.wait(timeout=40)
+    out = proc.stdout.read().decode() if proc.stdout else ""
+    assert rc != 0 and f"front-end process {fronts[0]} exited on its own" in out, out
+    assert not any(_alive(p) for p in fronts)
