@@ -5,22 +5,23 @@ socket; the model process runs it through its InferenceCore (so its batcher sees
 and sends the `InferResponse` back; the front end encodes it. One connection per front end, many requests in
 flight on it, each frame tagged with a request id.
 
-NOTE: hand-written framing (length + id header, pickle protocol 5 payload) because asyncio's streams cost an
+NOTE: hand-written framing (length + id header; bodies: service/frontend_codec.py) because asyncio's streams cost an
 await and a buffer copy per frame on each side, and each loop iteration's frames are written with one
 `write` (what loadtests/ipc_micro.py measured at 1.4 CPU-us per request round trip against 18.6 for one
-write per frame). Pickle is only ever read from the model process's own children over a private socket.
+write per frame). Pickle (the codec's fallback) is only read from this server's own processes over a private
+socket.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import pickle
 import struct
 from typing import Any
 
 from service.core import InferenceCore, InferRequest, InferResponse
 from service.errors import ModelNotReady, ServingError
+from service.frontend_codec import dump_reply, dump_request, load_reply, load_request
 from service.shm import OFFSET_PARAM, REGION_PARAM, SIZE_PARAM
 
 log = logging.getLogger("modelserve.frontends")
@@ -109,13 +110,13 @@ class WorkerProtocol(FrameProtocol):
 
     async def _infer(self, rid: int, payload: bytes) -> None:
         try:
-            reply: tuple = ("ok", await self.core.infer(pickle.loads(payload)))
+            reply: InferResponse | tuple = await self.core.infer(load_request(payload))
         except ServingError as exc:
             reply = _error_reply(exc)
         except Exception as exc:  # never a bare 500: the front end answers with the V2 error shape
             log.exception("unhandled error in infer (front-end request)")
             reply = _error_reply(ServingError(f"internal error ({type(exc).__name__}); see the server log"))
-        self.send_frame(rid, pickle.dumps(reply, protocol=5))
+        self.send_frame(rid, dump_reply(reply))
 
     def connection_lost(self, exc: Exception | None) -> None:
         for task in self._tasks:
@@ -138,7 +139,7 @@ class FrontEndLink(FrameProtocol):
         rid = self._next
         fut = asyncio.get_running_loop().create_future()
         self._waiting[rid] = fut
-        self.send_frame(rid, pickle.dumps(req, protocol=5))
+        self.send_frame(rid, dump_request(req))
         try:
             return await fut
         finally:
@@ -148,9 +149,9 @@ class FrontEndLink(FrameProtocol):
         fut = self._waiting.pop(rid, None)
         if fut is None or fut.done():
             return  # the caller left (cancelled) before the answer came
-        reply: Any = pickle.loads(payload)
-        if reply[0] == "ok":
-            fut.set_result(reply[1])
+        reply = load_reply(payload)
+        if isinstance(reply, InferResponse):
+            fut.set_result(reply)
         else:
             fut.set_exception(_rebuild_error(*reply[1:]))
 

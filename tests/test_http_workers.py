@@ -17,6 +17,8 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
+from service.core import InferRequest, InferResponse, OutputTensor, RequestedOutput
+from service.frontend_codec import dump_reply, dump_request, load_reply, load_request
 from tests.conftest import REPO_ROOT, free_port, wait_until
 from tests.onnx_builders import scale_model, write_config
 
@@ -146,3 +148,21 @@ def test_a_front_end_that_dies_stops_the_server_with_an_error(repo):
     out = proc.stdout.read().decode() if proc.stdout else ""
     assert rc != 0 and f"front-end process {fronts[0]} exited on its own" in out, out
     assert not any(_alive(p) for p in fronts)
+
+
+def test_link_bodies_round_trip_numeric_tensors_packed_and_the_rest_pickled():
+    image = np.arange(784, dtype=np.float32).reshape(1, 1, 28, 28)
+    req = InferRequest(model_name="cnn", model_version=None, inputs={"image": image, "k": np.array([[True]])},
+                       outputs=[RequestedOutput("y", class_count=3)], parameters={"a": [1, "b"]}, id="r1")
+    body = dump_request(req)
+    assert body[:1] == b"T"  # the packed form: a JSON header and the raw bytes
+    back = load_request(body)
+    assert (back.model_name, back.model_version, back.id, back.parameters) == ("cnn", None, "r1", {"a": [1, "b"]})
+    assert back.outputs == [RequestedOutput("y", class_count=3)]
+    np.testing.assert_array_equal(back.inputs["image"], image)
+    assert back.inputs["k"].dtype == np.bool_ and back.inputs["k"].shape == (1, 1)
+    texts = InferRequest(model_name="t", model_version="2", inputs={"s": np.array([b"ab", b""], dtype=object)})
+    assert dump_request(texts)[:1] == b"P" and list(load_request(dump_request(texts)).inputs["s"]) == [b"ab", b""]
+    resp = InferResponse(model_name="cnn", model_version="1", outputs=[OutputTensor("y", np.ones((2, 0), np.int64))])
+    out = load_reply(dump_reply(resp))
+    assert isinstance(out, InferResponse) and out.outputs[0].data.shape == (2, 0)
