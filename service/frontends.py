@@ -94,6 +94,10 @@ class FrontEnds:
             watch.cancel()
         if self._unix is not None:
             self._unix.close()
+        self.remove_sockets()
+
+    def remove_sockets(self) -> None:
+        """Remove the folder of the Unix sockets (also when the server stops before the front ends start)."""
         shutil.rmtree(self._dir, ignore_errors=True)
 
     def kill(self) -> None:

@@ -116,6 +116,8 @@ class Server:
             http_sock.close()
             if metrics is not None:
                 metrics.close()
+            if self._fronts is not None:
+                self._fronts.remove_sockets()
 
     async def _started_unless_stopped(self) -> bool:
         """Start (bind gRPC, load models) unless a signal comes first; False if it did."""
