@@ -4,6 +4,7 @@ process answer tritonclient like the single process does, and every process goes
 from __future__ import annotations
 
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -95,6 +96,24 @@ def _forwarded_and_refused_requests(url: str) -> None:
     assert unknown.status_code == 404 and "nope" in unknown.json()["error"]
 
 
+def _stream_through_front_end(client: grpcclient.InferenceServerClient) -> None:
+    """ModelStreamInfer is forwarded to the model process: answers and errors come back on the stream."""
+    answers: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    x = np.ones((1, 4), np.float32)
+    good, bad = grpcclient.InferInput("x", [1, 4], "FP32"), grpcclient.InferInput("x", [1, 5], "FP32")
+    good.set_data_from_numpy(x)
+    bad.set_data_from_numpy(np.ones((1, 5), np.float32))
+    client.async_stream_infer("scale", [good], request_id="a")
+    client.async_stream_infer("scale", [bad], request_id="b")
+    got = [answers.get(timeout=30), answers.get(timeout=30)]  # a refused request may be answered first
+    client.stop_stream()
+    (result,) = [r for r, e in got if e is None]
+    np.testing.assert_array_equal(result.as_numpy("y"), x * 2)
+    (error,) = [e for r, e in got if e is not None]
+    assert "expected shape [-1, 4], got [1, 5]" in error.message()
+
+
 def test_two_front_ends_answer_tritonclient_and_leave_no_process_behind(repo):
     port, grpc_port = free_port(), free_port()
     proc = _start(repo, port, grpc_port=grpc_port)
@@ -119,6 +138,7 @@ def test_two_front_ends_answer_tritonclient_and_leave_no_process_behind(repo):
         with pytest.raises(InferenceServerException, match=r"expected shape \[-1, 4\], got \[1, 5\]") as err:
             g.infer("scale", [bad])
         assert err.value.status() == "StatusCode.INVALID_ARGUMENT"
+        _stream_through_front_end(g)
         g.close()
         _forwarded_and_refused_requests(url)
         stats = client.get_inference_statistics("scale")["model_stats"][0]["inference_stats"]
