@@ -186,3 +186,9 @@ def test_link_bodies_round_trip_numeric_tensors_packed_and_the_rest_pickled():
     resp = InferResponse(model_name="cnn", model_version="1", outputs=[OutputTensor("y", np.ones((2, 0), np.int64))])
     out = load_reply(dump_reply(resp))
     assert isinstance(out, InferResponse) and out.outputs[0].data.shape == (2, 0)
+
+
+def test_http_workers_out_of_range_is_refused_with_the_valid_range(repo):
+    out = subprocess.run([sys.executable, "-m", "service.cli", "serve", "--model-repository", str(repo),
+                          "--http-workers", "0"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "http_workers" in out.stderr and "greater than or equal to 1" in out.stderr
