@@ -24,7 +24,7 @@ import onnxruntime
 from loadtests.benchmodel import check_provider, measure_ceiling
 from loadtests.generator import LoadConfig, Target, run_sync
 from loadtests.report import summarize
-from loadtests.serverproc import ServerProcess, serve, tree_cpu_seconds
+from loadtests.serverproc import REPO_ROOT, ServerProcess, serve, tree_cpu_seconds
 
 
 def _counts(server: ServerProcess, model: str) -> tuple[int, int]:
@@ -66,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repository", type=Path, required=True)
     p.add_argument("--model", default="cnn")
     p.add_argument("--protocols", default="binary,grpc", help="comma-separated: binary, json, grpc")
-    p.add_argument("--workers", default="1,2", help="comma-separated --http-workers values (1: one process)")
+    p.add_argument("--workers", default="1,2", help="comma-separated --http-workers values (1: one process); "
+                                                    "a trailing c (e.g. 2c) runs the --compare checkout's code")
+    p.add_argument("--compare", type=Path, help="another checkout of the project (e.g. `git archive` of a commit)")
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--seconds", type=float, default=4.0, help="per cell")
     p.add_argument("--ceiling-seconds", type=float, default=1.5, help="per batch size per round")
@@ -74,15 +76,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", type=Path, default=Path("bench_results/frontends.md"))
     args = p.parse_args(argv)
     onnx_path = next((args.repository / args.model).glob("*/model.onnx"))
-    workers = [int(v) for v in args.workers.split(",")]
+    workers = [v for v in args.workers.split(",") if v]
+    if any(w.endswith("c") for w in workers) and args.compare is None:
+        p.error("--workers with a trailing c needs --compare DIR")
     load0 = os.getloadavg()
     protocols = [v for v in args.protocols.split(",") if v]
-    cells: dict[tuple[str, int], list[tuple[float, ...]]] = {(pr, n): [] for pr in protocols for n in workers}
+    cells: dict[tuple[str, str], list[tuple[float, ...]]] = {(pr, w): [] for pr in protocols for w in workers}
     with ExitStack() as stack:
-        servers = {n: stack.enter_context(serve(args.repository, log_path=args.output.parent / f"server-w{n}.log",
-                                                grpc="grpc" in protocols,
-                                                extra_args=["--http-workers", str(n)] if n > 1 else None))
-                   for n in workers}
+        servers = {w: stack.enter_context(serve(
+            args.repository, log_path=args.output.parent / f"server-w{w}.log", grpc="grpc" in protocols,
+            code_root=args.compare.resolve() if w.endswith("c") else REPO_ROOT,
+            extra_args=["--http-workers", w.rstrip("c")] if w.rstrip("c") != "1" else None)) for w in workers}
         for _ in range(args.rounds):
             ceiling = _ceiling(onnx_path, seconds=args.ceiling_seconds)
             for protocol in protocols:
