@@ -48,6 +48,13 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def tree_cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds of a process and of each of its children (e.g. `--http-workers` front ends), by pid."""
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    kids = [int(v) for v in children.read_text().split()] if children.exists() else []
+    return {str(p): cpu_seconds(p) for p in (pid, *kids)}
+
+
 def machine_busy_seconds() -> float:
     """CPU seconds all cores spent busy (not idle/iowait) since boot, from /proc/stat."""
     fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
@@ -67,13 +74,14 @@ def serve(
     grpc: bool = False,
     log_level: str = "warning",
     code_root: Path = REPO_ROOT,
+    extra_args: list[str] | None = None,
 ) -> Iterator[ServerProcess]:
     """Run the server until the block ends. `env` adds MODELSERVE_* settings; `command_prefix` wraps the
     command (e.g. py-spy record ... --), in which case `pid` is the wrapper's. `code_root`: the checkout whose
-    `service` package runs (another commit's, to compare two versions side by side)."""
+    `service` package runs (another commit's, to compare two versions side by side); `extra_args`: more flags."""
     port = free_port()
     cmd = [*(command_prefix or []), sys.executable, "-m", "service.cli", "serve", "--model-repository", str(repository),
-           "--http-port", str(port), "--http-address", "127.0.0.1", "--log-level", log_level]
+           "--http-port", str(port), "--http-address", "127.0.0.1", "--log-level", log_level, *(extra_args or [])]
     url = f"127.0.0.1:{port}"
     grpc_url = None
     if grpc:

@@ -56,6 +56,8 @@ def _serve_parser(sub) -> None:
                    help="local folder an s3:// (gs://, az://) model repository is mirrored into (default: a temp dir)")
     p.add_argument("--adaptive-batching", dest="adaptive_batching", type=_flag, metavar="BOOL",
                    help="wait for batch-mates only while it pays, by observed load (default false: Triton's delay)")
+    p.add_argument("--http-workers", dest="http_workers", type=int,
+                   help="experimental: N HTTP front-end processes before the one model process (default 1)")
 
 
 def _flag(value: str) -> bool:

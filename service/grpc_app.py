@@ -155,10 +155,11 @@ class InferenceServicer(ExtensionServicer, pb_grpc.GRPCInferenceServiceServicer)
 
 async def start_grpc_server(core: InferenceCore, *, host: str, port: int, max_message_bytes: int,
                             interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
-                            start: bool = True) -> grpc.aio.Server:
+                            start: bool = True, address: str | None = None) -> grpc.aio.Server:
     """Start the gRPC server on the running event loop (it shares the core, batchers and models with HTTP).
     `interceptors`: access control (service/access.grpc_interceptors), none when nothing is enforced.
-    `start=False` only binds the port (the caller starts it once the models are loaded)."""
+    `start=False` only binds the port (the caller starts it once the models are loaded). `address`: bind this
+    instead of host:port (`--http-workers`: a Unix socket only the front ends reach)."""
     # NOTE: gRPC turns SO_REUSEPORT on by default, which let a second server bind the same port and
     # silently take half the connections; a clash must be an error instead.
     options = [("grpc.max_receive_message_length", max_message_bytes),
@@ -167,7 +168,7 @@ async def start_grpc_server(core: InferenceCore, *, host: str, port: int, max_me
     server = grpc.aio.server(options=options, interceptors=list(interceptors) or None)
     server.add_generic_rpc_handlers((generic_handler(InferenceServicer(core)),))
     try:
-        bound = server.add_insecure_port(f"{host}:{port}")
+        bound = server.add_insecure_port(address or f"{host}:{port}")
     except RuntimeError:
         bound = 0
     if bound == 0:
@@ -175,5 +176,5 @@ async def start_grpc_server(core: InferenceCore, *, host: str, port: int, max_me
                            "stop the other server or pass --grpc-port")
     if start:
         await server.start()
-    log.info("KServe V2 gRPC on %s:%d", host, bound)
+    log.info("KServe V2 gRPC on %s", address or f"{host}:{bound}")
     return server

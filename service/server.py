@@ -22,11 +22,12 @@ import uvloop
 
 from service.access import ASGIApp, grpc_interceptors, warn_if_exposed
 from service.core import InferenceCore
+from service.frontends import FrontEnds, reserve_port
 from service.grpc_app import start_grpc_server
 from service.http_app import create_app
 from service.http_server import DrainingServer, protocol_class
 from service.metrics import Metrics
-from service.ports import MetricsServer, PortSpec, bind_tcp, check_free
+from service.ports import MetricsServer, PortSpec, StartupError, bind_tcp, check_free
 from service.repository import ModelRepository
 from service.settings import ServerSettings
 
@@ -47,6 +48,7 @@ class Server:
         self._http: DrainingServer | None = None
         self._forced = False
         self._kill: asyncio.Future | None = None
+        self._fronts = FrontEnds(settings, self.core) if settings.http_workers > 1 else None
 
     async def start(self) -> None:
         """Bind gRPC, load the repository, then serve gRPC (HTTP is opened by `serve`)."""
@@ -54,9 +56,11 @@ class Server:
         if s.grpc_port is not None:
             host = s.grpc_host or s.http_host
             check_free(PortSpec("gRPC", host, s.grpc_port, "--grpc-port"))
+            # With front ends they serve the public port; this process's gRPC is theirs alone, on a Unix socket.
+            inner = None if self._fronts is None else f"unix:{self._fronts.grpc_socket}"
             self._grpc = await start_grpc_server(self.core, host=host, port=s.grpc_port,
                                                  max_message_bytes=s.max_request_bytes,
-                                                 interceptors=grpc_interceptors(s), start=False)
+                                                 interceptors=grpc_interceptors(s), start=False, address=inner)
         await self.repository.start()
         if self._grpc is not None:
             await self._grpc.start()
@@ -95,7 +99,10 @@ class Server:
             loop.add_signal_handler(sig, self._on_signal, sig)
         s = self.settings
         warn_if_exposed(s)
-        http_sock = bind_tcp(PortSpec("HTTP", s.http_host, s.http_port, "--http-port"))
+        public = PortSpec("HTTP", s.http_host, s.http_port, "--http-port")
+        if s.http_workers > 1:
+            check_free(public)  # SO_REUSEPORT would bind beside a server of ours already listening there
+        http_sock = bind_tcp(public) if s.http_workers == 1 else reserve_port(public)
         metrics = None
         try:
             if s.metrics_port is not None:
@@ -109,6 +116,8 @@ class Server:
             http_sock.close()
             if metrics is not None:
                 metrics.close()
+            if self._fronts is not None:
+                self._fronts.remove_sockets()
 
     async def _started_unless_stopped(self) -> bool:
         """Start (bind gRPC, load models) unless a signal comes first; False if it did."""
@@ -125,18 +134,33 @@ class Server:
     async def _serve_http(self, sock: socket.socket) -> None:
         self._http = http = DrainingServer(uvicorn_config(self.settings, self.app))
         host, port = sock.getsockname()[:2]
-        log.info("KServe V2 HTTP on %s:%d", host, port)
+        if self._fronts is not None:  # front ends take the public port; this process serves them privately
+            sock = bind_tcp(PortSpec("internal HTTP", "127.0.0.1", 0, "--http-workers"), listen=True)
+            await self._fronts.start(port=port, internal_url=f"http://127.0.0.1:{sock.getsockname()[1]}",
+                                     on_lost=self._lost_front_end)
+        else:
+            log.info("KServe V2 HTTP on %s:%d", host, port)
         serving = asyncio.ensure_future(http.serve(sockets=[sock]))
         stopping = asyncio.ensure_future(self._stop.wait())
         await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.exit_timeout_secs
+        if self._fronts is not None:  # their requests in flight still need this process: they drain first
+            await self._fronts.stop(deadline)
         http.deadline, http.should_exit = deadline, True
         await asyncio.gather(serving, self._stop_grpc(deadline))
+        if self._fronts is not None:
+            sock.close()
         stopping.cancel()
         grace = 0.0 if self._forced else max(0.0, deadline - loop.time())
         await self._close(grace_s=grace)
         log.info("stopped")
+        if self._fronts is not None and self._fronts.lost is not None:
+            raise StartupError(f"{self._fronts.lost}; the server stopped")  # a non-zero exit, for supervisors
+
+    def _lost_front_end(self) -> None:
+        self.core.begin_shutdown()
+        self._stop.set()
 
     def _on_signal(self, sig: signal.Signals) -> None:
         if self._stop.is_set():
@@ -144,6 +168,8 @@ class Server:
             self._forced = True
             if self._http is not None:
                 self._http.stop_now()
+            if self._fronts is not None:
+                self._fronts.kill()
             if self._grpc is not None:
                 self._kill = asyncio.ensure_future(self._grpc.stop(None))  # cancels the RPCs still running
             return

@@ -128,6 +128,8 @@ class ServerSettings(BaseSettings):
     """ORT I/O binding into per-instance preallocated buffers (pinned on CUDA): auto = on GPU instances only."""
     gpu_fp16_variants: bool = True
     """On GPU instances, serve a model's published FP16 variant (<model>-fp16, same version) in its place."""
+    http_workers: int = Field(1, ge=1, le=64)
+    """Experimental: HTTP front-end processes sharing the port before one model process (1: a single process)."""
 
     @field_validator("model_repository", mode="before")
     @classmethod

@@ -1,0 +1,217 @@
+"""One HTTP front-end process of `modelserve serve --http-workers N` (experimental; service/frontends.py starts it).
+
+It listens on the public HTTP port beside its siblings (SO_REUSEPORT: the kernel spreads connections), parses
+HTTP, reads and decodes V2 infer requests (JSON and JSON + binary), hands the decoded request to the model
+process (service/frontend_link.py) and encodes the answer. Every other request, and infer requests it does not
+decode itself (Triton's raw binary body, shared-memory tensors), is proxied as-is to the model process's own
+HTTP server on a loopback port, so every route answers exactly as the single process does.
+
+    python -m service.frontend --host H --port P --worker-socket PATH --internal-url URL [--proxy-only]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ctypes
+import logging
+import signal
+import socket
+import sys
+from collections.abc import Callable
+
+import grpc
+import httpx
+import uvicorn
+import uvloop
+
+from service.errors import ModelNotReady, ServingError
+from service.frontend_link import FrontEndLink, ModelProcessDecodes, NoShm
+from service.grpc_frontend import start_grpc_frontend
+from service.http_infer import INFER_PATH, _header_length, _send, decompress, read_body, send_error
+from service.http_server import DrainingServer, protocol_class
+from service.protocol_v2 import decode_request, encode_response_parts
+from service.v2_plans import RequestPlans
+
+log = logging.getLogger("modelserve.frontend")
+
+_HOP_BY_HOP = {b"connection", b"keep-alive", b"transfer-encoding", b"upgrade", b"proxy-connection", b"te",
+               b"trailer", b"host"}
+_JSON = b"application/json"
+
+
+class FrontEndApp:
+    """ASGI app of a front end: V2 infer decoded here and run by the model process; all else proxied there."""
+
+    def __init__(self, *, link: FrontEndLink, proxy: httpx.AsyncClient, max_request_bytes: int,
+                 fast: bool = True) -> None:
+        self.link = link
+        self.proxy = proxy
+        self.limit = max_request_bytes
+        self.fast = fast
+        self.plans = RequestPlans()
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return
+        if self.fast and scope["method"] == "POST":
+            match = INFER_PATH.match(scope["path"])
+            if match is not None:
+                await self._infer(scope, receive, send, match["model"], match["version"])
+                return
+        await self._proxy(scope, receive, send, body=None)
+
+    async def _infer(self, scope: dict, receive: Callable, send: Callable, model: str, version: str | None) -> None:
+        try:
+            headers = dict(scope["headers"])
+            raw = await read_body(receive, declared=headers.get(b"content-length"), limit=self.limit)
+            if raw is None:
+                return
+            body = decompress(raw, encoding=headers.get(b"content-encoding", b"").decode().lower(), limit=self.limit)
+            header_length = _header_length(headers)
+            if header_length == 0:
+                await self._proxy(scope, receive, send, body=raw)  # Triton's raw binary body: needs the model spec
+                return
+            try:
+                req, encoding = self._decode(body, header_length=header_length, model=model, version=version)
+            except ModelProcessDecodes:
+                await self._proxy(scope, receive, send, body=raw)
+                return
+            payload, header_len = encode_response_parts(await self.link.infer(req), encoding)
+        except ServingError as exc:
+            await send_error(send, exc)
+            return
+        except Exception as exc:  # never a bare 500 in plain text
+            log.exception("unhandled error in infer")
+            await send_error(send, ServingError(f"internal error ({type(exc).__name__}); see the server log"))
+            return
+        if header_len is None:
+            await _send(send, status=200, body=payload, content_type=_JSON)
+        else:
+            await _send(send, status=200, body=payload, content_type=b"application/octet-stream",
+                        extra=[(b"inference-header-content-length", str(header_len).encode())])
+
+    def _decode(self, body: bytes, *, header_length: int | None, model: str, version: str | None) -> tuple:
+        """As InferFastPath._decode, with shared-memory tensors left to the model process."""
+        if header_length is not None and 0 < header_length <= len(body):
+            plan = self.plans.get(body, header_length)
+            if plan is not None:
+                planned = plan.request(body, header_length=header_length, model_name=model, model_version=version)
+                if planned is not None:
+                    return planned
+        req, encoding = decode_request(body, header_length=header_length, model_name=model, model_version=version,
+                                       max_tensor_bytes=self.limit, shm=NoShm())  # type: ignore[arg-type]
+        if header_length is not None and 0 < header_length < len(body):
+            self.plans.learn(body, header_length=header_length, req=req, encoding=encoding)
+        return req, encoding
+
+    async def _proxy(self, scope: dict, receive: Callable, send: Callable, *, body: bytes | None) -> None:
+        """Forward the request to the model process's HTTP server and stream its answer back unchanged."""
+        if body is None:
+            body = await read_body(receive, declared=dict(scope["headers"]).get(b"content-length"),
+                                   limit=self.limit)
+            if body is None:
+                return
+        path = scope["raw_path"].decode() + (f"?{scope['query_string'].decode()}" if scope["query_string"] else "")
+        headers = [(k, v) for k, v in scope["headers"] if k not in _HOP_BY_HOP]
+        try:
+            request = self.proxy.build_request(scope["method"], path, headers=headers, content=body)
+            upstream = await self.proxy.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            await send_error(send, ModelNotReady(f"the model process did not answer ({type(exc).__name__}); "
+                                                "the server may be shutting down; retry later"))
+            return
+        try:
+            out = [(k, v) for k, v in upstream.headers.raw if k.lower() not in _HOP_BY_HOP]
+            await send({"type": "http.response.start", "status": upstream.status_code, "headers": out})
+            async for chunk in upstream.aiter_raw():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+        finally:
+            await upstream.aclose()
+
+
+async def _serve_grpc(server: grpc.aio.Server, channel: grpc.aio.Channel, *, stopping: asyncio.Event,
+                      grace_s: float) -> None:
+    """Until SIGTERM: then refuse new RPCs and let those in flight finish, up to `grace_s`."""
+    await stopping.wait()
+    await server.stop(grace=grace_s)
+    await channel.close()
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGTERM this process when the model process dies, so a killed server leaves no orphans."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the parent still stops its front ends on every normal exit
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(1024)
+    return sock
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    loop = asyncio.get_running_loop()
+    _, link = await loop.create_unix_connection(FrontEndLink, args.worker_socket)
+    sock = _listen(args.host, args.port)
+    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+    async with httpx.AsyncClient(base_url=args.internal_url, limits=limits, timeout=None) as proxy:
+        app = FrontEndApp(link=link, proxy=proxy, max_request_bytes=args.max_request_bytes, fast=not args.proxy_only)
+        config = uvicorn.Config(app, loop="none", lifespan="off", access_log=False, proxy_headers=False,
+                                log_level=args.log_level, timeout_keep_alive=30,
+                                http=protocol_class(header_timeout=args.header_timeout))
+        server = DrainingServer(config)
+        grpc_server = None
+        if args.grpc_port is not None:
+            grpc_server, channel = await start_grpc_frontend(
+                link=link, host=args.grpc_host or args.host, port=args.grpc_port, upstream=args.grpc_upstream,
+                max_request_bytes=args.max_request_bytes, fast=not args.proxy_only)
+
+        stopping = asyncio.Event()
+
+        def stop() -> None:
+            server.deadline = loop.time() + args.exit_timeout
+            server.should_exit = True
+            stopping.set()
+
+        loop.add_signal_handler(signal.SIGTERM, stop)
+        loop.add_signal_handler(signal.SIGINT, lambda: None)  # the model process decides (Ctrl-C reaches all)
+        watch = loop.create_task(link.closed.wait())
+        watch.add_done_callback(lambda _: stop())  # model process gone: stop too
+        serving = [server.serve(sockets=[sock])]
+        if grpc_server is not None:
+            serving.append(_serve_grpc(grpc_server, channel, stopping=stopping, grace_s=args.exit_timeout))
+        await asyncio.gather(*serving)
+        watch.cancel()
+    sock.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m service.frontend", description=__doc__)
+    p.add_argument("--host", required=True)
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--worker-socket", required=True)
+    p.add_argument("--internal-url", required=True)
+    p.add_argument("--max-request-bytes", type=int, required=True)
+    p.add_argument("--header-timeout", type=float, default=30.0)
+    p.add_argument("--exit-timeout", type=float, default=30.0)
+    p.add_argument("--log-level", default="warning")
+    p.add_argument("--grpc-port", type=int, help="also serve gRPC on this port, forwarding to --grpc-upstream")
+    p.add_argument("--grpc-host")
+    p.add_argument("--grpc-upstream", help="the model process's gRPC address (unix:PATH)")
+    p.add_argument("--proxy-only", action="store_true", help="decode nothing here (access control, tracing)")
+    args = p.parse_args(argv)
+    _die_with_parent()
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s frontend: %(message)s")
+    uvloop.run(_serve(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""gRPC in a front-end process of `--http-workers N` (experimental; see service/frontends.py).
+
+Each front end serves the public gRPC port beside its siblings (grpc.so_reuseport=1). ModelInfer is decoded
+here and run by the model process over the front end's link (service/frontend_link.py); every other RPC, and a
+ModelInfer this process does not decode (shared-memory tensors, an unparsable message), is forwarded as raw
+bytes to the model process's own gRPC server on a Unix socket, so every RPC answers as the single process does.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from tritonclient.grpc import service_pb2 as pb
+
+from service.errors import ServingError
+from service.frontend_link import FrontEndLink, ModelProcessDecodes, NoShm
+from service.protocol_grpc import decode_infer, encode_infer_wire, grpc_status
+
+log = logging.getLogger("modelserve.frontend")
+
+SERVICE = "inference.GRPCInferenceService"
+INFER = f"/{SERVICE}/ModelInfer"
+STREAM = f"/{SERVICE}/ModelStreamInfer"
+
+
+def _to_bytes(response: Any) -> bytes:
+    return response if isinstance(response, bytes) else response.SerializeToString()
+
+
+class ForwardingHandler(grpc.GenericRpcHandler):
+    """ModelInfer decoded here; everything else forwarded byte for byte to the model process."""
+
+    def __init__(self, *, link: FrontEndLink, upstream: grpc.aio.Channel, max_request_bytes: int,
+                 fast: bool) -> None:
+        self.link = link
+        self.upstream = upstream
+        self.limit = max_request_bytes
+        self.fast = fast
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        method = handler_call_details.method  # type: ignore[attr-defined]
+        if method == STREAM:
+            return grpc.stream_stream_rpc_method_handler(self._stream)
+        if method == INFER and self.fast:
+            return grpc.unary_unary_rpc_method_handler(self._infer, response_serializer=_to_bytes)
+        return grpc.unary_unary_rpc_method_handler(self._forwarder(method))
+
+    async def _infer(self, raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            request = pb.ModelInferRequest.FromString(raw)
+        except Exception:  # protobuf's DecodeError: the model process answers INVALID_ARGUMENT as it always does
+            return await self._forward(INFER, raw, context)
+        try:
+            req = decode_infer(request, shm=NoShm(), max_tensor_bytes=self.limit)  # type: ignore[arg-type]
+            return encode_infer_wire(await self.link.infer(req))
+        except ModelProcessDecodes:  # shared-memory tensors: the regions are the model process's
+            return await self._forward(INFER, raw, context)
+        except ServingError as exc:
+            await context.abort(grpc_status(exc), exc.message)
+        except Exception as exc:  # never UNKNOWN: INTERNAL, logged, as service/grpc_app.py does
+            log.exception("gRPC ModelInfer failed")
+            await context.abort(grpc.StatusCode.INTERNAL, f"ModelInfer: internal error ({type(exc).__name__}); "
+                                                          "see the server log")
+
+    def _forwarder(self, method: str) -> Any:
+        async def forward(raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            return await self._forward(method, raw, context)
+
+        return forward
+
+    async def _forward(self, method: str, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        call = self.upstream.unary_unary(method)
+        try:
+            return await call(raw, metadata=context.invocation_metadata(), timeout=context.time_remaining())
+        except grpc.aio.AioRpcError as exc:
+            await context.abort(exc.code(), exc.details() or "")
+            raise  # not reached: abort raises
+
+    async def _stream(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        call = self.upstream.stream_stream(STREAM)(requests, metadata=context.invocation_metadata())
+        try:
+            async for response in call:
+                yield response
+        except grpc.aio.AioRpcError as exc:
+            await context.abort(exc.code(), exc.details() or "")
+
+
+async def start_grpc_frontend(*, link: FrontEndLink, host: str, port: int, upstream: str, max_request_bytes: int,
+                              fast: bool) -> tuple[grpc.aio.Server, grpc.aio.Channel]:
+    """The front end's gRPC server on the shared public port, and its channel to the model process."""
+    limits = [("grpc.max_receive_message_length", max_request_bytes),
+              ("grpc.max_send_message_length", max_request_bytes)]
+    channel = grpc.aio.insecure_channel(upstream, options=limits)
+    server = grpc.aio.server(options=[*limits, ("grpc.so_reuseport", 1)])
+    server.add_generic_rpc_handlers((ForwardingHandler(link=link, upstream=channel, max_request_bytes=max_request_bytes,
+                                                       fast=fast),))
+    server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+    return server, channel
