@@ -180,11 +180,11 @@ def chatter_to(log_path: Path) -> Iterator[None]:
         handler.close()
 
 
-def build(*, repo_dir: Path, work_dir: Path, profile: str, layers: int | None = None, epochs: int | None = None,
+def build(*, repo_dir: Path, work_dir: Path, profile: str, layers: int | None = None, epochs: float | None = None,
           cache_dir: Path = DEFAULT_CACHE) -> StudentResult | None:
     """Distil ``transformer``; None when the teacher has too few layers to drop any (tiny profile: 1).
 
-    ``layers`` (default: a third of the teacher's) and ``epochs`` override the profile's settings; the
+    ``layers`` (default: a third of the teacher's) and ``epochs`` (may be fractional) override the profile's; the
     teacher cache and the package-text cache live in ``cache_dir``, the checkpoint and log in ``work_dir``.
     """
     start = time.perf_counter()
@@ -239,7 +239,7 @@ def _distil(parent, *, kept: int, layers: int, settings: dict, work_dir: Path,
     teacher.bert.set_attn_implementation("eager")  # attention probabilities are only returned by eager
     cache = dt.TeacherCache(cache_dir / dt.cache_key(texts, kept, targets, settings["batch_size"]), layers=targets)
     todo = len(cache.missing(len(batches)))
-    steps = settings["epochs"] * len(batches)
+    steps = dt.total_steps(settings, len(batches))
     with tqdm(total=todo + steps, desc="text student", unit="batch", mininterval=2.0, smoothing=0.05) as bar:
         def progress(count: int, postfix: str | None = None) -> None:
             if postfix:

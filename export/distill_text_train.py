@@ -139,6 +139,11 @@ def length_batches(texts: Sequence[str], *, batch_size: int) -> list[np.ndarray]
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def total_steps(settings: dict[str, Any], batches: int) -> int:
+    """Training steps for ``settings['epochs']`` (may be fractional: the last epoch is cut short) epochs."""
+    return max(1, round(settings["epochs"] * batches))
+
+
 def cache_key(*parts: object) -> str:
     digest = hashlib.sha256()
     for part in parts:
@@ -201,7 +206,7 @@ def train(student: SentenceEncoder, *, cache: TeacherCache, tokenizer: Any, text
     student.bert.embeddings.word_embeddings.weight.requires_grad_(False)  # shared with the teacher: see distill_text
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=settings["lr"], weight_decay=0.01)
-    steps = settings["epochs"] * len(batches)
+    steps = total_steps(settings, len(batches))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=settings["lr"], total_steps=steps, pct_start=0.06)
     key = cache_key(settings, seed, len(batches), targets)
     state = _resume(checkpoint, key=key, student=student, opt=opt, sched=sched)

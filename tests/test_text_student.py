@@ -191,3 +191,9 @@ def test_budget_decision_and_no_publish_when_missed(tmp_path):
                            within_budget=False, budget="b")
     assert distill.publish_student(result, repo_dir=tmp_path) is None
     assert list(tmp_path.iterdir()) == []
+
+
+def test_fractional_epochs_cut_the_last_epoch_short():
+    assert dt.total_steps({"epochs": 2}, 10) == 20
+    assert dt.total_steps({"epochs": 1.5}, 10) == 15
+    assert dt.total_steps({"epochs": 0.01}, 10) == 1
