@@ -11,12 +11,12 @@ softmax probabilities, not logits. We use log-probabilities as teacher logits: l
 logsumexp(z) differs from z by a per-row constant and softmax is shift-invariant, so
 softmax(log p / T) == softmax(z / T) exactly (up to float rounding of p; p is clamped at 1e-30).
 
-The sentence-encoder student (export/distill_text.py) is the first layers of MiniLM, trained to
-reproduce the teacher's embeddings; the recommender student (export/distill_recommender.py) is the
-two-tower model with narrower towers, trained on the teacher's listwise ranking. ``build_student``
-returns a ``StudentResult`` (student ONNX, held-out metrics of student and teacher measured the same
-way, parameter counts, side-by-side latency) or None for families without a student and when the
-teacher is too small to shrink.
+The sentence-encoder student (export/distill_text.py) is two of MiniLM's layers with narrower FFNs,
+trained to reproduce the teacher's embeddings, token states and attention (export/distill_text_train.py);
+the recommender student (export/distill_recommender.py) is the two-tower model with narrower towers,
+trained on the teacher's listwise ranking. ``build_student`` returns a ``StudentResult`` (student ONNX,
+held-out metrics of student and teacher measured the same way, parameter counts, side-by-side latency)
+or None for families without a student and when the teacher is too small to shrink.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ FAMILIES = ("cnn", "speech", "transformer", "recommender")
 
 
 def build_student(family: str, /, *, repo_dir: Path, work_dir: Path, profile: str,
-                  text_options: dict[str, int] | None = None) -> StudentResult | None:
+                  text_options: dict[str, float] | None = None) -> StudentResult | None:
     """Distil a student of ``family``'s model in ``repo_dir``; None for families without one.
 
     ``profile`` (tiny|default) sets the training budget; the teacher's own held-out split is rebuilt from
@@ -56,8 +56,10 @@ def build_student(family: str, /, *, repo_dir: Path, work_dir: Path, profile: st
         if family == "recommender":
             return distill_recommender.build(repo_dir=Path(repo_dir), work_dir=work_dir, profile=profile)
         if family == "transformer":
+            options = text_options or {}
+            layers = options.get("layers")
             return distill_text.build(repo_dir=Path(repo_dir), work_dir=work_dir, profile=profile,
-                                      **(text_options or {}))
+                                      layers=int(layers) if layers else None, epochs=options.get("epochs"))
         return distill_classify.build(family, repo_dir=Path(repo_dir), work_dir=work_dir, profile=profile)
 
 
@@ -83,7 +85,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--publish", action="store_true", help="publish students within budget as <model>-student")
     parser.add_argument("--report", type=Path, help="write the results as JSON here")
     parser.add_argument("--text-layers", type=int, help="sentence-encoder student layers (default: teacher's / 3)")
-    parser.add_argument("--text-epochs", type=int, help="sentence-encoder student epochs (default: profile's)")
+    parser.add_argument("--text-epochs", type=float,
+                        help="sentence-encoder student epochs, may be fractional (default: profile's)")
     parser.add_argument("--plot", type=Path, help="write a PNG comparing teachers and students here")
     args = parser.parse_args(argv)
     args.families = [f.strip() for f in args.families.split(",") if f.strip()]

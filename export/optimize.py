@@ -153,6 +153,8 @@ def expected_seconds(parent: ParentModel, *, repeats: int, students: bool) -> di
         cost["int8"] *= 3 + len(quant_grid.GRID)  # the measured layout grid, then three calibration methods
     if parent.family == "speech":
         cost["held-out data"] += 30.0  # the eSpeak corpus is re-synthesized (or read from its cache)
+    if parent.name == "transformer":
+        cost["student"] += 3000.0  # distill_text: teacher cache + 2.2 epochs over 18,000 texts, ~1 h on 2 shared cores
     cost["latency"] *= (repeats + 2) * variants
     if not students:
         del cost["student"]

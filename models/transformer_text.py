@@ -119,10 +119,14 @@ class SentenceEncoder(nn.Module):
         # Single-segment input: token types are all zero, made here so clients send two tensors only.
         hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask,
                            token_type_ids=torch.zeros_like(input_ids)).last_hidden_state
-        weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        # clamp as in sentence-transformers' Pooling: an all-padding row yields zeros, not NaN.
-        mean = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
-        return F.normalize(mean, p=2.0, dim=1)
+        return F.normalize(mean_pool(hidden, attention_mask), p=2.0, dim=1)
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean of the token vectors whose attention mask is 1 (sentence-transformers' ``Pooling``)."""
+    weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    # clamp as in sentence-transformers' Pooling: an all-padding row yields zeros, not NaN.
+    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
 
 
 class SoftmaxHead(nn.Module):

@@ -1,0 +1,259 @@
+"""Training pieces of the sentence-encoder student: layer mapping, narrower FFN, teacher cache, losses, loop.
+
+Recipe (after TinyBERT, Jiao et al. 2020, and MiniLM, Wang et al. 2020, the teacher's own recipe):
+
+* **Layer mapping.** Student layer j is a copy of teacher layer ``init_layers[j]`` (default: evenly
+  spaced including the first and the last, [0, 5] for two of six). Each student layer is trained to
+  output what the teacher's layer *before the next copied one* outputs (``StudentPlan.hidden_targets``:
+  [4, 5] for [0, 5]), i.e. the input the next student layer's weights were trained to read; the last
+  student layer matches the teacher's last layer.
+* **Narrower FFN.** Optionally each student FFN keeps only its ``ffn`` most important neurons, importance
+  being |input weights| x |output weights| of the neuron (magnitude pruning, then recovered by training).
+* **Losses.** 1 - cosine of the sentence embeddings (the served output), 1 - cosine of every real
+  token's last hidden state (a far richer signal per text than one 384-d vector), 1 - cosine of the
+  intermediate hidden states at the mapped layers, and MiniLM's last-layer self-attention transfer:
+  KL(teacher || student) of each head's attention distribution, averaged over real query tokens.
+* **Teacher cache.** The teacher's targets (embedding, mapped hidden states, last-layer attention; fp16
+  but the embedding) are computed once per fixed batch into files under a cache folder and reused by
+  every epoch and every rerun; the training checkpoints itself every few minutes and resumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.transformer_text import SentenceEncoder, mean_pool, tokenize
+
+CHECKPOINT_SECONDS = 300.0
+
+
+@dataclass(frozen=True)
+class StudentPlan:
+    """Which teacher layers the student copies, and its FFN width (None: the teacher's)."""
+
+    init_layers: tuple[int, ...]
+    ffn: int | None = None
+
+    def hidden_targets(self, total: int) -> tuple[int, ...]:
+        """Teacher layer whose output each student layer learns to reproduce (see module doc)."""
+        return (*(nxt - 1 for nxt in self.init_layers[1:]), total - 1)
+
+
+def spread(total: int, *, keep: int) -> tuple[int, ...]:
+    """``keep`` evenly spaced layers of ``total``, always the first and the last."""
+    return tuple(sorted({int(np.rint(i)) for i in np.linspace(0, total - 1, keep)}))
+
+
+def _sliced(linear: nn.Linear, keep: torch.Tensor, *, rows: bool) -> nn.Linear:
+    weight = linear.weight.data[keep] if rows else linear.weight.data[:, keep]
+    out = nn.Linear(weight.shape[1], weight.shape[0], bias=linear.bias is not None)
+    out.weight.data.copy_(weight)
+    if linear.bias is not None:
+        out.bias.data.copy_(linear.bias.data[keep] if rows else linear.bias.data)
+    return out
+
+
+def narrow_ffn(layer: Any, *, width: int) -> torch.Tensor:
+    """Keep the ``width`` FFN neurons of a BERT layer with the largest |w_in| * |w_out|; their indices."""
+    up, down = layer.intermediate.dense, layer.output.dense
+    if not 1 <= width <= up.out_features:
+        raise ValueError(f"ffn width {width}: expected 1..{up.out_features}")
+    score = up.weight.data.norm(dim=1) * down.weight.data.norm(dim=0)
+    keep = torch.sort(torch.topk(score, width).indices).values
+    layer.intermediate.dense = _sliced(up, keep, rows=True)
+    layer.output.dense = _sliced(down, keep, rows=False)
+    return keep
+
+
+def make_student(teacher: SentenceEncoder, plan: StudentPlan) -> SentenceEncoder:
+    """Cut ``teacher`` (in place: pass a fresh copy) down to ``plan``'s layers and FFN width."""
+    total = len(teacher.bert.encoder.layer)
+    if not plan.init_layers or any(not 0 <= i < total for i in plan.init_layers) or \
+            list(plan.init_layers) != sorted(set(plan.init_layers)):
+        raise ValueError(f"init_layers {plan.init_layers}: expected increasing layer indices in 0..{total - 1}")
+    bert = teacher.bert
+    bert.encoder.layer = nn.ModuleList([bert.encoder.layer[i] for i in plan.init_layers])
+    bert.config.num_hidden_layers = len(plan.init_layers)
+    if plan.ffn:
+        for layer in bert.encoder.layer:
+            narrow_ffn(layer, width=plan.ffn)
+        bert.config.intermediate_size = plan.ffn
+    teacher.layers = len(plan.init_layers)
+    return teacher
+
+
+def internals(encoder: SentenceEncoder, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, Any]:
+    """Embedding, every layer's output (``hidden[i]`` = layer i) and the last layer's attention."""
+    out = encoder.bert(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids),
+                       output_hidden_states=True, output_attentions=True)
+    return {"embedding": F.normalize(mean_pool(out.last_hidden_state, mask), p=2.0, dim=1),
+            "hidden": out.hidden_states[1:], "attention": out.attentions[-1]}
+
+
+def token_cosine_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over real tokens of 1 - cosine(student token state, teacher token state)."""
+    cos = F.cosine_similarity(student, teacher.to(student.dtype), dim=-1)
+    real = mask.to(student.dtype)
+    return ((1.0 - cos) * real).sum() / real.sum().clamp(min=1.0)
+
+
+def attention_kl(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) of ``[batch, heads, query, key]`` attention rows, mean over heads and real queries."""
+    teacher = teacher.to(student.dtype)
+    kl = (torch.xlogy(teacher, teacher) - teacher * torch.log(student.clamp(min=1e-12))).sum(-1)
+    real = mask.to(student.dtype)[:, None, :].expand_as(kl)
+    return (kl * real).sum() / real.sum().clamp(min=1.0)
+
+
+def distil_losses(student: dict[str, Any], teacher: dict[str, Any], mask: torch.Tensor, *,
+                  targets: Sequence[int], weights: dict[str, float]) -> dict[str, torch.Tensor]:
+    """The loss terms (module doc) and ``total``, their weighted sum; ``teacher['hidden']`` maps
+    teacher layer -> hidden state, ``targets[j]`` is the teacher layer student layer j learns."""
+    last = len(targets) - 1
+    terms = {
+        "embedding": (1.0 - F.cosine_similarity(student["embedding"], teacher["embedding"], dim=-1)).mean(),
+        "tokens": token_cosine_loss(student["hidden"][last], teacher["hidden"][targets[last]], mask),
+        "attention": attention_kl(student["attention"], teacher["attention"], mask),
+    }
+    if last:
+        terms["hidden"] = torch.stack([token_cosine_loss(student["hidden"][j], teacher["hidden"][targets[j]], mask)
+                                       for j in range(last)]).mean()
+    terms["total"] = sum(weights.get(name, 0.0) * value for name, value in terms.items())  # type: ignore[assignment]
+    return terms
+
+
+def length_batches(texts: Sequence[str], *, batch_size: int) -> list[np.ndarray]:
+    """Fixed batches of similar lengths (less padding); an epoch shuffles their order only."""
+    order = np.argsort([len(t) for t in texts], kind="stable")
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def total_steps(settings: dict[str, Any], batches: int) -> int:
+    """Training steps for ``settings['epochs']`` (may be fractional: the last epoch is cut short) epochs."""
+    return max(1, round(settings["epochs"] * batches))
+
+
+def cache_key(*parts: object) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(repr(part).encode())
+        digest.update(b"\0")
+    return digest.hexdigest()[:16]
+
+
+def _atomic_save(obj: object, path: Path) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class TeacherCache:
+    """Per-batch teacher targets in ``folder`` (one file per fixed batch), computed on first use."""
+
+    def __init__(self, folder: Path, *, layers: Sequence[int]) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.layers = tuple(sorted(set(layers)))
+
+    def path(self, index: int) -> Path:
+        return self.folder / f"batch-{index:06d}.pt"
+
+    def missing(self, count: int) -> list[int]:
+        return [i for i in range(count) if not self.path(i).exists()]
+
+    @torch.no_grad()
+    def fill(self, teacher: SentenceEncoder, *, tokenizer: Any, texts: Sequence[str],
+             batches: Sequence[np.ndarray], progress: Any = None) -> None:
+        # NOTE: shuffled so that the progress bar's rate (and ETA) is representative: batches are length-sorted.
+        todo = self.missing(len(batches))
+        for index in np.random.default_rng(len(batches)).permutation(todo) if todo else ():
+            ids, mask = (torch.from_numpy(a) for a in tokenize(tokenizer, [texts[i] for i in batches[int(index)]]))
+            out = internals(teacher, ids, mask)
+            _atomic_save({"embedding": out["embedding"], "attention": out["attention"].half(),
+                          "hidden": {i: out["hidden"][i].half() for i in self.layers}}, self.path(int(index)))
+            if progress is not None:
+                progress(1)
+
+    def load(self, index: int) -> dict[str, Any]:
+        return torch.load(self.path(index), weights_only=True)
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint holds besides the weights: where training stands."""
+
+    step: int = 0
+    losses: dict[str, float] | None = None  # running sums of the current epoch's loss terms
+    count: int = 0  # steps in those sums
+
+
+def train(student: SentenceEncoder, *, cache: TeacherCache, tokenizer: Any, texts: Sequence[str],
+          batches: Sequence[np.ndarray], targets: Sequence[int], settings: dict[str, Any], seed: int,
+          checkpoint: Path, progress: Any = None) -> dict[str, float]:
+    """Distil ``student`` for ``settings['epochs']`` epochs over the cached batches; resumes from ``checkpoint``
+    (written every CHECKPOINT_SECONDS) when it was written for the same key. Returns last-epoch mean losses."""
+    student.bert.embeddings.word_embeddings.weight.requires_grad_(False)  # shared with the teacher: see distill_text
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=settings["lr"], weight_decay=0.01)
+    steps = total_steps(settings, len(batches))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=settings["lr"], total_steps=steps, pct_start=0.06)
+    key = cache_key(settings, seed, len(batches), targets)
+    state = _resume(checkpoint, key=key, student=student, opt=opt, sched=sched)
+    if progress is not None and state.step:
+        progress(state.step)
+    sums: dict[str, float] = dict(state.losses or {})
+    count = state.count
+    last_save = time.monotonic()
+    student.train()
+    for step in range(state.step, steps):
+        epoch, position = divmod(step, len(batches))
+        if position == 0:
+            sums, count = {}, 0
+        index = int(np.random.default_rng([seed, epoch]).permutation(len(batches))[position])
+        terms = _step(student, opt=opt, teacher=cache.load(index), tokenizer=tokenizer,
+                      texts=[texts[i] for i in batches[index]], targets=targets, weights=settings["weights"])
+        sched.step()
+        for name, value in terms.items():
+            sums[name] = sums.get(name, 0.0) + value
+        count += 1
+        if progress is not None:
+            progress(1, postfix=f"loss {terms['total']:.4f} emb {terms['embedding']:.4f}")
+        if time.monotonic() - last_save > CHECKPOINT_SECONDS or step + 1 == steps:
+            _atomic_save({"key": key, "step": step + 1, "model": student.state_dict(), "opt": opt.state_dict(),
+                          "sched": sched.state_dict(), "losses": sums, "count": count}, checkpoint)
+            last_save = time.monotonic()
+    student.eval()
+    return {f"final_{name}_loss": value / max(count, 1) for name, value in sums.items()}
+
+
+def _step(student: SentenceEncoder, *, opt: torch.optim.Optimizer, teacher: dict[str, Any], tokenizer: Any,
+          texts: list[str], targets: Sequence[int], weights: dict[str, float]) -> dict[str, float]:
+    ids, mask = (torch.from_numpy(a) for a in tokenize(tokenizer, texts))
+    terms = distil_losses(internals(student, ids, mask), teacher, mask, targets=targets, weights=weights)
+    opt.zero_grad(set_to_none=True)
+    terms["total"].backward()
+    opt.step()
+    return {name: float(value.item()) for name, value in terms.items()}
+
+
+def _resume(path: Path, *, key: str, student: nn.Module, opt: torch.optim.Optimizer, sched: Any) -> TrainState:
+    if not path.exists():
+        return TrainState()
+    saved = torch.load(path, weights_only=False)
+    if saved.get("key") != key:
+        return TrainState()  # another configuration's checkpoint: start over
+    student.load_state_dict(saved["model"])
+    opt.load_state_dict(saved["opt"])
+    sched.load_state_dict(saved["sched"])
+    return TrainState(step=int(saved["step"]), losses=saved.get("losses"), count=int(saved.get("count", 0)))
