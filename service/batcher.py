@@ -79,7 +79,7 @@ class Collector:
             return remaining
         others = len(queue) - len(taken) + self.in_flight()
         waited = now - queue.first().enqueued
-        return min(remaining, self.planner.wait_s(rows=rows, others_in_flight=others, now=now, waited=waited))
+        return self.planner.plan(rows=rows, others_in_flight=others, now=now, waited=waited, remaining=remaining)
 
     async def _fill(self, queue: AdmissionQueue, policy: BatchingPolicy) -> tuple[list[PendingRequest], DispatchReason]:
         """One batch from a non-empty queue, waiting up to the first request's delay; [] if the queue emptied."""
@@ -194,7 +194,7 @@ class Batcher:
                              enqueued=now, client_gone=client_gone,
                              length=self.ragged.length(inputs) if self.ragged is not None else 0)
         self.queue.put(req, model=self.model)
-        self.planner.arrivals.observe(now)
+        self.planner.observe_arrival(now, others=len(self.queue) - 1 + self._running)
         if timeout_s is not None and timeout_s > 0:
             req.deadline = now + timeout_s
             req.timer = loop.call_later(timeout_s, self._expire, req)
@@ -284,7 +284,8 @@ class Batcher:
                 set_exception_if_not_done(r.future, err)
             return
         rows = sum(r.rows for r in live)
-        self.planner.cost.observe(self._units(live), self.clock() - now)
+        self.planner.observe_batch(units=self._units(live), wall_s=self.clock() - now, cpu_now=time.process_time(),
+                                   wall_now=time.monotonic())
         self.stats.on_execution(rows, timings)
         self._answer(live, outputs, rows=rows, queued_at=now, timings=timings)
 
