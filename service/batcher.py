@@ -105,7 +105,7 @@ class Collector:
             taken, rows = self._compatible(queue, self.max_batch_size)
             if rows >= self.max_batch_size:
                 reason = DispatchReason.FULL
-        queue.remove(taken)
+        queue.remove(taken, count_passes=self.by_length)
         return taken, reason
 
 
