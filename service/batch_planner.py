@@ -142,6 +142,8 @@ class Planner:
     cpu_clock: CpuClock = field(default_factory=CpuClock)
     # Requests already in the server (queued or running) when each recent request arrived.
     crowds: deque[int] = field(default_factory=lambda: deque(maxlen=_CROWD_WINDOW))
+    # Length-aware models: CPU of the run itself (ONNX Runtime's threads), per padded token; budgets the padding.
+    run_cpu: CostModel = field(default_factory=CostModel)
 
     def observe_arrival(self, now: float, *, others: int) -> None:
         last, gap = self.arrivals.last, self.arrivals.gap
@@ -195,8 +197,9 @@ class Planner:
     def max_padding(self) -> float:
         """For a length-aware model (cost fitted per padded token): the padding, in tokens, worth one run's fixed
         cost; none before two batch sizes were seen."""
-        fit = self.cost.fit()
-        if fit is None or len({units for units, _ in self.cost.samples}) < 2:
+        model = self.run_cpu if len({units for units, _ in self.run_cpu.samples}) >= 2 else self.cost
+        fit = model.fit()
+        if fit is None or len({units for units, _ in model.samples}) < 2:
             # Nothing to go by yet: pad nothing (equal lengths still stack). Unpadded runs of different lengths
             # teach the fit; padding blind cost 0.76 s for one 30 x 135 batch of the zoo transformer.
             return 0.0

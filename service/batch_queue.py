@@ -15,7 +15,7 @@ from service.errors import QueueFull, RequestCancelled
 Feeds = dict[str, np.ndarray]
 
 # Length-aware batching: how many batches may take a younger request past one that waits (a different length)
-# before it goes in the next batch whatever its length. Without a bound, each batch formed around the oldest
+# before younger requests stop joining batches ahead of it. Without a bound, each batch formed around the oldest
 # request pulls in younger ones of its length, and a request of an odd length also waits for all of them.
 MAX_PASSES = 2
 
@@ -150,19 +150,19 @@ class AdmissionQueue:
                    max_padding: float | None = None) -> tuple[list[PendingRequest], int]:
         """The queued requests that stack with the first one, in order, up to max_rows.
 
-        by_length: the first (oldest) request always goes, then any request passed over MAX_PASSES times (oldest
-        first, whatever its length), then those closest to the first one's length, so a batch pads little; the
-        others wait for a batch of their own length. max_tokens (> 0): rows times the padded length stays within
-        it (a model's memory grows with both). max_padding: a request joins only if the padding it adds (in
-        tokens) costs less than the run it saves (the planner's b / a); an overdue request joins regardless.
+        by_length: the first (oldest) request always goes, and its batch-mates are those closest to its length,
+        so a batch pads little; the others wait for a batch of their own length, but once a request has been
+        passed over MAX_PASSES times by younger ones, no younger request joins a batch before it goes (it is not
+        forced into a padded batch: it waits to be the oldest). max_tokens (> 0): rows times the padded length
+        stays within it (a model's memory grows with both). max_padding: a request joins only if the padding it
+        adds (in tokens) costs less than the run it saves (the planner's b / a).
         """
         first = self._items[0]
         key = first.shape_key
         candidates: Sequence[PendingRequest] = self._items
+        overdue = min((r.enqueued for r in self._items if r.passed >= MAX_PASSES), default=None)
         if by_length:
-            candidates = sorted(self._items, key=lambda r: (r is not first, r.passed < MAX_PASSES,
-                                                             abs(r.length - first.length) if r.passed < MAX_PASSES
-                                                             else r.enqueued))
+            candidates = sorted(self._items, key=lambda r: (r is not first, abs(r.length - first.length)))
         taken: list[PendingRequest] = []
         rows = longest = 0
         self.token_bound_hit = False  # read by the collector: a batch at its token bound is as full as it gets
@@ -175,9 +175,9 @@ class AdmissionQueue:
             if taken and max_tokens and padded > max_tokens:
                 self.token_bound_hit = True
                 break
-            overdue = req.passed >= MAX_PASSES
-            if (taken and not overdue and max_padding is not None
-                    and padded - rows * longest - req.rows * req.length > max_padding):
+            if taken and by_length and overdue is not None and req.enqueued > overdue:
+                continue  # nothing younger goes ahead of a request passed over MAX_PASSES times
+            if taken and max_padding is not None and padded - rows * longest - req.rows * req.length > max_padding:
                 continue
             taken.append(req)
             rows += req.rows
