@@ -44,6 +44,9 @@ _CPU_SAMPLE_MAX_S = 0.5
 _CROWD_WINDOW = 16
 # Silence, in expected inter-arrival gaps, after which a crowd seen before no longer counts.
 _CROWD_GONE_GAPS = 3
+# Length-aware models: runs, and distinct padded sizes among them, before their own CPU budgets any padding.
+_PAD_MIN_SAMPLES = 8
+_PAD_MIN_SIZES = 3
 # The shortest wait worth a timer: a burst's gaps are ~0, and a zero wait would dispatch it one request at a time.
 _MIN_WAIT_S = 50e-6
 
@@ -197,7 +200,12 @@ class Planner:
     def max_padding(self) -> float:
         """For a length-aware model (cost fitted per padded token): the padding, in tokens, worth one run's fixed
         cost; none before two batch sizes were seen."""
-        model = self.run_cpu if len({units for units, _ in self.run_cpu.samples}) >= 2 else self.cost
+        model = self.cost
+        if self.run_cpu.samples:  # the batcher measures each run's own CPU: budget on that, once it is steady
+            model = self.run_cpu
+            if (len(model.samples) < _PAD_MIN_SAMPLES
+                    or len({units for units, _ in model.samples}) < _PAD_MIN_SIZES):
+                return 0.0  # a line through two noisy runs promised ~inf tokens and padded a cold server to 50 rows/s
         fit = model.fit()
         if fit is None or len({units for units, _ in model.samples}) < 2:
             # Nothing to go by yet: pad nothing (equal lengths still stack). Unpadded runs of different lengths

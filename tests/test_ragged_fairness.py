@@ -74,8 +74,11 @@ def test_the_padding_budget_follows_the_runs_own_cpu_once_measured():
     for tokens, wall in [(10, 0.060), (20, 0.070)]:
         planner.cost.observe(tokens, wall)  # 1 ms a token, 50 ms a run of wall time (a busy box's scheduling)
     assert planner.max_padding() == pytest.approx(50.0)
-    for tokens, cpu in [(10, 0.012), (20, 0.022)]:
-        planner.run_cpu.observe(tokens, cpu)  # the run's own CPU: 1 ms a token, 2 ms a run
+    planner.run_cpu.observe(10, 0.012)
+    planner.run_cpu.observe(20, 0.022)
+    assert planner.max_padding() == 0.0  # its own CPU measured, but not yet steady: pad nothing meanwhile
+    for tokens in (10, 20, 30, 40) * 2:
+        planner.run_cpu.observe(tokens, 0.001 * tokens + 0.002)  # the run's own CPU: 1 ms a token, 2 ms a run
     assert planner.max_padding() == pytest.approx(2.0)  # padding pays only for the CPU a shared run gives back
 
 
