@@ -160,8 +160,9 @@ class AdmissionQueue:
         first = self._items[0]
         key = first.shape_key
         candidates: Sequence[PendingRequest] = self._items
-        overdue = min((r.enqueued for r in self._items if r.passed >= MAX_PASSES), default=None)
+        overdue = None
         if by_length:
+            overdue = min((r.enqueued for r in self._items if r.passed >= MAX_PASSES), default=None)
             candidates = sorted(self._items, key=lambda r: (r is not first, abs(r.length - first.length)))
         taken: list[PendingRequest] = []
         rows = longest = 0
@@ -175,7 +176,7 @@ class AdmissionQueue:
             if taken and max_tokens and padded > max_tokens:
                 self.token_bound_hit = True
                 break
-            if taken and by_length and overdue is not None and req.enqueued > overdue:
+            if taken and overdue is not None and req.enqueued > overdue:
                 continue  # nothing younger goes ahead of a request passed over MAX_PASSES times
             if taken and max_padding is not None and padded - rows * longest - req.rows * req.length > max_padding:
                 continue

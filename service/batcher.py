@@ -311,9 +311,9 @@ class Batcher:
         t0 = time.perf_counter_ns()
         feeds = _concat(live, self.ragged)
         t1 = time.perf_counter_ns()
-        cpu0, loop0 = self._cpu_now()
+        cpu0, loop0 = self._cpu_now() if self.ragged is not None else (0.0, 0.0)  # only padding budgets use it
         outputs, infer_ns, output_ns = self.run(feeds)
-        cpu1, loop1 = self._cpu_now()
+        cpu1, loop1 = self._cpu_now() if self.ragged is not None else (0.0, 0.0)
         run_cpu = (cpu1 - cpu0) - (loop1 - loop0)
         rows = sum(r.rows for r in live)
         if len(live) > 1 or self.max_batch_size > 0:
