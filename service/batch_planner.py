@@ -11,6 +11,16 @@ Waiting for the next arrival costs every waiting row that long; it gains about `
 paid again). So the batch waits while `rows * (waited + expected_gap) < b`, and not at all when nobody else is
 in flight and the next arrival is expected later than that gain.
 
+The run's wall time misses most of what a batch costs a CPU-bound server: each batch also pays a fixed amount of
+the process's CPU outside the run (event-loop hand-offs, worker-thread and ONNX Runtime thread wake-ups; ~80 us on
+the tiny zoo `cnn` against a 30 us run). So a second fit, `cpu = a_cpu * n + b_cpu`, is taken on the process CPU
+time spent per batch (all threads, from one batch's end to the next), and on a busy server that fixed CPU is paid
+by everyone in flight: every request queued behind it waits that long for the CPU. While others are in flight
+(the crowd: requests queued or running now, or the most seen at recent arrivals), a batch also waits for the next
+arrival while `rows * expected_gap < b_cpu * crowd`: one more row joining saves one batch's fixed CPU for all of
+them. A lone client has no crowd (a closed loop never arrives while its own request is in the server), so it is
+still sent at once.
+
 Written here rather than taken from a library: no maintained package offers a batching cost model that is not
 tied to its own server (BentoML's lives inside its runner).
 """
@@ -27,6 +37,16 @@ import numpy as np
 _COST_WINDOW = 64
 # Inter-arrival smoothing: 0.2 follows a change in load within ~5 arrivals without chasing single outliers.
 _ARRIVAL_ALPHA = 0.2
+# A CPU sample spanning more than this since the previous batch also holds idle-time housekeeping (polls, scrapes).
+_CPU_SAMPLE_MAX_S = 0.5
+# Arrivals whose crowd still counts: a closed loop of 32 clients shows its size within a few arrivals, and a load
+# that drops to one client stops counting as a crowd after this many.
+_CROWD_WINDOW = 16
+# Silence, in expected inter-arrival gaps, after which a crowd seen before no longer counts.
+_CROWD_GONE_GAPS = 3
+# Length-aware models: runs, and distinct padded sizes among them, before their own CPU budgets any padding.
+_PAD_MIN_SAMPLES = 8
+_PAD_MIN_SIZES = 3
 # The shortest wait worth a timer: a burst's gaps are ~0, and a zero wait would dispatch it one request at a time.
 _MIN_WAIT_S = 50e-6
 
@@ -100,31 +120,94 @@ class ArrivalRate:
 
 
 @dataclass
+class CpuClock:
+    """Turns readings of the process CPU clock at each batch's end into per-batch CPU samples."""
+
+    last_cpu: float | None = None
+    last_wall: float | None = None
+
+    def sample(self, *, cpu: float, wall: float) -> float | None:
+        """CPU seconds since the previous batch ended, or None when there is none or it was idle too long ago."""
+        spent = None
+        if self.last_cpu is not None and self.last_wall is not None and wall - self.last_wall <= _CPU_SAMPLE_MAX_S:
+            spent = max(cpu - self.last_cpu, 0.0)
+        self.last_cpu, self.last_wall = cpu, wall
+        return spent
+
+
+@dataclass
 class Planner:
     """Decides, for a forming batch, how much longer to wait for batch-mates (0: dispatch now)."""
 
-    cost: CostModel = field(default_factory=CostModel)
+    cost: CostModel = field(default_factory=CostModel)  # wall seconds of a run
     arrivals: ArrivalRate = field(default_factory=ArrivalRate)
+    cpu_cost: CostModel = field(default_factory=CostModel)  # process CPU seconds per batch, all threads
+    cpu_clock: CpuClock = field(default_factory=CpuClock)
+    # Requests already in the server (queued or running) when each recent request arrived.
+    crowds: deque[int] = field(default_factory=lambda: deque(maxlen=_CROWD_WINDOW))
+    # Length-aware models: CPU of the run itself (ONNX Runtime's threads), per padded token; budgets the padding.
+    run_cpu: CostModel = field(default_factory=CostModel)
+
+    def observe_arrival(self, now: float, *, others: int) -> None:
+        last, gap = self.arrivals.last, self.arrivals.gap
+        if last is not None and gap is not None and now - last > _CROWD_GONE_GAPS * gap:
+            self.crowds.clear()  # a silence of several gaps: the crowd seen before has gone
+        self.arrivals.observe(now)
+        self.crowds.append(others)
+
+    def observe_batch(self, *, units: int, wall_s: float, cpu_now: float, wall_now: float) -> None:
+        """A batch of `units` ran in `wall_s`; `cpu_now` is the process CPU clock (time.process_time) at its end."""
+        self.cost.observe(units, wall_s)
+        cpu = self.cpu_clock.sample(cpu=cpu_now, wall=wall_now)
+        if cpu is not None:
+            self.cpu_cost.observe(units, cpu)
+
+    def crowd(self, others_in_flight: int, *, now: float) -> int:
+        """Requests that a batch's fixed CPU delays: those in flight now, or the most seen at recent arrivals
+        unless, with nobody in flight, the next arrival is overdue by a few gaps (the crowd has gone)."""
+        last, gap = self.arrivals.last, self.arrivals.gap
+        if others_in_flight == 0 and last is not None and gap is not None and now - last > _CROWD_GONE_GAPS * gap:
+            return 0
+        return max(others_in_flight, max(self.crowds, default=0))
 
     def wait_s(self, *, rows: int, others_in_flight: int, now: float, waited: float = 0.0) -> float:
-        """Seconds worth waiting for one more arrival; the caller caps it at max_queue_delay.
+        """Seconds worth waiting for one more arrival; `plan` caps it at max_queue_delay.
 
         `waited`: how long the batch's oldest request has waited already. The whole wait counts against the
-        gain, so a batch never waits longer in all than the run cost it would save (`b / rows`).
+        run's wall-time gain, so for that gain a batch never waits longer in all than the run cost it would save
+        (`b / rows`). The CPU gain is marginal: each row that joins saves a batch's fixed CPU for the whole crowd.
         """
         fit = self.cost.fit()
         gap = self.arrivals.until_next(now)
+        if gap is not None and self._cpu_gain(others_in_flight, now=now) > gap * rows:
+            return max(gap, _MIN_WAIT_S)  # a busy server: a run's fixed CPU costs the crowd more than the wait
         if others_in_flight == 0 and (fit is None or gap is None or (waited + gap) * rows >= fit[1]):
             return 0.0  # nobody else is coming soon enough to be worth it
         if fit is None or gap is None:
             return float("inf")  # others in flight but nothing learned yet: Triton's wait
         return max(gap, _MIN_WAIT_S) if (waited + gap) * rows < fit[1] else 0.0
 
+    def _cpu_gain(self, others_in_flight: int, *, now: float) -> float:
+        fit = self.cpu_cost.fit()
+        return 0.0 if fit is None else fit[1] * self.crowd(others_in_flight, now=now)
+
+    def plan(self, *, rows: int, others_in_flight: int, now: float, waited: float, remaining: float) -> float:
+        """The wait for one more arrival, never beyond `remaining` (what is left of Triton's max_queue_delay)."""
+        if remaining <= 0:
+            return remaining
+        return min(remaining, self.wait_s(rows=rows, others_in_flight=others_in_flight, now=now, waited=waited))
+
     def max_padding(self) -> float:
         """For a length-aware model (cost fitted per padded token): the padding, in tokens, worth one run's fixed
         cost; none before two batch sizes were seen."""
-        fit = self.cost.fit()
-        if fit is None or len({units for units, _ in self.cost.samples}) < 2:
+        model = self.cost
+        if self.run_cpu.samples:  # the batcher measures each run's own CPU: budget on that, once it is steady
+            model = self.run_cpu
+            if (len(model.samples) < _PAD_MIN_SAMPLES
+                    or len({units for units, _ in model.samples}) < _PAD_MIN_SIZES):
+                return 0.0  # a line through two noisy runs promised ~inf tokens and padded a cold server to 50 rows/s
+        fit = model.fit()
+        if fit is None or len({units for units, _ in model.samples}) < 2:
             # Nothing to go by yet: pad nothing (equal lengths still stack). Unpadded runs of different lengths
             # teach the fit; padding blind cost 0.76 s for one 30 x 135 batch of the zoo transformer.
             return 0.0

@@ -14,6 +14,11 @@ from service.errors import QueueFull, RequestCancelled
 
 Feeds = dict[str, np.ndarray]
 
+# Length-aware batching: how many batches may take a younger request past one that waits (a different length)
+# before younger requests stop joining batches ahead of it. Without a bound, each batch formed around the oldest
+# request pulls in younger ones of its length, and a request of an odd length also waits for all of them.
+MAX_PASSES = 2
+
 
 @dataclass(eq=False)
 class PendingRequest:
@@ -29,6 +34,7 @@ class PendingRequest:
     started: float | None = None
     client_gone: Callable[[], bool] | None = None
     length: int = 0  # the ragged axis's length, for length-aware models; 0 otherwise
+    passed: int = 0  # length-aware only: batches that took a younger request while this one waited
 
     def hung_up(self) -> bool:
         return self.client_gone is not None and self.client_gone()
@@ -96,9 +102,16 @@ class AdmissionQueue:
     def popleft(self) -> PendingRequest:
         return self._items.popleft()
 
-    def remove(self, taken: Sequence[PendingRequest]) -> None:
+    def remove(self, taken: Sequence[PendingRequest], *, count_passes: bool = False) -> None:
+        """Take a dispatched batch out. count_passes (length-aware): every request left behind that is older
+        than the batch's youngest was passed over once more."""
         chosen = set(map(id, taken))
         self._items = deque(r for r in self._items if id(r) not in chosen)
+        if count_passes and taken:
+            youngest = max(r.enqueued for r in taken)
+            for r in self._items:
+                if r.enqueued < youngest:
+                    r.passed += 1
 
     def prune(self) -> None:
         """Drop requests nobody waits for; callers who hung up are answered RequestCancelled here."""
@@ -138,14 +151,18 @@ class AdmissionQueue:
         """The queued requests that stack with the first one, in order, up to max_rows.
 
         by_length: the first (oldest) request always goes, and its batch-mates are those closest to its length,
-        so a batch pads little; the others wait for a batch of their own length. max_tokens (> 0): rows times
-        the padded length stays within it (a model's memory grows with both). max_padding: a request joins only
-        if the padding it adds (in tokens) costs less than the run it saves (the planner's b / a).
+        so a batch pads little; the others wait for a batch of their own length, but once a request has been
+        passed over MAX_PASSES times by younger ones, no younger request joins a batch before it goes (it is not
+        forced into a padded batch: it waits to be the oldest). max_tokens (> 0): rows times the padded length
+        stays within it (a model's memory grows with both). max_padding: a request joins only if the padding it
+        adds (in tokens) costs less than the run it saves (the planner's b / a).
         """
         first = self._items[0]
         key = first.shape_key
         candidates: Sequence[PendingRequest] = self._items
+        overdue = None
         if by_length:
+            overdue = min((r.enqueued for r in self._items if r.passed >= MAX_PASSES), default=None)
             candidates = sorted(self._items, key=lambda r: (r is not first, abs(r.length - first.length)))
         taken: list[PendingRequest] = []
         rows = longest = 0
@@ -159,6 +176,8 @@ class AdmissionQueue:
             if taken and max_tokens and padded > max_tokens:
                 self.token_bound_hit = True
                 break
+            if taken and overdue is not None and req.enqueued > overdue:
+                continue  # nothing younger goes ahead of a request passed over MAX_PASSES times
             if taken and max_padding is not None and padded - rows * longest - req.rows * req.length > max_padding:
                 continue
             taken.append(req)

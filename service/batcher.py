@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
@@ -79,7 +80,7 @@ class Collector:
             return remaining
         others = len(queue) - len(taken) + self.in_flight()
         waited = now - queue.first().enqueued
-        return min(remaining, self.planner.wait_s(rows=rows, others_in_flight=others, now=now, waited=waited))
+        return self.planner.plan(rows=rows, others_in_flight=others, now=now, waited=waited, remaining=remaining)
 
     async def _fill(self, queue: AdmissionQueue, policy: BatchingPolicy) -> tuple[list[PendingRequest], DispatchReason]:
         """One batch from a non-empty queue, waiting up to the first request's delay; [] if the queue emptied."""
@@ -105,7 +106,7 @@ class Collector:
             taken, rows = self._compatible(queue, self.max_batch_size)
             if rows >= self.max_batch_size:
                 reason = DispatchReason.FULL
-        queue.remove(taken)
+        queue.remove(taken, count_passes=self.by_length)
         return taken, reason
 
 
@@ -155,6 +156,7 @@ class Batcher:
         self.planner = Planner()
         self._running = 0
         self._arriving = 0
+        self._loop_cpu_clock: int | None = None
         self.collector = Collector(policy=self.policy, max_batch_size=self.max_batch_size, clock=self.clock,
                                    planner=self.planner if self.adaptive else None,
                                    in_flight=lambda: self._running, arriving=lambda: self._arriving,
@@ -162,6 +164,8 @@ class Batcher:
                                    max_tokens=self.ragged.max_tokens if self.ragged is not None else 0)
 
     def start(self) -> None:
+        # The event loop thread's CPU clock: a run's own CPU is the process's less what the loop spent meanwhile.
+        self._loop_cpu_clock = time.pthread_getcpuclockid(threading.get_ident())
         self._loop_task = asyncio.get_running_loop().create_task(self._collect_loop(), name=f"batcher:{self.model}")
 
     @property
@@ -194,7 +198,7 @@ class Batcher:
                              enqueued=now, client_gone=client_gone,
                              length=self.ragged.length(inputs) if self.ragged is not None else 0)
         self.queue.put(req, model=self.model)
-        self.planner.arrivals.observe(now)
+        self.planner.observe_arrival(now, others=len(self.queue) - 1 + self._running)
         if timeout_s is not None and timeout_s > 0:
             req.deadline = now + timeout_s
             req.timer = loop.call_later(timeout_s, self._expire, req)
@@ -270,7 +274,7 @@ class Batcher:
                 r.timer.cancel()
         loop = asyncio.get_running_loop()
         try:
-            outputs, timings = await loop.run_in_executor(self.executor, self._run_concat, live)
+            outputs, timings, run_cpu = await loop.run_in_executor(self.executor, self._run_concat, live)
         except Exception as exc:
             if len(live) > 1 and (not isinstance(exc, ServingError) or exc.status_code < 500):
                 # One bad request must not fail its batch-mates (an unexpected error, or an input value the model
@@ -284,7 +288,10 @@ class Batcher:
                 set_exception_if_not_done(r.future, err)
             return
         rows = sum(r.rows for r in live)
-        self.planner.cost.observe(self._units(live), self.clock() - now)
+        self.planner.observe_batch(units=self._units(live), wall_s=self.clock() - now, cpu_now=time.process_time(),
+                                   wall_now=time.monotonic())
+        if self.ragged is not None:
+            self.planner.run_cpu.observe(self._units(live), run_cpu)
         self.stats.on_execution(rows, timings)
         self._answer(live, outputs, rows=rows, queued_at=now, timings=timings)
 
@@ -298,11 +305,16 @@ class Batcher:
             offset += r.rows
             set_result_if_not_done(r.future, BatchResult(part, queued_at - r.enqueued, rows, timings))
 
-    def _run_concat(self, live: list[PendingRequest]) -> tuple[dict[str, np.ndarray], tuple[int, int, int]]:
+    def _run_concat(self, live: list[PendingRequest]) -> tuple[dict[str, np.ndarray], tuple[int, int, int], float]:
+        """Runs in a worker thread: the batch's outputs, its timings, and the CPU of the run itself (the process's
+        less the event loop thread's meanwhile: ONNX Runtime's threads, about)."""
         t0 = time.perf_counter_ns()
         feeds = _concat(live, self.ragged)
         t1 = time.perf_counter_ns()
+        cpu0, loop0 = self._cpu_now() if self.ragged is not None else (0.0, 0.0)  # only padding budgets use it
         outputs, infer_ns, output_ns = self.run(feeds)
+        cpu1, loop1 = self._cpu_now() if self.ragged is not None else (0.0, 0.0)
+        run_cpu = (cpu1 - cpu0) - (loop1 - loop0)
         rows = sum(r.rows for r in live)
         if len(live) > 1 or self.max_batch_size > 0:
             for name, out in outputs.items():
@@ -311,7 +323,13 @@ class Batcher:
                         f"model {self.model!r}: output {name!r} has {out.shape[0] if out.ndim else 0} rows "
                         f"for a batch of {rows}; the model's first axis must be the batch axis"
                     )
-        return outputs, (t1 - t0, infer_ns, output_ns)
+        return outputs, (t1 - t0, infer_ns, output_ns), run_cpu
+
+    def _cpu_now(self) -> tuple[float, float]:
+        """(process CPU, event-loop thread CPU) now."""
+        if self._loop_cpu_clock is None:
+            return 0.0, 0.0
+        return time.process_time(), time.clock_gettime(self._loop_cpu_clock)
 
     async def close(self, *, grace_s: float) -> None:
         """Stop accepting, let queued and running requests finish (up to grace_s), then stop."""
