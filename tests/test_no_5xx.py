@@ -131,7 +131,7 @@ async def test_former_unknown_over_grpc_are_invalid_argument(repo):
                         await call(raw, timeout=30)
                     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (raw[:40], info.value.details())
                     assert words in info.value.details()
-                unsupported = channel.unary_unary("/inference.GRPCInferenceService/CudaSharedMemoryStatus")
+                unsupported = channel.unary_unary("/inference.GRPCInferenceService/CudaSharedMemoryRegister")
                 with pytest.raises(grpc.aio.AioRpcError) as info:
                     await unsupported(b"", timeout=30)
                 assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
