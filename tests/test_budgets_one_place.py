@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from export import optimize
-from export.common import BUDGETS, STUDENT_BUDGETS, ParentModel, budget_for
+from export.common import BUDGETS, STUDENT_BUDGETS, ParentModel, budget_for, load_parent
 from export.distill_text import budget_verdict
 from export.gate import Device
+from export.heldout import evaluate, fp32_outputs, load_heldout
 
 CPU = Device(("CPUExecutionProvider",))
 FP32 = {"cosine_to_fp32": 1.0, "top10_retrieval_overlap": 1.0}
@@ -68,3 +69,17 @@ def test_the_teachers_int8_variant_keeps_its_stricter_budget(tmp_path):
     row = gate_row(tmp_path, variant="int8", cosine=0.96, overlap=0.86, speedup=3.1)
     assert row["within_budget"] is False and row["publish"] is False
     assert "cosine_to_fp32 0.960 < 0.99" in row["why"]
+
+
+def test_the_optimize_evaluation_measures_every_target_of_the_students_budget(tiny_zoo: Path):
+    # The gate can only judge a student by targets its held-out evaluation measures (export.heldout.evaluate).
+    parent = load_parent(tiny_zoo, "transformer")
+    heldout = load_heldout(parent)
+    ref = fp32_outputs(parent, heldout)
+    metrics = evaluate(parent, parent.onnx_path, heldout, reference=ref)
+    measured = [f.metric for f in STUDENT_BUDGETS["transformer"].also if not f.metric.startswith("speedup_")]
+    assert measured == ["top10_retrieval_overlap"]
+    assert metrics["top10_retrieval_overlap"] == pytest.approx(1.0) and metrics["cosine_to_fp32"] == pytest.approx(1.0)
+    # Against other embeddings (the FP32 ones reversed across texts) the neighbours change.
+    shuffled = evaluate(parent, parent.onnx_path, heldout, reference=[ref[0][::-1].copy()])
+    assert shuffled["top10_retrieval_overlap"] < 0.5
