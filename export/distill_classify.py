@@ -64,7 +64,7 @@ def build(family: str, *, repo_dir: Path, work_dir: Path, profile: str) -> Stude
     student, parity, onnx_path = train(parent, settings=settings, work_dir=work_dir, heldout=heldout)
     metrics = evaluate(parent, onnx_path, heldout)
     teacher_metrics = evaluate(parent, parent.onnx_path, heldout)
-    verdict = check_budget(model=family, variant_metrics=metrics, fp32_metrics=teacher_metrics)
+    verdict = check_budget(model=family, variant="student", variant_metrics=metrics, fp32_metrics=teacher_metrics)
     latency = side_by_side_latency({"teacher": parent.onnx_path, "student": onnx_path},
                                    heldout.batch(LATENCY_BATCH), repeats=LATENCY_REPEATS[profile])
     details = {"temperature": settings.temperature, "alpha": settings.alpha, "epochs": settings.epochs,

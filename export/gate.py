@@ -83,7 +83,8 @@ def decide(*, variant: str, verdict: Verdict | None, latency: dict[int, float] |
     if target != timed_on:
         return Decision(False, f"not published: made for {target} but timed on {timed_on}", target, speedup)
     if not verdict.ok:
-        return Decision(False, f"not published: over its accuracy budget ({budget})", target, speedup)
+        missed = f"; missed: {', '.join(verdict.missed)}" if verdict.missed else ""
+        return Decision(False, f"not published: over its accuracy budget ({budget}{missed})", target, speedup)
     if not have:
         return Decision(False, f"not published: within budget ({budget}) but {timing}", target, speedup)
     slow = [b for b in batches if speedup[b] < MIN_SPEEDUP]

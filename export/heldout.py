@@ -30,6 +30,22 @@ from models.transformer_text import tokenize
 
 EVAL_BATCH = 64
 CALIBRATION_EXAMPLES = 128
+TOP_K = 10  # retrieval overlap of the sentence encoder's variants: top-10 neighbours
+
+
+def retrieval_overlap(teacher: np.ndarray, student: np.ndarray, *, k: int = TOP_K) -> float:
+    """Mean |top-k(teacher) & top-k(student)| / k over queries, neighbours by cosine, self excluded."""
+    if len(teacher) <= k:
+        raise ValueError(f"retrieval overlap needs more than k={k} texts, got {len(teacher)}")
+
+    def neighbours(emb: np.ndarray) -> np.ndarray:
+        unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+        sims = unit @ unit.T
+        np.fill_diagonal(sims, -np.inf)
+        return np.argsort(-sims, axis=1)[:, :k]
+
+    a, b = neighbours(teacher), neighbours(student)
+    return float(np.mean([len(set(x) & set(y)) / k for x, y in zip(a, b)]))
 
 
 @dataclass
@@ -159,7 +175,7 @@ def evaluate(parent: ParentModel, onnx_path: Path, heldout: HeldOut, *,
         a, b = outputs[0].astype(np.float64), reference[0].astype(np.float64)
         cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
         return {"cosine_to_fp32": float(cos.mean()), "cosine_to_fp32_min": float(cos.min()),
-                "test_examples": float(len(cos))}
+                f"top{TOP_K}_retrieval_overlap": retrieval_overlap(b, a), "test_examples": float(len(cos))}
     if parent.name == "recommender":
         return {**_sampled_hit_ratio(onnx_path, heldout), **_hit_ratio(outputs[0], heldout)}
     pred = outputs[0].argmax(axis=1)

@@ -32,6 +32,7 @@ from export import fp16, quant_grid, quantize, report, report_rows
 from export.common import (
     BUDGETS,
     FAMILY_MODELS,
+    STUDENT_BUDGETS,
     ParentModel,
     check_budget,
     file_size_mb,
@@ -220,7 +221,12 @@ def _row(parent: ParentModel, v: Variant, *, fp32: dict[str, float], timing: Tim
         row["x_fp32_b32"] = cpu[v.name][32] / cpu["fp32"][32]
     verdict = None
     if v.metrics is not None:
-        verdict = check_budget(model=parent.name, variant_metrics=v.metrics, fp32_metrics=fp32)
+        # Speed-ups at the gate's batch sizes (CPU, side by side) join the metrics: a student's budget may
+        # set one (export.common.STUDENT_BUDGETS); other budgets ignore them.
+        speed = {f"speedup_b{b}": cpu["fp32"][b] / cpu[v.name][b] for b in GATE_BATCHES
+                 if v.name in cpu and b in cpu[v.name] and b in cpu.get("fp32", {})}
+        verdict = check_budget(model=parent.name, variant=v.name, variant_metrics={**v.metrics, **speed},
+                               fp32_metrics=fp32)
         row.update(value=verdict.value, delta=verdict.delta, budget=verdict.budget,
                    within_budget=verdict.ok if v.name != "fp32" else None, verdict=verdict.as_dict(),
                    metrics=v.metrics)
@@ -276,6 +282,7 @@ def optimize_model(parent: ParentModel, *, args: argparse.Namespace, work: Path,
              "latency_ci": "variant/FP32 latency ratio: median of per-round pairs [95% bootstrap CI]",
              "cpu_isa": isa_text(isa),
              "device": device.describe(), "budget": BUDGETS[parent.name].describe(),
+             **({"student_budget": STUDENT_BUDGETS[parent.name].describe()} if parent.name in STUDENT_BUDGETS else {}),
              "gate": f"published only if within budget and >= {MIN_SPEEDUP:g}x faster than FP32 at batch "
                      f"{' and '.join(map(str, GATE_BATCHES))} on its target device"}
     if parent.name == "recommender":

@@ -176,3 +176,44 @@ def hit_ratio_ndcg(scores: np.ndarray, *, k: int, seed: int) -> tuple[float, flo
     rank = higher + rng.integers(0, ties + 1)
     hit = rank < k
     return float(hit.mean()), float(np.where(hit, 1.0 / np.log2(rank + 2.0), 0.0).mean())
+
+
+@dataclass
+class Validation:
+    """A validation split carved out of a ``Split``'s training events, for model selection.
+
+    ``train`` is the split with each validation user's last *training* event removed from its training
+    events (its test item and history untouched: ``sample_negatives`` on it still avoids every item the
+    user ever saw); ``users``/``items`` are those removed events, the validation targets.
+    """
+
+    train: Split
+    users: np.ndarray
+    items: np.ndarray
+
+    def as_test(self) -> Split:
+        """``train`` with the validation events in place of the test ones: score it as a test split."""
+        return Split(self.train.user_raw, self.train.item_raw, self.train.train_users, self.train.train_items,
+                     self.users, self.items, self.train.history)
+
+
+def validation_split(split: Split, *, fraction: float, seed: int) -> Validation:
+    """Hold out the last training event of a seeded ``fraction`` of the users with >= 2 training events.
+
+    The test split (each user's last event) is not touched: choose hyper-parameters on these events, then
+    train on all of ``split``'s training events and report test metrics once.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"validation fraction must be in (0, 1), got {fraction}")
+    counts = np.bincount(split.train_users, minlength=split.n_users)
+    eligible = np.flatnonzero(counts >= 2)
+    rng = np.random.default_rng(seed)
+    chosen = np.sort(rng.choice(eligible, size=max(1, round(fraction * len(eligible))), replace=False))
+    # Training events are in time order per user (leave_one_out sorts them), so a user's last row is its latest.
+    last_row = np.r_[np.flatnonzero(split.train_users[1:] != split.train_users[:-1]), len(split.train_users) - 1]
+    held = last_row[np.isin(split.train_users[last_row], chosen)]
+    keep = np.ones(len(split.train_users), bool)
+    keep[held] = False
+    train = Split(split.user_raw, split.item_raw, split.train_users[keep], split.train_items[keep],
+                  split.test_users, split.test_items, split.history)
+    return Validation(train, split.train_users[held], split.train_items[held])
