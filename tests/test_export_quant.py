@@ -50,16 +50,24 @@ def test_report_files_have_measured_numbers(optimized: tuple[Path, Path]) -> Non
         assert rows["student"]["status"] == "not built"
 
 
-def test_static_int8_is_qdq_per_channel_and_tried_every_calibration(optimized: tuple[Path, Path]) -> None:
+def test_static_int8_follows_its_measured_layout_and_tried_every_calibration(optimized: tuple[Path, Path]) -> None:
     repo, _ = optimized
     model = repo / "cnn-int8" / "1" / "model.onnx"
     ops = integer_op_counts(model)
     assert ops.get("QuantizeLinear", 0) > 0 and ops.get("DequantizeLinear", 0) > 0
     graph = onnx.load(str(model)).graph
     weights = {i.name: i for i in graph.initializer}
-    # per-channel: some DequantizeLinear has a vector of scales (one per output channel)
-    scales = [weights[n.input[1]] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[1] in weights]
-    assert any(len(s.dims) == 1 and s.dims[0] > 1 for s in scales)
+    # The layout is picked by measurement on this CPU (export/quant_grid.py), so the test reads which one the
+    # card says was chosen and checks the graph has it: per-channel = some weight scale is a vector (one per
+    # output channel), on a DequantizeLinear (QDQ) or a QLinearConv's w_scale (QOperator).
+    scale_inputs = [n.input[1] for n in graph.node if n.op_type == "DequantizeLinear"]
+    scale_inputs += [n.input[4] for n in graph.node if n.op_type == "QLinearConv"]
+    scales = [weights[name] for name in scale_inputs if name in weights]
+    card_layout = json.loads((repo / "cnn-int8" / "metrics.json").read_text())["layout"]
+    chosen = [row for row in json.loads((repo / "cnn-int8" / "metrics.json").read_text())["layout_grid"] if row["chosen"]]
+    assert len(chosen) == 1 and card_layout.startswith(chosen[0]["config"])
+    per_channel = any(len(s.dims) == 1 and s.dims[0] > 1 for s in scales)
+    assert per_channel == ("per-channel" in card_layout), card_layout
     card = json.loads((repo / "cnn-int8" / "metrics.json").read_text())
     assert {a["method"] for a in card["attempts"]} == set(CALIBRATION_METHODS)
     assert card["variant"] == "int8" and card["parent"] == "cnn" and card["budget"]["within_budget"] is True
