@@ -28,7 +28,7 @@ import uvloop
 from service.errors import ModelNotReady, ServingError
 from service.frontend_link import FrontEndLink, ModelProcessDecodes, NoShm
 from service.grpc_frontend import start_grpc_frontend
-from service.http_infer import INFER_PATH, _header_length, _send, decompress, read_body, send_error
+from service.http_infer import INFER_PATH, decompress, header_length, read_body, send_error, send_infer_response
 from service.http_server import DrainingServer, protocol_class
 from service.protocol_v2 import decode_request, encode_response_parts
 from service.v2_plans import RequestPlans
@@ -37,7 +37,6 @@ log = logging.getLogger("modelserve.frontend")
 
 _HOP_BY_HOP = {b"connection", b"keep-alive", b"transfer-encoding", b"upgrade", b"proxy-connection", b"te",
                b"trailer", b"host"}
-_JSON = b"application/json"
 
 
 class FrontEndApp:
@@ -68,12 +67,12 @@ class FrontEndApp:
             if raw is None:
                 return
             body = decompress(raw, encoding=headers.get(b"content-encoding", b"").decode().lower(), limit=self.limit)
-            header_length = _header_length(headers)
-            if header_length == 0:
+            length = header_length(headers)
+            if length == 0:
                 await self._proxy(scope, receive, send, body=raw)  # Triton's raw binary body: needs the model spec
                 return
             try:
-                req, encoding = self._decode(body, header_length=header_length, model=model, version=version)
+                req, encoding = self._decode(body, header_length=length, model=model, version=version)
             except ModelProcessDecodes:
                 await self._proxy(scope, receive, send, body=raw)
                 return
@@ -85,11 +84,7 @@ class FrontEndApp:
             log.exception("unhandled error in infer")
             await send_error(send, ServingError(f"internal error ({type(exc).__name__}); see the server log"))
             return
-        if header_len is None:
-            await _send(send, status=200, body=payload, content_type=_JSON)
-        else:
-            await _send(send, status=200, body=payload, content_type=b"application/octet-stream",
-                        extra=[(b"inference-header-content-length", str(header_len).encode())])
+        await send_infer_response(send, payload, header_len)
 
     def _decode(self, body: bytes, *, header_length: int | None, model: str, version: str | None) -> tuple:
         """As InferFastPath._decode, with shared-memory tensors left to the model process."""

@@ -165,12 +165,12 @@ class InferFastPath:
                 return
             body = decompress(body, encoding=headers.get(b"content-encoding", b"").decode().lower(), limit=self.limit)
             trace = self.core.tracing.begin(model) if self.core.tracing.enabled else None
-            header_length = _header_length(headers)
-            if header_length == 0:  # Triton's raw binary request: the body is the only input's data
+            length = header_length(headers)
+            if length == 0:  # Triton's raw binary request: the body is the only input's data
                 spec = self.core.model(model, version).spec
                 req, encoding = decode_raw_request(body, spec=spec, model_name=model, model_version=version)
             else:
-                req, encoding = self._decode(body, header_length=header_length, model=model, version=version)
+                req, encoding = self._decode(body, header_length=length, model=model, version=version)
             if trace is not None:
                 trace.decoded(req)
                 req.trace = trace
@@ -191,11 +191,7 @@ class InferFastPath:
             log.exception("unhandled error in infer")
             await send_error(send, ServingError(f"internal error ({type(exc).__name__}); see the server log"))
             return
-        if header_len is None:
-            await _send(send, status=200, body=payload, content_type=_JSON, receive=receive)
-        else:
-            await _send(send, status=200, body=payload, content_type=b"application/octet-stream",
-                        extra=[(b"inference-header-content-length", str(header_len).encode())], receive=receive)
+        await send_infer_response(send, payload, header_len, receive=receive)
 
     def _decode(self, body: bytes, *, header_length: int | None, model: str,
                 version: str | None) -> tuple[InferRequest, OutputEncoding]:
@@ -213,7 +209,17 @@ class InferFastPath:
         return req, encoding
 
 
-def _header_length(headers: dict[bytes, bytes]) -> int | None:
+async def send_infer_response(send: Callable, payload: bytes | list, header_len: int | None, *,
+                              receive: Callable | None = None) -> None:
+    """Answer 200 with an encoded infer response: JSON, or JSON + binary parts with Triton's header length."""
+    if header_len is None:
+        await _send(send, status=200, body=payload, content_type=_JSON, receive=receive)
+    else:
+        await _send(send, status=200, body=payload, content_type=b"application/octet-stream",
+                    extra=[(b"inference-header-content-length", str(header_len).encode())], receive=receive)
+
+
+def header_length(headers: dict[bytes, bytes]) -> int | None:
     value = headers.get(b"inference-header-content-length")
     if value is None:
         return None
