@@ -30,7 +30,7 @@ from service.frontend_link import FrontEndLink, ModelProcessDecodes, NoShm
 from service.grpc_frontend import start_grpc_frontend
 from service.http_infer import INFER_PATH, decompress, header_length, read_body, send_error, send_infer_response
 from service.http_server import DrainingServer, protocol_class
-from service.protocol_v2 import decode_request, encode_response_parts
+from service.protocol_v2 import encode_response_parts
 from service.v2_plans import RequestPlans
 
 log = logging.getLogger("modelserve.frontend")
@@ -88,17 +88,8 @@ class FrontEndApp:
 
     def _decode(self, body: bytes, *, header_length: int | None, model: str, version: str | None) -> tuple:
         """As InferFastPath._decode, with shared-memory tensors left to the model process."""
-        if header_length is not None and 0 < header_length <= len(body):
-            plan = self.plans.get(body, header_length)
-            if plan is not None:
-                planned = plan.request(body, header_length=header_length, model_name=model, model_version=version)
-                if planned is not None:
-                    return planned
-        req, encoding = decode_request(body, header_length=header_length, model_name=model, model_version=version,
-                                       max_tensor_bytes=self.limit, shm=NoShm())  # type: ignore[arg-type]
-        if header_length is not None and 0 < header_length < len(body):
-            self.plans.learn(body, header_length=header_length, req=req, encoding=encoding)
-        return req, encoding
+        return self.plans.decode(body, header_length=header_length, model_name=model, model_version=version,
+                                 max_tensor_bytes=self.limit, shm=NoShm())  # type: ignore[arg-type]
 
     async def _proxy(self, scope: dict, receive: Callable, send: Callable, *, body: bytes | None) -> None:
         """Forward the request to the model process's HTTP server and stream its answer back unchanged."""

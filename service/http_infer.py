@@ -28,7 +28,7 @@ from service.errors import (
     UnsupportedMediaType,
 )
 from service.http_server import arrived, body_complete, corked
-from service.protocol_v2 import OutputEncoding, decode_raw_request, decode_request, encode_response_parts
+from service.protocol_v2 import OutputEncoding, decode_raw_request, encode_response_parts
 from service.v2_plans import RequestPlans
 
 log = logging.getLogger("modelserve.http")
@@ -196,17 +196,8 @@ class InferFastPath:
     def _decode(self, body: bytes, *, header_length: int | None, model: str,
                 version: str | None) -> tuple[InferRequest, OutputEncoding]:
         """A JSON (+ binary) request; a binary request's header is parsed and checked once (v2_plans)."""
-        if header_length is not None and 0 < header_length <= len(body):
-            plan = self.plans.get(body, header_length)
-            if plan is not None:
-                planned = plan.request(body, header_length=header_length, model_name=model, model_version=version)
-                if planned is not None:
-                    return planned
-        req, encoding = decode_request(body, header_length=header_length, model_name=model, model_version=version,
-                                       max_tensor_bytes=self.limit, shm=self.core.shm)
-        if header_length is not None and 0 < header_length < len(body):
-            self.plans.learn(body, header_length=header_length, req=req, encoding=encoding)
-        return req, encoding
+        return self.plans.decode(body, header_length=header_length, model_name=model, model_version=version,
+                                 max_tensor_bytes=self.limit, shm=self.core.shm)
 
 
 async def send_infer_response(send: Callable, payload: bytes | list, header_len: int | None, *,

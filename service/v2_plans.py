@@ -17,7 +17,8 @@ import numpy as np
 import orjson
 
 from service.core import InferRequest, RequestedOutput
-from service.protocol_v2 import OutputEncoding
+from service.protocol_v2 import OutputEncoding, decode_request
+from service.shm import SharedMemoryRegistry
 
 # Distinct headers remembered per server; past this the table starts over (a client cycling through many
 # shapes costs one JSON parse per request, as without plans).
@@ -89,6 +90,23 @@ class RequestPlans:
 
     def get(self, body: bytes, header_length: int) -> RequestPlan | None:
         return self._plans.get(body[:header_length])
+
+    def decode(self, body: bytes, *, header_length: int | None, model_name: str, model_version: str | None,
+               max_tensor_bytes: int, shm: SharedMemoryRegistry | None) -> tuple[InferRequest, OutputEncoding]:
+        """A JSON (+ binary) request: through a learned plan when its header was seen before, else decoded in
+        full (protocol_v2.decode_request) and its header learned for next time."""
+        if header_length is not None and 0 < header_length <= len(body):
+            plan = self.get(body, header_length)
+            if plan is not None:
+                planned = plan.request(body, header_length=header_length, model_name=model_name,
+                                       model_version=model_version)
+                if planned is not None:
+                    return planned
+        req, encoding = decode_request(body, header_length=header_length, model_name=model_name,
+                                       model_version=model_version, max_tensor_bytes=max_tensor_bytes, shm=shm)
+        if header_length is not None and 0 < header_length < len(body):
+            self.learn(body, header_length=header_length, req=req, encoding=encoding)
+        return req, encoding
 
     def learn(self, body: bytes, *, header_length: int, req: InferRequest, encoding: OutputEncoding) -> None:
         """Remember the header of a request that decoded cleanly, when its meaning is the same every time."""
