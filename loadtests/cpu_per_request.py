@@ -2,11 +2,15 @@
 
     python -m loadtests.cpu_per_request --repository DIR --model cnn                       # this checkout
     python -m loadtests.cpu_per_request --repository DIR --model cnn --compare /tmp/before  # vs another one
+    python -m loadtests.cpu_per_request --repository DIR --model cnn --protocols grpc \
+        --variant ph2=GRPC_EXPERIMENTS=ph2_server                      # vs this checkout with more environment
 
 CPU-us per request = the server process's CPU time (all threads: event loop, gRPC, ONNX Runtime) over the
 requests it answered during a cell. On a shared machine it moves far less than rows/s: other jobs slow the
 server down but do not make it do more work per request. With --compare, both servers run at once and the
-cells alternate between them, round by round, so both see the same machine load.
+cells alternate between them, round by round, so both see the same machine load. Each --variant adds one more
+server of this checkout, started with extra environment variables (e.g. grpcio's GRPC_EXPERIMENTS); --h2-probe
+adds one whose gRPC port is loadtests/h2_probe.py (ModelInfer over the `h2` library) instead of grpcio.
 """
 
 from __future__ import annotations
@@ -38,6 +42,26 @@ def _cell(server, *, model: str, protocol: str, args: argparse.Namespace) -> tup
     return level.probe_cpu_s["server"] / level.ok * 1e6, row["requests_per_s"]
 
 
+# label -> (checkout, extra environment, module `python -m` runs)
+ServerSpec = tuple[Path, dict[str, str], str]
+
+
+def _servers(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, ServerSpec]:
+    cli = "service.cli"
+    roots: dict[str, ServerSpec] = {"this": (REPO_ROOT, {}, cli)}
+    if args.compare:
+        roots["compare"] = (args.compare.resolve(), {}, cli)
+    for spec in args.variant:
+        label, _, assignments = spec.partition("=")
+        pairs = [a.split("=", 1) for a in assignments.split(";") if a]
+        if not label or not pairs or any(len(kv) != 2 for kv in pairs):
+            parser.error(f"--variant {spec!r}: expected LABEL=KEY=VALUE[;KEY=VALUE]")
+        roots[label] = (REPO_ROOT, dict(pairs), cli)
+    if args.h2_probe:
+        roots["h2-probe"] = (REPO_ROOT, {}, "loadtests.h2_probe")
+    return roots
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m loadtests.cpu_per_request", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -49,15 +73,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--compare", type=Path, help="another checkout of the project (e.g. `git archive` of a commit)")
     p.add_argument("--output", type=Path, default=Path("bench_results/cpu_per_request.md"))
+    p.add_argument("--variant", action="append", default=[], metavar="LABEL=KEY=VALUE[;KEY=VALUE]",
+                   help="another server of this checkout with these environment variables (repeatable)")
+    p.add_argument("--h2-probe", action="store_true", help="another server of this checkout whose gRPC port is "
+                                                             "loadtests.h2_probe (ModelInfer only)")
     args = p.parse_args(argv)
-    roots = {"this": REPO_ROOT, **({"compare": args.compare.resolve()} if args.compare else {})}
+    roots = _servers(args, p)
     protocols = [v for v in args.protocols.split(",") if v]
     load0 = os.getloadavg()
     samples: dict[tuple[str, str], list[tuple[float, float]]] = {}
     with ExitStack() as stack:
         servers = {name: stack.enter_context(serve(args.repository, log_path=args.output.parent / f"server-{name}.log",
-                                                   grpc="grpc" in protocols, code_root=root))
-                   for name, root in roots.items()}
+                                                   grpc="grpc" in protocols, code_root=root, env=env,
+                                                   module=module))
+                   for name, (root, env, module) in roots.items()}
         for _ in range(args.rounds):
             for protocol in protocols:
                 for name, server in servers.items():

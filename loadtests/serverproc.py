@@ -75,12 +75,14 @@ def serve(
     log_level: str = "warning",
     code_root: Path = REPO_ROOT,
     extra_args: list[str] | None = None,
+    module: str = "service.cli",
 ) -> Iterator[ServerProcess]:
     """Run the server until the block ends. `env` adds MODELSERVE_* settings; `command_prefix` wraps the
     command (e.g. py-spy record ... --), in which case `pid` is the wrapper's. `code_root`: the checkout whose
-    `service` package runs (another commit's, to compare two versions side by side); `extra_args`: more flags."""
+    `service` package runs (another commit's, to compare two versions side by side); `extra_args`: more flags;
+    `module`: what `python -m` runs (a wrapper of service.cli such as loadtests.h2_probe)."""
     port = free_port()
-    cmd = [*(command_prefix or []), sys.executable, "-m", "service.cli", "serve", "--model-repository", str(repository),
+    cmd = [*(command_prefix or []), sys.executable, "-m", module, "serve", "--model-repository", str(repository),
            "--http-port", str(port), "--http-address", "127.0.0.1", "--log-level", log_level, *(extra_args or [])]
     url = f"127.0.0.1:{port}"
     grpc_url = None
