@@ -32,6 +32,7 @@ from service.offline.prepare import DecodePool, Ready, decodes_files, prepare_ro
 from service.offline.rows import ColumnSegment, Rows
 from service.processing.base import Processor
 from service.processing.registry import build_processor
+from service.runtime import synthetic_inputs
 
 
 @dataclass
@@ -161,6 +162,19 @@ class LocalEngine:
         self.text = self.model.processor.task.startswith("text-")
         self.threads = thread_pool(workers) if self.text else None
         self.ahead: ThreadPoolExecutor | None = None  # lays out .npy image batches one ahead of the model
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """One run of zeros at the job's batch size before any row, as the server warms a model when it loads
+        it: ONNX Runtime's first run sets up its memory (~5 ms on the recommender, 2.5 µs per row of a 2000-row
+        job). A model that cannot run zeros is warmed by its first batch instead."""
+        spec = self.model.spec
+        feeds = synthetic_inputs(graph_tensors(self.model.session)[0], batch_size=self.batch_size,
+                                 batched=spec.max_batch_size > 0)
+        try:
+            self.model.session.run(self.model.output_names, feeds)
+        except Exception:  # NOTE: zeros may be outside a model's domain; the job itself reports real failures
+            return
 
     @property
     def task(self) -> str:
