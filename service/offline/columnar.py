@@ -23,6 +23,7 @@ import numpy as np
 
 from service.offline.arrow import parquet
 from service.offline.readers import NO_FIELD_ERROR, TEXT_FIELDS, Item
+from service.offline.rows import base_schema
 from service.processing.image import PreparedImage, layout_batch
 from service.processing.recommender import UserColumns
 
@@ -76,8 +77,6 @@ class UserSegment:
 
     def table(self) -> Any:
         import pyarrow as pa
-
-        from service.offline.rows import base_schema
 
         ok = np.array([error is None for error in self.errors], bool)
         results = self.results.arrow()
