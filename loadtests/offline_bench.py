@@ -8,6 +8,9 @@ the ceiling that shows the overhead of our own code. `predict` is the full job o
 (PNG folder, .npy, JSONL texts, WAV folder, Parquet user ids). Writes a markdown table, JSON and a PNG plot.
 
     python -m loadtests.offline_bench --model-repository /tmp/tz --rows 2000 --batch-size 32
+
+On a shared machine, `--repeats N` runs predict and the two ceilings of each case alternately N times (the same
+minutes, the same load) and reports the medians; `fraction` is then the median of the N per-round fractions.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -132,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--models", default=None, help="comma-separated subset of " + ",".join(m for m, _ in CASES))
     p.add_argument("--out-dir", type=Path, default=Path("bench_results"))
+    p.add_argument("--repeats", type=int, default=1, help="rounds of predict/ceilings per case, medians reported")
     args = p.parse_args(argv)
     wanted = set(args.models.split(",")) if args.models else None
     present = [m for m, _ in CASES if (args.model_repository / m).is_dir() and (not wanted or m in wanted)]
@@ -146,18 +151,26 @@ def main(argv: list[str] | None = None) -> int:
             root = Path(tmp) / f"{model}-{kind}"
             root.mkdir()
             src = make_input(kind, root=root, rows=args.rows)
-            e2e = end_to_end(model, repo=args.model_repository, src=src, out=root / "out.parquet",
-                             batch_size=args.batch_size)
-            top = ceiling(args.model_repository / model, src=src, batch_size=args.batch_size)
-            with_decode, decode_us = decode_ceiling(args.model_repository / model, src=src,
-                                                    batch_size=args.batch_size)
+            rounds = [_round(model, repo=args.model_repository, src=src, out=root / f"out{i}.parquet",
+                             batch_size=args.batch_size) for i in range(max(args.repeats, 1))]
+            e2e, top, with_decode, decode_us = (statistics.median(r[j] for r in rounds) for j in range(4))
             results.append({"model": model, "input": kind, "rows": args.rows, "batch_size": args.batch_size,
                             "predict_rows_s": round(e2e, 1), "ceiling_rows_s": round(top, 1),
-                            "fraction": round(e2e / top, 3), "prepare_us_per_row": round(decode_us, 1),
+                            "fraction": round(statistics.median(r[0] / r[1] for r in rounds), 3),
+                            "prepare_us_per_row": round(decode_us, 1),
                             "decode_ceiling_rows_s": round(with_decode, 1),
-                            "fraction_of_decode_ceiling": round(e2e / with_decode, 3)})
+                            "fraction_of_decode_ceiling": round(statistics.median(r[0] / r[2] for r in rounds), 3),
+                            "rounds": [[round(x, 1) for x in r[:3]] for r in rounds]})
     _report(results, out_dir=args.out_dir)
     return 0
+
+
+def _round(model: str, *, repo: Path, src: Path, out: Path, batch_size: int) -> tuple[float, float, float, float]:
+    """(predict rows/s, ORT ceiling, decode-inclusive ceiling, preparation µs/row), one after another."""
+    e2e = end_to_end(model, repo=repo, src=src, out=out, batch_size=batch_size)
+    top = ceiling(repo / model, src=src, batch_size=batch_size)
+    with_decode, decode_us = decode_ceiling(repo / model, src=src, batch_size=batch_size)
+    return e2e, top, with_decode, decode_us
 
 
 def _report(results: list[dict], *, out_dir: Path) -> None:

@@ -143,7 +143,8 @@ def _predict(args: argparse.Namespace, *, engine, writer: PartWriter, summary: S
     background = BackgroundWriter(writer)
     try:
         with tqdm(total=total, unit="rows", desc=f"predict {args.model}", dynamic_ncols=True) as bar:
-            windows = iter(lambda: list(itertools.islice(items, args.part_rows)), [])
+            windows = _blocks(args, engine=engine, start=writer.rows) or \
+                iter(lambda: list(itertools.islice(items, args.part_rows)), [])
             for rows in engine.predict_windows(windows):
                 background.commit(rows)
                 failed = failed_rows(rows)
@@ -155,13 +156,19 @@ def _predict(args: argparse.Namespace, *, engine, writer: PartWriter, summary: S
         raise
     background.close()
     summary.seconds = time.perf_counter() - t0
-    if args.max_rows is None or _exhausted(source.items):
+    if args.max_rows is None or _exhausted(source, done=writer.rows):
         writer.finish()
 
 
-def _exhausted(items) -> bool:
+def _blocks(args: argparse.Namespace, *, engine, start: int):
+    """Windows read as arrays where the engine can take them (LocalEngine.blocks), else None."""
+    blocks = getattr(engine, "blocks", None)
+    return blocks(args.input, start=start, part_rows=args.part_rows, limit=args.max_rows) if blocks else None
+
+
+def _exhausted(source, *, done: int) -> bool:
     """True when the input has no row left (after --max-rows: then the output can be assembled now)."""
-    return next(items, None) is None
+    return done >= source.total if source.total is not None else next(source.items, None) is None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,6 +21,7 @@ from service.processing.base import b64decode
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 AUDIO_SUFFIXES = (".wav", ".wave")
 TEXT_FIELDS = ("text", "user_id", "path", "b64")
+NO_FIELD_ERROR = f"record has none of the fields {TEXT_FIELDS}"
 
 
 @dataclass
@@ -105,7 +106,7 @@ def _from_record(row: int, record: object, *, base: Path) -> Item:
             return Item(row, ident, b64decode(record["b64"], index=row, what="file"))
     except Exception as exc:  # b64decode's InvalidInput, or anything odd in one record: keep going
         return Item(row, ident, error=getattr(exc, "message", str(exc)))
-    return Item(row, ident, error=f"record has none of the fields {TEXT_FIELDS}")
+    return Item(row, ident, error=NO_FIELD_ERROR)
 
 
 def _jsonl(path: Path, *, start: int) -> Iterator[Item]:

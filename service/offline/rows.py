@@ -35,6 +35,13 @@ class ColumnSegment:
     errors: list[str | None]
     results: Columnar
 
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def failed(self) -> int:
+        return sum(error is not None for error in self.errors)
+
     def dicts(self) -> list[dict]:
         results = iter(self.results.rows())
         return [{"row": it.row, "id": it.id, "ok": error is None, "error": error,
@@ -60,14 +67,27 @@ def _positions(ok: list[bool]) -> list[int | None]:
     return out
 
 
+class Segment(Protocol):
+    """Consecutive output rows kept as columns (ColumnSegment, columnar.UserSegment)."""
+
+    def __len__(self) -> int: ...
+
+    @property
+    def failed(self) -> int: ...
+
+    def dicts(self) -> list[dict]: ...
+
+    def table(self) -> Any: ...
+
+
 class Rows:
     """Output rows of one window in input order: segments of plain row dicts or of columnar batches."""
 
-    def __init__(self, segments: Sequence[list[dict] | ColumnSegment]) -> None:
+    def __init__(self, segments: Sequence[list[dict] | Segment]) -> None:
         self.segments = list(segments)
 
     def __len__(self) -> int:
-        return sum(len(s) if isinstance(s, list) else len(s.items) for s in self.segments)
+        return sum(len(s) for s in self.segments)
 
     def __iter__(self) -> Iterator[dict]:
         return iter(self.dicts())
@@ -77,8 +97,7 @@ class Rows:
 
     @property
     def failed(self) -> int:
-        return sum(sum(not r["ok"] for r in s) if isinstance(s, list) else sum(e is not None for e in s.errors)
-                   for s in self.segments)
+        return sum(sum(not r["ok"] for r in s) if isinstance(s, list) else s.failed for s in self.segments)
 
     def table(self) -> Any:
         """One Arrow table (COLUMNS; `result` a struct column) of every row, segments' result types unified."""
