@@ -4,12 +4,24 @@ In-process ceiling: batches of 8 in arrival order (padded to their longest) and 
 (what `modelserve predict` does), with the server's session options. Server: one text per request over the /v1
 task route at a fixed concurrency, on two copies of the model: `text_plain` (shapes-must-match batching: only
 equal lengths stack) and `text_ragged` (the zoo's own config: length-aware padding, plus adaptive waits).
+
+    python -m loadtests.textbench --zoo /tmp/defzoo --rounds 3 [--compare OTHER_CHECKOUT]
+
+runs the two copies side by side, interleaved round by round with a fresh in-process ceiling each round
+(`--compare`: also the length-aware copy served by another checkout, e.g. `git archive` of an older commit).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import contextlib
+import functools
+import json
+import os
 import shutil
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +34,7 @@ import onnxruntime as ort
 from loadtests.benchmodel import ort_session
 from loadtests.generator import Target, fetch_stats
 from loadtests.report import stats_delta
+from loadtests.serverproc import ServerProcess, cpu_seconds, serve
 
 TEXT_MODELS = ("text_plain", "text_ragged")
 CEILING_BATCH = 8
@@ -35,9 +48,13 @@ def docstrings(count: int, *, seed: int = 0) -> list[str]:
     return [" ".join(rng.choice(_WORDS, size=int(rng.integers(3, 116)))) for _ in range(count)]
 
 
-def text_ceiling(model_dir: Path, texts: list[str], *, batch: int = CEILING_BATCH) -> dict[str, float]:
+CEILING_PASSES = ("batch1", "arrival_order", "sorted_by_length")
+
+
+def text_ceiling(model_dir: Path, texts: list[str], *, batch: int = CEILING_BATCH,
+                 passes: tuple[str, ...] = CEILING_PASSES) -> dict[str, float]:
     """Rows/s in-process: one text at a time, batches in arrival order padded to their longest, and the same
-    texts sorted by length."""
+    texts sorted by length (`passes`: which of them)."""
     from tokenizers import Tokenizer  # NOTE: the text family's dependency, needed only for this half
 
     tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
@@ -58,8 +75,9 @@ def text_ceiling(model_dir: Path, texts: list[str], *, batch: int = CEILING_BATC
         return len(order) / (time.perf_counter() - t0)
 
     rows_per_s(ids[:batch])  # warm-up
-    return {"batch1": _rows_per_s_single(session, ids), "arrival_order": rows_per_s(ids),
-            "sorted_by_length": rows_per_s(sorted(ids, key=len))}
+    measure = {"batch1": lambda: _rows_per_s_single(session, ids), "arrival_order": lambda: rows_per_s(ids),
+               "sorted_by_length": lambda: rows_per_s(sorted(ids, key=len))}
+    return {name: measure[name]() for name in passes}
 
 
 def _rows_per_s_single(session: ort.InferenceSession, ids: list[list[int]]) -> float:
@@ -111,3 +129,80 @@ async def text_level(url: str, model: str, texts: list[str], *, concurrency: int
             "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
             "server_cpu_us_per_req": None if cpu_s is None else cpu_s / len(latencies) * 1e6,
             "server": stats_delta(before, after)}
+
+
+def _run_async(coro):
+    try:
+        # NOTE: optional (uvicorn[standard] brings it on Linux only): less client CPU per request
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    except ImportError:
+        factory = None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(coro)
+
+
+def _row(round_no: int, cell: dict[str, Any], ceiling: float) -> str:
+    batch = (cell.get("server") or {}).get("mean_batch_size") or 0.0
+    return (f"| {round_no} | {cell['label']} | {cell['rows_per_s']:.0f} | {cell['rows_per_s'] / ceiling:.2f} | "
+            f"{cell['p50_ms']:.0f} | {cell['p99_ms']:.0f} | {batch:.2f} | {cell['server_cpu_us_per_req']:.0f} |")
+
+
+def _rounds(servers: dict[str, ServerProcess], texts: list[str], *, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every (server, model) cell once per round, the order reversed every other round; each round first measures
+    the sorted in-process ceiling again (servers idle), so every cell has a ceiling taken under the same load."""
+    cells: list[dict[str, Any]] = []
+    order = [(label, server, model) for label, server in servers.items() for model in TEXT_MODELS
+             if label == "this" or model == "text_ragged"]
+    for _, server, model in order:  # warm-up, not recorded: first runs pay ONNX Runtime's allocations
+        _run_async(text_level(server.url, model, texts[:64], concurrency=args.concurrency))
+    for r in range(args.rounds):
+        ceiling = text_ceiling(args.zoo / "transformer", texts, passes=("sorted_by_length",))["sorted_by_length"]
+        print(f"| {r + 1} | in-process, sorted by length, batch {CEILING_BATCH} | {ceiling:.0f} | 1.00 | | | | |")
+        for label, server, model in order if r % 2 == 0 else order[::-1]:
+            cell = _run_async(text_level(server.url, model, texts, concurrency=args.concurrency,
+                                         cpu=functools.partial(cpu_seconds, server.pid)))
+            cells.append({"round": r + 1, "label": model if label == "this" else f"{model} ({label})",
+                          "ceiling_rows_per_s": ceiling, **cell})
+            print(_row(r + 1, cells[-1], ceiling), flush=True)
+    return cells
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Plain vs length-aware on one server, interleaved round by round so both see the same load; --compare adds
+    the length-aware copy served by another checkout's code, in the same rounds."""
+    p = argparse.ArgumentParser(prog="python -m loadtests.textbench", description=main.__doc__)
+    p.add_argument("--zoo", type=Path, required=True, help="a built model repository with `transformer` (read only)")
+    p.add_argument("--texts", type=int, default=480, help="texts in the mixed-length set (one pass per cell)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds; each runs every cell once, order alternating")
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--threads", type=int, default=2, help="server's MODELSERVE_CPU_THREADS")
+    p.add_argument("--compare", type=Path, help="another checkout (e.g. `git archive` of a commit) to serve too")
+    p.add_argument("--output", type=Path, default=Path("bench_results/textbench.json"))
+    args = p.parse_args(argv)
+    if not (args.zoo / "transformer").is_dir() or args.texts < 1 or args.rounds < 1:
+        p.error(f"--zoo {args.zoo} needs a `transformer` model; --texts and --rounds must be >= 1")
+    texts = docstrings(args.texts)
+    load = [os.getloadavg()]
+    print("| round | model | rows/s | of sorted ceiling | p50 ms | p99 ms | mean batch | server CPU-us/req |")
+    print("|---|---|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory(prefix="textbench-") as tmp, contextlib.ExitStack() as stack:
+        repo = Path(tmp) / "repo"
+        write_text_models(repo, args.zoo)
+        env = {"MODELSERVE_CPU_THREADS": str(args.threads)}
+        servers = {"this": stack.enter_context(serve(repo, log_path=Path(tmp) / "server.log", env=env))}
+        if args.compare:
+            servers[args.compare.name] = stack.enter_context(
+                serve(repo, log_path=Path(tmp) / "compare.log", env=env, code_root=args.compare.resolve()))
+        cells = _rounds(servers, texts, args=args)
+    load.append(os.getloadavg())
+    print(f"load average before {load[0]}, after {load[1]}")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps({"cells": cells, "loadavg": load,
+                                       "settings": {k: str(v) for k, v in vars(args).items()}}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

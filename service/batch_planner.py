@@ -69,6 +69,7 @@ class CostModel:
     """
 
     samples: deque[tuple[int, float]] = field(default_factory=lambda: deque(maxlen=_COST_WINDOW))
+    sizes: int = 0  # distinct unit counts among the samples, as of the last fit
     _fit: tuple[float, float] | None = None
 
     def observe(self, rows: int, seconds: float) -> None:
@@ -82,14 +83,17 @@ class CostModel:
         if not self.samples:
             return None
         if self._fit is None:
-            rows = np.array([s[0] for s in self.samples], dtype=np.float64)
-            cost = np.array([s[1] for s in self.samples], dtype=np.float64)
-            if np.ptp(rows) == 0:
+            rows, cost = np.array(self.samples, dtype=np.float64).T
+            self.sizes = len(set(rows.tolist()))
+            if self.sizes == 1:
                 self._fit = (float(cost.mean() / max(rows[0], 1.0)), 0.0)
             else:
-                a, b = np.polyfit(rows, cost, 1)
+                # The closed-form least-squares line: np.polyfit's SVD cost ~5x more, once per batch per model.
+                dx = rows - rows.mean()
+                a = float(dx @ (cost - cost.mean()) / (dx @ dx))
+                b = float(cost.mean() - a * rows.mean())
                 # Noise can tilt the line below zero; a batch never costs less than nothing per row or per run.
-                self._fit = (max(float(a), 0.0), max(float(b), 0.0))
+                self._fit = (max(a, 0.0), max(b, 0.0))
         return self._fit
 
     def predict(self, rows: int) -> float | None:
@@ -203,11 +207,11 @@ class Planner:
         model = self.cost
         if self.run_cpu.samples:  # the batcher measures each run's own CPU: budget on that, once it is steady
             model = self.run_cpu
-            if (len(model.samples) < _PAD_MIN_SAMPLES
-                    or len({units for units, _ in model.samples}) < _PAD_MIN_SIZES):
+            model.fit()
+            if len(model.samples) < _PAD_MIN_SAMPLES or model.sizes < _PAD_MIN_SIZES:
                 return 0.0  # a line through two noisy runs promised ~inf tokens and padded a cold server to 50 rows/s
         fit = model.fit()
-        if fit is None or len({units for units, _ in model.samples}) < 2:
+        if fit is None or model.sizes < 2:
             # Nothing to go by yet: pad nothing (equal lengths still stack). Unpadded runs of different lengths
             # teach the fit; padding blind cost 0.76 s for one 30 x 135 batch of the zoo transformer.
             return 0.0

@@ -11,14 +11,10 @@ from typing import Any
 import numpy as np
 
 from service.errors import QueueFull, RequestCancelled
+from service.length_groups import MAX_PASSES as MAX_PASSES  # re-exported: the fairness bound
+from service.length_groups import next_group
 
 Feeds = dict[str, np.ndarray]
-
-# Length-aware batching: how many batches may take a younger request past one that waits (a different length)
-# before younger requests stop joining batches ahead of it. Without a bound, each batch formed around the oldest
-# request pulls in younger ones of its length, and a request of an odd length also waits for all of them.
-MAX_PASSES = 2
-
 
 @dataclass(eq=False)
 class PendingRequest:
@@ -150,37 +146,27 @@ class AdmissionQueue:
                    max_padding: float | None = None) -> tuple[list[PendingRequest], int]:
         """The queued requests that stack with the first one, in order, up to max_rows.
 
-        by_length: the first (oldest) request always goes, and its batch-mates are those closest to its length,
-        so a batch pads little; the others wait for a batch of their own length, but once a request has been
-        passed over MAX_PASSES times by younger ones, no younger request joins a batch before it goes (it is not
-        forced into a padded batch: it waits to be the oldest). max_tokens (> 0): rows times the padded length
-        stays within it (a model's memory grows with both). max_padding: a request joins only if the padding it
-        adds (in tokens) costs less than the run it saves (the planner's b / a).
+        by_length: requests of other lengths stack too, padded: the waiting requests of the first one's shape are
+        grouped by length and the best-filled group goes, unless a request was passed over MAX_PASSES times
+        (service/length_groups.py). max_tokens (> 0): rows times the padded length stays within it (a model's
+        memory grows with both). max_padding: a request joins only if the padding it adds (in tokens) costs less
+        than the run it saves (the planner's b / a).
         """
-        first = self._items[0]
-        key = first.shape_key
-        candidates: Sequence[PendingRequest] = self._items
-        overdue = None
+        key = self._items[0].shape_key
+        # read by the collector: a batch at its token bound is as full as it gets
+        self.token_bound_hit = False
         if by_length:
-            overdue = min((r.enqueued for r in self._items if r.passed >= MAX_PASSES), default=None)
-            candidates = sorted(self._items, key=lambda r: (r is not first, abs(r.length - first.length)))
+            group = next_group([r for r in self._items if r.shape_key == key and r.wanted()], max_rows=max_rows,
+                               max_tokens=max_tokens, max_padding=max_padding)
+            self.token_bound_hit = group.at_token_bound
+            return group.members, group.rows
         taken: list[PendingRequest] = []
-        rows = longest = 0
-        self.token_bound_hit = False  # read by the collector: a batch at its token bound is as full as it gets
-        for req in candidates:
+        rows = 0
+        for req in self._items:
             if req.shape_key != key or not req.wanted():
                 continue
             if rows + req.rows > max_rows:
                 break
-            padded = (rows + req.rows) * max(longest, req.length)
-            if taken and max_tokens and padded > max_tokens:
-                self.token_bound_hit = True
-                break
-            if taken and overdue is not None and req.enqueued > overdue:
-                continue  # nothing younger goes ahead of a request passed over MAX_PASSES times
-            if taken and max_padding is not None and padded - rows * longest - req.rows * req.length > max_padding:
-                continue
             taken.append(req)
             rows += req.rows
-            longest = max(longest, req.length)
         return taken, rows

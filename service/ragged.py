@@ -10,7 +10,7 @@ Each named input is padded along axis 1 of the batched tensor (dims[0] of the co
 longest request of its batch with its pad value; the mask input is padded with 0, so the model ignores the
 padding and each row's result equals the unpadded one. Outputs with a variable first dim (per-token outputs) are
 cut back to each request's own length; fixed-shape outputs (pooled embeddings, logits) are returned as they are.
-The batcher groups waiting requests of similar length (`AdmissionQueue.compatible(by_length=True)`).
+The batcher groups waiting requests of similar length (`AdmissionQueue.compatible(by_length=True)`, service/length_groups.py).
 """
 
 from __future__ import annotations
