@@ -225,19 +225,39 @@ class Batcher:
                 raise
             self.stats.on_queue_change(len(self.queue))
             self.stats.on_dispatch(reason, sum(r.rows for r in batch))
-            task = asyncio.get_running_loop().create_task(self._run_batch(batch))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._dispatch(batch)
 
-    async def _run_batch(self, batch: list[PendingRequest]) -> None:
+    def _dispatch(self, batch: list[PendingRequest]) -> None:
+        """Hand a batch to the executor now, from the collector's own step, and answer it in a task.
+
+        NOTE: the slot (an instance) is freed as soon as the run returns, before the batch's answers are handed
+        back. The collector's wake-up is then queued ahead of the callers' wake-ups, so the next batch starts
+        computing while the event loop encodes and writes the previous batch's answers; before, the instance
+        sat idle through them (~20 us of loop work per answer at concurrency 32).
+        """
         self._running += len(batch)
+        held = True
+
+        def free() -> None:
+            nonlocal held
+            if held:
+                held = False
+                self._running -= len(batch)
+                self._slots.release()
+
         try:
             live = self._shed_late(self._live(batch))
-            if live:
-                await self._execute(live)
-        finally:
-            self._running -= len(batch)
-            self._slots.release()
+            started = self._start(live) if live else None
+        except BaseException:
+            free()
+            raise
+        if started is None:
+            free()
+            return
+        task = asyncio.get_running_loop().create_task(self._execute(live, started=started, on_ran=free))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda _: free())  # also when the task ends early (cancelled, an error)
 
     @staticmethod
     def _live(batch: list[PendingRequest]) -> list[PendingRequest]:
@@ -266,15 +286,22 @@ class Batcher:
         rows = sum(r.rows for r in live)
         return rows * max(r.length for r in live) if self.ragged is not None else rows
 
-    async def _execute(self, live: list[PendingRequest]) -> None:
+    def _start(self, live: list[PendingRequest]) -> tuple[float, asyncio.Future]:
+        """Mark the requests started and submit their run to the executor: (when, the run's future)."""
         now = self.clock()
         for r in live:
             r.started = now
             if r.timer is not None:
                 r.timer.cancel()
-        loop = asyncio.get_running_loop()
+        return now, asyncio.get_running_loop().run_in_executor(self.executor, self._run_concat, live)
+
+    async def _execute(self, live: list[PendingRequest], *, started: tuple[float, asyncio.Future] | None = None,
+                       on_ran: Callable[[], None] = lambda: None) -> None:
+        """Run `live` (or await its run, already `started`) and answer every caller; `on_ran` is called once
+        the run succeeded, before the answers."""
+        now, run = started if started is not None else self._start(live)
         try:
-            outputs, timings, run_cpu = await loop.run_in_executor(self.executor, self._run_concat, live)
+            outputs, timings, run_cpu = await run
         except Exception as exc:
             if len(live) > 1 and (not isinstance(exc, ServingError) or exc.status_code < 500):
                 # One bad request must not fail its batch-mates (an unexpected error, or an input value the model
@@ -287,6 +314,7 @@ class Batcher:
             for r in live:
                 set_exception_if_not_done(r.future, err)
             return
+        on_ran()
         rows = sum(r.rows for r in live)
         self.planner.observe_batch(units=self._units(live), wall_s=self.clock() - now, cpu_now=time.process_time(),
                                    wall_now=time.monotonic())
