@@ -4,7 +4,8 @@
     python -m loadtests.cpu_per_request --repository DIR --model cnn --compare /tmp/before  # vs another one
 
 CPU-us per request = the server process's CPU time (all threads: event loop, gRPC, ONNX Runtime) over the
-requests it answered during a cell. On a shared machine it moves far less than rows/s: other jobs slow the
+requests it answered during a cell; loop CPU-us per request = the same for its main thread alone (the event
+loop: HTTP, decode, batching, encode; not ONNX Runtime's threads). On a shared machine it moves far less than rows/s: other jobs slow the
 server down but do not make it do more work per request. With --compare, both servers run at once and the
 cells alternate between them, round by round, so both see the same machine load.
 """
@@ -23,19 +24,21 @@ from rich.table import Table
 
 from loadtests.generator import LoadConfig, Target, run_sync
 from loadtests.report import summarize
-from loadtests.serverproc import REPO_ROOT, cpu_seconds, serve
+from loadtests.serverproc import REPO_ROOT, cpu_seconds, loop_cpu_seconds, serve
 
 
-def _cell(server, *, model: str, protocol: str, args: argparse.Namespace) -> tuple[float, float]:
-    """(server CPU-us per request, requests/s) of one timed level."""
+def _cell(server, *, model: str, protocol: str, args: argparse.Namespace) -> tuple[float, float, float, float]:
+    """(server CPU-us per request, its event loop's CPU-us per request, requests/s, mean batch) of one level."""
     cfg = LoadConfig(target=Target(server.url, model, grpc_url=server.grpc_url), protocols=[protocol],
                      concurrencies=[args.concurrency], requests=10**7, time_cap_s=args.seconds, progress=False,
-                     cpu_probes={"server": lambda: cpu_seconds(server.pid)})
+                     cpu_probes={"server": lambda: cpu_seconds(server.pid), "loop": lambda: loop_cpu_seconds(server.pid)})
     _, (level,) = run_sync(cfg)
     row = summarize(level)
     if row["errors"] or not level.ok:
         raise RuntimeError(f"{protocol}: {row['errors_by_kind']} {row['error_samples'][:2]}")
-    return level.probe_cpu_s["server"] / level.ok * 1e6, row["requests_per_s"]
+    cpu = level.probe_cpu_s
+    batch = (row.get("server") or {}).get("mean_batch_size") or float("nan")
+    return cpu["server"] / level.ok * 1e6, cpu["loop"] / level.ok * 1e6, row["requests_per_s"], batch
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     roots = {"this": REPO_ROOT, **({"compare": args.compare.resolve()} if args.compare else {})}
     protocols = [v for v in args.protocols.split(",") if v]
     load0 = os.getloadavg()
-    samples: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    samples: dict[tuple[str, str], list[tuple[float, float, float, float]]] = {}
     with ExitStack() as stack:
         servers = {name: stack.enter_context(serve(args.repository, log_path=args.output.parent / f"server-{name}.log",
                                                    grpc="grpc" in protocols, code_root=root))
@@ -65,14 +68,16 @@ def main(argv: list[str] | None = None) -> int:
                         _cell(server, model=args.model, protocol=protocol, args=args))
     table = Table(title=f"server CPU-us per request, {args.model}, c={args.concurrency}, "
                         f"{args.rounds} rounds x {args.seconds:g} s (median, min-max)")
-    for col in ("code", "protocol", "CPU-us/req", "req/s"):
+    columns = ("code", "protocol", "CPU-us/req", "loop CPU-us/req", "req/s", "mean batch")
+    for col in columns:
         table.add_column(col)
-    md = ["| code | protocol | CPU-us/req median [min-max] | req/s median |", "|---|---|---|---|"]
+    md = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for (name, protocol), cells in samples.items():
-        cpu, rate = np.array([c[0] for c in cells]), np.array([c[1] for c in cells])
-        cpu_text = f"{np.median(cpu):.0f} [{cpu.min():.0f}-{cpu.max():.0f}]"
-        table.add_row(name, protocol, cpu_text, f"{np.median(rate):.0f}")
-        md.append(f"| {name} | {protocol} | {cpu_text} | {np.median(rate):.0f} |")
+        arr = np.array(cells)
+        row = [name, protocol, *(f"{np.median(arr[:, i]):.0f} [{arr[:, i].min():.0f}-{arr[:, i].max():.0f}]"
+                                 for i in (0, 1)), f"{np.median(arr[:, 2]):.0f}", f"{np.nanmedian(arr[:, 3]):.1f}"]
+        table.add_row(*row)
+        md.append("| " + " | ".join(row) + " |")
     load = f"load average {', '.join(f'{v:.1f}' for v in load0)} before, " \
            f"{', '.join(f'{v:.1f}' for v in os.getloadavg())} after"
     console = Console(width=None if sys.stdout.isatty() else 160)
