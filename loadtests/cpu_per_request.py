@@ -41,6 +41,18 @@ def _cell(server, *, model: str, protocol: str, args: argparse.Namespace) -> tup
     return cpu["server"] / level.ok * 1e6, cpu["loop"] / level.ok * 1e6, row["requests_per_s"], batch
 
 
+def _paired(samples: dict[tuple[str, str], list[tuple[float, float, float, float]]],
+            protocols: list[str]) -> list[str]:
+    """this / compare, round by round (the two cells of a round ran back to back, under the same load)."""
+    lines = ["this / compare, round by round: median [min-max]", "",
+             "| protocol | CPU-us/req | loop CPU-us/req | req/s |", "|---|---|---|---|"]
+    for protocol in protocols:
+        ratio = np.array(samples["this", protocol]) / np.array(samples["compare", protocol])
+        cols = [f"{np.median(ratio[:, i]):.2f} [{ratio[:, i].min():.2f}-{ratio[:, i].max():.2f}]" for i in (0, 1, 2)]
+        lines.append(f"| {protocol} | {' | '.join(cols)} |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m loadtests.cpu_per_request", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -61,9 +73,10 @@ def main(argv: list[str] | None = None) -> int:
         servers = {name: stack.enter_context(serve(args.repository, log_path=args.output.parent / f"server-{name}.log",
                                                    grpc="grpc" in protocols, code_root=root))
                    for name, root in roots.items()}
-        for _ in range(args.rounds):
+        for i in range(args.rounds):
             for protocol in protocols:
-                for name, server in servers.items():
+                # Which code goes first alternates round by round, so neither always gets the quieter half.
+                for name, server in sorted(servers.items(), reverse=bool(i % 2)):
                     samples.setdefault((name, protocol), []).append(
                         _cell(server, model=args.model, protocol=protocol, args=args))
     table = Table(title=f"server CPU-us per request, {args.model}, c={args.concurrency}, "
@@ -78,11 +91,15 @@ def main(argv: list[str] | None = None) -> int:
                                  for i in (0, 1)), f"{np.median(arr[:, 2]):.0f}", f"{np.nanmedian(arr[:, 3]):.1f}"]
         table.add_row(*row)
         md.append("| " + " | ".join(row) + " |")
+    if args.compare:
+        md += ["", *_paired(samples, protocols)]
     load = f"load average {', '.join(f'{v:.1f}' for v in load0)} before, " \
            f"{', '.join(f'{v:.1f}' for v in os.getloadavg())} after"
     console = Console(width=None if sys.stdout.isatty() else 160)
     console.print(table)
     console.print(load)
+    if args.compare:
+        console.print("\n".join(_paired(samples, protocols)), markup=False)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text("\n".join(md) + f"\n\n{load}\n")
     return 0
