@@ -198,7 +198,8 @@ class Batcher:
                              enqueued=now, client_gone=client_gone,
                              length=self.ragged.length(inputs) if self.ragged is not None else 0)
         self.queue.put(req, model=self.model)
-        self.planner.observe_arrival(now, others=len(self.queue) - 1 + self._running)
+        if self.adaptive:  # only the adaptive planner reads what it learns (below too)
+            self.planner.observe_arrival(now, others=len(self.queue) - 1 + self._running)
         if timeout_s is not None and timeout_s > 0:
             req.deadline = now + timeout_s
             req.timer = loop.call_later(timeout_s, self._expire, req)
@@ -316,10 +317,13 @@ class Batcher:
             return
         on_ran()
         rows = sum(r.rows for r in live)
-        self.planner.observe_batch(units=self._units(live), wall_s=self.clock() - now, cpu_now=time.process_time(),
-                                   wall_now=time.monotonic())
-        if self.ragged is not None:
-            self.planner.run_cpu.observe(self._units(live), run_cpu)
+        if self.adaptive:
+            # NOTE: not for Triton's fixed delay: time.process_time() sums every thread's CPU in the kernel, and
+            # py-spy put it at ~2 % of the event loop at concurrency 32 for a planner nothing then reads.
+            self.planner.observe_batch(units=self._units(live), wall_s=self.clock() - now,
+                                       cpu_now=time.process_time(), wall_now=time.monotonic())
+            if self.ragged is not None:
+                self.planner.run_cpu.observe(self._units(live), run_cpu)
         self.stats.on_execution(rows, timings)
         self._answer(live, outputs, rows=rows, queued_at=now, timings=timings)
 
@@ -339,9 +343,10 @@ class Batcher:
         t0 = time.perf_counter_ns()
         feeds = _concat(live, self.ragged)
         t1 = time.perf_counter_ns()
-        cpu0, loop0 = self._cpu_now() if self.ragged is not None else (0.0, 0.0)  # only padding budgets use it
+        measure = self.ragged is not None and self.adaptive  # only the adaptive planner's padding budget uses it
+        cpu0, loop0 = self._cpu_now() if measure else (0.0, 0.0)
         outputs, infer_ns, output_ns = self.run(feeds)
-        cpu1, loop1 = self._cpu_now() if self.ragged is not None else (0.0, 0.0)
+        cpu1, loop1 = self._cpu_now() if measure else (0.0, 0.0)
         run_cpu = (cpu1 - cpu0) - (loop1 - loop0)
         rows = sum(r.rows for r in live)
         if len(live) > 1 or self.max_batch_size > 0:
