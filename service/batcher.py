@@ -157,6 +157,9 @@ class Batcher:
         self._running = 0
         self._arriving = 0
         self._loop_cpu_clock: int | None = None
+        # NOTE: the loop, kept: asyncio.get_running_loop() makes a getpid() system call each time (CPython 3.11
+        # checks for a fork), and py-spy put that call at ~1 % of the event loop at concurrency 32.
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.collector = Collector(policy=self.policy, max_batch_size=self.max_batch_size, clock=self.clock,
                                    planner=self.planner if self.adaptive else None,
                                    in_flight=lambda: self._running, arriving=lambda: self._arriving,
@@ -166,7 +169,8 @@ class Batcher:
     def start(self) -> None:
         # The event loop thread's CPU clock: a run's own CPU is the process's less what the loop spent meanwhile.
         self._loop_cpu_clock = time.pthread_getcpuclockid(threading.get_ident())
-        self._loop_task = asyncio.get_running_loop().create_task(self._collect_loop(), name=f"batcher:{self.model}")
+        self._loop = asyncio.get_running_loop()
+        self._loop_task = self._loop.create_task(self._collect_loop(), name=f"batcher:{self.model}")
 
     @property
     def arriving(self) -> int:
@@ -192,7 +196,7 @@ class Batcher:
         """Queue a validated request; the future resolves to a BatchResult. Raises QueueFull at once."""
         if not self.accepting:
             raise ModelNotReady(f"model {self.model!r} is unloading; not accepting new requests")
-        loop = asyncio.get_running_loop()
+        loop = self._loop or asyncio.get_running_loop()
         now = self.clock()
         req = PendingRequest(inputs=inputs, rows=rows, shape_key=self._shape_key(inputs), future=loop.create_future(),
                              enqueued=now, client_gone=client_gone,
@@ -255,7 +259,7 @@ class Batcher:
         if started is None:
             free()
             return
-        task = asyncio.get_running_loop().create_task(self._execute(live, started=started, on_ran=free))
+        task = (self._loop or asyncio.get_running_loop()).create_task(self._execute(live, started=started, on_ran=free))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         task.add_done_callback(lambda _: free())  # also when the task ends early (cancelled, an error)
@@ -294,7 +298,7 @@ class Batcher:
             r.started = now
             if r.timer is not None:
                 r.timer.cancel()
-        return now, asyncio.get_running_loop().run_in_executor(self.executor, self._run_concat, live)
+        return now, (self._loop or asyncio.get_running_loop()).run_in_executor(self.executor, self._run_concat, live)
 
     async def _execute(self, live: list[PendingRequest], *, started: tuple[float, asyncio.Future] | None = None,
                        on_ran: Callable[[], None] = lambda: None) -> None:

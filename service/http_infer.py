@@ -13,7 +13,6 @@ import logging
 import re
 import zlib
 from collections.abc import Awaitable, Callable
-from contextlib import nullcontext
 from typing import Any
 
 import orjson
@@ -155,12 +154,13 @@ class InferFastPath:
         trace = None
         try:
             headers = _headers(scope)
-            # A body still arriving is announced: an adaptive batcher waits for a request it knows is on its way.
-            # The common case (the body came with the headers) skips the model lookup that needs.
-            announce = nullcontext() if body_complete(receive) else self.core.arriving(model, version)
-            with announce:
-                body = await read_body(receive, declared=headers.get(b"content-length"), limit=self.limit,
-                                       timeout_s=self.body_timeout_s)
+            declared = headers.get(b"content-length")
+            if body_complete(receive):  # the common case: the body came with the headers
+                body = await read_body(receive, declared=declared, limit=self.limit, timeout_s=self.body_timeout_s)
+            else:
+                # A body still arriving is announced: an adaptive batcher waits for a request on its way.
+                with self.core.arriving(model, version):
+                    body = await read_body(receive, declared=declared, limit=self.limit, timeout_s=self.body_timeout_s)
             if body is None:
                 return
             body = decompress(body, encoding=headers.get(b"content-encoding", b"").decode().lower(), limit=self.limit)
