@@ -4,8 +4,9 @@ The two halves are separately testable, as in Ray Serve and MLServer:
   * `Collector.collect` waits for a first request, then up to `max_queue_delay` measured from *its* arrival,
     stopping early at max_batch_size or the largest preferred size; requests whose non-batch dims or
     dtypes differ from the first one's are left queued for a later batch, never stacked;
-  * `Batcher._run_batch` drops callers that were cancelled or timed out before spending compute on them,
-    runs one concatenated batch, checks the output row count, and resolves or fails every future.
+  * `Batcher._dispatch` drops callers that were cancelled or timed out before spending compute on them and
+    hands one concatenated batch to the executor; `Batcher._execute` checks the output row count and
+    resolves or fails every future.
 """
 
 from __future__ import annotations
