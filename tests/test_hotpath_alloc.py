@@ -1,10 +1,14 @@
 """Per-request work taken off the hot path keeps its answers: infer responses written to the connection in one
-write (http_server.respond_at_once) carry what uvicorn's own `send` wrote, and the request histograms
-(metrics.RequestHistograms) count as prometheus_client's Histogram does."""
+write (http_server.respond_at_once) carry what uvicorn's own `send` wrote, the request histograms
+(metrics.RequestHistograms) count as prometheus_client's Histogram does, and the batcher hands the next batch to
+the model before it wakes the callers of the batch that just ran."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +16,9 @@ import orjson
 import pytest
 from prometheus_client import CollectorRegistry, Histogram
 
+from service.batcher import Batcher
 from service.metrics import RequestHistograms, exposition
+from service.modelrepo.config import BatchingPolicy
 from tests.conftest import run_server
 from tests.inprocess import inprocess_server
 from tests.onnx_builders import scale_model, write_config
@@ -151,3 +157,55 @@ async def test_request_histograms_count_each_answered_request_once(repo):
         assert _samples(text, f"{name}_count{series}") == [f"{name}_count{series} 3.0"]  # the 400 is not counted
     (latency_sum,) = _samples(text, f"modelserve_request_latency_seconds_sum{series}")
     assert float(latency_sum.split()[-1]) > 0
+
+
+class _RecordingExecutor(ThreadPoolExecutor):
+    """The batcher's executor, noting each run handed to it (submit is called on the event loop's thread)."""
+
+    def __init__(self, log: list[str]) -> None:
+        super().__init__(1)
+        self.log = log
+
+    def submit(self, fn, /, *args, **kwargs):
+        self.log.append("run")
+        return super().submit(fn, *args, **kwargs)
+
+
+async def test_the_next_batch_is_handed_to_the_model_before_the_last_ones_callers_resume():
+    log: list[str] = []
+    gate, started = threading.Event(), threading.Event()
+
+    def model(feeds):
+        started.set()
+        gate.wait(30)
+        return {"y": feeds["x"] * 2}, 0, 0
+
+    policy = BatchingPolicy(preferred_batch_sizes=(2,), max_queue_delay_us=60_000_000)  # batches form by size
+    b = Batcher(model="m", run=model, executor=_RecordingExecutor(log), policy=policy, max_batch_size=2,
+                concurrency=1)
+    b.start()
+
+    async def call(value: float) -> np.ndarray:
+        result = await b.submit(inputs={"x": np.full((1, 3), value, np.float32)}, rows=1, timeout_s=None)
+        log.append("answer")
+        return result.outputs["y"]
+
+    first = [asyncio.ensure_future(call(v)) for v in (1, 2)]
+    await asyncio.to_thread(started.wait, 30)  # the first batch is running, held at the gate
+    second = [asyncio.ensure_future(call(v)) for v in (3, 4)]
+    await wait_until_async(lambda: len(b.queue) == 2)
+    gate.set()
+    answers = await asyncio.wait_for(asyncio.gather(*first, *second), timeout=30)
+    assert log == ["run", "run", "answer", "answer", "answer", "answer"]
+    for value, y in zip((1, 2, 3, 4), answers):
+        np.testing.assert_array_equal(y, np.full((1, 3), 2 * value))
+    await b.close(grace_s=1)
+
+
+async def wait_until_async(condition, *, timeout_s: float = 30.0) -> None:
+    """Yield to the event loop until `condition()` holds (the requests are queued synchronously by submit)."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout_s
+    while not condition():
+        assert loop.time() < end, "condition never held"
+        await asyncio.sleep(0)
