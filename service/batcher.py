@@ -254,6 +254,12 @@ class Batcher:
         try:
             live = self._shed_late(self._live(batch))
             started = self._start(live) if live else None
+        except Exception as exc:  # e.g. an executor already shut down: this batch fails, the collector goes on
+            free()
+            err = exc if isinstance(exc, ServingError) else BackendError(f"model {self.model!r}: inference failed: {exc}")
+            for r in batch:
+                set_exception_if_not_done(r.future, err)
+            return
         except BaseException:
             free()
             raise

@@ -17,6 +17,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Histogram
 
 from service.batcher import Batcher
+from service.errors import BackendError
 from service.metrics import RequestHistograms, exposition
 from service.modelrepo.config import BatchingPolicy
 from tests.conftest import run_server
@@ -209,3 +210,18 @@ async def wait_until_async(condition, *, timeout_s: float = 30.0) -> None:
     while not condition():
         assert loop.time() < end, "condition never held"
         await asyncio.sleep(0)
+
+
+async def test_a_batch_that_cannot_be_handed_to_the_model_fails_alone_and_collection_goes_on():
+    executor = ThreadPoolExecutor(1)
+    policy = BatchingPolicy(preferred_batch_sizes=(1,), max_queue_delay_us=60_000_000)
+    b = Batcher(model="m", run=lambda feeds: ({"y": feeds["x"] * 2}, 0, 0), executor=executor, policy=policy,
+                max_batch_size=2, concurrency=1)
+    b.start()
+    executor.shutdown()  # the executor refuses the run: submit raises in the collector's step
+    with pytest.raises(BackendError, match="inference failed"):
+        await asyncio.wait_for(b.submit(inputs={"x": np.ones((1, 3), np.float32)}, rows=1, timeout_s=None), 30)
+    b.executor = ThreadPoolExecutor(1)  # the collector is still running: the next request is answered
+    result = await asyncio.wait_for(b.submit(inputs={"x": np.ones((1, 3), np.float32)}, rows=1, timeout_s=None), 30)
+    np.testing.assert_array_equal(result.outputs["y"], np.full((1, 3), 2.0))
+    await b.close(grace_s=1)
