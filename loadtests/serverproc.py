@@ -48,6 +48,13 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def loop_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process's main thread: the server's event loop (ONNX Runtime and the
+    executor run on other threads), i.e. the per-request Python work of the one server process."""
+    fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def tree_cpu_seconds(pid: int) -> dict[str, float]:
     """CPU seconds of a process and of each of its children (e.g. `--http-workers` front ends), by pid."""
     children = Path(f"/proc/{pid}/task/{pid}/children")

@@ -4,8 +4,9 @@ The two halves are separately testable, as in Ray Serve and MLServer:
   * `Collector.collect` waits for a first request, then up to `max_queue_delay` measured from *its* arrival,
     stopping early at max_batch_size or the largest preferred size; requests whose non-batch dims or
     dtypes differ from the first one's are left queued for a later batch, never stacked;
-  * `Batcher._run_batch` drops callers that were cancelled or timed out before spending compute on them,
-    runs one concatenated batch, checks the output row count, and resolves or fails every future.
+  * `Batcher._dispatch` drops callers that were cancelled or timed out before spending compute on them and
+    hands one concatenated batch to the executor; `Batcher._execute` checks the output row count and
+    resolves or fails every future.
 """
 
 from __future__ import annotations
@@ -157,6 +158,9 @@ class Batcher:
         self._running = 0
         self._arriving = 0
         self._loop_cpu_clock: int | None = None
+        # NOTE: the loop, kept: asyncio.get_running_loop() makes a getpid() system call each time (CPython 3.11
+        # checks for a fork), and py-spy put that call at ~1 % of the event loop at concurrency 32.
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.collector = Collector(policy=self.policy, max_batch_size=self.max_batch_size, clock=self.clock,
                                    planner=self.planner if self.adaptive else None,
                                    in_flight=lambda: self._running, arriving=lambda: self._arriving,
@@ -166,7 +170,8 @@ class Batcher:
     def start(self) -> None:
         # The event loop thread's CPU clock: a run's own CPU is the process's less what the loop spent meanwhile.
         self._loop_cpu_clock = time.pthread_getcpuclockid(threading.get_ident())
-        self._loop_task = asyncio.get_running_loop().create_task(self._collect_loop(), name=f"batcher:{self.model}")
+        self._loop = asyncio.get_running_loop()
+        self._loop_task = self._loop.create_task(self._collect_loop(), name=f"batcher:{self.model}")
 
     @property
     def arriving(self) -> int:
@@ -192,13 +197,14 @@ class Batcher:
         """Queue a validated request; the future resolves to a BatchResult. Raises QueueFull at once."""
         if not self.accepting:
             raise ModelNotReady(f"model {self.model!r} is unloading; not accepting new requests")
-        loop = asyncio.get_running_loop()
+        loop = self._loop or asyncio.get_running_loop()
         now = self.clock()
         req = PendingRequest(inputs=inputs, rows=rows, shape_key=self._shape_key(inputs), future=loop.create_future(),
                              enqueued=now, client_gone=client_gone,
                              length=self.ragged.length(inputs) if self.ragged is not None else 0)
         self.queue.put(req, model=self.model)
-        self.planner.observe_arrival(now, others=len(self.queue) - 1 + self._running)
+        if self.adaptive:  # only the adaptive planner reads what it learns (below too)
+            self.planner.observe_arrival(now, others=len(self.queue) - 1 + self._running)
         if timeout_s is not None and timeout_s > 0:
             req.deadline = now + timeout_s
             req.timer = loop.call_later(timeout_s, self._expire, req)
@@ -225,19 +231,45 @@ class Batcher:
                 raise
             self.stats.on_queue_change(len(self.queue))
             self.stats.on_dispatch(reason, sum(r.rows for r in batch))
-            task = asyncio.get_running_loop().create_task(self._run_batch(batch))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._dispatch(batch)
 
-    async def _run_batch(self, batch: list[PendingRequest]) -> None:
+    def _dispatch(self, batch: list[PendingRequest]) -> None:
+        """Hand a batch to the executor now, from the collector's own step, and answer it in a task.
+
+        NOTE: the slot (an instance) is freed as soon as the run returns, before the batch's answers are handed
+        back. The collector's wake-up is then queued ahead of the callers' wake-ups, so the next batch starts
+        computing while the event loop encodes and writes the previous batch's answers; before, the instance
+        sat idle through them (~20 us of loop work per answer at concurrency 32).
+        """
         self._running += len(batch)
+        held = True
+
+        def free() -> None:
+            nonlocal held
+            if held:
+                held = False
+                self._running -= len(batch)
+                self._slots.release()
+
         try:
             live = self._shed_late(self._live(batch))
-            if live:
-                await self._execute(live)
-        finally:
-            self._running -= len(batch)
-            self._slots.release()
+            started = self._start(live) if live else None
+        except Exception as exc:  # e.g. an executor already shut down: this batch fails, the collector goes on
+            free()
+            err = exc if isinstance(exc, ServingError) else BackendError(f"model {self.model!r}: inference failed: {exc}")
+            for r in batch:
+                set_exception_if_not_done(r.future, err)
+            return
+        except BaseException:
+            free()
+            raise
+        if started is None:
+            free()
+            return
+        task = (self._loop or asyncio.get_running_loop()).create_task(self._execute(live, started=started, on_ran=free))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda _: free())  # also when the task ends early (cancelled, an error)
 
     @staticmethod
     def _live(batch: list[PendingRequest]) -> list[PendingRequest]:
@@ -266,15 +298,22 @@ class Batcher:
         rows = sum(r.rows for r in live)
         return rows * max(r.length for r in live) if self.ragged is not None else rows
 
-    async def _execute(self, live: list[PendingRequest]) -> None:
+    def _start(self, live: list[PendingRequest]) -> tuple[float, asyncio.Future]:
+        """Mark the requests started and submit their run to the executor: (when, the run's future)."""
         now = self.clock()
         for r in live:
             r.started = now
             if r.timer is not None:
                 r.timer.cancel()
-        loop = asyncio.get_running_loop()
+        return now, (self._loop or asyncio.get_running_loop()).run_in_executor(self.executor, self._run_concat, live)
+
+    async def _execute(self, live: list[PendingRequest], *, started: tuple[float, asyncio.Future] | None = None,
+                       on_ran: Callable[[], None] = lambda: None) -> None:
+        """Run `live` (or await its run, already `started`) and answer every caller; `on_ran` is called once
+        the run succeeded, before the answers."""
+        now, run = started if started is not None else self._start(live)
         try:
-            outputs, timings, run_cpu = await loop.run_in_executor(self.executor, self._run_concat, live)
+            outputs, timings, run_cpu = await run
         except Exception as exc:
             if len(live) > 1 and (not isinstance(exc, ServingError) or exc.status_code < 500):
                 # One bad request must not fail its batch-mates (an unexpected error, or an input value the model
@@ -287,11 +326,15 @@ class Batcher:
             for r in live:
                 set_exception_if_not_done(r.future, err)
             return
+        on_ran()
         rows = sum(r.rows for r in live)
-        self.planner.observe_batch(units=self._units(live), wall_s=self.clock() - now, cpu_now=time.process_time(),
-                                   wall_now=time.monotonic())
-        if self.ragged is not None:
-            self.planner.run_cpu.observe(self._units(live), run_cpu)
+        if self.adaptive:
+            # NOTE: not for Triton's fixed delay: time.process_time() sums every thread's CPU in the kernel, and
+            # py-spy put it at ~2 % of the event loop at concurrency 32 for a planner nothing then reads.
+            self.planner.observe_batch(units=self._units(live), wall_s=self.clock() - now,
+                                       cpu_now=time.process_time(), wall_now=time.monotonic())
+            if self.ragged is not None:
+                self.planner.run_cpu.observe(self._units(live), run_cpu)
         self.stats.on_execution(rows, timings)
         self._answer(live, outputs, rows=rows, queued_at=now, timings=timings)
 
@@ -311,9 +354,10 @@ class Batcher:
         t0 = time.perf_counter_ns()
         feeds = _concat(live, self.ragged)
         t1 = time.perf_counter_ns()
-        cpu0, loop0 = self._cpu_now() if self.ragged is not None else (0.0, 0.0)  # only padding budgets use it
+        measure = self.ragged is not None and self.adaptive  # only the adaptive planner's padding budget uses it
+        cpu0, loop0 = self._cpu_now() if measure else (0.0, 0.0)
         outputs, infer_ns, output_ns = self.run(feeds)
-        cpu1, loop1 = self._cpu_now() if self.ragged is not None else (0.0, 0.0)
+        cpu1, loop1 = self._cpu_now() if measure else (0.0, 0.0)
         run_cpu = (cpu1 - cpu0) - (loop1 - loop0)
         rows = sum(r.rows for r in live)
         if len(live) > 1 or self.max_batch_size > 0:

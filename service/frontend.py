@@ -84,7 +84,7 @@ class FrontEndApp:
             log.exception("unhandled error in infer")
             await send_error(send, ServingError(f"internal error ({type(exc).__name__}); see the server log"))
             return
-        await send_infer_response(send, payload, header_len)
+        await send_infer_response(send, payload, header_len, receive=receive)
 
     def _decode(self, body: bytes, *, header_length: int | None, model: str, version: str | None) -> tuple:
         """As InferFastPath._decode, with shared-memory tensors left to the model process."""

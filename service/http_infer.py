@@ -13,7 +13,6 @@ import logging
 import re
 import zlib
 from collections.abc import Awaitable, Callable
-from contextlib import nullcontext
 from typing import Any
 
 import orjson
@@ -27,7 +26,7 @@ from service.errors import (
     ServingError,
     UnsupportedMediaType,
 )
-from service.http_server import arrived, body_complete, corked
+from service.http_server import arrived, body_complete, corked, respond_at_once
 from service.protocol_v2 import OutputEncoding, decode_raw_request, encode_response_parts
 from service.v2_plans import RequestPlans
 
@@ -155,12 +154,13 @@ class InferFastPath:
         trace = None
         try:
             headers = _headers(scope)
-            # A body still arriving is announced: an adaptive batcher waits for a request it knows is on its way.
-            # The common case (the body came with the headers) skips the model lookup that needs.
-            announce = nullcontext() if body_complete(receive) else self.core.arriving(model, version)
-            with announce:
-                body = await read_body(receive, declared=headers.get(b"content-length"), limit=self.limit,
-                                       timeout_s=self.body_timeout_s)
+            declared = headers.get(b"content-length")
+            if body_complete(receive):  # the common case: the body came with the headers
+                body = await read_body(receive, declared=declared, limit=self.limit, timeout_s=self.body_timeout_s)
+            else:
+                # A body still arriving is announced: an adaptive batcher waits for a request on its way.
+                with self.core.arriving(model, version):
+                    body = await read_body(receive, declared=declared, limit=self.limit, timeout_s=self.body_timeout_s)
             if body is None:
                 return
             body = decompress(body, encoding=headers.get(b"content-encoding", b"").decode().lower(), limit=self.limit)
@@ -202,7 +202,17 @@ class InferFastPath:
 
 async def send_infer_response(send: Callable, payload: bytes | list, header_len: int | None, *,
                               receive: Callable | None = None) -> None:
-    """Answer 200 with an encoded infer response: JSON, or JSON + binary parts with Triton's header length."""
+    """Answer 200 with an encoded infer response: JSON, or JSON + binary parts with Triton's header length.
+    Under our uvicorn protocol it is one write straight to the connection (http_server.respond_at_once)."""
+    parts = [payload] if isinstance(payload, bytes) else payload
+    size = sum(len(part) for part in parts)
+    if header_len is None:
+        head = b"content-type: application/json\r\ncontent-length: %d\r\n" % size
+    else:
+        head = (b"content-type: application/octet-stream\r\ncontent-length: %d\r\n"
+                b"inference-header-content-length: %d\r\n" % (size, header_len))
+    if respond_at_once(receive, status=200, head=head, parts=parts):
+        return
     if header_len is None:
         await _send(send, status=200, body=payload, content_type=_JSON, receive=receive)
     else:

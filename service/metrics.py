@@ -11,13 +11,14 @@ always renames a counter family to `<name>_total` and adds `<name>_created` seri
 
 from __future__ import annotations
 
+import bisect
 import logging
 import threading
 from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from prometheus_client import CollectorRegistry, Histogram
-from prometheus_client.core import Metric
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
@@ -154,25 +155,59 @@ _GPU_FAMILIES = (
 )
 
 
+class RequestHistograms(Collector):
+    """Per-request histograms (latency, queue wait, batch size) by model and version, read at scrape time.
+
+    NOTE: hand-written instead of prometheus_client's Histogram because its observe() takes a lock per bucket
+    update and walks the buckets in Python: three observations cost ~9 us of the event loop per request
+    (py-spy, zoo `cnn`, concurrency 32). Here an observation is a bisect and two additions on the loop thread
+    (the only writer); a scrape copies the counts, so a sample is never torn across buckets.
+    """
+
+    def __init__(self, name: str, documentation: str, buckets: tuple[float, ...]) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.bounds = tuple(float(b) for b in buckets)
+        self._le = [floatToGoString(b) for b in self.bounds] + ["+Inf"]
+        self.series: dict[tuple[str, str], tuple[list[int], list[float]]] = {}
+
+    def child(self, model: str, version: str) -> tuple[list[int], list[float]]:
+        """(counts per bucket, not cumulative, with +Inf last; [sum]) of one model version."""
+        found = self.series.get((model, version))
+        if found is None:
+            found = self.series[(model, version)] = ([0] * (len(self.bounds) + 1), [0.0])
+        return found
+
+    def observe(self, child: tuple[list[int], list[float]], value: float) -> None:
+        counts, total = child
+        counts[bisect.bisect_left(self.bounds, value)] += 1
+        total[0] += value
+
+    def collect(self) -> Iterable[Metric]:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=["model", "version"])
+        for (model, version), (counts, total) in list(self.series.items()):
+            cumulative, buckets = 0, []
+            for le, n in zip(self._le, list(counts)):
+                cumulative += n
+                buckets.append((le, cumulative))
+            family.add_metric([model, version], buckets, total[0])
+        yield family
+
+
 class Metrics:
     """One server's registry: the Triton collector, our histograms, and GPU metrics when NVML works."""
 
     def __init__(self, versions: Callable[[], Iterable[ModelStats]]) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(TritonStatsCollector(versions))
-        labels = ["model", "version"]
-        self.latency = Histogram(
-            "modelserve_request_latency_seconds", "End-to-end inference latency inside the server",
-            labels, registry=self.registry, buckets=_LATENCY_BUCKETS,
-        )
-        self.queue_wait = Histogram(
-            "modelserve_queue_wait_seconds", "Time a request waited in the batcher's queue",
-            labels, registry=self.registry, buckets=_LATENCY_BUCKETS,
-        )
-        self.batch_size = Histogram(
-            "modelserve_batch_size", "Rows in the batch each request was executed in",
-            labels, registry=self.registry, buckets=_BATCH_BUCKETS,
-        )
+        self.latency = RequestHistograms("modelserve_request_latency_seconds",
+                                         "End-to-end inference latency inside the server", _LATENCY_BUCKETS)
+        self.queue_wait = RequestHistograms("modelserve_queue_wait_seconds",
+                                            "Time a request waited in the batcher's queue", _LATENCY_BUCKETS)
+        self.batch_size = RequestHistograms("modelserve_batch_size",
+                                            "Rows in the batch each request was executed in", _BATCH_BUCKETS)
+        for histogram in (self.latency, self.queue_wait, self.batch_size):
+            self.registry.register(histogram)
         try:
             self.registry.register(GpuCollector())
             log.info("GPU metrics enabled through NVML")
@@ -183,12 +218,12 @@ class Metrics:
 
     def observe_request(self, model: str, version: str, *, total_s: float, queue_s: float, batch_rows: int) -> None:
         children = self._children.get((model, version))
-        if children is None:  # resolving labels costs a lock and a dict build; do it once per version
-            children = tuple(h.labels(model, version) for h in (self.latency, self.queue_wait, self.batch_size))
+        if children is None:  # resolve each histogram's series once per version
+            children = tuple(h.child(model, version) for h in (self.latency, self.queue_wait, self.batch_size))
             self._children[(model, version)] = children
-        children[0].observe(total_s)
-        children[1].observe(queue_s)
-        children[2].observe(batch_rows)
+        self.latency.observe(children[0], total_s)
+        self.queue_wait.observe(children[1], queue_s)
+        self.batch_size.observe(children[2], batch_rows)
 
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

@@ -55,7 +55,8 @@ class RequestPlan:
         inputs = {}
         offset = header_length
         for p in self.inputs:
-            inputs[p.name] = np.frombuffer(body, dtype=p.dtype, count=p.count, offset=offset).reshape(p.shape)
+            # One array straight on the body's bytes (read-only, no copy), not frombuffer's and then reshape's.
+            inputs[p.name] = np.ndarray(p.shape, dtype=p.dtype, buffer=body, offset=offset)
             offset += p.nbytes
         outputs = None if self.outputs is None else [RequestedOutput(n, c) for n, c in self.outputs]
         req = InferRequest(model_name=model_name, model_version=model_version, inputs=inputs, outputs=outputs,
