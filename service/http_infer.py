@@ -51,6 +51,12 @@ def decompress(body: bytes, *, encoding: str, limit: int) -> bytes:
         raise InvalidInput(f"request body is not valid {encoding} data: {exc}") from None
     if len(out) > limit or d.unconsumed_tail:
         raise PayloadTooLarge(f"decompressed request body exceeds the limit of {limit} bytes")
+    if not d.eof:  # the stream's end (and gzip's CRC and length check) never came: a cut-off body
+        raise InvalidInput(f"request body is truncated {encoding} data: the compressed stream does not end; "
+                           "send the whole compressed body")
+    if d.unused_data:
+        raise InvalidInput(f"request body has {len(d.unused_data)} bytes after the end of its {encoding} data; "
+                           "expected one compressed stream")
     return out
 
 
@@ -214,7 +220,8 @@ def header_length(headers: dict[bytes, bytes]) -> int | None:
     value = headers.get(b"inference-header-content-length")
     if value is None:
         return None
-    try:
-        return int(value)
-    except ValueError:
-        raise InvalidInput(f"Inference-Header-Content-Length must be an integer, got {value.decode(errors='replace')!r}") from None
+    # NOTE: int() alone would also take b"1_0" and b" +10"; the header is plain ASCII digits.
+    if not value.isdigit():
+        raise InvalidInput("Inference-Header-Content-Length must be a non-negative integer (the JSON header's byte "
+                           f"count), got {value.decode(errors='replace')!r}")
+    return int(value)
