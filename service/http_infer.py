@@ -11,13 +11,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import zlib
 from collections.abc import Awaitable, Callable
 from contextlib import nullcontext
 from typing import Any
 
 import orjson
 
+from service.content_encoding import decompress
 from service.core import InferenceCore, InferRequest
 from service.errors import (
     InvalidInput,
@@ -25,7 +25,6 @@ from service.errors import (
     RequestCancelled,
     RequestTimeout,
     ServingError,
-    UnsupportedMediaType,
 )
 from service.http_server import arrived, body_complete, corked
 from service.protocol_v2 import OutputEncoding, decode_raw_request, encode_response_parts
@@ -36,28 +35,6 @@ log = logging.getLogger("modelserve.http")
 ASGIApp = Callable[[dict, Callable, Callable], Awaitable[None]]
 INFER_PATH = re.compile(r"^/v2/models/(?P<model>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer$")
 _JSON = b"application/json"
-
-
-def decompress(body: bytes, *, encoding: str, limit: int) -> bytes:
-    """Undo Content-Encoding gzip/deflate, refusing output over `limit` bytes (so a bomb cannot blow up)."""
-    if encoding in ("", "identity"):
-        return body
-    if encoding not in ("gzip", "deflate"):
-        raise UnsupportedMediaType(f"Content-Encoding {encoding!r} is not supported; use gzip, deflate or identity")
-    d = zlib.decompressobj(16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
-    try:
-        out = d.decompress(body, limit + 1)
-    except zlib.error as exc:
-        raise InvalidInput(f"request body is not valid {encoding} data: {exc}") from None
-    if len(out) > limit or d.unconsumed_tail:
-        raise PayloadTooLarge(f"decompressed request body exceeds the limit of {limit} bytes")
-    if not d.eof:  # the stream's end (and gzip's CRC and length check) never came: a cut-off body
-        raise InvalidInput(f"request body is truncated {encoding} data: the compressed stream does not end; "
-                           "send the whole compressed body")
-    if d.unused_data:
-        raise InvalidInput(f"request body has {len(d.unused_data)} bytes after the end of its {encoding} data; "
-                           "expected one compressed stream")
-    return out
 
 
 def _headers(scope: dict) -> dict[bytes, bytes]:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import openai
 import pytest
 import tritonclient.http as httpclient
 from hypothesis import HealthCheck, given, settings
@@ -159,6 +160,47 @@ def test_a_wav_with_nan_samples_is_400_not_null_scores(server):
         w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000), w.writeframes(b"\0\0" * 16000)
     good = httpx.post(predict, files={"file": ("b.wav", buf.getvalue(), "audio/wav")}, timeout=30)
     assert good.status_code == 200 and all(p["probability"] is not None for p in good.json()["results"][0]["predictions"])
+
+
+def test_headers_over_the_bound_are_431_and_never_held(server):
+    # Before: 300 MiB of request headers were accepted (and held) in 1.4 s on loopback.
+    url, _ = server
+    response = httpx.get(f"http://{url}/v2/health/live", headers={"x-big": "a" * 200_000}, timeout=30)
+    assert response.status_code == 431 and "http_max_header_bytes" in response.json()["error"]
+    assert httpx.get(f"http://{url}/v2/health/live", headers={"x-ok": "a" * 30_000}, timeout=30).status_code == 200
+
+
+def test_compressed_bodies_mean_the_same_on_control_and_task_routes(server):
+    # Before: only V2 infer undid Content-Encoding; elsewhere a gzip body was "not valid JSON: ... UTF-8".
+    url, _ = server
+    index = httpx.post(f"http://{url}/v2/repository/index", content=gzip.compress(b'{"ready": true}'),
+                       headers={"Content-Type": "application/json", "Content-Encoding": "gzip"}, timeout=30)
+    assert index.status_code == 200 and {row["name"] for row in index.json()} >= {"double", "speech"}
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000), w.writeframes(b"\0\0" * 8000)
+    upload = httpx.Request("POST", f"http://{url}/v1/models/speech/predict",
+                           files={"file": ("a.wav", buf.getvalue(), "audio/wav")})
+    body = upload.read()
+    predict = httpx.post(str(upload.url), content=gzip.compress(body), timeout=30,
+                         headers={"Content-Type": upload.headers["content-type"], "Content-Encoding": "gzip"})
+    assert predict.status_code == 200 and predict.json()["results"][0]["keyword"]
+    cut = httpx.post(str(upload.url), content=gzip.compress(body)[:-8], timeout=30,
+                     headers={"Content-Type": upload.headers["content-type"], "Content-Encoding": "gzip"})
+    assert "truncated gzip" in _error(cut, 400)
+
+
+def test_a_refused_api_key_on_the_openai_route_reaches_the_openai_client_with_its_reason(tmp_path: Path):
+    # Before: 401 {"error": "<text>"}, which the openai client shows as a bare "Error code: 401".
+    scale_model(tmp_path / "models" / "double" / "1" / "model.onnx")
+    with run_server(tmp_path / "models", env={"MODELSERVE_API_KEYS": "right-key"}) as url:
+        client = openai.OpenAI(base_url=f"http://{url}/v1", api_key="wrong-key", max_retries=0)
+        with pytest.raises(openai.AuthenticationError) as err:
+            client.embeddings.create(model="transformer", input="hello")
+        assert "API key is missing or not valid" in str(err.value)
+        assert err.value.code == "invalid_api_key" and err.value.type == "invalid_request_error"
+        denied = httpx.post(f"http://{url}/v2/models/double/infer", json={"inputs": [X4]}, timeout=30)
+        assert denied.status_code == 401 and "API key" in denied.json()["error"]  # V2 keeps its own shape
 
 
 _VALUE = st.one_of(st.integers(-2**70, 2**70), st.floats(allow_nan=False, allow_infinity=False), st.booleans(),
