@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import queue
+import uuid
 from pathlib import Path
 
 import grpc
@@ -13,6 +15,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcaio
+import tritonclient.utils.shared_memory as shm
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.utils import InferenceServerException
 
@@ -28,7 +31,8 @@ def grpc_url(tmp_path_factory: pytest.TempPathFactory):
     scale_model(repo / "double" / "1" / "model.onnx", factor=2.0)
     string_model(repo / "strings" / "1" / "model.onnx")
     port = free_port()
-    args = ["--grpc-port", str(port), "--model-control-mode", "explicit", "--load-model", "*"]
+    args = ["--grpc-port", str(port), "--model-control-mode", "explicit", "--load-model", "*",
+            "--allow-client-shm", "true"]
     with run_server(repo, extra_args=args):
         yield f"127.0.0.1:{port}"
 
@@ -112,3 +116,27 @@ def test_trace_rate_beyond_32_bits_is_invalid_argument(grpc_url):
         client.update_trace_settings(settings={"trace_rate": str(2**40)})
     assert err.value.status() == "StatusCode.INVALID_ARGUMENT" and "2147483647" in err.value.message()
     assert client.get_trace_settings(as_json=True)["settings"]["trace_rate"]["value"] != [str(2**40)]
+
+
+def test_a_shared_memory_object_shrunk_by_its_client_is_invalid_argument_not_a_crash(grpc_url):
+    # Before: the region was an mmap; reading it after the client's ftruncate was SIGBUS, killing the server.
+    key = f"/audit-{uuid.uuid4().hex[:12]}"
+    handle = shm.create_shared_memory_region(key[1:], key, 64)
+    client = grpcclient.InferenceServerClient(grpc_url)
+    try:
+        shm.set_shared_memory_region(handle, [np.arange(4, dtype=np.float32).reshape(1, 4)])
+        client.register_system_shared_memory("shrinks", key, 64)
+        x = grpcclient.InferInput("x", [1, 4], "FP32")
+        x.set_shared_memory("shrinks", 16)
+        y = grpcclient.InferRequestedOutput("y")
+        y.set_shared_memory("shrinks", 16, offset=32)
+        client.infer("double", [x], outputs=[y])
+        assert shm.get_contents_as_numpy(handle, np.float32, [1, 4], offset=32).tolist() == [[0, 2, 4, 6]]
+        os.truncate(f"/dev/shm/{key[1:]}", 8)
+        with pytest.raises(InferenceServerException) as err:
+            client.infer("double", [x], outputs=[y])
+        assert err.value.status() == "StatusCode.INVALID_ARGUMENT" and "is now 8 bytes" in err.value.message()
+        assert client.is_server_live()
+    finally:
+        client.unregister_system_shared_memory()
+        shm.destroy_shared_memory_region(handle)
