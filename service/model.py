@@ -327,8 +327,9 @@ class ModelVersion:
             self._known_layouts[layout] = rows
         if self._checks_values:
             check_tokens(self.spec, inputs)
-        for name in self._string_inputs & inputs.keys():
-            check_utf8(name, inputs[name])
+        if self._string_inputs:
+            for name in self._string_inputs & inputs.keys():
+                check_utf8(name, inputs[name])
         return rows
 
     def _validate_layout(self, inputs: dict[str, np.ndarray]) -> int:
