@@ -24,15 +24,18 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import orjson
 
-# NOTE: only errors and libraries here: settings.py imports this module to validate the specs at start-up, and
+# NOTE: only errors, content_encoding and libraries here: settings.py imports this module to validate the specs at start-up, and
 # the transports (http_infer, protocol_grpc) import the core, which imports settings.
+from service.content_encoding import decompress
 from service.errors import (
+    OPENAI_PATHS,
     InvalidInput,
     PayloadTooLarge,
     PermissionDenied,
     ServingError,
     Unauthenticated,
     UnsupportedMediaType,
+    openai_error,
 )
 
 if TYPE_CHECKING:
@@ -197,13 +200,13 @@ class AccessMiddleware:
 
             error = self.policy.check(classify_http(scope["method"], scope["path"]), values)
             if error is not None:
-                await _send_error(send, error)
+                await _send_error(send, error, openai=scope["path"] in OPENAI_PATHS)
                 return
         await self.app(scope, receive, send)
 
 
-async def _send_error(send: Callable, error: ServingError) -> None:
-    body = orjson.dumps({"error": error.message})
+async def _send_error(send: Callable, error: ServingError, *, openai: bool = False) -> None:
+    body = orjson.dumps(openai_error(error) if openai else {"error": error.message})
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     headers += [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
     await send({"type": "http.response.start", "status": error.status_code, "headers": headers})
@@ -265,7 +268,9 @@ async def _bounded_body(request: Any, *, limit: int) -> bytes:
 async def read_control_body(request: Any, *, limit: int) -> dict:
     """A control route's JSON object (index, load, unload, shared memory, trace, logging): at most `limit`
     bytes, JSON only (see control_body)."""
-    return control_body(request.headers.get("content-type"), await _bounded_body(request, limit=limit))
+    body = decompress(await _bounded_body(request, limit=limit),
+                      encoding=request.headers.get("content-encoding", "").lower(), limit=limit)
+    return control_body(request.headers.get("content-type"), body)
 
 
 # ---------------------------------------------------------------------------------------------- gRPC

@@ -192,4 +192,17 @@ def from_values(values: Any, *, name: str, datatype: str, shape: list[int]) -> n
     except (ValueError, TypeError, OverflowError):
         raise InvalidInput(f"input {name!r}: 'data' is not a list of {datatype} values with a regular shape") from None
     _check_count(arr.size, shape, name=name, what="'data'")
+    if arr.dtype.kind == "f" and arr.dtype != np.float64 and not np.isfinite(arr).all():
+        _check_no_overflow(values, arr, name=name, datatype=datatype)
     return arr.reshape(shape)
+
+
+def _check_no_overflow(values: Any, arr: np.ndarray, *, name: str, datatype: str) -> None:
+    """A finite value too large for FP16/FP32 would silently become infinity: refuse it instead (a NaN or
+    infinity the client sent itself, as gRPC typed contents may, is kept)."""
+    wide = np.asarray(values, dtype=np.float64).reshape(-1)
+    over = np.flatnonzero(np.isfinite(wide) & ~np.isfinite(arr.reshape(-1)))
+    if over.size:
+        i = int(over[0])
+        raise InvalidInput(f"input {name!r}: value {wide[i]:g} at element {i} is outside the range of {datatype} "
+                           f"(largest finite value {float(np.finfo(arr.dtype).max):g})")

@@ -105,3 +105,19 @@ class RequestTimeout(ServingError):
     status_code = 408
     failure_reason = "REJECTED"
     headers: ClassVar[dict[str, str]] = {"Connection": "close"}
+
+
+# OpenAI's error `type` per status (https://platform.openai.com/docs/guides/error-codes).
+_OPENAI_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "invalid_request_error",
+                 404: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error",
+                 503: "server_error", 504: "timeout"}
+# Routes that answer in OpenAI's shape (the `openai` client shows only `error.message`).
+OPENAI_PATHS = ("/v1/embeddings",)
+
+
+def openai_error(exc: ServingError) -> dict:
+    """`exc` in OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
+    code = "model_not_found" if isinstance(exc, ModelNotFound) else \
+        "invalid_api_key" if isinstance(exc, Unauthenticated) else None
+    return {"error": {"message": exc.message, "type": _OPENAI_TYPES.get(exc.status_code, "server_error"),
+                      "param": getattr(exc, "param", None), "code": code}}

@@ -151,7 +151,8 @@ async def _serve(args: argparse.Namespace) -> None:
         app = FrontEndApp(link=link, proxy=proxy, max_request_bytes=args.max_request_bytes, fast=not args.proxy_only)
         config = uvicorn.Config(app, loop="none", lifespan="off", access_log=False, proxy_headers=False,
                                 log_level=args.log_level, timeout_keep_alive=30,
-                                http=protocol_class(header_timeout=args.header_timeout))
+                                http=protocol_class(header_timeout=args.header_timeout,
+                                                  max_header_bytes=args.max_header_bytes))
         server = DrainingServer(config)
         grpc_server = None
         if args.grpc_port is not None:
@@ -186,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--internal-url", required=True)
     p.add_argument("--max-request-bytes", type=int, required=True)
     p.add_argument("--header-timeout", type=float, default=30.0)
+    p.add_argument("--max-header-bytes", type=int, default=65536)
     p.add_argument("--exit-timeout", type=float, default=30.0)
     p.add_argument("--log-level", default="warning")
     p.add_argument("--grpc-port", type=int, help="also serve gRPC on this port, forwarding to --grpc-upstream")

@@ -57,6 +57,7 @@ class FrontEnds:
         cmd = [sys.executable, "-m", "service.frontend", "--host", s.http_host, "--port", str(port),
                "--worker-socket", path, "--internal-url", internal_url,
                "--max-request-bytes", str(s.max_request_bytes), "--header-timeout", str(s.http_header_timeout_secs),
+               "--max-header-bytes", str(s.http_max_header_bytes),
                "--exit-timeout", str(s.exit_timeout_secs), "--log-level", s.log_level,
                *([] if self._fast() else ["--proxy-only"])]
         if s.grpc_port is not None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -21,34 +20,11 @@ from service.errors import ServingError
 from service.grpc_extensions import ExtensionServicer
 from service.grpc_stream import infer_one
 from service.ports import StartupError
-from service.protocol_grpc import encode_infer_wire, grpc_status, load_overrides
+from service.protocol_grpc import Unparsable, encode_infer_wire, grpc_status, lenient, load_overrides
 
 log = logging.getLogger("modelserve.grpc")
 
 _SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
-
-
-@dataclass(frozen=True)
-class Unparsable:
-    """What the request deserializer hands over when the bytes are not the method's protobuf.
-
-    NOTE: grpc.aio deserializes before the handler runs and answers a deserializer's exception itself (not
-    with INVALID_ARGUMENT), so the deserializer never raises: the handler sees this and answers
-    INVALID_ARGUMENT naming the message type.
-    """
-
-    message_type: str
-    reason: str
-
-
-def _lenient(message_class: Any) -> Callable[[bytes], Any]:
-    def deserialize(data: bytes) -> Any:
-        try:
-            return message_class.FromString(data)
-        except Exception as exc:  # protobuf's DecodeError, or anything else a malformed message raises
-            return Unparsable(message_class.DESCRIPTOR.name, type(exc).__name__)
-
-    return deserialize
 
 
 def _guarded(method: Callable, name: str) -> Callable:
@@ -97,13 +73,13 @@ def generic_handler(servicer: InferenceServicer) -> grpc.GenericRpcHandler:
         serialize = _serializer(getattr(pb, method.output_type.name))
         if method.client_streaming and method.server_streaming:  # ModelStreamInfer: errors go on the stream
             handlers[method.name] = grpc.stream_stream_rpc_method_handler(
-                getattr(servicer, method.name), request_deserializer=request_class.FromString,
+                getattr(servicer, method.name), request_deserializer=lenient(request_class),
                 response_serializer=serialize)
             continue
         own = getattr(type(servicer), method.name) is not getattr(pb_grpc.GRPCInferenceServiceServicer, method.name)
         behaviour = _guarded(getattr(servicer, method.name), method.name) if own else _unimplemented
         handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-            behaviour, request_deserializer=_lenient(request_class), response_serializer=serialize)
+            behaviour, request_deserializer=lenient(request_class), response_serializer=serialize)
     return grpc.method_handlers_generic_handler(_SERVICE.full_name, handlers)
 
 

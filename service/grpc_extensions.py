@@ -16,7 +16,7 @@ from tritonclient.grpc import service_pb2 as pb
 from service.core import InferenceCore
 from service.errors import InvalidInput, ServingError
 from service.grpc_stream import stream_infer
-from service.protocol_grpc import grpc_status
+from service.protocol_grpc import Unparsable, grpc_status
 from service.shm import CUDA_UNSUPPORTED, cuda_region_missing
 
 
@@ -60,7 +60,7 @@ class ExtensionServicer:
 
     core: InferenceCore
 
-    async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest],
+    async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest | Unparsable],
                                context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ModelStreamInferResponse]:
         # NOTE: grpc.aio serves a stream from the method only when it is itself an async generator function.
         async for response in stream_infer(self.core, request_iterator):

@@ -23,14 +23,17 @@ from tritonclient.grpc import service_pb2 as pb
 
 from service.core import InferenceCore, InferResponse
 from service.errors import ServingError
-from service.protocol_grpc import decode_infer, encode_infer
+from service.protocol_grpc import Unparsable, decode_infer, encode_infer
 
 log = logging.getLogger("modelserve.grpc")
 
 ENABLE_EMPTY_FINAL = "triton_enable_empty_final_response"
 FINAL_FLAG = "triton_final_response"
-# Responses waiting to be written per stream before the reader stops taking new requests (back-pressure).
+# Responses waiting to be written per stream, and requests taken but not yet answered: past either the reader
+# stops taking new requests, so an unread stream pushes back on its client (gRPC flow control) instead of
+# growing the server (30,000 unread 20 KB requests held 1.1 GB before).
 MAX_PENDING_RESPONSES = 1024
+MAX_IN_FLIGHT = 1024
 
 
 async def infer_one(core: InferenceCore, request: pb.ModelInferRequest, *,
@@ -65,9 +68,15 @@ def _flag(resp: pb.ModelInferResponse, final: bool) -> pb.ModelInferResponse:
     return resp
 
 
-async def answer(core: InferenceCore, request: pb.ModelInferRequest) -> list[pb.ModelStreamInferResponse]:
+async def answer(core: InferenceCore,
+                 request: pb.ModelInferRequest | Unparsable) -> list[pb.ModelStreamInferResponse]:
     """The stream responses for one request: its result (plus the empty final one for a decoupled model
-    when asked), or one error_message response."""
+    when asked), or one error_message response (a message that is not a ModelInferRequest gets one too, and
+    the stream goes on)."""
+    if isinstance(request, Unparsable):
+        return [pb.ModelStreamInferResponse(error_message=(
+            f"ModelStreamInfer: a message on the stream is not a valid {request.message_type} protobuf "
+            f"({request.reason}); expected a serialized ModelInferRequest"))]
     try:
         decoupled = core.model_config(request.model_name, request.model_version or None) \
             .model_transaction_policy.decoupled
@@ -89,21 +98,30 @@ async def answer(core: InferenceCore, request: pb.ModelInferRequest) -> list[pb.
 
 
 async def stream_infer(core: InferenceCore,
-                       requests: AsyncIterator[pb.ModelInferRequest]) -> AsyncIterator[pb.ModelStreamInferResponse]:
+                       requests: AsyncIterator[pb.ModelInferRequest | Unparsable]) -> AsyncIterator[pb.ModelStreamInferResponse]:
     """Read requests as they come, run each concurrently, yield responses as they finish."""
     out: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue(MAX_PENDING_RESPONSES)
     tasks: set[asyncio.Task] = set()
 
-    async def run_one(request: pb.ModelInferRequest) -> None:
-        for resp in await answer(core, request):
-            await out.put(resp)
+    slots = asyncio.Semaphore(MAX_IN_FLIGHT)
+
+    async def run_one(request: pb.ModelInferRequest | Unparsable) -> None:
+        try:
+            for resp in await answer(core, request):
+                await out.put(resp)
+        finally:
+            slots.release()
 
     async def read_all() -> None:
         try:
-            async for request in requests:
-                task = asyncio.create_task(run_one(request))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
+            try:
+                async for request in requests:
+                    await slots.acquire()
+                    task = asyncio.create_task(run_one(request))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+            except Exception:  # reading broke: still answer every request already taken (none is lost)
+                log.exception("reading a ModelStreamInfer stream failed")
             if tasks:
                 await asyncio.wait(set(tasks))
         finally:

@@ -184,7 +184,8 @@ def _document_infer_routes(app: FastAPI) -> None:
 
 def _load_overrides(name: str, doc: dict) -> tuple[object | None, dict[str, bytes]]:
     """Triton's load parameters over HTTP: 'config' (JSON text) and 'file:<path>' (base64 file contents)."""
-    params = doc.get("parameters") or {}
+    params = doc.get("parameters")
+    params = {} if params is None else params
     if not isinstance(params, dict):
         raise InvalidInput(f"failed to load '{name}': 'parameters' must be a JSON object")
     files = {}
@@ -202,7 +203,10 @@ def _add_repository_routes(app: FastAPI, core: InferenceCore, *, max_request_byt
     @app.post("/v2/repository/index", tags=["repository"], summary="Models in the repository and their state")
     async def index(request: Request) -> Response:
         doc = await read_control_body(request, limit=max_request_bytes)
-        return json_response(core.repository_index(ready_only=bool(doc.get("ready"))))
+        ready = doc.get("ready", False)
+        if not isinstance(ready, bool):
+            raise InvalidInput(f"repository index: 'ready' must be true or false, got {ready!r:.80}")
+        return json_response(core.repository_index(ready_only=ready))
 
     @app.post("/v2/repository/models/{model_name}/load", tags=["repository"], summary="Load or reload a model")
     async def load(model_name: str, request: Request) -> Response:

@@ -11,12 +11,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import zlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
 
+from service.content_encoding import decompress
 from service.core import InferenceCore, InferRequest
 from service.errors import (
     InvalidInput,
@@ -24,7 +24,6 @@ from service.errors import (
     RequestCancelled,
     RequestTimeout,
     ServingError,
-    UnsupportedMediaType,
 )
 from service.http_server import arrived, body_complete, corked, respond_at_once
 from service.protocol_v2 import OutputEncoding, decode_raw_request, encode_response_parts
@@ -35,22 +34,6 @@ log = logging.getLogger("modelserve.http")
 ASGIApp = Callable[[dict, Callable, Callable], Awaitable[None]]
 INFER_PATH = re.compile(r"^/v2/models/(?P<model>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer$")
 _JSON = b"application/json"
-
-
-def decompress(body: bytes, *, encoding: str, limit: int) -> bytes:
-    """Undo Content-Encoding gzip/deflate, refusing output over `limit` bytes (so a bomb cannot blow up)."""
-    if encoding in ("", "identity"):
-        return body
-    if encoding not in ("gzip", "deflate"):
-        raise UnsupportedMediaType(f"Content-Encoding {encoding!r} is not supported; use gzip, deflate or identity")
-    d = zlib.decompressobj(16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
-    try:
-        out = d.decompress(body, limit + 1)
-    except zlib.error as exc:
-        raise InvalidInput(f"request body is not valid {encoding} data: {exc}") from None
-    if len(out) > limit or d.unconsumed_tail:
-        raise PayloadTooLarge(f"decompressed request body exceeds the limit of {limit} bytes")
-    return out
 
 
 def _headers(scope: dict) -> dict[bytes, bytes]:
@@ -224,7 +207,8 @@ def header_length(headers: dict[bytes, bytes]) -> int | None:
     value = headers.get(b"inference-header-content-length")
     if value is None:
         return None
-    try:
-        return int(value)
-    except ValueError:
-        raise InvalidInput(f"Inference-Header-Content-Length must be an integer, got {value.decode(errors='replace')!r}") from None
+    # NOTE: int() alone would also take b"1_0" and b" +10"; the header is plain ASCII digits.
+    if not value.isdigit():
+        raise InvalidInput("Inference-Header-Content-Length must be a non-negative integer (the JSON header's byte "
+                           f"count), got {value.decode(errors='replace')!r}")
+    return int(value)

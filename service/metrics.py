@@ -259,14 +259,33 @@ class MetricsPortServer:
 
     def __init__(self, registry: CollectorRegistry, *, host: str, port: int) -> None:
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
+            def do_GET(self, *, head: bool = False) -> None:
                 body, status = (exposition(registry), 200) if self.path.split("?")[0] in ("/metrics", "/") \
                     else (b"not found: metrics are at /metrics\n", 404)
+                self._answer(status, body, head=head)
+
+            def do_HEAD(self) -> None:
+                self.do_GET(head=True)
+
+            def _not_allowed(self) -> None:
+                # NOTE: BaseHTTPRequestHandler answers a method without a do_* handler with 501 (an HTML page):
+                # a known method on a read-only port is the client's mistake, 405.
+                self._answer(405, b"method not allowed: the metrics port serves GET /metrics\n",
+                             extra={"Allow": "GET, HEAD", "Connection": "close"})
+                self.close_connection = True
+
+            do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed
+
+            def _answer(self, status: int, body: bytes, *, head: bool = False,
+                        extra: dict[str, str] | None = None) -> None:
                 self.send_response(status)
-                self.send_header("Content-Type", CONTENT_TYPE)
+                self.send_header("Content-Type", CONTENT_TYPE if status == 200 else "text/plain; charset=utf-8")
                 self.send_header("Content-Length", str(len(body)))
+                for key, value in (extra or {}).items():
+                    self.send_header(key, value)
                 self.end_headers()
-                self.wfile.write(body)
+                if not head:
+                    self.wfile.write(body)
 
             def log_message(self, format: str, *args: object) -> None:  # scrapes are not worth a log line
                 pass

@@ -82,6 +82,17 @@ def check_tokens(spec: ModelSpec, inputs: dict[str, np.ndarray]) -> None:
                            f"[0, {vocab - 1}] (vocab_size {vocab})")
 
 
+def check_utf8(name: str, arr: np.ndarray) -> None:
+    """A BYTES tensor fed to an ONNX string input must be UTF-8 text: ONNX Runtime takes str, not bytes."""
+    for i, item in enumerate(arr.reshape(-1)):
+        if isinstance(item, bytes):
+            try:
+                item.decode()
+            except UnicodeDecodeError as exc:
+                raise InvalidInput(f"input {name!r}: BYTES element {i} is not valid UTF-8 ({exc.reason} at byte "
+                                   f"{exc.start}); this model's ONNX string input takes UTF-8 text") from None
+
+
 def _shape_str(dims) -> str:
     return "[" + ", ".join(str(d) for d in dims) + "]"
 
@@ -316,6 +327,9 @@ class ModelVersion:
             self._known_layouts[layout] = rows
         if self._checks_values:
             check_tokens(self.spec, inputs)
+        if self._string_inputs:
+            for name in self._string_inputs & inputs.keys():
+                check_utf8(name, inputs[name])
         return rows
 
     def _validate_layout(self, inputs: dict[str, np.ndarray]) -> int:

@@ -5,6 +5,8 @@ Tensors are built by the shared codec (service/codec.py), exactly as for HTTP.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
@@ -18,6 +20,30 @@ from service.datatypes import numpy_dtype, v2_datatype
 from service.errors import InvalidInput, ServingError
 from service.modelrepo.overrides import FILE_PREFIX
 from service.shm import SharedMemoryRegistry, read_input
+
+
+@dataclass(frozen=True)
+class Unparsable:
+    """What the request deserializer hands over when the bytes are not the method's protobuf.
+
+    NOTE: grpc.aio deserializes before the handler runs and answers a deserializer's exception itself (not
+    with INVALID_ARGUMENT), so the deserializer never raises: the handler sees this and answers
+    INVALID_ARGUMENT naming the message type.
+    """
+
+    message_type: str
+    reason: str
+
+
+def lenient(message_class: Any) -> Callable[[bytes], Any]:
+    def deserialize(data: bytes) -> Any:
+        try:
+            return message_class.FromString(data)
+        except Exception as exc:  # protobuf's DecodeError, or anything else a malformed message raises
+            return Unparsable(message_class.DESCRIPTOR.name, type(exc).__name__)
+
+    return deserialize
+
 
 # A ServingError's HTTP status -> the gRPC status code Triton's clients expect for it.
 _STATUS_TO_GRPC = {

@@ -45,6 +45,13 @@ def _parameters(value: object, *, where: str) -> dict:
     return value
 
 
+def _flag(value: object, *, where: str) -> bool:
+    # NOTE: bool("false") is True: a string here would silently pick the opposite encoding.
+    if not isinstance(value, bool):
+        raise InvalidInput(f"{where} must be true or false, got {value!r:.80}")
+    return value
+
+
 def _parse_header(header: bytes | memoryview) -> dict:
     try:
         doc = orjson.loads(header)
@@ -67,7 +74,7 @@ def _requested_outputs(doc: dict, encoding: OutputEncoding,
         params = _parameters(o.get("parameters"), where=f"output {o['name']!r}")
         binary = params.get("binary_data")
         if binary is not None:
-            encoding.per_output[o["name"]] = bool(binary)
+            encoding.per_output[o["name"]] = _flag(binary, where=f"output {o['name']!r}: parameter 'binary_data'")
         class_count = params.get("classification", 0)
         if not isinstance(class_count, int) or isinstance(class_count, bool) or class_count < 0:
             raise InvalidInput(f"output {o['name']!r}: 'classification' must be a non-negative integer")
@@ -139,14 +146,17 @@ def decode_request(
     if offset != len(tail):
         raise InvalidInput(f"{len(tail) - offset} bytes of binary data follow the inputs and belong to none")
     params = _parameters(doc.get("parameters"), where="request")
-    encoding = OutputEncoding(default=bool(params.get("binary_data_output", False)))
+    encoding = OutputEncoding(default=_flag(params.get("binary_data_output", False),
+                                            where="request parameter 'binary_data_output'"))
     request_id = doc.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise InvalidInput(f"request 'id' must be a string, got {type(request_id).__name__} {request_id!r:.80}")
     request = InferRequest(
         model_name=model_name,
         model_version=model_version,
         inputs=inputs,
         outputs=_requested_outputs(doc, encoding, shm),
-        id=str(request_id) if request_id is not None else None,
+        id=request_id,
         parameters=params,
     )
     return request, encoding

@@ -185,7 +185,8 @@ def uvicorn_config(settings: ServerSettings, app: ASGIApp) -> uvicorn.Config:
         host=settings.http_host,
         port=settings.http_port,
         loop="none",  # the loop is ours (run_server), shared with gRPC
-        http=protocol_class(header_timeout=settings.http_header_timeout_secs),
+        http=protocol_class(header_timeout=settings.http_header_timeout_secs,
+                            max_header_bytes=settings.http_max_header_bytes),
         lifespan="off",  # Server owns the lifecycle
         log_level=settings.log_level,
         access_log=False,  # one log line per inference costs more than the inference on small models

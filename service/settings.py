@@ -130,6 +130,8 @@ class ServerSettings(BaseSettings):
     """On GPU instances, serve a model's published FP16 variant (<model>-fp16, same version) in its place."""
     http_workers: int = Field(1, ge=1, le=64)
     """Experimental: HTTP front-end processes sharing the port before one model process (1: a single process)."""
+    http_max_header_bytes: int = Field(65536, ge=4096, le=2**24)
+    """Bytes of a request's line and headers together; more get 431 and the connection closes."""
 
     @field_validator("model_repository", mode="before")
     @classmethod

@@ -13,7 +13,6 @@ an arbitrary file.
 
 from __future__ import annotations
 
-import mmap
 import os
 import re
 import stat
@@ -40,32 +39,56 @@ class AlreadyExists(ServingError):
 
 
 class Region:
-    """One registered region: a window [offset, offset + byte_size) of a mapped /dev/shm object."""
+    """One registered region: a window [offset, offset + byte_size) of a /dev/shm object, kept open.
+
+    NOTE: read and written with pread/pwrite, not through an mmap: the client owns the object and may shrink
+    it (ftruncate) at any time, and touching a mapping past the object's end is SIGBUS, which killed the
+    server with every request in flight. pread past the end returns short, a clear 400 instead.
+    """
 
     def __init__(self, *, name: str, key: str, offset: int, byte_size: int) -> None:
         self.name, self.key, self.offset, self.byte_size = name, key, offset, byte_size
-        self._mm = _map(key, offset=offset, byte_size=byte_size)
+        self._fd: int | None = _open(key, offset=offset, byte_size=byte_size)
+        self._lock = threading.Lock()  # close() never frees the fd number while a read or write uses it
 
     def status(self) -> dict[str, Any]:
         return {"name": self.name, "key": self.key, "offset": self.offset, "byte_size": self.byte_size}
 
+    def _gone(self) -> InvalidInput:
+        return InvalidInput(f"shared memory region '{self.name}' was unregistered during the request")
+
+    def _shrunk(self, size: int) -> InvalidInput:
+        return InvalidInput(f"shared memory region '{self.name}': its object '{self.key}' is now {size} bytes, "
+                            f"smaller than the registered offset {self.offset} + byte_size {self.byte_size}; "
+                            "keep the object's size while it is registered, or register it again")
+
     def read(self, start: int, size: int) -> bytes:
-        try:
-            return self._mm[self.offset + start:self.offset + start + size]
-        except ValueError:  # mmap closed: unregistered while this request was decoded
-            raise InvalidInput(f"shared memory region '{self.name}' was unregistered during the request") from None
+        with self._lock:
+            if self._fd is None:
+                raise self._gone()
+            data = os.pread(self._fd, size, self.offset + start)
+            if len(data) != size:
+                raise self._shrunk(os.fstat(self._fd).st_size)
+            return data
 
     def write(self, start: int, data: bytes) -> None:
-        try:
-            self._mm[self.offset + start:self.offset + start + len(data)] = data
-        except ValueError:
-            raise InvalidInput(f"shared memory region '{self.name}' was unregistered during the request") from None
+        with self._lock:
+            if self._fd is None:
+                raise self._gone()
+            size = os.fstat(self._fd).st_size
+            if self.offset + start + len(data) > size:
+                raise self._shrunk(size)
+            os.pwrite(self._fd, data, self.offset + start)
 
     def close(self) -> None:
-        self._mm.close()
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
 
 
-def _map(key: str, *, offset: int, byte_size: int) -> mmap.mmap:
+def _open(key: str, *, offset: int, byte_size: int) -> int:
+    """The checked object's file descriptor (the caller closes it)."""
     match = _KEY.match(key)
     if match is None or match["name"] in (".", ".."):
         raise InvalidInput(f"failed to register shared memory region: invalid args: key {key!r} must be a POSIX "
@@ -84,9 +107,10 @@ def _map(key: str, *, offset: int, byte_size: int) -> mmap.mmap:
                 f"failed to register shared memory region: invalid args: offset {offset} + byte_size {byte_size} "
                 f"must lie inside the {info.st_size} bytes of '{key}' (byte_size > 0)"
             )
-        return mmap.mmap(fd, info.st_size)
-    finally:
+    except BaseException:
         os.close(fd)
+        raise
+    return fd
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from service.errors import InvalidInput
 LEVELS = ("OFF", "TIMESTAMPS", "TENSORS")
 KEYS = ("trace_level", "trace_rate", "trace_count", "log_frequency", "trace_file", "trace_mode")
 Setting = str | list[str]
+_MAX_SETTING = 2**31 - 1
 
 
 def _as_int(key: str, value: str, *, minimum: int) -> str:
@@ -35,8 +36,9 @@ def _as_int(key: str, value: str, *, minimum: int) -> str:
         number = int(value)
     except (TypeError, ValueError):
         number = minimum - 1
-    if number < minimum:
-        raise InvalidInput(f"trace setting '{key}': expected an integer >= {minimum}, got {value!r}")
+    if not minimum <= number <= _MAX_SETTING:  # Triton parses these as 32-bit integers
+        raise InvalidInput(f"trace setting '{key}': expected an integer from {minimum} to {_MAX_SETTING}, "
+                           f"got {value!r:.80}")
     return str(number)
 
 

@@ -172,6 +172,9 @@ def complete_config(
     if out.name and out.name != name:
         raise ModelLoadError(f"model {name!r}: config.pbtxt names it {out.name!r}; the name must match its folder")
     out.name = name
+    if out.max_batch_size < 0:
+        raise ModelLoadError(f"model {name!r}: max_batch_size {out.max_batch_size} is negative; expected 0 (no "
+                             "batching) or a positive batch size")
     if out.platform not in _SUPPORTED_PLATFORMS or out.backend not in _SUPPORTED_BACKENDS:
         raise ModelLoadError(
             f"model {name!r}: platform {out.platform!r} / backend {out.backend!r} is not served here; "

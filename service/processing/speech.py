@@ -176,6 +176,9 @@ class SpeechProcessor:
             audio, rate, channels = np.asarray(payload, np.float32)[:, None], RATE, 1
         else:
             audio, rate, channels = decode_wav(payload, index=index, limits=self.limits)
+        if not np.isfinite(audio).all():  # a float WAV may hold NaN/inf: every score would be NaN (JSON null)
+            raise InvalidInput(f"item {index}: the audio holds NaN or infinite samples; expected finite samples "
+                               "(float WAVs in [-1, 1])")
         mono = to_model_rate(audio[:, 0] if channels == 1 else audio.mean(axis=1), rate)
         return PreparedAudio(fit_one_second(mono, samples=self.samples), rate, channels, audio.shape[0] / rate)
 

@@ -15,13 +15,10 @@ import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from service.content_encoding import decompress
 from service.core import InferenceCore
-from service.errors import InvalidInput, ModelNotFound, RequestCancelled, ServingError, UnsupportedMediaType
+from service.errors import InvalidInput, RequestCancelled, ServingError, UnsupportedMediaType, openai_error
 from service.http_infer import read_body
-
-# OpenAI's error `type` per status (https://platform.openai.com/docs/guides/error-codes).
-_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 413: "invalid_request_error",
-          415: "invalid_request_error", 503: "server_error", 504: "timeout"}
 
 _REQUEST_EXAMPLE = {"model": "transformer", "input": ["Read a file line by line.", "Compress a folder."],
                     "encoding_format": "float"}
@@ -60,10 +57,7 @@ class OpenAIError(InvalidInput):
 
 
 def _error(exc: ServingError) -> Response:
-    code = "model_not_found" if isinstance(exc, ModelNotFound) else None
-    doc = {"error": {"message": exc.message, "type": _TYPES.get(exc.status_code, "server_error"),
-                     "param": getattr(exc, "param", None), "code": code}}
-    return Response(orjson.dumps(doc), status_code=exc.status_code, media_type="application/json",
+    return Response(orjson.dumps(openai_error(exc)), status_code=exc.status_code, media_type="application/json",
                     headers=exc.headers or None)
 
 
@@ -118,6 +112,8 @@ def build_openai_router(core: InferenceCore, *, max_request_bytes: int,
                                    limit=max_request_bytes, timeout_s=body_timeout_s)
             if body is None:
                 raise RequestCancelled("client went away while sending the request")
+            body = decompress(body, encoding=request.headers.get("content-encoding", "").lower(),
+                              limit=max_request_bytes)
             doc = _parse(body, request.headers.get("content-type", "").split(";")[0].strip().lower())
             texts = _texts(doc.get("input"))
             model, width = core.embedding_model(doc["model"])

@@ -13,6 +13,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.content_encoding import decompress
 from service.core import InferenceCore
 from service.errors import InvalidInput, PayloadTooLarge, RequestCancelled, UnsupportedMediaType
 from service.http_infer import read_body, server_disconnect_flag
@@ -35,6 +36,7 @@ async def _body(request: Request, *, limit: int, timeout_s: float | None) -> byt
                            timeout_s=timeout_s)
     if body is None:
         raise RequestCancelled("client went away while sending the request")
+    body = decompress(body, encoding=request.headers.get("content-encoding", "").lower(), limit=limit)
     request._body = body  # so request.form() parses what we already read
     return body
 
