@@ -1,7 +1,7 @@
 """Where a speech graph spends its time, node by node: ``python -m export.speech_profile GRAPH.onnx ...``.
 
 ONNX Runtime's profiler (``enable_profiling``) on one session per graph, waveform batches of one-second
-noise, one intra-op thread by default; per node of the graph as ORT ran it (after fusions), the mean
+noise, one intra-op thread by default; per node of the graph as ORT ran it (after fusions), the median
 kernel time over ``--repeats`` runs, each node marked front end (waveform -> log-mel, found by
 export/speech_split.py's graph analysis on the same graph) or network. Prints a table per graph and batch
 size and the front end's share ``f`` of the kernel time, the number in ratio = f + r * (1 - f).
@@ -26,7 +26,8 @@ from service.processing.logmel import SAMPLE_RATE
 
 
 def node_times(path: Path, wave: np.ndarray, *, threads: int, repeats: int) -> dict[str, tuple[str, float]]:
-    """Node name -> (op type as run, mean kernel µs per run) over ``repeats`` runs after one warm-up."""
+    """Node name -> (op type as run, median kernel µs per run) over ``repeats`` runs after one warm-up.
+    Medians, not means: on a shared machine one preempted run would otherwise swamp a small node."""
     with tempfile.TemporaryDirectory() as tmp:
         # NOTE: its own session, not create_session: profiling must never be a serving option.
         options = session_options(threads=threads)
@@ -36,15 +37,13 @@ def node_times(path: Path, wave: np.ndarray, *, threads: int, repeats: int) -> d
         for _ in range(repeats + 1):
             session.run(None, {speech_split.WAVEFORM: wave})
         events = json.loads(Path(session.end_profiling()).read_text())
-    runs = [e for e in events if e.get("cat") == "Node" and str(e.get("name", "")).endswith("_kernel_time")]
-    totals: dict[str, tuple[str, float]] = {}
-    for event in runs:
-        name = event["name"].removesuffix("_kernel_time")
-        op, total = totals.get(name, (event["args"]["op_name"], 0.0))
-        totals[name] = (op, total + float(event["dur"]))
-    # The first run of every node is the warm-up: drop it from each node's mean.
-    first = {e["name"].removesuffix("_kernel_time"): float(e["dur"]) for e in reversed(runs)}
-    return {name: (op, (total - first[name]) / repeats) for name, (op, total) in totals.items()}
+    per_node: dict[str, tuple[str, list[float]]] = {}
+    for event in events:
+        if event.get("cat") == "Node" and str(event.get("name", "")).endswith("_kernel_time"):
+            name = event["name"].removesuffix("_kernel_time")
+            per_node.setdefault(name, (event["args"]["op_name"], []))[1].append(float(event["dur"]))
+    # Each node's first run is the warm-up.
+    return {name: (op, float(np.median(durations[1:] or durations))) for name, (op, durations) in per_node.items()}
 
 
 def split(path: Path, times: dict[str, tuple[str, float]]) -> dict[str, str]:
@@ -73,7 +72,7 @@ def profile(path: Path, *, batches: list[int], threads: int, repeats: int, seed:
 
 
 def markdown(result: dict[str, Any], *, top: int) -> str:
-    lines = [f"{result['graph']}: ORT {ort.__version__}, {result['threads']} intra-op thread(s), mean of "
+    lines = [f"{result['graph']}: ORT {ort.__version__}, {result['threads']} intra-op thread(s), median of "
              f"{result['repeats']} runs, load average {result['load_average']:.2f} -> {result['load_average_end']:.2f}"]
     for batch, b in result["batches"].items():
         lines += ["", f"batch {batch}: kernel time {b['total_us'] / 1e3:.2f} ms, front end {b['front_us'] / 1e3:.2f} ms "
