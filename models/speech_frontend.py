@@ -3,20 +3,25 @@
 The features are those of ``service/processing/logmel.py``, the family's one definition (constants,
 filterbank, windowed DFT basis; its NumPy ``log_mel`` is also the front end servers and edge bundles run
 before a features-input graph, and the reference the tests check this graph against). Only the arithmetic
-is arranged for ONNX Runtime's CPU kernels, where the front end used to cost about two thirds of the served
-graph at batch 32 (per-node profile: ``python -m export.speech_profile``; docs/BENCHMARKS.md, "Speech front
-end in the graph, round 3"):
+is arranged for ONNX Runtime's CPU kernels, where the front end was about two thirds or more of the served
+graph's time at batch 32 (per-node profile: ``python -m export.speech_profile``; docs/BENCHMARKS.md, "Speech
+front end in the graph, round 3"):
 
-* one radix-2 step of an FFT, done with matrices: every bin ``j`` and its mirror ``N_FFT/2 - j`` come from
-  the same two half-size products, ``P`` over a frame's even samples and ``Q`` over its odd ones (window
-  and twiddles folded into the bases): ``|X[j]| = |P + Q|`` and ``|X[N_FFT/2 - j]| = |P - Q|``. Half the
-  multiply-adds of the full DFT, and bins whose mel weight is zero everywhere are not computed at all;
-* framing by reshapes: the even and odd samples are two streams with hop ``HOP/2``, cut into hop-long
-  chunks, a frame is one chunk plus the head of the next (no Gather, no im2col);
-* every frame of the batch in one MatMul (ORT's GEMM wants the long ``batch * frames`` side; ``Conv`` ran
-  a short GEMM per clip), then power and mel as two small MatMuls.
-The previous form (the windowed DFT as one strided ``Conv``) gives the same features to float rounding
-(tests/test_speech_frontend_graph.py); ``torch.stft`` exports as opset-18 ``STFT``, slower still in ORT.
+* the first two steps of a radix-2 FFT, done with matrices: with ``A_r[j]`` the windowed DFT at bin ``j`` of a
+  frame's samples ``n = r (mod 4)`` (window and twiddles folded into four quarter-size bases), every
+  ``j <= N_FFT/8`` gives four bins at once: ``|X[j]| = |S0 + S1|``, ``|X[N/2 - j]| = |S0 - S1|``,
+  ``|X[N/4 + j]| = |D0 - i D1|``, ``|X[N/4 - j]| = |D0 + i D1|``, where ``S0, D0 = A0 +- A2`` and
+  ``S1, D1 = A1 +- A3`` (``X[N - k]`` is the conjugate of ``X[k]`` for a real frame). A quarter of the full
+  DFT's multiply-adds; the ``+-i`` is a swap of ``D1``'s real and imaginary halves, whose signs vanish in
+  the squares, which the mel weights sort back to bins (``radix4_dft``);
+* framing by reshapes: the four sample phases are four streams with hop ``HOP/4``, cut into hop-long chunks,
+  a frame is one chunk plus the head of the next (no Gather, no im2col);
+* every frame of the batch in one MatMul per phase (ORT's GEMM wants the long ``batch * frames`` side;
+  the ``Conv`` form ran a short GEMM per clip), then power and mel as one small MatMul.
+Radix 2 (two phases, half the multiply-adds) measured 1.5x slower than this at batch 32; a further split
+needs complex twiddles between the steps. The earlier form (the windowed DFT as one strided ``Conv``) gives
+the same features to float rounding (tests/test_speech_frontend_graph.py); ``torch.stft`` exports as
+opset-18 ``STFT``, slower than that Conv in ORT.
 """
 
 from __future__ import annotations
@@ -47,31 +52,33 @@ from service.processing.logmel import log_mel as log_mel_reference  # noqa: F401
 
 HALF = N_FFT // 2
 QUARTER = N_FFT // 4
+EIGHTH = N_FFT // 8
+PHASES = 4
 # Zeros past the right edge so that a whole number of hop-long chunks always covers the frames.
 TAIL = 2 * HOP - N_FFT
-if HOP % 2 or not HALF <= HOP <= N_FFT or N_FFT % 4:
-    raise ValueError(f"the split DFT needs an even HOP in [N_FFT/2, N_FFT] and N_FFT divisible by 4, "
+if HOP % PHASES or N_FFT % 8 or not HALF <= HOP <= N_FFT:
+    raise ValueError(f"the radix-4 front end needs HOP divisible by 4 in [N_FFT/2, N_FFT] and N_FFT by 8, "
                      f"got HOP={HOP}, N_FFT={N_FFT}")
 
 
-def split_dft() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def radix4_dft() -> tuple[np.ndarray, np.ndarray]:
     """The front end's constants, from ``dft_basis`` and ``mel_filterbank``.
 
-    Returns ``bases [2, N_FFT/2, 2k]`` (even-sample rows, odd-sample rows of the windowed DFT basis, for
-    the ``k`` bins ``j <= N_FFT/4`` whose pair ``(j, N_FFT/2 - j)`` has a mel weight; cosine columns then
-    sine columns), and the mel weights ``[2k, N_MELS]`` of ``|P + Q|^2`` (bin ``j``) and of ``|P - Q|^2``
-    (bin ``N_FFT/2 - j``; zero at ``j = N_FFT/4``, its own mirror, counted once).
+    Returns ``bases [4, N_FFT/4, 2m]``: the windowed DFT basis' rows for samples ``n = r (mod 4)``, at the
+    ``m`` bins ``j = 0 .. N_FFT/8`` (cosine columns, then sine columns); and ``mel [8m, N_MELS]``: the mel
+    weights of the squared columns of ``[S0 + S1, S0 - S1, D0 + D1', D0 - D1']`` (``D1'``: ``D1`` with its
+    halves swapped), each bin counted once (``j = 0`` and ``j = N_FFT/8`` meet bins of the other groups).
     """
     mel = mel_filterbank().astype(np.float64)
-    j = np.arange(QUARTER + 1)
-    used = mel.sum(axis=1) > 0
-    j = j[used[j] | used[HALF - j]]
+    j = np.arange(EIGHTH + 1)
     bins = N_FFT // 2 + 1
-    basis = dft_basis().astype(np.float64)[np.concatenate([j, j + bins])].T  # [N_FFT, 2k]
-    bases = np.stack([basis[0::2], basis[1::2]])
-    mirror = np.where((j == QUARTER)[:, None], 0.0, mel[HALF - j])
-    return (bases.astype(np.float32), np.concatenate([mel[j], mel[j]]).astype(np.float32),
-            np.concatenate([mirror, mirror]).astype(np.float32))
+    basis = dft_basis().astype(np.float64)[np.concatenate([j, j + bins])].T  # [N_FFT, 2m]
+    bases = np.stack([basis[r::PHASES] for r in range(PHASES)])
+    up = np.where((j == EIGHTH)[:, None], 0.0, mel[QUARTER + j])  # bin N/4 + j; j = N/8 is S0 - S1's bin
+    down = np.where(((j == 0) | (j == EIGHTH))[:, None], 0.0, mel[QUARTER - j])  # j = 0: bin N/4 again
+    # (a+d)^2 + (b-c)^2 = |D0 - i D1|^2 and (a-d)^2 + (b+c)^2 = |D0 + i D1|^2, D0 = a+ib, D1 = c+id.
+    weights = np.concatenate([mel[j], mel[j], mel[HALF - j], mel[HALF - j], up, down, down, up])
+    return bases.astype(np.float32), weights.astype(np.float32)
 
 
 class LogMel(nn.Module):
@@ -82,15 +89,13 @@ class LogMel(nn.Module):
     """
 
     bases: torch.Tensor
-    mel_sum: torch.Tensor
-    mel_diff: torch.Tensor
+    mel_parts: torch.Tensor
 
     def __init__(self) -> None:
         super().__init__()
-        bases, mel_sum, mel_diff = split_dft()
+        bases, mel_parts = radix4_dft()
         self.register_buffer("bases", torch.from_numpy(bases), persistent=False)
-        self.register_buffer("mel_sum", torch.from_numpy(mel_sum), persistent=False)
-        self.register_buffer("mel_diff", torch.from_numpy(mel_diff), persistent=False)
+        self.register_buffer("mel_parts", torch.from_numpy(mel_parts), persistent=False)
 
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:
         if waveform.dim() != 2:
@@ -106,23 +111,26 @@ class LogMel(nn.Module):
 
     def _log_mel(self, padded: torch.Tensor, *, frames: int) -> torch.Tensor:
         """``padded`` holds at least ``(frames + 1) * HOP`` samples (frame ``i`` starts at ``i * HOP``)."""
-        batch, step = padded.shape[0], HOP // 2
-        chunks = (padded[:, :(frames + 1) * HOP].reshape(batch, (frames + 1) * step, 2)
-                  .permute(2, 0, 1).reshape(2, batch, frames + 1, step))  # [even/odd, batch, chunk, step]
-        windows = torch.cat([chunks[:, :, :frames], chunks[:, :, 1:, :HALF - step]], dim=3)
-        pq = windows.reshape(2, batch * frames, HALF) @ self.bases  # [2, batch * frames, 2k]
-        plus, minus = pq[0] + pq[1], pq[0] - pq[1]
-        power = (plus * plus) @ self.mel_sum + (minus * minus) @ self.mel_diff
+        batch, step, width = padded.shape[0], HOP // PHASES, N_FFT // PHASES
+        chunks = (padded[:, :(frames + 1) * HOP].reshape(batch, (frames + 1) * step, PHASES)
+                  .permute(2, 0, 1).reshape(PHASES, batch, frames + 1, step))  # [phase, batch, chunk, step]
+        windows = torch.cat([chunks[:, :, :frames], chunks[:, :, 1:, :width - step]], dim=3)
+        a = windows.reshape(PHASES, batch * frames, width) @ self.bases  # [phase, batch * frames, 2m]
+        s0, d0, s1, d1 = a[0] + a[2], a[0] - a[2], a[1] + a[3], a[1] - a[3]
+        m = d1.shape[1] // 2
+        d1_swapped = torch.cat([d1[:, m:], d1[:, :m]], dim=1)
+        parts = torch.cat([s0 + s1, s0 - s1, d0 + d1_swapped, d0 - d1_swapped], dim=1)
+        power = (parts * parts) @ self.mel_parts
         # Shaped before the Log: its output is the log-mel tensor export/speech_split.py cuts the graph at.
         return torch.log(power.reshape(batch, frames, N_MELS) + LOG_EPS)
 
 
 def graph_frontend(weights: Mapping[str, np.ndarray], *, source: object) -> str:
-    """Which form of this front end a published graph's initializers hold: ``"split"`` (this module's) or
+    """Which form of this front end a published graph's initializers hold: ``"radix4"`` (this module's) or
     ``"conv"`` (the windowed DFT as one strided Conv, exported before; the same features). Raises when the
     graph holds neither, or constants that differ from the family's definition."""
-    bases, mel_sum, mel_diff = split_dft()
-    forms = {"split": {"frontend.bases": bases, "frontend.mel_sum": mel_sum, "frontend.mel_diff": mel_diff},
+    bases, mel_parts = radix4_dft()
+    forms = {"radix4": {"frontend.bases": bases, "frontend.mel_parts": mel_parts},
              "conv": {"frontend.basis": dft_basis()[:, None, :], "frontend.mel": mel_filterbank()}}
     for form, constants in forms.items():
         if not all(name in weights for name in constants):
@@ -131,5 +139,5 @@ def graph_frontend(weights: Mapping[str, np.ndarray], *, source: object) -> str:
             if weights[name].shape != expected.shape or not np.allclose(weights[name], expected, atol=1e-6):
                 raise ValueError(f"{source}: front end {name!r} differs from models.speech_frontend's")
         return form
-    raise ValueError(f"{source}: no log-mel front end initializers ({', '.join(forms['split'])}, or "
+    raise ValueError(f"{source}: no log-mel front end initializers ({', '.join(forms['radix4'])}, or "
                      f"{', '.join(forms['conv'])}); expected a graph exported by models.speech")

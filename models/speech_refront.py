@@ -49,7 +49,7 @@ class FoldedKeywordSpotter(nn.Module):
 
 
 def frontend_form(onnx_path: Path) -> str:
-    """``"split"`` (current) or ``"conv"`` (earlier) for a published speech graph."""
+    """``"radix4"`` (current) or ``"conv"`` (earlier) for a published speech graph."""
     graph = onnx.load(str(onnx_path)).graph
     return graph_frontend({t.name: numpy_helper.to_array(t) for t in graph.initializer}, source=onnx_path)
 
@@ -86,12 +86,12 @@ def refresh(*, repo_dir: Path) -> list[str]:
     returns the models re-published (none when the graph is current)."""
     model_dir = Path(repo_dir) / NAME
     onnx_path = model_dir / "1" / "model.onnx"
-    if frontend_form(onnx_path) == "split":
+    if frontend_form(onnx_path) == "radix4":
         return []
     card = read_card(model_dir)
     with tempfile.TemporaryDirectory() as tmp:
         parity = refront(onnx_path, Path(tmp) / "model.onnx")
-        card = {**card, "parity": parity, "reexported": "front end re-exported (split DFT), weights unchanged"}
+        card = {**card, "parity": parity, "reexported": "front end re-exported (radix-4 DFT in MatMuls), weights unchanged"}
         speech_export.publish_model(repo_dir=Path(repo_dir), onnx_path=Path(tmp) / "model.onnx", card=card)
     if not (Path(repo_dir) / speech_stream.NAME / CONFIG_FILENAME).is_file():
         return [NAME]

@@ -1,10 +1,11 @@
-"""The speech graph's log-mel front end in its split-DFT form (models/speech_frontend.py): the same features as
+"""The speech graph's log-mel front end in its radix-4 form (models/speech_frontend.py): the same features as
 the form it replaced (the windowed DFT as one strided Conv) and as the NumPy definition, in PyTorch and in
 ONNX Runtime, for batch 1 and N and awkward lengths; and a published graph with the earlier front end is
 re-exported without training (models/speech_refront.py), speech-stream with it. No timings."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,7 +18,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from export.common import ort_session
-from models import speech, speech_export, speech_refront, speech_stream
+from models import build, speech, speech_export, speech_refront, speech_stream
 from models import speech_data as sd
 from models.common import export_onnx
 from models.speech_frontend import HOP, LOG_EPS, N_FFT, N_MELS, LogMel, dft_basis, graph_frontend, mel_filterbank
@@ -73,7 +74,7 @@ def test_exported_graph_equals_numpy_at_batch_1_and_n(tmp_path: Path) -> None:
                        input_names=["waveform"], output_names=["logmel"], dynamic_shapes={"waveform": dims})
     nodes = onnx.load(str(path)).graph.node
     assert not {n.op_type for n in nodes} & {"Conv", "STFT", "DFT"}
-    assert [n.op_type for n in nodes].count("MatMul") == 3  # the split DFT, then mel of |P+Q|^2 and |P-Q|^2
+    assert [n.op_type for n in nodes].count("MatMul") == 2  # the four phases' DFTs, then power to mel
     session = ort_session(path)
     for batch in (1, 32):
         for i, length in enumerate((512, 7_777, 16_000)):
@@ -97,7 +98,7 @@ def test_framed_is_forward_on_padded_input() -> None:
 def test_graph_frontend_names_the_form_and_refuses_other_constants() -> None:
     new = {f"frontend.{k}": v.numpy() for k, v in LogMel().named_buffers()}
     old = {f"frontend.{k}": v.numpy() for k, v in ConvLogMel().named_buffers()}
-    assert graph_frontend(new, source="new") == "split"
+    assert graph_frontend(new, source="new") == "radix4"
     assert graph_frontend(old, source="old") == "conv"
     with pytest.raises(ValueError, match=r"'frontend\.mel' differs"):
         graph_frontend({**old, "frontend.mel": old["frontend.mel"] * 2}, source="bad")
@@ -134,16 +135,18 @@ def _initializers(path: Path) -> dict[str, np.ndarray]:
 
 
 def test_refresh_reexports_a_conv_front_end_graph_with_the_same_scores(legacy_repo: Path, tmp_path: Path) -> None:
-    graph = legacy_repo / "speech" / "1" / "model.onnx"
-    stream = legacy_repo / "speech-stream" / "1" / "model.onnx"
+    repo = tmp_path / "repo"
+    shutil.copytree(legacy_repo, repo)
+    graph = repo / "speech" / "1" / "model.onnx"
+    stream = repo / "speech-stream" / "1" / "model.onnx"
     before = tmp_path / "before.onnx"
     before.write_bytes(graph.read_bytes())
     assert speech_refront.frontend_form(graph) == "conv"
 
-    assert speech_refront.refresh(repo_dir=legacy_repo) == ["speech", "speech-stream"]
-    assert speech_refront.frontend_form(graph) == "split"
-    assert graph_frontend(_initializers(stream), source=stream) == "split"
-    card = read_card(legacy_repo / "speech")
+    assert speech_refront.refresh(repo_dir=repo) == ["speech", "speech-stream"]
+    assert speech_refront.frontend_form(graph) == "radix4"
+    assert graph_frontend(_initializers(stream), source=stream) == "radix4"
+    card = read_card(repo / "speech")
     assert card["parity"]["vs_previous_graph"]["max_abs_diff"] <= speech_refront.PARITY_ATOL
     for batch, length in ((1, 16_000), (7, 12_345)):
         wave = _audio(batch, length, seed=batch)
@@ -155,4 +158,16 @@ def test_refresh_reexports_a_conv_front_end_graph_with_the_same_scores(legacy_re
     clips = [_audio(1, n, seed=n)[0] for n in (300, 16_000)]
     whole = np.concatenate([ort_session(graph).run(None, {"waveform": c[None]})[0] for c in clips])
     np.testing.assert_allclose(speech_stream.stream_scores(ort_session(stream), clips), whole, atol=1e-4)
-    assert speech_refront.refresh(repo_dir=legacy_repo) == []  # already current: nothing re-published
+    assert speech_refront.refresh(repo_dir=repo) == []  # already current: nothing re-published
+
+
+def test_build_reexports_a_kept_conv_front_end_speech_without_training(legacy_repo: Path, tmp_path: Path,
+                                                                        capfd: pytest.CaptureFixture[str]) -> None:
+    repo = tmp_path / "repo"
+    shutil.copytree(legacy_repo, repo)
+    assert build.main(["--profile", "tiny", "--families", "speech", "--model-repository", str(repo)]) == 0
+    out = capfd.readouterr()  # the build's console writes to the original stderr fd
+    said = " ".join((out.out + out.err).split())  # the console wraps long lines
+    assert "building speech" not in said
+    assert "re-exported kept speech without training: speech, speech-stream" in said
+    assert speech_refront.frontend_form(repo / "speech" / "1" / "model.onnx") == "radix4"
