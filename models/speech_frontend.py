@@ -21,7 +21,8 @@ front end in the graph, round 3"):
 Radix 2 (two phases, half the multiply-adds) measured 1.5x slower than this at batch 32; a further split
 needs complex twiddles between the steps. The earlier form (the windowed DFT as one strided ``Conv``) gives
 the same features to float rounding (tests/test_speech_frontend_graph.py); ``torch.stft`` exports as
-opset-18 ``STFT``, slower than that Conv in ORT.
+opset-18 ``STFT``, slower than that Conv in ORT. In PyTorch, where it only serves training, this form takes
+1.1x the Conv form's time (batch 64, one thread: 23 vs 21 ms, about 1% of a training step).
 """
 
 from __future__ import annotations
