@@ -16,8 +16,10 @@ from outside it, with this package's code rather than the bundle's own ``run.py`
 
 ``--speech-frontend numpy`` (speech only): the bundle's graph is the network without its in-graph log-mel
 front end (export/speech_split.py) and the shipped processing computes the features with NumPy
-(``service/processing/logmel.py``, the same file the server runs): no 514 x 512 DFT matrix per frame on
-the device. The default, ``graph``, ships the graph as served.
+(``service/processing/logmel.py``, the same file the server runs): pocketfft instead of the graph's matrix
+DFT on the device (on the x86 build machine the graph's radix-4 front end is now as fast at batch 32 and
+faster at batch 1: docs/BENCHMARKS.md, "Speech front end in the graph, round 3"). The default, ``graph``,
+ships the graph as served.
 
 Target differences (only these): the ORT format itself is portable, but a "Fixed"-style conversion bakes
 in the optimizations of the level it ran at. ``x86`` converts at level ``all`` for ``amd64`` (includes the

@@ -5,7 +5,7 @@
 - Static INT8, QDQ format, per-channel weights (``quantize_static``) for ``cnn`` and ``speech``,
   calibrated on training examples through a ``CalibrationDataReader`` with MinMax, Entropy and
   Percentile; the best is kept (held-out metric first, then batch-32 latency).
-- Speech graphs quantize their network only: the in-graph log-mel front end (STFT Conv, mel MatMul, Log)
+- Speech graphs quantize their network only: the in-graph log-mel front end (split-DFT and mel MatMuls, Log)
   stays FP32 at every step (``fixed_fp32_nodes``, export/speech_split.py says why).
 - When a result misses its accuracy budget, the most sensitive operators go back to FP32 in steps,
   as Intel Neural Compressor's basic strategy does (first/last quantizable nodes, LayerNormalization
@@ -45,7 +45,7 @@ EXTRA_STATIC_OPS = {"speech": ["Relu"]}
 ALWAYS_FP32 = ["Softmax"]
 SENSITIVE_OPS = {"LayerNormalization", "Softmax"}
 # Fallback steps: how many quantizable nodes to keep in FP32 at the (start, end) of the graph. Two at
-# the start: a model's "first layer" is often a fixed front-end (speech: STFT Conv then mel MatMul,
+# the start: a model's "first layer" is often a fixed front-end (speech: the DFT then mel MatMuls,
 # whose power-spectrum input spans decades that 8 bits cannot hold).
 FALLBACK_EDGE_NODES = ((0, 0), (2, 1), (3, 3))
 

@@ -10,6 +10,8 @@ answer a batch of waveforms, each against the FP32 parent graph:
   INT8 (what an edge bundle made with ``--speech-frontend numpy`` and a features-input model on the server run);
 - ``front end (graph)``, ``net-fp32``, ``net-int8``: the parts alone (features computed before timing), to show
   where the time goes.
+- ``--previous GRAPH``: another FP32 speech graph timed beside the parent (e.g. the same weights exported with
+  an earlier front end, to measure what the export change bought).
 
 Ratios are medians of per-round ratios with 95% bootstrap CIs (export.int8_measure.ratio_ci), plus
 ``int8+numpy`` against ``fp32+numpy`` (the INT8 gain on the network alone). Accuracy of each on the held-out
@@ -37,6 +39,7 @@ from export.int8_measure import cpu_isa, isa_text, kernel_counts, kernels_text, 
 from service.processing.logmel import FEATURES, log_mel
 
 Runner = Callable[[np.ndarray], np.ndarray]
+PREVIOUS = "fp32 (--previous graph)"
 
 
 def _graph(path: Path, threads: int) -> Runner:
@@ -91,13 +94,14 @@ def _numpy_metrics(network: Path, heldout: HeldOut) -> dict[str, float]:
 def time_once(paths: dict[str, Path], heldout: HeldOut, *, threads: int, repeats: int) -> dict[str, Any]:
     """One interleaved run: per pipeline and batch, ms per round; ratio CIs against fp32 (and numpy pair)."""
     waves = {b: heldout.batch(b)[speech_split.WAVEFORM] for b in GATE_BATCHES}
+    extra = {PREVIOUS: _graph(paths[PREVIOUS], threads)} if PREVIOUS in paths else {}
     runners = {"fp32": _graph(paths["fp32"], threads), "int8": _graph(paths["int8"], threads),
                "int8-all": _graph(paths["int8-all"], threads),
                "fp32+numpy": _numpy_front(paths["net-fp32"], threads),
                "int8+numpy": _numpy_front(paths["net-int8"], threads),
                "front end (graph)": _graph(paths["front"], threads),
                "net-fp32": _features(paths["net-fp32"], threads, waves),
-               "net-int8": _features(paths["net-int8"], threads, waves)}
+               "net-int8": _features(paths["net-int8"], threads, waves), **extra}
     samples: dict[str, dict[int, list[float]]] = {n: {b: [] for b in waves} for n in runners}
     names, load = list(runners), os.getloadavg()[0]
     for index in range(repeats + 2):
@@ -149,11 +153,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=40, help="interleaved rounds per timing run")
     parser.add_argument("--runs", type=int, default=3, help="timing runs (one quantization)")
     parser.add_argument("--out", type=Path, default=Path("speech_bench"), help="writes OUT.md and OUT.json")
+    parser.add_argument("--previous", type=Path, help="an FP32 speech graph to time beside the parent (e.g. one "
+                        "exported with an earlier front end); its ratio to the parent is reported too")
     args = parser.parse_args(argv)
     if args.threads < 1 or args.repeats < 2 or args.runs < 1:
         parser.error("--threads and --runs must be at least 1, --repeats at least 2")
     with tempfile.TemporaryDirectory() as tmp:
         heldout, about, paths = build(args.model_repository, Path(tmp))
+        if args.previous:
+            paths[PREVIOUS] = args.previous
         runs = [time_once(paths, heldout, threads=args.threads, repeats=args.repeats) for _ in range(args.runs)]
     isa = cpu_isa()
     text = markdown(about, runs, isa=isa_text(isa), threads=args.threads, repeats=args.repeats)

@@ -1,8 +1,8 @@
 """Split a speech graph at its log-mel features: the front end (waveform -> log-mel) and the network.
 
-The speech model computes its log-mel front end inside the graph (a 512-tap DFT as a strided Conv, a mel
-MatMul, Log). That part loses accuracy when quantized (8-bit waveform samples and a power spectrum spanning
-decades) and, at the default width, costs about as much as the DS-CNN behind it; so INT8 quantizes the
+The speech model computes its log-mel front end inside the graph (a 512-point DFT as MatMuls, mel MatMuls,
+Log; models/speech_frontend.py). That part loses accuracy when quantized (8-bit waveform samples and a power
+spectrum spanning decades) and, at the default width, costs about as much as the DS-CNN behind it; so INT8 quantizes the
 network only (``frontend_nodes`` go to ``nodes_to_exclude``) and the front end stays FP32 in the same graph.
 ``network_graph`` cuts the front end off entirely: a graph with a ``logmel`` input, fed by the NumPy front
 end of ``service/processing/logmel.py`` (edge bundles with ``--speech-frontend numpy``, the server).

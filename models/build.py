@@ -25,7 +25,14 @@ from rich.table import Table
 
 from models.common import FAMILIES, PROFILES, FamilyResult
 from models.runlog import WeightedEta, format_seconds, progress, quiet_to_log
-from models.zoo import DERIVED_MODELS, EXPECTED_SECONDS, FAMILY_MODELS, SHARED_MACHINE_FACTOR, family_complete
+from models.zoo import (
+    DERIVED_MODELS,
+    EXPECTED_SECONDS,
+    FAMILY_MODELS,
+    REEXPORTED,
+    SHARED_MACHINE_FACTOR,
+    family_complete,
+)
 from service.modelrepo.layout import CARD_FILENAME, CONFIG_FILENAME
 
 SUMMARY_FILE = "build_summary.json"
@@ -190,8 +197,13 @@ def _build_all(args: argparse.Namespace) -> int:
 
 
 def _derive_missing(kept: list[str], *, repo_dir: Path, console: Console) -> None:
-    """Publish the derived models (DERIVED_MODELS) a kept family lacks, from its published model."""
+    """Publish the derived models (DERIVED_MODELS) a kept family lacks, from its published model, after
+    re-exporting a kept graph that predates the family's current export (REEXPORTED)."""
     for family in kept:
+        if family in REEXPORTED:
+            redone = importlib.import_module(f"models.{REEXPORTED[family]}").refresh(repo_dir=repo_dir)
+            if redone:
+                console.print(f"re-exported kept {family} without training: {', '.join(redone)}")
         missing = [n for n in DERIVED_MODELS.get(family, ()) if not (repo_dir / n / CONFIG_FILENAME).is_file()]
         if missing:
             module = importlib.import_module(f"models.{family}")

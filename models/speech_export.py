@@ -91,7 +91,7 @@ def card_markdown(card: dict) -> str:
 - **Input** `waveform`: FP32 `[batch, samples]`, mono {SAMPLE_RATE} Hz, PCM scaled to [-1, 1]. Trained on
   one-second clips ({sd.CLIP_SAMPLES} samples); other lengths work (global average pooling over time).
 - **Output** `probabilities`: FP32 `[batch, {len(card["labels"])}]`, softmax inside the graph.
-- **Model**: log-mel front end inside the graph ({N_FFT}-sample Hann STFT as a fixed conv1d, hop {HOP},
+- **Model**: log-mel front end inside the graph ({N_FFT}-sample Hann STFT as a split DFT in MatMuls, hop {HOP},
   {N_MELS} mel bands) then a DS-CNN ({card["training"]["channels"]} channels,
   {card["training"]["blocks"]} depthwise-separable blocks), {card["parameters"]:,} parameters.
 

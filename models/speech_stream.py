@@ -41,7 +41,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from models.common import export_onnx
-from models.speech_frontend import HOP, N_FFT, N_MELS, SAMPLE_RATE, LogMel
+from models.speech_frontend import HOP, N_FFT, N_MELS, SAMPLE_RATE, LogMel, graph_frontend
 from service.modelrepo.card import read_card
 from service.modelrepo.publish import publish
 from service.modelrepo.sessions import create_session
@@ -151,12 +151,16 @@ def _weights(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
     return {t.name: numpy_helper.to_array(t) for t in graph.initializer}
 
 
-def from_onnx(onnx_path: Path, *, max_seconds: float = MAX_SECONDS) -> StreamingKeywordSpotter:
-    """The streaming model with the weights of a published ``speech`` graph (BatchNorm already folded)."""
+def load_folded(onnx_path: Path) -> tuple[nn.Conv2d, list[FoldedBlock], nn.Linear]:
+    """The DS-CNN of a published ``speech`` graph (BatchNorm already folded): stem, blocks, head. Checks
+    that the graph's front end computes models.speech_frontend's features (either form it was exported in)."""
     w = _weights(onnx.load(str(onnx_path)).graph)
 
     def conv(prefix: str, module: nn.Conv2d) -> nn.Conv2d:
-        for attr, key in (("weight", f"{prefix}.weight"), ("bias", f"{prefix}.weight_bias")):
+        # NOTE: a trained export names the folded BatchNorm shift "<conv>.weight_bias"; a re-export of folded
+        # convolutions (models/speech_refront.py) names it "<conv>.bias".
+        bias = f"{prefix}.weight_bias" if f"{prefix}.weight_bias" in w else f"{prefix}.bias"
+        for attr, key in (("weight", f"{prefix}.weight"), ("bias", bias)):
             if key not in w:
                 raise ValueError(f"{onnx_path}: no initializer {key!r}; expected a graph exported by "
                                  "models.speech (DS-CNN with BatchNorm folded into its convolutions)")
@@ -172,11 +176,14 @@ def from_onnx(onnx_path: Path, *, max_seconds: float = MAX_SECONDS) -> Streaming
         conv(f"blocks.{i}.pointwise", block.pointwise)
     head = nn.Linear(channels, w["head.weight"].shape[0])
     head.weight.data, head.bias.data = torch.from_numpy(w["head.weight"].copy()), torch.from_numpy(w["head.bias"].copy())
-    model = StreamingKeywordSpotter(stem=stem, blocks=folded, head=head, capacity=capacity_frames(max_seconds))
-    for name in ("basis", "mel"):  # the front end is rebuilt from models.speech_frontend: it must agree
-        if not np.allclose(w[f"frontend.{name}"], getattr(model.frontend, name).numpy(), atol=1e-6):
-            raise ValueError(f"{onnx_path}: front end {name!r} differs from models.speech_frontend's")
-    return model.eval()
+    graph_frontend(w, source=onnx_path)  # the front end is rebuilt from models.speech_frontend: it must agree
+    return stem, folded, head
+
+
+def from_onnx(onnx_path: Path, *, max_seconds: float = MAX_SECONDS) -> StreamingKeywordSpotter:
+    """The streaming model with the weights of a published ``speech`` graph (BatchNorm already folded)."""
+    stem, folded, head = load_folded(onnx_path)
+    return StreamingKeywordSpotter(stem=stem, blocks=folded, head=head, capacity=capacity_frames(max_seconds)).eval()
 
 
 def export(model: StreamingKeywordSpotter, onnx_path: Path) -> Path:

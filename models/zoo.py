@@ -22,6 +22,9 @@ FAMILY_MODELS: dict[str, tuple[str, ...]] = {
 # Models derived from a family's published model without training (cheap), so a zoo built before they
 # existed gains them on the next `modelserve build` instead of retraining the family.
 DERIVED_MODELS: dict[str, tuple[str, ...]] = {"speech": ("speech-stream",)}
+# Families whose kept graph is re-exported without training when it predates the current export (module in
+# models/ with ``refresh(repo_dir=...) -> names re-published``): speech's cheaper in-graph front end.
+REEXPORTED: dict[str, str] = {"speech": "speech_refront"}
 
 # Seconds per family on this project's 2-core machine, otherwise idle (docs/BENCHMARKS.md: default
 # profile with an empty speech-synthesis cache; tiny profile measured with `modelserve build --profile

@@ -54,10 +54,10 @@ def _heldout(clips: np.ndarray) -> HeldOut:
 
 
 def _front_end_is_float(graph: onnx.GraphProto) -> set[str]:
-    """The front end's node names, after checking they are float Conv (STFT), MatMul (mel), Log, no Q/DQ."""
+    """The front end's node names, after checking they are float MatMul (split DFT, mel), Log, no Q/DQ."""
     front = set(speech_split.frontend_nodes(graph))
     ops = {n.op_type for n in graph.node if n.name in front}
-    assert ops >= {"Conv", "MatMul", "Log"}
+    assert ops >= {"MatMul", "Log"}
     assert not ops & {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul"}
     return front
 
@@ -80,9 +80,9 @@ def test_int8_quantizes_the_network_and_leaves_the_front_end_fp32(repo, clips, t
     producer = {o: n for n in graph.node for o in n.output}
     network_convs = [n for n in graph.node if n.op_type == "Conv" and n.name not in front]
     assert network_convs and all(producer[n.input[0]].op_type == "DequantizeLinear" for n in network_convs)
-    # What ORT ran: one float Conv (the STFT), integer convolutions for the whole network.
+    # What ORT ran: no float Conv (the front end is MatMuls), integer convolutions for the whole network.
     ran = kernel_counts(out, {"waveform": clips[:1]})
-    assert ran.get("Conv", 0) + ran.get("FusedConv", 0) == 1
+    assert ran.get("Conv", 0) + ran.get("FusedConv", 0) == 0
     assert ran.get("QLinearConv", 0) == len(network_convs)
     assert "Relu" not in ran  # folded into the integer convolutions' output ranges
     assert quantize.fixed_fp32_nodes(pre, family="cnn") == []
