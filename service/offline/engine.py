@@ -20,7 +20,15 @@ import onnxruntime as ort
 from service.modelrepo.config import DEFAULT_MAX_BATCH_SIZE, ModelSpec, completed_spec, graph_tensors, read_config
 from service.modelrepo.layout import DEFAULT_MODEL_FILENAME, latest_version, model_file
 from service.modelrepo.sessions import choose_providers, create_session
-from service.offline.prepare import DecodePool, Ready, decodes_files, prepare_rows, prepare_slices, thread_pool
+from service.offline.prepare import (
+    DecodePool,
+    Ready,
+    decodes_files,
+    decodes_in_processes,
+    prepare_rows,
+    prepare_slices,
+    thread_pool,
+)
 from service.offline.rows import ColumnSegment, Rows
 from service.processing.base import Processor
 from service.processing.registry import build_processor
@@ -135,8 +143,9 @@ Pending = tuple[list, list[tuple[list, Future[list[Ready]] | None]]]
 
 
 class LocalEngine:
-    """In-process: one session; file rows decoded a window ahead in worker processes, text tokenised a window
-    at a time in threads (and batched by length), trivial rows prepared inline a batch at a time."""
+    """In-process: one session; image files decoded a window ahead in worker processes (WAVs in threads: see
+    `decodes_in_processes`), text tokenised a window at a time in threads (and batched by length), trivial rows
+    prepared inline a batch at a time."""
 
     def __init__(self, model_dir: Path, *, batch_size: int, params: dict, workers: int = 2,
                  decode_files: bool | None = None) -> None:
@@ -151,7 +160,12 @@ class LocalEngine:
         self.batch_size, self.params = batch_size, params
         self.workers = workers
         self.text = self.model.processor.task.startswith("text-")
-        self.threads = thread_pool(workers) if self.text else None
+        # Files this processor prepares cheaper than it could pickle them back (WAVs) go to threads instead.
+        self.file_threads = not self.text and not decodes_in_processes(self.model.processor)
+        if self.file_threads and self.decoder is not None:
+            self.decoder.close()
+            self.decoder = None
+        self.threads = thread_pool(workers) if self.text or self.file_threads else None
 
     @property
     def task(self) -> str:
@@ -174,7 +188,10 @@ class LocalEngine:
         if self.text:
             return window, [(window, None)]
         batches = [window[s:s + self.batch_size] for s in range(0, len(window), self.batch_size)]
-        if self.decoder is None and self.workers > 1 and decodes_files(window):
+        if self.file_threads and self.threads is not None and decodes_files(window):
+            return window, [(batch, self.threads.submit(prepare_rows, self.model.processor, batch))
+                            for batch in batches]
+        if self.decoder is None and self.workers > 1 and not self.file_threads and decodes_files(window):
             self.decoder = DecodePool(workers=self.workers)
         if self.decoder is None or not decodes_files(window):
             return window, [(batch, None) for batch in batches]
