@@ -1,6 +1,6 @@
 """The cheaper PNG and WAV preparation gives today's results bit for bit: the 8-bit image path against the
 float path (`layout_batch(to_gray(img))`), WAV batches against `prepare` clip by clip, and a whole
-`modelserve predict` job (process pool for images, threads for WAVs) against rows prepared one by one."""
+`modelserve predict` job (process pool for images, WAVs inline) against rows prepared one by one."""
 
 from __future__ import annotations
 
@@ -157,9 +157,8 @@ def test_predict_job_gives_the_per_row_results_in_order(tiny_zoo, media, tmp_pat
     got = pq.read_table(out).to_pylist()
     engine = LocalEngine(tiny_zoo / model, batch_size=batch, params={"k": 3}, workers=2, decode_files=True)
     try:
-        # The pool each family uses: worker processes for images, threads for WAVs (nothing to pickle back).
-        assert (engine.decoder is not None, engine.threads is not None) == \
-            ((True, False) if model == "cnn" else (False, True))
+        # Worker processes decode images; WAVs are read inline (nothing to pickle back).
+        assert (engine.decoder is not None, engine.inline_files) == ((True, False) if model == "cnn" else (False, True))
         items = list(open_input(folder, task=engine.task).items)
         want = []
         for part in range(0, len(items), 20):  # predict's parts and batches, every row prepared on its own

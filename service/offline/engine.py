@@ -24,9 +24,9 @@ from service.offline.prepare import (
     DecodePool,
     Ready,
     decodes_files,
-    decodes_in_processes,
     prepare_rows,
     prepare_slices,
+    prepares_inline,
     thread_pool,
 )
 from service.offline.rows import ColumnSegment, Rows
@@ -143,9 +143,9 @@ Pending = tuple[list, list[tuple[list, Future[list[Ready]] | None]]]
 
 
 class LocalEngine:
-    """In-process: one session; image files decoded a window ahead in worker processes (WAVs in threads: see
-    `decodes_in_processes`), text tokenised a window at a time in threads (and batched by length), trivial rows
-    prepared inline a batch at a time."""
+    """In-process: one session; image files decoded a window ahead in worker processes, text tokenised a window
+    at a time in threads (and batched by length), trivial rows and WAVs (`prepares_inline`) prepared inline a
+    batch at a time."""
 
     def __init__(self, model_dir: Path, *, batch_size: int, params: dict, workers: int = 2,
                  decode_files: bool | None = None) -> None:
@@ -160,12 +160,12 @@ class LocalEngine:
         self.batch_size, self.params = batch_size, params
         self.workers = workers
         self.text = self.model.processor.task.startswith("text-")
-        # Files this processor prepares cheaper than it could pickle them back (WAVs) go to threads instead.
-        self.file_threads = not self.text and not decodes_in_processes(self.model.processor)
-        if self.file_threads and self.decoder is not None:
+        # Files this processor prepares cheaper than any hand-off (WAVs) are prepared inline, as trivial rows.
+        self.inline_files = not self.text and prepares_inline(self.model.processor)
+        if self.inline_files and self.decoder is not None:
             self.decoder.close()
             self.decoder = None
-        self.threads = thread_pool(workers) if self.text or self.file_threads else None
+        self.threads = thread_pool(workers) if self.text else None
 
     @property
     def task(self) -> str:
@@ -188,10 +188,7 @@ class LocalEngine:
         if self.text:
             return window, [(window, None)]
         batches = [window[s:s + self.batch_size] for s in range(0, len(window), self.batch_size)]
-        if self.file_threads and self.threads is not None and decodes_files(window):
-            return window, [(batch, self.threads.submit(prepare_rows, self.model.processor, batch))
-                            for batch in batches]
-        if self.decoder is None and self.workers > 1 and not self.file_threads and decodes_files(window):
+        if self.decoder is None and self.workers > 1 and not self.inline_files and decodes_files(window):
             self.decoder = DecodePool(workers=self.workers)
         if self.decoder is None or not decodes_files(window):
             return window, [(batch, None) for batch in batches]

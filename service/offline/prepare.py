@@ -1,9 +1,9 @@
 """Preparing rows for the model (decode, lay out, tokenise): where and how, so the model never waits on it.
 
 - Files to decode (PNG/JPEG) go to a process pool sized to the cores, a model batch per task, submitted a
-  window ahead: decoding and the per-image numpy work hold the GIL, so threads would not overlap them. WAVs
-  (`prepare_in_threads`) go to threads the same way: reading one costs less than pickling its waveform back.
-- Trivial rows (user ids, in-memory .npy rows) are prepared inline: a pool's hand-offs cost more than the work.
+  window ahead: decoding and the per-image numpy work hold the GIL, so threads would not overlap them.
+- Trivial rows (user ids, in-memory .npy rows) and WAVs (`prepare_inline`) are prepared inline: a pool's
+  hand-offs cost more than the work.
 - Text is tokenised in a few thread slices (the tokenizer releases the GIL), a whole window at a time.
 A processor with `prepare_batch` (images) prepares a batch with one array op per step instead of one per row.
 """
@@ -69,10 +69,9 @@ def decodes_files(items: Sequence) -> bool:
     return any(isinstance(it.payload, bytes) for it in items)
 
 
-def decodes_in_processes(processor: Processor) -> bool:
-    """Whether the processor's file rows are worth worker processes: not where a prepared row costs more to
-    pickle back than to prepare (`prepare_in_threads`, e.g. a WAV: ~25 µs to read, a 64 KB waveform to send)."""
-    return not getattr(processor, "prepare_in_threads", False)
+def prepares_inline(processor: Processor) -> bool:
+    """Whether the processor's file rows cost less to prepare than any hand-off (`prepare_inline`, e.g. WAVs)."""
+    return bool(getattr(processor, "prepare_inline", False))
 
 
 class DecodePool:

@@ -148,9 +148,10 @@ def fit_one_second(wave: np.ndarray, *, samples: int = RATE) -> np.ndarray:
 
 class SpeechProcessor:
     task = "keyword-spotting"
-    # `modelserve predict` prepares clips in threads: a 16-bit clip reads in ~25 µs, while pickling its 64 KB
-    # waveform back from a worker process cost ~140 µs of CPU (measured, loadtests.offline_bench).
-    prepare_in_threads = True
+    # `modelserve predict` prepares clips inline: a 16-bit clip is read into its batch row in ~16 µs of CPU, while
+    # pickling its 64 KB waveform back from a worker process cost ~140 µs, and prep threads cost ~100 µs of CPU
+    # a row more than inline and fewer rows/s (GIL hand-offs around session.run; loadtests.offline_media_bench).
+    prepare_inline = True
 
     def __init__(self, *, input_name: str, output_name: str, labels: list[str] | None,
                  trained_samples: int = RATE, limits: Limits | None = None) -> None:
