@@ -41,7 +41,8 @@ def ceiling(model_dir: Path, *, src: Path, batch_size: int) -> dict:
     model = load_model(model_dir)
     items = [it for it in open_input(src, task=model.processor.task).items if it.error is None]
     t0 = time.process_time()
-    ready = [p for p, _ in prepare_rows(model.processor, items)]
+    ready = [p for s in range(0, len(items), batch_size) for p, _ in prepare_rows(model.processor,
+                                                                                   items[s:s + batch_size])]
     prepare_us = 1e6 * (time.process_time() - t0) / len(items)
     batches = [model.processor.collate(ready[s:s + batch_size]) for s in range(0, len(ready), batch_size)]
     model.session.run(model.output_names, batches[0])  # warm-up, as predict's first batch pays for it
