@@ -102,12 +102,13 @@ def _engine(args: argparse.Namespace, model_dir: Path, params: dict):
 
 
 def _holds_files(path: Path) -> bool | None:
-    """Whether the input's rows are files to decode (images, WAVs), known up front; None when it cannot be told."""
+    """Whether the input's rows are files worth decode processes (images; WAVs are read inline, see
+    SpeechProcessor.prepare_inline), known up front; None when it cannot be told."""
     try:
         found = input_kind(path)
     except (OSError, ValueError):  # check_input reports what is wrong with the input
         return None
-    return found is not None and found[0] in ("images", "WAV audio", "files")
+    return found is not None and found[0] in ("images", "files")
 
 
 def run(args: argparse.Namespace) -> Summary:

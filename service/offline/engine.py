@@ -28,7 +28,15 @@ from service.offline.columnar import (
     prepare_images,
     run_user_block,
 )
-from service.offline.prepare import DecodePool, Ready, decodes_files, prepare_rows, prepare_slices, thread_pool
+from service.offline.prepare import (
+    DecodePool,
+    Ready,
+    decodes_files,
+    prepare_rows,
+    prepare_slices,
+    prepares_inline,
+    thread_pool,
+)
 from service.offline.rows import ColumnSegment, Rows
 from service.processing.base import Processor
 from service.processing.registry import build_processor
@@ -144,8 +152,9 @@ Pending = tuple[list | UserBlock | ImageBlock, list[tuple[list, Future[list[Read
 
 
 class LocalEngine:
-    """In-process: one session; file rows decoded a window ahead in worker processes, text tokenised a window
-    at a time in threads (and batched by length), trivial rows prepared inline a batch at a time."""
+    """In-process: one session; image files decoded a window ahead in worker processes, text tokenised a window
+    at a time in threads (and batched by length), trivial rows and WAVs (`prepares_inline`) prepared inline a
+    batch at a time."""
 
     def __init__(self, model_dir: Path, *, batch_size: int, params: dict, workers: int = 2,
                  decode_files: bool | None = None) -> None:
@@ -160,6 +169,11 @@ class LocalEngine:
         self.batch_size, self.params = batch_size, params
         self.workers = workers
         self.text = self.model.processor.task.startswith("text-")
+        # Files this processor prepares cheaper than any hand-off (WAVs) are prepared inline, as trivial rows.
+        self.inline_files = not self.text and prepares_inline(self.model.processor)
+        if self.inline_files and self.decoder is not None:
+            self.decoder.close()
+            self.decoder = None
         self.threads = thread_pool(workers) if self.text else None
         self.ahead: ThreadPoolExecutor | None = None  # lays out .npy image batches one ahead of the model
         self._warm_up()
@@ -211,7 +225,7 @@ class LocalEngine:
         if self.text:
             return window, [(window, None)]
         batches = [window[s:s + self.batch_size] for s in range(0, len(window), self.batch_size)]
-        if self.decoder is None and self.workers > 1 and decodes_files(window):
+        if self.decoder is None and self.workers > 1 and not self.inline_files and decodes_files(window):
             self.decoder = DecodePool(workers=self.workers)
         if self.decoder is None or not decodes_files(window):
             return window, [(batch, None) for batch in batches]

@@ -1,8 +1,9 @@
 """Preparing rows for the model (decode, lay out, tokenise): where and how, so the model never waits on it.
 
-- Files to decode (PNG/JPEG, WAV) go to a process pool sized to the cores, a model batch per task, submitted a
+- Files to decode (PNG/JPEG) go to a process pool sized to the cores, a model batch per task, submitted a
   window ahead: decoding and the per-image numpy work hold the GIL, so threads would not overlap them.
-- Trivial rows (user ids, in-memory .npy rows) are prepared inline: a pool's hand-offs cost more than the work.
+- Trivial rows (user ids, in-memory .npy rows) and WAVs (`prepare_inline`) are prepared inline: a pool's
+  hand-offs cost more than the work.
 - Text is tokenised in a few thread slices (the tokenizer releases the GIL), a whole window at a time.
 A processor with `prepare_batch` (images) prepares a batch with one array op per step instead of one per row.
 """
@@ -66,6 +67,11 @@ def prepare_slices(processor: Processor, items: list, *, pool: Executor | None, 
 def decodes_files(items: Sequence) -> bool:
     """True where rows are files to decode (bytes): the work a process pool pays for."""
     return any(isinstance(it.payload, bytes) for it in items)
+
+
+def prepares_inline(processor: Processor) -> bool:
+    """Whether the processor's file rows cost less to prepare than any hand-off (`prepare_inline`, e.g. WAVs)."""
+    return bool(getattr(processor, "prepare_inline", False))
 
 
 class DecodePool:

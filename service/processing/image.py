@@ -14,6 +14,7 @@ besides ``service.errors`` and ``service.processing.base``.
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -67,6 +68,19 @@ def _open(data: bytes, *, index: int, max_pixels: int) -> Image.Image:
     return img
 
 
+# to_gray's value of each 8-bit level, exactly: `np.asarray(img.convert("L"), np.float32) / 255.0` per pixel.
+LEVELS = np.arange(256, dtype=np.float32) / 255.0
+
+
+def gray_levels(img: Image.Image) -> np.ndarray | None:
+    """The image's 8-bit gray levels [H, W] (uint8), whose `LEVELS` are `to_gray(img)` exactly; None where
+    to_gray does more (transparency, 16/32-bit pixels)."""
+    if img.mode in ("RGBA", "LA", "PA", "I;16", "I;16B", "I;16L", "I") or (
+            img.mode == "P" and "transparency" in img.info):
+        return None
+    return np.asarray(img if img.mode == "L" else img.convert("L"))
+
+
 def to_gray(img: Image.Image) -> np.ndarray:
     """Grayscale in [0, 1]; transparent pixels count as background (black after compositing)."""
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
@@ -84,6 +98,16 @@ _EDGES = np.histogram(np.zeros(1, np.float32), bins=256, range=(0.0, 1.0))[1]
 _CENTRES = (_EDGES[:-1] + _EDGES[1:]) / 2
 
 
+def _bins(values: np.ndarray) -> np.ndarray:
+    """Each value's Otsu bin (np.histogram's, 256 over [0, 1]): scaled, then moved by one where float rounding
+    crossed an edge."""
+    bins = len(_CENTRES)
+    index = np.minimum((values * np.float32(bins)).astype(np.intp), bins - 1)
+    index -= values < _EDGES[index]
+    index += (values >= _EDGES[index + 1]) & (index < bins - 1)
+    return index
+
+
 def otsu_thresholds(values: np.ndarray) -> np.ndarray:
     """Otsu's threshold of each row of `values` ([N, ...] in [0, 1]): the cut maximising the between-class variance.
 
@@ -92,12 +116,12 @@ def otsu_thresholds(values: np.ndarray) -> np.ndarray:
     """
     flat = values.reshape(len(values), -1)
     bins = len(_CENTRES)
-    # Each value's bin as np.histogram finds it: scaled, then moved by one where float rounding crossed an edge.
-    index = np.minimum((flat * np.float32(bins)).astype(np.intp), bins - 1)
-    index -= flat < _EDGES[index]
-    index += (flat >= _EDGES[index + 1]) & (index < bins - 1)
-    index += np.arange(len(flat))[:, None] * bins
-    hist = np.bincount(index.ravel(), minlength=len(flat) * bins).reshape(len(flat), bins)
+    index = _bins(flat) + np.arange(len(flat))[:, None] * bins
+    return _otsu_cuts(np.bincount(index.ravel(), minlength=len(flat) * bins).reshape(len(flat), bins))
+
+
+def _otsu_cuts(hist: np.ndarray) -> np.ndarray:
+    """Otsu's threshold of each row of a [N, 256] integer histogram over `_EDGES`' bins."""
     weight = np.cumsum(hist, axis=1).astype(np.float64)
     mass = np.cumsum(hist * _CENTRES, axis=1)
     total, total_mass = weight[:, -1:], mass[:, -1:]
@@ -115,21 +139,77 @@ def _border(images: np.ndarray) -> np.ndarray:
 def clean_ink(gray: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """White ink on black in [0, 1] for each of [N, H, W] images: inverted where the border (paper) is lighter
     than the rest, paper set to 0. Returns (ink, inverted[N])."""
-    # Polarity: the pixels furthest from the paper (the border's level) are the ink; darker ones -> invert.
-    deviation = gray - np.median(_border(gray), axis=1)[:, None, None]
-    spread = np.abs(deviation)
-    far = spread >= np.quantile(spread.reshape(len(gray), -1), 0.95, axis=1)[:, None, None]
-    inverted = np.where(far, deviation, 0.0).sum(axis=(1, 2), dtype=np.float64) < 0
+    inverted = _polarity(gray)
     ink = np.where(inverted[:, None, None], 1.0 - gray, gray)
-    paper, top = np.median(_border(ink), axis=1), ink.max(axis=(1, 2))
-    span = top.astype(np.float64) - paper.astype(np.float64)
-    blank = span < 1e-3  # a blank image: nothing to find
-    span = np.where(blank, 1.0, span).astype(np.float32)
-    stretched = np.clip((ink - paper[:, None, None]) / span[:, None, None], 0.0, 1.0)
+    stretched, blank = _stretched(ink, paper=np.median(_border(ink), axis=1), top=ink.max(axis=(1, 2)))
     cut = otsu_thresholds(stretched)[:, None, None]
     # Below the threshold is paper (grain, shadows, JPEG ringing); above it the stroke keeps its soft edge.
     kept = (stretched >= cut) & ~blank[:, None, None]
     return np.where(kept, stretched, 0.0).astype(np.float32), inverted
+
+
+def clean_ink_levels(levels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`clean_ink(LEVELS[levels])` of [N, H, W] 8-bit gray levels, exactly, at a fraction of the cost.
+
+    Every step is a function of a pixel's level within its image, so it is computed once per level ([N, 256]
+    tables); the quantile and Otsu's histogram come from the levels' counts, and only the polarity's sum and
+    the result are looked up per pixel. Same float32 operations on the same values, so the same bits.
+    """
+    n = len(levels)
+    at = levels.reshape(n, -1) + (np.arange(n) * 256)[:, None]  # each pixel's entry in the [N, 256] tables
+    counts = np.bincount(at.ravel(), minlength=n * 256).reshape(n, 256)
+    deviation = LEVELS - np.median(LEVELS[_border(levels)], axis=1)[:, None]
+    spread = np.abs(deviation)
+    far = spread >= quantile_of_levels(spread, counts, 0.95)[:, None]
+    polarity = np.where(far, deviation, 0.0).ravel()[at].reshape(levels.shape)
+    inverted = polarity.sum(axis=(1, 2), dtype=np.float64) < 0  # summed per pixel, as `_polarity` does
+    ink = np.where(inverted[:, None], 1.0 - LEVELS, LEVELS)  # [N, 256]: each level's ink
+    paper = np.median(np.take_along_axis(ink, _border(levels).astype(np.intp), axis=1), axis=1)
+    stretched, blank = _stretched(ink, paper=paper, top=np.where(counts > 0, ink, -np.inf).max(axis=1))
+    bins = len(_CENTRES)
+    hist = np.bincount((_bins(stretched) + (np.arange(n) * bins)[:, None]).ravel(), weights=counts.ravel(),
+                       minlength=n * bins).astype(np.int64).reshape(n, bins)  # integer counts: exact in float64
+    kept = (stretched >= _otsu_cuts(hist)[:, None]) & ~blank[:, None]
+    table = np.where(kept, stretched, 0.0).astype(np.float32)
+    return table.ravel()[at].reshape(levels.shape), inverted
+
+
+def quantile_of_levels(values: np.ndarray, counts: np.ndarray, q: float) -> np.ndarray:
+    """`np.quantile(pixels, q, axis=1)` of [N, P] pixels given as each row's value per level ([N, L]) and how
+    many pixels have each level ([N, L]), with numpy's own arithmetic.
+
+    NOTE: numpy's "linear" quantile interpolates between the k-th and (k+1)-th smallest values at the fraction
+    gamma of (P - 1) * q; both are read off the cumulative counts here, and numpy's own interpolation of a
+    2-value row at gamma gives the same bits as its interpolation over all P values.
+    """
+    pixels = int(counts[0].sum())
+    virtual = (pixels - 1) * q
+    k = math.floor(virtual)
+    order = np.argsort(values, axis=1, kind="stable")
+    ranked = np.take_along_axis(values, order, axis=1)
+    below = np.cumsum(np.take_along_axis(counts, order, axis=1), axis=1)
+    rows = np.arange(len(values))
+    pair = np.stack([ranked[rows, (below <= k).sum(axis=1)],
+                     ranked[rows, (below <= min(k + 1, pixels - 1)).sum(axis=1)]], axis=1)
+    return np.quantile(pair, virtual - k, axis=1)
+
+
+def _polarity(gray: np.ndarray) -> np.ndarray:
+    """Which of [N, H, W] images to invert: the pixels furthest from the paper (the border's level) are the ink;
+    darker ones -> invert."""
+    deviation = gray - np.median(_border(gray), axis=1)[:, None, None]
+    spread = np.abs(deviation)
+    far = spread >= np.quantile(spread.reshape(len(gray), -1), 0.95, axis=1)[:, None, None]
+    return np.where(far, deviation, 0.0).sum(axis=(1, 2), dtype=np.float64) < 0
+
+
+def _stretched(ink: np.ndarray, *, paper: np.ndarray, top: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each image's ink (rows of `ink`) stretched so paper is 0 and the darkest ink 1, and which are blank."""
+    span = top.astype(np.float64) - paper.astype(np.float64)
+    blank = span < 1e-3  # a blank image: nothing to find
+    span = np.where(blank, 1.0, span).astype(np.float32)
+    per_image = (-1,) + (1,) * (ink.ndim - 1)
+    return np.clip((ink - paper.reshape(per_image)) / span.reshape(per_image), 0.0, 1.0), blank
 
 
 def _median3(mask: np.ndarray) -> np.ndarray:
@@ -169,15 +249,12 @@ def _resize_matrix(side: int) -> np.ndarray:
 
 def _squares(ink: np.ndarray, boxes: np.ndarray, side: int) -> np.ndarray:
     """Each image's ink box, centred in a zero `side` x `side` square (boxes at most `side` on each axis)."""
-    h, w = boxes[:, 1] - boxes[:, 0], boxes[:, 3] - boxes[:, 2]
-    oy, ox = (side - h) // 2, (side - w) // 2
-    step = np.arange(side)
-    r, c = boxes[:, :1] - oy[:, None] + step, boxes[:, 2:3] - ox[:, None] + step
-    inside = (((step >= oy[:, None]) & (step < (oy + h)[:, None]))[:, :, None]
-              & ((step >= ox[:, None]) & (step < (ox + w)[:, None]))[:, None, :])
-    picked = ink[np.arange(len(ink))[:, None, None], np.clip(r, 0, ink.shape[1] - 1)[:, :, None],
-                 np.clip(c, 0, ink.shape[2] - 1)[:, None, :]]
-    return np.where(inside, picked, 0.0)
+    # NOTE: one slice copy per image: cheaper than one fancy-indexed gather of every square's pixels.
+    squares = np.zeros((len(ink), side, side), ink.dtype)
+    for square, image, (top, bottom, left, right) in zip(squares, ink, boxes.tolist()):
+        oy, ox = (side - (bottom - top)) // 2, (side - (right - left)) // 2
+        square[oy:oy + bottom - top, ox:ox + right - left] = image[top:bottom, left:right]
+    return squares
 
 
 def _digits(ink: np.ndarray, boxes: np.ndarray) -> np.ndarray:
@@ -195,9 +272,17 @@ def _digits(ink: np.ndarray, boxes: np.ndarray) -> np.ndarray:
 def layout_batch(gray: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """MNIST layout of [N, H, W] grayscale images at once: clean, crop to the ink, pad square, resize to 20x20,
     centre of mass at the 28x28 centre. Returns (pixels [N, 1, 28, 28] float32, inverted [N])."""
-    ink, inverted = clean_ink(gray)
+    return _layout(*clean_ink(gray))
+
+
+def layout_levels(levels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`layout_batch(LEVELS[levels])` of [N, H, W] 8-bit gray levels, exactly (see `clean_ink_levels`)."""
+    return _layout(*clean_ink_levels(levels))
+
+
+def _layout(ink: np.ndarray, inverted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     boxes, found = ink_boxes(ink)
-    out = np.zeros((len(gray), 1, SIDE, SIDE), np.float32)
+    out = np.zeros((len(ink), 1, SIDE, SIDE), np.float32)
     if not found.any():
         return out, inverted
     rows = np.flatnonzero(found)
@@ -218,6 +303,10 @@ def layout(gray: np.ndarray) -> tuple[np.ndarray, bool]:
     """`layout_batch` of one [H, W] image: ([1, 28, 28] pixels, inverted)."""
     pixels, inverted = layout_batch(gray[None])
     return pixels[0], bool(inverted[0])
+
+
+def _layout_any(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return layout_levels(pixels) if pixels.dtype == np.uint8 else layout_batch(pixels)
 
 
 class ImageProcessor:
@@ -248,36 +337,38 @@ class ImageProcessor:
                 raise PayloadTooLarge(f"the request's images declare more than {limit} pixels together (at item "
                                       f"{index}); send fewer or smaller images ({setting('max_request_pixels')})")
 
-    def _gray(self, payload: Any, *, index: int) -> tuple[np.ndarray, tuple[int, int]]:
-        """The item as grayscale [H, W] in [0, 1] and its original (width, height)."""
+    def _pixels(self, payload: Any, *, index: int) -> tuple[np.ndarray, tuple[int, int]]:
+        """The item as [H, W] 8-bit gray levels (uint8, most files) or grayscale in [0, 1] (float32), and its
+        original (width, height)."""
         if isinstance(payload, np.ndarray):  # batch .npy rows: a [H, W] or [1, H, W] image, uint8 or [0, 1]
             arr = np.squeeze(np.asarray(payload, np.float32))
             if arr.ndim != 2:
                 raise InvalidInput(f"item {index}: expected a 2-D image array, got shape {list(payload.shape)}")
             return (arr / 255.0 if payload.dtype == np.uint8 else arr), (arr.shape[1], arr.shape[0])
         img = _open(payload, index=index, max_pixels=self.limits.max_image_pixels)
-        return to_gray(img), img.size
+        levels = gray_levels(img)
+        return (to_gray(img) if levels is None else levels), img.size
 
     def prepare(self, payload: Any, *, index: int) -> PreparedImage:
-        gray, size = self._gray(payload, index=index)
-        pixels, inverted = layout(gray)
-        return PreparedImage(pixels, size, inverted)
+        pixels, size = self._pixels(payload, index=index)
+        out, inverted = _layout_any(pixels[None])
+        return PreparedImage(out[0], size, bool(inverted[0]))
 
     def prepare_batch(self, payloads: Sequence[Any], *, indices: Sequence[int]) -> list[PreparedImage | Exception]:
         """`prepare` of many items, laid out together (one array op per group of equally sized images); an item
         that cannot be decoded is its own exception in the list, never its batch-mates'."""
         out: list[PreparedImage | Exception | None] = [None] * len(payloads)
-        groups: dict[tuple[int, ...], list[tuple[int, np.ndarray, tuple[int, int]]]] = {}
+        groups: dict[tuple, list[tuple[int, np.ndarray, tuple[int, int]]]] = {}
         for pos, (payload, index) in enumerate(zip(payloads, indices)):
             try:
-                gray, size = self._gray(payload, index=index)
+                pixels, size = self._pixels(payload, index=index)
             except Exception as exc:  # a bad row's own error (InvalidInput, or anything odd in its data)
                 out[pos] = exc
                 continue
-            groups.setdefault(gray.shape, []).append((pos, gray, size))
+            groups.setdefault((pixels.dtype.str, pixels.shape), []).append((pos, pixels, size))
         for members in groups.values():
-            pixels, inverted = layout_batch(np.stack([gray for _, gray, _ in members]))
-            for (pos, _, size), px, inv in zip(members, pixels, inverted.tolist()):
+            laid, inverted = _layout_any(np.stack([pixels for _, pixels, _ in members]))
+            for (pos, _, size), px, inv in zip(members, laid, inverted.tolist()):
                 out[pos] = PreparedImage(px, size, inv)
         return cast(list[PreparedImage | Exception], out)  # every position was filled above
 

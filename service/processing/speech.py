@@ -97,6 +97,16 @@ def check_header(header: WavHeader, *, index: int, limits: Limits) -> None:
                               f"{limits.max_audio_seconds:g} s per clip ({setting('max_audio_seconds')})")
 
 
+PCM16_SCALE = np.float32(1 / 32768)
+
+
+def pcm16(data: bytes, header: WavHeader) -> np.ndarray:
+    """The [frames, channels] int16 samples of a plain 16-bit PCM WAV (header.pcm16_at set), without a copy."""
+    samples = np.frombuffer(data, ">i2" if header.big_endian else "<i2", count=header.frames * header.channels,
+                            offset=header.pcm16_at or 0)
+    return samples.reshape(header.frames, header.channels)
+
+
 def decode_wav(data: bytes, *, index: int, limits: Limits) -> tuple[np.ndarray, int, int]:
     header = read_header(data, index=index)
     check_header(header, index=index, limits=limits)
@@ -104,9 +114,7 @@ def decode_wav(data: bytes, *, index: int, limits: Limits) -> tuple[np.ndarray, 
         # NOTE: plain 16-bit PCM (most WAVs) is read straight from the data chunk: the same float32 values as
         # libsndfile's (sample / 32768, exact), without its virtual-IO callbacks (~1 ms a clip, most of a clip's
         # preparation). Every other format goes through libsndfile.
-        samples = np.frombuffer(data, ">i2" if header.big_endian else "<i2", count=header.frames * header.channels,
-                                offset=header.pcm16_at)
-        audio = samples.reshape(header.frames, header.channels).astype(np.float32) * np.float32(1 / 32768)
+        audio = pcm16(data, header).astype(np.float32) * PCM16_SCALE
         return audio, header.sample_rate, header.channels
     try:
         audio, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True,
@@ -140,6 +148,10 @@ def fit_one_second(wave: np.ndarray, *, samples: int = RATE) -> np.ndarray:
 
 class SpeechProcessor:
     task = "keyword-spotting"
+    # `modelserve predict` prepares clips inline: a 16-bit clip is read into its batch row in ~16 µs of CPU, while
+    # pickling its 64 KB waveform back from a worker process cost ~140 µs, and prep threads cost ~100 µs of CPU
+    # a row more than inline and fewer rows/s (GIL hand-offs around session.run; loadtests.offline_media_bench).
+    prepare_inline = True
 
     def __init__(self, *, input_name: str, output_name: str, labels: list[str] | None,
                  trained_samples: int = RATE, limits: Limits | None = None) -> None:
@@ -182,11 +194,38 @@ class SpeechProcessor:
         mono = to_model_rate(audio[:, 0] if channels == 1 else audio.mean(axis=1), rate)
         return PreparedAudio(fit_one_second(mono, samples=self.samples), rate, channels, audio.shape[0] / rate)
 
+    def prepare_batch(self, payloads: Sequence[Any], *, indices: Sequence[int]) -> list[PreparedAudio | Exception]:
+        """`prepare` of many clips, each written into its row of one zeroed [N, samples] array; a bad clip is its
+        own exception in the list, never its batch-mates'."""
+        waveforms = np.zeros((len(payloads), self.samples), np.float32)
+        out: list[PreparedAudio | Exception] = []
+        for row, (payload, index) in enumerate(zip(payloads, indices)):
+            try:
+                out.append(self._prepare_into(waveforms[row], payload, index=index))
+            except Exception as exc:  # a bad row's own error (InvalidInput, or anything odd in its data)
+                out.append(exc)
+        return out
+
+    def _prepare_into(self, row: np.ndarray, payload: Any, *, index: int) -> PreparedAudio:
+        """`prepare` writing the waveform into `row` (zeros): a mono 16 kHz 16-bit clip of at most the model's
+        length is scaled straight into place (the zero padding is already there), as `prepare` computes it."""
+        header = read_header(payload, index=index) if isinstance(payload, bytes) else None
+        if header is None or header.pcm16_at is None or header.channels != 1 or header.sample_rate != RATE \
+                or not 0 < header.frames <= self.samples:
+            prepared = self.prepare(payload, index=index)
+            row[:] = prepared.waveform
+            return PreparedAudio(row, prepared.sample_rate, prepared.channels, prepared.seconds)
+        check_header(header, index=index, limits=self.limits)
+        head = row[:header.frames]
+        head[:] = pcm16(payload, header)[:, 0]
+        head *= PCM16_SCALE
+        return PreparedAudio(row, RATE, 1, header.frames / RATE)
+
     def rows_per_run(self, prepared: Sequence[Any]) -> int | None:
         return None
 
     def collate(self, prepared: list[PreparedAudio]) -> dict[str, np.ndarray]:
-        waveforms = np.stack([p.waveform for p in prepared]).astype(np.float32)
+        waveforms = np.stack([p.waveform for p in prepared], dtype=np.float32)
         return {self.input_name: log_mel(waveforms) if self.features else waveforms}
 
     def postprocess(self, outputs: dict[str, np.ndarray], prepared: list[PreparedAudio], *,
