@@ -140,3 +140,22 @@ def test_a_shared_memory_object_shrunk_by_its_client_is_invalid_argument_not_a_c
     finally:
         client.unregister_system_shared_memory()
         shm.destroy_shared_memory_region(handle)
+
+
+@pytest.mark.parametrize("contents", ["typed", "raw"])
+def test_an_empty_shape_whose_other_dimensions_overflow_is_invalid_argument(grpc_url, contents):
+    # Found by tests/test_fuzz.py: NumPy refuses to reshape [] to [0, 2651, 1525715, 570094160] of FP32 (its
+    # non-zero dimensions overflow int64 bytes), which was an INTERNAL error instead of the client's.
+    shape = [0, 2651, 1525715, 570094160]
+    tensor = pb.ModelInferRequest.InferInputTensor(name="x", datatype="FP32", shape=shape)
+    request = pb.ModelInferRequest(model_name="double", inputs=[tensor])
+    if contents == "raw":
+        request.raw_input_contents.append(b"")
+    with grpc.insecure_channel(grpc_url) as channel:
+        infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer",
+                                    request_serializer=pb.ModelInferRequest.SerializeToString,
+                                    response_deserializer=pb.ModelInferResponse.FromString)
+        with pytest.raises(grpc.RpcError) as err:
+            infer(request, timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    assert "byte size overflow" in err.value.details()
