@@ -49,9 +49,10 @@ def check_shape(shape: object, *, name: str, datatype: str | None = None) -> lis
     if datatype in V2_TO_NUMPY and count * (1 if datatype == "BYTES" else numpy_dtype(datatype).itemsize) > UINT64_MAX:
         raise InvalidInput(f"byte size overflow for input {name!r}: shape {list(shape)} of {datatype}")
     # NumPy refuses a shape whose non-zero dimensions overflow its byte size even when a zero dimension makes the
-    # tensor empty ([0, 2651, 1525715, 570094160] of FP32): refuse it here, as the client's error.
+    # tensor empty ([0, 2651, 1525715, 570094160] of FP32): refuse it here, as the client's error. (A non-empty
+    # shape that large is refused later by check_byte_budget, as too large for a request: 413.)
     itemsize = numpy_dtype(datatype).itemsize if datatype in V2_TO_NUMPY and datatype != "BYTES" else 1
-    if prod(d for d in shape if d) * itemsize > INT64_MAX:
+    if count == 0 and prod(d for d in shape if d) * itemsize > INT64_MAX:
         raise InvalidInput(f"byte size overflow for input {name!r}: shape {list(shape)}"
                            f"{f' of {datatype}' if datatype else ''}; its non-zero dimensions exceed {INT64_MAX} bytes")
     for d in shape:
