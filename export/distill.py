@@ -11,7 +11,7 @@ softmax probabilities, not logits. We use log-probabilities as teacher logits: l
 logsumexp(z) differs from z by a per-row constant and softmax is shift-invariant, so
 softmax(log p / T) == softmax(z / T) exactly (up to float rounding of p; p is clamped at 1e-30).
 
-The sentence-encoder student (export/distill_text.py) is two of MiniLM's layers with narrower FFNs,
+The sentence-encoder student (export/distill_text.py) is three of MiniLM's six layers with narrower FFNs,
 trained to reproduce the teacher's embeddings, token states and attention (export/distill_text_train.py);
 the recommender student (export/distill_recommender.py) is the two-tower model with narrower towers,
 trained on the teacher's listwise ranking. ``build_student`` returns a ``StudentResult`` (student ONNX,

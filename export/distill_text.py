@@ -1,4 +1,4 @@
-"""Distilled sentence encoder: two of MiniLM's layers with narrower FFNs, trained to reproduce the served encoder.
+"""Distilled sentence encoder: three of MiniLM's six layers with narrower FFNs, trained to reproduce the served encoder.
 
 The student is cut from the teacher's own weights (``export.distill_text_train``: which teacher layers it
 copies, which teacher layers it learns to reproduce, FFN pruning, the loss terms and the training loop),

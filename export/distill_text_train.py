@@ -3,9 +3,9 @@
 Recipe (after TinyBERT, Jiao et al. 2020, and MiniLM, Wang et al. 2020, the teacher's own recipe):
 
 * **Layer mapping.** Student layer j is a copy of teacher layer ``init_layers[j]`` (default: evenly
-  spaced including the first and the last, [0, 5] for two of six). Each student layer is trained to
+  spaced including the first and the last: [0, 2, 5] for three of six). Each student layer is trained to
   output what the teacher's layer *before the next copied one* outputs (``StudentPlan.hidden_targets``:
-  [4, 5] for [0, 5]), i.e. the input the next student layer's weights were trained to read; the last
+  [1, 4, 5] for [0, 2, 5]), i.e. the input the next student layer's weights were trained to read; the last
   student layer matches the teacher's last layer.
 * **Narrower FFN.** Optionally each student FFN keeps only its ``ffn`` most important neurons, importance
   being |input weights| x |output weights| of the neuron (magnitude pruning, then recovered by training).
