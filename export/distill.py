@@ -11,7 +11,7 @@ softmax probabilities, not logits. We use log-probabilities as teacher logits: l
 logsumexp(z) differs from z by a per-row constant and softmax is shift-invariant, so
 softmax(log p / T) == softmax(z / T) exactly (up to float rounding of p; p is clamped at 1e-30).
 
-The sentence-encoder student (export/distill_text.py) is two of MiniLM's layers with narrower FFNs,
+The sentence-encoder student (export/distill_text.py) is three of MiniLM's six layers with narrower FFNs,
 trained to reproduce the teacher's embeddings, token states and attention (export/distill_text_train.py);
 the recommender student (export/distill_recommender.py) is the two-tower model with narrower towers,
 trained on the teacher's listwise ranking. ``build_student`` returns a ``StudentResult`` (student ONNX,
@@ -41,8 +41,9 @@ def build_student(family: str, /, *, repo_dir: Path, work_dir: Path, profile: st
     """Distil a student of ``family``'s model in ``repo_dir``; None for families without one.
 
     ``profile`` (tiny|default) sets the training budget; the teacher's own held-out split is rebuilt from
-    the profile and seed recorded in its model card. ``text_options`` (``layers``, ``epochs``) override
-    the sentence-encoder student's defaults.
+    the profile and seed recorded in its model card. ``text_options`` (``layers``, ``threads``, and
+    ``distill_text.text_overrides``'s ``epochs``, ``ffn``, ``minutes``) override the sentence-encoder
+    student's defaults.
     """
     check_profile(profile)
     work_dir = Path(work_dir)
@@ -56,10 +57,11 @@ def build_student(family: str, /, *, repo_dir: Path, work_dir: Path, profile: st
         if family == "recommender":
             return distill_recommender.build(repo_dir=Path(repo_dir), work_dir=work_dir, profile=profile)
         if family == "transformer":
-            options = text_options or {}
-            layers = options.get("layers")
-            return distill_text.build(repo_dir=Path(repo_dir), work_dir=work_dir, profile=profile,
-                                      layers=int(layers) if layers else None, epochs=options.get("epochs"))
+            options = dict(text_options or {})
+            layers = options.pop("layers", None)
+            with torch_threads(int(options.pop("threads", 1))):
+                return distill_text.build(repo_dir=Path(repo_dir), work_dir=work_dir, profile=profile,
+                                          layers=int(layers) if layers else None, options=options)
         return distill_classify.build(family, repo_dir=Path(repo_dir), work_dir=work_dir, profile=profile)
 
 
@@ -87,6 +89,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--text-layers", type=int, help="sentence-encoder student layers (default: teacher's / 3)")
     parser.add_argument("--text-epochs", type=float,
                         help="sentence-encoder student epochs, may be fractional (default: profile's)")
+    parser.add_argument("--text-ffn", type=int, help="sentence-encoder student FFN width (default: profile's)")
+    parser.add_argument("--text-minutes", type=float,
+                        help="sentence-encoder student training time budget; the learning rate anneals over it")
+    parser.add_argument("--text-threads", type=int, help="torch threads for the sentence-encoder student (default 1)")
     parser.add_argument("--plot", type=Path, help="write a PNG comparing teachers and students here")
     args = parser.parse_args(argv)
     args.families = [f.strip() for f in args.families.split(",") if f.strip()]
@@ -100,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     results = []
     for family in args.families:
-        text_options = {k: v for k, v in (("layers", args.text_layers), ("epochs", args.text_epochs)) if v}
+        text_options = {k: v for k, v in (("layers", args.text_layers), ("epochs", args.text_epochs),
+                                          ("ffn", args.text_ffn), ("minutes", args.text_minutes),
+                                          ("threads", args.text_threads)) if v}
         result = build_student(family, repo_dir=args.model_repository, work_dir=args.work_dir / family,
                                profile=args.profile, text_options=text_options)
         if result is None:

@@ -1,4 +1,4 @@
-"""Distilled sentence encoder: two of MiniLM's layers with narrower FFNs, trained to reproduce the served encoder.
+"""Distilled sentence encoder: three of MiniLM's six layers with narrower FFNs, trained to reproduce the served encoder.
 
 The student is cut from the teacher's own weights (``export.distill_text_train``: which teacher layers it
 copies, which teacher layers it learns to reproduce, FFN pruning, the loss terms and the training loop),
@@ -54,9 +54,15 @@ WEIGHTS = {"embedding": 2.0, "tokens": 1.0, "hidden": 0.3, "attention": 0.1}
 SETTINGS: dict[str, dict[str, Any]] = {
     "tiny": {"epochs": 1, "batch_size": 32, "lr": 2e-4, "max_texts": 128, "packages": False, "ffn": None,
              "weights": WEIGHTS},
-    "default": {"epochs": 2.2, "batch_size": 32, "lr": 3e-4, "max_texts": 18_000, "packages": True, "ffn": 1152,
-                "weights": WEIGHTS},
+    "default": {"epochs": 2.2, "batch_size": 32, "lr": 3e-4, "max_texts": 18_000, "packages": True, "ffn": 512,
+                "layers": 3, "max_tokens": 128, "weights": WEIGHTS},
 }
+# NOTE: three layers with FFN 512 rather than two with 1152: the same arithmetic per token (~3.0 M vs 10.6 M
+# multiply-adds for the teacher); measured side by side at batch 32 (docs/BENCHMARKS.md) 3.63x vs 3.57x at load 8,
+# 3.14x vs 3.46x at load 1; FFN 640 and 768 measured 2.8-3.0x. It reached cosine 0.922 in 8 epochs (48 min).
+# NOTE: training texts are cut at ``max_tokens`` (the served encoder reads up to 256): the few long package
+# READMEs fill the longest length-sorted batches, whose cost grows with length, and the held-out docstrings
+# are far shorter. Evaluation tokenizes as served.
 # NOTE: default size (18,000 texts, 2.2 epochs): ~1,800 batches of work (teacher cache + training) at ~2 s
 # each fits about an hour on the shared 2-core machine (load average 12); more text helps, given time.
 # Standard-library modules (none of them in models.transformer_corpus.CHAPTERS) whose docstrings add
@@ -79,6 +85,23 @@ def teacher_layers(card: dict) -> tuple[int, int]:
     if not match:
         raise ValueError(f"transformer model card: input_spec.encoder_layers is {text!r}, expected 'K of N'")
     return int(match.group(1)), int(match.group(2))
+
+
+def text_overrides(options: dict[str, float]) -> dict[str, Any]:
+    """The profile settings that ``options`` (``epochs``, ``ffn``, ``minutes``; None or 0 = the profile's)
+    override, checked: a bad value fails before any work starts."""
+    known = {"epochs": float, "ffn": int, "minutes": float}
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ValueError(f"text student options {unknown}: expected some of {sorted(known)}")
+    out: dict[str, Any] = {}
+    for name, value in options.items():
+        if value is None or value == 0:
+            continue
+        if not (np.isfinite(value) and value > 0):
+            raise ValueError(f"text student {name} {value!r}: expected a positive number")
+        out[name] = known[name](value)
+    return out
 
 
 def budget_verdict(*, cosine: float, overlap: float, speedup: float) -> tuple[bool, str]:
@@ -147,6 +170,14 @@ def training_texts(parent, *, settings: dict, cache_dir: Path, seed: int) -> lis
     return texts[:cap] if cap else texts
 
 
+def training_tokenizer(path: Path, *, settings: dict) -> Tokenizer:
+    """The served tokenizer (``path``), cutting texts at ``settings['max_tokens']`` where set."""
+    tokenizer = Tokenizer.from_file(str(path))
+    if settings.get("max_tokens"):
+        tokenizer.enable_truncation(max_length=int(settings["max_tokens"]))
+    return tokenizer
+
+
 @contextlib.contextmanager
 def chatter_to(log_path: Path) -> Iterator[None]:
     """Send Python warnings and library logging to ``log_path`` so the progress bar stays readable."""
@@ -164,21 +195,23 @@ def chatter_to(log_path: Path) -> Iterator[None]:
         handler.close()
 
 
-def build(*, repo_dir: Path, work_dir: Path, profile: str, layers: int | None = None, epochs: float | None = None,
-          cache_dir: Path = DEFAULT_CACHE) -> StudentResult | None:
+def build(*, repo_dir: Path, work_dir: Path, profile: str, layers: int | None = None,
+          options: dict[str, float] | None = None, cache_dir: Path = DEFAULT_CACHE) -> StudentResult | None:
     """Distil ``transformer``; None when the teacher has too few layers to drop any (tiny profile: 1).
 
-    ``layers`` (default: a third of the teacher's) and ``epochs`` (may be fractional) override the profile's; the
-    teacher cache and the package-text cache live in ``cache_dir``, the checkpoint and log in ``work_dir``.
+    ``layers`` defaults to the profile's (else a third of the teacher's); ``options`` override the profile's settings: ``epochs``
+    (may be fractional), ``ffn`` (FFN width) and ``minutes`` (training time budget: the learning-rate schedule
+    anneals over whichever of epochs and minutes runs out first). The teacher cache and the package-text cache
+    live in ``cache_dir``, the checkpoint and log in ``work_dir``.
     """
     start = time.perf_counter()
     parent = load_parent(repo_dir, "transformer")
     kept, _ = teacher_layers(parent.card)
-    layers = layers or max(1, kept // 3)
+    settings = {**SETTINGS[profile], **text_overrides(options or {})}
+    layers = layers or settings.get("layers") or max(1, kept // 3)
     if layers >= kept:
         return None
     set_seed(parent.seed)
-    settings = {**SETTINGS[profile], **({"epochs": epochs} if epochs else {})}
     work_dir, cache_dir = Path(work_dir), Path(cache_dir)
     with chatter_to(work_dir / "distill_text.log"):
         student, plan, texts, losses = _distil(parent, kept=kept, layers=layers, settings=settings,
@@ -212,7 +245,7 @@ def build(*, repo_dir: Path, work_dir: Path, profile: str, layers: int | None = 
 def _distil(parent, *, kept: int, layers: int, settings: dict, work_dir: Path,
             cache_dir: Path) -> tuple[Any, dt.StudentPlan, list[str], dict[str, float]]:
     """Collect text, fill the teacher cache, train; one progress bar over cache batches and steps."""
-    tokenizer = Tokenizer.from_file(str(parent.model_dir / "tokenizer.json"))
+    tokenizer = training_tokenizer(parent.model_dir / "tokenizer.json", settings=settings)
     texts = training_texts(parent, settings=settings, cache_dir=cache_dir, seed=parent.seed)
     plan = dt.StudentPlan(init_layers=dt.spread(kept, keep=layers), ffn=settings["ffn"])
     targets = plan.hidden_targets(kept)
@@ -220,7 +253,8 @@ def _distil(parent, *, kept: int, layers: int, settings: dict, work_dir: Path,
     teacher = load_encoder(minilm_dir(), layers=kept)
     attention = teacher.bert.config._attn_implementation
     teacher.bert.set_attn_implementation("eager")  # attention probabilities are only returned by eager
-    cache = dt.TeacherCache(cache_dir / dt.cache_key(texts, kept, targets, settings["batch_size"]), layers=targets)
+    key = dt.cache_key(texts, kept, targets, settings["batch_size"], settings.get("max_tokens"))
+    cache = dt.TeacherCache(cache_dir / key, layers=targets)
     todo = len(cache.missing(len(batches)))
     steps = dt.total_steps(settings, len(batches))
     with tqdm(total=todo + steps, desc="text student", unit="batch", mininterval=2.0, smoothing=0.05) as bar:

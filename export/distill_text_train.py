@@ -3,9 +3,9 @@
 Recipe (after TinyBERT, Jiao et al. 2020, and MiniLM, Wang et al. 2020, the teacher's own recipe):
 
 * **Layer mapping.** Student layer j is a copy of teacher layer ``init_layers[j]`` (default: evenly
-  spaced including the first and the last, [0, 5] for two of six). Each student layer is trained to
+  spaced including the first and the last: [0, 2, 5] for three of six). Each student layer is trained to
   output what the teacher's layer *before the next copied one* outputs (``StudentPlan.hidden_targets``:
-  [4, 5] for [0, 5]), i.e. the input the next student layer's weights were trained to read; the last
+  [1, 4, 5] for [0, 2, 5]), i.e. the input the next student layer's weights were trained to read; the last
   student layer matches the teacher's last layer.
 * **Narrower FFN.** Optionally each student FFN keeps only its ``ffn`` most important neurons, importance
   being |input weights| x |output weights| of the neuron (magnitude pruning, then recovered by training).
@@ -21,9 +21,11 @@ Recipe (after TinyBERT, Jiao et al. 2020, and MiniLM, Wang et al. 2020, the teac
 from __future__ import annotations
 
 import hashlib
+import logging
+import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,9 @@ from torch import nn
 from models.transformer_text import SentenceEncoder, mean_pool, tokenize
 
 CHECKPOINT_SECONDS = 300.0
+LOG_EVERY = 100  # steps between loss lines in the log (the curve behind BENCHMARKS' extrapolation)
+log = logging.getLogger(__name__)
+log.setLevel(logging.INFO)  # its loss lines go to distill_text's log file (distill_text.chatter_to)
 
 
 @dataclass(frozen=True)
@@ -189,6 +194,22 @@ class TeacherCache:
         return torch.load(self.path(index), weights_only=True)
 
 
+WARMUP = 0.06  # fraction of the budget spent warming the learning rate up (as OneCycleLR's pct_start did)
+
+
+def lr_factor(progress: float, *, warmup: float = WARMUP) -> float:
+    """Learning-rate multiplier at ``progress`` (0..1) through the budget: linear warm-up from 1/25, then a
+    cosine down to 0 at 1, so the last steps anneal whether the budget is counted in steps or in minutes.
+
+    NOTE: hand-written rather than a torch scheduler: those are indexed by step, and a time-budgeted run
+    does not know its step count up front.
+    """
+    progress = min(max(progress, 0.0), 1.0)
+    if progress < warmup:
+        return 0.04 + 0.96 * progress / warmup
+    return 0.5 * (1.0 + math.cos(math.pi * (progress - warmup) / (1.0 - warmup)))
+
+
 @dataclass
 class TrainState:
     """What a checkpoint holds besides the weights: where training stands."""
@@ -196,45 +217,80 @@ class TrainState:
     step: int = 0
     losses: dict[str, float] | None = None  # running sums of the current epoch's loss terms
     count: int = 0  # steps in those sums
+    seconds: float = 0.0  # training time spent so far (``settings['minutes']`` counts it across resumes)
+
+
+@dataclass
+class Budget:
+    """How far training is: the larger of its fraction of ``steps`` and of ``minutes`` (if set) spent."""
+
+    steps: int
+    minutes: float | None = None
+
+    def progress(self, *, step: int, seconds: float) -> float:
+        by_time = seconds / (60.0 * self.minutes) if self.minutes else 0.0
+        return max(step / self.steps, by_time)
 
 
 def train(student: SentenceEncoder, *, cache: TeacherCache, tokenizer: Any, texts: Sequence[str],
           batches: Sequence[np.ndarray], targets: Sequence[int], settings: dict[str, Any], seed: int,
-          checkpoint: Path, progress: Any = None) -> dict[str, float]:
-    """Distil ``student`` for ``settings['epochs']`` epochs over the cached batches; resumes from ``checkpoint``
-    (written every CHECKPOINT_SECONDS) when it was written for the same key. Returns last-epoch mean losses."""
+          checkpoint: Path, progress: Any = None, clock: Callable[[], float] = time.monotonic) -> dict[str, float]:
+    """Distil ``student`` for ``settings['epochs']`` epochs (may be fractional) over the cached batches, or until
+    ``settings['minutes']`` of training time are spent if that comes first; the learning rate follows
+    ``lr_factor`` over that budget. Resumes from ``checkpoint`` (written every CHECKPOINT_SECONDS) when it was
+    written for the same key. Returns the last epoch's mean losses and the steps and epochs trained."""
     student.bert.embeddings.word_embeddings.weight.requires_grad_(False)  # shared with the teacher: see distill_text
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=settings["lr"], weight_decay=0.01)
-    steps = total_steps(settings, len(batches))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=settings["lr"], total_steps=steps, pct_start=0.06)
+    budget = Budget(steps=total_steps(settings, len(batches)), minutes=settings.get("minutes"))
     key = cache_key(settings, seed, len(batches), targets)
-    state = _resume(checkpoint, key=key, student=student, opt=opt, sched=sched)
+    state = _resume(checkpoint, key=key, student=student, opt=opt)
     if progress is not None and state.step:
         progress(state.step)
-    sums: dict[str, float] = dict(state.losses or {})
-    count = state.count
-    last_save = time.monotonic()
     student.train()
-    for step in range(state.step, steps):
-        epoch, position = divmod(step, len(batches))
-        if position == 0:
-            sums, count = {}, 0
-        index = int(np.random.default_rng([seed, epoch]).permutation(len(batches))[position])
-        terms = _step(student, opt=opt, teacher=cache.load(index), tokenizer=tokenizer,
-                      texts=[texts[i] for i in batches[index]], targets=targets, weights=settings["weights"])
-        sched.step()
-        for name, value in terms.items():
-            sums[name] = sums.get(name, 0.0) + value
-        count += 1
+    last_save = began = clock()
+    while (done := budget.progress(step=state.step, seconds=state.seconds + clock() - began)) < 1.0:
+        for group in opt.param_groups:
+            group["lr"] = settings["lr"] * lr_factor(done)
+        terms = _epoch_step(student, opt=opt, state=state, cache=cache, tokenizer=tokenizer, texts=texts,
+                            batches=batches, targets=targets, settings=settings, seed=seed)
         if progress is not None:
             progress(1, postfix=f"loss {terms['total']:.4f} emb {terms['embedding']:.4f}")
-        if time.monotonic() - last_save > CHECKPOINT_SECONDS or step + 1 == steps:
-            _atomic_save({"key": key, "step": step + 1, "model": student.state_dict(), "opt": opt.state_dict(),
-                          "sched": sched.state_dict(), "losses": sums, "count": count}, checkpoint)
-            last_save = time.monotonic()
+        if state.step % LOG_EVERY == 0:
+            log.info("step %d, %.0f s, lr %.2e, epoch means %s", state.step, state.seconds + clock() - began,
+                     opt.param_groups[0]["lr"], {k: round(v / state.count, 4) for k, v in (state.losses or {}).items()})
+        if clock() - last_save > CHECKPOINT_SECONDS:
+            _save(checkpoint, key=key, student=student, opt=opt, state=state, seconds=state.seconds + clock() - began)
+            last_save = clock()
+    _save(checkpoint, key=key, student=student, opt=opt, state=state, seconds=state.seconds + clock() - began)
     student.eval()
-    return {f"final_{name}_loss": value / max(count, 1) for name, value in sums.items()}
+    sums, count = state.losses or {}, state.count
+    return {**{f"final_{name}_loss": value / max(count, 1) for name, value in sums.items()},
+            "steps_trained": float(state.step), "epochs_trained": round(state.step / len(batches), 3)}
+
+
+def _epoch_step(student: SentenceEncoder, *, opt: torch.optim.Optimizer, state: TrainState, cache: TeacherCache,
+                tokenizer: Any, texts: Sequence[str], batches: Sequence[np.ndarray], targets: Sequence[int],
+                settings: dict[str, Any], seed: int) -> dict[str, float]:
+    """One step on the batch that ``state.step`` points at (each epoch shuffles the batch order); updates the
+    epoch's running loss sums in ``state``."""
+    epoch, position = divmod(state.step, len(batches))
+    if position == 0:
+        state.losses, state.count = {}, 0
+    index = int(np.random.default_rng([seed, epoch]).permutation(len(batches))[position])
+    terms = _step(student, opt=opt, teacher=cache.load(index), tokenizer=tokenizer,
+                  texts=[texts[i] for i in batches[index]], targets=targets, weights=settings["weights"])
+    sums = state.losses if state.losses is not None else {}
+    for name, value in terms.items():
+        sums[name] = sums.get(name, 0.0) + value
+    state.losses, state.count, state.step = sums, state.count + 1, state.step + 1
+    return terms
+
+
+def _save(path: Path, *, key: str, student: nn.Module, opt: torch.optim.Optimizer, state: TrainState,
+          seconds: float) -> None:
+    _atomic_save({"key": key, "step": state.step, "model": student.state_dict(), "opt": opt.state_dict(),
+                  "losses": state.losses, "count": state.count, "seconds": seconds}, path)
 
 
 def _step(student: SentenceEncoder, *, opt: torch.optim.Optimizer, teacher: dict[str, Any], tokenizer: Any,
@@ -247,7 +303,7 @@ def _step(student: SentenceEncoder, *, opt: torch.optim.Optimizer, teacher: dict
     return {name: float(value.item()) for name, value in terms.items()}
 
 
-def _resume(path: Path, *, key: str, student: nn.Module, opt: torch.optim.Optimizer, sched: Any) -> TrainState:
+def _resume(path: Path, *, key: str, student: nn.Module, opt: torch.optim.Optimizer) -> TrainState:
     if not path.exists():
         return TrainState()
     saved = torch.load(path, weights_only=False)
@@ -255,5 +311,5 @@ def _resume(path: Path, *, key: str, student: nn.Module, opt: torch.optim.Optimi
         return TrainState()  # another configuration's checkpoint: start over
     student.load_state_dict(saved["model"])
     opt.load_state_dict(saved["opt"])
-    sched.load_state_dict(saved["sched"])
-    return TrainState(step=int(saved["step"]), losses=saved.get("losses"), count=int(saved.get("count", 0)))
+    return TrainState(step=int(saved["step"]), losses=saved.get("losses"), count=int(saved.get("count", 0)),
+                      seconds=float(saved.get("seconds", 0.0)))
