@@ -23,6 +23,12 @@ class ServingError(Exception):
         self.message = message
 
 
+def unexpected(exc: BaseException) -> ServingError:
+    """What a client is told about a failure that is not its fault: the exception's type, never its text (which
+    may carry paths or internals); the server log has the traceback."""
+    return ServingError(f"internal error ({type(exc).__name__}); see the server log")
+
+
 class InvalidInput(ServingError):
     status_code = 400
     failure_reason = "REJECTED"  # Triton counts a malformed request (wrong shape, dtype, name) as rejected

@@ -25,7 +25,7 @@ import httpx
 import uvicorn
 import uvloop
 
-from service.errors import ModelNotReady, ServingError
+from service.errors import ModelNotReady, ServingError, unexpected
 from service.frontend_link import FrontEndLink, ModelProcessDecodes, NoShm
 from service.grpc_frontend import start_grpc_frontend
 from service.http_infer import INFER_PATH, decompress, header_length, read_body, send_error, send_infer_response
@@ -82,7 +82,7 @@ class FrontEndApp:
             return
         except Exception as exc:  # never a bare 500 in plain text
             log.exception("unhandled error in infer")
-            await send_error(send, ServingError(f"internal error ({type(exc).__name__}); see the server log"))
+            await send_error(send, unexpected(exc))
             return
         await send_infer_response(send, payload, header_len, receive=receive)
 

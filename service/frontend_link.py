@@ -20,7 +20,7 @@ import struct
 from typing import Any
 
 from service.core import InferenceCore, InferRequest, InferResponse
-from service.errors import ModelNotReady, ServingError
+from service.errors import ModelNotReady, ServingError, unexpected
 from service.frontend_codec import dump_reply, dump_request, load_reply, load_request
 from service.shm import OFFSET_PARAM, REGION_PARAM, SIZE_PARAM
 
@@ -115,7 +115,7 @@ class WorkerProtocol(FrameProtocol):
             reply = _error_reply(exc)
         except Exception as exc:  # never a bare 500: the front end answers with the V2 error shape
             log.exception("unhandled error in infer (front-end request)")
-            reply = _error_reply(ServingError(f"internal error ({type(exc).__name__}); see the server log"))
+            reply = _error_reply(unexpected(exc))
         self.send_frame(rid, dump_reply(reply))
 
     def connection_lost(self, exc: Exception | None) -> None:

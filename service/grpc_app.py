@@ -16,7 +16,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from service.core import InferenceCore
-from service.errors import ServingError
+from service.errors import ServingError, unexpected
 from service.grpc_extensions import ExtensionServicer
 from service.grpc_stream import infer_one
 from service.ports import StartupError
@@ -44,8 +44,7 @@ def _guarded(method: Callable, name: str) -> Callable:
             await context.abort(grpc_status(exc), exc.message)
         except Exception as exc:
             log.exception("gRPC %s failed", name)
-            await context.abort(grpc.StatusCode.INTERNAL, f"{name}: internal error ({type(exc).__name__}); "
-                                                          "see the server log")
+            await context.abort(grpc.StatusCode.INTERNAL, f"{name}: {unexpected(exc).message}")
 
     return handler
 

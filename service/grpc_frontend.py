@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 from tritonclient.grpc import service_pb2 as pb
 
-from service.errors import ServingError
+from service.errors import ServingError, unexpected
 from service.frontend_link import FrontEndLink, ModelProcessDecodes, NoShm
 from service.protocol_grpc import decode_infer, encode_infer_wire, grpc_status
 
@@ -62,8 +62,7 @@ class ForwardingHandler(grpc.GenericRpcHandler):
             await context.abort(grpc_status(exc), exc.message)
         except Exception as exc:  # never UNKNOWN: INTERNAL, logged, as service/grpc_app.py does
             log.exception("gRPC ModelInfer failed")
-            await context.abort(grpc.StatusCode.INTERNAL, f"ModelInfer: internal error ({type(exc).__name__}); "
-                                                          "see the server log")
+            await context.abort(grpc.StatusCode.INTERNAL, f"ModelInfer: {unexpected(exc).message}")
 
     def _forwarder(self, method: str) -> Any:
         async def forward(raw: bytes, context: grpc.aio.ServicerContext) -> bytes:

@@ -24,6 +24,7 @@ from service.errors import (
     RequestCancelled,
     RequestTimeout,
     ServingError,
+    unexpected,
 )
 from service.http_server import arrived, body_complete, corked, respond_at_once
 from service.protocol_v2 import OutputEncoding, decode_raw_request, encode_response_parts
@@ -172,7 +173,7 @@ class InferFastPath:
             return
         except Exception as exc:  # never a bare 500 in plain text
             log.exception("unhandled error in infer")
-            await send_error(send, ServingError(f"internal error ({type(exc).__name__}); see the server log"))
+            await send_error(send, unexpected(exc))
             return
         await send_infer_response(send, payload, header_len, receive=receive)
 
