@@ -17,22 +17,7 @@ from service.batch_queue import MAX_PASSES, AdmissionQueue, PendingRequest
 from service.batcher import Batcher
 from service.modelrepo.config import BatchingPolicy
 from service.ragged import RaggedPolicy
-
-SHAPE = (("input_ids", (), "<i8"),)  # what a ragged policy's shape_key leaves of a [1, L] input: lengths differ
-
-
-def _request(*, length: int, at: float) -> PendingRequest:
-    x = np.zeros((1, length), np.int64)
-    return PendingRequest(inputs={"input_ids": x}, rows=1, shape_key=SHAPE,
-                          future=asyncio.get_running_loop().create_future(), enqueued=at, length=length)
-
-
-def _queue(lengths: list[int]) -> tuple[AdmissionQueue, list[PendingRequest]]:
-    queue = AdmissionQueue(max_size=0)
-    reqs = [_request(length=n, at=float(i)) for i, n in enumerate(lengths)]
-    for r in reqs:
-        queue.put(r, model="text")
-    return queue, reqs
+from tests.ragged_requests import text_queue
 
 
 def _dispatch(queue: AdmissionQueue, *, max_padding: float) -> list[PendingRequest]:
@@ -42,7 +27,7 @@ def _dispatch(queue: AdmissionQueue, *, max_padding: float) -> list[PendingReque
 
 
 async def test_the_oldest_requests_group_goes_first_and_keeps_to_its_length():
-    queue, (a, b, c, d) = _queue([10, 100, 11, 99])
+    queue, (a, b, c, d) = text_queue([10, 100, 11, 99])
     assert _dispatch(queue, max_padding=5) == [a, c]  # the oldest, and the young one of its length
     assert b.passed == 1 and d.passed == 0  # b was older than c, which went ahead of it; d was not
     assert _dispatch(queue, max_padding=5) == [b, d]
@@ -50,7 +35,7 @@ async def test_the_oldest_requests_group_goes_first_and_keeps_to_its_length():
 
 async def test_once_passed_over_max_passes_times_no_younger_request_goes_ahead():
     # Four older requests of different lengths, then one of an odd length, then a younger partner for each head.
-    queue, reqs = _queue([10, 30, 50, 70, 120, 10, 30, 50, 70])
+    queue, reqs = text_queue([10, 30, 50, 70, 120, 10, 30, 50, 70])
     heads, odd, young = reqs[:4], reqs[4], reqs[5:]
     batches = []
     while len(queue):
@@ -63,7 +48,7 @@ async def test_once_passed_over_max_passes_times_no_younger_request_goes_ahead()
 
 
 async def test_without_the_length_aware_count_nothing_is_passed():
-    queue, reqs = _queue([10, 100, 10])
+    queue, reqs = text_queue([10, 100, 10])
     taken, _ = queue.compatible(max_rows=8, by_length=True, max_padding=0)
     queue.remove(taken)  # the fixed-shape batcher: requests of other shapes are not passed over, just different
     assert [r.passed for r in reqs] == [0, 0, 0]
