@@ -30,8 +30,9 @@ from service.repository import ModelRepository
 from service.shm import SharedMemoryRegistry, ShmRef
 from service.tracing import RequestTrace, Tracing
 
-EXTENSIONS = ["classification", "binary_tensor_data", "model_repository", "statistics",
-              "system_shared_memory", "trace", "logging"]
+# Triton's extension names for what is served (its own list adds schedule_policy, cuda_shared_memory, parameters).
+EXTENSIONS = ["classification", "sequence", "model_repository", "model_repository(unload_dependents)",
+              "model_configuration", "binary_tensor_data", "statistics", "system_shared_memory", "trace", "logging"]
 
 
 @dataclass
@@ -79,9 +80,17 @@ class TaskModel:
     processor: Processor
 
 
+# NOTE: Triton's limit and words (qa/L0_classification checks both); FP16 is ranked here too (Triton 2021 did).
+MAX_CLASSIFICATION_ELEMENTS = 1_000_000
+UNCLASSIFIABLE = frozenset({"BYTES", "BOOL", "BF16"})
+
+
 def classify(data: np.ndarray, *, k: int, labels: list[str] | None, batched: bool) -> np.ndarray:
     """Triton's classification extension: top-k "value:index[:label]" strings per batch row."""
     rows = data.reshape(data.shape[0], -1) if batched else data.reshape(1, -1)
+    if rows.shape[1] > MAX_CLASSIFICATION_ELEMENTS:
+        raise InvalidInput(f"classification output tensor too large: {rows.shape[1]} elements per row; at most "
+                           f"{MAX_CLASSIFICATION_ELEMENTS} can be ranked")
     k = min(k, rows.shape[1])
     idx = np.argsort(-rows, axis=1, kind="stable")[:, :k]
     out = np.empty((rows.shape[0], k), dtype=object)
@@ -184,6 +193,10 @@ class InferenceCore:
     def model_config(self, name: str, version: str | None) -> mc.ModelConfig:
         return self.model(name, version).spec.config
 
+    def served_config(self, name: str, version: str | None) -> mc.ModelConfig:
+        """The model configuration answered to clients (Triton's normalized form, see ModelVersion)."""
+        return self.model(name, version).served_config
+
     def model_ready(self, name: str, version: str | None) -> bool:
         try:
             self.model(name, version)
@@ -214,11 +227,11 @@ class InferenceCore:
                 result = await fut
             except asyncio.CancelledError:
                 raise RequestCancelled(f"model {mv.name!r}: client went away before the answer") from None
+            outputs = [self._output(mv, result.outputs, o) for o in selected]
         except ServingError as exc:
             total = time.perf_counter_ns() - t0
             mv.stats.record_failure(total_ns=total, reason=exc.failure_reason)
             raise
-        outputs = [self._output(mv, result.outputs, o) for o in selected]
         total = time.perf_counter_ns() - t0
         queue_ns = int(result.queue_s * 1e9)
         mv.stats.record_success(total_ns=total, queue_ns=queue_ns, timings=result.timings_ns)
@@ -266,6 +279,12 @@ class InferenceCore:
                 raise InvalidInput(
                     f"model {mv.name!r}: unknown output {o.name!r}; expected one of {mv.output_names}"
                 )
+            if o.class_count > 0:
+                datatype = next(t.datatype for t in mv.spec.outputs if t.name == o.name)
+                if datatype in UNCLASSIFIABLE:
+                    raise InvalidInput(f"class result not available for output due to unsupported type "
+                                       f"'{datatype}': output {o.name!r} of model {mv.name!r}; classification "
+                                       "ranks numeric outputs only, ask for it without 'classification'")
         return requested
 
     @staticmethod
@@ -393,10 +412,12 @@ class InferenceCore:
         await self._repository.sync_remote()  # an object-storage repository: load what the bucket holds now
         await self._repository.load(name, override)
 
-    async def unload_model(self, name: str) -> None:
+    async def unload_model(self, name: str, *, unload_dependents: bool = False) -> None:
+        """Unload `name`; `unload_dependents` (Triton's unload parameter) also unloads the models an ensemble
+        loaded along with it."""
         layout.check_model_name(name)
         self._check_explicit("unload")
-        await self._repository.unload(name)
+        await self._repository.unload(name, unload_dependents=unload_dependents)
 
     def statistics(self, name: str | None, version: str | None) -> dict:
         if name:

@@ -79,7 +79,12 @@ def ort_to_v2(ort_type: str) -> str:
     try:
         return _ORT_TO_V2[ort_type]
     except KeyError:
-        raise ValueError(f"unsupported ONNX tensor type {ort_type!r}") from None
+        # NOTE: BF16 is a V2 datatype, but onnxruntime's Python API has no NumPy type to hand bfloat16 tensors
+        # over in (nor back), so a graph with bfloat16 inputs or outputs is refused at load.
+        hint = ("; BF16 inputs and outputs are not served: cast to FLOAT/FLOAT16 at the graph's edges"
+                if ort_type == "tensor(bfloat16)" else "")
+        raise ValueError(f"unsupported ONNX tensor type {ort_type!r}; served types are "
+                         f"{sorted(_ORT_TO_V2)}{hint}") from None
 
 
 def numpy_dtype(datatype: str) -> np.dtype:

@@ -20,7 +20,14 @@ from service.errors import ServingError, unexpected
 from service.grpc_extensions import ExtensionServicer
 from service.grpc_stream import infer_one
 from service.ports import StartupError
-from service.protocol_grpc import Unparsable, encode_infer_wire, grpc_status, lenient, load_overrides
+from service.protocol_grpc import (
+    Unparsable,
+    encode_infer_wire,
+    grpc_status,
+    lenient,
+    load_overrides,
+    unload_dependents,
+)
 
 log = logging.getLogger("modelserve.grpc")
 
@@ -105,7 +112,7 @@ class InferenceServicer(ExtensionServicer, pb_grpc.GRPCInferenceServiceServicer)
         return json_format.ParseDict(meta, pb.ModelMetadataResponse())
 
     async def ModelConfig(self, request, context):
-        return pb.ModelConfigResponse(config=self.core.model_config(request.name, request.version or None))
+        return pb.ModelConfigResponse(config=self.core.served_config(request.name, request.version or None))
 
     async def ModelStatistics(self, request, context):
         stats = self.core.statistics(request.name or None, request.version or None)
@@ -121,7 +128,7 @@ class InferenceServicer(ExtensionServicer, pb_grpc.GRPCInferenceServiceServicer)
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(self, request, context):
-        await self.core.unload_model(request.model_name)
+        await self.core.unload_model(request.model_name, unload_dependents=unload_dependents(request))
         return pb.RepositoryModelUnloadResponse()
 
     async def ModelInfer(self, request, context):

@@ -138,7 +138,7 @@ def _add_model_prefix_routes(app: FastAPI, core: InferenceCore, prefix: str) -> 
 
     @app.get(prefix + "/config", tags=["models"], summary="Model configuration (Triton ModelConfig as JSON)")
     async def config(model_name: str, model_version: str | None = None) -> Response:
-        config = core.model_config(model_name, model_version)
+        config = core.served_config(model_name, model_version)
         return json_response(config_as_json(config))
 
 
@@ -199,6 +199,18 @@ def _load_overrides(name: str, doc: dict) -> tuple[object | None, dict[str, byte
     return params.get("config"), files
 
 
+def _unload_dependents(name: str, doc: dict) -> bool:
+    """Triton's unload parameter `unload_dependents` (tritonclient always sends it, false by default)."""
+    params = doc.get("parameters")
+    params = {} if params is None else params
+    if not isinstance(params, dict):
+        raise InvalidInput(f"failed to unload '{name}': 'parameters' must be a JSON object")
+    value = params.get("unload_dependents", False)
+    if not isinstance(value, bool):
+        raise InvalidInput(f"failed to unload '{name}': 'unload_dependents' must be true or false, got {value!r:.80}")
+    return value
+
+
 def _add_repository_routes(app: FastAPI, core: InferenceCore, *, max_request_bytes: int) -> None:
     @app.post("/v2/repository/index", tags=["repository"], summary="Models in the repository and their state")
     async def index(request: Request) -> Response:
@@ -216,6 +228,6 @@ def _add_repository_routes(app: FastAPI, core: InferenceCore, *, max_request_byt
 
     @app.post("/v2/repository/models/{model_name}/unload", tags=["repository"], summary="Unload a model")
     async def unload(model_name: str, request: Request) -> Response:
-        await read_control_body(request, limit=max_request_bytes)
-        await core.unload_model(model_name)
+        doc = await read_control_body(request, limit=max_request_bytes)
+        await core.unload_model(model_name, unload_dependents=_unload_dependents(model_name, doc))
         return json_response({})

@@ -162,6 +162,21 @@ class ModelVersion:
         return text_input_name(self.spec)
 
     @cached_property
+    def served_config(self) -> mc.ModelConfig:
+        """The config as Triton returns it: instance groups named "<model>_<i>" and KIND_AUTO resolved to
+        where the instances run (clients read `kind` to tell CPU from GPU serving)."""
+        config = mc.ModelConfig()
+        config.CopyFrom(self.spec.config)
+        providers = self.pool.providers if self.pool is not None else []
+        kind = mc.ModelInstanceGroup.KIND_GPU if providers[:1] and providers[0] in GPU_PROVIDER_NAMES \
+            else mc.ModelInstanceGroup.KIND_CPU
+        for i, group in enumerate(config.instance_group):
+            group.name = group.name or f"{config.name}_{i}"
+            if group.kind == mc.ModelInstanceGroup.KIND_AUTO:
+                group.kind = kind
+        return config
+
+    @cached_property
     def _checks_values(self) -> bool:
         """Whether validation looks at values (token ids, sequence lengths), not only at the layout."""
         return any(t.name in SEQUENCE_INPUTS for t in self.spec.inputs)

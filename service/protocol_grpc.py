@@ -240,3 +240,14 @@ def load_overrides(request: pb.RepositoryModelLoadRequest) -> tuple[object | Non
             files[key[len(FILE_PREFIX):]] = param.bytes_param
     config = request.parameters["config"] if "config" in request.parameters else None
     return (param_value(config) if config is not None else None), files
+
+
+def unload_dependents(request: pb.RepositoryModelUnloadRequest) -> bool:
+    """Triton's unload parameter `unload_dependents` (a bool_param; tritonclient sends it only when true)."""
+    if "unload_dependents" not in request.parameters:
+        return False
+    value = param_value(request.parameters["unload_dependents"])
+    if not isinstance(value, bool):
+        raise InvalidInput(f"failed to unload '{request.model_name}': 'unload_dependents' must be a bool_param, "
+                           f"got {value!r:.80}")
+    return value

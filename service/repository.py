@@ -46,6 +46,9 @@ class ModelEntry:
     wanted: bool = False
     # The temporary model folder of a load with file overrides (service/modelrepo/overrides.py).
     override_dir: Path | None = None
+    # Loaded only because an ensemble needed it (Triton: "loaded along with" the ensemble): unloading that
+    # ensemble with `unload_dependents` unloads this model too, unless another loaded ensemble still uses it.
+    implicit: bool = False
 
     def latest(self) -> ModelVersion | None:
         if not self.versions:
@@ -106,14 +109,15 @@ class ModelRepository:
         if mode == "poll":
             self._poller = asyncio.create_task(self._poll_forever(), name="repository-poll")
 
-    async def load(self, name: str, override: LoadOverride | None = None) -> None:
+    async def load(self, name: str, override: LoadOverride | None = None, *, along_with: bool = False) -> None:
         """(Re)load a model from disk (or from a load request's override); new versions serve before the old
-        ones drain."""
+        ones drain. `along_with`: loaded because an ensemble being loaded calls it, not asked for by name."""
         model_dir = layout.model_dir(self.root, name)
         if (override is None or not override.files) and not layout.is_model_folder(model_dir):
             raise ModelNotFound(f"failed to load {name!r}: no model {name!r} in the model repository; found "
                                 f"{sorted(self.scan())}")
         entry = self.entries.setdefault(name, ModelEntry(name))
+        entry.implicit = along_with and (entry.implicit or not entry.wanted)
         entry.wanted = True
         async with entry.lock:
             temp = await asyncio.to_thread(overrides.materialize, override, name=name) \
@@ -189,7 +193,7 @@ class ModelRepository:
                 entry = self.entries.get(dep)
                 if (entry is None or not entry.versions) and layout.is_model_folder(self.root / dep):
                     try:
-                        await self.load(dep)
+                        await self.load(dep, along_with=True)
                     except ServingError:
                         pass  # the ensemble's load says which step cannot serve, and why
         finally:
@@ -204,11 +208,31 @@ class ModelRepository:
             self._background.add(task)
             task.add_done_callback(self._background.discard)
 
-    async def unload(self, name: str) -> None:
+    async def unload(self, name: str, *, unload_dependents: bool = False) -> None:
+        """Unload every version of `name`; with `unload_dependents` (Triton's unload parameter) also the models
+        it calls that were loaded along with it and that no other loaded ensemble calls."""
         entry = self.entries.get(name)
         if entry is None:
             raise ModelNotFound(f"unknown model {name!r}; known models are {sorted(self.entries)}")
-        entry.wanted = False
+        calls = self._calls(entry)
+        await self._unload_entry(entry)
+        if unload_dependents:
+            for dep in calls:
+                dep_entry = self.entries.get(dep)
+                if dep_entry is not None and dep_entry.implicit and dep_entry.versions \
+                        and not any(dep in self._calls(e) for e in self.entries.values()):
+                    log.info("model %s: unloading with %s (loaded along with it)", dep, name)
+                    await self.unload(dep, unload_dependents=True)
+
+    @staticmethod
+    def _calls(entry: ModelEntry) -> set[str]:
+        """The models the loaded versions of an ensemble call (empty for any other model)."""
+        return {dep for mv in entry.versions.values() if is_ensemble(mv.spec.config)
+                for dep in composing_models(mv.spec.config)}
+
+    async def _unload_entry(self, entry: ModelEntry) -> None:
+        name = entry.name
+        entry.wanted = entry.implicit = False
         async with entry.lock:
             old = list(entry.versions.values())
             entry.versions, entry.state, entry.reason = {}, UNLOADING, ""

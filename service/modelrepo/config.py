@@ -87,7 +87,11 @@ class GraphTensor:
     @classmethod
     def from_node_arg(cls, arg) -> GraphTensor:
         shape = tuple(d if isinstance(d, int) and d >= 0 else None for d in (arg.shape or []))
-        return cls(name=arg.name, datatype=ort_to_v2(arg.type), shape=shape)
+        try:
+            datatype = ort_to_v2(arg.type)
+        except ValueError as exc:  # a load failure with its reason, not an unexpected one
+            raise ModelLoadError(f"graph tensor {arg.name!r}: {exc}") from None
+        return cls(name=arg.name, datatype=datatype, shape=shape)
 
 
 def parse_config_text(text: str, *, where: str = CONFIG_FILENAME) -> mc.ModelConfig:

@@ -1,0 +1,173 @@
+"""Triton compatibility, round 4: feature parity found by driving a real server with the real tritonclient
+(HTTP, HTTP aio, gRPC, gRPC aio) the way Triton users do, each mismatch fixed and shown here
+(docs/RELIABILITY.md "Triton compatibility, round 4")."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.grpc.aio as grpcaio
+import tritonclient.http as httpclient
+import tritonclient.http.aio as httpaio
+from onnx import TensorProto
+from tritonclient.grpc import model_config_pb2
+from tritonclient.utils import InferenceServerException
+
+from loadtests import triton_qa_models as qm
+from tests.conftest import free_port, run_server
+from tests.triton_models import _identity_config, identity_onnx, save_model
+
+DTYPES = ("int32", "int32", "int32")
+ADDSUB = "onnx_int32_int32_int32"
+SIMPLE_ENSEMBLE, FAN_ENSEMBLE = f"simple_{ADDSUB}", f"fan_{ADDSUB}"
+FAN_NOP = "nop_TYPE_INT32_-1"
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    repo = tmp_path_factory.mktemp("triton_round4") / "repo"
+    repo.mkdir()
+    qm.add_infer_models(repo, only=(DTYPES,))
+    qm.add_infer_ensembles(repo, only=(DTYPES,))
+    qm.add_simple_models(repo)  # simple_identity: BYTES
+    save_model(repo / "identity_fp32", identity_onnx(TensorProto.FLOAT, ["N", "L"]),
+               _identity_config("identity_fp32", "TYPE_FP32", "-1"))
+    save_model(repo / "identity_bf16", identity_onnx(TensorProto.BFLOAT16, ["N", "L"]),
+               _identity_config("identity_bf16", "TYPE_BF16", "-1"))
+    return repo
+
+
+@pytest.fixture(scope="module")
+def urls(repo):
+    grpc_port = free_port()
+    args = ["--grpc-port", str(grpc_port), "--model-control-mode", "explicit",
+            "--load-model", SIMPLE_ENSEMBLE, "--load-model", FAN_ENSEMBLE, "--load-model", "simple_identity",
+            "--load-model", "identity_fp32"]
+    with run_server(repo, extra_args=args) as http_url:
+        yield {"http": http_url, "grpc": f"127.0.0.1:{grpc_port}"}
+
+
+@pytest.fixture(scope="module")
+def clients(urls):
+    return httpclient.InferenceServerClient(urls["http"]), grpcclient.InferenceServerClient(urls["grpc"])
+
+
+def _ready(http: httpclient.InferenceServerClient) -> set[str]:
+    return {row["name"] for row in http.get_model_repository_index() if row.get("state") == "READY"}
+
+
+def test_server_metadata_lists_the_extensions_served_by_tritons_names(clients):
+    http, grpc_ = clients
+    for extensions in (http.get_server_metadata()["extensions"], list(grpc_.get_server_metadata().extensions)):
+        for name in ("sequence", "model_configuration", "model_repository(unload_dependents)", "classification",
+                     "model_repository", "statistics", "system_shared_memory", "trace", "logging"):
+            assert name in extensions
+        assert "cuda_shared_memory" not in extensions  # registering one is refused here
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_unload_dependents_unloads_what_the_ensemble_loaded_along_with_it(clients, protocol):
+    http, grpc_ = clients
+    client = http if protocol == "http" else grpc_
+    for name in (SIMPLE_ENSEMBLE, FAN_ENSEMBLE, ADDSUB, FAN_NOP):  # as the server started: none loaded by name
+        http.unload_model(name)
+    http.load_model(SIMPLE_ENSEMBLE)
+    http.load_model(FAN_ENSEMBLE)
+    assert {SIMPLE_ENSEMBLE, FAN_ENSEMBLE, ADDSUB, FAN_NOP} <= _ready(http)
+    # The fan ensemble still calls the addsub model: it stays.
+    client.unload_model(SIMPLE_ENSEMBLE, unload_dependents=True)
+    assert SIMPLE_ENSEMBLE not in _ready(http) and ADDSUB in _ready(http)
+    # Nothing calls them any more: the models loaded along with the ensembles go with the last one.
+    client.unload_model(FAN_ENSEMBLE, unload_dependents=True)
+    assert not {FAN_ENSEMBLE, ADDSUB, FAN_NOP} & _ready(http)
+    assert not http.is_model_ready(ADDSUB) and not grpc_.is_model_ready(FAN_NOP)
+    # Without the flag the composing models keep serving (as before, and as in Triton).
+    client.load_model(SIMPLE_ENSEMBLE)
+    client.unload_model(SIMPLE_ENSEMBLE)
+    assert ADDSUB in _ready(http)
+    # A model loaded by name is not the ensemble's to unload.
+    client.load_model(ADDSUB)
+    client.load_model(SIMPLE_ENSEMBLE)
+    client.unload_model(SIMPLE_ENSEMBLE, unload_dependents=True)
+    assert ADDSUB in _ready(http) and SIMPLE_ENSEMBLE not in _ready(http)
+    http.load_model(SIMPLE_ENSEMBLE)
+
+
+def test_unload_dependents_must_be_a_boolean(urls):
+    reply = httpx.post(f"http://{urls['http']}/v2/repository/models/{SIMPLE_ENSEMBLE}/unload",
+                       json={"parameters": {"unload_dependents": "yes"}})
+    assert reply.status_code == 400 and "'unload_dependents' must be true or false" in reply.json()["error"]
+    assert httpclient.InferenceServerClient(urls["http"]).is_model_ready(SIMPLE_ENSEMBLE)
+
+
+def _bytes_request(module) -> list:
+    tensor = module.InferInput("INPUT0", [1, 2], "BYTES")
+    tensor.set_data_from_numpy(np.array([[b"a", b"b"]], dtype=object))
+    return [tensor]
+
+
+def test_classification_of_a_bytes_output_is_tritons_invalid_argument_not_a_500(clients, urls):
+    http, grpc_ = clients
+    words = "class result not available for output due to unsupported type 'BYTES'"
+    for module, client, status in ((httpclient, http, "400"), (grpcclient, grpc_, "StatusCode.INVALID_ARGUMENT")):
+        with pytest.raises(InferenceServerException, match=words) as info:
+            client.infer("simple_identity", _bytes_request(module),
+                         outputs=[module.InferRequestedOutput("OUTPUT0", class_count=1)])
+        assert info.value.status() == status
+
+    async def aio() -> None:
+        for module, client in ((httpaio, httpaio.InferenceServerClient(urls["http"])),
+                               (grpcaio, grpcaio.InferenceServerClient(urls["grpc"]))):
+            try:
+                with pytest.raises(InferenceServerException, match=words):
+                    await client.infer("simple_identity", _bytes_request(module),
+                                       outputs=[module.InferRequestedOutput("OUTPUT0", class_count=2)])
+            finally:
+                await client.close()
+
+    asyncio.run(aio())
+    stats = http.get_inference_statistics("simple_identity")["model_stats"][0]["inference_stats"]
+    assert stats["fail"]["count"] >= 4 and stats["success"]["count"] == 0
+
+
+def test_classification_over_a_million_elements_per_row_is_refused_as_in_triton(clients):
+    http, grpc_ = clients
+    data = np.ones((1, 1_000_001), dtype=np.float32)
+    for module, client in ((httpclient, http), (grpcclient, grpc_)):
+        tensor = module.InferInput("INPUT0", list(data.shape), "FP32")
+        tensor.set_data_from_numpy(data)
+        with pytest.raises(InferenceServerException, match="classification output tensor too large"):
+            client.infer("identity_fp32", [tensor], outputs=[module.InferRequestedOutput("OUTPUT0", class_count=5)])
+    # Under the limit it ranks, as Triton's qa/L0_classification checks.
+    tensor = httpclient.InferInput("INPUT0", [1, 8], "FP32")
+    tensor.set_data_from_numpy(np.ones((1, 8), dtype=np.float32))
+    result = http.infer("identity_fp32", [tensor], outputs=[httpclient.InferRequestedOutput("OUTPUT0", class_count=5)])
+    assert result.as_numpy("OUTPUT0").shape == (1, 5)
+    assert all(v.decode().startswith("1.000000:") for v in result.as_numpy("OUTPUT0").ravel())
+
+
+def test_model_config_names_instance_groups_and_says_where_they_run(clients):
+    http, grpc_ = clients
+    group = http.get_model_config("identity_fp32")["instance_group"][0]
+    assert group["name"] == "identity_fp32_0" and group["kind"] == "KIND_CPU" and group["count"] == 1
+    group = grpc_.get_model_config("identity_fp32", as_json=True)["config"]["instance_group"][0]
+    assert group["name"] == "identity_fp32_0" and group["kind"] == "KIND_CPU"
+    kind = grpc_.get_model_config("identity_fp32").config.instance_group[0].kind
+    assert model_config_pb2.ModelInstanceGroup.Kind.Name(kind) == "KIND_CPU"
+    # An ensemble has no instances of its own, as in Triton.
+    assert http.get_model_config(SIMPLE_ENSEMBLE)["instance_group"] == []
+
+
+def test_a_bf16_graph_is_refused_at_load_with_the_reason(clients):
+    http = clients[0]
+    for client in clients:
+        with pytest.raises(InferenceServerException, match="BF16 inputs and outputs are not served") as info:
+            client.load_model("identity_bf16")
+        assert info.value.status() in ("400", "StatusCode.INVALID_ARGUMENT")
+    row = next(r for r in http.get_model_repository_index() if r["name"] == "identity_bf16")
+    assert row["state"] == "UNAVAILABLE" and "tensor(bfloat16)" in row["reason"]
+    assert "ValueError" not in row["reason"]
