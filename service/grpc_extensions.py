@@ -17,7 +17,7 @@ from service.core import InferenceCore
 from service.errors import InvalidInput, ServingError
 from service.grpc_stream import stream_infer
 from service.protocol_grpc import Unparsable, grpc_status
-from service.shm import CUDA_UNSUPPORTED, cuda_region_missing
+from service.shm import cuda_region_missing, cuda_register_refused
 
 
 def _aborts_on_serving_error(method: Callable) -> Callable:
@@ -90,7 +90,7 @@ class ExtensionServicer:
         return pb.CudaSharedMemoryStatusResponse()
 
     async def CudaSharedMemoryRegister(self, request, context):
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, CUDA_UNSUPPORTED)
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, cuda_register_refused(request.name))
 
     async def CudaSharedMemoryUnregister(self, request, context):
         return pb.CudaSharedMemoryUnregisterResponse()

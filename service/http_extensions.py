@@ -15,7 +15,7 @@ from fastapi.responses import Response
 from service.access import read_control_body
 from service.core import InferenceCore
 from service.errors import InvalidInput
-from service.shm import CUDA_UNSUPPORTED, cuda_region_missing
+from service.shm import CUDA_UNSUPPORTED, cuda_region_missing, cuda_register_refused
 
 _SHM = "/v2/systemsharedmemory"
 _CUDA = "/v2/cudasharedmemory"
@@ -86,6 +86,10 @@ def _add_shm_routes(app: FastAPI, core: InferenceCore) -> None:
         return _json({})
 
     summary = "CUDA shared memory registration: not supported (answers 400 saying so)"
+
+    @app.post(_CUDA + "/region/{region}/register", tags=tags, summary=summary)
+    async def cuda_register(region: str) -> Response:
+        raise InvalidInput(cuda_register_refused(region))
 
     @app.get(_CUDA + "/{rest:path}", tags=tags, summary=summary, operation_id="cuda_shared_memory_get")
     @app.post(_CUDA + "/{rest:path}", tags=tags, summary=summary, operation_id="cuda_shared_memory_post")

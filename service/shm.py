@@ -30,6 +30,11 @@ CUDA_UNSUPPORTED = ("CUDA shared memory is not supported on this server (it runs
                     "host memory); use system shared memory (v2/systemsharedmemory) or send tensors in the request")
 
 
+def cuda_register_refused(name: str) -> str:
+    """Triton's words when built without GPU support (INVALID_ARG: HTTP 400, gRPC INVALID_ARGUMENT), then why."""
+    return f"failed to register CUDA shared memory region: '{name}', GPUs not supported: {CUDA_UNSUPPORTED}"
+
+
 def cuda_region_missing(name: str) -> str:
     return f"Unable to find cuda shared memory region: '{name}'; none can be registered: {CUDA_UNSUPPORTED}"
 

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 
 import httpx
 import numpy as np
@@ -171,3 +172,22 @@ def test_a_bf16_graph_is_refused_at_load_with_the_reason(clients):
     row = next(r for r in http.get_model_repository_index() if r["name"] == "identity_bf16")
     assert row["state"] == "UNAVAILABLE" and "tensor(bfloat16)" in row["reason"]
     assert "ValueError" not in row["reason"]
+
+
+def test_cuda_shared_memory_registration_answers_as_triton_built_without_gpus(clients, urls):
+    words = "failed to register CUDA shared memory region: 'cuda_r', GPUs not supported"
+    for client, status in zip(clients, ("400", "StatusCode.INVALID_ARGUMENT")):
+        with pytest.raises(InferenceServerException, match=words) as info:
+            client.register_cuda_shared_memory("cuda_r", base64.b64encode(b"handle"), 0, 8)
+        assert info.value.status() == status
+        assert "use system shared memory" in info.value.message()
+
+    async def aio() -> None:
+        client = grpcaio.InferenceServerClient(urls["grpc"])
+        try:
+            with pytest.raises(InferenceServerException, match=words):
+                await client.register_cuda_shared_memory("cuda_r", base64.b64encode(b"handle"), 0, 8)
+        finally:
+            await client.close()
+
+    asyncio.run(aio())

@@ -77,7 +77,7 @@ def test_cuda_shared_memory_lists_none_and_unregisters_nothing(urls):
     # Registering still says why it cannot.
     with pytest.raises(InferenceServerException, match="CUDA shared memory is not supported") as info:
         g.register_cuda_shared_memory("r", base64.b64encode(b"handle"), 0, 8)
-    assert info.value.status() == "StatusCode.UNIMPLEMENTED"
+    assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
 
 
 def test_duplicate_outputs_use_tritons_words_on_both_transports(urls):
