@@ -86,7 +86,9 @@ class Tracing:
             "trace_count": str(settings.trace_count), "log_frequency": str(settings.trace_log_frequency),
             "trace_file": str(settings.trace_file or ""), "trace_mode": settings.trace_mode,
         }
-        self._global = _Scope({k: check_setting(k, v) for k, v in defaults.items()})
+        # The start-up values: clearing a global setting (a null value) restores its one, as Triton does.
+        self._defaults = {k: check_setting(k, v) for k, v in defaults.items()}
+        self._global = _Scope(dict(self._defaults))
         self._global.remaining = int(str(self._global.values["trace_count"]))
         self._models: dict[str, _Scope] = {}
         self._lock = threading.Lock()
@@ -125,9 +127,9 @@ class Tracing:
             return self._effective(model)
 
     def update(self, model: str | None, changes: dict[str, object]) -> dict[str, Setting]:
-        """Apply Triton's update: listed settings change; a null value clears a model's override (a global
-        setting has nothing to fall back to and is kept). trace_file cannot change over the network (it names
-        a server path)."""
+        """Apply Triton's update: listed settings change; a null value clears a model's override (back to the
+        global value) or a global setting (back to its start-up value). trace_file cannot change over the
+        network (it names a server path)."""
         checked = {k: (None if v is None or v == [] else check_setting(k, v)) for k, v in changes.items()}
         if "trace_file" in checked:
             raise InvalidInput("trace file location can not be updated through network protocol; set it when the "
@@ -137,7 +139,9 @@ class Tracing:
             for key, value in checked.items():
                 if value is not None:
                     scope.values[key] = value
-                elif scope is not self._global:
+                elif scope is self._global:
+                    scope.values[key] = self._defaults[key]
+                else:
                     scope.values.pop(key, None)
             scope.seen = 0
             if "trace_count" in checked:

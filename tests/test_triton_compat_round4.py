@@ -191,3 +191,30 @@ def test_cuda_shared_memory_registration_answers_as_triton_built_without_gpus(cl
             await client.close()
 
     asyncio.run(aio())
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_clearing_trace_settings_restores_start_up_then_global_values(clients, protocol):
+    """Triton's qa/L0_trace trace_endpoint_test.py clear-settings case: a null global setting goes back to the
+    value the server started with, a null model setting back to the global one."""
+    http, grpc_ = clients
+    client = http if protocol == "http" else grpc_
+
+    def settings(model: str | None = None) -> dict:
+        if protocol == "http":
+            return http.get_trace_settings(model_name=model)
+        got = grpc_.get_trace_settings(model_name=model).settings
+        return {k: (list(v.value) if k == "trace_level" else v.value[0]) for k, v in got.items()}
+
+    start = settings()
+    client.update_trace_settings(model_name="identity_fp32", settings={"trace_rate": "12", "log_frequency": "34"})
+    client.update_trace_settings(settings={"trace_rate": "56", "trace_count": "78", "trace_level": ["OFF"]})
+    client.update_trace_settings(settings={"trace_rate": None, "trace_count": None})
+    assert settings() == {**start, "trace_level": ["OFF"]}
+    model = settings("identity_fp32")
+    assert (model["trace_rate"], model["log_frequency"], model["trace_count"]) == ("12", "34", start["trace_count"])
+    client.update_trace_settings(model_name="identity_fp32", settings={"trace_rate": None, "trace_level": None})
+    assert settings("identity_fp32") == {**start, "trace_level": ["OFF"], "log_frequency": "34"}
+    client.update_trace_settings(model_name="identity_fp32", settings={"log_frequency": None})
+    client.update_trace_settings(settings={"trace_level": None})
+    assert settings() == start == settings("identity_fp32")

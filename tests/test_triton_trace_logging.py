@@ -65,7 +65,8 @@ def test_settings_defaults_and_round_trip_over_http_and_grpc(server):
     assert list(updated["trace_rate"].value) == ["7"] and list(updated["log_frequency"].value) == ["3"]
     assert http.get_trace_settings()["trace_rate"] == "7"
     http.update_trace_settings(settings={"trace_rate": None, "log_frequency": None})
-    assert http.get_trace_settings()["trace_rate"] == "7"  # null on global settings: kept, as they have no parent
+    cleared = http.get_trace_settings()  # null on a global setting: back to its start-up value, as in Triton
+    assert cleared["trace_rate"] == "1000" and cleared["log_frequency"] == "0"
     http.update_trace_settings(settings={"trace_rate": "1000", "log_frequency": "0"})
     for bad in ({"trace_rate": "0"}, {"trace_level": ["LOUD"]}, {"trace_count": "-2"}, {"nope": "1"},
                 {"trace_file": "/tmp/elsewhere"}):
