@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+from types import SimpleNamespace
 
 import httpx
 import numpy as np
@@ -19,6 +20,8 @@ from tritonclient.grpc import model_config_pb2
 from tritonclient.utils import InferenceServerException
 
 from loadtests import triton_qa_models as qm
+from service.model import ModelVersion
+from service.modelrepo.config import read_config
 from tests.conftest import free_port, run_server
 from tests.triton_models import _identity_config, identity_onnx, save_model
 
@@ -218,3 +221,16 @@ def test_clearing_trace_settings_restores_start_up_then_global_values(clients, p
     client.update_trace_settings(model_name="identity_fp32", settings={"log_frequency": None})
     client.update_trace_settings(settings={"trace_level": None})
     assert settings() == start == settings("identity_fp32")
+
+
+def test_served_config_says_kind_gpu_for_instances_on_a_cuda_provider(repo):
+    """No GPU here: the served config of a version whose instances run on CUDA, from its spec and providers."""
+    config = read_config(repo / "identity_fp32")[0]
+    config.instance_group.add(count=1, kind=model_config_pb2.ModelInstanceGroup.KIND_AUTO)
+    config.instance_group.add(count=2, kind=model_config_pb2.ModelInstanceGroup.KIND_AUTO, name="mine")
+    version = SimpleNamespace(spec=SimpleNamespace(config=config),
+                              pool=SimpleNamespace(providers=["CUDAExecutionProvider", "CPUExecutionProvider"]))
+    served = ModelVersion.served_config.func(version)  # type: ignore[attr-defined]
+    kinds = [model_config_pb2.ModelInstanceGroup.Kind.Name(g.kind) for g in served.instance_group]
+    assert [g.name for g in served.instance_group] == ["identity_fp32_0", "mine"] and kinds == ["KIND_GPU"] * 2
+    assert config.instance_group[1].kind == model_config_pb2.ModelInstanceGroup.KIND_AUTO  # the spec is untouched
