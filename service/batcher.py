@@ -216,7 +216,8 @@ class Batcher:
             waited_ms = (self.clock() - req.enqueued) * 1e3
             set_exception_if_not_done(
                 req.future,
-                DeadlineExceeded(f"model {self.model!r}: request timed out in the queue after {waited_ms:.1f} ms"),
+                DeadlineExceeded(f"{DeadlineExceeded.TRITON_TEXT}: model {self.model!r}: request timed out in the "
+                                 f"queue after {waited_ms:.1f} ms (its queue policy's timeout)"),
             )
             self.queue.discard(req)
             self.stats.on_queue_change(len(self.queue))
@@ -277,7 +278,7 @@ class Batcher:
         return [r for r in batch if not cancel_if_hung_up(r) and not r.future.done()]
 
     def _shed_late(self, live: list[PendingRequest]) -> list[PendingRequest]:
-        """Adaptive only: answer 504 now, not late, to requests the predicted batch cost would finish too late for."""
+        """Adaptive only: answer 503 now, not late, to requests the predicted batch cost would finish too late for."""
         if not self.adaptive or all(r.deadline is None for r in live):
             return live
         now, rows = self.clock(), sum(r.rows for r in live)
@@ -289,7 +290,8 @@ class Batcher:
             predicted = self.planner.cost.predict(self._units(live)) or 0.0
             left_ms = ((r.deadline or now) - now) * 1e3
             set_exception_if_not_done(r.future, DeadlineExceeded(
-                f"model {self.model!r}: shed before running: a batch of {rows} rows is predicted to take "
+                f"{DeadlineExceeded.TRITON_TEXT}: model {self.model!r}: shed before running: a batch of {rows} "
+                f"rows is predicted to take "
                 f"{predicted * 1e3:.1f} ms and the request's queue timeout leaves {left_ms:.1f} ms"))
         return kept
 

@@ -59,8 +59,13 @@ class QueueFull(ServingError):
 
 
 class DeadlineExceeded(ServingError):
-    status_code = 504
+    """A request its queue policy's timeout rejects. Triton answers UNAVAILABLE "Request timeout expired" (HTTP
+    503); DEADLINE_EXCEEDED / 504 would read, to a gRPC client, as its own deadline having passed."""
+
+    status_code = 503
     failure_reason = "REJECTED"
+    # Triton's words (its QA test of queue-policy timeouts compares them); messages start with them.
+    TRITON_TEXT: ClassVar[str] = "Request timeout expired"
 
 
 class RequestCancelled(ServingError):

@@ -155,8 +155,8 @@ def _document_infer_routes(app: FastAPI) -> None:
             "Binary tensor data extension: send the JSON header, then the raw tensor bytes, with header "
             "`Inference-Header-Content-Length` giving the JSON length and `parameters.binary_data_size` on each "
             "binary input; ask for binary outputs with `parameters.binary_data_output` or per-output "
-            "`binary_data`. Errors: 400 bad input, 404 unknown model/version, 413 too large, 503 not ready or "
-            "queue full (Retry-After), 504 timed out in the queue."
+            "`binary_data`. Errors: 400 bad input, 404 unknown model/version, 413 too large, 503 not ready, "
+            "queue full (Retry-After) or timed out in the queue (\"Request timeout expired\")."
         ),
         "requestBody": {"required": True, "content": {_JSON: {"example": example},
                                                       "application/octet-stream": {}}},

@@ -2,7 +2,7 @@
 
 Kept: requests in flight together still form one batch; a model's own `adaptive_batching: false` keeps Triton's
 fixed delay even when the server turns adaptive on. Changed: a request whose queue timeout the predicted batch
-cost would miss is answered 504 at once, before any compute is spent on it. Delays that matter are a minute
+cost would miss is answered 503 at once, before any compute is spent on it. Delays that matter are a minute
 long, so a batch that forms did so because of the decision under test, never because of timing.
 """
 
@@ -84,7 +84,7 @@ async def test_a_model_can_keep_tritons_fixed_delay_when_the_server_is_adaptive(
     assert _reason_count(metrics, model="triton_delay", reason="adaptive") == 0
 
 
-async def test_a_request_the_predicted_run_would_make_late_gets_504_before_any_compute(repo):
+async def test_a_request_the_predicted_run_would_make_late_gets_503_before_any_compute(repo):
     async with inprocess_server(repo, adaptive_batching=True, warmup=False) as (_, client):
         first = await client.post("/v2/models/slow/infer", json=_body(1.0, width=1, parameters={"timeout": 600_000_000}))
         assert first.status_code == 200, first.text  # one run teaches the planner what a run costs
@@ -92,7 +92,7 @@ async def test_a_request_the_predicted_run_would_make_late_gets_504_before_any_c
         late = await client.post("/v2/models/slow/infer", json=_body(1.0, width=1, parameters={"timeout": 50_000}))
         after = await _stats(client, "slow")
         ok = await client.post("/v2/models/slow/infer", json=_body(2.0, width=1, parameters={"timeout": 600_000_000}))
-    assert late.status_code == 504, late.text
+    assert late.status_code == 503, late.text
     error = late.json()["error"]
     assert "shed before running" in error and "queue timeout leaves" in error, error
     assert after["execution_count"] == before["execution_count"], "compute was spent on a request shed as late"

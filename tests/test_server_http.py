@@ -263,7 +263,7 @@ def test_request_timing_out_in_queue_is_never_run(client, url):
         late = pool.submit(_post_slow, url, "slow_timeout", timeout_us=1000)
         timed_out = late.result()
         assert [b.result().status_code for b in blockers] == [200, 200, 200]
-    assert timed_out.status_code == 504 and "timed out in the queue" in timed_out.json()["error"], timed_out.text
+    assert timed_out.status_code == 503 and "timed out in the queue" in timed_out.json()["error"], timed_out.text
     after = _stats(client, "slow_timeout")
     assert after["execution_count"] - before["execution_count"] == 3
     assert after["inference_stats"]["fail"]["count"] - before["inference_stats"]["fail"]["count"] == 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures as cf
 from types import SimpleNamespace
 
 import httpx
@@ -22,7 +23,8 @@ from tritonclient.utils import InferenceServerException
 from loadtests import triton_qa_models as qm
 from service.model import ModelVersion
 from service.modelrepo.config import read_config
-from tests.conftest import free_port, run_server
+from tests.conftest import free_port, run_server, wait_until
+from tests.onnx_builders import slow_model, write_config
 from tests.triton_models import _identity_config, identity_onnx, save_model
 
 DTYPES = ("int32", "int32", "int32")
@@ -42,6 +44,9 @@ def repo(tmp_path_factory):
                _identity_config("identity_fp32", "TYPE_FP32", "-1"))
     save_model(repo / "identity_bf16", identity_onnx(TensorProto.BFLOAT16, ["N", "L"]),
                _identity_config("identity_bf16", "TYPE_BF16", "-1"))
+    slow_model(repo / "slow_timeout" / "1" / "model.onnx", repeats=300)
+    write_config(repo / "slow_timeout", 'max_batch_size: 1\ndynamic_batching { default_queue_policy { '
+                 'allow_timeout_override: true } }\ninstance_group [{ count: 1 kind: KIND_CPU }]\n')
     return repo
 
 
@@ -50,8 +55,8 @@ def urls(repo):
     grpc_port = free_port()
     args = ["--grpc-port", str(grpc_port), "--model-control-mode", "explicit",
             "--load-model", SIMPLE_ENSEMBLE, "--load-model", FAN_ENSEMBLE, "--load-model", "simple_identity",
-            "--load-model", "identity_fp32"]
-    with run_server(repo, extra_args=args) as http_url:
+            "--load-model", "identity_fp32", "--load-model", "slow_timeout"]
+    with run_server(repo, extra_args=args, env={"MODELSERVE_WARMUP": "false"}) as http_url:
         yield {"http": http_url, "grpc": f"127.0.0.1:{grpc_port}"}
 
 
@@ -234,3 +239,36 @@ def test_served_config_says_kind_gpu_for_instances_on_a_cuda_provider(repo):
     kinds = [model_config_pb2.ModelInstanceGroup.Kind.Name(g.kind) for g in served.instance_group]
     assert [g.name for g in served.instance_group] == ["identity_fp32_0", "mine"] and kinds == ["KIND_GPU"] * 2
     assert config.instance_group[1].kind == model_config_pb2.ModelInstanceGroup.KIND_AUTO  # the spec is untouched
+
+
+def _pending(url: str, model: str) -> float:
+    series = f'nv_inference_pending_request_count{{model="{model}",version="1"}} '
+    lines = httpx.get(f"http://{url}/metrics", timeout=30).text.splitlines()
+    return next((float(line.split()[-1]) for line in lines if line.startswith(series)), 0.0)
+
+
+def _slow_request(module) -> list:
+    tensor = module.InferInput("x", [1, 1], "FP32")
+    tensor.set_data_from_numpy(np.ones((1, 1), dtype=np.float32))
+    return [tensor]
+
+
+def test_a_queue_policy_timeout_is_tritons_unavailable_request_timeout_expired(clients, urls):
+    """Triton's QA test of queue-policy timeouts: UNAVAILABLE "Request timeout expired" (was DEADLINE_EXCEEDED,
+    which a gRPC client reads as its own deadline passing)."""
+    grpc_ = clients[1]
+    with cf.ThreadPoolExecutor(4) as pool:
+        blockers = [pool.submit(httpclient.InferenceServerClient(urls["http"], network_timeout=300).infer,
+                                "slow_timeout", _slow_request(httpclient)) for _ in range(3)]
+        wait_until(lambda: _pending(urls["http"], "slow_timeout") >= 1, what="a request queued behind a running one")
+        late = {"grpc": pool.submit(grpc_.infer, "slow_timeout", _slow_request(grpcclient), timeout=1000),
+                "http": pool.submit(httpclient.InferenceServerClient(urls["http"]).infer, "slow_timeout",
+                                    _slow_request(httpclient), timeout=1000)}
+        for protocol, status in (("grpc", "StatusCode.UNAVAILABLE"), ("http", "503")):
+            with pytest.raises(InferenceServerException) as info:
+                late[protocol].result()
+            assert info.value.status() == status
+            assert info.value.message().startswith("Request timeout expired: ")
+            assert "timed out in the queue" in info.value.message()
+        for blocker in blockers:
+            blocker.result()

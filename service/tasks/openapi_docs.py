@@ -44,8 +44,7 @@ _ERRORS = {
     "400": {"description": "Bad input (not an image, truncated WAV, empty text at index i, bad k, ...)",
             "content": {"application/json": {"example": {"error": "text 1 is empty; expected non-empty text"}}}},
     "404": {"description": "Unknown model"},
-    "503": {"description": "Model not ready, or its queue is full (Retry-After)"},
-    "504": {"description": "Timed out in the queue"},
+    "503": {"description": "Model not ready, its queue is full (Retry-After), or timed out in the queue"},
     "413": {"description": "Body, image or audio too large",
             "content": {"application/json": {"example": {
                 "error": "request body of 70000000 bytes exceeds the limit of 67108864 bytes"}}}},
