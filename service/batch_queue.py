@@ -82,7 +82,9 @@ class AdmissionQueue:
 
     def put(self, req: PendingRequest, *, model: str) -> None:
         if self.max_size and len(self._items) >= self.max_size:
-            raise QueueFull(f"model {model!r}: queue is full ({self.max_size} requests waiting); retry later")
+            # NOTE: Triton's words first (its QA tests look for them), then ours.
+            raise QueueFull(f"Exceeds maximum queue size: model {model!r}: queue is full ({self.max_size} requests "
+                            "waiting); retry later")
         self._items.append(req)
         self._arrived.set()
 

@@ -47,6 +47,9 @@ def repo(tmp_path_factory):
     slow_model(repo / "slow_timeout" / "1" / "model.onnx", repeats=300)
     write_config(repo / "slow_timeout", 'max_batch_size: 1\ndynamic_batching { default_queue_policy { '
                  'allow_timeout_override: true } }\ninstance_group [{ count: 1 kind: KIND_CPU }]\n')
+    slow_model(repo / "slow_full" / "1" / "model.onnx", repeats=300)
+    write_config(repo / "slow_full", 'max_batch_size: 1\ndynamic_batching { default_queue_policy { '
+                 'max_queue_size: 1 } }\ninstance_group [{ count: 1 kind: KIND_CPU }]\n')
     return repo
 
 
@@ -55,7 +58,8 @@ def urls(repo):
     grpc_port = free_port()
     args = ["--grpc-port", str(grpc_port), "--model-control-mode", "explicit",
             "--load-model", SIMPLE_ENSEMBLE, "--load-model", FAN_ENSEMBLE, "--load-model", "simple_identity",
-            "--load-model", "identity_fp32", "--load-model", "slow_timeout"]
+            "--load-model", "identity_fp32", "--load-model", "slow_timeout",
+            "--load-model", "slow_full"]
     with run_server(repo, extra_args=args, env={"MODELSERVE_WARMUP": "false"}) as http_url:
         yield {"http": http_url, "grpc": f"127.0.0.1:{grpc_port}"}
 
@@ -272,3 +276,26 @@ def test_a_queue_policy_timeout_is_tritons_unavailable_request_timeout_expired(c
             assert "timed out in the queue" in info.value.message()
         for blocker in blockers:
             blocker.result()
+
+
+
+def _infer_or_error(module, url: str) -> InferenceServerException | None:
+    try:
+        module.InferenceServerClient(url).infer("slow_full", _slow_request(module))
+    except InferenceServerException as exc:
+        return exc
+    return None
+
+
+def test_a_full_queue_is_tritons_unavailable_exceeds_maximum_queue_size(urls):
+    """One running, one queued (max_queue_size 1): of three HTTP and three gRPC requests sent at once, at least
+    one of each is refused, with Triton's status and words."""
+    calls = [(httpclient, urls["http"])] * 3 + [(grpcclient, urls["grpc"])] * 3
+    with cf.ThreadPoolExecutor(len(calls)) as pool:
+        errors = list(pool.map(lambda call: _infer_or_error(*call), calls))
+    refused = {"503": 0, "StatusCode.UNAVAILABLE": 0}
+    for error in errors:
+        if error is not None:
+            assert error.message().startswith("Exceeds maximum queue size: "), error.message()
+            refused[error.status()] += 1
+    assert refused["503"] >= 1 and refused["StatusCode.UNAVAILABLE"] >= 1, errors
