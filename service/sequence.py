@@ -28,7 +28,7 @@ import numpy as np
 
 from service.batcher import BatcherStats, BatchResult
 from service.errors import BackendError, InvalidInput, ModelNotReady, RequestCancelled, ServingError
-from service.sequence_config import SequenceId, SequencePolicy
+from service.sequence_config import SequenceId, SequencePolicy, corrid_value
 
 log = logging.getLogger("modelserve.sequence")
 
@@ -105,6 +105,9 @@ class SequenceBatcher:
         if not self.accepting:
             raise ModelNotReady(f"model {self.model!r} is unloading; not accepting new requests")
         sid, start, end = sequence_flags(parameters, model=self.model)
+        for control in self.policy.controls:  # a CORRID the model cannot take fails now, not in its batch
+            if control.kind == "CORRID":
+                corrid_value(sid, dtype=control.dtype, model=self.model)
         if self.batched and rows != 1:
             raise InvalidInput(f"model {self.model!r} uses sequence batching: each request carries one step of "
                                f"one sequence (batch size 1), got batch size {rows}")

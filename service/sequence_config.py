@@ -12,7 +12,7 @@ from typing import Literal
 import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 
-from service.datatypes import V2_TO_NUMPY, config_to_v2
+from service.datatypes import NUMPY_TO_V2, V2_TO_NUMPY, config_to_v2
 from service.errors import InvalidInput, ModelLoadError
 
 # Triton's default max_sequence_idle_microseconds.
@@ -39,7 +39,7 @@ class ControlInput:
 
     def value(self, *, flag: bool, corrid: SequenceId = 0) -> object:
         if self.kind == "CORRID":
-            return corrid_value(corrid, dtype=self.dtype, name=self.name)
+            return corrid_value(corrid, dtype=self.dtype)
         return self.true_value if flag else self.false_value
 
 
@@ -70,16 +70,20 @@ class SequencePolicy:
         return {s.output_name for s in self.states}
 
 
-def corrid_value(corrid: SequenceId, *, dtype: np.dtype, name: str) -> object:
-    """A sequence id as the CORRID control's datatype; string ids must be decimal for an integer CORRID."""
+def corrid_value(corrid: SequenceId, *, dtype: np.dtype, model: str = "") -> object:
+    """A sequence id as the CORRID control's datatype. NOTE: more lenient than Triton, which refuses a string
+    id for an integer CORRID and an integer id for a string one: a decimal string id is taken as its number,
+    an integer id as its decimal string."""
     if dtype == np.object_:
         return str(corrid).encode()
     try:
         return int(corrid)
     except ValueError:
+        # Triton's words first (qa/L0_sequence_corrid_batcher compares them), then what would work.
         raise InvalidInput(
-            f"control input {name!r} is an integer correlation ID, got the string sequence id {corrid!r}; "
-            "send an integer sequence_id (or a decimal string)"
+            f"sequence batching control 'CORRID' data-type is 'BYTES', but model '{model}' expects "
+            f"'{NUMPY_TO_V2[np.dtype(dtype)]}': got the string sequence id {corrid!r}; send an integer sequence_id "
+            "(or a decimal string)"
         ) from None
 
 

@@ -26,6 +26,7 @@ from service.modelrepo.config import read_config
 from tests.conftest import free_port, run_server, wait_until
 from tests.onnx_builders import slow_model, write_config
 from tests.triton_models import _identity_config, identity_onnx, save_model
+from tests.triton_sequence_models import simple_dyna_sequence
 
 DTYPES = ("int32", "int32", "int32")
 ADDSUB = "onnx_int32_int32_int32"
@@ -47,6 +48,7 @@ def repo(tmp_path_factory):
     slow_model(repo / "slow_timeout" / "1" / "model.onnx", repeats=300)
     write_config(repo / "slow_timeout", 'max_batch_size: 1\ndynamic_batching { default_queue_policy { '
                  'allow_timeout_override: true } }\ninstance_group [{ count: 1 kind: KIND_CPU }]\n')
+    simple_dyna_sequence(repo)  # CORRID: UINT64
     slow_model(repo / "slow_full" / "1" / "model.onnx", repeats=300)
     write_config(repo / "slow_full", 'max_batch_size: 1\ndynamic_batching { default_queue_policy { '
                  'max_queue_size: 1 } }\ninstance_group [{ count: 1 kind: KIND_CPU }]\n')
@@ -59,7 +61,7 @@ def urls(repo):
     args = ["--grpc-port", str(grpc_port), "--model-control-mode", "explicit",
             "--load-model", SIMPLE_ENSEMBLE, "--load-model", FAN_ENSEMBLE, "--load-model", "simple_identity",
             "--load-model", "identity_fp32", "--load-model", "slow_timeout",
-            "--load-model", "slow_full"]
+            "--load-model", "slow_full", "--load-model", "simple_dyna_sequence"]
     with run_server(repo, extra_args=args, env={"MODELSERVE_WARMUP": "false"}) as http_url:
         yield {"http": http_url, "grpc": f"127.0.0.1:{grpc_port}"}
 
@@ -299,3 +301,26 @@ def test_a_full_queue_is_tritons_unavailable_exceeds_maximum_queue_size(urls):
             assert error.message().startswith("Exceeds maximum queue size: "), error.message()
             refused[error.status()] += 1
     assert refused["503"] >= 1 and refused["StatusCode.UNAVAILABLE"] >= 1, errors
+
+
+def _sequence_step(module, value: int) -> list:
+    tensor = module.InferInput("INPUT", [1, 1], "INT32")
+    tensor.set_data_from_numpy(np.array([[value]], dtype=np.int32))
+    return [tensor]
+
+
+def test_a_string_correlation_id_for_an_integer_corrid_is_refused_with_tritons_words(clients):
+    """qa/L0_sequence_corrid_batcher test_corrid_data_type: a string id to a model whose CORRID is UINT64."""
+    words = ("sequence batching control 'CORRID' data-type is 'BYTES', but model 'simple_dyna_sequence' expects "
+             "'UINT64'")
+    for module, client, status in ((httpclient, clients[0], "400"),
+                                   (grpcclient, clients[1], "StatusCode.INVALID_ARGUMENT")):
+        with pytest.raises(InferenceServerException, match=words) as info:
+            client.infer("simple_dyna_sequence", _sequence_step(module, 1), sequence_id="corrid", sequence_start=True)
+        assert info.value.status() == status
+        with pytest.raises(InferenceServerException, match=words):  # any step of it, refused before queueing
+            client.infer("simple_dyna_sequence", _sequence_step(module, 2), sequence_id="corrid", sequence_end=True)
+        # An integer id runs: OUTPUT = INPUT + START, then INPUT + END * CORRID.
+        started = client.infer("simple_dyna_sequence", _sequence_step(module, 5), sequence_id=123, sequence_start=True)
+        ended = client.infer("simple_dyna_sequence", _sequence_step(module, 5), sequence_id=123, sequence_end=True)
+        assert started.as_numpy("OUTPUT").item() == 6 and ended.as_numpy("OUTPUT").item() == 128
