@@ -276,9 +276,8 @@ class InferenceCore:
                                    "name each output once")
             seen.add(o.name)
             if o.name not in mv.output_names:  # the spec's outputs, in a list: no per-request search of specs
-                raise InvalidInput(
-                    f"model {mv.name!r}: unknown output {o.name!r}; expected one of {mv.output_names}"
-                )
+                raise InvalidInput(f"unexpected inference output '{o.name}' for model '{mv.name}': unknown "
+                                   f"output; expected one of {mv.output_names}")
             if o.class_count > 0:
                 datatype = next(t.datatype for t in mv.spec.outputs if t.name == o.name)
                 if datatype in UNCLASSIFIABLE:

@@ -352,7 +352,9 @@ class ModelVersion:
         expected = {t.name for t in spec.inputs}
         unknown = set(inputs) - expected
         if unknown:
-            raise InvalidInput(f"model {spec.name!r}: unexpected input(s) {sorted(unknown)}; expected {sorted(expected)}")
+            # Triton's words first (its clients' tests look for them), then every input that is not the model's.
+            raise InvalidInput(f"unexpected inference input '{min(unknown)}' for model '{spec.name}': unexpected "
+                               f"input(s) {sorted(unknown)}; expected {sorted(expected)}")
         missing = [t.name for t in spec.inputs if not t.optional and t.name not in inputs]
         if missing:
             raise InvalidInput(_missing_inputs_message(spec, got=list(inputs), missing=missing))

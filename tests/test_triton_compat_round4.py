@@ -324,3 +324,17 @@ def test_a_string_correlation_id_for_an_integer_corrid_is_refused_with_tritons_w
         started = client.infer("simple_dyna_sequence", _sequence_step(module, 5), sequence_id=123, sequence_start=True)
         ended = client.infer("simple_dyna_sequence", _sequence_step(module, 5), sequence_id=123, sequence_end=True)
         assert started.as_numpy("OUTPUT").item() == 6 and ended.as_numpy("OUTPUT").item() == 128
+
+
+def test_unknown_input_and_output_names_get_tritons_words(clients):
+    for module, client in zip((httpclient, grpcclient), clients):
+        wrong = module.InferInput("WRONG", [1, 2], "FP32")
+        wrong.set_data_from_numpy(np.ones((1, 2), dtype=np.float32))
+        with pytest.raises(InferenceServerException,
+                           match="unexpected inference input 'WRONG' for model 'identity_fp32'"):
+            client.infer("identity_fp32", [wrong])
+        right = module.InferInput("INPUT0", [1, 2], "FP32")
+        right.set_data_from_numpy(np.ones((1, 2), dtype=np.float32))
+        with pytest.raises(InferenceServerException,
+                           match="unexpected inference output 'NOPE' for model 'identity_fp32'"):
+            client.infer("identity_fp32", [right], outputs=[module.InferRequestedOutput("NOPE")])
