@@ -18,6 +18,7 @@ import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 
 from service import __version__
+from service.classification import check_classifiable, classify
 from service.errors import InvalidInput, ModelControlUnavailable, PayloadTooLarge, RequestCancelled, ServingError
 from service.log_settings import LogSettings
 from service.metrics import Metrics
@@ -78,27 +79,6 @@ class TaskModel:
 
     version: ModelVersion
     processor: Processor
-
-
-# NOTE: Triton's limit and words (qa/L0_classification checks both); FP16 is ranked here too (Triton 2021 did).
-MAX_CLASSIFICATION_ELEMENTS = 1_000_000
-UNCLASSIFIABLE = frozenset({"BYTES", "BOOL", "BF16"})
-
-
-def classify(data: np.ndarray, *, k: int, labels: list[str] | None, batched: bool) -> np.ndarray:
-    """Triton's classification extension: top-k "value:index[:label]" strings per batch row."""
-    rows = data.reshape(data.shape[0], -1) if batched else data.reshape(1, -1)
-    if rows.shape[1] > MAX_CLASSIFICATION_ELEMENTS:
-        raise InvalidInput(f"classification output tensor too large: {rows.shape[1]} elements per row; at most "
-                           f"{MAX_CLASSIFICATION_ELEMENTS} can be ranked")
-    k = min(k, rows.shape[1])
-    idx = np.argsort(-rows, axis=1, kind="stable")[:, :k]
-    out = np.empty((rows.shape[0], k), dtype=object)
-    for r in range(rows.shape[0]):
-        for j, i in enumerate(idx[r]):
-            label = f":{labels[i]}" if labels and i < len(labels) else ""
-            out[r, j] = f"{rows[r, i]:f}:{i}{label}".encode()
-    return out if batched else out.reshape(k)
 
 
 def _stop_if_gone(gone: Callable[[], bool], model: str) -> None:
@@ -280,10 +260,7 @@ class InferenceCore:
                                    f"output; expected one of {mv.output_names}")
             if o.class_count > 0:
                 datatype = next(t.datatype for t in mv.spec.outputs if t.name == o.name)
-                if datatype in UNCLASSIFIABLE:
-                    raise InvalidInput(f"class result not available for output due to unsupported type "
-                                       f"'{datatype}': output {o.name!r} of model {mv.name!r}; classification "
-                                       "ranks numeric outputs only, ask for it without 'classification'")
+                check_classifiable(datatype, output=o.name, model=mv.name)
         return requested
 
     @staticmethod
