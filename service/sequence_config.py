@@ -25,6 +25,9 @@ _KINDS = {
 }
 
 SequenceId = int | str
+# The datatypes Triton allows for a CORRID control, as V2 datatypes.
+_CONFIG_CORRID_TYPES = {mc.TYPE_UINT64: "UINT64", mc.TYPE_INT64: "INT64", mc.TYPE_UINT32: "UINT32",
+                        mc.TYPE_INT32: "INT32", mc.TYPE_STRING: "BYTES"}
 
 
 @dataclass(frozen=True)
@@ -77,7 +80,7 @@ def corrid_value(corrid: SequenceId, *, dtype: np.dtype, model: str = "") -> obj
     if dtype == np.object_:
         return str(corrid).encode()
     try:
-        return int(corrid)
+        value = int(corrid)
     except ValueError:
         # Triton's words first (qa/L0_sequence_corrid_batcher compares them), then what would work.
         raise InvalidInput(
@@ -85,6 +88,11 @@ def corrid_value(corrid: SequenceId, *, dtype: np.dtype, model: str = "") -> obj
             f"'{NUMPY_TO_V2[np.dtype(dtype)]}': got the string sequence id {corrid!r}; send an integer sequence_id "
             "(or a decimal string)"
         ) from None
+    limits = np.iinfo(dtype)
+    if not limits.min <= value <= limits.max:  # fed as that integer type: out of range is the client's error
+        raise InvalidInput(f"parameter 'sequence_id': {corrid!r} does not fit the CORRID control of model "
+                           f"'{model}' ({NUMPY_TO_V2[np.dtype(dtype)]}: {limits.min} to {limits.max})")
+    return value
 
 
 def _control(name: str, ctrl: mc.ModelSequenceBatching.Control, *, model: str) -> ControlInput:
@@ -92,7 +100,12 @@ def _control(name: str, ctrl: mc.ModelSequenceBatching.Control, *, model: str) -
     if kind is None:
         raise ModelLoadError(f"model {model!r} control input {name!r}: unsupported control kind {ctrl.kind}")
     if kind == "CORRID":
-        return ControlInput(name, kind, V2_TO_NUMPY[config_to_v2(ctrl.data_type)])
+        datatype = _CONFIG_CORRID_TYPES.get(ctrl.data_type)
+        if datatype is None:
+            raise ModelLoadError(f"model {model!r} control input {name!r}: a CORRID control's data_type must be "
+                                 f"one of {', '.join(mc.DataType.Name(t) for t in _CONFIG_CORRID_TYPES)}, got "
+                                 f"{mc.DataType.Name(ctrl.data_type)}")
+        return ControlInput(name, kind, V2_TO_NUMPY[datatype])
     for attr, dtype in (("int32_false_true", np.int32), ("fp32_false_true", np.float32),
                         ("bool_false_true", np.bool_)):
         values = list(getattr(ctrl, attr))

@@ -338,3 +338,25 @@ def test_unknown_input_and_output_names_get_tritons_words(clients):
         with pytest.raises(InferenceServerException,
                            match="unexpected inference output 'NOPE' for model 'identity_fp32'"):
             client.infer("identity_fp32", [right], outputs=[module.InferRequestedOutput("NOPE")])
+
+
+@pytest.mark.parametrize("sequence_id", [-5, "-7", "99999999999999999999999"])
+def test_a_correlation_id_outside_the_corrid_type_is_a_400_not_a_500(urls, sequence_id):
+    """HTTP JSON can carry what tritonclient cannot: ids a UINT64 CORRID cannot hold (was 500 "inference failed:
+    Python integer -5 out of bounds for uint64", raised while the batch was built)."""
+    body = {"inputs": [{"name": "INPUT", "shape": [1, 1], "datatype": "INT32", "data": [1]}],
+            "parameters": {"sequence_id": sequence_id, "sequence_start": True}}
+    reply = httpx.post(f"http://{urls['http']}/v2/models/simple_dyna_sequence/infer", json=body)
+    assert reply.status_code == 400, reply.text
+    assert "does not fit the CORRID control of model 'simple_dyna_sequence' (UINT64" in reply.json()["error"]
+
+
+def test_a_corrid_control_of_another_type_fails_to_load_with_the_reason(repo, clients):
+    folder = repo / "corrid_fp32"
+    simple_dyna_sequence(repo, name="corrid_fp32")
+    config = (folder / "config.pbtxt").read_text().replace("data_type: TYPE_UINT64", "data_type: TYPE_FP32")
+    (folder / "config.pbtxt").write_text(config)
+    with pytest.raises(InferenceServerException,
+                       match=r"a CORRID control's data_type must be one of TYPE_UINT64, .*got TYPE_FP32") as info:
+        clients[0].load_model("corrid_fp32")
+    assert info.value.status() == "400"
