@@ -95,7 +95,7 @@ async def test_full_queue_rejects():
     first = submit(b, 0)
     await until(model.started.is_set, "first request running")
     queued = [submit(b, 1), submit(b, 2)]
-    with pytest.raises(QueueFull, match="^Exceeds maximum queue size: .*queue is full"):
+    with pytest.raises(QueueFull, match=r"^Exceeds maximum queue size: .*queue is full"):
         submit(b, 3)
     model.gate.set()
     await asyncio.wait_for(asyncio.gather(first, *queued), timeout=10)
