@@ -412,3 +412,33 @@ def test_sigterm_answers_every_request_received_with_connection_close(tmp_path):
     assert sum(b"connection: close\r\n" in a for a in answers) >= queued and all(closed)
     got = [orjson.loads(body_of(a))["outputs"][0]["data"][0] for a in answers]
     np.testing.assert_allclose(got, slow_answer(xs).ravel(), rtol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------- tracing
+
+def _trace_shapes(path: Path) -> list[tuple[str, tuple, tuple, str]]:
+    """Per trace (in the order roots were written): root name, its attributes (timing-free), child span names,
+    its status."""
+    spans = [orjson.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    roots = [s for s in spans if s["parent_id"] is None]
+    shapes = []
+    for root in roots:
+        children = sorted(s["name"] for s in spans
+                          if s["context"]["trace_id"] == root["context"]["trace_id"] and s is not root)
+        attributes = tuple(sorted((k, str(v)) for k, v in root["attributes"].items() if "time" not in k))
+        shapes.append((root["name"], attributes, tuple(children), str(root.get("status"))))
+    return shapes
+
+
+def test_sampled_requests_are_traced_as_on_the_asgi_route(repo, tmp_path):
+    shapes = {}
+    for on in (True, False):
+        trace_file = tmp_path / f"trace-{on}.jsonl"
+        with loopback(repo, http_protocol_infer=on, trace_file=trace_file, trace_level=["TIMESTAMPS"],
+                      trace_rate=1) as lb:
+            answers = exchange(lb, [CASES["binary"], CASES["400 model shape"], CASES["json"]], one_write=False)
+            assert [status_of(a) for a in answers] == [200, 400, 200]
+            shapes[on] = wait_until(lambda: len(s := _trace_shapes(trace_file)) >= 3 and s,  # noqa: B023
+                                    what="three traces written")
+    assert shapes[True] == shapes[False]
+    assert shapes[True][0][2] == ("compute", "decode", "encode", "queue") and "ERROR" in shapes[True][1][3]
