@@ -70,6 +70,17 @@ def repo(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def slower_repo(tmp_path_factory) -> Path:
+    """`scale` and a model slow enough (~1 s a row) for a client to leave while its request runs."""
+    root = tmp_path_factory.mktemp("protocol_infer_slower") / "models"
+    scale_model(root / "scale" / "1" / "model.onnx")
+    write_config(root / "scale", "max_batch_size: 8\ndynamic_batching { }\n")
+    slow_model(root / "slower" / "1" / "model.onnx", size=384, repeats=200)
+    write_config(root / "slower", "max_batch_size: 1\n")
+    return root
+
+
 # ---------------------------------------------------------------------------------------------- helpers
 
 class ListHandler(logging.Handler):
@@ -322,16 +333,33 @@ def test_answers_wait_for_a_paused_writer_and_arrive_whole(repo):
         assert data.shape == (WIDE,) and (data == value).all()
 
 
-def test_a_client_that_leaves_before_its_answer_leaves_nothing_behind(repo, caplog):
-    with loopback(repo) as lb:
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_a_client_that_leaves_before_its_answer_leaves_nothing_behind(slower_repo, caplog, pipelined):
+    """Nothing is written to the closed connection and nothing logged, also when the request running is not the
+    connection's latest (pipelined: one answered, the running one, one waiting behind it)."""
+    with loopback(slower_repo) as lb:
         with caplog.at_level(logging.WARNING):
             with lb.connect() as sock:
-                sock.sendall(raw("/v2/models/slow/infer", SLOW_BODY))
-                wait_until(lambda: lb.in_flight == 1, what="the request to be taken")
-            wait_until(lambda: lb.in_flight == 0 and not lb.connections(), what="the request given up")
+                slower = raw("/v2/models/slower/infer", SLOW_BODY)
+                sock.sendall(CASES["json"] + slower + CASES["json"] if pipelined else slower)
+                if pipelined:
+                    assert status_of(Reader(sock).answer()) == 200
+                wait_until(lambda: lb.in_flight == 1 and _queued(lb, "slower") == 0, what="the request running")
+            wait_until(lambda: len(lb.connections()) == 0, what="the connection lost")
+            assert lb.in_flight == 1, "the request finished before the client left: the test shows nothing"
+            wait_until(lambda: lb.in_flight == 0, what="the request given up")
             assert status_of(exchange(lb, [CASES["json"]])[0]) == 200
         assert lb.tasks == 0
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+
+
+def _queued(lb: Loopback, model: str) -> int:
+    """Requests of `model` waiting in its queue (not yet running), from Triton's pending-count metric."""
+    with lb.connect() as sock:
+        sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n")
+        text = body_of(Reader(sock).answer()).decode()
+    line = next(line for line in text.splitlines() if line.startswith(f'nv_inference_pending_request_count{{model="{model}"'))
+    return int(float(line.rsplit(" ", 1)[1]))
 
 
 def test_keep_alive_timeout_closes_an_idle_connection_after_a_protocol_answer(repo):
