@@ -17,7 +17,7 @@ import hmac
 import ipaddress
 import logging
 import re
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -192,17 +192,23 @@ class AccessMiddleware:
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] == "http":
-            headers: list[tuple[bytes, bytes]] = scope["headers"]
-
-            def values(name: str) -> list[bytes]:
-                key = name.encode()
-                return [v for k, v in headers if k == key]
-
-            error = self.policy.check(classify_http(scope["method"], scope["path"]), values)
+            error = http_denial(self.policy, scope)
             if error is not None:
                 await _send_error(send, error, openai=scope["path"] in OPENAI_PATHS)
                 return
         await self.app(scope, receive, send)
+
+
+def http_denial(policy: AccessPolicy, scope: Mapping[str, Any]) -> ServingError | None:
+    """The error for an HTTP request (ASGI scope) that `policy` refuses; None when it is allowed. Used by
+    AccessMiddleware and by the protocol that answers infer itself (service/http_protocol_infer.py)."""
+    headers: list[tuple[bytes, bytes]] = scope["headers"]
+
+    def values(name: str) -> list[bytes]:
+        key = name.encode()
+        return [v for k, v in headers if k == key]
+
+    return policy.check(classify_http(scope["method"], scope["path"]), values)
 
 
 async def _send_error(send: Callable, error: ServingError, *, openai: bool = False) -> None:

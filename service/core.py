@@ -12,7 +12,7 @@ import dataclasses
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
@@ -71,6 +71,17 @@ class InferResponse:
     model_version: str
     outputs: list[OutputTensor]
     id: str | None = None
+
+
+@dataclass(slots=True)
+class PendingInfer:
+    """A request queued on its model (InferenceCore.submit); `future` resolves to its batch's result."""
+
+    mv: ModelVersion
+    req: InferRequest
+    selected: list[RequestedOutput]
+    t0: int
+    future: asyncio.Future
 
 
 @dataclass(frozen=True)
@@ -196,6 +207,21 @@ class InferenceCore:
                 req = await self._tokenize(mv, req, text)  # tokenized for this version: it runs them
         else:
             mv = pinned
+        pending = self._submit(mv, req)
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await pending.future  # finish() reads the outcome (a cancelled wait cancels the future too)
+        return self.finish(pending)
+
+    def submit(self, req: InferRequest) -> PendingInfer | None:
+        """As infer() up to the queue, without awaiting: finish() the result once its `future` is done. None
+        when the request needs asynchronous work first (raw texts to tokenize): use infer() for it."""
+        mv = self.model(req.model_name, req.model_version)
+        text = mv.text_input
+        if text is not None and text in req.inputs:
+            return None
+        return self._submit(mv, req)
+
+    def _submit(self, mv: ModelVersion, req: InferRequest) -> PendingInfer:
         t0 = time.perf_counter_ns()
         try:
             # NOTE: lookup and submit happen without an await between them, so a reload cannot
@@ -203,16 +229,23 @@ class InferenceCore:
             rows = mv.validate(req.inputs)
             selected = self._select_outputs(mv, req.outputs)
             fut = mv.submit(inputs=req.inputs, rows=rows, parameters=req.parameters, client_gone=req.client_gone)
-            try:
-                result = await fut
-            except asyncio.CancelledError:
-                raise RequestCancelled(f"model {mv.name!r}: client went away before the answer") from None
-            outputs = [self._output(mv, result.outputs, o) for o in selected]
         except ServingError as exc:
-            total = time.perf_counter_ns() - t0
-            mv.stats.record_failure(total_ns=total, reason=exc.failure_reason)
+            mv.stats.record_failure(total_ns=time.perf_counter_ns() - t0, reason=exc.failure_reason)
             raise
-        total = time.perf_counter_ns() - t0
+        return PendingInfer(mv, req, selected, t0, cast(asyncio.Future, fut))
+
+    def finish(self, pending: PendingInfer) -> InferResponse:
+        """The response of a submitted request whose future is done; its ServingError (counted) otherwise."""
+        mv, req = pending.mv, pending.req
+        try:
+            if pending.future.cancelled():
+                raise RequestCancelled(f"model {mv.name!r}: client went away before the answer")
+            result = pending.future.result()
+            outputs = [self._output(mv, result.outputs, o) for o in pending.selected]
+        except ServingError as exc:
+            mv.stats.record_failure(total_ns=time.perf_counter_ns() - pending.t0, reason=exc.failure_reason)
+            raise
+        total = time.perf_counter_ns() - pending.t0
         queue_ns = int(result.queue_s * 1e9)
         mv.stats.record_success(total_ns=total, queue_ns=queue_ns, timings=result.timings_ns)
         if req.trace is not None:

@@ -87,7 +87,7 @@ class FrontEndApp:
         await send_infer_response(send, payload, header_len, receive=receive)
 
     def _decode(self, body: bytes, *, header_length: int | None, model: str, version: str | None) -> tuple:
-        """As InferFastPath._decode, with shared-memory tensors left to the model process."""
+        """As InferFastPath.decode, with shared-memory tensors left to the model process."""
         return self.plans.decode(body, header_length=header_length, model_name=model, model_version=version,
                                  max_tensor_bytes=self.limit, shm=NoShm())  # type: ignore[arg-type]
 

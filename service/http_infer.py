@@ -12,12 +12,13 @@ import asyncio
 import logging
 import re
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 from service.content_encoding import decompress
-from service.core import InferenceCore, InferRequest
+from service.core import InferenceCore, InferRequest, InferResponse
 from service.errors import (
     InvalidInput,
     PayloadTooLarge,
@@ -28,6 +29,7 @@ from service.errors import (
 )
 from service.http_server import arrived, body_complete, corked, respond_at_once
 from service.protocol_v2 import OutputEncoding, decode_raw_request, encode_response_parts
+from service.tracing import RequestTrace
 from service.v2_plans import RequestPlans
 
 log = logging.getLogger("modelserve.http")
@@ -92,10 +94,45 @@ async def _send(send: Callable, *, status: int, body: bytes | list, content_type
         await send({"type": "http.response.body", "body": body if isinstance(body, bytes) else b"".join(body)})
 
 
+def error_answer(exc: ServingError) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """An error's response headers and body (KServe V2's {"error": ...}); the one encoding of both paths."""
+    body = orjson.dumps({"error": exc.message})
+    headers = [(b"content-type", _JSON), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()]
+    return headers, body
+
+
 async def send_error(send: Callable, exc: ServingError) -> None:
-    extra = [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()]
-    await _send(send, status=exc.status_code, body=orjson.dumps({"error": exc.message}), content_type=_JSON,
-                extra=extra)
+    headers, body = error_answer(exc)
+    await send({"type": "http.response.start", "status": exc.status_code, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def failure(exc: Exception, call: InferCall | None) -> ServingError:
+    """What to answer for `exc`, raised while serving `call` (None: before it was decoded); call from the
+    `except` block, so an unexpected error is logged with its traceback."""
+    if not isinstance(exc, ServingError):  # never a bare 500 in plain text
+        log.exception("unhandled error in infer")
+        return unexpected(exc)
+    if call is not None and call.trace is not None:
+        call.trace.end(error=exc)
+    return exc
+
+
+@dataclass(slots=True)
+class InferCall:
+    """One decoded V2 infer request: what to run, how its answer is encoded, its trace (when sampled)."""
+
+    req: InferRequest
+    encoding: OutputEncoding
+    trace: RequestTrace | None
+
+    def answer(self, resp: InferResponse) -> tuple[list[bytes | memoryview], int | None]:
+        """The response's body parts and JSON header length (None: plain JSON)."""
+        parts, header_len = encode_response_parts(resp, self.encoding)
+        if self.trace is not None:
+            self.trace.end(version=resp.model_version)
+        return parts, header_len
 
 
 def server_disconnect_flag(receive: Callable) -> Callable[[], bool] | None:
@@ -135,53 +172,54 @@ class InferFastPath:
         await self.app(scope, receive, send)
 
     async def _infer(self, scope: dict, receive: Callable, send: Callable, model: str, version: str | None) -> None:
-        trace = None
+        call = None
         try:
             headers = _headers(scope)
-            declared = headers.get(b"content-length")
-            if body_complete(receive):  # the common case: the body came with the headers
-                body = await read_body(receive, declared=declared, limit=self.limit, timeout_s=self.body_timeout_s)
-            else:
-                # A body still arriving is announced: an adaptive batcher waits for a request on its way.
-                with self.core.arriving(model, version):
-                    body = await read_body(receive, declared=declared, limit=self.limit, timeout_s=self.body_timeout_s)
+            body = await self._read(receive, headers, model=model, version=version)
             if body is None:
                 return
             body = decompress(body, encoding=headers.get(b"content-encoding", b"").decode().lower(), limit=self.limit)
-            trace = self.core.tracing.begin(model) if self.core.tracing.enabled else None
+            call = self.decode(headers, body, model=model, version=version)
+            call.req.client_gone = server_disconnect_flag(receive)
+            try:
+                resp = await self.core.infer(call.req)
+            except RequestCancelled:
+                return  # the client is gone: nobody to answer
+            payload, header_len = call.answer(resp)
+        except Exception as exc:
+            await send_error(send, failure(exc, call))
+            return
+        await send_infer_response(send, payload, header_len, receive=receive)
+
+    async def _read(self, receive: Callable, headers: dict[bytes, bytes], *, model: str,
+                    version: str | None) -> bytes | None:
+        declared = headers.get(b"content-length")
+        if body_complete(receive):  # the common case: the body came with the headers
+            return await read_body(receive, declared=declared, limit=self.limit, timeout_s=self.body_timeout_s)
+        # A body still arriving is announced: an adaptive batcher waits for a request on its way.
+        with self.core.arriving(model, version):
+            return await read_body(receive, declared=declared, limit=self.limit, timeout_s=self.body_timeout_s)
+
+    def decode(self, headers: dict[bytes, bytes], body: bytes, *, model: str, version: str | None) -> InferCall:
+        """The route's request logic, shared by the ASGI route and the protocol (service/http_protocol_infer.py):
+        a raw binary request (header length 0), or JSON (+ binary) with the header parsed once (v2_plans)."""
+        trace = self.core.tracing.begin(model) if self.core.tracing.enabled else None
+        try:
             length = header_length(headers)
             if length == 0:  # Triton's raw binary request: the body is the only input's data
                 spec = self.core.model(model, version).spec
                 req, encoding = decode_raw_request(body, spec=spec, model_name=model, model_version=version)
             else:
-                req, encoding = self._decode(body, header_length=length, model=model, version=version)
-            if trace is not None:
-                trace.decoded(req)
-                req.trace = trace
-            req.client_gone = server_disconnect_flag(receive)
-            try:
-                resp = await self.core.infer(req)
-            except RequestCancelled:
-                return  # the client is gone: nobody to answer
-            payload, header_len = encode_response_parts(resp, encoding)
-            if trace is not None:
-                trace.end(version=resp.model_version)
+                req, encoding = self.plans.decode(body, header_length=length, model_name=model, model_version=version,
+                                                  max_tensor_bytes=self.limit, shm=self.core.shm)
         except ServingError as exc:
             if trace is not None:
                 trace.end(error=exc)
-            await send_error(send, exc)
-            return
-        except Exception as exc:  # never a bare 500 in plain text
-            log.exception("unhandled error in infer")
-            await send_error(send, unexpected(exc))
-            return
-        await send_infer_response(send, payload, header_len, receive=receive)
-
-    def _decode(self, body: bytes, *, header_length: int | None, model: str,
-                version: str | None) -> tuple[InferRequest, OutputEncoding]:
-        """A JSON (+ binary) request; a binary request's header is parsed and checked once (v2_plans)."""
-        return self.plans.decode(body, header_length=header_length, model_name=model, model_version=version,
-                                 max_tensor_bytes=self.limit, shm=self.core.shm)
+            raise
+        if trace is not None:
+            trace.decoded(req)
+            req.trace = trace
+        return InferCall(req, encoding, trace)
 
 
 async def send_infer_response(send: Callable, payload: bytes | list, header_len: int | None, *,
@@ -189,12 +227,7 @@ async def send_infer_response(send: Callable, payload: bytes | list, header_len:
     """Answer 200 with an encoded infer response: JSON, or JSON + binary parts with Triton's header length.
     Under our uvicorn protocol it is one write straight to the connection (http_server.respond_at_once)."""
     parts = [payload] if isinstance(payload, bytes) else payload
-    size = sum(len(part) for part in parts)
-    if header_len is None:
-        head = b"content-type: application/json\r\ncontent-length: %d\r\n" % size
-    else:
-        head = (b"content-type: application/octet-stream\r\ncontent-length: %d\r\n"
-                b"inference-header-content-length: %d\r\n" % (size, header_len))
+    head = infer_head(parts, header_len)
     if respond_at_once(receive, status=200, head=head, parts=parts):
         return
     if header_len is None:
@@ -202,6 +235,15 @@ async def send_infer_response(send: Callable, payload: bytes | list, header_len:
     else:
         await _send(send, status=200, body=payload, content_type=b"application/octet-stream",
                     extra=[(b"inference-header-content-length", str(header_len).encode())], receive=receive)
+
+
+def infer_head(parts: list[bytes | memoryview] | list[bytes], header_len: int | None) -> bytes:
+    """A 200 infer answer's header lines: JSON, or JSON + binary parts with Triton's header length."""
+    size = sum(len(part) for part in parts)
+    if header_len is None:
+        return b"content-type: application/json\r\ncontent-length: %d\r\n" % size
+    return (b"content-type: application/octet-stream\r\ncontent-length: %d\r\n"
+            b"inference-header-content-length: %d\r\n" % (size, header_len))
 
 
 def header_length(headers: dict[bytes, bytes]) -> int | None:

@@ -90,6 +90,12 @@ def respond_at_once(receive: Callable | None, *, status: int, head: bytes, parts
     if (type(cycle) is not RequestResponseCycle or cycle.response_started or cycle.disconnected
             or cycle.flow.write_paused or not isinstance(cycle.transport, CorkableTransport)):
         return False
+    write_answer(cycle, status=status, head=head, parts=parts)
+    return True
+
+
+def write_answer(cycle: RequestResponseCycle, *, status: int, head: bytes, parts: Sequence[bytes | memoryview]) -> None:
+    """respond_at_once's write, on a cycle known to be unanswered, connected and writable."""
     cycle.response_started = True
     cycle.waiting_for_100_continue = False
     lines: list[bytes | memoryview] = [STATUS_LINE[status]]
@@ -106,7 +112,6 @@ def respond_at_once(receive: Callable | None, *, status: int, head: bytes, parts
     if not cycle.keep_alive:
         cycle.transport.close()
     cycle.on_response()
-    return True
 
 
 def arrived(receive: Callable) -> bool:
@@ -219,9 +224,40 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
             self.cycle.keep_alive = False
 
 
-def protocol_class(*, header_timeout: float, max_header_bytes: int = 65536) -> type[TimedHttpToolsProtocol]:
-    return type("HttpProtocol", (TimedHttpToolsProtocol,),
-                {"header_timeout": header_timeout, "max_header_bytes": max_header_bytes})
+class InFlight:
+    """Requests a protocol answers without an ASGI task (service/http_protocol_infer.py): what a drain waits for
+    besides uvicorn's tasks. One per server; a request is added when taken and discarded once answered or given up."""
+
+    __slots__ = ("_cycles", "_idle")
+
+    def __init__(self) -> None:
+        self._cycles: set[RequestResponseCycle] = set()
+        self._idle: asyncio.Future | None = None  # only while a drain waits
+
+    def __len__(self) -> int:
+        return len(self._cycles)
+
+    def add(self, cycle: RequestResponseCycle) -> None:
+        self._cycles.add(cycle)
+
+    def discard(self, cycle: RequestResponseCycle) -> None:
+        self._cycles.discard(cycle)
+        if self._idle is not None and not self._cycles and not self._idle.done():
+            self._idle.set_result(None)
+
+    def idle(self) -> asyncio.Future:
+        """Done once no request is in flight."""
+        self._idle = asyncio.get_running_loop().create_future()
+        if not self._cycles:
+            self._idle.set_result(None)
+        return self._idle
+
+
+def protocol_class(*, header_timeout: float, max_header_bytes: int = 65536,
+                   base: type[TimedHttpToolsProtocol] = TimedHttpToolsProtocol) -> type[TimedHttpToolsProtocol]:
+    """`base` with this server's limits and its own InFlight (`base`: the protocol answering infer itself)."""
+    return type("HttpProtocol", (base,), {"header_timeout": header_timeout, "max_header_bytes": max_header_bytes,
+                                          "in_flight": InFlight()})
 
 
 class DrainingServer(uvicorn.Server):
@@ -250,7 +286,7 @@ class DrainingServer(uvicorn.Server):
             conn.shutdown()
         await self._wait_for_requests()
         left = [c for c in self.server_state.connections if getattr(c, "busy", False)]
-        if left or self.server_state.tasks:
+        if left or self.server_state.tasks or self._in_flight:
             log.warning("exit timeout: closing %d connection(s) with requests still in progress", len(left))
         for task in list(self.server_state.tasks):
             task.cancel()
@@ -259,17 +295,27 @@ class DrainingServer(uvicorn.Server):
         for server in self.servers:
             await server.wait_closed()
 
+    @property
+    def _in_flight(self) -> InFlight:
+        """Requests answered by the protocol itself (no task): empty unless the protocol is one that does."""
+        found = getattr(self.config.http_protocol_class, "in_flight", None)
+        return found if isinstance(found, InFlight) else InFlight()
+
     async def _wait_for_requests(self) -> None:
-        """Until every request received has been answered, or the deadline."""
+        """Until every request received has been answered (uvicorn's tasks and the protocol's own), or the
+        deadline."""
         loop = asyncio.get_running_loop()
         cut = loop.create_task(self._cut_short.wait())
+        in_flight = self._in_flight
         try:
-            while self.server_state.tasks and not cut.done():
+            while (self.server_state.tasks or in_flight) and not cut.done():
                 remaining = self.deadline - loop.time()
                 if remaining <= 0:
                     return
-                # New tasks may start meanwhile (a request on an idle keep-alive connection): loop until none.
-                await asyncio.wait({cut, *self.server_state.tasks}, timeout=remaining,
-                                   return_when=asyncio.FIRST_COMPLETED)
+                # New requests may start meanwhile (on an idle keep-alive connection): loop until none.
+                waiting: set[asyncio.Future] = {cut, *self.server_state.tasks}
+                if in_flight:
+                    waiting.add(in_flight.idle())
+                await asyncio.wait(waiting, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
         finally:
             cut.cancel()

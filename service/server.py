@@ -25,7 +25,8 @@ from service.core import InferenceCore
 from service.frontends import FrontEnds, reserve_port
 from service.grpc_app import start_grpc_server
 from service.http_app import create_app
-from service.http_server import DrainingServer, protocol_class
+from service.http_protocol_infer import InferHttpProtocol
+from service.http_server import DrainingServer, TimedHttpToolsProtocol, protocol_class
 from service.metrics import Metrics
 from service.ports import MetricsServer, PortSpec, StartupError, bind_tcp, check_free
 from service.repository import ModelRepository
@@ -186,7 +187,8 @@ def uvicorn_config(settings: ServerSettings, app: ASGIApp) -> uvicorn.Config:
         port=settings.http_port,
         loop="none",  # the loop is ours (run_server), shared with gRPC
         http=protocol_class(header_timeout=settings.http_header_timeout_secs,
-                            max_header_bytes=settings.http_max_header_bytes),
+                            max_header_bytes=settings.http_max_header_bytes,
+                            base=InferHttpProtocol if settings.http_protocol_infer else TimedHttpToolsProtocol),
         lifespan="off",  # Server owns the lifecycle
         log_level=settings.log_level,
         access_log=False,  # one log line per inference costs more than the inference on small models

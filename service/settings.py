@@ -132,6 +132,8 @@ class ServerSettings(BaseSettings):
     """Experimental: HTTP front-end processes sharing the port before one model process (1: a single process)."""
     http_max_header_bytes: int = Field(65536, ge=4096, le=2**24)
     """Bytes of a request's line and headers together; more get 431 and the connection closes."""
+    http_protocol_infer: bool = True
+    """Answer complete V2 infer requests inside the HTTP protocol, without an ASGI task (false: the ASGI route)."""
 
     @field_validator("model_repository", mode="before")
     @classmethod
