@@ -129,13 +129,13 @@ def clean_ink_levels(levels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     n = len(levels)
     at = levels.reshape(n, -1) + (np.arange(n) * 256)[:, None]  # each pixel's entry in the [N, 256] tables
     counts = np.bincount(at.ravel(), minlength=n * 256).reshape(n, 256)
-    border = _border(levels)
-    deviation = LEVELS - np.median(LEVELS[border], axis=1)[:, None]
+    pairs = _median_pairs(LEVELS[_border(levels)])
+    deviation = LEVELS - np.mean(pairs, axis=1)[:, None]  # np.median's last step, as in `clean_ink`
     spread = np.abs(deviation)
     far = spread >= quantile_of_levels(spread, counts, 0.95)[:, None]
     inverted = _polarity_sums(np.where(far, deviation, np.float32(0.0)), counts=counts, at=at) < 0
     ink = np.where(inverted[:, None], 1.0 - LEVELS, LEVELS)  # [N, 256]: each level's ink
-    paper = np.median(np.take_along_axis(ink, border.astype(np.intp), axis=1), axis=1)
+    paper = np.where(inverted, np.mean(1.0 - pairs[:, ::-1], axis=1), np.mean(pairs, axis=1))
     stretched, blank = _stretched(ink, paper=paper, top=np.where(counts > 0, ink, -np.inf).max(axis=1))
     bins = len(_CENTRES)
     hist = np.bincount((_bins(stretched) + (np.arange(n) * bins)[:, None]).ravel(), weights=counts.ravel(),
