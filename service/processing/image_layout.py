@@ -1,12 +1,12 @@
 """The cnn family's MNIST layout of decoded grayscale images, a batch at a time (see service/processing/image.py).
 
-Two entry points give the same bits: `layout_batch` on float images in [0, 1], `layout_levels` on 8-bit gray
-levels (every step past the polarity is a function of a pixel's level, computed once per level). Each step is
-numpy's own arithmetic on the same values as the plain formulation (`np.median` of the border, `np.quantile`
-of the spread, np.histogram's bins for Otsu, Pillow's bilinear resize), only arranged to cost less: order
-statistics from one `np.partition` at the two ranks they need, the inverted images' paper level from the
-same partition, level tables instead of per-pixel work. tests/test_image_layout_exact.py holds the plain
-formulation (the code before this arrangement) and compares bit for bit.
+Two entry points give the same bits: `layout_batch` on finite float images (gray in [0, 1]), `layout_levels`
+on 8-bit gray levels (every step past the polarity is a function of a pixel's level, computed once per level).
+Each step is numpy's own arithmetic on the same values as the plain formulation (`np.median` of the border,
+`np.quantile` of the spread, np.histogram's bins for Otsu, Pillow's bilinear resize), only arranged to cost
+less: order statistics from one `np.partition` at the two ranks they need, the inverted images' paper level
+from the same partition, level tables instead of per-pixel work. tests/image_layout_reference.py holds the
+plain formulation (the code before this arrangement); tests/test_image_layout_exact.py compares bit for bit.
 
 Shipped inside edge bundles with image.py (export/edge.py): numpy and Pillow only.
 """
