@@ -135,7 +135,7 @@ def clean_ink_levels(levels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     far = spread >= quantile_of_levels(spread, counts, 0.95)[:, None]
     inverted = _polarity_sums(np.where(far, deviation, np.float32(0.0)), counts=counts, at=at) < 0
     ink = np.where(inverted[:, None], 1.0 - LEVELS, LEVELS)  # [N, 256]: each level's ink
-    paper = np.where(inverted, np.mean(1.0 - pairs[:, ::-1], axis=1), np.mean(pairs, axis=1))
+    paper = np.where(inverted, (1.0 - pairs[:, ::-1]).mean(axis=1), pairs.mean(axis=1))
     stretched, blank = _stretched(ink, paper=paper, top=np.where(counts > 0, ink, -np.inf).max(axis=1))
     bins = len(_CENTRES)
     hist = np.bincount((_bins(stretched) + (np.arange(n) * bins)[:, None]).ravel(), weights=counts.ravel(),
