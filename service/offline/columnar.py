@@ -22,9 +22,10 @@ from typing import Any
 import numpy as np
 
 from service.offline.arrow import parquet
+from service.offline.prepare import Ready, error_message
 from service.offline.readers import NO_FIELD_ERROR, TEXT_FIELDS, Item
 from service.offline.rows import base_schema
-from service.processing.image import PreparedImage, layout_batch
+from service.processing.image import PreparedImage, finite_rows, layout_batch, non_finite
 from service.processing.recommender import UserColumns
 
 # NOTE: pyarrow imports below are deferred: it is the optional `parquet` extra (.npy inputs need none of it).
@@ -202,8 +203,15 @@ def npy_image_blocks(path: Path, *, start: int, part_rows: int, limit: int | Non
     return blocks()
 
 
-def prepare_images(gray: np.ndarray) -> list[PreparedImage]:
-    """`ImageProcessor.prepare_batch` of equally sized [N, H, W] grayscale rows, from the array itself."""
-    pixels, inverted = layout_batch(gray)
+def prepare_images(gray: np.ndarray, *, rows: list[int]) -> list[Ready]:
+    """`ImageProcessor.prepare_batch` of equally sized [N, H, W] grayscale rows (their input `rows`), from the
+    array itself: each row's (prepared, None), or (None, error) for a row holding NaN or infinity."""
+    finite = finite_rows(gray)
     size = (gray.shape[2], gray.shape[1])
-    return [PreparedImage(px, size, inv) for px, inv in zip(pixels, inverted.tolist())]
+    out: list[Ready] = [(None, error_message(non_finite(row))) for row in rows]
+    good = np.flatnonzero(finite).tolist()
+    if good:
+        pixels, inverted = layout_batch(gray if len(good) == len(gray) else gray[good])
+        for pos, px, inv in zip(good, pixels, inverted.tolist()):
+            out[pos] = (PreparedImage(px, size, inv), None)
+    return out

@@ -237,9 +237,12 @@ class LocalEngine:
         if self.ahead is None:
             self.ahead = ThreadPoolExecutor(1, thread_name_prefix="layout")
         ahead = self.ahead
-        return [(block.items[s:s + self.batch_size],
-                 ahead.submit(lambda g: [(p, None) for p in prepare_images(g)], block.gray[s:s + self.batch_size]))
-                for s in range(0, len(block), self.batch_size)]
+        batches: list[tuple[list, Future[list[Ready]] | None]] = []
+        for s in range(0, len(block), self.batch_size):
+            items = block.items[s:s + self.batch_size]
+            batches.append((items, ahead.submit(prepare_images, block.gray[s:s + self.batch_size],
+                                                rows=[item.row for item in items])))
+        return batches
 
     def _finish(self, pending: Pending) -> Rows:
         window, batches = pending

@@ -7,14 +7,14 @@ grayscale; inverted when the paper (the border) is lighter than the ink; the pap
 ink's bounding box; padded to a square; resized to 20x20; placed in 28x28 with its centre of mass at the
 centre.
 
-This module is also shipped verbatim inside edge bundles (export/edge.py), so it needs only numpy and Pillow
-besides ``service.errors`` and ``service.processing.base``.
+This module and the layout itself (``service.processing.image_layout``) are also shipped verbatim inside edge
+bundles (export/edge.py), so they need only numpy and Pillow besides ``service.errors`` and
+``service.processing.base``.
 """
 
 from __future__ import annotations
 
 import io
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -24,8 +24,21 @@ from PIL import Image, UnidentifiedImageError
 
 from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
 from service.processing.base import Limits, parse_k, setting, top_k_rows
+from service.processing.image_layout import (
+    LEVELS,
+    clean_ink,
+    clean_ink_levels,
+    finite_rows,
+    layout,
+    layout_batch,
+    layout_levels,
+    quantile_of_levels,
+)
+from service.processing.png_levels import declared_size, png_levels
 
-SIDE, BOX = 28, 20
+# The layout's names, for callers that knew them here before it had its own module.
+__all__ = ["LEVELS", "ImageProcessor", "PreparedImage", "clean_ink", "clean_ink_levels", "finite_rows", "gray_levels",
+           "layout", "layout_batch", "layout_levels", "non_finite", "quantile_of_levels", "to_gray"]
 ACCEPTED_FORMATS = ("PNG", "JPEG")
 ACCEPTS = "a PNG or JPEG image (any size or colour mode)"
 
@@ -68,10 +81,6 @@ def _open(data: bytes, *, index: int, max_pixels: int) -> Image.Image:
     return img
 
 
-# to_gray's value of each 8-bit level, exactly: `np.asarray(img.convert("L"), np.float32) / 255.0` per pixel.
-LEVELS = np.arange(256, dtype=np.float32) / 255.0
-
-
 def gray_levels(img: Image.Image) -> np.ndarray | None:
     """The image's 8-bit gray levels [H, W] (uint8), whose `LEVELS` are `to_gray(img)` exactly; None where
     to_gray does more (transparency, 16/32-bit pixels)."""
@@ -93,216 +102,10 @@ def to_gray(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("L"), np.float32) / 255.0
 
 
-# np.histogram's bin edges for float32 values in [0, 1] (float32 themselves): Otsu's bins, exactly.
-_EDGES = np.histogram(np.zeros(1, np.float32), bins=256, range=(0.0, 1.0))[1]
-_CENTRES = (_EDGES[:-1] + _EDGES[1:]) / 2
 
-
-def _bins(values: np.ndarray) -> np.ndarray:
-    """Each value's Otsu bin (np.histogram's, 256 over [0, 1]): scaled, then moved by one where float rounding
-    crossed an edge."""
-    bins = len(_CENTRES)
-    index = np.minimum((values * np.float32(bins)).astype(np.intp), bins - 1)
-    index -= values < _EDGES[index]
-    index += (values >= _EDGES[index + 1]) & (index < bins - 1)
-    return index
-
-
-def otsu_thresholds(values: np.ndarray) -> np.ndarray:
-    """Otsu's threshold of each row of `values` ([N, ...] in [0, 1]): the cut maximising the between-class variance.
-
-    NOTE: a few lines of numpy rather than scikit-image (not a dependency, and the edge bundle ships this file);
-    the bins are np.histogram's (256 over [0, 1]), counted for all rows at once with one bincount.
-    """
-    flat = values.reshape(len(values), -1)
-    bins = len(_CENTRES)
-    index = _bins(flat) + np.arange(len(flat))[:, None] * bins
-    return _otsu_cuts(np.bincount(index.ravel(), minlength=len(flat) * bins).reshape(len(flat), bins))
-
-
-def _otsu_cuts(hist: np.ndarray) -> np.ndarray:
-    """Otsu's threshold of each row of a [N, 256] integer histogram over `_EDGES`' bins."""
-    weight = np.cumsum(hist, axis=1).astype(np.float64)
-    mass = np.cumsum(hist * _CENTRES, axis=1)
-    total, total_mass = weight[:, -1:], mass[:, -1:]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        between = (total_mass * weight - total * mass) ** 2 / (weight * (total - weight))
-    between = np.nan_to_num(between[:, :-1], nan=0.0, posinf=0.0)
-    cuts = _EDGES[np.argmax(between, axis=1) + 1]
-    return np.where(between.max(axis=1) > 0, cuts, np.float32(0.5)).astype(np.float32)
-
-
-def _border(images: np.ndarray) -> np.ndarray:
-    return np.concatenate([images[:, 0], images[:, -1], images[:, :, 0], images[:, :, -1]], axis=1)
-
-
-def clean_ink(gray: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """White ink on black in [0, 1] for each of [N, H, W] images: inverted where the border (paper) is lighter
-    than the rest, paper set to 0. Returns (ink, inverted[N])."""
-    inverted = _polarity(gray)
-    ink = np.where(inverted[:, None, None], 1.0 - gray, gray)
-    stretched, blank = _stretched(ink, paper=np.median(_border(ink), axis=1), top=ink.max(axis=(1, 2)))
-    cut = otsu_thresholds(stretched)[:, None, None]
-    # Below the threshold is paper (grain, shadows, JPEG ringing); above it the stroke keeps its soft edge.
-    kept = (stretched >= cut) & ~blank[:, None, None]
-    return np.where(kept, stretched, 0.0).astype(np.float32), inverted
-
-
-def clean_ink_levels(levels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """`clean_ink(LEVELS[levels])` of [N, H, W] 8-bit gray levels, exactly, at a fraction of the cost.
-
-    Every step is a function of a pixel's level within its image, so it is computed once per level ([N, 256]
-    tables); the quantile and Otsu's histogram come from the levels' counts, and only the polarity's sum and
-    the result are looked up per pixel. Same float32 operations on the same values, so the same bits.
-    """
-    n = len(levels)
-    at = levels.reshape(n, -1) + (np.arange(n) * 256)[:, None]  # each pixel's entry in the [N, 256] tables
-    counts = np.bincount(at.ravel(), minlength=n * 256).reshape(n, 256)
-    deviation = LEVELS - np.median(LEVELS[_border(levels)], axis=1)[:, None]
-    spread = np.abs(deviation)
-    far = spread >= quantile_of_levels(spread, counts, 0.95)[:, None]
-    polarity = np.where(far, deviation, 0.0).ravel()[at].reshape(levels.shape)
-    inverted = polarity.sum(axis=(1, 2), dtype=np.float64) < 0  # summed per pixel, as `_polarity` does
-    ink = np.where(inverted[:, None], 1.0 - LEVELS, LEVELS)  # [N, 256]: each level's ink
-    paper = np.median(np.take_along_axis(ink, _border(levels).astype(np.intp), axis=1), axis=1)
-    stretched, blank = _stretched(ink, paper=paper, top=np.where(counts > 0, ink, -np.inf).max(axis=1))
-    bins = len(_CENTRES)
-    hist = np.bincount((_bins(stretched) + (np.arange(n) * bins)[:, None]).ravel(), weights=counts.ravel(),
-                       minlength=n * bins).astype(np.int64).reshape(n, bins)  # integer counts: exact in float64
-    kept = (stretched >= _otsu_cuts(hist)[:, None]) & ~blank[:, None]
-    table = np.where(kept, stretched, 0.0).astype(np.float32)
-    return table.ravel()[at].reshape(levels.shape), inverted
-
-
-def quantile_of_levels(values: np.ndarray, counts: np.ndarray, q: float) -> np.ndarray:
-    """`np.quantile(pixels, q, axis=1)` of [N, P] pixels given as each row's value per level ([N, L]) and how
-    many pixels have each level ([N, L]), with numpy's own arithmetic.
-
-    NOTE: numpy's "linear" quantile interpolates between the k-th and (k+1)-th smallest values at the fraction
-    gamma of (P - 1) * q; both are read off the cumulative counts here, and numpy's own interpolation of a
-    2-value row at gamma gives the same bits as its interpolation over all P values.
-    """
-    pixels = int(counts[0].sum())
-    virtual = (pixels - 1) * q
-    k = math.floor(virtual)
-    order = np.argsort(values, axis=1, kind="stable")
-    ranked = np.take_along_axis(values, order, axis=1)
-    below = np.cumsum(np.take_along_axis(counts, order, axis=1), axis=1)
-    rows = np.arange(len(values))
-    pair = np.stack([ranked[rows, (below <= k).sum(axis=1)],
-                     ranked[rows, (below <= min(k + 1, pixels - 1)).sum(axis=1)]], axis=1)
-    return np.quantile(pair, virtual - k, axis=1)
-
-
-def _polarity(gray: np.ndarray) -> np.ndarray:
-    """Which of [N, H, W] images to invert: the pixels furthest from the paper (the border's level) are the ink;
-    darker ones -> invert."""
-    deviation = gray - np.median(_border(gray), axis=1)[:, None, None]
-    spread = np.abs(deviation)
-    far = spread >= np.quantile(spread.reshape(len(gray), -1), 0.95, axis=1)[:, None, None]
-    return np.where(far, deviation, 0.0).sum(axis=(1, 2), dtype=np.float64) < 0
-
-
-def _stretched(ink: np.ndarray, *, paper: np.ndarray, top: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each image's ink (rows of `ink`) stretched so paper is 0 and the darkest ink 1, and which are blank."""
-    span = top.astype(np.float64) - paper.astype(np.float64)
-    blank = span < 1e-3  # a blank image: nothing to find
-    span = np.where(blank, 1.0, span).astype(np.float32)
-    per_image = (-1,) + (1,) * (ink.ndim - 1)
-    return np.clip((ink - paper.reshape(per_image)) / span.reshape(per_image), 0.0, 1.0), blank
-
-
-def _median3(mask: np.ndarray) -> np.ndarray:
-    """3x3 median of [N, H, W] booleans with the edges repeated, as Pillow's MedianFilter(3): at least 5 of 9."""
-    p = np.pad(mask, ((0, 0), (1, 1), (1, 1)), mode="edge").astype(np.uint8)
-    rows = p[:, :-2] + p[:, 1:-1] + p[:, 2:]
-    return np.greater_equal(rows[:, :, :-2] + rows[:, :, 1:-1] + rows[:, :, 2:], 5)
-
-
-def ink_boxes(ink: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(top, bottom, left, right) [N, 4] of each image's ink after a 3x3 median filter (isolated specks don't
-    count; thin strokes only, which the filter removes, are kept), and which images have any ink at all."""
-    mask: np.ndarray = np.greater(ink, 0)
-    filtered = _median3(mask)
-    use = np.where(np.any(filtered, axis=(1, 2))[:, None, None], filtered, mask)
-    rows, cols = np.any(use, axis=2), np.any(use, axis=1)
-    height, width = ink.shape[1:]
-    boxes = np.stack([rows.argmax(1), height - rows[:, ::-1].argmax(1),
-                      cols.argmax(1), width - cols[:, ::-1].argmax(1)], axis=1)
-    return boxes, np.any(rows, axis=1)
-
-
-_RESIZE: dict[int, np.ndarray] = {}
-
-
-def _resize_matrix(side: int) -> np.ndarray:
-    """[BOX, side] weights of Pillow's bilinear resize from `side` to BOX pixels along one axis.
-
-    NOTE: read off Pillow itself (resizing an identity image along one axis), so `A @ square @ A.T` is Pillow's
-    separable resize of a whole group of equally sized squares in one matmul, not one Pillow call per image.
-    """
-    if side not in _RESIZE:
-        eye = Image.fromarray(np.eye(side, dtype=np.float32), mode="F")
-        _RESIZE[side] = np.asarray(eye.resize((BOX, side), Image.Resampling.BILINEAR), np.float64).T.copy()
-    return _RESIZE[side]
-
-
-def _squares(ink: np.ndarray, boxes: np.ndarray, side: int) -> np.ndarray:
-    """Each image's ink box, centred in a zero `side` x `side` square (boxes at most `side` on each axis)."""
-    # NOTE: one slice copy per image: cheaper than one fancy-indexed gather of every square's pixels.
-    squares = np.zeros((len(ink), side, side), ink.dtype)
-    for square, image, (top, bottom, left, right) in zip(squares, ink, boxes.tolist()):
-        oy, ox = (side - (bottom - top)) // 2, (side - (right - left)) // 2
-        square[oy:oy + bottom - top, ox:ox + right - left] = image[top:bottom, left:right]
-    return squares
-
-
-def _digits(ink: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """[N, BOX, BOX]: each ink box padded square and resized to BOX x BOX, at full contrast."""
-    sides = np.maximum(boxes[:, 1] - boxes[:, 0], boxes[:, 3] - boxes[:, 2])
-    small = np.empty((len(ink), BOX, BOX), np.float32)
-    for side in np.unique(sides).tolist():  # one matmul per square size present in the batch
-        rows = np.flatnonzero(sides == side)
-        a = _resize_matrix(side)
-        small[rows] = a @ _squares(ink[rows], boxes[rows], side) @ a.T
-    digits = np.clip(small, 0.0, 1.0)
-    return digits / np.maximum(digits.max(axis=(1, 2)), np.float32(1e-6))[:, None, None]  # as training digits
-
-
-def layout_batch(gray: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """MNIST layout of [N, H, W] grayscale images at once: clean, crop to the ink, pad square, resize to 20x20,
-    centre of mass at the 28x28 centre. Returns (pixels [N, 1, 28, 28] float32, inverted [N])."""
-    return _layout(*clean_ink(gray))
-
-
-def layout_levels(levels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """`layout_batch(LEVELS[levels])` of [N, H, W] 8-bit gray levels, exactly (see `clean_ink_levels`)."""
-    return _layout(*clean_ink_levels(levels))
-
-
-def _layout(ink: np.ndarray, inverted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    boxes, found = ink_boxes(ink)
-    out = np.zeros((len(ink), 1, SIDE, SIDE), np.float32)
-    if not found.any():
-        return out, inverted
-    rows = np.flatnonzero(found)
-    digits = _digits(ink[rows], boxes[rows])
-    grid = np.arange(BOX, dtype=np.float64)
-    total = digits.sum(axis=(1, 2), dtype=np.float64)
-    cy = (digits.sum(axis=2, dtype=np.float64) @ grid) / total
-    cx = (digits.sum(axis=1, dtype=np.float64) @ grid) / total
-    # Shift so the centre of mass lands on the frame's centre, keeping the 20x20 box inside the frame.
-    y0 = np.clip(np.rint(SIDE / 2 - 0.5 - cy), 0, SIDE - BOX).astype(int).tolist()
-    x0 = np.clip(np.rint(SIDE / 2 - 0.5 - cx), 0, SIDE - BOX).astype(int).tolist()
-    for row, digit, y, x in zip(rows.tolist(), digits, y0, x0):
-        out[row, 0, y:y + BOX, x:x + BOX] = digit
-    return out, inverted
-
-
-def layout(gray: np.ndarray) -> tuple[np.ndarray, bool]:
-    """`layout_batch` of one [H, W] image: ([1, 28, 28] pixels, inverted)."""
-    pixels, inverted = layout_batch(gray[None])
-    return pixels[0], bool(inverted[0])
+def non_finite(index: int) -> InvalidInput:
+    return InvalidInput(f"item {index}: the image holds NaN or infinite values; expected finite pixel values "
+                        f"(8-bit levels, or gray in [0, 1])")
 
 
 def _layout_any(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -329,8 +132,8 @@ class ImageProcessor:
         total, limit = 0, self.limits.max_request_pixels
         for index, payload in enumerate(payloads):
             if isinstance(payload, bytes):
-                img = _header(payload, index=index)
-                total += img.width * img.height
+                width, height = declared_size(payload) or _header(payload, index=index).size
+                total += width * height
             elif isinstance(payload, np.ndarray):
                 total += payload.size
             if total > limit:
@@ -344,7 +147,12 @@ class ImageProcessor:
             arr = np.squeeze(np.asarray(payload, np.float32))
             if arr.ndim != 2:
                 raise InvalidInput(f"item {index}: expected a 2-D image array, got shape {list(payload.shape)}")
+            if not finite_rows(arr[None])[0]:
+                raise non_finite(index)
             return (arr / 255.0 if payload.dtype == np.uint8 else arr), (arr.shape[1], arr.shape[0])
+        fast = png_levels(payload, max_pixels=self.limits.max_image_pixels)  # plain PNGs, without Pillow
+        if fast is not None:
+            return fast
         img = _open(payload, index=index, max_pixels=self.limits.max_image_pixels)
         levels = gray_levels(img)
         return (to_gray(img) if levels is None else levels), img.size
