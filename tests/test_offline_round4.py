@@ -1,10 +1,12 @@
 """`modelserve predict`, round 4: a one-part job goes straight to its output (no writer thread, parts folder,
 progress record or assembly) and gives the rows a many-part run gives, in order; an interrupted one leaves
 nothing and resumes whole; speech results are built as columns (identical to `top_k` row by row, and to the
-Parquet type inferred from the dicts); the folder listing is rglob's, sorted as Path sorts."""
+Parquet type inferred from the dicts); the folder listing is rglob's, sorted as Path sorts; the recommender's
+seen (user, item) keys are built with numpy as round 3 built them in Python."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -17,6 +19,7 @@ from service.offline.cli import main
 from service.offline.engine import LocalEngine
 from service.offline.readers import folder_files
 from service.processing.base import top_k
+from service.processing.recommender import RecommenderProcessor, _seen_keys
 from service.processing.speech import SpeechProcessor
 from tests.task_media import keyword_audio, wav_bytes
 from tests.test_offline_columnar import users_parquet
@@ -169,3 +172,34 @@ def test_folder_files_are_rglobs_files_sorted_by_path(tmp_path):
     got = folder_files(root)
     assert got == want and [str(p) for p in got] == [str(p) for p in want]
     assert root / "dangling.wav" in got and root / "link-to-a" in got and root / "pipe.wav" not in got
+
+
+def reference_seen_keys(seen: dict[int, set[int]]) -> tuple[list[int], dict[int, int], int]:
+    """The (user, item) keys as round 3 built them, a Python int per pair."""
+    users = {user: i for i, user in enumerate(seen)}
+    stride = max((max(items) for items in seen.values() if items), default=-1) + 1
+    return sorted(users[u] * stride + item for u, items in seen.items() for item in items if item >= 0), users, stride
+
+
+@pytest.mark.parametrize("raw", [
+    {"7": [3, 1, 3], "07": [2], "-4": [], "12": [-1, 5, 0], "3": [9, 9, 4]},  # a user twice, repeats, negatives
+    {"1": [], "2": []},
+    {"5": [-3]},
+    {},
+])
+def test_seen_keys_are_round_3s(raw):
+    keys, users, stride = _seen_keys(raw)
+    want_keys, want_users, want_stride = reference_seen_keys({int(u): set(items) for u, items in raw.items()})
+    assert keys.dtype == np.int64 and keys.tolist() == want_keys and users == want_users and stride == want_stride
+
+
+def test_recommender_start_up_reads_the_zoos_seen_items_as_before(tiny_zoo):
+    processor = RecommenderProcessor(model_dir=tiny_zoo / "recommender", input_name="u", item_output="i",
+                                     score_output="s", top_k=50)
+    raw = json.loads((tiny_zoo / "recommender" / "seen_items.json").read_text())
+    seen = {int(u): set(items) for u, items in raw.items()}
+    want_keys, want_users, want_stride = reference_seen_keys(seen)
+    assert processor._seen_keys.tolist() == want_keys and processor._users == want_users
+    assert processor._stride == want_stride and processor.seen == seen
+    some = sorted(seen)[:3]
+    assert [processor.prepare(u, index=0).known for u in [*some, -5, 10**12]] == [True] * 3 + [False] * 2
