@@ -17,7 +17,7 @@ import pytest
 from service.offline import cli, writers
 from service.offline.cli import main
 from service.offline.engine import LocalEngine
-from service.offline.readers import folder_files
+from service.offline.readers import folder_files, folder_suffixes
 from service.processing.base import top_k
 from service.processing.recommender import RecommenderProcessor, _seen_keys
 from service.processing.speech import SpeechProcessor
@@ -162,7 +162,7 @@ def test_collate_takes_prepare_batch_rows_in_place_and_copies_anything_else():
 
 def test_folder_files_are_rglobs_files_sorted_by_path(tmp_path):
     root = tmp_path / "in"
-    for rel in ("b/z.wav", "a-b.wav", "a/b.wav", "a/c/d.wav", ".hidden.wav", "B.wav", "a/c.wav/e.wav"):
+    for rel in ("b/z.wav", "a-b.wav", "a/b.wav", "a/c/d.wav", ".hidden", "B.WAV", "a/c.wav/e.png", "x..Wave", "y."):
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(b"x")
     os.symlink(root / "missing.wav", root / "dangling.wav")
@@ -172,6 +172,7 @@ def test_folder_files_are_rglobs_files_sorted_by_path(tmp_path):
     got = folder_files(root)
     assert got == want and [str(p) for p in got] == [str(p) for p in want]
     assert root / "dangling.wav" in got and root / "link-to-a" in got and root / "pipe.wav" not in got
+    assert folder_suffixes(root) == {p.suffix.lower() for p in want} == {".wav", ".png", ".wave", ""}
 
 
 def reference_seen_keys(seen: dict[int, set[int]]) -> tuple[list[int], dict[int, int], int]:

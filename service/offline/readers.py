@@ -64,12 +64,18 @@ def folder_files(root: Path) -> list[Path]:
     return [root.joinpath(*parts) for parts in _listing(root)]
 
 
+def folder_suffixes(root: Path) -> set[str]:
+    """The lower-case suffixes of `folder_files(root)`, without a Path per file."""
+    return {_suffix(parts[-1]) for parts in _listing(root)}
+
+
 def _listing(root: Path) -> list[tuple[str, ...]]:
     """The relative parts of every file `root.rglob("*")` gives that is a file or a link (a link to a folder is a
     row, not descended into), sorted as Path sorts their paths (by parts).
 
     NOTE: os.scandir walked by hand: its entries know their type without a stat each, and sorting tuples of str
-    skips Path's comparisons, ~10x `rglob` + `is_file` + `sorted` on a folder of 2,000 WAVs.
+    skips Path's comparisons (a folder of 2,000 WAVs: ~10x faster than `rglob` + `is_file` + `sorted` when no
+    Path is made per file, as the reader and `folder_suffixes` do).
     """
     found: list[tuple[str, ...]] = []
 
