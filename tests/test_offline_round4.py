@@ -17,7 +17,8 @@ import pytest
 from service.offline import cli, writers
 from service.offline.cli import main
 from service.offline.engine import LocalEngine
-from service.offline.readers import folder_files, folder_suffixes
+from service.offline.readers import Item, folder_files, folder_suffixes
+from service.offline.rows import ColumnSegment, Rows, _joined, dict_table
 from service.processing.base import top_k
 from service.processing.recommender import RecommenderProcessor, _seen_keys
 from service.processing.speech import SpeechProcessor
@@ -204,3 +205,28 @@ def test_recommender_start_up_reads_the_zoos_seen_items_as_before(tiny_zoo):
     assert processor._stride == want_stride and processor.seen == seen
     some = sorted(seen)[:3]
     assert [processor.prepare(u, index=0).known for u in [*some, -5, 10**12]] == [True] * 3 + [False] * 2
+
+
+def test_a_windows_speech_batches_become_one_table_with_the_per_batch_rows():
+    processor = SpeechProcessor(input_name="waveform", output_name="probs", labels=["yes", "no", "up"])
+    rng = np.random.default_rng(5)
+
+    def segment(first: int, n: int, *, k: int, bad: tuple[int, ...] = ()) -> ColumnSegment:
+        items = [Item(first + i, f"f{first + i}.wav") for i in range(n)]
+        errors = [f"bad {i}" if i in bad else None for i in range(n)]
+        prepared = processor.prepare_batch([wav_bytes(keyword_audio("go")[:7000 + i]) for i in range(n - len(bad))],
+                                           indices=list(range(n - len(bad))))
+        probs = rng.random((n - len(bad), 5)).astype(np.float32)
+        return ColumnSegment(items, errors, processor.postprocess_columns({"probs": probs}, prepared,
+                                                                          params={"k": k}))
+
+    segments = [segment(0, 4, k=2), segment(4, 3, k=2, bad=(1,)), segment(7, 2, k=2),
+                [{"row": 9, "id": "f9.wav", "ok": False, "error": "not a WAV", "result": None}],
+                segment(10, 3, k=2), segment(13, 2, k=3)]  # another k cannot share columns
+    want = pa.concat_tables([dict_table(s) if isinstance(s, list) else s.table() for s in segments],
+                            promote_options="permissive")
+    got = Rows(segments).table()
+    assert got.schema == want.schema and got.to_pylist() == want.to_pylist()
+    assert [r["row"] for r in got.to_pylist()] == list(range(15))
+    assert [r["ok"] for r in got.to_pylist()].count(False) == 2
+    assert [len(s) for s in _joined(segments)] == [9, 1, 3, 2]  # the first three batches became one segment

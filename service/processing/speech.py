@@ -283,6 +283,17 @@ class KeywordColumns:
     def __len__(self) -> int:
         return len(self.index)
 
+    @classmethod
+    def concat(cls, parts: list[KeywordColumns]) -> KeywordColumns | None:
+        """The parts' rows one after another, or None when they differ in labels or k (they cannot share columns)."""
+        first = parts[0]
+        if any(p.names != first.names or p.index.shape[1] != first.index.shape[1] for p in parts):
+            return None
+        return cls(names=first.names, index=np.concatenate([p.index for p in parts]),
+                   probability=np.concatenate([p.probability for p in parts]),
+                   sample_rate=[r for p in parts for r in p.sample_rate], channels=[c for p in parts for c in p.channels],
+                   seconds=[x for p in parts for x in p.seconds])
+
     def rows(self) -> list[dict]:
         """One dict per row, as the task endpoint returns it."""
         names, results = self.names, []
