@@ -24,7 +24,7 @@ from service.offline.engine import LocalEngine
 from service.offline.kinds import check_input, input_kind
 from service.offline.readers import open_input
 from service.offline.rows import failed_rows
-from service.offline.writers import BackgroundWriter, PartWriter
+from service.offline.writers import BackgroundWriter, OnePart, PartWriter
 from service.settings import ServerSettings
 
 
@@ -134,14 +134,17 @@ def run(args: argparse.Namespace) -> Summary:
 
 
 def _predict(args: argparse.Namespace, *, engine, writer: PartWriter, summary: Summary) -> None:
-    """Every window through the engine, each committed in the background while the next one computes."""
+    """Every window through the engine, each committed in the background while the next one computes (a one-part
+    job: written as the output when it is done)."""
     source = open_input(args.input, task=engine.task, start=writer.rows)
     items = itertools.islice(source.items, args.max_rows) if args.max_rows else source.items
-    total = source.total - writer.rows if source.total is not None else None
-    if args.max_rows and total is not None:
-        total = min(total, args.max_rows)
+    left = source.total - writer.rows if source.total is not None else None
+    total = min(left, args.max_rows) if args.max_rows and left is not None else left
     t0 = time.perf_counter()
-    background = BackgroundWriter(writer)
+    # The whole rest of the input in one part is written in this thread, straight to the output: a writer thread
+    # would only be waited for.
+    one_part = total == left and writer.fits_one_part(left, part_rows=args.part_rows)
+    background = OnePart(writer) if one_part else BackgroundWriter(writer)
     try:
         with tqdm(total=total, unit="rows", desc=f"predict {args.model}", dynamic_ncols=True) as bar:
             windows = _blocks(args, engine=engine, start=writer.rows) or \
@@ -157,7 +160,7 @@ def _predict(args: argparse.Namespace, *, engine, writer: PartWriter, summary: S
         raise
     background.close()
     summary.seconds = time.perf_counter() - t0
-    if args.max_rows is None or _exhausted(source, done=writer.rows):
+    if not writer.done and (args.max_rows is None or _exhausted(source, done=writer.rows)):
         writer.finish()
 
 

@@ -3,7 +3,7 @@
 The local engine is a pipeline: while one window's batches run on ONNX Runtime, the next window's file rows are
 decoded in worker processes (service/offline/prepare.py), and the caller writes finished windows in the
 background (writers.BackgroundWriter), so decoding, compute and writing overlap with bounded memory: at most
-two windows are in flight.
+two windows are in flight. A job that is one window is written by the caller when it is done (writers.OnePart).
 """
 
 from __future__ import annotations

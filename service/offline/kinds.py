@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from service.offline.arrow import parquet
-from service.offline.readers import AUDIO_SUFFIXES, IMAGE_SUFFIXES, TEXT_FIELDS, folder_files
+from service.offline.readers import AUDIO_SUFFIXES, IMAGE_SUFFIXES, TEXT_FIELDS, folder_suffixes
 
 # What each task's model takes, in words, and the input kinds it accepts ("files": path/b64 records, whose
 # content is only known once decoded; "arrays": .npy rows).
@@ -43,7 +43,7 @@ def _first_record_fields(path: Path) -> set[str] | None:
 def input_kind(path: Path) -> tuple[str, str] | None:
     """(kind, "this <format> holds <kind> (...)") of an input, or None when it cannot be told up front."""
     if path.is_dir():
-        suffixes = {p.suffix.lower() for p in folder_files(path)}
+        suffixes = folder_suffixes(path)
         if suffixes & set(IMAGE_SUFFIXES):
             return "images", f"this folder holds images ({'/'.join(sorted(suffixes & set(IMAGE_SUFFIXES)))})"
         if suffixes & set(AUDIO_SUFFIXES):

@@ -8,6 +8,7 @@ item per row along axis 0). An item that cannot be read carries its error instea
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,30 +61,79 @@ def open_input(path: Path, *, task: str, start: int = 0) -> Source:
 
 def folder_files(root: Path) -> list[Path]:
     """Every file under `root` (a dangling link too: it becomes an error row), sorted by path (the row order)."""
-    return sorted(p for p in root.rglob("*") if p.is_file() or p.is_symlink())
+    return [root.joinpath(*parts) for parts in _listing(root)]
+
+
+def folder_suffixes(root: Path) -> set[str]:
+    """The lower-case suffixes of `folder_files(root)`, without a Path per file."""
+    return {_suffix(parts[-1]) for parts in _listing(root)}
+
+
+def _listing(root: Path) -> list[tuple[str, ...]]:
+    """The relative parts of every file `root.rglob("*")` gives that is a file or a link (a link to a folder is a
+    row, not descended into), sorted as Path sorts their paths (by parts).
+
+    NOTE: os.scandir walked by hand: its entries know their type without a stat each, and sorting tuples of str
+    skips Path's comparisons (a folder of 2,000 WAVs: ~10x faster than `rglob` + `is_file` + `sorted` when no
+    Path is made per file, as the reader and `folder_suffixes` do).
+    """
+    found: list[tuple[str, ...]] = []
+
+    def scan(folder: str, parts: tuple[str, ...]) -> None:
+        try:
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        scan(entry.path, (*parts, entry.name))
+                    elif entry.is_file() or entry.is_symlink():
+                        found.append((*parts, entry.name))
+        except PermissionError:  # as rglob: an unreadable folder contributes nothing
+            return
+
+    scan(str(root), ())
+    return sorted(found)
 
 
 def _folder(root: Path, *, task: str, start: int) -> Source:
     suffixes = AUDIO_SUFFIXES if task == "keyword-spotting" else IMAGE_SUFFIXES
     what = "a WAV" if task == "keyword-spotting" else "an image"
-    files = folder_files(root)
-    if not any(p.suffix.lower() in suffixes for p in files):
+    files = _listing(root)
+    if not any(_suffix(parts[-1]) in suffixes for parts in files):
         raise ValueError(f"input folder {root} holds no {'/'.join(suffixes)} files for this {task} model")
 
     def items() -> Iterator[Item]:
         # Every file gets a row, so nothing is skipped silently: one this model cannot take, or that cannot be
         # read, is an error row naming the file and why.
         for row in range(start, len(files)):
-            rel = str(files[row].relative_to(root))
-            if files[row].suffix.lower() not in suffixes:
+            rel, path = "/".join(files[row]), os.path.join(root, *files[row])
+            if _suffix(files[row][-1]) not in suffixes:
                 yield Item(row, rel, error=f"{rel}: skipped, not {what} file (expected {'/'.join(suffixes)})")
                 continue
             try:
-                yield Item(row, rel, files[row].read_bytes())
+                yield Item(row, rel, _read(path))
             except OSError as exc:
                 yield Item(row, rel, error=f"{rel}: cannot read the file: {exc.strerror or exc}")
 
     return Source(items(), len(files), "folder")
+
+
+def _suffix(name: str) -> str:
+    """Path(name).suffix, lower case (without a Path per file)."""
+    dot = name.rfind(".")
+    return name[dot:].lower() if 0 < dot < len(name) - 1 else ""
+
+
+def _read(path: str) -> bytes:
+    """A file's bytes (Path.read_bytes without its buffered reader: half the CPU per small file)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        chunks = [os.read(fd, max(size, 1) + 1)]  # one read for a file that keeps its size; more if it grew
+        while chunks[-1]:
+            chunks.append(os.read(fd, 1 << 20))
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def _from_record(row: int, record: object, *, base: Path) -> Item:

@@ -103,8 +103,29 @@ class Rows:
         """One Arrow table (COLUMNS; `result` a struct column) of every row, segments' result types unified."""
         import pyarrow as pa
 
-        tables = [dict_table(s) if isinstance(s, list) else s.table() for s in self.segments]
+        tables = [dict_table(s) if isinstance(s, list) else s.table() for s in _joined(self.segments)]
         return pa.concat_tables(tables, promote_options="permissive")
+
+
+def _joined(segments: list[list[dict] | Segment]) -> list[list[dict] | Segment]:
+    """Runs of consecutive ColumnSegments whose results can be joined (a `concat` of one type) as one segment
+    each: one Arrow table per window instead of one per model batch (the same rows and values)."""
+    runs: list[list] = []
+    for seg in segments:
+        last = runs[-1][-1] if runs else None
+        if isinstance(seg, ColumnSegment) and isinstance(last, ColumnSegment) \
+                and type(seg.results) is type(last.results) and hasattr(seg.results, "concat"):
+            runs[-1].append(seg)
+        else:
+            runs.append([seg])
+    out: list[list[dict] | Segment] = []
+    for run in runs:
+        joined = type(run[0].results).concat([s.results for s in run]) if len(run) > 1 else None
+        if joined is None:  # one segment, or results that cannot share columns (e.g. another k)
+            out += run
+            continue
+        out.append(ColumnSegment([it for s in run for it in s.items], [e for s in run for e in s.errors], joined))
+    return out
 
 
 def failed_rows(rows: Rows | list[dict]) -> int:

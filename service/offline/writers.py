@@ -4,7 +4,9 @@ Layout while running: `<output>.parts/part-00000.parquet`, ... and `<output>.par
 (`{"rows": committed rows, "parts": committed parts, "model": ..., "input": ...}`). A part is written to a
 temporary name and renamed, then progress.json is rewritten the same way; a part written without its
 progress update is simply rewritten on resume, so no row is ever written twice. When every row is done the
-parts are assembled (streamed, one part at a time) into `<output>` and the parts folder is removed.
+parts are assembled (streamed, one part at a time) into `<output>` and the parts folder is removed. A job that
+is one part from the start (`write_output`) is written straight to `<output>` (one atomic rename): no parts
+folder, progress record or assembly; interrupted before the rename, it left nothing and starts over.
 
 `result` is stored as an object, never as a JSON string inside JSON: in JSONL a nested JSON object (exactly
 what the task endpoint returns for the item); in Parquet a struct column whose type is inferred from the
@@ -30,12 +32,16 @@ import orjson
 from service.offline.arrow import parquet
 from service.offline.rows import COLUMNS, Rows, base_schema, dict_table
 
-__all__ = ["COLUMNS", "BackgroundWriter", "PartWriter"]
+__all__ = ["COLUMNS", "BackgroundWriter", "OnePart", "PartWriter"]
 
 
 def _atomic_write(path: Path, write) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
+    try:
+        write(tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a half-written file is never left beside the output
+        raise
     os.replace(tmp, path)
 
 
@@ -64,7 +70,6 @@ class PartWriter:
                 raise ValueError(f"cannot resume: {self.parts_dir} was written by job {state.get('job')}, "
                                  f"not {job}")
             self.rows, self.parts = int(state["rows"]), int(state["parts"])
-        self.parts_dir.mkdir(parents=True, exist_ok=True)
         if self.fmt == "parquet":  # import pyarrow (and the pandas it pulls in) now, not inside the timed run
             # NOTE: pyarrow imports in this module are deferred: it is the optional `parquet` extra (checked above).
             import pyarrow as pa
@@ -83,6 +88,7 @@ class PartWriter:
         """Write one part (rows in input order, continuing from self.rows) and record it."""
         if not len(rows):
             return
+        self.parts_dir.mkdir(parents=True, exist_ok=True)  # here, not up front: a one-part job never needs it
         part = self.parts_dir / f"part-{self.parts:05d}.{self.fmt}"
         _atomic_write(part, lambda tmp: self._write_rows(tmp, rows))
         self.rows += len(rows)
@@ -90,7 +96,18 @@ class PartWriter:
         state = {"rows": self.rows, "parts": self.parts, "job": self.job}
         _atomic_write(self.progress_path, lambda tmp: tmp.write_text(json.dumps(state)))
 
-    def _write_rows(self, path: Path, rows: Rows | list[dict]) -> None:
+    def fits_one_part(self, rows: int | None, *, part_rows: int) -> bool:
+        """Whether a job of `rows` rows (None: not known up front) can go straight to the output: nothing of it
+        committed yet and no more than one part's rows."""
+        return rows is not None and 0 < rows <= part_rows and self.parts == 0 and not self.parts_dir.exists()
+
+    def write_output(self, rows: Rows | list[dict]) -> None:
+        """The whole job's rows written as the output itself (atomically), as `commit` + `finish` would give it."""
+        _atomic_write(self.output, lambda tmp: self._write_rows(tmp, rows, final=True))
+        self.rows += len(rows)
+        self.done = True
+
+    def _write_rows(self, path: Path, rows: Rows | list[dict], *, final: bool = False) -> None:
         if self.fmt == "jsonl":
             dicts = rows.dicts() if isinstance(rows, Rows) else rows
             # orjson: one bytes write per part, ~10x json.dumps per row; the same JSON values.
@@ -99,8 +116,9 @@ class PartWriter:
         import pyarrow.parquet as pq
 
         # Columnar batches go to Arrow as they are; dict rows' struct type is inferred from their results. A part
-        # is read once, at assembly: no dictionary pages (half the write time of a recommender part).
-        pq.write_table(rows.table() if isinstance(rows, Rows) else dict_table(rows), path, use_dictionary=False)
+        # is read once, at assembly: no dictionary pages (half the write time of a recommender part). The output
+        # itself keeps them, as the assembly writes it.
+        pq.write_table(rows.table() if isinstance(rows, Rows) else dict_table(rows), path, use_dictionary=final)
 
     def finish(self) -> None:
         """Assemble the committed parts into the output (atomically) and remove the parts folder."""
@@ -125,7 +143,7 @@ class PartWriter:
                             table = pa.Table.from_pylist(table.to_pylist(), schema=unified)
                         out.write_table(table)
         _atomic_write(self.output, write)
-        shutil.rmtree(self.parts_dir)
+        shutil.rmtree(self.parts_dir, ignore_errors=not parts)  # no part: the folder may never have been made
 
 
 class BackgroundWriter:
@@ -166,3 +184,19 @@ class BackgroundWriter:
     def _raise(self) -> None:
         if self.error is not None:
             raise self.error
+
+
+class OnePart:
+    """`BackgroundWriter`'s interface for a job that is one part (`PartWriter.fits_one_part`): its rows are written
+    straight to the output, in the caller's thread, when they come (no thread to start or wait for)."""
+
+    def __init__(self, writer: PartWriter) -> None:
+        self.writer = writer
+
+    def commit(self, rows: Rows | list[dict]) -> None:
+        if self.writer.done:  # the input gave more rows than it said it holds: never overwrite what was written
+            raise RuntimeError(f"{self.writer.output} is written already; the input holds more rows than it declared")
+        self.writer.write_output(rows)
+
+    def close(self, *, raise_error: bool = True) -> None:
+        del raise_error  # nothing runs in the background: an error was raised at `commit`

@@ -8,13 +8,15 @@ training; since filtering happens after the graph's top 50, fewer than k items m
 
 from __future__ import annotations
 
-import json
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 
 from service.errors import InvalidInput
 from service.processing.base import Limits
@@ -38,14 +40,19 @@ class RecommenderProcessor:
         # beyond the request's item count, which the core checks.
         del limits
         seen_path = model_dir / "seen_items.json"
-        raw = json.loads(seen_path.read_text()) if seen_path.is_file() else {}
-        self.seen: dict[int, set[int]] = {int(u): set(items) for u, items in raw.items()}
-        self._seen_keys, self._users, self._stride = _seen_keys(self.seen)
+        # orjson: a third of json's time on the zoo's 3,000 users (this file is most of a batch job's start-up).
+        self._raw_seen: dict = orjson.loads(seen_path.read_bytes()) if seen_path.is_file() else {}
+        self._seen_keys, self._users, self._stride = _seen_keys(self._raw_seen)
         self._user_ids = np.array(sorted(self._users), np.int64)  # for the positions of a whole column of ids
         self._user_pos = np.array([self._users[u] for u in self._user_ids.tolist()], np.int64)
         self._seen_bits = _seen_bits(self._seen_keys, size=len(self._users) * self._stride)
         self.input_name, self.item_output, self.score_output = input_name, item_output, score_output
         self.top_k = top_k
+
+    @cached_property
+    def seen(self) -> dict[int, set[int]]:
+        """Each training user's seen items, built when first asked for (requests and jobs use the sorted keys)."""
+        return {int(u): set(items) for u, items in self._raw_seen.items()}
 
     def describe(self) -> dict:
         return {"accepts": ACCEPTS,
@@ -66,7 +73,7 @@ class RecommenderProcessor:
             payload = int(payload)
         if isinstance(payload, bool) or not isinstance(payload, int) or abs(payload) > INT64_MAX:
             raise InvalidInput(f"user {index}: expected an integer user_id, got {payload!r}")
-        return PreparedUser(payload, payload in self.seen)
+        return PreparedUser(payload, payload in self._users)
 
     def rows_per_run(self, prepared: Sequence[Any]) -> int | None:
         return None
@@ -122,13 +129,25 @@ class RecommenderProcessor:
         return keep & (np.cumsum(keep, axis=1) <= k)
 
 
-def _seen_keys(seen: dict[int, set[int]]) -> tuple[np.ndarray, dict[int, int], int]:
-    """Every (user, item) seen in training as one sorted int64 key (user's position * stride + item), the users'
-    positions, and the stride (one past the largest item id)."""
-    users = {user: i for i, user in enumerate(seen)}
-    stride = max((max(items) for items in seen.values() if items), default=-1) + 1
-    keys = [users[user] * stride + item for user, items in seen.items() for item in items if item >= 0]
-    return np.array(sorted(keys), np.int64), users, stride
+def _seen_keys(raw: dict) -> tuple[np.ndarray, dict[int, int], int]:
+    """Every (user, item) seen in training as one sorted, unique int64 key (user's position * stride + item), the
+    users' positions, and the stride (one past the largest item id), from seen_items.json's {user: [items]}.
+
+    Built with numpy from the flat item list, not a Python int per pair (~8x faster on the zoo's 87k pairs).
+    """
+    users = {int(u): i for i, u in enumerate(raw)}
+    if len(users) != len(raw):  # one user under two spellings ("7", "07"): the last list counts, as in a dict
+        raw = {str(u): items for u, items in {int(u): items for u, items in raw.items()}.items()}
+        users = {int(u): i for i, u in enumerate(raw)}
+    lists = list(raw.values())
+    counts = np.fromiter(map(len, lists), np.int64, len(lists))
+    items = np.fromiter(itertools.chain.from_iterable(lists), np.int64, int(counts.sum()))
+    stride = int(items.max()) + 1 if len(items) else 0
+    owners = np.repeat(np.arange(len(lists), dtype=np.int64), counts)
+    valid = items >= 0
+    keys = np.sort(owners[valid] * stride + items[valid])
+    # NOTE: a sort and a neighbour test rather than np.unique, which took ~9x the sort on these 87k keys (numpy 2).
+    return keys[np.concatenate([[True], keys[1:] != keys[:-1]])] if len(keys) else keys, users, stride
 
 
 # Largest (users x items) grid kept as a bitmap (32 MiB); past it the seen pairs are looked up sorted.

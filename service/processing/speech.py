@@ -19,7 +19,7 @@ import soundfile as sf
 import soxr
 
 from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
-from service.processing.base import Limits, parse_k, setting, top_k_rows
+from service.processing.base import Limits, parse_k, setting
 from service.processing.logmel import FEATURES, log_mel
 
 RATE = 16_000
@@ -225,16 +225,97 @@ class SpeechProcessor:
         return None
 
     def collate(self, prepared: list[PreparedAudio]) -> dict[str, np.ndarray]:
-        waveforms = np.stack([p.waveform for p in prepared], dtype=np.float32)
+        waveforms = _rows_in_place(prepared)
+        if waveforms is None:
+            waveforms = np.stack([p.waveform for p in prepared], dtype=np.float32)
         return {self.input_name: log_mel(waveforms) if self.features else waveforms}
 
     def postprocess(self, outputs: dict[str, np.ndarray], prepared: list[PreparedAudio], *,
                     params: dict) -> list[dict]:
+        return self.postprocess_columns(outputs, prepared, params=params).rows()
+
+    def postprocess_columns(self, outputs: dict[str, np.ndarray], prepared: list[PreparedAudio], *,
+                            params: dict) -> KeywordColumns:
+        """`postprocess`'s results as columns (batch jobs write them to Parquet without a dict per row)."""
         k = parse_k(params.get("k"), default=3, limit=len(self.labels or []) or 1000)
-        probs = outputs[self.output_name]
-        results = []
-        for p, best in zip(prepared, top_k_rows(probs[:len(prepared)], labels=self.labels, k=k)):
+        probs = outputs[self.output_name][:len(prepared)]
+        k = max(1, min(k, probs.shape[1]))
+        # The stable sort of each whole row is `top_k`'s own order (ties by the lower index); a keyword model
+        # has a dozen classes, so sorting all of them costs less than partitioning first.
+        best = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        names = [self.labels[i] if self.labels and i < len(self.labels) else str(i) for i in range(probs.shape[1])]
+        return KeywordColumns(names=names, index=best.astype(np.int64),
+                              probability=np.take_along_axis(probs, best, axis=1).astype(np.float64),
+                              sample_rate=[p.sample_rate for p in prepared], channels=[p.channels for p in prepared],
+                              seconds=[round(p.seconds, 3) for p in prepared])
+
+
+def _rows_in_place(prepared: list[PreparedAudio]) -> np.ndarray | None:
+    """The waveforms as one [N, samples] array without a copy when they are consecutive rows of one array (as
+    `prepare_batch` writes them), else None."""
+    base = prepared[0].waveform.base if prepared else None
+    if not isinstance(base, np.ndarray) or base.ndim != 2 or base.dtype != np.float32 \
+            or not base.flags.c_contiguous:
+        return None
+    start, stride = base.__array_interface__["data"][0], base.strides[0]
+    first, extra = divmod(prepared[0].waveform.__array_interface__["data"][0] - start, stride)
+    if extra or first + len(prepared) > len(base):
+        return None
+    for i, p in enumerate(prepared):
+        w = p.waveform
+        if w.base is not base or w.shape != base.shape[1:] \
+                or w.__array_interface__["data"][0] != start + (first + i) * stride:
+            return None
+    return base[first:first + len(prepared)]
+
+
+@dataclass
+class KeywordColumns:
+    """A batch's keyword results as columns: each row's k best classes, best first, and its clip's facts."""
+
+    names: list[str]  # label of each class index
+    index: np.ndarray  # [rows, k] int64
+    probability: np.ndarray  # [rows, k] float64 (the model's float32 values, exactly)
+    sample_rate: list[int]
+    channels: list[int]
+    seconds: list[float]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @classmethod
+    def concat(cls, parts: list[KeywordColumns]) -> KeywordColumns | None:
+        """The parts' rows one after another, or None when they differ in labels or k (they cannot share columns)."""
+        first = parts[0]
+        if any(p.names != first.names or p.index.shape[1] != first.index.shape[1] for p in parts):
+            return None
+        return cls(names=first.names, index=np.concatenate([p.index for p in parts]),
+                   probability=np.concatenate([p.probability for p in parts]),
+                   sample_rate=[r for p in parts for r in p.sample_rate], channels=[c for p in parts for c in p.channels],
+                   seconds=[x for p in parts for x in p.seconds])
+
+    def rows(self) -> list[dict]:
+        """One dict per row, as the task endpoint returns it."""
+        names, results = self.names, []
+        for idx, probs, rate, channels, seconds in zip(self.index.tolist(), self.probability.tolist(),
+                                                       self.sample_rate, self.channels, self.seconds):
+            best = [{"label": names[i], "index": i, "probability": v} for i, v in zip(idx, probs)]
             results.append({"keyword": best[0]["label"], "predictions": best,
-                            "audio": {"sample_rate": p.sample_rate, "channels": p.channels,
-                                      "seconds": round(p.seconds, 3)}})
+                            "audio": {"sample_rate": rate, "channels": channels, "seconds": seconds}})
         return results
+
+    def arrow(self) -> Any:
+        """The same values as one Arrow struct array, typed as Arrow infers `rows()`, without a dict per row."""
+        # NOTE: pyarrow is the optional `parquet` extra; only the Parquet writer calls this.
+        import pyarrow as pa
+
+        rows, k = self.index.shape
+        labels = pa.array(self.names, pa.string()).take(pa.array(self.index.ravel()))
+        picks = pa.StructArray.from_arrays([labels, pa.array(self.index.ravel()), pa.array(self.probability.ravel())],
+                                           names=["label", "index", "probability"])
+        predictions = pa.ListArray.from_arrays(pa.array(np.arange(0, rows * k + 1, k, dtype=np.int32)), picks)
+        audio = pa.StructArray.from_arrays([pa.array(self.sample_rate, pa.int64()), pa.array(self.channels, pa.int64()),
+                                            pa.array(self.seconds, pa.float64())],
+                                           names=["sample_rate", "channels", "seconds"])
+        keyword = labels.take(pa.array(np.arange(0, rows * k, k, dtype=np.int64)))
+        return pa.StructArray.from_arrays([keyword, predictions, audio], names=["keyword", "predictions", "audio"])
