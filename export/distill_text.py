@@ -40,7 +40,7 @@ from export import text_corpus
 from export import text_student_int8 as tsi
 from export.common import budget_for, load_parent
 from export.distill_common import LATENCY_BATCH, StudentResult
-from export.heldout import TOP_K, fp32_outputs, load_heldout
+from export.heldout import TOP_K, fp32_outputs, load_heldout, retrieval_overlap  # noqa: F401 (callers import it here)
 from export.text_student_int8 import budget_verdict, teacher_layers
 from models import transformer
 from models import transformer_corpus as tc
