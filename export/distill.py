@@ -37,13 +37,13 @@ FAMILIES = ("cnn", "speech", "transformer", "recommender")
 
 
 def build_student(family: str, /, *, repo_dir: Path, work_dir: Path, profile: str,
-                  text_options: dict[str, float] | None = None) -> StudentResult | None:
+                  text_options: dict[str, Any] | None = None) -> StudentResult | None:
     """Distil a student of ``family``'s model in ``repo_dir``; None for families without one.
 
     ``profile`` (tiny|default) sets the training budget; the teacher's own held-out split is rebuilt from
-    the profile and seed recorded in its model card. ``text_options`` (``layers``, ``threads``, and
-    ``distill_text.text_overrides``'s ``epochs``, ``ffn``, ``minutes``) override the sentence-encoder
-    student's defaults.
+    the profile and seed recorded in its model card. ``text_options`` (``layers``, ``init_layers``, ``threads``,
+    and ``distill_text.text_overrides``'s ``epochs``, ``ffn``, ``minutes``, ``max_texts``, ``lr``) override the
+    sentence-encoder student's defaults.
     """
     check_profile(profile)
     work_dir = Path(work_dir)
@@ -58,10 +58,11 @@ def build_student(family: str, /, *, repo_dir: Path, work_dir: Path, profile: st
             return distill_recommender.build(repo_dir=Path(repo_dir), work_dir=work_dir, profile=profile)
         if family == "transformer":
             options = dict(text_options or {})
-            layers = options.pop("layers", None)
+            layers, init = options.pop("layers", None), options.pop("init_layers", None)
             with torch_threads(int(options.pop("threads", 1))):
                 return distill_text.build(repo_dir=Path(repo_dir), work_dir=work_dir, profile=profile,
-                                          layers=int(layers) if layers else None, options=options)
+                                          layers=int(layers) if layers else None, options=options,
+                                          init_layers=tuple(int(i) for i in init) if init else None)
         return distill_classify.build(family, repo_dir=Path(repo_dir), work_dir=work_dir, profile=profile)
 
 
@@ -75,6 +76,31 @@ def publish_student(result: StudentResult, *, repo_dir: Path) -> Path | None:
              "distillation": result.details}
     return publish_variant(repo_dir=repo_dir, parent=parent, variant="student", onnx_path=result.onnx_path,
                            card_extra=extra)
+
+
+def publish_student_int8(result: StudentResult, *, repo_dir: Path) -> Path | None:
+    """Publish ``<model>-student-int8`` (the sentence-encoder student as INT8 dynamic) when THAT variant meets
+    the student budget itself, as served (``export.text_student_int8.served_verdicts``); neither the FP32
+    student's verdict nor the teacher's INT8 carries over."""
+    served = result.details.get("served")
+    if not served or not served["publish"].get("student-int8"):
+        return None
+    row = served["rows"]["student-int8"]
+    metrics = {"cosine_to_fp32": row["cosine"], "cosine_to_fp32_min": row["cosine_min"],
+               "top10_retrieval_overlap": row["top10_overlap"], f"speedup_b{LATENCY_BATCH}": row["speedup"]}
+    extra = {"metrics": metrics, "teacher_metrics": result.teacher_metrics, "parameters": result.parameters,
+             "budget": result.budget, "latency_ms": served["latency_ms"], "quantization": "INT8 dynamic, per-channel",
+             "why": served["why"]["student-int8"], "distillation": {k: v for k, v in result.details.items()
+                                                                   if k != "served"}}
+    return publish_variant(repo_dir=repo_dir, parent=load_parent(repo_dir, result.model), variant="student-int8",
+                           onnx_path=Path(served["paths"]["student-int8"]), card_extra=extra)
+
+
+def _layer_list(text: str) -> list[int]:
+    try:
+        return [int(i) for i in text.split(",") if i.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated layer indices, e.g. 0,2,4,5") from None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -92,6 +118,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--text-ffn", type=int, help="sentence-encoder student FFN width (default: profile's)")
     parser.add_argument("--text-minutes", type=float,
                         help="sentence-encoder student training time budget; the learning rate anneals over it")
+    parser.add_argument("--text-init-layers", type=_layer_list,
+                        help="teacher layers the sentence-encoder student copies, e.g. 0,2,4,5 (default: spread)")
+    parser.add_argument("--text-texts", type=int, help="sentence-encoder student training texts (default: profile's)")
+    parser.add_argument("--text-lr", type=float, help="sentence-encoder student peak learning rate (default: profile's)")
     parser.add_argument("--text-threads", type=int, help="torch threads for the sentence-encoder student (default 1)")
     parser.add_argument("--plot", type=Path, help="write a PNG comparing teachers and students here")
     args = parser.parse_args(argv)
@@ -108,14 +138,17 @@ def main(argv: list[str] | None = None) -> int:
     for family in args.families:
         text_options = {k: v for k, v in (("layers", args.text_layers), ("epochs", args.text_epochs),
                                           ("ffn", args.text_ffn), ("minutes", args.text_minutes),
-                                          ("threads", args.text_threads)) if v}
+                                          ("threads", args.text_threads), ("init_layers", args.text_init_layers),
+                                          ("max_texts", args.text_texts), ("lr", args.text_lr)) if v}
         result = build_student(family, repo_dir=args.model_repository, work_dir=args.work_dir / family,
                                profile=args.profile, text_options=text_options)
         if result is None:
             print(f"{family}: no student (teacher too small to shrink)")
             continue
-        published = publish_student(result, repo_dir=args.model_repository) if args.publish else None
-        results.append({**result.as_dict(), "published": str(published) if published else None})
+        published = [p for p in (publish_student(result, repo_dir=args.model_repository),
+                                 publish_student_int8(result, repo_dir=args.model_repository)) if p] \
+            if args.publish else []
+        results.append({**result.as_dict(), "published": [str(p) for p in published] or None})
         headline = {k: round(v, 4) for k, v in result.metrics.items()}
         print(f"{family}: student {result.parameters:,} params (teacher {result.teacher_parameters:,}), "
               f"held-out {headline}, teacher {result.teacher_metrics}, p50 ms at batch {LATENCY_BATCH} "

@@ -23,7 +23,6 @@ import contextlib
 import importlib
 import json
 import logging
-import re
 import site
 import sys
 import time
@@ -38,9 +37,11 @@ from tqdm import tqdm
 
 from export import distill_text_train as dt
 from export import text_corpus
-from export.common import budget_for, check_budget, load_parent
-from export.distill_common import LATENCY_BATCH, StudentResult, side_by_side_latency
-from export.heldout import TOP_K, fp32_outputs, load_heldout, retrieval_overlap, run_outputs
+from export import text_student_int8 as tsi
+from export.common import budget_for, load_parent
+from export.distill_common import LATENCY_BATCH, StudentResult
+from export.heldout import TOP_K, fp32_outputs, load_heldout, retrieval_overlap  # noqa: F401 (callers import it here)
+from export.text_student_int8 import budget_verdict, teacher_layers
 from models import transformer
 from models import transformer_corpus as tc
 from models.common import count_parameters, set_seed
@@ -78,19 +79,10 @@ EXTRA_MODULES = ("argparse", "logging", "logging.handlers", "csv", "configparser
 LATENCY_REPEATS = {"tiny": 3, "default": 20}
 
 
-def teacher_layers(card: dict) -> tuple[int, int]:
-    """(kept, total) encoder layers from the card's ``input_spec.encoder_layers`` ("6 of 6")."""
-    text = str(card.get("input_spec", {}).get("encoder_layers", ""))
-    match = re.fullmatch(r"\s*(\d+) of (\d+)\s*", text)
-    if not match:
-        raise ValueError(f"transformer model card: input_spec.encoder_layers is {text!r}, expected 'K of N'")
-    return int(match.group(1)), int(match.group(2))
-
-
 def text_overrides(options: dict[str, float]) -> dict[str, Any]:
-    """The profile settings that ``options`` (``epochs``, ``ffn``, ``minutes``; None or 0 = the profile's)
-    override, checked: a bad value fails before any work starts."""
-    known = {"epochs": float, "ffn": int, "minutes": float}
+    """The profile settings that ``options`` (``epochs``, ``ffn``, ``minutes``, ``max_texts``, ``lr``; None or 0 =
+    the profile's) override, checked: a bad value fails before any work starts."""
+    known = {"epochs": float, "ffn": int, "minutes": float, "max_texts": int, "lr": float}
     unknown = sorted(set(options) - set(known))
     if unknown:
         raise ValueError(f"text student options {unknown}: expected some of {sorted(known)}")
@@ -102,15 +94,6 @@ def text_overrides(options: dict[str, float]) -> dict[str, Any]:
             raise ValueError(f"text student {name} {value!r}: expected a positive number")
         out[name] = known[name](value)
     return out
-
-
-def budget_verdict(*, cosine: float, overlap: float, speedup: float) -> tuple[bool, str]:
-    """Whether the student meets its budget (export.common.STUDENT_BUDGETS), and a sentence naming any
-    target it misses."""
-    verdict = check_budget(model="transformer", variant="student", fp32_metrics={"cosine_to_fp32": 1.0},
-                           variant_metrics={"cosine_to_fp32": cosine, f"top{TOP_K}_retrieval_overlap": overlap,
-                                            f"speedup_b{LATENCY_BATCH}": speedup})
-    return verdict.ok, ("within budget" if verdict.ok else "missed: " + ", ".join(verdict.missed))
 
 
 def extra_texts(exclude: set[str]) -> list[str]:
@@ -196,10 +179,12 @@ def chatter_to(log_path: Path) -> Iterator[None]:
 
 
 def build(*, repo_dir: Path, work_dir: Path, profile: str, layers: int | None = None,
-          options: dict[str, float] | None = None, cache_dir: Path = DEFAULT_CACHE) -> StudentResult | None:
+          init_layers: tuple[int, ...] | None = None, options: dict[str, float] | None = None,
+          cache_dir: Path = DEFAULT_CACHE) -> StudentResult | None:
     """Distil ``transformer``; None when the teacher has too few layers to drop any (tiny profile: 1).
 
-    ``layers`` defaults to the profile's (else a third of the teacher's); ``options`` override the profile's settings: ``epochs``
+    ``layers`` defaults to the profile's (else a third of the teacher's); ``init_layers`` names the teacher
+    layers to copy (default: ``layers`` spread evenly, see ``distill_text_train.spread``); ``options`` override the profile's settings: ``epochs``
     (may be fractional), ``ffn`` (FFN width) and ``minutes`` (training time budget: the learning-rate schedule
     anneals over whichever of epochs and minutes runs out first). The teacher cache and the package-text cache
     live in ``cache_dir``, the checkpoint and log in ``work_dir``.
@@ -208,32 +193,34 @@ def build(*, repo_dir: Path, work_dir: Path, profile: str, layers: int | None = 
     parent = load_parent(repo_dir, "transformer")
     kept, _ = teacher_layers(parent.card)
     settings = {**SETTINGS[profile], **text_overrides(options or {})}
-    layers = layers or settings.get("layers") or max(1, kept // 3)
+    layers = len(init_layers) if init_layers else layers or settings.get("layers") or max(1, kept // 3)
     if layers >= kept:
         return None
+    plan = dt.StudentPlan(init_layers=tuple(init_layers or dt.spread(kept, keep=layers)), ffn=settings["ffn"])
+    dt.check_plan(plan, total=kept)
     set_seed(parent.seed)
     work_dir, cache_dir = Path(work_dir), Path(cache_dir)
     with chatter_to(work_dir / "distill_text.log"):
-        student, plan, texts, losses = _distil(parent, kept=kept, layers=layers, settings=settings,
-                                               work_dir=work_dir, cache_dir=cache_dir)
+        student, texts, losses = _distil(parent, kept=kept, plan=plan, settings=settings, work_dir=work_dir,
+                                         cache_dir=cache_dir)
         tokenizer = Tokenizer.from_file(str(parent.model_dir / "tokenizer.json"))
         path, parity = export_text_model(student, tokenizer=tokenizer, path=work_dir / "transformer-student.onnx",
                                          output_name="embedding")
         heldout = load_heldout(parent)
         reference = fp32_outputs(parent, heldout)[0]
-        got = run_outputs(path, heldout.feeds)[0]
-        latency = side_by_side_latency({"teacher": parent.onnx_path, "student": path},
-                                       heldout.batch(LATENCY_BATCH), repeats=LATENCY_REPEATS[profile])
-    cos = (got * reference).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(reference, axis=1) + 1e-12)
-    metrics = {"cosine_to_fp32": float(cos.mean()), "cosine_to_fp32_min": float(cos.min()),
-               f"top{TOP_K}_retrieval_overlap": retrieval_overlap(reference, got), "test_examples": float(len(cos))}
-    speedup = latency["teacher"] / latency["student"]
+        served = tsi.served_comparison(teacher=parent.onnx_path, student=path, heldout=heldout, reference=reference,
+                                       work_dir=work_dir, repeats=LATENCY_REPEATS[profile])
+    latency = {k: served["latency_ms"][k] for k in ("teacher", "student")}
+    row = served["rows"]["student"]
+    metrics = {"cosine_to_fp32": row["cosine"], "cosine_to_fp32_min": row["cosine_min"],
+               f"top{TOP_K}_retrieval_overlap": row[f"top{TOP_K}_overlap"], "test_examples": float(len(reference))}
+    speedup = row["speedup"]
     ok, why = budget_verdict(cosine=metrics["cosine_to_fp32"], overlap=metrics[f"top{TOP_K}_retrieval_overlap"],
                              speedup=speedup)
     details = {"student_layers": layers, "teacher_layers_kept": list(plan.init_layers),
                "hidden_targets": list(plan.hidden_targets(kept)), "ffn": plan.ffn, "teacher_layers": kept,
                "training_texts": len(texts), **settings, **losses, "parity": parity, "latency_batch": LATENCY_BATCH,
-               "speedup": speedup, "verdict": why,
+               "speedup": speedup, "verdict": why, "served": served,
                "seconds": round(time.perf_counter() - start, 1)}
     return StudentResult(family="transformer", model="transformer", onnx_path=path, metrics=metrics,
                          teacher_metrics={"cosine_to_fp32": 1.0, f"top{TOP_K}_retrieval_overlap": 1.0},
@@ -242,12 +229,11 @@ def build(*, repo_dir: Path, work_dir: Path, profile: str, layers: int | None = 
                          latency_ms=latency, details=details)
 
 
-def _distil(parent, *, kept: int, layers: int, settings: dict, work_dir: Path,
-            cache_dir: Path) -> tuple[Any, dt.StudentPlan, list[str], dict[str, float]]:
+def _distil(parent, *, kept: int, plan: dt.StudentPlan, settings: dict, work_dir: Path,
+            cache_dir: Path) -> tuple[Any, list[str], dict[str, float]]:
     """Collect text, fill the teacher cache, train; one progress bar over cache batches and steps."""
     tokenizer = training_tokenizer(parent.model_dir / "tokenizer.json", settings=settings)
     texts = training_texts(parent, settings=settings, cache_dir=cache_dir, seed=parent.seed)
-    plan = dt.StudentPlan(init_layers=dt.spread(kept, keep=layers), ffn=settings["ffn"])
     targets = plan.hidden_targets(kept)
     batches = dt.length_batches(texts, batch_size=settings["batch_size"])
     teacher = load_encoder(minilm_dir(), layers=kept)
@@ -271,4 +257,4 @@ def _distil(parent, *, kept: int, layers: int, settings: dict, work_dir: Path,
                           targets=targets, settings=settings, seed=parent.seed,
                           checkpoint=work_dir / "checkpoint.pt", progress=progress)
     student.bert.set_attn_implementation(attention)
-    return student, plan, texts, losses
+    return student, texts, losses

@@ -81,12 +81,16 @@ def narrow_ffn(layer: Any, *, width: int) -> torch.Tensor:
     return keep
 
 
-def make_student(teacher: SentenceEncoder, plan: StudentPlan) -> SentenceEncoder:
-    """Cut ``teacher`` (in place: pass a fresh copy) down to ``plan``'s layers and FFN width."""
-    total = len(teacher.bert.encoder.layer)
+def check_plan(plan: StudentPlan, *, total: int) -> None:
+    """Fail unless ``plan`` copies increasing, distinct layers of a ``total``-layer teacher."""
     if not plan.init_layers or any(not 0 <= i < total for i in plan.init_layers) or \
             list(plan.init_layers) != sorted(set(plan.init_layers)):
         raise ValueError(f"init_layers {plan.init_layers}: expected increasing layer indices in 0..{total - 1}")
+
+
+def make_student(teacher: SentenceEncoder, plan: StudentPlan) -> SentenceEncoder:
+    """Cut ``teacher`` (in place: pass a fresh copy) down to ``plan``'s layers and FFN width."""
+    check_plan(plan, total=len(teacher.bert.encoder.layer))
     bert = teacher.bert
     bert.encoder.layer = nn.ModuleList([bert.encoder.layer[i] for i in plan.init_layers])
     bert.config.num_hidden_layers = len(plan.init_layers)

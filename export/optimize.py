@@ -112,8 +112,14 @@ def _students(parent: ParentModel, heldout: HeldOut, *, repo: Path, work: Path, 
     card = {"parameters": student.parameters, "teacher_parameters": student.teacher_parameters,
             "distillation": student.details}
     rows = [Variant("student", Path(student.onnx_path), metrics, notes=f"{student.parameters} params", card=card)]
-    as_parent = dataclasses.replace(parent, onnx_path=Path(student.onnx_path))
-    q = _int8(as_parent, heldout, work=work, fp32=fp32, ref=ref, name="student-int8")
+    served = student.details.get("served", {}).get("paths", {}).get("student-int8")
+    if served:  # the sentence encoder's INT8 student: the very graph its publication rule judged
+        q = Variant("student-int8", Path(served), evaluate(parent, Path(served), heldout, reference=ref),
+                    notes="student, INT8 dynamic (per-channel, no FP32 fallback)",
+                    card={"method": "dynamic", "layout": "dynamic", "kept_fp32": []})
+    else:
+        as_parent = dataclasses.replace(parent, onnx_path=Path(student.onnx_path))
+        q = _int8(as_parent, heldout, work=work, fp32=fp32, ref=ref, name="student-int8")
     q.card.update({"parameters": student.parameters})
     return [*rows, q]
 
