@@ -20,6 +20,7 @@ import orjson
 import pytest
 import tritonclient.http as httpclient
 
+from service.batch_planner import Planner
 from tests.conftest import run_server
 from tests.inprocess import inprocess_server
 from tests.onnx_builders import scale_model, slow_model, write_config
@@ -210,3 +211,28 @@ async def test_an_adaptive_batching_value_other_than_true_or_false_is_a_clear_lo
     assert resp.status_code == 400, resp.text
     error = resp.json()["error"]
     assert 'adaptive_batching must be "true" or "false"' in error and "'ture'" in error, error
+
+
+def test_a_closed_loops_crowd_is_kept_across_the_silence_between_its_bursts():
+    """Eight clients in a closed loop: each batch's answers send eight requests back 0.1 ms apart, then nothing
+    arrives for 2.5 ms while that batch runs. The silence is 25 in-burst gaps but shorter than the loop's cycle, so
+    the next burst's first request still counts the seven others as batch-mates to wait for (before, the crowd was
+    forgotten every cycle and that request went alone: batches of 1 then 7)."""
+    planner = Planner()
+    t = cpu = 0.0
+    for _ in range(6):  # six cycles: a burst of 8 arrivals, then the batch runs and ends
+        for i in range(8):
+            planner.observe_arrival(t, others=i)
+            t += 0.0001
+        t += 0.0025
+        cpu += 0.0008 + 0.0001 * 8 + 0.0001 * (_ % 2)  # process CPU per batch: ~0.8 ms fixed, 0.1 ms a row
+        planner.observe_batch(units=8 - _ % 2, wall_s=0.001, cpu_now=cpu, wall_now=t)
+    first = t + 0.0001
+    planner.observe_arrival(first, others=0)
+    assert planner.crowd(0, now=first) == 7
+    assert planner.plan(rows=1, others_in_flight=0, now=first, waited=0.0, remaining=0.003) > 0
+    # A silence of several cycles still means the crowd has gone: a lone request is not held by it.
+    later = first + 0.1
+    planner.observe_arrival(later, others=0)
+    assert planner.crowd(0, now=later) == 0
+    assert planner.plan(rows=1, others_in_flight=0, now=later, waited=0.0, remaining=0.003) == 0.0
