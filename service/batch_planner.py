@@ -157,12 +157,14 @@ class Planner:
     # EWMA of the time between batch ends (busy spells only): a closed loop's cycle.
     batch_ends: ArrivalRate = field(default_factory=ArrivalRate)
 
+    def _crowd_gone_after(self) -> float | None:
+        """The silence since the last arrival after which the crowd seen before has gone (None: nothing seen)."""
+        gap = self.arrivals.gap
+        return None if gap is None else _CROWD_GONE_GAPS * max(gap, self.batch_ends.gap or 0.0)
+
     def _crowd_gone(self, now: float) -> bool:
-        """A silence since the last arrival long enough that the crowd seen before has gone."""
-        last, gap = self.arrivals.last, self.arrivals.gap
-        if last is None or gap is None:
-            return False
-        return now - last > _CROWD_GONE_GAPS * max(gap, self.batch_ends.gap or 0.0)
+        last, after = self.arrivals.last, self._crowd_gone_after()
+        return last is not None and after is not None and now - last > after
 
     def observe_arrival(self, now: float, *, others: int) -> None:
         if self._crowd_gone(now):
@@ -196,13 +198,27 @@ class Planner:
         """
         fit = self.cost.fit()
         gap = self.arrivals.until_next(now)
-        if gap is not None and self._cpu_gain(others_in_flight, now=now) > gap * rows:
-            return max(gap, _MIN_WAIT_S)  # a busy server: a run's fixed CPU costs the crowd more than the wait
+        gain = self._cpu_gain(others_in_flight, now=now)
+        if gap is not None and gain > gap * rows:
+            # A busy server: a run's fixed CPU costs the crowd more than the wait. Wait until this rule itself
+            # would stop (an arrival wakes the wait sooner): waiting one expected gap at a time gave the same
+            # decisions for twice the collector's wake-ups at concurrency 32.
+            return max(gap, self._cpu_horizon(gain, rows=rows, others_in_flight=others_in_flight) - now, _MIN_WAIT_S)
         if others_in_flight == 0 and (fit is None or gap is None or (waited + gap) * rows >= fit[1]):
             return 0.0  # nobody else is coming soon enough to be worth it
         if fit is None or gap is None:
             return float("inf")  # others in flight but nothing learned yet: Triton's wait
         return max(gap, _MIN_WAIT_S) if (waited + gap) * rows < fit[1] else 0.0
+
+    def _cpu_horizon(self, gain: float, *, rows: int, others_in_flight: int) -> float:
+        """When, with no arrival, `gain > rows * until_next` stops holding: the silence since the last arrival
+        reaches gain / rows, or, with nobody in flight, the crowd counts as gone."""
+        last = self.arrivals.last or 0.0
+        end = last + gain / rows
+        after = self._crowd_gone_after()
+        if others_in_flight == 0 and after is not None:
+            end = min(end, last + after)
+        return end
 
     def _cpu_gain(self, others_in_flight: int, *, now: float) -> float:
         fit = self.cpu_cost.fit()
