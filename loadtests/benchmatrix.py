@@ -30,9 +30,9 @@ def policy_config(policy: str, *, delay_us: int, max_batch_size: int = 64, kind:
     if policy == "none":
         return text
     text += f"dynamic_batching {{ max_queue_delay_microseconds: {delay_us} }}\n"
-    if policy == "adaptive":
-        text += 'parameters { key: "adaptive_batching" value: { string_value: "true" } }\n'
-    return text
+    # Each copy names its policy: the server's default (adaptive since round 4) must not decide what "fixed" means.
+    adaptive = "true" if policy == "adaptive" else "false"
+    return text + f'parameters {{ key: "adaptive_batching" value: {{ string_value: "{adaptive}" }} }}\n'
 
 
 def model_name(cnn: str, policy: str) -> str:

@@ -89,12 +89,15 @@ def _rows_per_s_single(session: ort.InferenceSession, ids: list[list[int]]) -> f
 
 
 def write_text_models(repo: Path, zoo: Path) -> None:
-    """Two copies of the zoo transformer: as built (length-aware, adaptive) and without length-aware batching."""
+    """Two copies of the zoo transformer: as built (length-aware, adaptive) and without length-aware batching
+    (Triton's fixed delay)."""
     src = zoo / "transformer"
     shutil.copytree(src, repo / "text_ragged")
     shutil.copytree(src, repo / "text_plain")
     config = (src / "config.pbtxt").read_text()
     plain = "\n".join(line for line in config.splitlines() if "ragged_" not in line) + "\n"
+    # Triton's batching as it is, named: the server's default (adaptive since round 4) does not decide the baseline.
+    plain += 'parameters { key: "adaptive_batching" value: { string_value: "false" } }\n'
     (repo / "text_plain" / "config.pbtxt").write_text(plain.replace('name: "transformer"', 'name: "text_plain"'))
     adaptive = 'parameters { key: "adaptive_batching" value: { string_value: "true" } }\n'
     (repo / "text_ragged" / "config.pbtxt").write_text(

@@ -42,7 +42,10 @@ _CPU_SAMPLE_MAX_S = 0.5
 # Arrivals whose crowd still counts: a closed loop of 32 clients shows its size within a few arrivals, and a load
 # that drops to one client stops counting as a crowd after this many.
 _CROWD_WINDOW = 16
-# Silence, in expected inter-arrival gaps, after which a crowd seen before no longer counts.
+# Silence, in expected inter-arrival gaps or batch-to-batch intervals (the longer), after which a crowd seen before
+# no longer counts. Gaps alone were too short a scale for a closed loop: its requests come back in bursts after each
+# batch's answers, so the silence between bursts outlasted three in-burst gaps, the crowd was forgotten every cycle
+# and the burst's first request went alone (at concurrency 8, batches of 1 then 7 instead of 8).
 _CROWD_GONE_GAPS = 3
 # Length-aware models: runs, and distinct padded sizes among them, before their own CPU budgets any padding.
 _PAD_MIN_SAMPLES = 8
@@ -151,11 +154,21 @@ class Planner:
     crowds: deque[int] = field(default_factory=lambda: deque(maxlen=_CROWD_WINDOW))
     # Length-aware models: CPU of the run itself (ONNX Runtime's threads), per padded token; budgets the padding.
     run_cpu: CostModel = field(default_factory=CostModel)
+    # EWMA of the time between batch ends (busy spells only): a closed loop's cycle.
+    batch_ends: ArrivalRate = field(default_factory=ArrivalRate)
+
+    def _crowd_gone_after(self) -> float | None:
+        """The silence since the last arrival after which the crowd seen before has gone (None: nothing seen)."""
+        gap = self.arrivals.gap
+        return None if gap is None else _CROWD_GONE_GAPS * max(gap, self.batch_ends.gap or 0.0)
+
+    def _crowd_gone(self, now: float) -> bool:
+        last, after = self.arrivals.last, self._crowd_gone_after()
+        return last is not None and after is not None and now - last > after
 
     def observe_arrival(self, now: float, *, others: int) -> None:
-        last, gap = self.arrivals.last, self.arrivals.gap
-        if last is not None and gap is not None and now - last > _CROWD_GONE_GAPS * gap:
-            self.crowds.clear()  # a silence of several gaps: the crowd seen before has gone
+        if self._crowd_gone(now):
+            self.crowds.clear()
         self.arrivals.observe(now)
         self.crowds.append(others)
 
@@ -165,12 +178,14 @@ class Planner:
         cpu = self.cpu_clock.sample(cpu=cpu_now, wall=wall_now)
         if cpu is not None:
             self.cpu_cost.observe(units, cpu)
+            self.batch_ends.observe(wall_now)
+        else:  # the first batch, or the first after an idle spell: the interval is idleness, not the loop's cycle
+            self.batch_ends.last = wall_now
 
     def crowd(self, others_in_flight: int, *, now: float) -> int:
         """Requests that a batch's fixed CPU delays: those in flight now, or the most seen at recent arrivals
         unless, with nobody in flight, the next arrival is overdue by a few gaps (the crowd has gone)."""
-        last, gap = self.arrivals.last, self.arrivals.gap
-        if others_in_flight == 0 and last is not None and gap is not None and now - last > _CROWD_GONE_GAPS * gap:
+        if others_in_flight == 0 and self._crowd_gone(now):
             return 0
         return max(others_in_flight, max(self.crowds, default=0))
 
@@ -183,13 +198,27 @@ class Planner:
         """
         fit = self.cost.fit()
         gap = self.arrivals.until_next(now)
-        if gap is not None and self._cpu_gain(others_in_flight, now=now) > gap * rows:
-            return max(gap, _MIN_WAIT_S)  # a busy server: a run's fixed CPU costs the crowd more than the wait
+        gain = self._cpu_gain(others_in_flight, now=now)
+        if gap is not None and gain > gap * rows:
+            # A busy server: a run's fixed CPU costs the crowd more than the wait. Wait until this rule itself
+            # would stop (an arrival wakes the wait sooner): waiting one expected gap at a time gave the same
+            # decisions for twice the collector's wake-ups at concurrency 32.
+            return max(gap, self._cpu_horizon(gain, rows=rows, others_in_flight=others_in_flight) - now, _MIN_WAIT_S)
         if others_in_flight == 0 and (fit is None or gap is None or (waited + gap) * rows >= fit[1]):
             return 0.0  # nobody else is coming soon enough to be worth it
         if fit is None or gap is None:
             return float("inf")  # others in flight but nothing learned yet: Triton's wait
         return max(gap, _MIN_WAIT_S) if (waited + gap) * rows < fit[1] else 0.0
+
+    def _cpu_horizon(self, gain: float, *, rows: int, others_in_flight: int) -> float:
+        """When, with no arrival, `gain > rows * until_next` stops holding: the silence since the last arrival
+        reaches gain / rows, or, with nobody in flight, the crowd counts as gone."""
+        last = self.arrivals.last or 0.0
+        end = last + gain / rows
+        after = self._crowd_gone_after()
+        if others_in_flight == 0 and after is not None:
+            end = min(end, last + after)
+        return end
 
     def _cpu_gain(self, others_in_flight: int, *, now: float) -> float:
         fit = self.cpu_cost.fit()

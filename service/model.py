@@ -184,6 +184,8 @@ class ModelVersion:
     @classmethod
     def load(cls, req: LoadRequest, *, version: int, settings: ServerSettings) -> ModelVersion:
         config = req.config
+        # Checked before any session is made.
+        adaptive = _adaptive(config, name=req.name, default=settings.adaptive_batching)  # type: ignore[arg-type]
         filename = config.default_model_filename or DEFAULT_MODEL_FILENAME  # type: ignore[attr-defined]
         try:
             path = model_file(req.model_dir, version, filename)
@@ -215,9 +217,7 @@ class ModelVersion:
         mv = cls(spec=spec, version=str(version), pool=pool, stats=ModelStats(req.name, str(version)))
         mv.output_names = [o.name for o in spec.outputs]
         mv.ragged = ragged_policy(spec, max_tokens=settings.max_batch_tokens)
-        # A model may choose for itself: parameters { key: "adaptive_batching" value: { string_value: "true" } }.
-        own = spec.config.parameters.get("adaptive_batching")
-        mv.adaptive = settings.adaptive_batching if own is None else own.string_value.strip().lower() == "true"
+        mv.adaptive = adaptive
         mv._string_inputs = {t.name for t in [*pool.graph_inputs, *pool.graph_optional] if t.datatype == "BYTES"}
         if settings.warmup:
             mv._warmup()
@@ -396,3 +396,20 @@ class ModelVersion:
             except (TypeError, ValueError):
                 raise InvalidInput(f"parameter 'timeout': expected microseconds as an integer, got {override!r}") from None
         return default / 1e6 if default > 0 else None
+
+
+_ADAPTIVE_VALUES = {"true": True, "false": False}
+
+
+def _adaptive(config: mc.ModelConfig, *, name: str, default: bool) -> bool:
+    """Whether the model's batcher is adaptive: its own `adaptive_batching` parameter ("false" keeps Triton's fixed
+    max_queue_delay), else the server's setting. Any other value is a load error: a typo must not silently pick
+    a policy (before, anything but "true" meant Triton's delay)."""
+    own = config.parameters.get("adaptive_batching")
+    if own is None:
+        return default
+    value = own.string_value.strip().lower()
+    if value not in _ADAPTIVE_VALUES:
+        raise ModelLoadError(f"model {name!r}: parameter adaptive_batching must be \"true\" or \"false\" "
+                             f"(false: Triton's fixed max_queue_delay), got {own.string_value!r}")
+    return _ADAPTIVE_VALUES[value]

@@ -63,8 +63,9 @@ def test_a_lone_client_is_sent_at_once_even_with_a_big_fixed_cpu_cost():
 def test_a_crowd_at_a_steady_rate_waits_up_to_the_bound_when_the_fixed_cpu_is_big():
     planner = _planner(b_cpu=200e-6)
     last = _steady(planner, gap=0.0002, count=20, crowd=31)  # 32 clients, one arrival every 0.2 ms
-    # 1 row x 0.2 ms of waiting < 200 us of CPU that 31 others would queue behind: wait one gap.
-    assert planner.plan(rows=1, others_in_flight=0, now=last, waited=0.0, remaining=BOUND_S) == pytest.approx(0.0002)
+    # 1 row x 0.2 ms of waiting < 200 us of CPU that 31 others would queue behind: wait, until the rule itself would
+    # stop without an arrival (here after three gaps of silence, when the crowd would count as gone).
+    assert planner.plan(rows=1, others_in_flight=0, now=last, waited=0.0, remaining=BOUND_S) == pytest.approx(0.0006)
     rows, waited = _fill(planner, now=last, gap=0.0002, crowd=31)
     assert waited == pytest.approx(BOUND_S)  # 31 x 200 us = 6.2 ms of CPU saved outweighs any row count here
     assert rows == 16  # every arrival within the 3 ms bound joined

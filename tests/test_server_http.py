@@ -24,6 +24,9 @@ from tests.onnx_builders import (
 )
 
 SLOW_NOBATCH = 'max_batch_size: 4\ninstance_group [{ count: 1 kind: KIND_CPU }]\n'
+# Triton's fixed delay, pinned: the batching tests below count on requests sent one after another (tritonclient's
+# async_infer) waiting for each other, which adaptive batching (the default) does not do for a sequential client.
+TRITON_DELAY = 'parameters { key: "adaptive_batching" value: { string_value: "false" } }\n'
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +35,10 @@ def repo(tmp_path_factory) -> Path:
     scale_model(root / "scale" / "1" / "model.onnx")  # no config.pbtxt: everything inferred
     scale_model(root / "batched" / "1" / "model.onnx")
     write_config(root / "batched", 'max_batch_size: 16\ndynamic_batching { max_queue_delay_microseconds: 200000 '
-                 'preferred_batch_size: [ 16 ] }\ninstance_group [{ count: 1 kind: KIND_CPU }]\n')
+                 'preferred_batch_size: [ 16 ] }\ninstance_group [{ count: 1 kind: KIND_CPU }]\n' + TRITON_DELAY)
     two_io_model(root / "two_io" / "1" / "model.onnx")
     write_config(root / "two_io", 'max_batch_size: 8\ndynamic_batching { max_queue_delay_microseconds: 200000 }\n'
+                 + TRITON_DELAY +
                  'input [{ name: "a" data_type: TYPE_FP32 dims: [ -1 ] }, { name: "b" data_type: TYPE_FP32 dims: [ -1 ] }]\n'
                  'output [{ name: "sum" data_type: TYPE_FP32 dims: [ -1 ] label_filename: "labels.txt" },'
                  ' { name: "idx" data_type: TYPE_INT64 dims: [ 1 ] }]\n')

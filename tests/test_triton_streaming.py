@@ -16,7 +16,9 @@ from tests.conftest import free_port
 from tests.inprocess import inprocess_server
 from tests.onnx_builders import scale_model, write_config
 
-BATCHED = "max_batch_size: 8\ndynamic_batching { max_queue_delay_microseconds: 5000000 }\n"
+# Triton's fixed delay, pinned (adaptive is the default): the stream's requests reach the batcher one by one.
+BATCHED = ("max_batch_size: 8\ndynamic_batching { max_queue_delay_microseconds: 5000000 }\n"
+           'parameters { key: "adaptive_batching" value: { string_value: "false" } }\n')
 
 
 @pytest.fixture(scope="module")
