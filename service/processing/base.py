@@ -21,7 +21,7 @@ class Limits:
     """
 
     max_text_bytes: int = 64 * 1024
-    max_image_pixels: int = 4_000_000
+    max_image_pixels: int = 16_000_000
     max_request_pixels: int = 64_000_000
     min_sample_rate: int = 8_000
     max_sample_rate: int = 192_000

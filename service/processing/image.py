@@ -13,21 +13,28 @@ besides ``service.errors`` and ``service.processing.base``.
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
+from service.errors import InvalidInput, PayloadTooLarge
 from service.processing.base import Limits, parse_k, setting, top_k_rows
+from service.processing.photo import (
+    ACCEPTS,
+    check_pixels,
+    draft_large_jpeg,
+    even_paper,
+    header,
+    open_image,
+    uneven_border,
+    widen_thin,
+)
 
 SIDE, BOX = 28, 20
-ACCEPTED_FORMATS = ("PNG", "JPEG")
-ACCEPTS = "a PNG or JPEG image (any size or colour mode)"
 
 
 @dataclass
@@ -35,37 +42,6 @@ class PreparedImage:
     pixels: np.ndarray  # [1, 28, 28] float32 in [0, 1]
     original_size: tuple[int, int]
     inverted: bool
-
-
-def _header(data: bytes, *, index: int) -> Image.Image:
-    """The image with only its header read (Pillow decodes lazily): format and size, no pixels yet."""
-    try:
-        img = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
-        raise UnsupportedMediaType(f"item {index}: not an image; expected {ACCEPTS}") from None
-    except Image.DecompressionBombError:
-        # Pillow refuses past 2x its own MAX_IMAGE_PIXELS before we can look at the size.
-        raise PayloadTooLarge(f"item {index}: the image declares more pixels than Pillow will decode; "
-                              f"expected {ACCEPTS}") from None
-    if img.format not in ACCEPTED_FORMATS:
-        raise UnsupportedMediaType(f"item {index}: {img.format} images are not accepted; expected {ACCEPTS}")
-    return img
-
-
-def _open(data: bytes, *, index: int, max_pixels: int) -> Image.Image:
-    img = _header(data, index=index)
-    if img.width * img.height > max_pixels:
-        raise PayloadTooLarge(f"item {index}: image of {img.width}x{img.height} pixels exceeds the limit of "
-                              f"{max_pixels} pixels per image ({setting('max_image_pixels')})")
-    try:
-        img.load()
-    except Image.DecompressionBombError:
-        raise PayloadTooLarge(f"item {index}: the image declares more pixels than Pillow will decode; "
-                              f"expected {ACCEPTS}") from None
-    except (OSError, SyntaxError, ValueError) as exc:  # Pillow's errors for truncated/corrupt data
-        raise InvalidInput(f"item {index}: the {img.format} data is truncated or corrupt ({exc}); "
-                           f"expected {ACCEPTS}") from None
-    return img
 
 
 # to_gray's value of each 8-bit level, exactly: `np.asarray(img.convert("L"), np.float32) / 255.0` per pixel.
@@ -266,18 +242,36 @@ def _digits(ink: np.ndarray, boxes: np.ndarray) -> np.ndarray:
         a = _resize_matrix(side)
         small[rows] = a @ _squares(ink[rows], boxes[rows], side) @ a.T
     digits = np.clip(small, 0.0, 1.0)
-    return digits / np.maximum(digits.max(axis=(1, 2)), np.float32(1e-6))[:, None, None]  # as training digits
+    return widen_thin(digits / np.maximum(digits.max(axis=(1, 2)), np.float32(1e-6))[:, None, None])
 
 
 def layout_batch(gray: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """MNIST layout of [N, H, W] grayscale images at once: clean, crop to the ink, pad square, resize to 20x20,
-    centre of mass at the 28x28 centre. Returns (pixels [N, 1, 28, 28] float32, inverted [N])."""
+    centre of mass at the 28x28 centre. Paper whose border is uneven (shadows, light falling off) is evened
+    first (photo.py). Returns (pixels [N, 1, 28, 28] float32, inverted [N])."""
+    uneven = uneven_border(_border(gray))
+    if uneven.any():
+        gray = gray.copy()
+        light = _polarity(gray[uneven])
+        for row, light_paper in zip(np.flatnonzero(uneven).tolist(), light.tolist()):
+            evened = even_paper(gray[row], light_paper=light_paper)
+            if evened is not None:
+                gray[row] = evened
     return _layout(*clean_ink(gray))
 
 
 def layout_levels(levels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """`layout_batch(LEVELS[levels])` of [N, H, W] 8-bit gray levels, exactly (see `clean_ink_levels`)."""
-    return _layout(*clean_ink_levels(levels))
+    """`layout_batch(LEVELS[levels])` of [N, H, W] 8-bit gray levels, exactly (see `clean_ink_levels`); images
+    with uneven paper take the float path."""
+    uneven = uneven_border(LEVELS[_border(levels)])
+    if not uneven.any():
+        return _layout(*clean_ink_levels(levels))
+    pixels = np.zeros((len(levels), 1, SIDE, SIDE), np.float32)
+    inverted = np.zeros(len(levels), bool)
+    pixels[uneven], inverted[uneven] = layout_batch(LEVELS[levels[uneven]])
+    if not uneven.all():
+        pixels[~uneven], inverted[~uneven] = _layout(*clean_ink_levels(levels[~uneven]))
+    return pixels, inverted
 
 
 def _layout(ink: np.ndarray, inverted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -325,16 +319,19 @@ class ImageProcessor:
                 "params": {"k": "number of labels returned (default 3)"}}
 
     def admit(self, payloads: Sequence[Any]) -> None:
-        """Refuse a request whose images together declare more than max_request_pixels, before decoding any."""
+        """Refuse a request whose images together would decode to more than max_request_pixels (large JPEGs
+        decode at a reduced scale, photo.py), before decoding any."""
         total, limit = 0, self.limits.max_request_pixels
         for index, payload in enumerate(payloads):
             if isinstance(payload, bytes):
-                img = _header(payload, index=index)
+                img = header(payload, index=index)
+                check_pixels(img, index=index, max_pixels=self.limits.max_image_pixels)
+                draft_large_jpeg(img)
                 total += img.width * img.height
             elif isinstance(payload, np.ndarray):
                 total += payload.size
             if total > limit:
-                raise PayloadTooLarge(f"the request's images declare more than {limit} pixels together (at item "
+                raise PayloadTooLarge(f"the request's images decode to more than {limit} pixels together (at item "
                                       f"{index}); send fewer or smaller images ({setting('max_request_pixels')})")
 
     def _pixels(self, payload: Any, *, index: int) -> tuple[np.ndarray, tuple[int, int]]:
@@ -345,9 +342,9 @@ class ImageProcessor:
             if arr.ndim != 2:
                 raise InvalidInput(f"item {index}: expected a 2-D image array, got shape {list(payload.shape)}")
             return (arr / 255.0 if payload.dtype == np.uint8 else arr), (arr.shape[1], arr.shape[0])
-        img = _open(payload, index=index, max_pixels=self.limits.max_image_pixels)
+        img, size = open_image(payload, index=index, max_pixels=self.limits.max_image_pixels)
         levels = gray_levels(img)
-        return (to_gray(img) if levels is None else levels), img.size
+        return (to_gray(img) if levels is None else levels), size
 
     def prepare(self, payload: Any, *, index: int) -> PreparedImage:
         pixels, size = self._pixels(payload, index=index)
