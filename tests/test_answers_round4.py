@@ -238,3 +238,17 @@ def test_a_dc_offset_is_removed_and_the_word_still_heard(server):
     assert len({r["keyword"] for r in results}) == 1
     top = [{p["label"]: p["probability"] for p in r["predictions"]} for r in results]
     assert all(abs(t[results[0]["keyword"]] - top[0][results[0]["keyword"]]) < 0.05 for t in top)
+
+
+@pytest.mark.parametrize("data", [b"ID3\x04\x00\x00\x00\x00\x00\x00\xff\xfb\x90\x00" + bytes(400),  # MP3
+                                  b"OggS\x00\x02" + bytes(400), b"\x00\x01garbage" * 50])
+def test_audio_that_is_not_a_wav_is_415_saying_what_is_expected(server, data):
+    resp = _post(server, "/v1/models/speech/predict", json={"audio": [base64.b64encode(data).decode()]})
+    assert resp.status_code == 415, resp.text
+    assert "not a WAV file; expected a WAV file" in resp.json()["error"]
+
+
+def test_an_empty_item_is_400_saying_it_is_empty(server):
+    resp = _post(server, "/v1/models/speech/predict", json={"audio": [""]})
+    assert resp.status_code == 400, resp.text  # before: "expected a base64 string ..., got str" for a string
+    assert "expected a base64 string of a WAV file, got an empty string" in resp.json()["error"]

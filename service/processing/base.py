@@ -70,7 +70,8 @@ def b64decode(value: object, *, index: int, what: str) -> bytes:
     if isinstance(value, dict) and "b64" in value:  # KServe V1's {"b64": "..."} convention
         value = value["b64"]
     if not isinstance(value, str) or not value:
-        raise InvalidInput(f"item {index}: expected a base64 string of a {what}, got {type(value).__name__}")
+        got = "an empty string" if value == "" else type(value).__name__
+        raise InvalidInput(f"item {index}: expected a base64 string of a {what}, got {got}")
     text = value.split(",", 1)[1] if value.startswith("data:") else value
     try:
         return base64.b64decode(text.replace("-", "+").replace("_", "/"), validate=True)
