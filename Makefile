@@ -13,9 +13,16 @@ EXTRAS ?= train,test
 comma := ,
 .PHONY: install helm serve zoo test lint bench bench-quick fuzz clean image image-test tools arm-check
 
+# PyTorch's CPU index: PyPI's torch wheel is the CUDA build (2.7 GB of nvidia-* packages on a CPU machine). torch is
+# installed from it first (the version pyproject.toml pins), so the install below finds it satisfied.
+# `TORCH_INDEX_URL=` (empty) skips this; the Dockerfile's zoo stage uses the same index.
+TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
+TORCH_PIN := $(shell grep -o '"torch==[^"]*"' pyproject.toml)
+
 $(VENV)/.installed-$(EXTRAS): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	$(if $(and $(TORCH_INDEX_URL),$(findstring train,$(EXTRAS))),$(PY) -m pip install -q --index-url $(TORCH_INDEX_URL) $(TORCH_PIN))
 	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
 	touch $@
 

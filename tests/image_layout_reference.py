@@ -2,17 +2,17 @@
 frozen here as the plain formulation that `service.processing.image_layout` must reproduce bit for bit:
 `np.median` of the border, `np.quantile` of the spread, np.histogram's Otsu bins, `np.pad` for the median
 filter, one slice copy per square. Pillow decodes (`to_gray`), as the server did. The resize weights
-(`_resize_matrix`, read off Pillow) are imported: round 4 left them unchanged."""
+(`_resize_matrix`, read off Pillow) are imported: round 4 left them unchanged. So are the photo steps round 4
+added beside the layout (service/processing/photo.py: evening uneven paper on photos, widening thin strokes,
+EXIF orientation and reduction when decoding): they are the same code on both sides, applied at the same points."""
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
-from PIL import Image
 
 from service.processing.image import to_gray
 from service.processing.image_layout import BOX, SIDE, _resize_matrix
+from service.processing.photo import PHOTO_SIDE, even_paper, open_image, uneven_border, widen_thin
 
 _EDGES = np.histogram(np.zeros(1, np.float32), bins=256, range=(0.0, 1.0))[1]
 
@@ -50,10 +50,7 @@ def _stretched(ink: np.ndarray, *, paper: np.ndarray, top: np.ndarray) -> tuple[
 
 
 def clean_ink(gray: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    deviation = gray - np.median(_border(gray), axis=1)[:, None, None]
-    spread = np.abs(deviation)
-    far = spread >= np.quantile(spread.reshape(len(gray), -1), 0.95, axis=1)[:, None, None]
-    inverted = np.where(far, deviation, 0.0).sum(axis=(1, 2), dtype=np.float64) < 0
+    inverted = _polarity(gray)
     ink = np.where(inverted[:, None, None], 1.0 - gray, gray)
     stretched, blank = _stretched(ink, paper=np.median(_border(ink), axis=1), top=ink.max(axis=(1, 2)))
     flat = stretched.reshape(len(stretched), -1)
@@ -88,12 +85,33 @@ def _digits(ink: np.ndarray, boxes: np.ndarray) -> np.ndarray:
         a = _resize_matrix(side)
         small[rows] = a @ squares @ a.T
     digits = np.clip(small, 0.0, 1.0)
-    return digits / np.maximum(digits.max(axis=(1, 2)), np.float32(1e-6))[:, None, None]
+    return widen_thin(digits / np.maximum(digits.max(axis=(1, 2)), np.float32(1e-6))[:, None, None])
+
+
+def _polarity(gray: np.ndarray) -> np.ndarray:
+    deviation = gray - np.median(_border(gray), axis=1)[:, None, None]
+    spread = np.abs(deviation)
+    far = spread >= np.quantile(spread.reshape(len(gray), -1), 0.95, axis=1)[:, None, None]
+    return np.where(far, deviation, 0.0).sum(axis=(1, 2), dtype=np.float64) < 0
+
+
+def _even_photos(gray: np.ndarray) -> np.ndarray:
+    if min(gray.shape[1:]) < PHOTO_SIDE:
+        return gray
+    uneven = uneven_border(_border(gray))
+    if not uneven.any():
+        return gray
+    gray = gray.copy()
+    for row, light in zip(np.flatnonzero(uneven).tolist(), _polarity(gray[uneven]).tolist()):
+        evened = even_paper(gray[row], light_paper=light)
+        if evened is not None:
+            gray[row] = evened
+    return gray
 
 
 def layout_batch(gray: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """[N, H, W] float grayscale -> ([N, 1, 28, 28] float32, inverted [N]), the pre-round-4 way."""
-    ink, inverted = clean_ink(gray)
+    ink, inverted = clean_ink(_even_photos(gray))
     boxes, found = ink_boxes(ink)
     out = np.zeros((len(ink), 1, SIDE, SIDE), np.float32)
     if not found.any():
@@ -113,5 +131,5 @@ def layout_batch(gray: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def prepare_file(data: bytes) -> tuple[np.ndarray, bool]:
     """One PNG/JPEG file decoded by Pillow and laid out alone: ([1, 28, 28], inverted)."""
-    pixels, inverted = layout_batch(to_gray(Image.open(io.BytesIO(data)))[None])
+    pixels, inverted = layout_batch(to_gray(open_image(data, index=0, max_pixels=2 ** 40)[0])[None])
     return pixels[0], bool(inverted[0])

@@ -92,8 +92,8 @@ def test_decompression_bomb_png_is_413(server):
 
 
 def test_image_over_max_image_pixels_is_413_from_its_header(server):
-    resp = _post(server, "/v1/models/cnn/predict", json={"images": [b64(png_header(5000, 1000))]})
-    _error(resp, 413, "5000x1000", "max_image_pixels")
+    resp = _post(server, "/v1/models/cnn/predict", json={"images": [b64(png_header(5000, 4000))]})
+    _error(resp, 413, "5000x4000", "max_image_pixels")
 
 
 def test_images_over_max_request_pixels_together_is_413(server):

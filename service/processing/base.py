@@ -21,7 +21,7 @@ class Limits:
     """
 
     max_text_bytes: int = 64 * 1024
-    max_image_pixels: int = 4_000_000
+    max_image_pixels: int = 16_000_000
     max_request_pixels: int = 64_000_000
     min_sample_rate: int = 8_000
     max_sample_rate: int = 192_000
@@ -70,7 +70,8 @@ def b64decode(value: object, *, index: int, what: str) -> bytes:
     if isinstance(value, dict) and "b64" in value:  # KServe V1's {"b64": "..."} convention
         value = value["b64"]
     if not isinstance(value, str) or not value:
-        raise InvalidInput(f"item {index}: expected a base64 string of a {what}, got {type(value).__name__}")
+        got = "an empty string" if value == "" else type(value).__name__
+        raise InvalidInput(f"item {index}: expected a base64 string of a {what}, got {got}")
     text = value.split(",", 1)[1] if value.startswith("data:") else value
     try:
         return base64.b64decode(text.replace("-", "+").replace("_", "/"), validate=True)

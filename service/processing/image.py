@@ -14,15 +14,14 @@ bundles (export/edge.py), so they need only numpy and Pillow besides ``service.e
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
+from service.errors import InvalidInput, PayloadTooLarge
 from service.processing.base import Limits, parse_k, setting, top_k_rows
 from service.processing.image_layout import (
     LEVELS,
@@ -34,13 +33,12 @@ from service.processing.image_layout import (
     layout_levels,
     quantile_of_levels,
 )
+from service.processing.photo import ACCEPTS, REDUCE_ABOVE, check_pixels, draft_large_jpeg, header, open_image
 from service.processing.png_levels import declared_size, png_levels
 
 # The layout's names, for callers that knew them here before it had its own module.
 __all__ = ["LEVELS", "ImageProcessor", "PreparedImage", "clean_ink", "clean_ink_levels", "finite_rows", "gray_levels",
            "layout", "layout_batch", "layout_levels", "non_finite", "quantile_of_levels", "to_gray"]
-ACCEPTED_FORMATS = ("PNG", "JPEG")
-ACCEPTS = "a PNG or JPEG image (any size or colour mode)"
 
 
 @dataclass
@@ -48,37 +46,6 @@ class PreparedImage:
     pixels: np.ndarray  # [1, 28, 28] float32 in [0, 1]
     original_size: tuple[int, int]
     inverted: bool
-
-
-def _header(data: bytes, *, index: int) -> Image.Image:
-    """The image with only its header read (Pillow decodes lazily): format and size, no pixels yet."""
-    try:
-        img = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
-        raise UnsupportedMediaType(f"item {index}: not an image; expected {ACCEPTS}") from None
-    except Image.DecompressionBombError:
-        # Pillow refuses past 2x its own MAX_IMAGE_PIXELS before we can look at the size.
-        raise PayloadTooLarge(f"item {index}: the image declares more pixels than Pillow will decode; "
-                              f"expected {ACCEPTS}") from None
-    if img.format not in ACCEPTED_FORMATS:
-        raise UnsupportedMediaType(f"item {index}: {img.format} images are not accepted; expected {ACCEPTS}")
-    return img
-
-
-def _open(data: bytes, *, index: int, max_pixels: int) -> Image.Image:
-    img = _header(data, index=index)
-    if img.width * img.height > max_pixels:
-        raise PayloadTooLarge(f"item {index}: image of {img.width}x{img.height} pixels exceeds the limit of "
-                              f"{max_pixels} pixels per image ({setting('max_image_pixels')})")
-    try:
-        img.load()
-    except Image.DecompressionBombError:
-        raise PayloadTooLarge(f"item {index}: the image declares more pixels than Pillow will decode; "
-                              f"expected {ACCEPTS}") from None
-    except (OSError, SyntaxError, ValueError) as exc:  # Pillow's errors for truncated/corrupt data
-        raise InvalidInput(f"item {index}: the {img.format} data is truncated or corrupt ({exc}); "
-                           f"expected {ACCEPTS}") from None
-    return img
 
 
 def gray_levels(img: Image.Image) -> np.ndarray | None:
@@ -108,6 +75,15 @@ def non_finite(index: int) -> InvalidInput:
                         f"(8-bit levels, or gray in [0, 1])")
 
 
+def _small_png(data: bytes, *, max_pixels: int) -> tuple[int, int] | None:
+    """A PNG's declared (width, height) where it decodes at full size (no reduction, photo.py) within
+    `max_pixels`; None for anything else (other formats, large photos), which goes through Pillow."""
+    declared = declared_size(data)
+    if declared is None or min(declared) > REDUCE_ABOVE or declared[0] * declared[1] > max_pixels:
+        return None
+    return declared
+
+
 def _layout_any(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return layout_levels(pixels) if pixels.dtype == np.uint8 else layout_batch(pixels)
 
@@ -128,17 +104,27 @@ class ImageProcessor:
                 "params": {"k": "number of labels returned (default 3)"}}
 
     def admit(self, payloads: Sequence[Any]) -> None:
-        """Refuse a request whose images together declare more than max_request_pixels, before decoding any."""
+        """Refuse a request whose images together would decode to more than max_request_pixels (large JPEGs
+        decode at a reduced scale, photo.py), before decoding any."""
         total, limit = 0, self.limits.max_request_pixels
         for index, payload in enumerate(payloads):
             if isinstance(payload, bytes):
-                width, height = declared_size(payload) or _header(payload, index=index).size
-                total += width * height
+                total += self._decoded_pixels(payload, index=index)
             elif isinstance(payload, np.ndarray):
                 total += payload.size
             if total > limit:
-                raise PayloadTooLarge(f"the request's images declare more than {limit} pixels together (at item "
+                raise PayloadTooLarge(f"the request's images decode to more than {limit} pixels together (at item "
                                       f"{index}); send fewer or smaller images ({setting('max_request_pixels')})")
+
+    def _decoded_pixels(self, payload: bytes, *, index: int) -> int:
+        """How many pixels the item decodes to; read from a PNG's header where it is decoded at full size."""
+        declared = _small_png(payload, max_pixels=self.limits.max_image_pixels)
+        if declared is not None:
+            return declared[0] * declared[1]
+        img = header(payload, index=index)
+        check_pixels(img, index=index, max_pixels=self.limits.max_image_pixels)
+        draft_large_jpeg(img)
+        return img.width * img.height
 
     def _pixels(self, payload: Any, *, index: int) -> tuple[np.ndarray, tuple[int, int]]:
         """The item as [H, W] 8-bit gray levels (uint8, most files) or grayscale in [0, 1] (float32), and its
@@ -150,12 +136,13 @@ class ImageProcessor:
             if not finite_rows(arr[None])[0]:
                 raise non_finite(index)
             return (arr / 255.0 if payload.dtype == np.uint8 else arr), (arr.shape[1], arr.shape[0])
-        fast = png_levels(payload, max_pixels=self.limits.max_image_pixels)  # plain PNGs, without Pillow
-        if fast is not None:
-            return fast
-        img = _open(payload, index=index, max_pixels=self.limits.max_image_pixels)
+        if _small_png(payload, max_pixels=self.limits.max_image_pixels) is not None:
+            fast = png_levels(payload, max_pixels=self.limits.max_image_pixels)  # plain PNGs, without Pillow
+            if fast is not None:
+                return fast
+        img, size = open_image(payload, index=index, max_pixels=self.limits.max_image_pixels)
         levels = gray_levels(img)
-        return (to_gray(img) if levels is None else levels), img.size
+        return (to_gray(img) if levels is None else levels), size
 
     def prepare(self, payload: Any, *, index: int) -> PreparedImage:
         pixels, size = self._pixels(payload, index=index)

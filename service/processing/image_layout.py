@@ -18,6 +18,8 @@ import math
 import numpy as np
 from PIL import Image
 
+from service.processing.photo import PHOTO_SIDE, even_paper, uneven_border, widen_thin
+
 SIDE, BOX = 28, 20
 
 # to_gray's value of each 8-bit level, exactly: `np.asarray(img.convert("L"), np.float32) / 255.0` per pixel.
@@ -99,11 +101,7 @@ def _lerp(pair: np.ndarray, t: float) -> np.ndarray:
 def clean_ink(gray: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """White ink on black in [0, 1] for each of [N, H, W] finite images (`finite_rows` says which are): inverted
     where the border (paper) is lighter than the rest, paper set to 0. Returns (ink, inverted[N])."""
-    pairs = _median_pairs(_border(gray))
-    deviation = gray - np.mean(pairs, axis=1)[:, None, None]  # np.median's last step on its two middle values
-    spread = np.abs(deviation)
-    far = spread >= _pair_quantile(spread.reshape(len(gray), -1), 0.95)[:, None, None]
-    inverted = np.where(far, deviation, 0.0).sum(axis=(1, 2), dtype=np.float64) < 0
+    inverted, pairs = _polarity(gray)
     ink, paper = gray, np.mean(pairs, axis=1)
     if inverted.any():
         ink = np.where(inverted[:, None, None], 1.0 - gray, gray)
@@ -112,6 +110,16 @@ def clean_ink(gray: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     stretched, blank = _stretched(ink, paper=paper, top=ink.max(axis=(1, 2)))
     kept = (stretched >= otsu_thresholds(stretched)[:, None, None]) & ~blank[:, None, None]
     return np.where(kept, stretched, np.float32(0.0)), inverted
+
+
+def _polarity(gray: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(which of [N, H, W] images to invert: the pixels furthest from the paper (the border's median) are the
+    ink, darker ones -> invert; the border's two middle values [N, 2])."""
+    pairs = _median_pairs(_border(gray))
+    deviation = gray - np.mean(pairs, axis=1)[:, None, None]  # np.median's last step on its two middle values
+    spread = np.abs(deviation)
+    far = spread >= _pair_quantile(spread.reshape(len(gray), -1), 0.95)[:, None, None]
+    return np.where(far, deviation, 0.0).sum(axis=(1, 2), dtype=np.float64) < 0, pairs
 
 
 def finite_rows(gray: np.ndarray) -> np.ndarray:
@@ -254,18 +262,45 @@ def _digits(ink: np.ndarray, boxes: np.ndarray, found: np.ndarray) -> np.ndarray
         a = _resize_matrix(side)
         small[group] = a @ _squares(ink, boxes, found[group], side) @ a.T
     digits = np.clip(small, 0.0, 1.0, out=small)
-    return digits / np.maximum(digits.max(axis=(1, 2)), np.float32(1e-6))[:, None, None]  # as training digits
+    return widen_thin(digits / np.maximum(digits.max(axis=(1, 2)), np.float32(1e-6))[:, None, None])
 
 
 def layout_batch(gray: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """MNIST layout of [N, H, W] grayscale images at once: clean, crop to the ink, pad square, resize to 20x20,
-    centre of mass at the 28x28 centre. Returns (pixels [N, 1, 28, 28] float32, inverted [N])."""
+    centre of mass at the 28x28 centre. Photos whose paper is uneven (shadows, light falling off) are evened
+    first (photo.py). Returns (pixels [N, 1, 28, 28] float32, inverted [N])."""
+    uneven = _uneven_photos(gray)
+    if uneven.any():
+        gray = gray.copy()
+        light = _polarity(gray[uneven])[0]
+        for row, light_paper in zip(np.flatnonzero(uneven).tolist(), light.tolist()):
+            evened = even_paper(gray[row], light_paper=light_paper)
+            if evened is not None:
+                gray[row] = evened
     return _layout(*clean_ink(gray))
 
 
 def layout_levels(levels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """`layout_batch(LEVELS[levels])` of [N, H, W] 8-bit gray levels, exactly (see `clean_ink_levels`)."""
-    return _layout(*clean_ink_levels(levels))
+    """`layout_batch(LEVELS[levels])` of [N, H, W] 8-bit gray levels, exactly (see `clean_ink_levels`); photos
+    with uneven paper take the float path."""
+    uneven = _uneven_photos(levels)
+    if not uneven.any():
+        return _layout(*clean_ink_levels(levels))
+    pixels = np.zeros((len(levels), 1, SIDE, SIDE), np.float32)
+    inverted = np.zeros(len(levels), bool)
+    pixels[uneven], inverted[uneven] = layout_batch(LEVELS[levels[uneven]])
+    if not uneven.all():
+        pixels[~uneven], inverted[~uneven] = _layout(*clean_ink_levels(levels[~uneven]))
+    return pixels, inverted
+
+
+def _uneven_photos(images: np.ndarray) -> np.ndarray:
+    """[N] bool: which of [N, H, W] images (gray in [0, 1], or 8-bit levels) are photos with uneven paper.
+    Under PHOTO_SIDE nothing is evened (photo.py), so small images skip the check."""
+    if min(images.shape[1:]) < PHOTO_SIDE:
+        return np.zeros(len(images), bool)
+    border = _border(images)
+    return uneven_border(LEVELS[border] if images.dtype == np.uint8 else border)
 
 
 def _layout(ink: np.ndarray, inverted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -137,6 +137,18 @@ def to_model_rate(mono: np.ndarray, rate: int) -> np.ndarray:
     return np.asarray(soxr.resample(mono.astype(np.float32), rate, RATE), dtype=np.float32)
 
 
+# A clip whose mean is further from 0 than this (1% of full scale) has a DC offset (a cheap microphone or sound
+# card): it is subtracted, as the training clips are centred on 0 (measured: +0.3 cost 5 of 100 held-out words).
+# Clips closer to 0 keep their exact samples.
+DC_LIMIT = 0.01
+
+
+def without_dc(wave: np.ndarray) -> np.ndarray:
+    """`wave` (float32) with its mean subtracted where that mean is a DC offset (over DC_LIMIT), else itself."""
+    mean = np.float32(wave.mean(dtype=np.float64)) if len(wave) else np.float32(0)
+    return wave - mean if abs(mean) > DC_LIMIT else wave
+
+
 def fit_one_second(wave: np.ndarray, *, samples: int = RATE) -> np.ndarray:
     """Zero-pad short clips; of a longer clip keep the window with the most energy (where the word is)."""
     if len(wave) <= samples:
@@ -191,7 +203,7 @@ class SpeechProcessor:
         if not np.isfinite(audio).all():  # a float WAV may hold NaN/inf: every score would be NaN (JSON null)
             raise InvalidInput(f"item {index}: the audio holds NaN or infinite samples; expected finite samples "
                                "(float WAVs in [-1, 1])")
-        mono = to_model_rate(audio[:, 0] if channels == 1 else audio.mean(axis=1), rate)
+        mono = without_dc(to_model_rate(audio[:, 0] if channels == 1 else audio.mean(axis=1), rate))
         return PreparedAudio(fit_one_second(mono, samples=self.samples), rate, channels, audio.shape[0] / rate)
 
     def prepare_batch(self, payloads: Sequence[Any], *, indices: Sequence[int]) -> list[PreparedAudio | Exception]:
@@ -219,6 +231,7 @@ class SpeechProcessor:
         head = row[:header.frames]
         head[:] = pcm16(payload, header)[:, 0]
         head *= PCM16_SCALE
+        head[:] = without_dc(head)  # as `prepare` does, on the same float32 samples
         return PreparedAudio(row, RATE, 1, header.frames / RATE)
 
     def rows_per_run(self, prepared: Sequence[Any]) -> int | None:

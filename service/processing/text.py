@@ -69,6 +69,9 @@ class TextProcessor:
         if not payload.strip():
             raise InvalidInput(f"text {index} is empty; expected non-empty text")
         enc = self.tokenizer.encode(payload)
+        if all(enc.special_tokens_mask):  # only characters the tokenizer drops: NUL, control, zero-width, accents
+            raise InvalidInput(f"text {index} has no tokens: the tokenizer drops all of its characters (control, "
+                               "NUL, zero-width or lone combining characters); expected non-empty text")
         # Each overflowing piece is post-processed like the first (special tokens added again): count only its
         # ordinary tokens.
         extra = sum(len(o.ids) - sum(o.special_tokens_mask) for o in enc.overflowing)

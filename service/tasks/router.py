@@ -59,11 +59,29 @@ async def _uploads(request: Request, task: str, *, max_items: int) -> tuple[list
     return [await f.read() for f in files], params
 
 
+PARAMS = ("k", "exclude_seen")  # parameters a body may give at its top level or under "parameters"
+
+
+def _known_keys(doc: dict, *, task: str, key: str) -> None:
+    """A key this route does not read (a typo, `params`, `top_k`) would be ignored silently and the answer not be
+    what was asked: refuse it, naming the keys that are read."""
+    known = {key, "parameters", *PARAMS, *(("user_id",) if task == "recommendation" else ())}
+    inner = doc.get("parameters", {})
+    if not isinstance(inner, dict):
+        raise InvalidInput(f"'parameters' must be a JSON object such as {{\"k\": 5}}, got {type(inner).__name__}")
+    unknown = [k for k in doc if k not in known] + [f"parameters.{k}" for k in inner if k not in PARAMS]
+    if unknown:
+        raise InvalidInput(f"unknown key {unknown[0]!r} in the request body; expected {sorted(known)} (parameters: "
+                           f"{list(PARAMS)})")
+
+
 def _json_items(doc: object, *, task: str, v1: bool) -> tuple[list[Any], dict]:
     key = "instances" if v1 else ITEM_KEYS[task]
     if not isinstance(doc, dict):
         raise InvalidInput(f"expected a JSON object with {key!r}")
-    params = {k: v for k, v in doc.items() if k in ("k", "exclude_seen")}
+    if not v1:
+        _known_keys(doc, task=task, key=key)
+    params = {k: v for k, v in doc.items() if k in PARAMS}
     if isinstance(doc.get("parameters"), dict):
         params.update(doc["parameters"])
     if task == "recommendation" and not v1 and "user_id" in doc:

@@ -1,0 +1,121 @@
+"""Keyword spotting on the WAV variants users have, through a real server, against the 16 kHz mono answer.
+
+    python -m loadtests.answer_audit_speech --zoo /tmp/defzoo3 [--code-root OTHER_CHECKOUT]
+
+The held-out voices (models/speech_data.py TEST_VARIANTS, never trained on) say each keyword; each clip is
+written as a WAV in one variant (format, rate, channels, length, DC offset, clipping) and sent to
+/v1/models/speech/predict. Prints accuracy per variant; silence and very short clips print what they got.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from contextlib import ExitStack
+from pathlib import Path
+
+import httpx
+import numpy as np
+import soundfile as sf
+import soxr
+
+from loadtests.serverproc import REPO_ROOT, serve
+from models.speech_data import TEST_VARIANTS
+from models.speech_synth import synth_word
+
+KEYWORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
+
+
+def held_out_clips() -> list[tuple[str, np.ndarray]]:
+    """(keyword, 1 s float32 16 kHz) for every keyword and held-out voice, the word centred."""
+    clips = []
+    for voice in TEST_VARIANTS:
+        for word in KEYWORDS:
+            audio = synth_word(word, voice=f"en-us+{voice}", rate=160, pitch=50)[:16000]
+            clip = np.zeros(16000, np.float32)
+            start = (16000 - len(audio)) // 2
+            clip[start:start + len(audio)] = audio
+            clips.append((word, clip))
+    return clips
+
+
+def wav(wave: np.ndarray, *, rate: int = 16000, channels: int = 1, subtype: str = "PCM_16") -> bytes:
+    data = wave if rate == 16000 else soxr.resample(wave, 16000, rate).astype(np.float32)
+    if channels == 2:
+        data = np.stack([data, data * 0.8], axis=1)
+    buf = io.BytesIO()
+    sf.write(buf, np.clip(data, -1, 1) if subtype.startswith("PCM") else data, rate, subtype=subtype, format="WAV")
+    return buf.getvalue()
+
+
+def _long(wave: np.ndarray) -> np.ndarray:
+    noise = np.random.default_rng(0).normal(0, 0.003, 30 * 16000).astype(np.float32)
+    noise[12 * 16000:13 * 16000] += wave
+    return noise
+
+
+VARIANTS: dict[str, Callable[[np.ndarray], bytes]] = {
+    "16 kHz mono PCM_16 (reference)": lambda w: wav(w),
+    "44.1 kHz stereo PCM_16": lambda w: wav(w, rate=44100, channels=2),
+    "48 kHz mono PCM_24": lambda w: wav(w, rate=48000, subtype="PCM_24"),
+    "22.05 kHz mono PCM_U8 (8-bit)": lambda w: wav(w, rate=22050, subtype="PCM_U8"),
+    "8 kHz mono PCM_16 (telephone)": lambda w: wav(w, rate=8000),
+    "16 kHz PCM_32": lambda w: wav(w, subtype="PCM_32"),
+    "16 kHz FLOAT": lambda w: wav(w, subtype="FLOAT"),
+    "44.1 kHz stereo DOUBLE": lambda w: wav(w, rate=44100, channels=2, subtype="DOUBLE"),
+    "DC offset +0.3": lambda w: wav(w + np.float32(0.3) * (np.abs(w).max() > 0)),
+    "clipped (x8 gain)": lambda w: wav(np.clip(w * 8, -1, 1)),
+    "quiet (x0.05 gain)": lambda w: wav(w * np.float32(0.05)),
+    "30 s clip, word at 12 s": lambda w: wav(_long(w)),
+}
+ODD = {"silence 1 s": wav(np.zeros(16000, np.float32)), "60 ms of noise": wav(
+    np.random.default_rng(1).normal(0, 0.1, 960).astype(np.float32))}
+
+
+def _keywords(client: httpx.Client, files: list[bytes]) -> list[str]:
+    got: list[str] = []
+    for start in range(0, len(files), 16):
+        chunk = [base64.b64encode(f).decode() for f in files[start:start + 16]]
+        resp = client.post("/v1/models/speech/predict", json={"audio": chunk})
+        if resp.status_code != 200:
+            got += [f"HTTP {resp.status_code}: {resp.json().get('error', '')[:80]}"] * len(chunk)
+        else:
+            got += [r["keyword"] for r in resp.json()["results"]]
+    return got
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--zoo", type=Path, default=Path("/tmp/defzoo3"))
+    parser.add_argument("--code-root", type=Path, help="another checkout to compare against (its server)")
+    args = parser.parse_args(argv)
+    clips = held_out_clips()
+    roots = {"now": REPO_ROOT, **({"before": args.code_root.resolve()} if args.code_root else {})}
+    with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
+        repo = Path(tmp) / "repo"
+        shutil.copytree(args.zoo / "speech", repo / "speech")
+        clients = {}
+        for name, root in roots.items():
+            proc = stack.enter_context(serve(repo, log_path=Path(tmp) / f"{name}.log", code_root=root))
+            clients[name] = stack.enter_context(httpx.Client(base_url=f"http://{proc.url}", timeout=300))
+        print(f"load average {os.getloadavg()}; {len(clips)} held-out clips ({len(TEST_VARIANTS)} unseen voices)")
+        for variant, make in VARIANTS.items():
+            files = [make(clip) for _, clip in clips]
+            row = []
+            for client in clients.values():
+                got = _keywords(client, files)
+                errors = sorted({g for g in got if g.startswith("HTTP")})
+                row.append(f"{np.mean([g == w for g, (w, _) in zip(got, clips)]):.3f}" + (f" {errors[0]}" if errors else ""))
+            print(f"{variant:34s} " + "  ".join(row), flush=True)
+        for name, data in ODD.items():
+            print(f"{name:34s} " + "  ".join(_keywords(c, [data])[0] for c in clients.values()))
+        print(f"load average {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()
