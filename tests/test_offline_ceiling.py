@@ -21,6 +21,7 @@ from service.offline.rows import ColumnSegment, Rows, dict_table
 from service.offline.writers import PartWriter
 from service.processing.base import Limits
 from service.processing.image import ImageProcessor, layout_batch
+from service.processing.photo import widen_thin
 from service.processing.recommender import RecommenderProcessor
 from service.processing.speech import decode_wav
 from tests.task_media import digit_file, held_out_digits, keyword_audio, wav_bytes
@@ -63,7 +64,7 @@ def reference_layout(gray: np.ndarray) -> tuple[np.ndarray, bool]:
     square = np.zeros((side, side), np.float32)
     square[(side - h) // 2:(side - h) // 2 + h, (side - w) // 2:(side - w) // 2 + w] = crop
     digit = np.clip(np.asarray(Image.fromarray(square, mode="F").resize((20, 20), Image.Resampling.BILINEAR)), 0, 1)
-    digit = digit / max(float(digit.max()), 1e-6)
+    digit = widen_thin((digit / max(float(digit.max()), 1e-6))[None])[0]  # round 4's photo step, shared
     rows, cols = np.indices(digit.shape)
     cy, cx = float((rows * digit).sum()) / float(digit.sum()), float((cols * digit).sum()) / float(digit.sum())
     y0, x0 = int(np.clip(round(13.5 - cy), 0, 8)), int(np.clip(round(13.5 - cx), 0, 8))

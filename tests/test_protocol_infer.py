@@ -259,12 +259,12 @@ def test_the_answers_are_what_the_route_promises(answers):
     assert b"expected shape" in body_of(got["400 model shape"])
 
 
-def test_the_protocol_answers_infer_without_an_asgi_task(repo):
-    """A request held in the model (the `slow` model) is in the protocol's in-flight set, not in uvicorn's tasks;
-    with the setting off it is an ASGI task."""
+def test_the_protocol_answers_infer_without_an_asgi_task(slower_repo):
+    """A request held in the model (the `slower` model: ~1 s a row, so a loaded CI machine still sees it running)
+    is in the protocol's in-flight set, not in uvicorn's tasks; with the setting off it is an ASGI task."""
     for on in (True, False):
-        with loopback(repo, http_protocol_infer=on) as lb, lb.connect() as sock:
-            sock.sendall(raw("/v2/models/slow/infer", SLOW_BODY) * 3)  # pipelined: the first runs, two wait
+        with loopback(slower_repo, http_protocol_infer=on) as lb, lb.connect() as sock:
+            sock.sendall(raw("/v2/models/slower/infer", SLOW_BODY) * 3)  # pipelined: the first runs, two wait
             wait_until(lambda: lb.in_flight + lb.tasks == 1, what="the request to be taken")
             assert (lb.in_flight, lb.tasks) == ((1, 0) if on else (0, 1))
             reader = Reader(sock)
@@ -303,9 +303,9 @@ def test_pipelined_requests_are_answered_in_order_across_both_paths(repo):
     assert [status_of(a) for a in alone] == [200, 200, 404, 200, 200, 200, 400, 200]
 
 
-def test_reading_pauses_behind_a_pending_answer_and_resumes(repo):
-    with loopback(repo) as lb, lb.connect() as sock:
-        sock.sendall(raw("/v2/models/slow/infer", SLOW_BODY) + CASES["json"])
+def test_reading_pauses_behind_a_pending_answer_and_resumes(slower_repo):
+    with loopback(slower_repo) as lb, lb.connect() as sock:
+        sock.sendall(raw("/v2/models/slower/infer", SLOW_BODY) + CASES["json"])
         wait_until(lambda: lb.connections() and lb.connections()[0].flow.read_paused,
                    what="reading paused while the first answer is pending")
         reader = Reader(sock)
