@@ -55,6 +55,19 @@ def _v2_accuracy(client: httpx.Client, laid: np.ndarray, truth: np.ndarray) -> f
     return correct / len(laid)
 
 
+def serve_side_by_side(stack: ExitStack, *, zoo: Path, model: str, code_root: Path | None) -> dict[str, httpx.Client]:
+    """A client per server ("now": this checkout, "before": `code_root` if given), each serving a temporary copy
+    of the zoo's `model`; all stopped when `stack` closes."""
+    repo = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "repo"
+    shutil.copytree(zoo / model, repo / model)
+    roots = {"now": REPO_ROOT, **({"before": code_root.resolve()} if code_root else {})}
+    clients = {}
+    for name, root in roots.items():
+        proc = stack.enter_context(serve(repo, log_path=repo.parent / f"{name}.log", code_root=root))
+        clients[name] = stack.enter_context(httpx.Client(base_url=f"http://{proc.url}", timeout=300))
+    return clients
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--zoo", type=Path, default=Path("/tmp/defzoo3"))
@@ -64,14 +77,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     images8, truth, laid = held_out_digits(360)
     pick = np.linspace(0, 359, args.per_condition).astype(int)
-    roots = {"now": REPO_ROOT, **({"before": args.code_root.resolve()} if args.code_root else {})}
-    with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
-        repo = Path(tmp) / "repo"
-        shutil.copytree(args.zoo / "cnn", repo / "cnn")
-        clients = {}
-        for name, root in roots.items():
-            proc = stack.enter_context(serve(repo, log_path=Path(tmp) / f"{name}.log", code_root=root))
-            clients[name] = stack.enter_context(httpx.Client(base_url=f"http://{proc.url}", timeout=300))
+    with ExitStack() as stack:
+        clients = serve_side_by_side(stack, zoo=args.zoo, model="cnn", code_root=args.code_root)
         print(f"load average {os.getloadavg()}; {len(pick)} held-out digits per condition")
         for name, client in clients.items():
             print(f"[{name}] training layout over V2: {_v2_accuracy(client, laid[pick], truth[pick]):.3f}")

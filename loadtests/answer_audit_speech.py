@@ -13,8 +13,6 @@ import argparse
 import base64
 import io
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
@@ -24,7 +22,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from loadtests.serverproc import REPO_ROOT, serve
+from loadtests.answer_audit import serve_side_by_side
 from models.speech_data import TEST_VARIANTS
 from models.speech_synth import synth_word
 
@@ -95,14 +93,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--code-root", type=Path, help="another checkout to compare against (its server)")
     args = parser.parse_args(argv)
     clips = held_out_clips()
-    roots = {"now": REPO_ROOT, **({"before": args.code_root.resolve()} if args.code_root else {})}
-    with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
-        repo = Path(tmp) / "repo"
-        shutil.copytree(args.zoo / "speech", repo / "speech")
-        clients = {}
-        for name, root in roots.items():
-            proc = stack.enter_context(serve(repo, log_path=Path(tmp) / f"{name}.log", code_root=root))
-            clients[name] = stack.enter_context(httpx.Client(base_url=f"http://{proc.url}", timeout=300))
+    with ExitStack() as stack:
+        clients = serve_side_by_side(stack, zoo=args.zoo, model="speech", code_root=args.code_root)
         print(f"load average {os.getloadavg()}; {len(clips)} held-out clips ({len(TEST_VARIANTS)} unseen voices)")
         for variant, make in VARIANTS.items():
             files = [make(clip) for _, clip in clips]
