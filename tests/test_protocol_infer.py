@@ -437,7 +437,9 @@ def test_sigterm_answers_every_request_received_with_connection_close(tmp_path):
         for sock in socks:
             sock.close()
     assert [status_of(a) for a in answers] == [200] * n
-    assert sum(b"connection: close\r\n" in a for a in answers) >= queued and all(closed)
+    # `queued` was read just before the signal: a batch or two (8 rows each) may finish, answered normally, before
+    # the signal lands on a loaded machine; everything still queued then is answered during the drain.
+    assert sum(b"connection: close\r\n" in a for a in answers) >= max(1, queued - 16) and all(closed)
     got = [orjson.loads(body_of(a))["outputs"][0]["data"][0] for a in answers]
     np.testing.assert_allclose(got, slow_answer(xs).ravel(), rtol=1e-3)
 
