@@ -21,7 +21,7 @@ ARG PIP_INDEX_URL=https://pypi.org/simple
 ARG PIP_EXTRA_INDEX_URL=
 # NOTE: the CPU index keeps pip from pulling several GB of CUDA packages for torch==2.13.0 (training only).
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1 ORT_DISABLE_TELEMETRY=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY requirements requirements
@@ -46,8 +46,11 @@ ARG PIP_EXTRA_INDEX_URL=
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \
     VIRTUAL_ENV=/opt/modelserve PATH=/opt/modelserve/bin:$PATH TMPDIR=/tmp \
     MODELSERVE_MODEL_REPOSITORY=/models MODELSERVE_HTTP_PORT=8000 MODELSERVE_GRPC_PORT=8001 \
-    MODELSERVE_METRICS_PORT=8002 \
+    MODELSERVE_METRICS_PORT=8002 ORT_DISABLE_TELEMETRY=1 \
     NVIDIA_VISIBLE_DEVICES=all NVIDIA_DRIVER_CAPABILITIES=compute,utility
+# NOTE: ORT_DISABLE_TELEMETRY: onnxruntime 1.29+ on Linux otherwise writes a device id and an event cache under
+# $HOME/.cache/Microsoft (and `.ses` in /tmp or the working directory) and uploads usage events to
+# mobile.events.data.microsoft.com (microsoft/onnxruntime#27379); a server pod phones nowhere.
 # libsndfile for WAV decoding; python3-venv where the base lacks ensurepip (Debian's, Ubuntu's CUDA images).
 # NOTE: apt-get clean and the package caches removed: a base without Docker's apt "docker-clean" hook (a
 # debootstrapped one) otherwise keeps the downloaded .debs and pkgcache.bin, 78 MB of the image.
