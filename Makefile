@@ -11,7 +11,7 @@ PROFILE ?= default
 EXTRAS ?= train,test
 
 comma := ,
-.PHONY: install helm serve zoo test lint bench bench-quick fuzz clean image image-test tools arm-check
+.PHONY: install helm serve zoo test lint bench bench-quick fuzz clean image image-test image-check tools arm-check
 
 # PyTorch's CPU index: PyPI's torch wheel is the CUDA build (2.7 GB of nvidia-* packages on a CPU machine). torch is
 # installed from it first (the version pyproject.toml pins), so the install below finds it satisfied.
@@ -83,10 +83,13 @@ PIP_INDEX_URL ?= https://pypi.org/simple
 PIP_EXTRA_INDEX_URL ?=
 PIP_CA ?=
 IMAGE_BUILD_FLAGS ?=
+# A local base image (no registry here): PYTHON_IMAGE=docker.io/library/python:3.11-slim-bookworm
+PYTHON_IMAGE ?=
 
 image:
 	@test -n "$(ENGINE)" || { echo "make image: neither podman nor docker is available" >&2; exit 1; }
 	$(ENGINE) build $(if $(filter podman,$(ENGINE)),--format docker,) \
+		$(if $(PYTHON_IMAGE),--build-arg PYTHON_IMAGE=$(PYTHON_IMAGE),) --build-arg TORCH_INDEX_URL=$(TORCH_INDEX_URL) \
 		--build-arg VARIANT=$(VARIANT) --build-arg BUILD_ZOO=$(BUILD_ZOO) \
 		--build-arg PIP_INDEX_URL=$(PIP_INDEX_URL) --build-arg PIP_EXTRA_INDEX_URL=$(PIP_EXTRA_INDEX_URL) \
 		$(if $(PIP_CA),--secret id=pip_ca$(comma)src=$(PIP_CA),) $(IMAGE_BUILD_FLAGS) -t $(IMAGE):$(IMAGE_TAG) .
@@ -109,6 +112,16 @@ image-test:
 	$(ENGINE) exec $(SMOKE_NAME) python -c "import onnxruntime, service.cpuquota as q; print('onnxruntime', onnxruntime.__version__, 'cpus', q.usable_cpus())"
 	$(ENGINE) image inspect $(IMAGE):$(IMAGE_TAG) --format '{{.Size}}' | awk '{printf "image size: %.0f MB\n", $$1/1e6}'
 	$(ENGINE) rm -f $(SMOKE_NAME)
+
+# Build the image, then check it from outside run as the Helm chart runs it (loadtests/image_check.py): uid,
+# read-only root, /tmp emptyDir, the chart's env, CHECK_MODELS mounted read-only at /models; probes, tritonclient
+# http + grpc infer, /v1, /metrics, the HEALTHCHECK, installed = lock (no test/train packages), writes only under
+# /tmp, then stop (SIGTERM) during a stream of requests: none lost, exit 0 within terminationGracePeriodSeconds.
+CHECK_MODELS ?= $(MODEL_REPOSITORY)
+image-check: image helm
+	@test -d "$(CHECK_MODELS)/cnn" || { echo "make image-check: $(CHECK_MODELS) has no cnn model; make zoo or pass CHECK_MODELS=DIR" >&2; exit 1; }
+	$(PY) -m loadtests.image_check --engine $(ENGINE) --image $(IMAGE):$(IMAGE_TAG) --variant $(VARIANT) \
+		--models $(CHECK_MODELS) --out image_check.json
 
 # Prometheus' promtool and server (Debian's `prometheus` package) for the observability tests.
 tools:
