@@ -9,7 +9,8 @@ packages); start as the chart does (loadtests/image_run.py) until the startup pr
 probe's path on its port; tritonclient http and grpc infer; a /v1 task route; /metrics on the metrics port;
 the image's own HEALTHCHECK; what a start writes (a second run with a writable root, `diff`: only /tmp);
 then `stop` during a stream of requests (loadtests/image_drain.py): none lost, exit 0 within the chart's
-terminationGracePeriodSeconds, and the logs say what happened. Exit status 1 if any check failed.
+terminationGracePeriodSeconds, and the logs say what happened; and the experimental --http-workers 2 gets
+ready. Exit status 1 if any check failed.
 """
 
 from __future__ import annotations
@@ -172,6 +173,23 @@ def check_writes(checks: Checks, *, engine: str, image: str, run: PodRun, ports:
         outside = [p for p in outside if not p.startswith("/tmp/")]
         checks.add("a start and an infer write only under /tmp", ready is not None and not outside,
                    {"written": paths[:20], "outside /tmp": outside[:20]})
+        telemetry = [p for p in paths if "Microsoft/DeveloperTools" in p or p.endswith(".ses")]
+        checks.add("no onnxruntime telemetry files (device id, event cache)", ready is not None and not telemetry,
+                   telemetry[:5] or "none")
+    finally:
+        engine_out(engine, "rm", "-f", name)
+
+
+def check_http_workers(checks: Checks, *, engine: str, image: str, run: PodRun, ports: dict[str, int]) -> None:
+    """The experimental --http-workers front ends start in the image too (they import more than the server)."""
+    name = "modelserve-image-check-workers"
+    start(engine, name, PodRun(args=run.args, ports=run.ports, probes=run.probes, grace_s=run.grace_s,
+                               pre_stop=run.pre_stop, cmd=[*run.cmd, "--http-workers", "2"]), image)
+    try:
+        ready = wait_ready(f"http://127.0.0.1:{ports['http']}/v2/health/ready", timeout_s=300, engine=engine, name=name)
+        logs = engine_out(engine, "logs", name)
+        checks.add("--http-workers 2 gets ready", ready is not None,
+                   f"{ready:.1f} s" if ready is not None else (logs.stdout + logs.stderr)[-600:])
     finally:
         engine_out(engine, "rm", "-f", name)
 
@@ -199,6 +217,7 @@ def main() -> None:
     finally:
         engine_out(a.engine, "rm", "-f", name)
     check_writes(checks, engine=a.engine, image=a.image, run=run, ports=ports)
+    check_http_workers(checks, engine=a.engine, image=a.image, run=run, ports=ports)
     a.out.write_text(json.dumps(checks.results, indent=2, default=str))
     failed = [r["check"] for r in checks.results if not r["ok"]]
     print(f"{len(checks.results) - len(failed)}/{len(checks.results)} checks passed; results in {a.out}")
@@ -209,6 +228,8 @@ def check_stop(checks: Checks, *, engine: str, name: str, run: PodRun, ports: di
     report = stop_under_load(engine=engine, name=name, http_url=f"127.0.0.1:{ports['http']}",
                              grpc_url=f"127.0.0.1:{ports['grpc']}", pre_stop=run.pre_stop, grace_s=run.grace_s)
     lost = report["outcomes"].get("lost", 0)
+    checks.add("the chart's preStop command runs in the image", report["pre_stop_exit_code"] in (None, 0),
+               {"command": report["pre_stop"], "exit code": report["pre_stop_exit_code"]})
     checks.add("stop during a stream of requests: none lost", lost == 0 and report["after_sigterm"].get("ok", 0) > 0,
                report)
     checks.add("exit code 0 within terminationGracePeriodSeconds",

@@ -109,8 +109,10 @@ def stop_under_load(*, engine: str, name: str, http_url: str, grpc_url: str, pre
     while tally.counts["ok"] < 50 and time.monotonic() < deadline:  # clients are up and being answered
         time.sleep(0.1)
     started = time.monotonic()
+    pre_stop_rc = None
     if pre_stop:  # Kubernetes runs preStop first; requests keep coming (endpoints may lag)
-        subprocess.run([engine, "exec", name, *pre_stop], check=False, capture_output=True, timeout=grace_s)
+        pre_stop_rc = subprocess.run([engine, "exec", name, *pre_stop], check=False, capture_output=True,
+                                     timeout=grace_s).returncode
     left = max(1, int(grace_s - (time.monotonic() - started)))
     signalled.set()
     signal_at = time.monotonic()
@@ -125,4 +127,4 @@ def stop_under_load(*, engine: str, name: str, http_url: str, grpc_url: str, pre
     return {"outcomes": dict(tally.counts), "after_sigterm": dict(tally.after_signal),
             "lost_examples": tally.lost_examples, "refusals": dict(tally.refusals.most_common(4)),
             "exit_code": exit_code, "sigterm_to_exit_s": round(stopped_s, 2),
-            "kill_after_s": left, "grace_s": grace_s, "pre_stop": pre_stop}
+            "kill_after_s": left, "grace_s": grace_s, "pre_stop": pre_stop, "pre_stop_exit_code": pre_stop_rc}

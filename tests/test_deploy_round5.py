@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import pytest
 import tomllib
 import tritonclient.grpc as grpcclient
 
@@ -165,6 +166,36 @@ def test_image_check_runs_the_container_with_the_charts_restrictions(helm, tmp_p
                      "-p 127.0.0.1:1:8000", "-p 127.0.0.1:2:8001", "-p 127.0.0.1:3:8002"):
         assert expected in flags, (expected, flags)
     assert run.grace_s == 40 and run.pre_stop == ["sleep", "5"] and run.cmd == []
+
+
+TELEMETRY_SCRIPT = """
+import sys, numpy as np, onnx, onnx.helper as h, onnxruntime as ort
+graph = h.make_graph([h.make_node("Identity", ["x"], ["y"])], "g",
+                     [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+                     [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
+model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+    None, {"x": np.ones(1, np.float32)})
+"""
+CI_MARKERS = ("CI", "GITHUB_ACTIONS", "TF_BUILD", "BUILD_BUILDID", "GITLAB_CI", "JENKINS_URL", "BUILDKITE")
+
+
+def _onnxruntime_writes(tmp_path: Path, name: str, extra_env: dict[str, str]) -> list[str]:
+    home, work = tmp_path / name / "home", tmp_path / name / "work"
+    home.mkdir(parents=True)
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in (*CI_MARKERS, "ORT_DISABLE_TELEMETRY")}
+    env.update(HOME=str(home), XDG_CACHE_HOME=str(home / ".cache"), TMPDIR=str(work), **extra_env)
+    subprocess.run([sys.executable, "-c", TELEMETRY_SCRIPT], cwd=work, env=env, check=True, timeout=120)
+    return sorted(str(p.relative_to(tmp_path / name)) for p in (tmp_path / name).rglob("*") if p.is_file())
+
+
+def test_the_images_telemetry_opt_out_stops_onnxruntime_writing_a_device_id(tmp_path):
+    control = _onnxruntime_writes(tmp_path, "control", {})
+    if not any("deviceid" in p for p in control):
+        pytest.skip(f"this onnxruntime wrote no device id even without the opt-out (CI detected?): {control}")
+    opt_out = dockerfile_final_stage()["ENV"]["ORT_DISABLE_TELEMETRY"]
+    assert _onnxruntime_writes(tmp_path, "opted-out", {"ORT_DISABLE_TELEMETRY": opt_out}) == []
 
 
 # --- the lock files hold every distribution the server can import -------------------------------------------
