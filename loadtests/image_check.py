@@ -9,8 +9,9 @@ packages); start as the chart does (loadtests/image_run.py) until the startup pr
 probe's path on its port; tritonclient http and grpc infer; a /v1 task route; /metrics on the metrics port;
 the image's own HEALTHCHECK; what a start writes (a second run with a writable root, `diff`: only /tmp);
 then `stop` during a stream of requests (loadtests/image_drain.py): none lost, exit 0 within the chart's
-terminationGracePeriodSeconds, and the logs say what happened; and the experimental --http-workers 2 gets
-ready. Exit status 1 if any check failed.
+terminationGracePeriodSeconds, and the logs say what happened; the experimental --http-workers 2 gets
+ready; and the chart's s3:// repository mode against a moto server (loadtests/image_s3.py). Exit status 1 if
+any check failed.
 """
 
 from __future__ import annotations
@@ -19,9 +20,7 @@ import argparse
 import io
 import json
 import re
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -31,23 +30,14 @@ import tritonclient.http as httpclient
 from PIL import Image
 
 from loadtests.image_drain import stop_under_load
-from loadtests.image_run import REPO_ROOT, PodRun, chart_pod_run
+from loadtests.image_run import REPO_ROOT, Checks, PodRun, chart_pod_run, engine_out, start, wait_ready
+from loadtests.image_s3 import check_s3
 
 # Distributions that must never be in the server image (training, tests, packaging tools).
 FORBIDDEN = {"torch", "pytest", "hypothesis", "scikit-learn", "pip", "setuptools", "wheel", "ray", "pyarrow",
              "openai", "locust", "ruff", "mypy", "tritonclient-http", "geventhttpclient"}
 DISTS_SCRIPT = ("import importlib.metadata as m, json; print(json.dumps(sorted({(d.metadata['Name'], d.version) "
                 "for d in m.distributions()})))")
-
-
-class Checks:
-    def __init__(self) -> None:
-        self.results: list[dict] = []
-
-    def add(self, name: str, ok: bool, detail: object) -> bool:
-        self.results.append({"check": name, "ok": bool(ok), "detail": detail})
-        print(f"{'PASS' if ok else 'FAIL'}  {name}: {detail}", flush=True)
-        return bool(ok)
 
 
 def _norm(name: str) -> str:
@@ -57,10 +47,6 @@ def _norm(name: str) -> str:
 def lock_versions(variant: str) -> dict[str, str]:
     text = (REPO_ROOT / "requirements" / f"server-{variant}.lock").read_text()
     return {_norm(m[1]): m[2] for m in re.finditer(r"^([A-Za-z0-9_.\-]+)==(\S+)", text, re.M)}
-
-
-def engine_out(engine: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([engine, *args], capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def check_image(checks: Checks, *, engine: str, image: str, variant: str) -> None:
@@ -79,28 +65,6 @@ def check_image(checks: Checks, *, engine: str, image: str, variant: str) -> Non
                {"installed": len(installed), "extra": extra, "missing": missing, "version differs": differ})
     checks.add("no test/train/packaging distributions", not FORBIDDEN & set(installed),
                sorted(FORBIDDEN & set(installed)) or "none of " + ", ".join(sorted(FORBIDDEN)))
-
-
-def start(engine: str, name: str, run: PodRun, image: str) -> None:
-    engine_out(engine, "rm", "-f", name)
-    out = engine_out(engine, "run", "-d", "--name", name, *run.args, image, *run.cmd)
-    if out.returncode != 0:
-        raise SystemExit(f"{engine} run failed: {out.stderr}")
-
-
-def wait_ready(url: str, *, timeout_s: float, engine: str, name: str) -> float | None:
-    """Seconds until GET url answers 200, or None (the container exited or the time ran out)."""
-    began = time.monotonic()
-    while time.monotonic() - began < timeout_s:
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return time.monotonic() - began
-        except httpx.HTTPError:
-            pass
-        if engine_out(engine, "inspect", name, "--format", "{{.State.Running}}").stdout.strip() != "true":
-            return None
-        time.sleep(0.5)
-    return None
 
 
 def check_serving(checks: Checks, *, run: PodRun, ports: dict[str, int], engine: str, name: str) -> None:
@@ -218,6 +182,7 @@ def main() -> None:
         engine_out(a.engine, "rm", "-f", name)
     check_writes(checks, engine=a.engine, image=a.image, run=run, ports=ports)
     check_http_workers(checks, engine=a.engine, image=a.image, run=run, ports=ports)
+    check_s3(checks, engine=a.engine, image=a.image, models=a.models.resolve())
     a.out.write_text(json.dumps(checks.results, indent=2, default=str))
     failed = [r["check"] for r in checks.results if not r["ok"]]
     print(f"{len(checks.results) - len(failed)}/{len(checks.results)} checks passed; results in {a.out}")

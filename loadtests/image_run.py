@@ -18,9 +18,11 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -116,12 +118,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def pod_run(docs: list[dict], *, models: Path, host_ports: dict[str, int]) -> PodRun:
-    """The `run` flags for the rendered Deployment's one container; host_ports maps port names to loopback ports."""
+def pod_run(docs: list[dict], *, models: Path, host_ports: dict[str, int],
+            secret_env: dict[str, str] | None = None) -> PodRun:
+    """The `run` flags for the rendered Deployment's one container; host_ports maps port names to loopback ports,
+    secret_env is what the container's `envFrom` Secrets hold."""
     deployment = next(d for d in docs if d["kind"] == "Deployment")
     pod = deployment["spec"]["template"]["spec"]
     (container,) = pod["containers"]
-    env = _env(container)
+    if container.get("envFrom") and secret_env is None:
+        raise ValueError(f"the container takes env from {container['envFrom']}: pass secret_env")
+    env = {**(secret_env or {}), **_env(container)}  # as Kubernetes: `env` wins over `envFrom`
     args = _security_args(pod, container.get("securityContext", {}))
     args += _volume_args(pod, container, models)
     memory = container.get("resources", {}).get("limits", {}).get("memory")
@@ -140,6 +146,42 @@ def pod_run(docs: list[dict], *, models: Path, host_ports: dict[str, int]) -> Po
     return PodRun(args=args, ports=ports, probes=probes, grace_s=int(pod["terminationGracePeriodSeconds"]),
                   pre_stop=pre_stop, env=env, cmd=[str(a) for a in container.get("args", [])],
                   models_path=mounts[0] if mounts else env["MODELSERVE_MODEL_REPOSITORY"])
+
+
+class Checks:
+    def __init__(self) -> None:
+        self.results: list[dict] = []
+
+    def add(self, name: str, ok: bool, detail: object) -> bool:
+        self.results.append({"check": name, "ok": bool(ok), "detail": detail})
+        print(f"{'PASS' if ok else 'FAIL'}  {name}: {detail}", flush=True)
+        return bool(ok)
+
+
+def engine_out(engine: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([engine, *args], capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def start(engine: str, name: str, run: PodRun, image: str) -> None:
+    engine_out(engine, "rm", "-f", name)
+    out = engine_out(engine, "run", "-d", "--name", name, *run.args, image, *run.cmd)
+    if out.returncode != 0:
+        raise SystemExit(f"{engine} run failed: {out.stderr}")
+
+
+def wait_ready(url: str, *, timeout_s: float, engine: str, name: str) -> float | None:
+    """Seconds until GET url answers 200, or None (the container exited or the time ran out)."""
+    began = time.monotonic()
+    while time.monotonic() - began < timeout_s:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return time.monotonic() - began
+        except httpx.HTTPError:
+            pass
+        if engine_out(engine, "inspect", name, "--format", "{{.State.Running}}").stdout.strip() != "true":
+            return None
+        time.sleep(0.5)
+    return None
 
 
 def chart_pod_run(*, models: Path, helm: str | None = None) -> tuple[PodRun, dict[str, int]]:

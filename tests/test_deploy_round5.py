@@ -198,6 +198,18 @@ def test_the_images_telemetry_opt_out_stops_onnxruntime_writing_a_device_id(tmp_
     assert _onnxruntime_writes(tmp_path, "opted-out", {"ORT_DISABLE_TELEMETRY": opt_out}) == []
 
 
+def test_image_check_gives_an_object_storage_pod_its_secret_and_cache_volume(helm, tmp_path):  # noqa: F811
+    docs = render(helm, sets=("modelRepository.url=s3://bucket/models", "modelRepository.credentialsSecret=creds"))
+    with pytest.raises(ValueError, match="pass secret_env"):
+        pod_run(docs, models=tmp_path, host_ports={"http": 1, "grpc": 2, "metrics": 3})
+    run = pod_run(docs, models=tmp_path, host_ports={"http": 1, "grpc": 2, "metrics": 3},
+                  secret_env={"AWS_ACCESS_KEY_ID": "k", "MODELSERVE_MODEL_REPOSITORY": "overridden by env"})
+    flags = " ".join(run.args)
+    assert "--tmpfs /cache:rw,size=10g" in flags and "-e AWS_ACCESS_KEY_ID=k" in flags
+    assert run.env["MODELSERVE_MODEL_REPOSITORY"] == "s3://bucket/models"
+    assert run.env["MODELSERVE_REPOSITORY_CACHE_DIR"] == "/cache"
+
+
 # --- the lock files hold every distribution the server can import -------------------------------------------
 
 FIRST_PARTY = {"service", "models", "export", "loadtests", "tests"}
