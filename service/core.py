@@ -118,6 +118,7 @@ class InferenceCore:
         # One processor per loaded version, rebuilt when the version is swapped (keyed by the version object).
         self._processors: dict[str, tuple[ModelVersion, Processor]] = {}
         self._shutting_down = False
+        self.stopping = asyncio.Event()  # set with begin_shutdown: open gRPC streams stop reading (grpc_stream.py)
         # Also the most bytes any one tensor may need (a gRPC message is bounded by it too).
         self.max_request_bytes = repository.settings.max_request_bytes
         self.shm = SharedMemoryRegistry(allowed=repository.settings.allow_client_shm)
@@ -141,6 +142,7 @@ class InferenceCore:
     def begin_shutdown(self) -> None:
         """From now on the server reports not ready (requests already received are still answered)."""
         self._shutting_down = True
+        self.stopping.set()
         self._repository.stop_polling()  # no model changes while the server drains
 
     def server_metadata(self) -> dict:

@@ -15,7 +15,7 @@ from tritonclient.grpc import service_pb2 as pb
 
 from service.core import InferenceCore
 from service.errors import InvalidInput, ServingError
-from service.grpc_stream import stream_infer
+from service.grpc_stream import StreamShutdown, stream_infer
 from service.protocol_grpc import Unparsable, grpc_status
 from service.shm import cuda_region_missing, cuda_register_refused
 
@@ -63,8 +63,11 @@ class ExtensionServicer:
     async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest | Unparsable],
                                context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ModelStreamInferResponse]:
         # NOTE: grpc.aio serves a stream from the method only when it is itself an async generator function.
-        async for response in stream_infer(self.core, request_iterator):
-            yield response
+        try:
+            async for response in stream_infer(self.core, request_iterator):
+                yield response
+        except StreamShutdown as exc:  # UNAVAILABLE: retry elsewhere; what was not answered was not taken
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
 
     @_aborts_on_serving_error
     async def SystemSharedMemoryStatus(self, request, context):

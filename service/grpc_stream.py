@@ -97,12 +97,38 @@ async def answer(core: InferenceCore,
             pb.ModelStreamInferResponse(infer_response=_flag(final, True))]
 
 
+class StreamShutdown(Exception):
+    """The server began shutting down: the stream took no more requests, and answered every one it took."""
+
+
+SHUTDOWN = object()  # _read_unless: the server is stopping (None: the client closed its side)
+
+
+async def _read_unless(requests: AsyncIterator[Any], stopping: asyncio.Future) -> Any:
+    """The next request, None at the end of the stream, or SHUTDOWN once `stopping` is done. A request that
+    arrives together with shutdown is returned: once read it is taken, and so answered."""
+    if stopping.done():
+        return SHUTDOWN
+    read = asyncio.ensure_future(requests.__anext__())
+    await asyncio.wait({read, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if not read.done():
+        read.cancel()
+        return SHUTDOWN
+    try:
+        return read.result()
+    except StopAsyncIteration:
+        return None
+
+
 async def stream_infer(core: InferenceCore,
                        requests: AsyncIterator[pb.ModelInferRequest | Unparsable]) -> AsyncIterator[pb.ModelStreamInferResponse]:
-    """Read requests as they come, run each concurrently, yield responses as they finish."""
+    """Read requests as they come, run each concurrently, yield responses as they finish. When the server
+    begins shutting down the stream stops reading, answers what it took, then raises StreamShutdown (rather
+    than holding the stream open until the exit timeout cuts it, losing the requests in flight then)."""
     out: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue(MAX_PENDING_RESPONSES)
     tasks: set[asyncio.Task] = set()
-
+    stopping = asyncio.ensure_future(core.stopping.wait())
+    shut_down = asyncio.Event()  # the reader stopped because the server is stopping (not the client)
     slots = asyncio.Semaphore(MAX_IN_FLIGHT)
 
     async def run_one(request: pb.ModelInferRequest | Unparsable) -> None:
@@ -115,7 +141,11 @@ async def stream_infer(core: InferenceCore,
     async def read_all() -> None:
         try:
             try:
-                async for request in requests:
+                iterator = aiter(requests)
+                while (request := await _read_unless(iterator, stopping)) is not None:
+                    if request is SHUTDOWN:
+                        shut_down.set()
+                        break
                     await slots.acquire()
                     task = asyncio.create_task(run_one(request))
                     tasks.add(task)
@@ -132,7 +162,11 @@ async def stream_infer(core: InferenceCore,
         while (item := await out.get()) is not None:
             yield item
     finally:
-        # The client went away (or the server is stopping): stop reading and drop what is in flight.
+        # The client went away (or the exit timeout cut the stream): stop reading and drop what is in flight.
         reader.cancel()
+        stopping.cancel()
         for task in list(tasks):
             task.cancel()
+    if shut_down.is_set():
+        raise StreamShutdown("the server is shutting down: this stream takes no more requests and has answered "
+                             "every request it took; send the rest to another server")

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -23,13 +24,16 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import tomllib
 import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
 
 from loadtests.image_run import pod_run
 from tests.conftest import free_port, wait_until
 from tests.test_helm_chart import container, helm, render  # noqa: F401
+from tests.test_lifecycle import serving, slow_answer, slow_repo, wait_all_received
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LOCKS = {v: REPO_ROOT / "requirements" / f"server-{v}.lock" for v in ("cpu", "gpu")}
@@ -208,6 +212,40 @@ def test_image_check_gives_an_object_storage_pod_its_secret_and_cache_volume(hel
     assert "--tmpfs /cache:rw,size=10g" in flags and "-e AWS_ACCESS_KEY_ID=k" in flags
     assert run.env["MODELSERVE_MODEL_REPOSITORY"] == "s3://bucket/models"
     assert run.env["MODELSERVE_REPOSITORY_CACHE_DIR"] == "/cache"
+
+
+# --- SIGTERM with gRPC streams open (podman stop during a stream lost the requests in flight at the exit timeout)
+
+def test_sigterm_ends_open_grpc_streams_once_they_answered_every_request_they_took(tmp_path):
+    repo = slow_repo(tmp_path / "models")
+    grpc_port, n = free_port(), 24
+    xs = np.linspace(0.9, 1.0, n, dtype=np.float32)
+    answers: dict[str, float] = {}
+    ended: list[InferenceServerException] = []
+
+    def callback(result, error) -> None:
+        if error is not None:
+            ended.append(error)
+        else:
+            answers[result.get_response().id] = float(result.as_numpy("y").reshape(-1)[0])
+
+    with serving(repo, args=["--grpc-port", str(grpc_port), "--exit-timeout-secs", "600"]) as (proc, url):
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+        client.start_stream(callback=callback)
+        for i, x in enumerate(xs):
+            inp = grpcclient.InferInput("x", [1, 1], "FP32")
+            inp.set_data_from_numpy(np.array([[x]], np.float32))
+            client.async_stream_infer("slow", [inp], request_id=str(i))
+        wait_all_received(url, n)
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=120)  # the stream no longer holds the server until the 600 s exit timeout
+        wait_until(lambda: ended, timeout=30, what="the stream to end")
+        client.stop_stream()
+        client.close()
+    assert rc == 0
+    assert sorted(answers, key=int) == [str(i) for i in range(n)], "every request on the stream is answered"
+    np.testing.assert_allclose([answers[str(i)] for i in range(n)], slow_answer(xs), rtol=1e-3)
+    assert "UNAVAILABLE" in str(ended[0].status()) and "shutting down" in ended[0].message()
 
 
 # --- the lock files hold every distribution the server can import -------------------------------------------
