@@ -163,21 +163,26 @@ def overdue_riders(max_passes: int) -> Chooser:
     return choose
 
 
-def fifo_budget(candidates: Sequence[PendingRequest], *, max_rows: int, max_tokens: int = 0,
-                max_padding: float | None = None) -> lg.Group:
-    """TGI-style: the head, then later requests in arrival order while the padding each adds (either way: it pads
-    the others up, or is padded up itself) stays within the budget and the row and token bounds."""
-    group = lg.Group()
-    budget = 0.0 if max_padding is None else max_padding
-    for req in candidates:
-        if group.members:
-            longest = max(group.longest, req.length)
-            added = group.rows * (longest - group.longest) + req.rows * (longest - req.length)
-            if (group.rows + req.rows > max_rows or added > budget
-                    or (max_tokens and (group.rows + req.rows) * longest > max_tokens)):
-                continue
-        group.add(req)
-    return group
+def fifo(*, skip: bool) -> Chooser:
+    """First come, first served under a budget, as TGI's and vLLM's (fcfs) queues take requests: the head, then later
+    requests in arrival order while the padding each adds (it pads the others up, or is padded up itself) stays
+    within the budget and the row and token bounds; at the first that does not fit, stop (skip: pass over it)."""
+    def choose(candidates: Sequence[PendingRequest], *, max_rows: int, max_tokens: int = 0,
+               max_padding: float | None = None) -> lg.Group:
+        group = lg.Group()
+        budget = 0.0 if max_padding is None else max_padding
+        for req in candidates:
+            if group.members:
+                longest = max(group.longest, req.length)
+                added = group.rows * (longest - group.longest) + req.rows * (longest - req.length)
+                if (group.rows + req.rows > max_rows or added > budget
+                        or (max_tokens and (group.rows + req.rows) * longest > max_tokens)):
+                    if skip:
+                        continue
+                    break
+            group.add(req)
+        return group
+    return choose
 
 
 def parse(name: str) -> Chooser | None:
@@ -198,5 +203,6 @@ POLICIES: dict[str, Chooser] = {
     "anchor-best 8": anchor_best(8),
     "overdue-riders 1": overdue_riders(1),
     "overdue-riders 2": overdue_riders(2),
-    "fifo-budget": fifo_budget,
+    "fifo-budget": fifo(skip=True),
+    "fifo-prefix": fifo(skip=False),
 }
