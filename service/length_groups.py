@@ -6,8 +6,8 @@ request joins the group of the shorter ones before it while the padding it adds,
 its length, stays within the budget: the planner's `b / a`, the tokens one run's fixed cost pays for; and within
 max_rows and the token bound), and the group holding the oldest request is the batch.
 
-So no request waits longer than in first-come-first-served order (each batch takes the oldest, and only requests
-near the front ride along with it), and no request of an odd length can be passed over for long. Round 3 took the
+So a request waits at most one batch per request ahead of it on arrival (each batch takes the oldest), only
+requests near the front ride along, and no request of an odd length can be passed over for long. Round 3 took the
 best-filled group of the whole queue and round 4 of its oldest third (at least 8), bounding passes with an overdue
 rule: young requests riding in well-filled groups from further back pushed the ones they passed into the tail
 (p99 above plain batching at queues of 8-16 in loadtests/ragged_sim.py; docs/BENCHMARKS.md "Length-aware text,
@@ -83,9 +83,10 @@ def next_group(candidates: Sequence[PendingRequest], *, max_rows: int, max_token
     order); an empty Group when there are no candidates. `candidates` come in arrival order (the queue's)."""
     if not candidates:
         return Group()
-    window = candidates
-    if max_padding is not None:  # no budget: any lengths stack, so the oldest go together up to the bounds
-        window = candidates[:max(MIN_WINDOW, -(-len(candidates) // WINDOW_SHARE))]
+    # Without a padding budget any lengths stack, so the oldest go together up to the bounds (Triton's FIFO); with
+    # one, batch-mates come only from the front of the queue.
+    window = candidates if max_padding is None else \
+        candidates[:max(MIN_WINDOW, -(-len(candidates) // WINDOW_SHARE))]
     groups = length_groups(window, max_rows=max_rows, max_tokens=max_tokens, max_padding=max_padding)
     oldest = candidates[0]
     best = next(g for g in groups if any(r is oldest for r in g.members))
