@@ -104,11 +104,24 @@ def write_text_models(repo: Path, zoo: Path) -> None:
         config.replace('name: "transformer"', 'name: "text_ragged"') + adaptive)
 
 
+async def _sample_queue(session: aiohttp.ClientSession, url: str, model: str, depths: list[float]) -> None:
+    """Every 100 ms, the model's queue depth from /metrics (Triton's nv_inference_pending_request_count): how many
+    requests the batcher had to choose from, as opposed to the clients' concurrency."""
+    prefix = f'nv_inference_pending_request_count{{model="{model}"'
+    while True:
+        async with session.get(f"http://{url}/metrics") as resp:
+            text = await resp.text()
+        depths.extend(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix))
+        await asyncio.sleep(0.1)
+
+
 async def text_level(url: str, model: str, texts: list[str], *, concurrency: int,
-                     cpu: Callable[[], float] | None = None) -> dict[str, Any]:
-    """Every text once, one per request, `concurrency` in flight; latencies, rows/s and the server's stats."""
+                     cpu: Callable[[], float] | None = None, sample_queue: bool = False) -> dict[str, Any]:
+    """Every text once, one per request, `concurrency` in flight; latencies, rows/s and the server's stats
+    (sample_queue: and the mean queue depth seen by polling /metrics)."""
     queue = list(texts)
     latencies: list[float] = []
+    depths: list[float] = []
 
     async def worker(session: aiohttp.ClientSession) -> None:
         while queue:
@@ -123,14 +136,20 @@ async def text_level(url: str, model: str, texts: list[str], *, concurrency: int
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
         before = await fetch_stats(session, target)
         cpu0, t0 = (cpu() if cpu else 0.0), time.perf_counter()
+        sampler = asyncio.create_task(_sample_queue(session, url, model, depths)) if sample_queue else None
         await asyncio.gather(*(worker(session) for _ in range(concurrency)))
         elapsed = time.perf_counter() - t0
+        if sampler is not None:
+            sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sampler
         cpu_s = (cpu() - cpu0) if cpu else None
         after = await fetch_stats(session, target)
     lat = np.asarray(latencies) * 1e3
     return {"model": model, "concurrency": concurrency, "ok": len(latencies), "rows_per_s": len(latencies) / elapsed,
             "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
             "server_cpu_us_per_req": None if cpu_s is None else cpu_s / len(latencies) * 1e6,
+            "queue_depth_mean": float(np.mean(depths)) if depths else None,
             "server": stats_delta(before, after)}
 
 
@@ -148,8 +167,9 @@ def _run_async(coro):
 
 def _row(round_no: int, cell: dict[str, Any], ceiling: float) -> str:
     batch = (cell.get("server") or {}).get("mean_batch_size") or 0.0
+    depth = "" if cell.get("queue_depth_mean") is None else f" {cell['queue_depth_mean']:.1f} |"
     return (f"| {round_no} | {cell['label']} | {cell['rows_per_s']:.0f} | {cell['rows_per_s'] / ceiling:.2f} | "
-            f"{cell['p50_ms']:.0f} | {cell['p99_ms']:.0f} | {batch:.2f} | {cell['server_cpu_us_per_req']:.0f} |")
+            f"{cell['p50_ms']:.0f} | {cell['p99_ms']:.0f} | {batch:.2f} | {cell['server_cpu_us_per_req']:.0f} |{depth}")
 
 
 def _rounds(servers: dict[str, ServerProcess], texts: list[str], *, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -165,7 +185,8 @@ def _rounds(servers: dict[str, ServerProcess], texts: list[str], *, args: argpar
         print(f"| {r + 1} | in-process, sorted by length, batch {CEILING_BATCH} | {ceiling:.0f} | 1.00 | | | | |")
         for label, server, model in order if r % 2 == 0 else order[::-1]:
             cell = _run_async(text_level(server.url, model, texts, concurrency=args.concurrency,
-                                         cpu=functools.partial(cpu_seconds, server.pid)))
+                                         cpu=functools.partial(cpu_seconds, server.pid),
+                                         sample_queue=args.queue_depth))
             cells.append({"round": r + 1, "label": model if label == "this" else f"{model} ({label})",
                           "ceiling_rows_per_s": ceiling, **cell})
             print(_row(r + 1, cells[-1], ceiling), flush=True)
@@ -183,13 +204,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="server's MODELSERVE_CPU_THREADS")
     p.add_argument("--compare", type=Path, help="another checkout (e.g. `git archive` of a commit) to serve too")
     p.add_argument("--output", type=Path, default=Path("bench_results/textbench.json"))
+    p.add_argument("--queue-depth", action="store_true",
+                   help="also poll /metrics every 100 ms for the model's queue depth (a last column: its mean)")
     args = p.parse_args(argv)
     if not (args.zoo / "transformer").is_dir() or args.texts < 1 or args.rounds < 1:
         p.error(f"--zoo {args.zoo} needs a `transformer` model; --texts and --rounds must be >= 1")
     texts = docstrings(args.texts)
     load = [os.getloadavg()]
-    print("| round | model | rows/s | of sorted ceiling | p50 ms | p99 ms | mean batch | server CPU-us/req |")
-    print("|---|---|---|---|---|---|---|---|")
+    depth = " mean queue |" if args.queue_depth else ""
+    print(f"| round | model | rows/s | of sorted ceiling | p50 ms | p99 ms | mean batch | server CPU-us/req |{depth}")
+    print("|---|---|---|---|---|---|---|---|" + ("---|" if args.queue_depth else ""))
     with tempfile.TemporaryDirectory(prefix="textbench-") as tmp, contextlib.ExitStack() as stack:
         repo = Path(tmp) / "repo"
         write_text_models(repo, args.zoo)

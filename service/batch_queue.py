@@ -11,7 +11,6 @@ from typing import Any
 import numpy as np
 
 from service.errors import QueueFull, RequestCancelled
-from service.length_groups import MAX_PASSES as MAX_PASSES  # re-exported: the fairness bound
 from service.length_groups import next_group
 
 Feeds = dict[str, np.ndarray]
@@ -30,7 +29,6 @@ class PendingRequest:
     started: float | None = None
     client_gone: Callable[[], bool] | None = None
     length: int = 0  # the ragged axis's length, for length-aware models; 0 otherwise
-    passed: int = 0  # length-aware only: batches that took a younger request while this one waited
 
     def hung_up(self) -> bool:
         return self.client_gone is not None and self.client_gone()
@@ -100,16 +98,10 @@ class AdmissionQueue:
     def popleft(self) -> PendingRequest:
         return self._items.popleft()
 
-    def remove(self, taken: Sequence[PendingRequest], *, count_passes: bool = False) -> None:
-        """Take a dispatched batch out. count_passes (length-aware): every request left behind that is older
-        than the batch's youngest was passed over once more."""
+    def remove(self, taken: Sequence[PendingRequest]) -> None:
+        """Take a dispatched batch out."""
         chosen = set(map(id, taken))
         self._items = deque(r for r in self._items if id(r) not in chosen)
-        if count_passes and taken:
-            youngest = max(r.enqueued for r in taken)
-            for r in self._items:
-                if r.enqueued < youngest:
-                    r.passed += 1
 
     def prune(self) -> None:
         """Drop requests nobody waits for; callers who hung up are answered RequestCancelled here."""
@@ -148,9 +140,8 @@ class AdmissionQueue:
                    max_padding: float | None = None) -> tuple[list[PendingRequest], int]:
         """The queued requests that stack with the first one, in order, up to max_rows.
 
-        by_length: requests of other lengths stack too, padded: the waiting requests of the first one's shape are
-        grouped by length and the best-filled group goes, unless a request was passed over MAX_PASSES times
-        (service/length_groups.py). max_tokens (> 0): rows times the padded length stays within it (a model's
+        by_length: requests of other lengths stack too, padded: the oldest request of the first one's shape goes
+        with the near lengths among the oldest waiting (service/length_groups.py). max_tokens (> 0): rows times the padded length stays within it (a model's
         memory grows with both). max_padding: a request joins only if the padding it adds (in tokens) costs less
         than the run it saves (the planner's b / a).
         """

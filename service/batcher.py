@@ -107,7 +107,7 @@ class Collector:
             taken, rows = self._compatible(queue, self.max_batch_size)
             if rows >= self.max_batch_size:
                 reason = DispatchReason.FULL
-        queue.remove(taken, count_passes=self.by_length)
+        queue.remove(taken)
         return taken, reason
 
 

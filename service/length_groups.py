@@ -1,18 +1,17 @@
 """Length-aware batching: which waiting requests of different lengths run together, and which group goes next.
 
-The waiting requests are sorted by length and cut into groups: a request joins the group of the shorter ones
-before it when the padding it adds (the group's rows, padded up to its length) stays within the budget (the
-planner's `b / a`: the tokens one run's fixed cost pays for), within max_rows and the token bound; otherwise it
-starts a new group. Of those groups the best-filled one goes (most rows; ties: the one holding the oldest
-request), so with a deep queue a lone request does not take the run while several of one length wait.
+The oldest waiting request always goes next, and its batch-mates come from the oldest part of the queue only
+(WINDOW_SHARE of it, at least MIN_WINDOW requests): those requests are sorted by length and cut into groups (a
+request joins the group of the shorter ones before it while the padding it adds, the group's rows padded up to
+its length, stays within the budget: the planner's `b / a`, the tokens one run's fixed cost pays for; and within
+max_rows and the token bound), and the group holding the oldest request is the batch.
 
-Reordering is bounded twice. A batch is drawn only from the oldest part of the queue (WINDOW_SHARE of it, at
-least MIN_WINDOW requests), so no request runs ahead of more older ones than that: drawn from the whole queue, the
-young requests that rode along with every well-filled batch pushed the ones they passed into the tail (p99 777
-vs 686 ms for equal-length batching in a quiet round; docs/BENCHMARKS.md "Length-aware text, round 4").
-And a request passed over MAX_PASSES times (batches that took a younger request while it waited) is
-overdue; while any is, only overdue requests are grouped, and the group holding the oldest of them goes. Nothing
-younger goes ahead of an overdue request, and overdue requests still share runs with each other.
+So a request waits at most one batch per request ahead of it on arrival (each batch takes the oldest), only
+requests near the front ride along, and no request of an odd length can be passed over for long. Round 3 took the
+best-filled group of the whole queue and round 4 of its oldest third (at least 8), bounding passes with an overdue
+rule: young requests riding in well-filled groups from further back pushed the ones they passed into the tail
+(p99 above plain batching at queues of 8-16 in loadtests/ragged_sim.py; docs/BENCHMARKS.md "Length-aware text,
+round 5").
 
 Hand-written: the grouping is a linear pass over a sorted list; no library offers a batching policy to take it from.
 """
@@ -26,15 +25,14 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # batch_queue imports this module; the type is only needed for annotations
     from service.batch_queue import PendingRequest
 
-# How many batches may take a younger request past one that waits (a different length) before younger requests
-# stop going ahead of it. Without a bound a request of an odd length could wait for every other length.
-MAX_PASSES = 2
-# A batch is drawn from the oldest 1/WINDOW_SHARE of the waiting requests, and from at least MIN_WINDOW of them:
-# a third kept the mean p99 of a closed loop of 32 at or below equal-length batching's at every fixed run cost
-# simulated (loadtests/ragged_sim.py: 1-12 ms), for 1-9 % fewer rows/s than drawing from the whole queue; a half
-# left p99 above it, a quarter cost 1-3 % more rows/s than a third.
-WINDOW_SHARE = 3
-MIN_WINDOW = 8
+# The oldest request's batch-mates come from the oldest 1/WINDOW_SHARE of the waiting requests, and from at least
+# MIN_WINDOW of them. A quarter, at least 2, kept the p99 of closed loops of 8, 16, 32 and 64 clients below
+# equal-length batching's at every fixed run cost simulated (loadtests/ragged_sim.py: 1-12 ms, 6 seeds), with
+# rows/s above it (or within 0.4 % at 1 ms); a third went above plain's p99 at 5 of those 16 points, round 4's
+# best-filled group of the oldest third (at least 8) at 8, first-come-first-served under the budget (TGI's and
+# vLLM's way) at 4, with fewer rows/s than plain at 1-3 ms and 32-64 clients.
+WINDOW_SHARE = 4
+MIN_WINDOW = 2
 
 
 @dataclass
@@ -81,18 +79,19 @@ def length_groups(candidates: Sequence[PendingRequest], *, max_rows: int, max_to
 
 def next_group(candidates: Sequence[PendingRequest], *, max_rows: int, max_tokens: int = 0,
                max_padding: float | None = None) -> Group:
-    """The group to run next (members in arrival order); an empty Group when there are no candidates.
-    `candidates` come in arrival order (the queue's)."""
-    overdue = [r for r in candidates if r.passed >= MAX_PASSES]
-    pool = overdue or candidates
-    pool = pool[:max(MIN_WINDOW, -(-len(pool) // WINDOW_SHARE))]
-    groups = length_groups(pool, max_rows=max_rows, max_tokens=max_tokens, max_padding=max_padding)
-    if not groups:
+    """The group to run next: the oldest candidate's, cut from the oldest part of the queue (members in arrival
+    order); an empty Group when there are no candidates. `candidates` come in arrival order (the queue's)."""
+    if not candidates:
         return Group()
-    if overdue:
-        oldest = min(r.enqueued for r in overdue)
-        best = next(g for g in groups if g.oldest() == oldest)
-    else:
-        best = max(groups, key=lambda g: (g.rows, -g.oldest()))
+    # Without a padding budget any lengths stack, so the oldest go together up to the bounds (Triton's FIFO); with
+    # one, batch-mates come only from the front of the queue.
+    window = candidates if max_padding is None else \
+        candidates[:max(MIN_WINDOW, -(-len(candidates) // WINDOW_SHARE))]
+    groups = length_groups(window, max_rows=max_rows, max_tokens=max_tokens, max_padding=max_padding)
+    oldest = candidates[0]
+    best = next(g for g in groups if any(r is oldest for r in g.members))
+    # As full as it gets when one more row of its length would break the token bound, whatever waits behind the
+    # window: the collector then stops waiting for batch-mates.
+    best.at_token_bound |= bool(max_tokens) and (best.rows + 1) * best.longest > max_tokens
     best.members.sort(key=lambda r: r.enqueued)
     return best

@@ -1,5 +1,6 @@
-"""Length-aware batching stays fair: the oldest request's group goes first, and a request of an odd length is
-passed over by younger ones at most MAX_PASSES times before it goes in the next batch whatever its length.
+"""Length-aware batching stays fair: the oldest request's group goes first and keeps to its length (and, since
+round 5, nothing goes before the oldest request: tests/test_length_groups_round5.py), and the padding budget
+follows each run's own CPU.
 
 Driven through the real AdmissionQueue with made-up arrival times, so every batch follows from the rule alone.
 """
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 
 from service.batch_planner import Planner
-from service.batch_queue import MAX_PASSES, AdmissionQueue, PendingRequest
+from service.batch_queue import AdmissionQueue, PendingRequest
 from service.batcher import Batcher
 from service.modelrepo.config import BatchingPolicy
 from service.ragged import RaggedPolicy
@@ -22,36 +23,14 @@ from tests.ragged_requests import text_queue
 
 def _dispatch(queue: AdmissionQueue, *, max_padding: float) -> list[PendingRequest]:
     taken, _ = queue.compatible(max_rows=8, by_length=True, max_padding=max_padding)
-    queue.remove(taken, count_passes=True)
+    queue.remove(taken)
     return taken
 
 
 async def test_the_oldest_requests_group_goes_first_and_keeps_to_its_length():
-    queue, (a, b, c, d) = text_queue([10, 100, 11, 99])
-    assert _dispatch(queue, max_padding=5) == [a, c]  # the oldest, and the young one of its length
-    assert b.passed == 1 and d.passed == 0  # b was older than c, which went ahead of it; d was not
-    assert _dispatch(queue, max_padding=5) == [b, d]
-
-
-async def test_once_passed_over_max_passes_times_no_younger_request_goes_ahead():
-    # Four older requests of different lengths, then one of an odd length, then a younger partner for each head.
-    queue, reqs = text_queue([10, 30, 50, 70, 120, 10, 30, 50, 70])
-    heads, odd, young = reqs[:4], reqs[4], reqs[5:]
-    batches = []
-    while len(queue):
-        batches.append(_dispatch(queue, max_padding=5))
-    assert batches[0] == [heads[0], young[0]] and batches[1] == [heads[1], young[1]]  # grouping by length holds
-    # Passed over twice: the younger partners of 50 and 70 now wait until the odd request has gone, and it is not
-    # padded into anyone's batch to get there (that would trade its wait for a run padded 70 tokens longer).
-    assert batches[2:] == [[heads[2]], [heads[3]], [odd], [young[2]], [young[3]]]
-    assert odd.passed == MAX_PASSES
-
-
-async def test_without_the_length_aware_count_nothing_is_passed():
-    queue, reqs = text_queue([10, 100, 10])
-    taken, _ = queue.compatible(max_rows=8, by_length=True, max_padding=0)
-    queue.remove(taken)  # the fixed-shape batcher: requests of other shapes are not passed over, just different
-    assert [r.passed for r in reqs] == [0, 0, 0]
+    queue, (a, b, c, d) = text_queue([10, 11, 100, 99])
+    assert _dispatch(queue, max_padding=5) == [a, b]  # the oldest, and the next one of its length; 100 not padded in
+    assert _dispatch(queue, max_padding=5) == [c, d]
 
 
 def test_the_padding_budget_follows_the_runs_own_cpu_once_measured():
