@@ -85,7 +85,7 @@ class Server:
 
     async def _stop_grpc(self, deadline: float) -> None:
         if self._grpc is not None:
-            await self._health.drain()  # NOT_SERVING, and Watch streams end rather than hold the exit timeout
+            self._health.drain()  # NOT_SERVING, and Watch streams end rather than hold the exit timeout
             # grpc.aio: new RPCs are refused at once; those in flight get the rest of the exit budget.
             await self._grpc.stop(grace=max(0.0, deadline - asyncio.get_running_loop().time()))
             self._grpc = None
@@ -104,25 +104,33 @@ class Server:
             loop.add_signal_handler(sig, self._on_signal, sig)
         s = self.settings
         warn_if_exposed(s)
-        public = PortSpec("HTTP", s.http_host, s.http_port, "--http-port")
-        if s.http_workers > 1:
-            check_free(public)  # SO_REUSEPORT would bind beside a server of ours already listening there
-        http_sock = bind_tcp(public) if s.http_workers == 1 else reserve_port(public)
+        http_sock = self._bind_http() if s.allow_http else None
         metrics = None
         try:
             if s.metrics_port is not None:
                 metrics = MetricsServer(PortSpec("metrics", s.metrics_host or s.http_host, s.metrics_port,
                                                  "--metrics-port"), self.metrics.registry)
-            if await self._started_unless_stopped():
+            if not await self._started_unless_stopped():
+                await self.stop()
+            elif http_sock is not None:
                 await self._serve_http(http_sock)
-            else:
+            else:  # --allow-http=false: gRPC (and metrics) only, until a signal
+                await self._stop.wait()
                 await self.stop()
         finally:
-            http_sock.close()
+            if http_sock is not None:
+                http_sock.close()
             if metrics is not None:
                 metrics.close()
             if self._fronts is not None:
                 self._fronts.remove_sockets()
+
+    def _bind_http(self) -> socket.socket:
+        s = self.settings
+        public = PortSpec("HTTP", s.http_host, s.http_port, "--http-port")
+        if s.http_workers > 1:
+            check_free(public)  # SO_REUSEPORT would bind beside a server of ours already listening there
+        return bind_tcp(public) if s.http_workers == 1 else reserve_port(public)
 
     async def _started_unless_stopped(self) -> bool:
         """Start (bind gRPC, load models) unless a signal comes first; False if it did."""
