@@ -14,9 +14,11 @@ from types import SimpleNamespace
 import grpc
 import httpx
 import numpy as np
+import orjson
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+import tritonclient.utils.shared_memory as shm
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
@@ -278,3 +280,40 @@ def test_allow_http_false_serves_grpc_only(repo):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+# ---------------------------------------------------------------------------------------------- perf_analyzer
+
+
+async def test_control_bodies_labelled_as_curl_labels_them_are_json_unless_a_browser_sent_them(repo):
+    # perf_analyzer --shared-memory system over HTTP failed here: Triton's C++ client (libcurl) labels its JSON
+    # bodies application/x-www-form-urlencoded, and control routes answered 415.
+    region = shm.create_shared_memory_region("r5_region", "/r5_region", 64)
+    curl = {"Content-Type": "application/x-www-form-urlencoded"}
+    register = orjson.dumps({"key": "/r5_region", "offset": 0, "byte_size": 64})
+    try:
+        async with inprocess_server(repo, allow_client_shm=True, **_explicit("good")) as (_, client):
+            answer = await client.post("/v2/systemsharedmemory/region/r5/register", headers=curl, content=register)
+            assert answer.status_code == 200, answer.text
+            status = (await client.get("/v2/systemsharedmemory/region/r5/status")).json()
+            assert status[0]["name"] == "r5" and status[0]["byte_size"] == 64
+            # perf_analyzer's next failure: an output written to a region came back with "parameters" but no
+            # "binary_data_size", which Triton's C++ client requires of any output that has parameters.
+            infer = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}],
+                     "outputs": [{"name": "y", "parameters": {"shared_memory_region": "r5",
+                                                              "shared_memory_byte_size": 16}}]}
+            answer = await client.post("/v2/models/good/infer", json=infer)
+            assert answer.status_code == 200, answer.text
+            out = answer.json()["outputs"][0]
+            assert out == {"name": "y", "datatype": "FP32", "shape": [1, 4]}  # Triton's: no data, no parameters
+            assert shm.get_contents_as_numpy(region, np.float32, [1, 4]).tolist() == [[2, 4, 6, 8]]
+            unload = await client.post("/v2/repository/models/good/unload", headers=curl, content=b"{}")
+            assert unload.status_code == 200, unload.text
+            # The same request from a web page (browsers always send Origin) is still refused: the CSRF guard.
+            browser = {**curl, "Origin": "http://evil.example"}
+            answer = await client.post("/v2/repository/models/good/load", headers=browser, content=b"{}")
+            assert answer.status_code == 415 and "Content-Type: application/json" in answer.json()["error"]
+            form = await client.post("/v2/repository/models/good/load", headers=curl, content=b"parameters=x")
+            assert form.status_code == 415  # a real form body is not JSON
+    finally:
+        shm.destroy_shared_memory_region(region)
