@@ -95,6 +95,26 @@ async def test_health_watch_follows_readiness_and_ends_when_the_server_drains(re
         await asyncio.wait_for(stopping, timeout=60)
 
 
+def test_health_through_http_worker_front_ends(repo):
+    # With --http-workers the front ends own the public gRPC port: Check is forwarded as any unary RPC, Watch
+    # (server-streaming) by its own forwarder.
+    grpc_port = free_port()
+    args = ["--grpc-port", str(grpc_port), "--http-workers", "2", "--model-control-mode", "explicit",
+            "--load-model", "good"]
+
+    async def ask() -> tuple[int, int]:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            check = await stub.Check(health_pb2.HealthCheckRequest(service="x"), timeout=30)
+            stream = stub.Watch(health_pb2.HealthCheckRequest())
+            first = await asyncio.wait_for(anext(aiter(stream)), 30)
+            stream.cancel()
+            return check.status, first.status
+
+    with run_server(repo, extra_args=args, env={"MODELSERVE_WARMUP": "false"}):
+        assert asyncio.run(ask()) == (SERVING, SERVING)
+
+
 def test_chart_grpc_probes_ask_the_health_service_on_the_grpc_port(helm):  # noqa: F811
     # The rendered manifests are validated against Kubernetes 1.29 / 1.33 / latest by tests/test_helm_chart.py
     # (ci/grpc-probes-values.yaml is one of its configurations).
