@@ -72,6 +72,8 @@ def _triton_switches(p: argparse.ArgumentParser) -> None:
     for proto in ("http", "grpc", "metrics"):
         p.add_argument(f"--allow-{proto}", dest=f"allow_{proto}", type=_flag, metavar="BOOL",
                        help=f"serve {proto} (false: off)")
+    p.add_argument("--model-store", dest="model_repository", action="append",
+                   help="Triton's older name for --model-repository")
     p.add_argument("--id", dest="server_id", help="server name reported by server metadata (default modelserve)")
     p.add_argument("--backend-config", dest="backend_config", action="append", metavar="[onnxruntime,]KEY=VALUE",
                    help="only default-max-batch-size=N is taken (this server runs ONNX Runtime only)")

@@ -95,6 +95,19 @@ async def test_health_watch_follows_readiness_and_ends_when_the_server_drains(re
         await asyncio.wait_for(stopping, timeout=60)
 
 
+async def test_health_check_obeys_the_restricted_health_protocol(repo):
+    # Triton files Check under the "health" category of --grpc-restricted-protocol.
+    settings = _explicit("good", grpc_restricted_protocol=["health:admin-key=secret"])
+    async with (inprocess_server(repo, **settings),
+                grpc.aio.insecure_channel(f"127.0.0.1:{settings['grpc_port']}") as channel):
+        stub = health_pb2_grpc.HealthStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as denied:
+            await stub.Check(health_pb2.HealthCheckRequest())
+        assert "expecting header 'triton-grpc-protocol-admin-key'" in denied.value.details()
+        key = (("triton-grpc-protocol-admin-key", "secret"),)
+        assert (await stub.Check(health_pb2.HealthCheckRequest(), metadata=key)).status == SERVING
+
+
 def test_health_through_http_worker_front_ends(repo):
     # With --http-workers the front ends own the public gRPC port: Check is forwarded as any unary RPC, Watch
     # (server-streaming) by its own forwarder.
@@ -217,6 +230,7 @@ def _serve_exits(repo, *args: str) -> str:
 @pytest.mark.parametrize("args,expected", [
     # argparse used to keep the last one silently
     (["--model-repository", "/tmp/other"], "one model repository is served, got 2"),
+    (["--model-store", "/tmp/other"], "one model repository is served, got 2"),  # Triton's older name
     (["--model-control-mode", "explicit", "--load-model", "*", "--load-model", "good"],
      "'*' (every model) must be the only load_model"),
     (["--backend-config", "tensorflow,version=2"], "this server runs ONNX Runtime only"),
