@@ -233,12 +233,19 @@ _JSON_TYPES = ("application/json",)
 # empty or JSON; the form types (x-www-form-urlencoded, multipart/form-data, text/plain) and all others get 415.
 # A body-less cross-origin fetch without Content-Type remains possible: restrict model-repository against that.
 _UNLABELLED_TYPES = ("", "application/octet-stream")
+# NOTE: Triton's C++ HTTP client (libcurl: perf_analyzer, tritonclient C++) labels its JSON bodies
+# application/x-www-form-urlencoded, curl's default. A browser sends that type cross-origin without a preflight,
+# but always with an Origin header; so the type counts as unlabelled (JSON, or 415) only when no Origin came.
+_CURL_TYPE = "application/x-www-form-urlencoded"
 
 
-def control_body(content_type: str | None, body: bytes) -> dict:
-    """The JSON object of a control-route (repository) request body, enforcing the JSON-only rule above."""
+def control_body(content_type: str | None, body: bytes, *, from_browser: bool = True) -> dict:
+    """The JSON object of a control-route (repository) request body, enforcing the JSON-only rule above.
+    `from_browser`: the request carried an Origin header."""
     ctype = (content_type or "").split(";", 1)[0].strip().lower()
     expected = "control routes take a JSON body: send Content-Type: application/json"
+    if ctype == _CURL_TYPE and not from_browser:
+        ctype = ""
     if ctype not in _JSON_TYPES + _UNLABELLED_TYPES:
         raise UnsupportedMediaType(f"{expected} (got Content-Type {ctype!r})")
     if not body.strip():
@@ -276,7 +283,7 @@ async def read_control_body(request: Any, *, limit: int) -> dict:
     bytes, JSON only (see control_body)."""
     body = decompress(await _bounded_body(request, limit=limit),
                       encoding=request.headers.get("content-encoding", "").lower(), limit=limit)
-    return control_body(request.headers.get("content-type"), body)
+    return control_body(request.headers.get("content-type"), body, from_browser="origin" in request.headers)
 
 
 # ---------------------------------------------------------------------------------------------- gRPC

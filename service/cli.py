@@ -19,7 +19,7 @@ from service.settings import ServerSettings
 def _serve_parser(sub) -> None:
     p = sub.add_parser("serve", help="serve a model repository over KServe V2 HTTP")
     # Triton's flag names; each also reads from the environment as MODELSERVE_<NAME>.
-    p.add_argument("--model-repository", dest="model_repository",
+    p.add_argument("--model-repository", dest="model_repository", action="append",
                    help="model repository: a directory, or s3://bucket/prefix (gs://, az://) mirrored locally")
     p.add_argument("--http-port", dest="http_port", type=int, help="HTTP port (default 8000)")
     p.add_argument("--http-address", dest="http_host", help="address to bind (default 0.0.0.0)")
@@ -58,6 +58,25 @@ def _serve_parser(sub) -> None:
                    help="wait for batch-mates only while it pays, by observed load (default false: Triton's delay)")
     p.add_argument("--http-workers", dest="http_workers", type=int,
                    help="experimental: N HTTP front-end processes before the one model process (default 1)")
+    _triton_switches(p)
+
+
+def _triton_switches(p: argparse.ArgumentParser) -> None:
+    """Triton's switches users bring along when they change servers (same names, same meanings)."""
+    p.add_argument("--disable-auto-complete-config", dest="disable_auto_complete_config", action="store_const",
+                   const=True, help="each model needs a config.pbtxt with its inputs and outputs")
+    p.add_argument("--strict-model-config", dest="disable_auto_complete_config", type=_flag, metavar="BOOL",
+                   help="Triton's older name for --disable-auto-complete-config (true: no auto-complete)")
+    p.add_argument("--exit-on-error", dest="exit_on_error", type=_flag, metavar="BOOL",
+                   help="exit at start-up when a model fails to load (default false; Triton's is true)")
+    for proto in ("http", "grpc", "metrics"):
+        p.add_argument(f"--allow-{proto}", dest=f"allow_{proto}", type=_flag, metavar="BOOL",
+                       help=f"serve {proto} (false: off)")
+    p.add_argument("--model-store", dest="model_repository", action="append",
+                   help="Triton's older name for --model-repository")
+    p.add_argument("--id", dest="server_id", help="server name reported by server metadata (default modelserve)")
+    p.add_argument("--backend-config", dest="backend_config", action="append", metavar="[onnxruntime,]KEY=VALUE",
+                   help="only default-max-batch-size=N is taken (this server runs ONNX Runtime only)")
 
 
 def _flag(value: str) -> bool:
@@ -74,6 +93,13 @@ SECRET_SETTINGS = {"api_keys", "http_restricted_api", "grpc_restricted_protocol"
 
 def _settings(args: argparse.Namespace) -> ServerSettings:
     given = {k: v for k, v in vars(args).items() if k not in ("command", "func") and v is not None}
+    repositories = given.pop("model_repository", None) or []
+    if len(repositories) > 1:
+        sys.exit(f"modelserve: one model repository is served, got {len(repositories)} --model-repository "
+                 f"({', '.join(repositories)}); put the models under one folder (Triton's several repositories "
+                 "are not supported)")
+    if repositories:
+        given["model_repository"] = repositories[0]
     try:
         return ServerSettings(**given)
     except ValidationError as exc:

@@ -146,7 +146,7 @@ class InferenceCore:
         self._repository.stop_polling()  # no model changes while the server drains
 
     def server_metadata(self) -> dict:
-        return {"name": "modelserve", "version": __version__, "extensions": EXTENSIONS}
+        return {"name": self._repository.settings.server_id, "version": __version__, "extensions": EXTENSIONS}
 
     def model(self, name: str, version: str | None = None) -> ModelVersion:
         """The READY version asked for (latest if none): ModelNotFound / ModelNotReady with the reason."""

@@ -24,6 +24,7 @@ log = logging.getLogger("modelserve.frontend")
 SERVICE = "inference.GRPCInferenceService"
 INFER = f"/{SERVICE}/ModelInfer"
 STREAM = f"/{SERVICE}/ModelStreamInfer"
+HEALTH_WATCH = "/grpc.health.v1.Health/Watch"  # server-streaming: the one RPC the unary forwarder cannot carry
 
 
 def _to_bytes(response: Any) -> bytes:
@@ -44,6 +45,8 @@ class ForwardingHandler(grpc.GenericRpcHandler):
         method = handler_call_details.method  # type: ignore[attr-defined]
         if method == STREAM:
             return grpc.stream_stream_rpc_method_handler(self._stream)
+        if method == HEALTH_WATCH:
+            return grpc.unary_stream_rpc_method_handler(self._watch)
         if method == INFER and self.fast:
             return grpc.unary_unary_rpc_method_handler(self._infer, response_serializer=_to_bytes)
         return grpc.unary_unary_rpc_method_handler(self._forwarder(method))
@@ -80,6 +83,15 @@ class ForwardingHandler(grpc.GenericRpcHandler):
 
     async def _stream(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         call = self.upstream.stream_stream(STREAM)(requests, metadata=context.invocation_metadata())
+        try:
+            async for response in call:
+                yield response
+        except grpc.aio.AioRpcError as exc:
+            await context.abort(exc.code(), exc.details() or "")
+
+
+    async def _watch(self, raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        call = self.upstream.unary_stream(HEALTH_WATCH)(raw, metadata=context.invocation_metadata())
         try:
             async for response in call:
                 yield response

@@ -63,9 +63,10 @@ def create_app(core: InferenceCore, settings: ServerSettings) -> ASGIApp:
                                            body_timeout_s=settings.http_body_timeout_secs))
     install_docs(app)
 
-    @app.get("/metrics", tags=["metrics"], summary="Prometheus metrics (Triton's names)")
-    async def prometheus() -> Response:
-        return Response(exposition(core.metrics.registry), media_type=CONTENT_TYPE)
+    if settings.allow_metrics:  # Triton's --allow-metrics=false: no metrics anywhere
+        @app.get("/metrics", tags=["metrics"], summary="Prometheus metrics (Triton's names)")
+        async def prometheus() -> Response:
+            return Response(exposition(core.metrics.registry), media_type=CONTENT_TYPE)
 
     return wrap_http_app(InferFastPath(app, core=core, max_request_bytes=settings.max_request_bytes,
                                        body_timeout_s=settings.http_body_timeout_secs), settings)

@@ -34,8 +34,9 @@ _COUNTERS: list[tuple[str, str, Callable[[ModelStats], int]]] = [
     ("nv_inference_request_success", "Number of successful inference requests", lambda s: s.success.count),
     ("nv_inference_count", "Number of inferences performed (batch rows)", lambda s: s.inference_count),
     ("nv_inference_exec_count", "Number of model executions performed (batches)", lambda s: s.execution_count),
+    # NOTE: successes only, as Triton (InferenceStatsAggregator::UpdateSuccess); failures are counted, not timed.
     ("nv_inference_request_duration_us", "Cumulative inference request duration in microseconds",
-     lambda s: (s.success.ns + s.fail.ns) // 1000),
+     lambda s: s.success.ns // 1000),
     ("nv_inference_queue_duration_us", "Cumulative inference queuing duration in microseconds",
      lambda s: s.queue.ns // 1000),
     ("nv_inference_compute_input_duration_us", "Cumulative compute input duration in microseconds",

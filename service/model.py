@@ -234,7 +234,8 @@ class ModelVersion:
                               read=(config, req.has_file, req.max_batch_size_given),  # type: ignore[arg-type]
                               graph_inputs=pool.graph_inputs, graph_outputs=pool.graph_outputs,
                               default_max_batch_size=settings.default_max_batch_size,
-                              graph_optional=pool.graph_optional)
+                              graph_optional=pool.graph_optional,
+                              auto_complete=not settings.disable_auto_complete_config)
         return pool, spec
 
     def _warmup(self) -> None:

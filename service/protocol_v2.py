@@ -245,8 +245,9 @@ def encode_response_parts(resp: InferResponse,
         arr = out.data
         entry: dict[str, Any] = {"name": out.name, "datatype": v2_datatype(arr), "shape": list(arr.shape)}
         if out.shm is not None:
+            # NOTE: no "parameters", as Triton: its C++ client (perf_analyzer) takes any output "parameters" to
+            # hold "binary_data_size" and failed on the region's parameters.
             out.shm.write(codec.to_raw(arr), output=out.name)
-            entry["parameters"] = out.shm.parameters()
         elif encoding.binary(out.name):
             raw = codec.raw_view(arr)
             entry["parameters"] = {"binary_data_size": len(raw)}

@@ -101,11 +101,17 @@ class ModelRepository:
         if mode == "explicit":
             wanted = list(on_disk) if "*" in self.settings.load_model else self.settings.load_model
         # Composing models before the ensembles that call them.
+        failed = []
         for name in sorted(wanted, key=lambda n: self._is_ensemble(on_disk.get(n))):
             try:
                 await self.load(name)
             except ServingError as exc:
                 log.error("model %s failed to load: %s", name, exc.message)
+                failed.append(f"{name}: {exc.message}")
+        if failed and self.settings.exit_on_error:
+            await self.close(grace_s=0.0)
+            raise StartupError(f"{len(failed)} model(s) failed to load and exit_on_error is set "
+                               f"(--exit-on-error=false serves the others): {'; '.join(failed)}")
         if mode == "poll":
             self._poller = asyncio.create_task(self._poll_forever(), name="repository-poll")
 

@@ -24,6 +24,7 @@ from service.access import ASGIApp, grpc_interceptors, warn_if_exposed
 from service.core import InferenceCore
 from service.frontends import FrontEnds, reserve_port
 from service.grpc_app import start_grpc_server
+from service.grpc_health import ReadinessHealth
 from service.http_app import create_app
 from service.http_protocol_infer import InferHttpProtocol
 from service.http_server import DrainingServer, TimedHttpToolsProtocol, protocol_class
@@ -45,6 +46,7 @@ class Server:
         self.core = InferenceCore(self.repository, self.metrics)
         self.app = create_app(self.core, settings)
         self._grpc: grpc.aio.Server | None = None
+        self._health = ReadinessHealth(self.core.ready)  # grpc.health.v1 on the gRPC port
         self._stop = asyncio.Event()
         self._http: DrainingServer | None = None
         self._forced = False
@@ -61,7 +63,8 @@ class Server:
             inner = None if self._fronts is None else f"unix:{self._fronts.grpc_socket}"
             self._grpc = await start_grpc_server(self.core, host=host, port=s.grpc_port,
                                                  max_message_bytes=s.max_request_bytes,
-                                                 interceptors=grpc_interceptors(s), start=False, address=inner)
+                                                 interceptors=grpc_interceptors(s), start=False, address=inner,
+                                                 health=self._health)
         await self.repository.start()
         if self._grpc is not None:
             await self._grpc.start()
@@ -82,6 +85,7 @@ class Server:
 
     async def _stop_grpc(self, deadline: float) -> None:
         if self._grpc is not None:
+            self._health.drain()  # NOT_SERVING, and Watch streams end rather than hold the exit timeout
             # grpc.aio: new RPCs are refused at once; those in flight get the rest of the exit budget.
             await self._grpc.stop(grace=max(0.0, deadline - asyncio.get_running_loop().time()))
             self._grpc = None
@@ -100,25 +104,33 @@ class Server:
             loop.add_signal_handler(sig, self._on_signal, sig)
         s = self.settings
         warn_if_exposed(s)
-        public = PortSpec("HTTP", s.http_host, s.http_port, "--http-port")
-        if s.http_workers > 1:
-            check_free(public)  # SO_REUSEPORT would bind beside a server of ours already listening there
-        http_sock = bind_tcp(public) if s.http_workers == 1 else reserve_port(public)
+        http_sock = self._bind_http() if s.allow_http else None
         metrics = None
         try:
             if s.metrics_port is not None:
                 metrics = MetricsServer(PortSpec("metrics", s.metrics_host or s.http_host, s.metrics_port,
                                                  "--metrics-port"), self.metrics.registry)
-            if await self._started_unless_stopped():
+            if not await self._started_unless_stopped():
+                await self.stop()
+            elif http_sock is not None:
                 await self._serve_http(http_sock)
-            else:
+            else:  # --allow-http=false: gRPC (and metrics) only, until a signal
+                await self._stop.wait()
                 await self.stop()
         finally:
-            http_sock.close()
+            if http_sock is not None:
+                http_sock.close()
             if metrics is not None:
                 metrics.close()
             if self._fronts is not None:
                 self._fronts.remove_sockets()
+
+    def _bind_http(self) -> socket.socket:
+        s = self.settings
+        public = PortSpec("HTTP", s.http_host, s.http_port, "--http-port")
+        if s.http_workers > 1:
+            check_free(public)  # SO_REUSEPORT would bind beside a server of ours already listening there
+        return bind_tcp(public) if s.http_workers == 1 else reserve_port(public)
 
     async def _started_unless_stopped(self) -> bool:
         """Start (bind gRPC, load models) unless a signal comes first; False if it did."""

@@ -14,6 +14,28 @@ from service.modelrepo.config import DEFAULT_MAX_BATCH_SIZE
 from service.modelrepo.remote import check_url, is_remote
 from service.processing.base import Limits
 
+TRITON_GRPC_PORT = 8001
+_BACKEND_SETTINGS = ("default-max-batch-size",)
+
+
+def backend_max_batch_size(specs: list[str]) -> int | None:
+    """Triton's --backend-config values: '[onnxruntime,]default-max-batch-size=N' (the last one given wins);
+    any other backend or setting is refused, saying what is accepted (ValueError)."""
+    size = None
+    for spec in specs:
+        backend, _, setting = spec.rpartition(",")
+        key, sep, value = setting.partition("=")
+        if backend not in ("", "onnxruntime") or not sep:
+            raise ValueError(f"backend config {spec!r}: expected '[onnxruntime,]<setting>=<value>' (this server runs "
+                             "ONNX Runtime only)")
+        if key.strip() not in _BACKEND_SETTINGS:
+            raise ValueError(f"backend config {spec!r}: setting {key.strip()!r} is not supported; supported: "
+                             f"{list(_BACKEND_SETTINGS)}")
+        if not value.strip().isdigit() or int(value) < 1:
+            raise ValueError(f"backend config {spec!r}: default-max-batch-size must be a positive integer")
+        size = int(value)
+    return size
+
 
 def default_cpu_threads() -> int:
     """The cores this process may use: taskset / cgroup cpusets and the cgroup CPU quota (a container's
@@ -134,6 +156,20 @@ class ServerSettings(BaseSettings):
     """Bytes of a request's line and headers together; more get 431 and the connection closes."""
     http_protocol_infer: bool = True
     """Answer complete V2 infer requests inside the HTTP protocol, without an ASGI task (false: the ASGI route)."""
+    disable_auto_complete_config: bool = False
+    """Triton's --disable-auto-complete-config: each model needs a config.pbtxt listing its inputs and outputs."""
+    exit_on_error: bool = False
+    """Triton's --exit-on-error: exit at start-up when a model asked for fails to load (Triton's default: true)."""
+    allow_http: bool = True
+    """Triton's --allow-http: false serves no HTTP port (gRPC must then be on)."""
+    allow_grpc: bool | None = None
+    """Triton's --allow-grpc: true turns gRPC on (at Triton's 8001 unless grpc_port says); false turns it off."""
+    allow_metrics: bool = True
+    """Triton's --allow-metrics: false serves no /metrics (neither on the HTTP port nor on metrics_port)."""
+    server_id: str = Field("modelserve", min_length=1, max_length=256)
+    """Triton's --id: the name server metadata reports."""
+    backend_config: list[str] = Field(default_factory=list)
+    """Triton's --backend-config '[onnxruntime,]<setting>=<value>'; only default-max-batch-size is taken."""
 
     @field_validator("model_repository", mode="before")
     @classmethod
@@ -159,12 +195,40 @@ class ServerSettings(BaseSettings):
         check_api_keys([k.get_secret_value() for k in keys])
         return keys
 
+    @field_validator("backend_config")
+    @classmethod
+    def _check_backend_config(cls, specs: list[str]) -> list[str]:
+        backend_max_batch_size(specs)  # ValueError naming the spec and what is accepted
+        return specs
+
+    @model_validator(mode="after")
+    def _triton_switches(self) -> ServerSettings:
+        """Triton's --allow-* and --backend-config resolved onto the settings the server reads."""
+        if self.allow_grpc is False:
+            self.grpc_port = None
+        elif self.allow_grpc and self.grpc_port is None:
+            self.grpc_port = TRITON_GRPC_PORT
+        if not self.allow_metrics:
+            self.metrics_port = None
+        if not self.allow_http and self.http_workers > 1:
+            raise ValueError(f"http_workers={self.http_workers} needs HTTP: allow_http=false serves none")
+        if not self.allow_http and self.grpc_port is None:
+            raise ValueError("allow_http=false leaves nothing to serve: turn gRPC on (--allow-grpc=true or "
+                             "--grpc-port) or keep HTTP")
+        size = backend_max_batch_size(self.backend_config)
+        if size is not None:
+            self.default_max_batch_size = size
+        return self
+
     @model_validator(mode="after")
     def _check(self) -> ServerSettings:
         ports = {"http_port": self.http_port, "grpc_port": self.grpc_port, "metrics_port": self.metrics_port}
         taken = [p for p in ports.values() if p]
         if len(taken) != len(set(taken)):
             raise ValueError(f"ports must differ, got {ports}; choose distinct ports or leave grpc/metrics unset")
+        if "*" in self.load_model and len(self.load_model) > 1:
+            raise ValueError(f"load_model={self.load_model}: '*' (every model) must be the only load_model, as in "
+                             "Triton; drop the other names or the '*'")
         if self.load_model and self.model_control_mode != "explicit":
             raise ValueError(
                 f"load_model={self.load_model} needs model_control_mode='explicit' "

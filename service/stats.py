@@ -119,4 +119,9 @@ class ModelStats:
                 }
                 for size, b in sorted(self.batches.items())
             ],
+            # Triton's fields for decoupled models' per-response statistics and the memory a backend reports:
+            # no model here is decoupled, and ONNX Runtime reports no per-model allocation, so both are empty
+            # (present, as Triton's JSON has them).
+            "response_stats": {},
+            "memory_usage": [],
         }

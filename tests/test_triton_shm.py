@@ -134,7 +134,7 @@ def test_inputs_from_and_outputs_into_shared_memory(client, regions):
     assert idx.tolist() == [3, 3]
     out = result.get_output("sum")
     if protocol == "http":
-        assert "data" not in out and out["parameters"]["shared_memory_region"] == "out"
+        assert "data" not in out and "parameters" not in out  # as Triton (tests/test_triton_compat_round5.py)
         assert out["shape"] == [2, 4] and out["datatype"] == "FP32"
     else:
         assert out.parameters["shared_memory_region"].string_param == "out" and list(out.shape) == [2, 4]

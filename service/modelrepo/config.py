@@ -362,11 +362,31 @@ def overridable_initializers(session) -> list[GraphTensor]:
 
 def completed_spec(model_dir: Path, *, name: str, read: tuple[mc.ModelConfig, bool, bool],
                    graph_inputs: Sequence[GraphTensor], graph_outputs: Sequence[GraphTensor],
-                   default_max_batch_size: int, graph_optional: Sequence[GraphTensor] = ()) -> ModelSpec:
-    """The spec of a model as served: its config.pbtxt (`read_config`) completed from its graph."""
+                   default_max_batch_size: int, graph_optional: Sequence[GraphTensor] = (),
+                   auto_complete: bool = True) -> ModelSpec:
+    """The spec of a model as served: its config.pbtxt (`read_config`) completed from its graph.
+    `auto_complete=False` (Triton's --disable-auto-complete-config): the config must name the inputs and
+    outputs itself, and an absent max_batch_size is 0 (no batching), not read from the graph."""
     config, has_file, max_batch_size_given = read
+    if not auto_complete:
+        require_complete(config, name=name, has_file=has_file, graph_inputs=graph_inputs,
+                         graph_outputs=graph_outputs)
+        max_batch_size_given = True
     completed = complete_config(config, name=name, graph_inputs=graph_inputs, graph_outputs=graph_outputs,
                                 max_batch_size_given=max_batch_size_given,
                                 default_max_batch_size=default_max_batch_size, has_file=has_file,
                                 graph_optional=graph_optional)
     return build_spec(completed, model_dir=model_dir)
+
+
+def require_complete(config: mc.ModelConfig, *, name: str, has_file: bool, graph_inputs: Sequence[GraphTensor],
+                     graph_outputs: Sequence[GraphTensor]) -> None:
+    """With auto-complete disabled, what Triton then needs from config.pbtxt (ModelLoadError naming it)."""
+    where = f"model {name!r}: auto-complete is disabled (--disable-auto-complete-config / --strict-model-config)"
+    if not has_file:
+        raise ModelLoadError(f"{where} and there is no {CONFIG_FILENAME}; write one with max_batch_size, input "
+                             f"{[t.name for t in graph_inputs]} and output {[t.name for t in graph_outputs]}")
+    for kind, entries, graph in (("input", config.input, graph_inputs), ("output", config.output, graph_outputs)):
+        if not entries and graph:
+            raise ModelLoadError(f"{where}: {CONFIG_FILENAME} lists no {kind}; the graph has "
+                                 f"{[t.name for t in graph]}")

@@ -1,0 +1,65 @@
+"""The standard gRPC health service (`grpc.health.v1.Health`) on the KServe V2 gRPC port, as Triton serves it.
+
+Kubernetes' `grpc:` probes and `grpc_health_probe` call Check. Triton answers it from the server's readiness
+(`TRITONSERVER_ServerIsReady`) for whatever service name is asked: SERVING when ready, NOT_SERVING otherwise
+(models loading or failed under strict readiness, or draining). Messages, stubs and registration are
+grpcio-health-checking's; Watch streams end (after NOT_SERVING) when the server drains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# How often a Watch stream looks at the readiness again.
+REFRESH_SECS = 0.5
+
+
+class ReadinessHealth(health_pb2_grpc.HealthServicer):
+    """grpc.health.v1.Health with one status, the server's readiness, under every service name.
+
+    NOTE: the reference servicer (grpc_health.v1.health.aio.HealthServicer) keeps a status per registered name
+    and answers NOT_FOUND for any other name, where Triton answers every name with the server's readiness; and
+    its Watch never ends, so a draining grpc.aio server would wait out the whole exit timeout for each open
+    stream (cancelling it mid-write fails the call: GRPC_CALL_ERROR_TOO_MANY_OPERATIONS). So Check and Watch
+    are these few lines on the package's messages and service registration.
+    """
+
+    def __init__(self, ready: Callable[[], bool]) -> None:
+        self._ready = ready
+        self._draining = asyncio.Event()
+
+    def status(self) -> int:
+        return SERVING if self._ready() and not self._draining.is_set() else NOT_SERVING
+
+    async def Check(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext):
+        return health_pb2.HealthCheckResponse(status=self.status())
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext):
+        """The status now, then each change (looked at every REFRESH_SECS); ends once the server drains."""
+        last = None
+        while True:
+            status = self.status()
+            if status != last:
+                await context.write(health_pb2.HealthCheckResponse(status=status))
+                last = status
+            if self._draining.is_set():
+                return
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._draining.wait(), timeout=REFRESH_SECS)
+
+    def drain(self) -> None:
+        """NOT_SERVING from now on; Watch streams send it and end, so they do not hold a draining server."""
+        self._draining.set()
+
+
+def add_health_service(server: grpc.aio.Server, health: ReadinessHealth) -> None:
+    """Serve grpc.health.v1.Health on `server`."""
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+
