@@ -9,14 +9,20 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
+import httpx
+import numpy as np
 import orjson
 import pytest
+import tritonclient.grpc as grpcclient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from tests.conftest import run_server
+from tests.conftest import free_port, run_server
 from tests.inprocess import inprocess_server
-from tests.onnx_builders import scale_model, slow_model, write_config
+from tests.onnx_builders import scale_model, slow_model, string_model, write_config
 
 LIMIT = 4096  # max_request_bytes of the servers here
 BODY = orjson.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]})
@@ -292,3 +298,66 @@ async def test_metrics_and_v1_liveness_on_the_http_port_are_covered_by_restricti
         assert (await client.get("/metrics/")).status_code == 403
         assert (await client.get("/")).status_code == 403
         assert (await client.get("/", headers={"health-key": "h"})).json() == {"status": "alive"}
+
+
+# ---------------------------------------------------------------------------------------------- resource bombs
+
+MANY = 2**20 + 1  # one more than codec.MAX_STRINGS
+
+
+@pytest.fixture(scope="module")
+def strings_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]]:
+    root = tmp_path_factory.mktemp("security5_strings") / "models"
+    string_model(root / "strings" / "1" / "model.onnx")
+    write_config(root / "strings", "max_batch_size: 0\n")
+    grpc_port = free_port()
+    with run_server(root, extra_args=["--grpc-port", str(grpc_port)]) as url:
+        yield url, grpc_port
+
+
+def _strings_http(url: str, *, binary: bool) -> httpx.Response:
+    if binary:
+        data = b"\x01\x00\x00\x00a" * MANY
+        head = orjson.dumps({"inputs": [{"name": "x", "shape": [MANY, 1], "datatype": "BYTES",
+                                         "parameters": {"binary_data_size": len(data)}}]})
+        return httpx.post(f"http://{url}/v2/models/strings/infer", content=head + data, timeout=120,
+                          headers={"Inference-Header-Content-Length": str(len(head))})
+    doc = {"inputs": [{"name": "x", "shape": [MANY, 1], "datatype": "BYTES", "data": ["a"] * MANY}]}
+    return httpx.post(f"http://{url}/v2/models/strings/infer", content=orjson.dumps(doc), timeout=120)
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_a_million_strings_are_413_before_any_is_decoded_over_http(strings_server, binary):
+    """10^7 one-byte strings (50 MB binary) held the event loop 60 s, every client waiting, to be decoded one by
+    one; the tensor is now refused from its shape."""
+    response = _strings_http(strings_server[0], binary=binary)
+    assert response.status_code == 413, response.text
+    assert f"{MANY} BYTES elements exceed the limit of {MANY - 1}" in response.json()["error"]
+    ok = httpx.post(f"http://{strings_server[0]}/v2/models/strings/infer", timeout=30, content=orjson.dumps(
+        {"inputs": [{"name": "x", "shape": [2, 1], "datatype": "BYTES", "data": ["a", "bc"]}]}))
+    assert ok.status_code == 200 and ok.json()["outputs"][0]["data"] == ["a", "bc"]
+
+
+@pytest.mark.parametrize("raw", [True, False], ids=["raw-contents", "typed-contents"])
+def test_a_million_strings_are_413_before_any_is_decoded_over_grpc(strings_server, raw):
+    tensor = pb.ModelInferRequest.InferInputTensor(name="x", datatype="BYTES", shape=[MANY, 1])
+    request = pb.ModelInferRequest(model_name="strings", inputs=[tensor])
+    if raw:
+        request.raw_input_contents.append(b"\x01\x00\x00\x00a" * MANY)
+    else:
+        request.inputs[0].contents.bytes_contents.extend([b"a"] * MANY)
+    with grpc.insecure_channel(f"127.0.0.1:{strings_server[1]}") as channel:
+        with pytest.raises(grpc.RpcError) as info:
+            pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=120)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert f"{MANY} BYTES elements exceed the limit" in info.value.details()
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{strings_server[1]}")
+    inp = grpcclient.InferInput("x", [2, 1], "BYTES")
+    inp.set_data_from_numpy(np.array([[b"a"], [b"bc"]], dtype=object))
+    assert client.infer("strings", [inp]).as_numpy("y").ravel().tolist() == [b"a", b"bc"]
+
+
+def test_more_strings_than_the_shape_needs_stop_at_the_first_extra(strings_server):
+    doc = {"inputs": [{"name": "x", "shape": [1, 1], "datatype": "BYTES", "data": ["a"] * 500_000}]}
+    response = httpx.post(f"http://{strings_server[0]}/v2/models/strings/infer", content=orjson.dumps(doc), timeout=60)
+    assert response.status_code == 400 and "expected 1 strings for inference input 'x', got more" in response.text
