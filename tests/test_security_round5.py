@@ -19,6 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
+from tritonclient.http import InferenceServerClient as tritonclient_http
+from tritonclient.utils import InferenceServerException
 
 from tests.conftest import free_port, run_server
 from tests.inprocess import inprocess_server
@@ -361,3 +363,53 @@ def test_more_strings_than_the_shape_needs_stop_at_the_first_extra(strings_serve
     doc = {"inputs": [{"name": "x", "shape": [1, 1], "datatype": "BYTES", "data": ["a"] * 500_000}]}
     response = httpx.post(f"http://{strings_server[0]}/v2/models/strings/infer", content=orjson.dumps(doc), timeout=60)
     assert response.status_code == 400 and "expected 1 strings for inference input 'x', got more" in response.text
+
+
+# ---------------------------------------------------------------------------------------------- repository API
+
+@pytest.fixture(scope="module")
+def explicit_server(repo: Path) -> Iterator[tuple[str, int]]:
+    grpc_port = free_port()
+    args = ["--model-control-mode", "explicit", "--load-model", "scale", "--grpc-port", str(grpc_port)]
+    with run_server(repo, extra_args=args) as url:
+        yield url, grpc_port
+
+
+CONFIG = orjson.dumps({"backend": "onnxruntime", "max_batch_size": 8}).decode()
+
+
+@pytest.mark.parametrize(("files", "words"), [
+    ({"file:1/model.onnx": b"x", "file:1/model.onnx/x": b"y"}, "also the folder of another file override"),
+    ({"file:1/a/b": b"x", "file:1/a": b"y"}, "also the folder of another file override"),
+    ({"file:1/mo\x00del.onnx": b"x"}, "Invalid file path"),
+    ({"file:1/model\n.onnx": b"x"}, "Invalid file path"),
+])
+def test_file_overrides_that_cannot_be_written_are_400_on_http_and_grpc(explicit_server, repo, files, words):
+    """Were 500 with the server's temporary folder in the message (FileExistsError / ValueError: embedded null
+    byte), and the HTTP connection closed; the model already loaded keeps serving."""
+    url, grpc_port = explicit_server
+    http = tritonclient_http(url)
+    with pytest.raises(InferenceServerException) as info:
+        http.load_model("scale", config=CONFIG, files=files)
+    assert info.value.status() == "400" and words in info.value.message()
+    assert "modelserve-override" not in info.value.message()
+    with pytest.raises(InferenceServerException) as info:
+        grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}").load_model("scale", config=CONFIG, files=files)
+    assert info.value.status() == "StatusCode.INVALID_ARGUMENT" and words in info.value.message()
+    assert http.is_model_ready("scale")
+
+
+async def test_an_unexpected_error_names_its_type_never_its_text(repo: Path, monkeypatch: pytest.MonkeyPatch):
+    """The FastAPI routes' last-resort handler sent `internal error: FileExistsError: [Errno 17] File exists:
+    '/tmp/modelserve-override-.../scale/1/model.onnx'`: paths and internals; now the type and "see the log"."""
+    async with inprocess_server(repo) as (server, _):
+        def broken(*_: object, **__: object) -> None:
+            raise OSError("/secret/path/of/the/server")
+
+        monkeypatch.setattr(server.core, "server_metadata", broken)
+        # As uvicorn does: the answer the app sent stands though Starlette re-raises the error after it.
+        transport = httpx.ASGITransport(app=server.app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://modelserve") as client:
+            response = await client.get("/v2")
+        assert response.status_code == 500
+        assert response.json() == {"error": "internal error (OSError); see the server log"}
