@@ -12,52 +12,15 @@ import contextlib
 import logging
 import socket
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
 
 import httptools
 import orjson
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 
+from service.http_flow import CorkableTransport, PipelineFlow
+
 log = logging.getLogger("modelserve.http")
-
-
-class CorkableTransport:
-    """A connection's transport that can hold writes back and send them as one.
-
-    NOTE: uvicorn writes a response's status line and headers, then its body, in two transport.write calls:
-    two send syscalls (and two TCP segments) per response; py-spy put ~10% of the event loop's time at
-    concurrency 32 in those writes. While `corked`, writes are gathered and go out in one write. Everything
-    else is the wrapped transport's.
-    """
-
-    __slots__ = ("_held", "_transport")
-
-    def __init__(self, transport: asyncio.Transport) -> None:
-        self._transport = transport
-        self._held: list[bytes] | None = None
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._transport, name)
-
-    def write(self, data: bytes) -> None:
-        if self._held is None:
-            self._transport.write(data)
-        else:
-            self._held.append(data)
-
-    def cork(self) -> None:
-        if self._held is None:
-            self._held = []
-
-    def uncork(self) -> None:
-        held, self._held = self._held, None
-        if held:
-            self._transport.write(held[0] if len(held) == 1 else b"".join(held))
-
-    def close(self) -> None:
-        self.uncork()  # uvicorn closes right after the last write of a `Connection: close` answer
-        self._transport.close()
 
 
 @contextlib.contextmanager
@@ -143,10 +106,12 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
     """
 
     header_timeout: float = 10.0  # set by protocol_class()
+    max_pipelined = 128  # requests received and queued behind an unanswered one before reading pauses
     max_header_bytes: int = 65536  # set by protocol_class()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(CorkableTransport(transport))  # type: ignore[arg-type]
+        self.flow = PipelineFlow(self.transport, pipeline=self.pipeline, limit=self.max_pipelined)
         self._draining = False
         # NOTE: one timer per connection that re-arms itself, not one armed and cancelled per request (two
         # timer operations per request on the hot path): it checks when the pending headers began.

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,9 +23,10 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from tritonclient.http import InferenceServerClient as tritonclient_http
 from tritonclient.utils import InferenceServerException
 
-from tests.conftest import free_port, run_server
+from tests.conftest import free_port, run_server, wait_until
 from tests.inprocess import inprocess_server
 from tests.onnx_builders import scale_model, slow_model, string_model, write_config
+from tests.test_protocol_infer import Reader, loopback, status_of
 
 LIMIT = 4096  # max_request_bytes of the servers here
 BODY = orjson.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]})
@@ -413,3 +415,23 @@ async def test_an_unexpected_error_names_its_type_never_its_text(repo: Path, mon
             response = await client.get("/v2")
         assert response.status_code == 500
         assert response.json() == {"error": "internal error (OSError); see the server log"}
+
+
+# ---------------------------------------------------------------------------------------------- pipelining
+
+def test_a_client_that_pipelines_far_ahead_is_held_to_a_bounded_queue(repo: Path):
+    """10,000 requests sent in one go: uvicorn resumed reading at every request started, so all of them were
+    parsed and queued as request objects (without reading answers: server RSS +500 MB in 30 s over 4 connections,
+    growing); now at most `max_pipelined` (128) plus one received chunk wait, the rest stays in TCP's buffers."""
+    total = 10_000
+    with loopback(repo) as lb, lb.connect() as sock:
+        sender = threading.Thread(target=sock.sendall, args=(request() * total,), daemon=True)
+        sender.start()
+        conn = wait_until(lambda: lb.connections(), what="the connection")[0]
+        reader, longest = Reader(sock), 0
+        for i in range(total):
+            if i % 500 == 0:
+                longest = max(longest, len(conn.pipeline))
+            assert status_of(reader.answer()) == 200
+        sender.join(timeout=60)
+    assert longest <= 128 + (256 * 1024) // len(request()) + 1, longest  # one read (uvloop: 256 KiB) more at most
