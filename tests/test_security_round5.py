@@ -435,3 +435,15 @@ def test_a_client_that_pipelines_far_ahead_is_held_to_a_bounded_queue(repo: Path
             assert status_of(reader.answer()) == 200
         sender.join(timeout=60)
     assert longest <= 128 + (256 * 1024) // len(request()) + 1, longest  # one read (uvloop: 256 KiB) more at most
+
+
+def test_front_ends_decline_upgrades_and_refuse_other_transfer_codings_too(repo: Path):
+    """`--http-workers 2`: the front-end processes run the same protocol; their proxy drops Transfer-Encoding, so
+    `gzip, chunked` was forwarded as a plain body (200) there as well."""
+    with run_server(repo, extra_args=["--http-workers", "2"]) as url, Connection(url) as conn:
+        conn.send(request(headers=H2C) + request(body=chunked(BODY), length=False,
+                                                 headers=["Transfer-Encoding: gzip, chunked"]) + request())
+        assert served(conn.answer()) == [2, 4, 6, 8]
+        status, _, body = conn.answer()
+        assert status == 400 and b"only 'chunked'" in body
+        assert served(conn.answer()) == [2, 4, 6, 8]
