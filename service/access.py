@@ -156,7 +156,7 @@ _PREFIX_API = (("/v2/repository", "model-repository"), ("/v2/health", "health"),
 
 
 def classify_http(method: str, path: str) -> str | None:
-    """The Triton API group of an HTTP route; None for routes no group covers (/metrics, /docs, ...).
+    """The Triton API group of an HTTP route; None for routes no group covers (/docs, /openapi.json).
 
     Unknown POSTs under /v2/models and /v1 count as inference, so a later inference route is covered."""
     for prefix, api in _PREFIX_API:
@@ -164,6 +164,10 @@ def classify_http(method: str, path: str) -> str | None:
             return api
     if path in ("/v2", "/v2/"):
         return "metadata"
+    if path == "/":  # KServe V1 liveness
+        return "health"
+    if path.rstrip("/") == "/metrics":  # per-model counts and latencies: the statistics API in Prometheus form
+        return "statistics"
     if path.startswith("/v2/models"):
         if path.rstrip("/") == "/v2/models/stats":
             return "statistics"

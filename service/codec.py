@@ -27,6 +27,11 @@ MAX_DIM = 2**31 - 1
 MAX_RANK = 32
 INT64_MAX = 2**63 - 1
 UINT64_MAX = 2**64 - 1
+# BYTES elements in one tensor. Each becomes a Python bytes object, decoded one by one on the event loop: 10^7
+# one-byte strings (a 50 MB request) held every client for 60 s (2 loaded cores) before the model's batch size
+# refused them. A million strings is far beyond any text batch and decodes in well under a second.
+MAX_STRINGS = 2**20
+_U32 = struct.Struct("<I").unpack_from
 
 
 def check_shape(shape: object, *, name: str, datatype: str | None = None) -> list[int]:
@@ -67,12 +72,20 @@ def element_count(shape: Sequence[int]) -> int:
 
 def check_byte_budget(shape: Sequence[int], *, name: str, datatype: str, limit: int) -> None:
     """Refuse a shape whose tensor would take more than `limit` bytes, before allocating it (a BYTES element
-    counts one byte: no encoding carries one in less)."""
+    counts one byte: no encoding carries one in less), or more than MAX_STRINGS BYTES elements."""
+    if datatype == "BYTES":
+        check_string_count(element_count(shape), name=name)
     itemsize = 1 if datatype == "BYTES" else numpy_dtype(datatype).itemsize
     need = element_count(shape) * itemsize
     if need > limit:
         raise PayloadTooLarge(f"input {name!r}: shape {list(shape)} of {datatype} needs {need} bytes, more than a "
                               f"request may carry ({limit} bytes, setting max_request_bytes)")
+
+
+def check_string_count(n: int, *, name: str) -> None:
+    if n > MAX_STRINGS:
+        raise PayloadTooLarge(f"input {name!r}: {n} BYTES elements exceed the limit of {MAX_STRINGS} strings in one "
+                              "tensor; send them in several requests")
 
 
 def bytes_array(items: Sequence[bytes], shape: Sequence[int]) -> np.ndarray:
@@ -95,6 +108,12 @@ def _check_string_count(got: int, shape: Sequence[int], *, name: str, what: str)
                            f"needs {need} elements, {what} has {got}")
 
 
+def check_element_count(got: int, shape: Sequence[int], *, name: str, datatype: str, what: str) -> None:
+    """`got` elements for `shape` (Triton's wording for strings), checked before the values are made objects."""
+    check = _check_string_count if datatype == "BYTES" else _check_count
+    check(got, shape, name=name, what=what)
+
+
 def from_raw(raw: memoryview | bytes, *, name: str, datatype: str, shape: list[int], model: str = "") -> np.ndarray:
     """An array from raw bytes (binary extension / gRPC raw contents), checked against shape and datatype.
     `model` only names the model in the byte-size message (Triton's wording, which its tests look for)."""
@@ -108,22 +127,30 @@ def from_raw(raw: memoryview | bytes, *, name: str, datatype: str, shape: list[i
                 f"{len(raw)}: shape {shape} of {datatype} needs {n * dtype.itemsize} bytes, got {len(raw)}"
             )
         return np.frombuffer(raw, dtype=dtype).reshape(shape)
+    check_string_count(n, name=name)
+    return bytes_array(_split_strings(raw if isinstance(raw, bytes) else bytes(raw), n=n, name=name, shape=shape),
+                       shape)
+
+
+def _split_strings(data: bytes, *, n: int, name: str, shape: list[int]) -> list[bytes]:
+    """The BYTES elements of raw data (each a 4-byte little-endian length, then that many bytes), checked.
+    One copy of the data, then slices of it: half the time of slicing a memoryview and copying each slice."""
     items: list[bytes] = []
-    offset, size = 0, len(raw)
+    append, offset, size = items.append, 0, len(data)
     while offset < size:
         if len(items) >= n:
             raise InvalidInput(f"expected {n} strings for inference input {name!r}, got more: shape {shape} needs "
                                f"{n} BYTES elements; the data holds more")
         if offset + 4 > size:
             raise InvalidInput(f"input {name!r}: BYTES element {len(items)} is cut inside its 4-byte length prefix")
-        (length,) = struct.unpack_from("<I", raw, offset)
-        offset += 4
-        if offset + length > size:
-            raise InvalidInput(f"input {name!r}: BYTES element {len(items)} claims {length} bytes past the data's end")
-        items.append(bytes(raw[offset:offset + length]))
-        offset += length
+        start = offset + 4
+        offset = start + _U32(data, offset)[0]
+        if offset > size:
+            raise InvalidInput(f"input {name!r}: BYTES element {len(items)} claims {offset - start} bytes past the "
+                               "data's end")
+        append(data[start:offset])
     _check_string_count(len(items), shape, name=name, what="the data")
-    return bytes_array(items, shape)
+    return items
 
 
 def to_raw(arr: np.ndarray) -> bytes:
@@ -159,11 +186,15 @@ def _nesting(values: Any) -> int:
     return depth
 
 
-def _flatten_bytes(data: list, *, name: str) -> list[bytes]:
-    """Nested lists of strings (or numbers, sent as their text) -> flat list of bytes, depth-limited."""
+def _flatten_bytes(data: list, *, name: str, most: int) -> list[bytes]:
+    """Nested lists of strings (or numbers, sent as their text) -> flat list of bytes, depth-limited; stops
+    once it holds more than the `most` the shape needs."""
     out: list[bytes] = []
     stack: list[tuple[Any, int]] = [(iter(data), 1)]
     while stack:
+        if len(out) > most:
+            raise InvalidInput(f"expected {most} strings for inference input {name!r}, got more: 'data' holds "
+                               f"more than the {most} elements its shape needs")
         it, depth = stack[-1]
         item = next(it, StopIteration)
         if item is StopIteration:
@@ -189,7 +220,8 @@ def from_values(values: Any, *, name: str, datatype: str, shape: list[int]) -> n
     if not isinstance(values, (list, tuple)):
         values = [values]
     if datatype == "BYTES":
-        flat = _flatten_bytes(list(values), name=name)
+        check_string_count(element_count(shape), name=name)
+        flat = _flatten_bytes(list(values), name=name, most=element_count(shape))
         _check_string_count(len(flat), shape, name=name, what="'data'")
         return bytes_array(flat, shape)
     if _nesting(values) > MAX_NESTING:

@@ -28,7 +28,15 @@ import uvloop
 from service.errors import ModelNotReady, ServingError, unexpected
 from service.frontend_link import FrontEndLink, ModelProcessDecodes, NoShm
 from service.grpc_frontend import start_grpc_frontend
-from service.http_infer import INFER_PATH, decompress, header_length, read_body, send_error, send_infer_response
+from service.http_infer import (
+    INFER_PATH,
+    decompress,
+    header_length,
+    read_body,
+    send_error,
+    send_infer_response,
+    transfer_coding_refusal,
+)
 from service.http_server import DrainingServer, protocol_class
 from service.protocol_v2 import encode_response_parts
 from service.v2_plans import RequestPlans
@@ -52,6 +60,10 @@ class FrontEndApp:
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
+            return
+        refused = transfer_coding_refusal(scope["headers"])  # as the model process's app (the proxy drops TE)
+        if refused is not None:
+            await send_error(send, refused)
             return
         if self.fast and scope["method"] == "POST":
             match = INFER_PATH.match(scope["path"])
@@ -149,7 +161,7 @@ async def _serve(args: argparse.Namespace) -> None:
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
     async with httpx.AsyncClient(base_url=args.internal_url, limits=limits, timeout=None) as proxy:
         app = FrontEndApp(link=link, proxy=proxy, max_request_bytes=args.max_request_bytes, fast=not args.proxy_only)
-        config = uvicorn.Config(app, loop="none", lifespan="off", access_log=False, proxy_headers=False,
+        config = uvicorn.Config(app, loop="none", lifespan="off", ws="none", access_log=False, proxy_headers=False,
                                 log_level=args.log_level, timeout_keep_alive=30,
                                 http=protocol_class(header_timeout=args.header_timeout,
                                                   max_header_bytes=args.max_header_bytes))

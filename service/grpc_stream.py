@@ -22,7 +22,7 @@ from typing import Any
 from tritonclient.grpc import service_pb2 as pb
 
 from service.core import InferenceCore, InferResponse
-from service.errors import ServingError
+from service.errors import ServingError, unexpected
 from service.protocol_grpc import Unparsable, decode_infer, encode_infer
 
 log = logging.getLogger("modelserve.grpc")
@@ -85,7 +85,7 @@ async def answer(core: InferenceCore,
         return [_error(request, exc.message)]
     except Exception as exc:  # one broken request must not end everyone's stream
         log.exception("unhandled error in a streamed request")
-        return [_error(request, f"internal error: {type(exc).__name__}: {exc}")]
+        return [_error(request, unexpected(exc).message)]
     empty_final = ENABLE_EMPTY_FINAL in request.parameters and \
         request.parameters[ENABLE_EMPTY_FINAL].bool_param
     if not empty_final:

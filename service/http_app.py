@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service import __version__
 from service.access import ASGIApp, read_control_body, wrap_http_app
 from service.core import InferenceCore
-from service.errors import InvalidInput, ServingError
+from service.errors import InvalidInput, ServingError, unexpected
 from service.http_docs import install_docs
 from service.http_extensions import add_extension_routes
 from service.http_infer import InferFastPath
@@ -87,9 +87,9 @@ def _install_error_handlers(app: FastAPI) -> None:
         return json_response({"error": message}, exc.status_code)
 
     @app.exception_handler(Exception)
-    async def unexpected(_: Request, exc: Exception) -> Response:
+    async def unhandled(_: Request, exc: Exception) -> Response:
         log.exception("unhandled error")
-        return json_response({"error": f"internal error: {type(exc).__name__}: {exc}"}, 500)
+        return error_response(unexpected(exc))  # the type only: its text carried temporary paths to clients
 
 
 def _add_health_routes(app: FastAPI, core: InferenceCore) -> None:

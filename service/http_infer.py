@@ -164,6 +164,9 @@ class InferFastPath:
         return getattr(self.app, name)  # e.g. `.state`, `.openapi` of the wrapped FastAPI app
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "http" and (refused := transfer_coding_refusal(scope["headers"])) is not None:
+            await send_error(send, refused)
+            return
         if scope["type"] == "http" and scope["method"] == "POST":
             match = INFER_PATH.match(scope["path"])
             if match is not None:
@@ -244,6 +247,21 @@ def infer_head(parts: list[bytes | memoryview] | list[bytes], header_len: int | 
         return b"content-type: application/json\r\ncontent-length: %d\r\n" % size
     return (b"content-type: application/octet-stream\r\ncontent-length: %d\r\n"
             b"inference-header-content-length: %d\r\n" % (size, header_len))
+
+
+def transfer_coding_refusal(headers: list[tuple[bytes, bytes]]) -> InvalidInput | None:
+    """400 for a Transfer-Encoding other than `chunked` alone (None when there is none or only chunked).
+
+    NOTE: httptools decodes the final `chunked` and ignores codings before it, so `Transfer-Encoding: gzip,
+    chunked` was read as if the body were not compressed (200), where a proxy in front may have decoded it:
+    the two would disagree on the body. RFC 9112 §6.1 says SHOULD 501; a client's request gets a 4xx here.
+    """
+    codings = [c.strip().lower() for name, value in headers if name == b"transfer-encoding" for c in value.split(b",")]
+    unsupported = [c.decode(errors="replace") for c in codings if c != b"chunked"]
+    if not unsupported:
+        return None
+    return InvalidInput(f"Transfer-Encoding {', '.join(unsupported)!r} is not supported: only 'chunked' is; send a "
+                        "compressed body with Content-Encoding (gzip or deflate) instead")
 
 
 def header_length(headers: dict[bytes, bytes]) -> int | None:

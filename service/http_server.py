@@ -12,51 +12,15 @@ import contextlib
 import logging
 import socket
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
 
+import httptools
 import orjson
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 
+from service.http_flow import CorkableTransport, PipelineFlow
+
 log = logging.getLogger("modelserve.http")
-
-
-class CorkableTransport:
-    """A connection's transport that can hold writes back and send them as one.
-
-    NOTE: uvicorn writes a response's status line and headers, then its body, in two transport.write calls:
-    two send syscalls (and two TCP segments) per response; py-spy put ~10% of the event loop's time at
-    concurrency 32 in those writes. While `corked`, writes are gathered and go out in one write. Everything
-    else is the wrapped transport's.
-    """
-
-    __slots__ = ("_held", "_transport")
-
-    def __init__(self, transport: asyncio.Transport) -> None:
-        self._transport = transport
-        self._held: list[bytes] | None = None
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._transport, name)
-
-    def write(self, data: bytes) -> None:
-        if self._held is None:
-            self._transport.write(data)
-        else:
-            self._held.append(data)
-
-    def cork(self) -> None:
-        if self._held is None:
-            self._held = []
-
-    def uncork(self) -> None:
-        held, self._held = self._held, None
-        if held:
-            self._transport.write(held[0] if len(held) == 1 else b"".join(held))
-
-    def close(self) -> None:
-        self.uncork()  # uvicorn closes right after the last write of a `Connection: close` answer
-        self._transport.close()
 
 
 @contextlib.contextmanager
@@ -142,31 +106,79 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
     """
 
     header_timeout: float = 10.0  # set by protocol_class()
+    max_pipelined = 128  # requests received and queued behind an unanswered one before reading pauses
     max_header_bytes: int = 65536  # set by protocol_class()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(CorkableTransport(transport))  # type: ignore[arg-type]
+        self.flow = PipelineFlow(self.transport, pipeline=self.pipeline, limit=self.max_pipelined)
         self._draining = False
         # NOTE: one timer per connection that re-arms itself, not one armed and cancelled per request (two
         # timer operations per request on the hot path): it checks when the pending headers began.
         self._headers_since: float | None = self.loop.time()
         self._head_bytes = 0  # bytes received while the current request's line and headers are incomplete
+        self._replaying = False
+        self._heads_completed = 0
+        self._refusal: bytes | None = None  # a 431/408 answer owed after the answers to earlier requests
+        self._lingering = False
         self._header_timer: asyncio.TimerHandle | None = self.loop.call_later(self.header_timeout,
                                                                               self._check_headers)
 
     def data_received(self, data: bytes) -> None:
         # NOTE: httptools buffers a header until it is complete and uvicorn sets no bound, so 300 MiB of header
         # (1.4 s on loopback) was held in memory. Counted per received chunk, after parsing it: at most one
-        # chunk past the bound is ever held.
-        super().data_received(data)
+        # chunk past the bound is ever held. A head that began after another completed in this chunk holds at
+        # most this chunk: counted from the next one (counting the whole chunk refused 4,000 pipelined GETs).
+        if self._refusal is not None or self._lingering:
+            return  # refused, or answered before its body came: nothing more is read
+        completed = self._heads_completed
+        self._feed(data)
         if self._headers_since is None:
             self._head_bytes = 0
             return
-        self._head_bytes += len(data)
+        self._head_bytes = 0 if self._heads_completed != completed else self._head_bytes + len(data)
         if self._head_bytes > self.max_header_bytes and not self.transport.is_closing():
             self._refuse(431, "Request Header Fields Too Large",
                          f"request line and headers exceed {self.max_header_bytes} bytes; send shorter headers "
                          "(setting http_max_header_bytes)")
+
+    def _feed(self, data: bytes) -> None:
+        """uvicorn's data_received, except that an Upgrade (h2c, websocket, ...) is declined as RFC 9110 §7.8
+        allows: the request is served as HTTP/1.1 with its body, and the connection goes on.
+
+        NOTE: httptools skips the body of a request with `Connection: upgrade` + `Upgrade` and stops parsing
+        (HttpParserUpgrade); uvicorn then runs the request with an empty body and drops every byte after it,
+        so `curl --http2 -d @req.json` got 400 "not valid JSON" and later requests on the connection were never
+        answered (uvicorn#2722, httptools#124, open). A loop, not recursion: one chunk may hold many such requests.
+        """
+        self._unset_keepalive_if_required()
+        while data:
+            try:
+                self.parser.feed_data(data)
+                return
+            except httptools.HttpParserError:
+                self.logger.warning("Invalid HTTP request received.")
+                self.send_400_response("Invalid HTTP request received.")
+                return
+            except httptools.HttpParserUpgrade as upgrade:
+                data = self._decline_upgrade(data[upgrade.args[0]:])
+
+    def _decline_upgrade(self, rest: bytes) -> bytes:
+        """What to feed a fresh parser after a request whose Upgrade is declined: its body's framing, replayed
+        as a head that on_headers_complete skips (the request's cycle exists), then the bytes that followed."""
+        self.parser = httptools.HttpRequestParser(self)
+        cycle = self.cycle
+        if self.scope["method"] == "CONNECT":  # a tunnel: what follows is not HTTP; answer, then close
+            cycle.keep_alive = False
+            return b""
+        framing = [b"%s: %s\r\n" % (name, value) for name, value in self.headers
+                   if name == b"transfer-encoding" or (name == b"content-length" and value.strip() != b"0")]
+        if not framing:
+            return rest
+        cycle.more_body = True
+        cycle.message_event.clear()
+        self._replaying = True
+        return b"".join([b"POST / HTTP/1.1\r\n", *framing, b"\r\n", rest])
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -175,6 +187,10 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._headers_since = None
+        self._heads_completed += 1
+        if self._replaying:  # the replayed head of a request whose Upgrade was declined (see _feed)
+            self._replaying = False
+            return
         super().on_headers_complete()
         if self._draining and self.cycle is not None:
             self.cycle.keep_alive = False  # answer it, then close: the server is going away
@@ -203,13 +219,42 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
         self._refuse(408, "Request Timeout", f"request headers not received within {self.header_timeout:g} s")
 
     def _refuse(self, status: int, reason: str, message: str) -> None:
-        """Answer before any route runs (the request's headers never completed), then close."""
+        """Answer before any route runs (the request's headers never completed), then close; after the answers
+        still owed to earlier (pipelined) requests, which were written after it before and then lost."""
         self._cancel_header_timer()
         body = orjson.dumps({"error": message})
         head = (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\nconnection: close\r\n"
                 f"content-length: {len(body)}\r\n\r\n").encode()
-        self.transport.write(head + body)
+        self._refusal = head + body
+        if not self.busy and not self.pipeline:
+            self._send_refusal(self._refusal)
+
+    def _linger(self) -> None:
+        """Half-close after an answer sent before its request's body arrived (a 413 for a 2 GB Content-Length,
+        a 401, an unknown model): the client reads the answer and the end of the stream, and stops sending.
+
+        NOTE: uvicorn kept the connection and read (and dropped) the rest of the declared body, up to 2 GB; a
+        plain close() with unread bytes makes the kernel send a reset, which can destroy the answer before the
+        client reads it, so it is a lingering close: what arrives is dropped until the client closes its side
+        (eof_received then closes the transport) or header_timeout passes."""
+        self._lingering = True
+        if isinstance(self.transport, CorkableTransport):
+            self.transport.uncork()  # the answer may still be held back (corked)
+        self.transport.write_eof()
+        self.loop.call_later(self.header_timeout, self.transport.close)
+
+    def _send_refusal(self, answer: bytes) -> None:
+        self.transport.write(answer)
         self.transport.close()
+
+    def on_response_complete(self) -> None:
+        cycle = self.cycle
+        if cycle.more_body and cycle.response_complete and not self.transport.is_closing():
+            self._linger()
+            return
+        super().on_response_complete()
+        if self._refusal is not None and not self.busy and not self.pipeline and not self.transport.is_closing():
+            self._send_refusal(self._refusal)
 
     @property
     def busy(self) -> bool:

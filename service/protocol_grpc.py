@@ -80,8 +80,9 @@ def _typed_contents(tensor: Any, shape: list[int]) -> np.ndarray:
     field = _CONTENTS_FIELD.get(tensor.datatype)
     if field is None:
         raise InvalidInput(f"input {tensor.name!r}: {tensor.datatype} must be sent as raw_input_contents")
-    return codec.from_values(list(getattr(tensor.contents, field)), name=tensor.name, datatype=tensor.datatype,
-                             shape=shape)
+    values = getattr(tensor.contents, field)
+    codec.check_element_count(len(values), shape, name=tensor.name, datatype=tensor.datatype, what="'data'")
+    return codec.from_values(list(values), name=tensor.name, datatype=tensor.datatype, shape=shape)
 
 
 def _class_count(output: Any) -> int:

@@ -202,6 +202,7 @@ def uvicorn_config(settings: ServerSettings, app: ASGIApp) -> uvicorn.Config:
                             max_header_bytes=settings.http_max_header_bytes,
                             base=InferHttpProtocol if settings.http_protocol_infer else TimedHttpToolsProtocol),
         lifespan="off",  # Server owns the lifecycle
+        ws="none",  # no WebSocket route: an Upgrade is declined and the request served as HTTP/1.1
         log_level=settings.log_level,
         access_log=False,  # one log line per inference costs more than the inference on small models
         # Nothing reads the client address (no access log), so uvicorn's X-Forwarded-For middleware would only

@@ -82,10 +82,11 @@ def test_http_restricted_apis_need_their_header(http, server):
     assert http.get_inference_statistics("scale", headers=ADMIN)["model_stats"][0]["name"] == "scale"
     assert http.get_model_metadata("scale", headers=META)["inputs"][0]["name"] == "x"
     assert http.get_model_config("scale", headers=META)["name"] == "scale"
-    # Unrestricted here: health, and /metrics, /docs are in no API group.
+    # Unrestricted here: health, and /docs is in no API group; /metrics on the HTTP port is statistics (round 5).
     assert http.is_server_live() and http.is_model_ready("scale")
-    for path in ("/metrics", "/docs"):
-        assert httpx.get(f"http://{server[0]}{path}").status_code == 200
+    assert httpx.get(f"http://{server[0]}/docs").status_code == 200
+    assert httpx.get(f"http://{server[0]}/metrics").status_code == 403
+    assert httpx.get(f"http://{server[0]}/metrics", headers=ADMIN).status_code == 200
 
 
 def test_grpc_restricted_protocols_need_triton_metadata(grpc_client):
@@ -224,7 +225,7 @@ def test_warns_when_model_repository_is_exposed_unrestricted(tmp_path):
     ("POST", "/v2/repository/models/m/unload", "model-repository"), ("GET", "/v2/models/stats", "statistics"),
     ("GET", "/v2/models/m/versions/1/stats", "statistics"), ("GET", "/v2/systemsharedmemory/status", "shared-memory"),
     ("GET", "/v2/trace/setting", "trace"), ("POST", "/v2/logging", "logging"),
-    ("GET", "/metrics", None), ("GET", "/docs", None), ("GET", "/openapi.json", None),
+    ("GET", "/metrics", "statistics"), ("GET", "/", "health"), ("GET", "/docs", None), ("GET", "/openapi.json", None),
 ])
 def test_every_route_belongs_to_triton_s_api_group(method, path, api):
     assert classify_http(method, path) == api

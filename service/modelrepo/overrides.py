@@ -57,7 +57,7 @@ def _check_file_path(name: str, path: str) -> str:
     parts = PurePosixPath(path).parts
     # NOTE: "Invalid file path" is Triton's wording (its clients match it).
     if (len(parts) < 2 or not parts[0].isdigit() or not parts[0].isascii() or path.startswith("/")
-            or any(p in ("..", ".") for p in parts) or "\\" in path):
+            or any(p in ("..", ".") for p in parts) or "\\" in path or not path.isprintable()):
         raise InvalidInput(f"failed to load '{name}': Invalid file path: file override '{FILE_PREFIX}{path}' must "
                            f"name a file inside a version folder, as '{FILE_PREFIX}<version>/model.onnx'")
     too_long = [p for p in parts if len(p.encode()) > NAME_MAX]
@@ -76,7 +76,18 @@ def parse_override(name: str, *, config: object | None, files: dict[str, bytes])
         raise InvalidInput(f"failed to load '{name}': file overrides ({', '.join(FILE_PREFIX + f for f in files)}) "
                            "need the model config override 'config' as well; Triton requires both")
     parsed, mbs_given = _parse_config(name, config)
-    return LoadOverride(parsed, mbs_given, {_check_file_path(name, p): data for p, data in files.items()})
+    checked = {_check_file_path(name, p): data for p, data in files.items()}
+    _check_no_file_holds_another(name, checked)
+    return LoadOverride(parsed, mbs_given, checked)
+
+
+def _check_no_file_holds_another(name: str, files: dict[str, bytes]) -> None:
+    """Refuse `file:1/a` together with `file:1/a/b` (a file cannot also be a folder): was a 500 when written."""
+    folders = {str(parent) for path in files for parent in PurePosixPath(path).parents}
+    clash = sorted(path for path in files if str(PurePosixPath(path)) in folders)
+    if clash:
+        raise InvalidInput(f"failed to load '{name}': Invalid file path: file override '{FILE_PREFIX}{clash[0]}' is "
+                           "also the folder of another file override; send each file once, at its own path")
 
 
 def materialize(override: LoadOverride, *, name: str) -> Path:
