@@ -1,0 +1,109 @@
+"""Round 5 (docs/RELIABILITY.md "Fuzzing and isolation, round 5"): property-based fuzzing through a real server
+with an oracle, each problem it found as a regression test, and isolation of valid requests from bad ones in
+the same batches. Real subprocess servers, real clients (httpx, tritonclient, a raw gRPC channel)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from tritonclient.grpc import service_pb2 as pb
+
+from loadtests.fuzz_v2 import Target, check_case, choices, specs_from_server
+from loadtests.fuzz_v2_cases import Spec, cases
+from loadtests.fuzz_v2_models import build_fuzz_models
+from tests.conftest import free_port, run_server
+
+
+@dataclass
+class Served:
+    url: str
+    grpc_url: str
+    repo: Path
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    repo = build_fuzz_models(tmp_path_factory.mktemp("fuzz5") / "models")
+    port = free_port()
+    with run_server(repo, extra_args=["--grpc-port", str(port)]) as url:
+        yield Served(url, f"127.0.0.1:{port}", repo)
+
+
+@pytest.fixture(scope="module")
+def target(served: Served) -> Iterator[tuple[Target, dict[str, Spec]]]:
+    with httpx.Client(base_url=f"http://{served.url}", timeout=60) as http, \
+            grpc.insecure_channel(served.grpc_url) as channel:
+        yield Target(http, channel), specs_from_server(http, served.repo, strict=True)
+
+
+@settings(max_examples=40, derandomize=True, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data=st.data())
+def test_every_request_is_answered_right_or_refused_alike_on_every_transport(target, data):
+    client, specs = target
+    case = data.draw(cases(specs), label="case")
+    assert check_case(client, case, specs[case.model], data.draw(choices, label="transports")) == []
+
+
+def _infer(url: str, model: str, inputs: list[dict]) -> httpx.Response:
+    return httpx.post(f"http://{url}/v2/models/{model}/infer", json={"inputs": inputs}, timeout=30)
+
+
+@pytest.mark.parametrize(("model", "name", "datatype", "shape", "data", "words"), [
+    # Before: 200 with True (numpy reads any non-empty string, and any non-zero number, as True).
+    ("not", "x", "BOOL", [1, 2], ["false", "false"], "'data' for BOOL must hold true or false; element 0 is "
+                                                        "the string 'false'"),
+    ("not", "x", "BOOL", [1, 2], [0, 2], "must hold true or false; element 0 is 0"),
+    # Before: 200 with 1.0 and NaN.
+    ("scale", "x", "FP32", [1, 4], ["1", 2, 3, 4], "'data' for FP32 must hold numbers; element 0 is the string '1'"),
+    ("scale", "x", "FP32", [1, 4], [1, None, 3, 4], "must hold numbers; element 1 is null"),
+    ("scale", "x", "FP32", [1, 4], [True] * 4, "must hold numbers; element 0 is true"),
+    # Before: 200 with 1 (truncated).
+    ("id_int32", "INPUT0", "INT32", [1, 2], [1, 2.5], "'data' for INT32 must hold integers; element 1 is 2.5"),
+    # Before: 200 with the text "True".
+    ("strings", "x", "BYTES", [1, 1], [True], "BYTES data holds true; expected strings"),
+])
+def test_a_json_value_of_the_wrong_type_is_refused_saying_what_was_expected(served, model, name, datatype, shape,
+                                                                            data, words):
+    resp = _infer(served.url, model, [{"name": name, "shape": shape, "datatype": datatype, "data": data}])
+    assert resp.status_code == 400 and words in resp.json()["error"], resp.text
+
+
+def test_json_values_that_keep_their_value_are_still_taken(served):
+    resp = _infer(served.url, "id_int32", [{"name": "INPUT0", "shape": [1, 3], "datatype": "INT32",
+                                            "data": [[1, 2.0, -3]]}])
+    assert resp.status_code == 200 and resp.json()["outputs"][0]["data"] == [1, 2, -3]
+    resp = _infer(served.url, "id_uint64", [{"name": "INPUT0", "shape": [1, 1], "datatype": "UINT64",
+                                             "data": [2**64 - 1]}])
+    assert resp.status_code == 200 and resp.json()["outputs"][0]["data"] == [2**64 - 1]
+
+
+def test_an_empty_input_the_graph_cannot_run_on_is_a_4xx_on_http_and_grpc(served):
+    # Before: 500 / INTERNAL "inference failed (RuntimeException)": ArgMax over a dimension of 0 elements.
+    empty = [{"name": n, "shape": [1, 0], "datatype": "FP32", "data": []} for n in ("a", "b")]
+    resp = _infer(served.url, "two_io", empty)
+    assert resp.status_code == 400, resp.text
+    assert "cannot run on an empty input: input 'a' has shape [1, 0]" in resp.json()["error"]
+    request = pb.ModelInferRequest(model_name="two_io")
+    for n in ("a", "b"):
+        request.inputs.add(name=n, datatype="FP32", shape=[1, 0])
+        request.raw_input_contents.append(b"")
+    with grpc.insecure_channel(served.grpc_url) as channel:
+        infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer",
+                                    request_serializer=pb.ModelInferRequest.SerializeToString,
+                                    response_deserializer=pb.ModelInferResponse.FromString)
+        with pytest.raises(grpc.RpcError) as info:
+            infer(request, timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "empty input" in info.value.details()
+    # The same model still answers a non-empty request.
+    ok = _infer(served.url, "two_io", [{"name": n, "shape": [1, 2], "datatype": "FP32", "data": [1, 3]}
+                                       for n in ("a", "b")])
+    assert ok.status_code == 200 and np.allclose(ok.json()["outputs"][0]["data"], [2, 6])
