@@ -19,6 +19,7 @@ from tritonclient.grpc import service_pb2 as pb
 from loadtests.fuzz_v2 import Target, check_case, choices, specs_from_server
 from loadtests.fuzz_v2_cases import Spec, cases
 from loadtests.fuzz_v2_models import build_fuzz_models
+from loadtests.isolation import build_isolation_models, scenario
 from tests.conftest import free_port, run_server
 
 
@@ -107,3 +108,42 @@ def test_an_empty_input_the_graph_cannot_run_on_is_a_4xx_on_http_and_grpc(served
     ok = _infer(served.url, "two_io", [{"name": n, "shape": [1, 2], "datatype": "FP32", "data": [1, 3]}
                                        for n in ("a", "b")])
     assert ok.status_code == 200 and np.allclose(ok.json()["outputs"][0]["data"], [2, 6])
+
+
+@pytest.fixture(scope="module")
+def isolation_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    repo = build_isolation_models(tmp_path_factory.mktemp("isolation5") / "models")
+    port = free_port()
+    args = ["--grpc-port", str(port), "--model-control-mode", "explicit", "--load-model", "*"]
+    with run_server(repo, extra_args=args) as url:
+        yield Served(url, f"127.0.0.1:{port}", repo)
+
+
+async def _batch_sizes(url: str) -> dict[str, set[int]]:
+    async with httpx.AsyncClient(timeout=30) as http:
+        stats = (await http.get(f"http://{url}/v2/models/stats")).json()["model_stats"]
+    return {m["name"]: {b["batch_size"] for b in m["batch_stats"]} for m in stats}
+
+
+async def test_valid_requests_get_their_own_answers_while_hostile_ones_share_their_batches(isolation_server):
+    tally = await scenario(isolation_server.url, isolation_server.grpc_url, requests=30)
+    assert tally.problems == []
+    assert tally.valid == {"answered right": 4 * 30}
+    kinds = {key.split(":")[0] for key in tally.hostile}
+    assert kinds == {"json_type", "binary_size", "grpc_short", "bad_index", "cut_body", "hang_up", "grpc_cancel",
+                     "grpc_timeout"}
+    # The batchers did form batches of several requests, so valid and hostile rows did share them.
+    sizes = await _batch_sizes(isolation_server.url)
+    assert max(sizes["scale"]) > 1 and max(sizes["gather"]) > 1, sizes
+
+
+async def test_valid_requests_during_unload_and_load_are_answered_or_told_not_ready(isolation_server):
+    tally = await scenario(isolation_server.url, isolation_server.grpc_url, requests=30, churn_rounds=2)
+    assert tally.problems == []
+    refused = {k: n for k, n in tally.valid.items() if k != "answered right"}
+    assert all("not ready" in k for k in refused), refused
+    assert sum(tally.valid.values()) == 4 * 30
+    async with httpx.AsyncClient(base_url=f"http://{isolation_server.url}", timeout=30) as http:
+        after = await http.post("/v2/models/scale/infer", json={"inputs": [{"name": "x", "shape": [1, 4],
+                                                                           "datatype": "FP32", "data": [1, 2, 3, 4]}]})
+    assert after.status_code == 200 and after.json()["outputs"][0]["data"] == [2, 4, 6, 8]
