@@ -24,7 +24,11 @@ GRPC_CODE = {200: "OK", 400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 413: "RESOURC
 JSON_ATTACKS = ["string", "bool", "null", "fraction", "range", "nan", "infinity", "ragged"]
 BINARY_ATTACKS = ["header_short", "header_long", "header_huge", "header_negative", "header_text", "size_plus",
                   "size_minus", "tail_extra", "tail_short", "bytes_prefix"]
-GRPC_ATTACKS = ["both", "raw_extra", "raw_missing", "raw_short", "wrong_field"]
+GRPC_ATTACKS = ["both", "raw_extra", "raw_missing", "raw_short", "wrong_field", "odd_parameters"]
+# gRPC parameter types JSON has no twin for (uint64, and doubles where integers are read), on read keys and others.
+ODD_PARAMETERS = [("priority", "uint64_param", 2**64 - 1), ("timeout", "double_param", 0.5),
+                  ("sequence_id", "uint64_param", 7), ("sequence_start", "string_param", "\x00"),
+                  ("binary_data_output", "double_param", 1.0), ("custom", "uint64_param", 2**63)]
 
 
 @dataclass
@@ -192,6 +196,9 @@ def to_grpc(case: Case, *, use_raw: bool, attack: str | None = None) -> tuple[pb
                                                                  or req.raw_input_contents[-1]):
         del req.raw_input_contents[-1]  # (the only, empty one gone leaves a valid request: typed, no elements)
         applied = True
+    elif attack == "odd_parameters":  # may be refused or taken; if taken, the answer must be right
+        for key, kind, value in ODD_PARAMETERS:
+            setattr(req.parameters[key], kind, value)
     elif attack == "raw_short" and req.raw_input_contents and req.raw_input_contents[0]:
         req.raw_input_contents[0] = req.raw_input_contents[0][:-1]
         applied = True
