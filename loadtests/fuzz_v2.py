@@ -139,7 +139,7 @@ def check_case(target: Target, case: Case, spec: Spec, choice: dict) -> list[str
     may_refuse = case.mutation == "parameters" or not spec.strict
     exact = False  # floats within a tolerance: a batch's reductions may run in another order
     problems = []
-    clean = {"json": target.post(case.model, to_json(case, nested=choice["nested"])[0]),
+    clean = {"json": target.post(case.model, to_json(case, nested=choice["nested"], binary_out=choice["out"])[0]),
              "binary": target.post(case.model, *to_binary(case)[:2]),
              "grpc": target.grpc(to_grpc(case, use_raw=choice["raw"])[0])}
     for transport, answer in clean.items():
@@ -166,7 +166,8 @@ def check_case(target: Target, case: Case, spec: Spec, choice: dict) -> list[str
     return [f"{case.model} [{case.mutation}] {p}" for p in problems]
 
 
-choices = st.fixed_dictionaries({"nested": st.booleans(), "raw": st.booleans(), "json": st.sampled_from(JSON_ATTACKS),
+choices = st.fixed_dictionaries({"nested": st.booleans(), "raw": st.booleans(), "out": st.booleans(),
+                                 "json": st.sampled_from(JSON_ATTACKS),
                                  "binary": st.sampled_from(BINARY_ATTACKS), "grpc": st.sampled_from(GRPC_ATTACKS)})
 
 

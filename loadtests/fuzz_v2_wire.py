@@ -68,16 +68,20 @@ def _header(case: Case, inputs: list[dict]) -> dict:
     return doc
 
 
-def to_json(case: Case, *, nested: bool, attack: str | None = None) -> tuple[bytes, bool]:
+def to_json(case: Case, *, nested: bool, attack: str | None = None, binary_out: bool = False) -> tuple[bytes, bool]:
     """The case as a V2 JSON body; `attack` (one of JSON_ATTACKS) spoils one element of the first tensor that
-    has one, in a way the JSON datatype rules refuse. Also says whether the attack applied."""
+    has one, in a way the JSON datatype rules refuse; `binary_out` asks for binary outputs. Also says whether
+    the attack applied."""
     inputs = [{"name": t.name, "shape": t.shape, "datatype": t.datatype, "data": _json_data(t, nested)}
               for t in case.tensors]
     target = next((i for i, t in enumerate(case.tensors) if t.array.size), None)
     marker = None
     if attack is not None and target is not None:
         marker = _spoil(inputs[target], case.tensors[target].datatype, attack)
-    body = orjson.dumps(_header(case, inputs))
+    doc = _header(case, inputs)
+    if binary_out:  # the outputs come back in the binary tail (the request's parameters are only HTTP's here)
+        doc["parameters"] = {**doc.get("parameters", {}), "binary_data_output": True}
+    body = orjson.dumps(doc)
     if marker is not None:  # values JSON has no literal for, spelt out after the encoder
         body = body.replace(b'"__SPOIL__"', marker)
     return body, attack is not None and target is not None

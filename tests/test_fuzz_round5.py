@@ -22,6 +22,7 @@ from loadtests.fuzz_v2_cases import Spec, cases
 from loadtests.fuzz_v2_models import build_fuzz_models
 from loadtests.fuzz_v2_tasks import check_task, task_models, task_request
 from loadtests.isolation import build_isolation_models, scenario
+from loadtests.serverproc import serve
 from tests.conftest import free_port, run_server
 
 
@@ -162,3 +163,12 @@ def test_task_routes_and_embeddings_answer_or_refuse_with_a_message(zoo_http, da
     http, models = zoo_http
     path, body = data.draw(task_request(models), label="request")
     assert check_task(http, path, body, counts=Counter()) == []
+
+
+async def test_sigterm_amid_hostile_traffic_answers_or_refuses_every_valid_request_clearly(tmp_path):
+    repo = build_isolation_models(tmp_path / "models")
+    with serve(repo, log_path=tmp_path / "server.log", grpc=True) as server:
+        tally = await scenario(server.url, server.grpc_url or "", requests=30, sigterm_pid=server.pid)
+    assert tally.problems == [], tally.problems
+    assert tally.stopping and tally.valid["answered right"] >= 40  # a third of the 120 came before the signal
+    assert sum(tally.valid.values()) == 4 * 30
