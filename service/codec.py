@@ -278,6 +278,8 @@ def _typed(probe: np.ndarray, values: Any, *, name: str, datatype: str, dtype: n
             raise _refuse(values, name=name, datatype=datatype, expected="integers",
                           ok=lambda v: _is_number(v) and _is_integer(v))
         probe = np.asarray([int(v) for v in _flat_items(values)], dtype=object).reshape(probe.shape)
+    if probe.dtype == dtype:  # numpy read them as this very type (INT64, or UINT64 past INT64's range)
+        return probe
     info = np.iinfo(dtype)
     low, high = probe.min(), probe.max()
     if low < info.min or high > info.max:
