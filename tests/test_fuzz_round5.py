@@ -4,6 +4,8 @@ the same batches. Real subprocess servers, real clients (httpx, tritonclient, a 
 
 from __future__ import annotations
 
+import base64
+import io
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,6 +17,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from PIL import Image
 from tritonclient.grpc import service_pb2 as pb
 
 from loadtests.fuzz_v2 import Target, check_case, choices, specs_from_server
@@ -172,3 +175,17 @@ async def test_sigterm_amid_hostile_traffic_answers_or_refuses_every_valid_reque
     assert tally.problems == [], tally.problems
     assert tally.stopping and tally.valid["answered right"] >= 40  # a third of the 120 came before the signal
     assert sum(tally.valid.values()) == 4 * 30
+
+
+def test_an_image_whose_ink_vanishes_in_the_resize_is_answered_not_a_500(zoo_http):
+    # Before: 500 "could not broadcast input array from shape (20,20) into shape (0,0)": a 13x1 PNG's sliver of
+    # ink left no mass in the 20x20 box, its centre of mass was NaN.
+    http, models = zoo_http
+    assert models.get("cnn") == "image-classification"
+    # The 13x1 greyscale PNG hypothesis drew.
+    png = ("iVBORw0KGgoAAAANSUhEUgAAAA0AAAABCAAAAAAgQnvbAAAAFklEQVR4nGPovv25+MK0PI4utpyPbwE2XweD8H3dAwAAAABJRU5Er"
+           "kJggg==")
+    assert Image.open(io.BytesIO(base64.b64decode(png))).size == (13, 1)
+    resp = http.post("/v1/models/cnn/predict", json={"images": [png]})
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["results"][0]["preprocessing"]["original_size"] == [13, 1]
