@@ -11,7 +11,7 @@ PROFILE ?= default
 EXTRAS ?= train,test
 
 comma := ,
-.PHONY: install helm serve zoo test lint bench bench-quick fuzz clean image image-test image-check tools arm-check
+.PHONY: install helm serve zoo test lint bench bench-quick fuzz fuzz-v2 clean image image-test image-check tools arm-check
 
 # PyTorch's CPU index: PyPI's torch wheel is the CUDA build (2.7 GB of nvidia-* packages on a CPU machine). torch is
 # installed from it first (the version pyproject.toml pins), so the install below finds it satisfied.
@@ -61,6 +61,13 @@ bench-quick: install
 # Fuzz + soak a real server on the zoo; counts and peak RSS in fuzz_results.json (docs/RELIABILITY.md).
 fuzz: zoo
 	$(PY) -m loadtests.fuzz --model-repository $(MODEL_REPOSITORY) --duration 60
+
+# Round 5: hypothesis requests with an ONNX Runtime oracle over HTTP JSON, binary and gRPC (+ task routes on the zoo),
+# then valid requests isolated from hostile ones in the same batches, during unload/load and SIGTERM.
+fuzz-v2: zoo
+	$(PY) -m loadtests.fuzz_v2 --examples 1000 --zoo $(MODEL_REPOSITORY) --tasks 1000
+	$(PY) -m loadtests.isolation --requests 200 && $(PY) -m loadtests.isolation --requests 200 --churn 5
+	$(PY) -m loadtests.isolation --requests 200 --sigterm
 
 # The --target arm edge bundle run under qemu-user aarch64 against the x86 server (not part of CI; downloads
 # qemu, an arm64 Python and aarch64 wheels from Debian and PyPI on first use). Table in arm_check.md.

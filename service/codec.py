@@ -11,7 +11,7 @@ this codec ourselves because tritonclient ships only the client side of it.
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from math import prod
 from typing import Any
 
@@ -207,10 +207,10 @@ def _flatten_bytes(data: list, *, name: str, most: int) -> list[bytes]:
             out.append(item.encode())
         elif isinstance(item, bytes):
             out.append(item)
-        elif isinstance(item, (int, float)):
+        elif isinstance(item, (int, float)) and not isinstance(item, bool):
             out.append(str(item).encode())
         else:
-            raise InvalidInput(f"input {name!r}: BYTES data holds {type(item).__name__}; expected strings")
+            raise InvalidInput(f"input {name!r}: BYTES data holds {_describe(item)}; expected strings")
     return out
 
 
@@ -227,10 +227,13 @@ def from_values(values: Any, *, name: str, datatype: str, shape: list[int]) -> n
     if _nesting(values) > MAX_NESTING:
         raise InvalidInput(_too_deep(name))
     try:
-        arr = np.asarray(values, dtype=dtype)
+        # NOTE: numpy infers the element kind first; a cast straight to `dtype` would take "1" or null for FP32
+        # (1.0, NaN), 1.5 for INT32 (1) and "false" or 2 for BOOL (True) without a word.
+        probe = np.asarray(values)
     except (ValueError, TypeError, OverflowError):
         raise InvalidInput(f"input {name!r}: 'data' is not a list of {datatype} values with a regular shape") from None
-    _check_count(arr.size, shape, name=name, what="'data'")
+    _check_count(probe.size, shape, name=name, what="'data'")
+    arr = _typed(probe, values, name=name, datatype=datatype, dtype=dtype)
     if arr.dtype.kind == "f" and arr.dtype != np.float64 and not np.isfinite(arr).all():
         _check_no_overflow(values, arr, name=name, datatype=datatype)
     return arr.reshape(shape)
@@ -245,3 +248,75 @@ def _check_no_overflow(values: Any, arr: np.ndarray, *, name: str, datatype: str
         i = int(over[0])
         raise InvalidInput(f"input {name!r}: value {wide[i]:g} at element {i} is outside the range of {datatype} "
                            f"(largest finite value {float(np.finfo(arr.dtype).max):g})")
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, str):
+        return f"the string {value!r:.40}"
+    return f"{value!r:.40}"
+
+
+def _flat_items(values: Any) -> Any:
+    """Elements of nested lists in C order (only on the error path: the fast path never walks them)."""
+    stack = [iter(values)]
+    while stack:
+        item = next(stack[-1], StopIteration)
+        if item is StopIteration:
+            stack.pop()
+        elif isinstance(item, (list, tuple)):
+            stack.append(iter(item))
+        else:
+            yield item
+
+
+def _refuse(values: Any, *, name: str, datatype: str, expected: str, ok: Callable[[Any], bool]) -> InvalidInput:
+    index, bad = next(((i, v) for i, v in enumerate(_flat_items(values)) if not ok(v)), (0, values))
+    return InvalidInput(f"input {name!r}: 'data' for {datatype} must hold {expected}; element {index} is "
+                        f"{_describe(bad)}")
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_integer(v: Any) -> bool:
+    return (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, float) and v.is_integer())
+
+
+def _typed(probe: np.ndarray, values: Any, *, name: str, datatype: str, dtype: np.dtype) -> np.ndarray:
+    """`probe` (numpy's own reading of the values) as `dtype`, refusing any element that would change on the way:
+    BOOL takes only true/false, integers only integral numbers within range, floats only numbers."""
+    kind = probe.dtype.kind
+    if probe.size == 0:
+        return probe.astype(dtype)
+    if dtype.kind == "b":
+        if kind != "b":
+            raise _refuse(values, name=name, datatype=datatype, expected="true or false",
+                          ok=lambda v: isinstance(v, bool))
+        return probe
+    if dtype.kind == "f":
+        if kind not in "iuf":
+            if kind != "O" or not all(_is_number(v) for v in _flat_items(values)):
+                raise _refuse(values, name=name, datatype=datatype, expected="numbers", ok=_is_number)
+            probe = np.asarray(values, dtype=np.float64)
+        with np.errstate(over="ignore"):  # a value past FP16/FP32's range is refused by the caller, saying which
+            return probe.astype(dtype)
+    if kind not in "iu":
+        if kind not in "fO" or not all(_is_number(v) and _is_integer(v) for v in _flat_items(values)):
+            raise _refuse(values, name=name, datatype=datatype, expected="integers",
+                          ok=lambda v: _is_number(v) and _is_integer(v))
+        probe = np.asarray([int(v) for v in _flat_items(values)], dtype=object).reshape(probe.shape)
+    if probe.dtype == dtype:  # numpy read them as this very type (INT64, or UINT64 past INT64's range)
+        return probe
+    info = np.iinfo(dtype)
+    low, high = probe.min(), probe.max()
+    if low < info.min or high > info.max:
+        bad = low if low < info.min else high
+        index = int(np.flatnonzero(probe.reshape(-1) == bad)[0])
+        raise InvalidInput(f"input {name!r}: value {int(bad)} at element {index} is outside the range of {datatype} "
+                           f"({info.min} to {info.max})")
+    return probe.astype(dtype)

@@ -305,7 +305,7 @@ class ModelVersion:
         try:
             arrays = self.pool.run(feeds, names)
         except Exception as exc:
-            raise classify_run_error(exc, model=self.name) from None
+            raise classify_run_error(exc, model=self.name, feeds=feeds) from None
         t1 = time.perf_counter_ns()
         outputs = dict(zip(names, arrays))
         for t in self.spec.outputs:  # and the graph's shape -> served dims

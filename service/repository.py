@@ -267,11 +267,11 @@ class ModelRepository:
                         f"Request for unknown model: {name!r} version {version} is not found; loaded versions "
                         f"are {sorted(entry.versions, key=int)}"
                     )
-                raise ModelNotReady(f"model {name!r} is not ready ({entry.state}: {entry.reason or 'loading'})")
+                raise ModelNotReady(_not_ready(name, entry))
             return _serving(mv)
         mv = entry.latest()
         if mv is None:
-            raise ModelNotReady(f"model {name!r} is not ready ({entry.state}: {entry.reason or 'loading'})")
+            raise ModelNotReady(_not_ready(name, entry))
         return _serving(mv)
 
     def index(self, *, ready_only: bool = False) -> list[dict]:
@@ -355,3 +355,8 @@ def _serving(mv: ModelVersion) -> ModelVersion:
     if why is not None:
         raise ModelNotReady(f"ensemble {mv.name!r} is not ready: {why}")
     return mv
+
+
+def _not_ready(name: str, entry: ModelEntry) -> str:
+    # An entry's reason is empty while it loads or unloads: say which ("UNLOADING: loading" before).
+    return f"model {name!r} is not ready ({entry.state}: {entry.reason or entry.state.lower()})"

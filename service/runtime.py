@@ -37,10 +37,22 @@ def _status_message(text: str) -> str:
     return " ".join(cause.split())[:200]
 
 
-def classify_run_error(exc: Exception, *, model: str) -> ServingError:
+_ORT_ERRORS = (_ORT_INVALID_ARGUMENT, _ORT_FAIL, ort.capi.onnxruntime_pybind11_state.RuntimeException)
+
+
+def classify_run_error(exc: Exception, *, model: str, feeds: dict[str, np.ndarray] | None = None) -> ServingError:
     """An error from session.run as what the client sees: 400 where the input's values caused it (checked
-    conservatively on ORT's exception type and message), else 500 without ORT's internals."""
+    conservatively on ORT's exception type and message, or an empty input in `feeds`), else 500 without ORT's
+    internals."""
     text = str(exc)
+    empty = next((name for name, arr in (feeds or {}).items() if arr.size == 0), None)
+    if empty is not None and isinstance(exc, _ORT_ERRORS):
+        # A graph that runs on other inputs fails on this one only for its empty dimension (ArgMax, Reshape, ...
+        # over 0 elements; ORT's message is often empty): the client's input, not the server, is the cause.
+        cause = _status_message(text)
+        return InvalidInput(f"model {model!r}: the model cannot run on an empty input: input {empty!r} has shape "
+                            f"{list((feeds or {})[empty].shape)}; expected at least one element in every "
+                            f"dimension{f' ({cause})' if cause else ''}")
     index = _INDEX.search(text)
     if isinstance(exc, (_ORT_INVALID_ARGUMENT, _ORT_FAIL)) and index is not None:
         got, low, high = index.groups()

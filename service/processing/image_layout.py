@@ -311,9 +311,12 @@ def _layout(ink: np.ndarray, inverted: np.ndarray) -> tuple[np.ndarray, np.ndarr
     rows = np.flatnonzero(found)
     digits = _digits(ink, boxes, rows)
     grid = np.arange(BOX, dtype=np.float64)
+    # NOTE: a sliver of ink (a 13x1 image) can vanish in the 20x20 resize: no mass, no centre (NaN would make an
+    # empty slice below, a 500). Such a digit stays centred, all zeros.
     total = digits.sum(axis=(1, 2), dtype=np.float64)
-    cy = (digits.sum(axis=2, dtype=np.float64) @ grid) / total
-    cx = (digits.sum(axis=1, dtype=np.float64) @ grid) / total
+    mass = np.where(total > 0, total, 1.0)
+    cy = np.where(total > 0, (digits.sum(axis=2, dtype=np.float64) @ grid) / mass, (BOX - 1) / 2)
+    cx = np.where(total > 0, (digits.sum(axis=1, dtype=np.float64) @ grid) / mass, (BOX - 1) / 2)
     # Shift so the centre of mass lands on the frame's centre, keeping the 20x20 box inside the frame.
     y0 = np.clip(np.rint(SIDE / 2 - 0.5 - cy), 0, SIDE - BOX).astype(int).tolist()
     x0 = np.clip(np.rint(SIDE / 2 - 0.5 - cx), 0, SIDE - BOX).astype(int).tolist()
