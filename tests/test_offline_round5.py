@@ -14,6 +14,7 @@ from service.offline.cli import main
 from service.offline.engine import run_prepared
 from service.processing.base import top_k
 from service.processing.image import ImageColumns, ImageProcessor, PreparedImage
+from service.processing.photo import _max3, widen_thin
 from tests.task_media import digit_file, held_out_digits
 
 
@@ -101,3 +102,25 @@ def test_cnn_png_job_writes_the_dict_paths_output(tiny_zoo, tmp_path, monkeypatc
     got = a.to_pylist()
     assert [r["id"] for r in got][4:6] == ["04.png", "04b.png"] and not got[5]["ok"]
     assert [r["result"]["preprocessing"]["inverted"] for r in got if r["ok"]] == [i % 2 == 1 for i in range(9)]
+
+
+@pytest.mark.parametrize("shape", [(32, 20, 20), (1, 20, 20), (5, 3, 4), (7, 1, 1)])
+def test_widening_max_is_the_sliding_windows_max_bit_for_bit(shape):
+    digits = np.random.default_rng(4).random(shape, dtype=np.float32)
+    digits[digits < 0.7] = 0.0
+    digits[0, 0, 0] = 1.0  # a maximum on the border
+    padded = np.pad(digits, ((0, 0), (1, 1), (1, 1)))
+    window = np.lib.stride_tricks.sliding_window_view(padded, (3, 3), axis=(1, 2)).max(axis=(-2, -1))
+    got = _max3(digits)
+    assert got.dtype == window.dtype and np.array_equal(got, window)
+
+
+def test_thin_strokes_are_widened_as_before():
+    digits = np.zeros((3, 20, 20), np.float32)
+    digits[0, 2:18, 9] = 1.0  # a one-pixel stroke, 16 tall: 3 x 18 = 54 after one widening, 5 x 20 after two
+    digits[1, 2:18, 5:10] = 0.9  # 80 pixels: not thin
+    digits[2, 4:16, 8:11] = 0.6  # 36 pixels: widened once (5 x 14 = 70)
+    widened = widen_thin(digits)
+    assert np.count_nonzero(widened[0] > 0.5) == 5 * 20
+    assert np.array_equal(widened[1], digits[1])
+    assert np.count_nonzero(widened[2] > 0.5) == 5 * 14
