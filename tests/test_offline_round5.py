@@ -4,6 +4,8 @@ order, bad rows included."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -124,3 +126,31 @@ def test_thin_strokes_are_widened_as_before():
     assert np.count_nonzero(widened[0] > 0.5) == 5 * 20
     assert np.array_equal(widened[1], digits[1])
     assert np.count_nonzero(widened[2] > 0.5) == 5 * 14
+
+
+def test_npy_window_laid_out_in_chunks_gives_each_batchs_rows(tiny_zoo, tmp_path, monkeypatch):
+    rows = np.random.default_rng(5).random((45, 28, 28), dtype=np.float32)
+    rows[2, 0, 0] = np.inf  # in the first batch, laid out alone
+    rows[21, 5, 5] = np.nan  # in a later chunk
+    np.save(tmp_path / "x.npy", rows)
+    calls = []
+    real = engine.prepare_images
+
+    def counted(gray, *, rows):
+        calls.append(len(gray))
+        return real(gray, rows=rows)
+
+    monkeypatch.setattr(engine, "prepare_images", counted)
+    args = ["--model", "cnn", "--input", str(tmp_path / "x.npy"), "--model-repository", str(tiny_zoo),
+            "--batch-size", "4", "--part-rows", "40"]
+    monkeypatch.setattr(engine, "LAYOUT_ROWS", 1)  # one model batch at a time, as before chunks
+    assert main([*args, "--output", str(tmp_path / "batches.jsonl")]) == 0
+    assert calls == [4] * 10 + [4, 1]
+    calls.clear()
+    monkeypatch.setattr(engine, "LAYOUT_ROWS", 14)  # chunks of 12 rows after the first batch
+    assert main([*args, "--output", str(tmp_path / "chunks.jsonl")]) == 0
+    assert calls == [4, 12, 12, 12, 4, 1]  # window 1: the first batch, then chunks of 12; window 2: 4 + 1
+    assert (tmp_path / "chunks.jsonl").read_bytes() == (tmp_path / "batches.jsonl").read_bytes()
+    got = [json.loads(line) for line in (tmp_path / "chunks.jsonl").read_text().splitlines()]
+    assert [r["row"] for r in got] == list(range(45))
+    assert [r["row"] for r in got if not r["ok"]] == [2, 21]
