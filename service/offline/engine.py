@@ -13,6 +13,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import onnxruntime as ort
@@ -147,8 +148,28 @@ def run_segment(model: LoadedModel, items: list, ready: list[Ready], *, params: 
     return ColumnSegment(items, [error for _, error in ready], results)
 
 
-# A window in flight: its items and, per model batch, the future of its prepared rows (None: prepare inline).
-Pending = tuple[list | UserBlock | ImageBlock, list[tuple[list, Future[list[Ready]] | None]]]
+# Rows of a `.npy` window laid out at once (see LocalEngine._lay_out).
+LAYOUT_ROWS = 256
+
+
+class Waiting(Protocol):
+    def result(self) -> list[Ready]: ...
+
+
+@dataclass
+class RowsOf:
+    """Rows [start, stop) of a future's prepared rows: a model batch of a chunk laid out at once."""
+
+    chunk: Future[list[Ready]]
+    start: int
+    stop: int
+
+    def result(self) -> list[Ready]:
+        return self.chunk.result()[self.start:self.stop]
+
+
+# A window in flight: its items and, per model batch, its prepared rows to wait for (None: prepare inline).
+Pending = tuple[list | UserBlock | ImageBlock, list[tuple[list, Waiting | None]]]
 
 
 class LocalEngine:
@@ -231,17 +252,23 @@ class LocalEngine:
             return window, [(batch, None) for batch in batches]
         return window, [(batch, self.decoder.submit(self.model.processor, batch)) for batch in batches]
 
-    def _lay_out(self, block: ImageBlock) -> list[tuple[list, Future[list[Ready]] | None]]:
-        """Each model batch of the block laid out in a thread, in order: a batch's layout (numpy, mostly without
-        the GIL) overlaps the model's run of the batch before it."""
+    def _lay_out(self, block: ImageBlock) -> list[tuple[list, Waiting | None]]:
+        """The block laid out in a thread, in order, ahead of the model: the first model batch alone (the model
+        starts at once), then chunks of about LAYOUT_ROWS rows, each model batch taking its rows of its chunk.
+
+        NOTE: the layout is per image, so a chunk gives each row the bits a batch alone gives; its ~100 numpy
+        calls cost the same per call whatever the rows, so 256 rows at once cost ~25 % less CPU per row than 32.
+        """
         if self.ahead is None:
             self.ahead = ThreadPoolExecutor(1, thread_name_prefix="layout")
-        ahead = self.ahead
-        batches: list[tuple[list, Future[list[Ready]] | None]] = []
-        for s in range(0, len(block), self.batch_size):
-            items = block.items[s:s + self.batch_size]
-            batches.append((items, ahead.submit(prepare_images, block.gray[s:s + self.batch_size],
-                                                rows=[item.row for item in items])))
+        ahead, size = self.ahead, self.batch_size
+        chunk = max(size, LAYOUT_ROWS // size * size)
+        batches: list[tuple[list, Waiting | None]] = []
+        starts = [0, *range(size, len(block), chunk)] if len(block) > size else [0]
+        for lo, hi in zip(starts, [*starts[1:], len(block)]):
+            items = block.items[lo:hi]
+            laid = ahead.submit(prepare_images, block.gray[lo:hi], rows=[item.row for item in items])
+            batches += [(items[s:s + size], RowsOf(laid, s, s + size)) for s in range(0, hi - lo, size)]
         return batches
 
     def _finish(self, pending: Pending) -> Rows:

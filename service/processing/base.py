@@ -112,6 +112,32 @@ def top_k_rows(probs: np.ndarray, *, labels: list[str] | None, k: int) -> list[l
             for r in range(rows)]
 
 
+def class_names(labels: list[str] | None, classes: int) -> list[str]:
+    """Each class index's label, as `top_k` names it (the index itself past the labels' end)."""
+    return [labels[i] if labels and i < len(labels) else str(i) for i in range(classes)]
+
+
+def top_k_columns(probs: np.ndarray, *, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """`top_k` of every row of a [rows, classes] array as two [rows, k] columns: class indices (int64, best first,
+    ties by the lower index: `top_k`'s stable sort of each row) and their values (float64, the same floats)."""
+    k = max(1, min(int(k), probs.shape[1]))
+    best = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    return best.astype(np.int64), np.take_along_axis(probs, best, axis=1).astype(np.float64)
+
+
+def predictions_arrow(names: list[str], index: np.ndarray, probability: np.ndarray) -> Any:
+    """[rows, k] top-k columns as the Arrow list column Arrow infers from `top_k`'s dicts ({label, index,
+    probability} structs), without a dict per row."""
+    # NOTE: pyarrow is the optional `parquet` extra; only the batch Parquet writer calls this.
+    import pyarrow as pa
+
+    rows, k = index.shape
+    flat = pa.array(index.ravel())
+    picks = pa.StructArray.from_arrays([pa.array(names, pa.string()).take(flat), flat,
+                                        pa.array(probability.ravel())], names=["label", "index", "probability"])
+    return pa.ListArray.from_arrays(pa.array(np.arange(0, rows * k + 1, k, dtype=np.int32)), picks)
+
+
 def parse_k(value: object, *, default: int, limit: int) -> int:
     if value is None:
         return default

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from service.errors import InvalidInput, PayloadTooLarge
-from service.processing.base import Limits, parse_k, setting, top_k_rows
+from service.processing.base import Limits, class_names, parse_k, predictions_arrow, setting, top_k_columns
 from service.processing.image_layout import (
     LEVELS,
     clean_ink,
@@ -37,7 +37,7 @@ from service.processing.photo import ACCEPTS, REDUCE_ABOVE, check_pixels, draft_
 from service.processing.png_levels import declared_size, png_levels
 
 # The layout's names, for callers that knew them here before it had its own module.
-__all__ = ["LEVELS", "ImageProcessor", "PreparedImage", "clean_ink", "clean_ink_levels", "finite_rows", "gray_levels",
+__all__ = ["LEVELS", "ImageColumns", "ImageProcessor", "PreparedImage", "clean_ink", "clean_ink_levels", "finite_rows", "gray_levels",
            "layout", "layout_batch", "layout_levels", "non_finite", "quantile_of_levels", "to_gray"]
 
 
@@ -175,9 +175,62 @@ class ImageProcessor:
 
     def postprocess(self, outputs: dict[str, np.ndarray], prepared: list[PreparedImage], *,
                     params: dict) -> list[dict]:
+        return self.postprocess_columns(outputs, prepared, params=params).rows()
+
+    def postprocess_columns(self, outputs: dict[str, np.ndarray], prepared: list[PreparedImage], *,
+                            params: dict) -> ImageColumns:
+        """`postprocess`'s results as columns (batch jobs write them to Parquet without a dict per row)."""
         k = parse_k(params.get("k"), default=3, limit=len(self.labels or []) or 1000)
-        probs = outputs[self.output_name]
-        best = top_k_rows(probs[:len(prepared)], labels=self.labels, k=k)
-        return [{"predictions": best[i],
-                 "preprocessing": {"original_size": list(p.original_size), "inverted": p.inverted}}
-                for i, p in enumerate(prepared)]
+        probs = outputs[self.output_name][:len(prepared)]
+        index, probability = top_k_columns(probs, k=k)
+        return ImageColumns(names=class_names(self.labels, probs.shape[1]), index=index, probability=probability,
+                            original_size=[p.original_size for p in prepared],
+                            inverted=[p.inverted for p in prepared])
+
+
+@dataclass
+class ImageColumns:
+    """A batch's image results as columns: each row's k best classes, best first, and its preprocessing facts."""
+
+    names: list[str]  # label of each class index
+    index: np.ndarray  # [rows, k] int64
+    probability: np.ndarray  # [rows, k] float64 (the model's float32 values, exactly)
+    original_size: list[tuple[int, int]]  # (width, height)
+    inverted: list[bool]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @classmethod
+    def concat(cls, parts: list[ImageColumns]) -> ImageColumns | None:
+        """The parts' rows one after another, or None when they differ in labels or k (they cannot share columns)."""
+        first = parts[0]
+        if any(p.names != first.names or p.index.shape[1] != first.index.shape[1] for p in parts):
+            return None
+        return cls(names=first.names, index=np.concatenate([p.index for p in parts]),
+                   probability=np.concatenate([p.probability for p in parts]),
+                   original_size=[s for p in parts for s in p.original_size],
+                   inverted=[v for p in parts for v in p.inverted])
+
+    def rows(self) -> list[dict]:
+        """One dict per row, as the task endpoint returns it."""
+        names, results = self.names, []
+        for idx, probs, size, inverted in zip(self.index.tolist(), self.probability.tolist(), self.original_size,
+                                              self.inverted):
+            results.append({"predictions": [{"label": names[i], "index": i, "probability": v}
+                                            for i, v in zip(idx, probs)],
+                            "preprocessing": {"original_size": list(size), "inverted": inverted}})
+        return results
+
+    def arrow(self) -> Any:
+        """The same values as one Arrow struct array, typed as Arrow infers `rows()`, without a dict per row."""
+        # NOTE: pyarrow is the optional `parquet` extra; only the batch Parquet writer calls this.
+        import pyarrow as pa
+
+        sizes = np.asarray(self.original_size, np.int64).reshape(-1)
+        original = pa.ListArray.from_arrays(pa.array(np.arange(0, len(sizes) + 1, 2, dtype=np.int32)),
+                                            pa.array(sizes))
+        preprocessing = pa.StructArray.from_arrays([original, pa.array(self.inverted, pa.bool_())],
+                                                   names=["original_size", "inverted"])
+        return pa.StructArray.from_arrays([predictions_arrow(self.names, self.index, self.probability),
+                                           preprocessing], names=["predictions", "preprocessing"])

@@ -144,6 +144,18 @@ def widen_thin(digits: np.ndarray) -> np.ndarray:
         if not thin.any():
             break
         digits = digits.copy()
-        padded = np.pad(digits[thin], ((0, 0), (1, 1), (1, 1)))
-        digits[thin] = np.lib.stride_tricks.sliding_window_view(padded, (3, 3), axis=(1, 2)).max(axis=(-2, -1))
+        digits[thin] = _max3(digits[thin])
     return digits
+
+
+def _max3(images: np.ndarray) -> np.ndarray:
+    """3x3 max of [N, H, W] images in [0, 1] with a zero border (as a zero-padded sliding window's max).
+
+    NOTE: as a row max then a column max of shifted slices: a maximum is exact, so this is the 3x3 window's max
+    bit for bit, at a fraction of the cost of reducing a sliding_window_view over its two small axes.
+    """
+    n, height, width = images.shape
+    padded = np.zeros((n, height + 2, width + 2), images.dtype)
+    padded[:, 1:-1, 1:-1] = images
+    rows = np.maximum(np.maximum(padded[:, :, :-2], padded[:, :, 1:-1]), padded[:, :, 2:])
+    return np.maximum(np.maximum(rows[:, :-2], rows[:, 1:-1]), rows[:, 2:])
