@@ -218,7 +218,7 @@ def test_image_check_gives_an_object_storage_pod_its_secret_and_cache_volume(hel
 
 def test_sigterm_ends_open_grpc_streams_once_they_answered_every_request_they_took(tmp_path):
     repo = slow_repo(tmp_path / "models")
-    grpc_port, n = free_port(), 24
+    grpc_port, n = free_port(), 48  # enough that the queue cannot drain before SIGTERM on a loaded machine
     xs = np.linspace(0.9, 1.0, n, dtype=np.float32)
     answers: dict[str, float] = {}
     ended: list[InferenceServerException] = []
