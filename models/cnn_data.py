@@ -133,12 +133,25 @@ def load_folder(root: Path) -> ImageData:
                      [p.name for p in class_dirs], f"image folder {root}")
 
 
+def stroke_width(images: torch.Tensor, *, generator: torch.Generator, amount: float) -> torch.Tensor:
+    """Thicker or thinner pen strokes: each image blended towards its 3x3 grey-level dilation or erosion by a
+    random weight in [-amount, amount] (positive thickens), so widths change by fractions of a pixel too."""
+    weight = ((torch.rand(images.shape[0], generator=generator) * 2 - 1) * amount).view(-1, 1, 1, 1)
+    dilated = F.max_pool2d(images, 3, stride=1, padding=1)
+    eroded = -F.max_pool2d(-images, 3, stride=1, padding=1)
+    target = torch.where(weight > 0, dilated, eroded)
+    return images + weight.abs() * (target - images)
+
+
 def augment(images: torch.Tensor, *, generator: torch.Generator, max_shift: float = 2.0,
-            max_degrees: float = 10.0, scale_range: float = 0.1) -> torch.Tensor:
-    """Random shift (pixels), rotation (degrees) and scaling, one affine warp per image.
+            max_degrees: float = 10.0, scale_range: float = 0.1, stroke: float = 0.0) -> torch.Tensor:
+    """Random stroke width (`stroke_width`, when `stroke` > 0), then shift (pixels), rotation (degrees) and
+    scaling, one affine warp per image.
 
     NOTE: written with affine_grid/grid_sample because torchvision is not a dependency.
     """
+    if stroke > 0:
+        images = stroke_width(images, generator=generator, amount=stroke)
     n = images.shape[0]
     rand = torch.rand(n, 4, generator=generator) * 2 - 1
     angle = rand[:, 0] * max_degrees * torch.pi / 180

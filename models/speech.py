@@ -162,6 +162,17 @@ def evaluate(model: nn.Module, clips: np.ndarray, labels: np.ndarray) -> tuple[d
     return metrics, per_class
 
 
+NON_SPEECH_CLIPS = 400  # held-out transient clips (models.speech_data.non_speech_set) the card reports on
+
+
+def evaluate_non_speech(model: nn.Module, corpus: sd.Corpus, *, seed: int) -> dict[str, float]:
+    """How often clips of short non-speech sounds (held-out noise bank) are answered with no keyword."""
+    clips = sd.non_speech_set(np.random.default_rng(seed + 20_011), noise=corpus.test_noise, count=NON_SPEECH_CLIPS)
+    pred = predict(model, clips).argmax(axis=1)
+    return {"non_speech_no_keyword": float((pred < sd.LABELS.index(sd.KEYWORDS[0])).mean()),
+            "non_speech_clips": float(len(clips))}
+
+
 def load_corpus(data: str, *, profile: str, seed: int, cache_dir: Path) -> tuple[sd.Corpus, sd.Augment]:
     """``synth`` or ``speech_commands:PATH`` -> utterances plus the augmentation that suits them."""
     if data == "synth":
@@ -196,6 +207,7 @@ def build(*, profile: str, repo_dir: Path, seed: int = 0, work_dir: Path | None 
     with torch_threads(hyper.threads):
         train(model, corpus, hyper=hyper, aug=aug, seed=seed)
         metrics, per_class = evaluate(model, test_clips, test_labels)
+        metrics |= evaluate_non_speech(model, corpus, seed=seed)
     if work_dir:
         Path(work_dir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
