@@ -1,7 +1,7 @@
 """Round 5: right answers from retraining, checked through real parts on the tiny zoo.
 
-The cnn trains with wider rotations (+-20 deg) and stroke-width changes, its held-out digits still scored as they
-are; the speech model trains on short non-speech sounds (noise bursts, clicks, beeps) as `_silence_`, and the
+The cnn trains with wider rotations (+-20 deg, most small) and half its digits re-cut at a random ink level (thicker
+and thinner pens), its held-out digits still scored as they are; the speech model trains on short non-speech sounds (noise bursts, clicks, beeps) as `_silence_`, and the
 server, `modelserve predict` and the edge runner give the same answer for them (the model decides; there is one
 preprocessing, service/processing/speech.py). docs/RELIABILITY.md "Answers, round 5" has the default zoo's figures.
 """
@@ -21,7 +21,7 @@ import torch
 
 from export import edge
 from models import speech_data as sd
-from models.cnn_data import augment, stroke_width
+from models.cnn_data import augment, recut
 from service.offline import cli as offline_cli
 from tests.inprocess import inprocess_server
 from tests.task_media import held_out_digits, wav_bytes
@@ -33,15 +33,15 @@ def _card(zoo, name: str) -> dict:
     return json.loads((zoo / name / "metrics.json").read_text())
 
 
-def test_stroke_width_thickens_and_thins_by_its_weight():
-    _, _, laid = held_out_digits(64)
+def test_recut_thickens_and_thins_a_share_of_the_digits():
+    _, _, laid = held_out_digits(200)
     images = torch.from_numpy(laid)
-    ink = images.sum(dim=(1, 2, 3))
-    changed = stroke_width(images, generator=torch.Generator().manual_seed(0), amount=0.5)
-    delta = changed.sum(dim=(1, 2, 3)) - ink
+    changed = recut(images, generator=torch.Generator().manual_seed(0), share=0.5)
+    touched = (changed != images).flatten(1).any(1)
+    assert 60 < int(touched.sum()) < 140  # about half the digits, the rest as they are
+    delta = (changed - images).sum(dim=(1, 2, 3))[touched]
     assert (delta > 0).any() and (delta < 0).any()  # both thicker and thinner pens
-    full = torch.nn.functional.max_pool2d(images, 3, stride=1, padding=1).sum(dim=(1, 2, 3)) - ink
-    assert (delta <= 0.5 * full + 1e-3).all()  # never more than half the full 3x3 dilation
+    assert float(changed.min()) >= 0.0 and float(changed.max()) <= 1.0
     same = augment(images, generator=torch.Generator().manual_seed(0), max_shift=0, max_degrees=0, scale_range=0)
     torch.testing.assert_close(same, images, atol=1e-5, rtol=0)  # the identity warp leaves digits as they are
 
@@ -49,8 +49,8 @@ def test_stroke_width_thickens_and_thins_by_its_weight():
 def test_cnn_card_records_its_augmentation_and_scores_unaugmented_digits(tiny_zoo):
     card = _card(tiny_zoo, "cnn")
     aug = card["training"]["augmentation"]
-    assert aug["max_degrees"] >= 20 and aug["stroke"] > 0
-    assert f"rotations (+-{aug['max_degrees']:g} deg)" in (tiny_zoo / "cnn" / "MODEL_CARD.md").read_text()
+    assert aug["max_degrees"] >= 20 and aug["recut_share"] > 0
+    assert f"rotations (+-{aug['max_degrees']:g} deg" in (tiny_zoo / "cnn" / "MODEL_CARD.md").read_text()
     _, truth, laid = held_out_digits(360)  # the family's held-out split, laid out as in training, not augmented
     session = ort.InferenceSession(str(tiny_zoo / "cnn" / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
     probs = session.run(None, {"image": laid})[0]
