@@ -1,12 +1,13 @@
 """Accuracy of the default zoo's cnn on realistic digit photos, per condition, through a real server.
 
     python -m loadtests.answer_audit --zoo /tmp/defzoo3 [--per-condition 60] [--code-root OTHER_CHECKOUT]
+                                     [--before-zoo OTHER_ZOO]
 
 Starts `modelserve serve` on a copy of the zoo's cnn (loopback port), sends the held-out digits as the
 training-layout tensor over V2 (the model's own held-out accuracy, through the server) and as photos
 (tests/digit_photos.py: one condition at a time) to /v1/models/cnn/predict, and prints top-1 accuracy per
 condition. With --code-root, the same photos also go to a server run from another checkout (e.g. the commit
-before a fix), side by side.
+before a fix), side by side; with --before-zoo, another zoo's cnn (e.g. before retraining) is served beside it.
 """
 
 from __future__ import annotations
@@ -55,15 +56,19 @@ def _v2_accuracy(client: httpx.Client, laid: np.ndarray, truth: np.ndarray) -> f
     return correct / len(laid)
 
 
-def serve_side_by_side(stack: ExitStack, *, zoo: Path, model: str, code_root: Path | None) -> dict[str, httpx.Client]:
-    """A client per server ("now": this checkout, "before": `code_root` if given), each serving a temporary copy
-    of the zoo's `model`; all stopped when `stack` closes."""
-    repo = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "repo"
-    shutil.copytree(zoo / model, repo / model)
-    roots = {"now": REPO_ROOT, **({"before": code_root.resolve()} if code_root else {})}
+def serve_side_by_side(stack: ExitStack, *, zoo: Path, model: str, code_root: Path | None,
+                       before_zoo: Path | None = None) -> dict[str, httpx.Client]:
+    """A client per server ("now": this checkout on `zoo`; "before": `code_root`'s server and/or `before_zoo`'s
+    model, if given), each serving a temporary copy of its zoo's `model`; all stopped when `stack` closes."""
+    tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+    sides = {"now": (zoo, REPO_ROOT)}
+    if code_root or before_zoo:
+        sides["before"] = (before_zoo or zoo, (code_root or REPO_ROOT).resolve())
     clients = {}
-    for name, root in roots.items():
-        proc = stack.enter_context(serve(repo, log_path=repo.parent / f"{name}.log", code_root=root))
+    for name, (side_zoo, root) in sides.items():
+        repo = tmp / name / "repo"
+        shutil.copytree(side_zoo / model, repo / model)
+        proc = stack.enter_context(serve(repo, log_path=tmp / f"{name}.log", code_root=root))
         clients[name] = stack.enter_context(httpx.Client(base_url=f"http://{proc.url}", timeout=300))
     return clients
 
@@ -73,12 +78,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--zoo", type=Path, default=Path("/tmp/defzoo3"))
     parser.add_argument("--per-condition", type=int, default=60, help="held-out digits per condition (max 360)")
     parser.add_argument("--code-root", type=Path, help="another checkout to compare against (its server)")
+    parser.add_argument("--before-zoo", type=Path, help="another zoo whose cnn to compare against (e.g. before retraining)")
     parser.add_argument("--only", nargs="*", default=[], help="conditions whose name contains one of these")
     args = parser.parse_args(argv)
     images8, truth, laid = held_out_digits(360)
     pick = np.linspace(0, 359, args.per_condition).astype(int)
     with ExitStack() as stack:
-        clients = serve_side_by_side(stack, zoo=args.zoo, model="cnn", code_root=args.code_root)
+        clients = serve_side_by_side(stack, zoo=args.zoo, model="cnn", code_root=args.code_root,
+                                     before_zoo=args.before_zoo)
         print(f"load average {os.getloadavg()}; {len(pick)} held-out digits per condition")
         for name, client in clients.items():
             print(f"[{name}] training layout over V2: {_v2_accuracy(client, laid[pick], truth[pick]):.3f}")

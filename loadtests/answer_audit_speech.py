@@ -1,6 +1,6 @@
 """Keyword spotting on the WAV variants users have, through a real server, against the 16 kHz mono answer.
 
-    python -m loadtests.answer_audit_speech --zoo /tmp/defzoo3 [--code-root OTHER_CHECKOUT]
+    python -m loadtests.answer_audit_speech --zoo /tmp/defzoo3 [--code-root OTHER_CHECKOUT] [--before-zoo OTHER_ZOO]
 
 The held-out voices (models/speech_data.py TEST_VARIANTS, never trained on) say each keyword; each clip is
 written as a WAV in one variant (format, rate, channels, length, DC offset, clipping) and sent to
@@ -71,8 +71,29 @@ VARIANTS: dict[str, Callable[[np.ndarray], bytes]] = {
     "quiet (x0.05 gain)": lambda w: wav(w * np.float32(0.05)),
     "30 s clip, word at 12 s": lambda w: wav(_long(w)),
 }
-ODD = {"silence 1 s": wav(np.zeros(16000, np.float32)), "60 ms of noise": wav(
-    np.random.default_rng(1).normal(0, 0.1, 960).astype(np.float32))}
+_RNG = np.random.default_rng(1)
+ODD = {
+    "silence 1 s": wav(np.zeros(16000, np.float32)),
+    "60 ms of noise": wav(_RNG.normal(0, 0.1, 960).astype(np.float32)),
+    "one sample": wav(np.full(1, 0.5, np.float32)),
+    "10 ms of noise": wav(_RNG.normal(0, 0.1, 160).astype(np.float32)),
+    "200 ms noise burst in 1 s": wav(np.pad(_RNG.normal(0, 0.1, 3200), (6400, 6400)).astype(np.float32)),
+    "click in 1 s": wav(np.pad(np.full(8, 0.9), (8000, 7992)).astype(np.float32)),
+    "100 ms beep (1 kHz)": wav((0.3 * np.sin(2 * np.pi * 1000 * np.arange(1600) / 16000)).astype(np.float32)),
+    "5 s of noise, no word": wav(_RNG.normal(0, 0.05, 80000).astype(np.float32)),
+}
+
+
+def bursts(count: int = 100) -> list[bytes]:
+    """Short noise bursts (5-500 ms, white, gated) at random places in a second of silence: no keyword in any."""
+    rng, out = np.random.default_rng(7), []
+    for _ in range(count):
+        length = int(np.exp(rng.uniform(np.log(80), np.log(8000))))
+        clip = np.zeros(16000, np.float32)
+        start = int(rng.integers(0, 16000 - length + 1))
+        clip[start:start + length] = rng.normal(0, np.exp(rng.uniform(np.log(0.005), np.log(0.3))), length)
+        out.append(wav(clip))
+    return out
 
 
 def _keywords(client: httpx.Client, files: list[bytes]) -> list[str]:
@@ -91,10 +112,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--zoo", type=Path, default=Path("/tmp/defzoo3"))
     parser.add_argument("--code-root", type=Path, help="another checkout to compare against (its server)")
+    parser.add_argument("--before-zoo", type=Path, help="another zoo whose speech model to compare against")
     args = parser.parse_args(argv)
     clips = held_out_clips()
     with ExitStack() as stack:
-        clients = serve_side_by_side(stack, zoo=args.zoo, model="speech", code_root=args.code_root)
+        clients = serve_side_by_side(stack, zoo=args.zoo, model="speech", code_root=args.code_root,
+                                     before_zoo=args.before_zoo)
         print(f"load average {os.getloadavg()}; {len(clips)} held-out clips ({len(TEST_VARIANTS)} unseen voices)")
         for variant, make in VARIANTS.items():
             files = [make(clip) for _, clip in clips]
@@ -104,6 +127,9 @@ def main(argv: list[str] | None = None) -> None:
                 errors = sorted({g for g in got if g.startswith("HTTP")})
                 row.append(f"{np.mean([g == w for g, (w, _) in zip(got, clips)]):.3f}" + (f" {errors[0]}" if errors else ""))
             print(f"{variant:34s} " + "  ".join(row), flush=True)
+        noise = bursts()
+        print(f"{'100 noise bursts: no keyword':34s} " + "  ".join(
+            f"{np.mean([g.startswith('_') for g in _keywords(c, noise)]):.3f}" for c in clients.values()))
         for name, data in ODD.items():
             print(f"{name:34s} " + "  ".join(_keywords(c, [data])[0] for c in clients.values()))
         print(f"load average {os.getloadavg()}")

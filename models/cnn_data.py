@@ -133,15 +133,30 @@ def load_folder(root: Path) -> ImageData:
                      [p.name for p in class_dirs], f"image folder {root}")
 
 
+def recut(images: torch.Tensor, *, generator: torch.Generator, share: float,
+          levels: tuple[float, float] = (0.2, 0.6), edge: float = 0.1) -> torch.Tensor:
+    """A random `share` of the images re-inked as a pen would draw them: the grey levels cut at a random level
+    (a low cut thickens, a high cut thins and drops faint strokes) with a soft `edge`, as photographed digits are."""
+    n = images.shape[0]
+    cut = (levels[0] + torch.rand(n, generator=generator) * (levels[1] - levels[0])).view(-1, 1, 1, 1)
+    pick = (torch.rand(n, generator=generator) < share).view(-1, 1, 1, 1)
+    return torch.where(pick, ((images - cut) / edge + 0.5).clamp(0.0, 1.0), images)
+
+
 def augment(images: torch.Tensor, *, generator: torch.Generator, max_shift: float = 2.0,
-            max_degrees: float = 10.0, scale_range: float = 0.1) -> torch.Tensor:
-    """Random shift (pixels), rotation (degrees) and scaling, one affine warp per image.
+            max_degrees: float = 10.0, scale_range: float = 0.1, recut_share: float = 0.0,
+            rotation_power: float = 1.0) -> torch.Tensor:
+    """A random pen cut (`recut`, when `recut_share` > 0), then shift (pixels), rotation (degrees; |angle| =
+    max_degrees * u**rotation_power, u uniform in [0, 1], so a power above 1 keeps most angles small) and
+    scaling, one affine warp per image.
 
     NOTE: written with affine_grid/grid_sample because torchvision is not a dependency.
     """
+    if recut_share > 0:
+        images = recut(images, generator=generator, share=recut_share)
     n = images.shape[0]
     rand = torch.rand(n, 4, generator=generator) * 2 - 1
-    angle = rand[:, 0] * max_degrees * torch.pi / 180
+    angle = rand[:, 0].sign() * rand[:, 0].abs() ** rotation_power * max_degrees * torch.pi / 180
     scale = 1 + rand[:, 1] * scale_range
     shift = rand[:, 2:] * max_shift * 2 / images.shape[-1]
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale

@@ -162,6 +162,27 @@ def evaluate(model: nn.Module, clips: np.ndarray, labels: np.ndarray) -> tuple[d
     return metrics, per_class
 
 
+NON_SPEECH_CLIPS = 400  # held-out transient clips (models.speech_data.non_speech_set) the card reports on
+
+
+def held_out(corpus: sd.Corpus, *, aug: sd.Augment, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The held-out clips and labels (held-out voices over the held-out noise bank), as every build scores them."""
+    return sd.compose(corpus.test, np.random.default_rng(seed + 10_007), noise=corpus.test_noise, aug=aug.for_test())
+
+
+def held_out_non_speech(corpus: sd.Corpus, *, seed: int) -> np.ndarray:
+    """Held-out clips of short non-speech sounds over the held-out noise bank (none should get a keyword)."""
+    return sd.non_speech_set(np.random.default_rng(seed + 20_011), noise=corpus.test_noise, count=NON_SPEECH_CLIPS)
+
+
+def evaluate_non_speech(model: nn.Module, corpus: sd.Corpus, *, seed: int) -> dict[str, float]:
+    """How often `held_out_non_speech` clips are answered with no keyword."""
+    clips = held_out_non_speech(corpus, seed=seed)
+    pred = predict(model, clips).argmax(axis=1)
+    return {"non_speech_no_keyword": float((pred < sd.LABELS.index(sd.KEYWORDS[0])).mean()),
+            "non_speech_clips": float(len(clips))}
+
+
 def load_corpus(data: str, *, profile: str, seed: int, cache_dir: Path) -> tuple[sd.Corpus, sd.Augment]:
     """``synth`` or ``speech_commands:PATH`` -> utterances plus the augmentation that suits them."""
     if data == "synth":
@@ -191,11 +212,11 @@ def build(*, profile: str, repo_dir: Path, seed: int = 0, work_dir: Path | None 
     cache_dir = Path(work_dir) / "speech-synth" if work_dir else default_cache_dir()
     corpus, aug = load_corpus(data, profile=profile, seed=seed, cache_dir=cache_dir)
     model = KeywordSpotter(channels=hyper.channels, blocks=hyper.blocks, dropout=hyper.dropout)
-    test_clips, test_labels = sd.compose(corpus.test, np.random.default_rng(seed + 10_007),
-                                         noise=corpus.test_noise, aug=aug.for_test())
+    test_clips, test_labels = held_out(corpus, aug=aug, seed=seed)
     with torch_threads(hyper.threads):
         train(model, corpus, hyper=hyper, aug=aug, seed=seed)
         metrics, per_class = evaluate(model, test_clips, test_labels)
+        metrics |= evaluate_non_speech(model, corpus, seed=seed)
     if work_dir:
         Path(work_dir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:

@@ -91,10 +91,15 @@ class Augment:
     # Speed perturbation shifts pitch and formants together, like a longer or shorter vocal tract:
     # it widens the range of "speakers" beyond the eSpeak variants. (1, 1) turns it off.
     speed: tuple[float, float] = (0.9, 1.1)
+    # Extra _silence_ clips, per silence clip, holding short non-speech sounds (noise bursts, clicks, beeps; see
+    # `transient_clip`): without them 60 ms of noise padded to a second was answered "up" (round 5).
+    transients: float = 1.0
+    transient_seconds: tuple[float, float] = (1 / SAMPLE_RATE, 0.8)
 
     def for_test(self) -> Augment:
-        """Test clips: same placement, gain and noise, but the recorded voice left as it is."""
-        return replace(self, speed=(1.0, 1.0))
+        """Test clips: same placement, gain and noise, but the recorded voice left as it is, and no transients
+        (the held-out set stays the one earlier models were measured on; `non_speech_set` measures them)."""
+        return replace(self, speed=(1.0, 1.0), transients=0.0)
 
 
 def _synth_jobs(cfg: SynthConfig, *, split: str, rng: np.random.Generator) -> list[tuple[str, str, int, int]]:
@@ -209,6 +214,46 @@ def silence_clip(rng: np.random.Generator, *, noise: list[np.ndarray], aug: Augm
     return np.clip(_noise_segment(noise, rng, length=CLIP_SAMPLES) * level, -1.0, 1.0)
 
 
+def _log_uniform(rng: np.random.Generator, low: float, high: float) -> float:
+    return float(np.exp(rng.uniform(np.log(low), np.log(high))))
+
+
+def _sound(rng: np.random.Generator, length: int) -> np.ndarray:
+    """One non-speech sound of `length` samples at unit peak: coloured noise, a beep or a click."""
+    kind = rng.random()
+    if kind < 0.6:
+        sound = (colored_noise(rng, samples=length, exponent=float(rng.uniform(0.0, 2.0))) if length >= 64
+                 else rng.standard_normal(length).astype(np.float32))
+        if rng.random() < 0.5:  # a soft onset and decay, as a rustle or a breath, rather than a gated burst
+            sound = sound * np.hanning(length + 2)[1:-1].astype(np.float32)
+    elif kind < 0.8:
+        freq = _log_uniform(rng, 100.0, 4000.0)
+        sound = np.sin(2 * np.pi * freq * np.arange(length) / SAMPLE_RATE + rng.uniform(0, 6.3)).astype(np.float32)
+    else:  # a click: a decaying impulse of up to 2 ms, whatever `length` was drawn
+        length = min(length, int(rng.integers(1, 33)))
+        sound = (np.exp(-np.arange(length) / max(1.0, length / 4)) * rng.choice([-1.0, 1.0])).astype(np.float32)
+    return sound / (float(np.abs(sound).max()) + 1e-12)
+
+
+def transient_clip(rng: np.random.Generator, *, noise: list[np.ndarray], aug: Augment) -> np.ndarray:
+    """A ``_silence_`` clip with no speech but one to three short sounds (1 sample to `aug.transient_seconds`
+    long, peak 0.003-0.9) in digital silence or quiet background noise: a tap, a click, a beep, a rustle."""
+    clip = np.zeros(CLIP_SAMPLES, dtype=np.float32)
+    if noise and rng.random() < 0.5:
+        clip += _noise_segment(noise, rng, length=CLIP_SAMPLES) * _log_uniform(rng, 1e-4, 3e-3)
+    low, high = (max(1, round(s * SAMPLE_RATE)) for s in aug.transient_seconds)
+    for _ in range(int(rng.integers(1, 4))):
+        sound = _sound(rng, round(_log_uniform(rng, low, high + 1)))
+        start = int(rng.integers(0, CLIP_SAMPLES - sound.size + 1))
+        clip[start:start + sound.size] += sound * _log_uniform(rng, 0.003, 0.9)
+    return np.clip(clip, -1.0, 1.0)
+
+
+def non_speech_set(rng: np.random.Generator, *, noise: list[np.ndarray], count: int) -> np.ndarray:
+    """`count` held-out transient clips ``[count, 16000]`` (a model should answer none with a keyword)."""
+    return np.stack([transient_clip(rng, noise=noise, aug=Augment()) for _ in range(count)])
+
+
 def compose(
     utterances: list[Utterance], rng: np.random.Generator, *, noise: list[np.ndarray], aug: Augment,
     per_class: int | None = None, unknown_ratio: float = 1.0,
@@ -223,13 +268,14 @@ def compose(
         per_class = max(1, round(known.size / len(KEYWORDS))) if known.size else unknown.size
     draw = min(round(unknown_ratio * per_class), unknown.size)
     chosen = np.concatenate([known, rng.choice(unknown, size=draw, replace=False)])
-    silences = per_class
-    # -1 marks a silence; rows are written in shuffled order straight into one preallocated array
-    # (stacking then permuting thousands of clips costs more than composing them).
-    items = rng.permutation(np.concatenate([chosen, np.full(silences, -1)]))
+    silences, transients = per_class, round(aug.transients * per_class)
+    # -1 marks a silence, -2 a transient; rows are written in shuffled order straight into one preallocated
+    # array (stacking then permuting thousands of clips costs more than composing them).
+    items = rng.permutation(np.concatenate([chosen, np.full(silences, -1), np.full(transients, -2)]))
     clips = np.empty((items.size, CLIP_SAMPLES), dtype=np.float32)
     for row, index in enumerate(items):
-        clips[row] = (silence_clip(rng, noise=noise, aug=aug) if index < 0
-                      else speech_clip(utterances[index], rng, noise=noise, aug=aug))
+        clips[row] = (speech_clip(utterances[index], rng, noise=noise, aug=aug) if index >= 0
+                      else silence_clip(rng, noise=noise, aug=aug) if index == -1
+                      else transient_clip(rng, noise=noise, aug=aug))
     y = np.where(items < 0, LABELS.index(SILENCE), labels[np.maximum(items, 0)]).astype(np.int64)
     return clips, y

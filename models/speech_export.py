@@ -77,6 +77,14 @@ def model_card(
     }
 
 
+def _non_speech_line(metrics: dict) -> str:
+    if "non_speech_no_keyword" not in metrics:
+        return ""
+    return (f" Clips holding only short non-speech sounds (noise bursts, clicks, beeps of 1 sample to 0.8 s, trained as"
+            f" `_silence_`): {metrics['non_speech_no_keyword']:.3f} answered with no keyword"
+            f" ({int(metrics['non_speech_clips'])} held-out clips).")
+
+
 def card_markdown(card: dict) -> str:
     m, p = card["metrics"], card["parity"]
     rows = "\n".join(f"| {name} | {acc:.3f} |" for name, acc in card["per_class_accuracy"].items())
@@ -96,7 +104,7 @@ def card_markdown(card: dict) -> str:
   {card["training"]["blocks"]} depthwise-separable blocks), {card["parameters"]:,} parameters.
 
 Held-out accuracy **{m["accuracy"]:.4f}** (keywords only {m["keyword_accuracy"]:.4f}) on
-{int(m["test_clips"])} clips.
+{int(m["test_clips"])} clips.{_non_speech_line(m)}
 
 | class | held-out accuracy |
 |---|---|

@@ -143,7 +143,7 @@ def test_compose_is_balanced_and_in_range(cache_dir: Path) -> None:
     bank = sd.noise_bank(np.random.default_rng(0), count=2, seconds=1.5)
     clips, labels = sd.compose(utts, np.random.default_rng(0), noise=bank, aug=sd.Augment())
     assert clips.shape == (len(labels), 16_000) and clips.dtype == np.float32
-    assert np.bincount(labels, minlength=12).tolist() == [2] * 12
+    assert np.bincount(labels, minlength=12).tolist() == [4] + [2] * 11  # _silence_: 2 noises + 2 transients
     assert np.abs(clips).max() <= 1.0
     speechy = clips[labels >= 2]
     assert np.all(np.sqrt(np.mean(speechy**2, axis=1)) > 1e-3)
