@@ -65,7 +65,11 @@ class Hyper:
 
 
 HYPER = {
-    "tiny": Hyper(width=4, epochs=3, batch_size=64, lr=1e-2, max_train=512),
+    # NOTE: the tiny profile (tests only) keeps the pre-round-5 augmentation (uniform +-10 deg, no re-cut): with the
+    # wider one its 3 epochs on 512 digits fell from 0.38 to 0.32 held-out, and the parity tests that compare the
+    # upload path with the training layout through it flipped labels (CI, round 5).
+    "tiny": Hyper(width=4, epochs=3, batch_size=64, lr=1e-2, max_train=512, max_degrees=10.0, rotation_power=1.0,
+                  recut_share=0.0),
     "default": Hyper(width=16, epochs=20, batch_size=64, lr=4e-3),
 }
 
@@ -172,9 +176,11 @@ instance_group [ {{ count: 1 kind: KIND_CPU }} ]
 def _augmentation_text(aug: dict | None) -> str:
     if aug is None:  # cards written before round 5 did not record it
         return "random shifts (+-2 px), rotations (+-10 deg) and scaling (+-10%)"
-    return (f"random shifts (+-{aug['max_shift']:g} px), rotations (+-{aug['max_degrees']:g} deg, most small), "
-            f"scaling (+-{aug['scale_range']:.0%}), and {aug['recut_share']:.0%} of the digits re-cut at a random ink "
-            "level (thicker or thinner strokes, as pens photograph)")
+    small = ", most small" if aug["rotation_power"] > 1 else ""
+    recut = (f", and {aug['recut_share']:.0%} of the digits re-cut at a random ink level (thicker or thinner strokes, "
+             "as pens photograph)") if aug["recut_share"] > 0 else ""
+    return (f"random shifts (+-{aug['max_shift']:g} px), rotations (+-{aug['max_degrees']:g} deg{small}), "
+            f"scaling (+-{aug['scale_range']:.0%}){recut}")
 
 
 def card_markdown(card: dict) -> str:

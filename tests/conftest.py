@@ -37,11 +37,13 @@ def wait_until(condition, *, timeout: float = 30.0, interval: float = 0.02, what
 
 @contextmanager
 def run_server(repo: Path, *, extra_args: list[str] | None = None, env: dict[str, str] | None = None,
-               ready_timeout: float = 90.0) -> Iterator[str]:
+               ready_timeout: float = 90.0, repository: str | None = None) -> Iterator[str]:
     """Start `modelserve serve` on a free loopback port; yield "127.0.0.1:PORT" once /v2/health/live answers
-    and every model has finished loading (repository index shows no LOADING)."""
+    and every model has finished loading (repository index shows no LOADING). `repository` (e.g. an s3:// URL)
+    is served instead of `repo`, whose parent folder still holds the server's log."""
     port = free_port()
-    cmd = [sys.executable, "-m", "service.cli", "serve", "--model-repository", str(repo), "--http-port", str(port),
+    cmd = [sys.executable, "-m", "service.cli", "serve", "--model-repository", repository or str(repo),
+           "--http-port", str(port),
            "--http-address", "127.0.0.1", "--log-level", "warning", *(extra_args or [])]
     log_path = repo.parent / f"server-{port}.log"
     with open(log_path, "wb") as log:

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from export import edge
+from models import cnn
 from models import speech_data as sd
 from models.cnn_data import augment, recut
 from service.offline import cli as offline_cli
@@ -49,7 +50,8 @@ def test_recut_thickens_and_thins_a_share_of_the_digits():
 def test_cnn_card_records_its_augmentation_and_scores_unaugmented_digits(tiny_zoo):
     card = _card(tiny_zoo, "cnn")
     aug = card["training"]["augmentation"]
-    assert aug["max_degrees"] >= 20 and aug["recut_share"] > 0
+    assert aug == cnn.HYPER["tiny"].augmentation()  # what it was trained with (tiny keeps +-10 deg, no re-cut)
+    assert cnn.HYPER["default"].augmentation()["max_degrees"] >= 20 and cnn.HYPER["default"].recut_share > 0
     assert f"rotations (+-{aug['max_degrees']:g} deg" in (tiny_zoo / "cnn" / "MODEL_CARD.md").read_text()
     _, truth, laid = held_out_digits(360)  # the family's held-out split, laid out as in training, not augmented
     session = ort.InferenceSession(str(tiny_zoo / "cnn" / "1" / "model.onnx"), providers=["CPUExecutionProvider"])

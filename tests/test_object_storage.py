@@ -111,9 +111,8 @@ def test_server_serves_and_polls_an_s3_repository(s3_env, tmp_path):
     prefix = "served"
     _upload_model(s3, tmp_path, key_prefix=f"{prefix}/scale/1", factor=2.0)
     cache = tmp_path / "cache"
-    args = ["--model-repository", f"s3://{BUCKET}/{prefix}", "--repository-cache-dir", str(cache),
-            "--model-control-mode", "poll", "--repository-poll-secs", "0.2"]
-    with run_server(tmp_path / "unused", extra_args=args, env=env) as url:
+    args = ["--repository-cache-dir", str(cache), "--model-control-mode", "poll", "--repository-poll-secs", "0.2"]
+    with run_server(tmp_path / "unused", extra_args=args, env=env, repository=f"s3://{BUCKET}/{prefix}") as url:
         client = httpclient.InferenceServerClient(url)
         np.testing.assert_allclose(_infer(client), np.full((1, 4), 2.0))
 
