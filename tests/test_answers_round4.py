@@ -8,12 +8,8 @@ tokenizer reduces to nothing; recommender ids and k at their edges.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import io
-import json
-import subprocess
-import sys
 from dataclasses import replace
 
 import httpx
@@ -24,9 +20,7 @@ import tritonclient.http as httpclient
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from export import edge
 from models.cnn_data import load_digits_28
-from service.offline import cli as offline_cli
 from service.processing import image_layout as layout_module
 from service.processing.image import ImageProcessor
 from service.processing.photo import THIN_BELOW
@@ -36,6 +30,7 @@ from tests.digit_photos import BASE, render
 from tests.inprocess import inprocess_server
 from tests.limit_payloads import png_header
 from tests.task_media import digit_file, held_out_digits, keyword_audio, wav_bytes
+from tests.three_paths import assert_predict_and_edge_match_server
 
 PROCESSOR = ImageProcessor(input_name="image", output_name="probabilities", labels=None)
 PNG = replace(BASE, fmt="PNG")
@@ -151,24 +146,8 @@ async def test_server_predict_and_edge_agree_on_the_fixed_photos(tiny_zoo, tmp_p
         resp = await client.post("/v1/models/cnn/predict", params={"k": 10},
                                  files=[("file", (p.name, p.read_bytes(), "image/jpeg")) for p in paths])
     assert resp.status_code == 200, resp.text
-    out = tmp_path / "offline.jsonl"
-    assert offline_cli.main(["--model", "cnn", "--input", str(folder), "--output", str(out), "--k", "10",
-                             "--model-repository", str(tiny_zoo)]) == 0
-    rows = sorted((json.loads(line) for line in out.read_text().splitlines()), key=lambda r: r["row"])
-    bundle = tmp_path / "edge"
-    assert edge.main(["--model", "cnn", "--model-repository", str(tiny_zoo), "--output", str(bundle)]) == 0
-    command = [sys.executable, "-I", str(bundle / "run.py"), "--k", "10", *(a for p in paths for a in ("--image", str(p)))]
-    done = await asyncio.to_thread(subprocess.run, command, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-
-    def probs(results: list) -> np.ndarray:
-        return np.array([[p["probability"] for p in sorted(r["predictions"], key=lambda p: p["index"])]
-                         for r in results])
-
-    server = probs(resp.json()["results"])
-    offline = probs([r["result"] if isinstance(r["result"], dict) else json.loads(r["result"]) for r in rows])
-    np.testing.assert_allclose(offline, server, atol=1e-5)
-    np.testing.assert_allclose(probs(json.loads(done.stdout)["predictions"]), server, atol=1e-5)
+    await assert_predict_and_edge_match_server(tiny_zoo, tmp_path, model="cnn", folder=folder, paths=paths,
+                                               flag="--image", k=10, server_results=resp.json()["results"])
 
 
 NO_TOKENS = ["\x00", "\x00 \x07\x1b", "\u200b\ufeff", "\u0301"]

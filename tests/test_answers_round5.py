@@ -8,24 +8,20 @@ preprocessing, service/processing/speech.py). docs/RELIABILITY.md "Answers, roun
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
-import subprocess
-import sys
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
 
-from export import edge
 from models import cnn
 from models import speech_data as sd
 from models.cnn_data import augment, recut
-from service.offline import cli as offline_cli
 from tests.inprocess import inprocess_server
 from tests.task_media import held_out_digits, wav_bytes
+from tests.three_paths import assert_predict_and_edge_match_server
 
 NO_KEYWORD = {sd.SILENCE, sd.UNKNOWN}
 
@@ -109,21 +105,5 @@ async def test_server_predict_and_edge_agree_on_non_speech(tiny_zoo, tmp_path):
         resp = await client.post("/v1/models/speech/predict", params={"k": 12},
                                  json={"audio": [base64.b64encode(p.read_bytes()).decode() for p in paths]})
     assert resp.status_code == 200, resp.text
-    out = tmp_path / "offline.jsonl"
-    assert offline_cli.main(["--model", "speech", "--input", str(folder), "--output", str(out), "--k", "12",
-                             "--model-repository", str(tiny_zoo)]) == 0
-    rows = sorted((json.loads(line) for line in out.read_text().splitlines()), key=lambda r: r["row"])
-    bundle = tmp_path / "edge"
-    assert edge.main(["--model", "speech", "--model-repository", str(tiny_zoo), "--output", str(bundle)]) == 0
-    command = [sys.executable, "-I", str(bundle / "run.py"), "--k", "12", *(a for p in paths for a in ("--audio", str(p)))]
-    done = await asyncio.to_thread(subprocess.run, command, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-
-    def probs(results: list) -> np.ndarray:
-        return np.array([[p["probability"] for p in sorted(r["predictions"], key=lambda p: p["index"])]
-                         for r in results])
-
-    server = probs(resp.json()["results"])
-    offline = probs([r["result"] if isinstance(r["result"], dict) else json.loads(r["result"]) for r in rows])
-    np.testing.assert_allclose(offline, server, atol=1e-5)
-    np.testing.assert_allclose(probs(json.loads(done.stdout)["predictions"]), server, atol=1e-5)
+    await assert_predict_and_edge_match_server(tiny_zoo, tmp_path, model="speech", folder=folder, paths=paths,
+                                               flag="--audio", k=12, server_results=resp.json()["results"])
