@@ -5,8 +5,8 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol
+from dataclasses import dataclass, fields
+from typing import Any, Protocol, Self
 
 import numpy as np
 
@@ -123,6 +123,33 @@ def top_k_columns(probs: np.ndarray, *, k: int) -> tuple[np.ndarray, np.ndarray]
     k = max(1, min(int(k), probs.shape[1]))
     best = np.argsort(-probs, axis=1, kind="stable")[:, :k]
     return best.astype(np.int64), np.take_along_axis(probs, best, axis=1).astype(np.float64)
+
+
+@dataclass
+class TopKColumns:
+    """A batch's classification results as columns: each row's k best classes, best first. Families add their
+    per-row facts as further list (or [rows, ...] array) fields; `concat` joins them all."""
+
+    names: list[str]  # label of each class index
+    index: np.ndarray  # [rows, k] int64
+    probability: np.ndarray  # [rows, k] float64 (the model's float32 values, exactly)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @classmethod
+    def concat(cls, parts: list[Self]) -> Self | None:
+        """The parts' rows one after another, or None when they differ in labels or k (they cannot share columns)."""
+        first = parts[0]
+        if any(p.names != first.names or p.index.shape[1] != first.index.shape[1] for p in parts):
+            return None
+        joined: dict[str, Any] = {"names": first.names}
+        for f in fields(cls):
+            if f.name != "names":
+                values = [getattr(p, f.name) for p in parts]
+                joined[f.name] = (np.concatenate(values) if isinstance(values[0], np.ndarray)
+                                  else [v for part in values for v in part])
+        return cls(**joined)
 
 
 def predictions_arrow(names: list[str], index: np.ndarray, probability: np.ndarray) -> Any:

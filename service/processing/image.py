@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from service.errors import InvalidInput, PayloadTooLarge
-from service.processing.base import Limits, class_names, parse_k, predictions_arrow, setting, top_k_columns
+from service.processing.base import Limits, TopKColumns, class_names, parse_k, predictions_arrow, setting, top_k_columns
 from service.processing.image_layout import (
     LEVELS,
     clean_ink,
@@ -189,28 +189,11 @@ class ImageProcessor:
 
 
 @dataclass
-class ImageColumns:
+class ImageColumns(TopKColumns):
     """A batch's image results as columns: each row's k best classes, best first, and its preprocessing facts."""
 
-    names: list[str]  # label of each class index
-    index: np.ndarray  # [rows, k] int64
-    probability: np.ndarray  # [rows, k] float64 (the model's float32 values, exactly)
     original_size: list[tuple[int, int]]  # (width, height)
     inverted: list[bool]
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    @classmethod
-    def concat(cls, parts: list[ImageColumns]) -> ImageColumns | None:
-        """The parts' rows one after another, or None when they differ in labels or k (they cannot share columns)."""
-        first = parts[0]
-        if any(p.names != first.names or p.index.shape[1] != first.index.shape[1] for p in parts):
-            return None
-        return cls(names=first.names, index=np.concatenate([p.index for p in parts]),
-                   probability=np.concatenate([p.probability for p in parts]),
-                   original_size=[s for p in parts for s in p.original_size],
-                   inverted=[v for p in parts for v in p.inverted])
 
     def rows(self) -> list[dict]:
         """One dict per row, as the task endpoint returns it."""

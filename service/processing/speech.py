@@ -19,7 +19,7 @@ import soundfile as sf
 import soxr
 
 from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
-from service.processing.base import Limits, parse_k, setting
+from service.processing.base import Limits, TopKColumns, parse_k, setting
 from service.processing.logmel import FEATURES, log_mel
 
 RATE = 16_000
@@ -283,29 +283,12 @@ def _rows_in_place(prepared: list[PreparedAudio]) -> np.ndarray | None:
 
 
 @dataclass
-class KeywordColumns:
+class KeywordColumns(TopKColumns):
     """A batch's keyword results as columns: each row's k best classes, best first, and its clip's facts."""
 
-    names: list[str]  # label of each class index
-    index: np.ndarray  # [rows, k] int64
-    probability: np.ndarray  # [rows, k] float64 (the model's float32 values, exactly)
     sample_rate: list[int]
     channels: list[int]
     seconds: list[float]
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    @classmethod
-    def concat(cls, parts: list[KeywordColumns]) -> KeywordColumns | None:
-        """The parts' rows one after another, or None when they differ in labels or k (they cannot share columns)."""
-        first = parts[0]
-        if any(p.names != first.names or p.index.shape[1] != first.index.shape[1] for p in parts):
-            return None
-        return cls(names=first.names, index=np.concatenate([p.index for p in parts]),
-                   probability=np.concatenate([p.probability for p in parts]),
-                   sample_rate=[r for p in parts for r in p.sample_rate], channels=[c for p in parts for c in p.channels],
-                   seconds=[x for p in parts for x in p.seconds])
 
     def rows(self) -> list[dict]:
         """One dict per row, as the task endpoint returns it."""
