@@ -122,6 +122,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="teacher layers the sentence-encoder student copies, e.g. 0,2,4,5 (default: spread)")
     parser.add_argument("--text-texts", type=int, help="sentence-encoder student training texts (default: profile's)")
     parser.add_argument("--text-lr", type=float, help="sentence-encoder student peak learning rate (default: profile's)")
+    parser.add_argument("--text-neighbours", type=float,
+                        help="weight of the sentence-encoder student's neighbour-ranking loss (default: none)")
     parser.add_argument("--text-threads", type=int, help="torch threads for the sentence-encoder student (default 1)")
     parser.add_argument("--plot", type=Path, help="write a PNG comparing teachers and students here")
     args = parser.parse_args(argv)
@@ -139,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         text_options = {k: v for k, v in (("layers", args.text_layers), ("epochs", args.text_epochs),
                                           ("ffn", args.text_ffn), ("minutes", args.text_minutes),
                                           ("threads", args.text_threads), ("init_layers", args.text_init_layers),
-                                          ("max_texts", args.text_texts), ("lr", args.text_lr)) if v}
+                                          ("max_texts", args.text_texts), ("lr", args.text_lr),
+                                          ("neighbours", args.text_neighbours)) if v}
         result = build_student(family, repo_dir=args.model_repository, work_dir=args.work_dir / family,
                                profile=args.profile, text_options=text_options)
         if result is None:

@@ -80,9 +80,9 @@ LATENCY_REPEATS = {"tiny": 3, "default": 20}
 
 
 def text_overrides(options: dict[str, float]) -> dict[str, Any]:
-    """The profile settings that ``options`` (``epochs``, ``ffn``, ``minutes``, ``max_texts``, ``lr``; None or 0 =
-    the profile's) override, checked: a bad value fails before any work starts."""
-    known = {"epochs": float, "ffn": int, "minutes": float, "max_texts": int, "lr": float}
+    """The profile settings that ``options`` (``epochs``, ``ffn``, ``minutes``, ``max_texts``, ``lr``, the
+    ``neighbours`` loss weight; None or 0 = the profile's) override, checked: a bad value fails before any work starts."""
+    known = {"epochs": float, "ffn": int, "minutes": float, "max_texts": int, "lr": float, "neighbours": float}
     unknown = sorted(set(options) - set(known))
     if unknown:
         raise ValueError(f"text student options {unknown}: expected some of {sorted(known)}")
@@ -193,6 +193,8 @@ def build(*, repo_dir: Path, work_dir: Path, profile: str, layers: int | None = 
     parent = load_parent(repo_dir, "transformer")
     kept, _ = teacher_layers(parent.card)
     settings = {**SETTINGS[profile], **text_overrides(options or {})}
+    if "neighbours" in settings:  # a loss weight (distill_text_train's neighbour term)
+        settings["weights"] = {**settings["weights"], "neighbours": settings.pop("neighbours")}
     layers = len(init_layers) if init_layers else layers or settings.get("layers") or max(1, kept // 3)
     if layers >= kept:
         return None

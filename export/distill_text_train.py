@@ -13,6 +13,9 @@ Recipe (after TinyBERT, Jiao et al. 2020, and MiniLM, Wang et al. 2020, the teac
   token's last hidden state (a far richer signal per text than one 384-d vector), 1 - cosine of the
   intermediate hidden states at the mapped layers, and MiniLM's last-layer self-attention transfer:
   KL(teacher || student) of each head's attention distribution, averaged over real query tokens.
+  Optionally (weight ``neighbours``) the neighbour structure top-k retrieval scores: for each text, KL between
+  the teacher's and the student's softmax over cosine similarity to a bank of other texts' teacher embeddings
+  (the last NEIGHBOUR_BANK seen), as in relational / contrastive distillation (Park et al. 2019, Tian et al. 2020).
 * **Teacher cache.** The teacher's targets (embedding, mapped hidden states, last-layer attention; fp16
   but the embedding) are computed once per fixed batch into files under a cache folder and reused by
   every epoch and every rerun; the training checkpoints itself every few minutes and resumes.
@@ -38,6 +41,8 @@ from torch import nn
 from models.transformer_text import SentenceEncoder, mean_pool, tokenize
 
 CHECKPOINT_SECONDS = 300.0
+NEIGHBOUR_BANK = 4096  # teacher embeddings of recent batches each text's neighbours are ranked among
+NEIGHBOUR_TEMPERATURE = 0.05  # sharp: cosines to the nearest texts (0.6-0.9) dominate, as top-k does
 LOG_EVERY = 100  # steps between loss lines in the log (the curve behind BENCHMARKS' extrapolation)
 log = logging.getLogger(__name__)
 log.setLevel(logging.INFO)  # its loss lines go to distill_text's log file (distill_text.chatter_to)
@@ -125,10 +130,32 @@ def attention_kl(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tenso
     return (kl * real).sum() / real.sum().clamp(min=1.0)
 
 
+def neighbour_kl(student: torch.Tensor, teacher: torch.Tensor, bank: torch.Tensor, *,
+                 temperature: float = NEIGHBOUR_TEMPERATURE) -> torch.Tensor:
+    """KL(teacher || student) of each text's softmax over cosine similarities to ``bank`` (unit rows)."""
+    target = F.log_softmax(teacher @ bank.T / temperature, dim=-1)
+    return F.kl_div(F.log_softmax(student @ bank.T / temperature, dim=-1), target, log_target=True,
+                    reduction="batchmean")
+
+
+class NeighbourBank:
+    """The teacher embeddings of the last ``size`` texts trained on (first in, first out)."""
+
+    def __init__(self, size: int = NEIGHBOUR_BANK) -> None:
+        self.size = size
+        self.rows: torch.Tensor | None = None
+
+    def add(self, embeddings: torch.Tensor) -> None:
+        rows = embeddings.detach().float()
+        self.rows = rows if self.rows is None else torch.cat([self.rows, rows])[-self.size:]
+
+
 def distil_losses(student: dict[str, Any], teacher: dict[str, Any], mask: torch.Tensor, *,
-                  targets: Sequence[int], weights: dict[str, float]) -> dict[str, torch.Tensor]:
+                  targets: Sequence[int], weights: dict[str, float],
+                  bank: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The loss terms (module doc) and ``total``, their weighted sum; ``teacher['hidden']`` maps
-    teacher layer -> hidden state, ``targets[j]`` is the teacher layer student layer j learns."""
+    teacher layer -> hidden state, ``targets[j]`` is the teacher layer student layer j learns; ``bank``: other
+    texts' teacher embeddings for the neighbour term (only with a ``neighbours`` weight)."""
     last = len(targets) - 1
     terms = {
         "embedding": (1.0 - F.cosine_similarity(student["embedding"], teacher["embedding"], dim=-1)).mean(),
@@ -138,6 +165,8 @@ def distil_losses(student: dict[str, Any], teacher: dict[str, Any], mask: torch.
     if last:
         terms["hidden"] = torch.stack([token_cosine_loss(student["hidden"][j], teacher["hidden"][targets[j]], mask)
                                        for j in range(last)]).mean()
+    if weights.get("neighbours") and bank is not None:
+        terms["neighbours"] = neighbour_kl(student["embedding"], teacher["embedding"], bank)
     terms["total"] = sum(weights.get(name, 0.0) * value for name, value in terms.items())  # type: ignore[assignment]
     return terms
 
@@ -249,6 +278,7 @@ def train(student: SentenceEncoder, *, cache: TeacherCache, tokenizer: Any, text
     budget = Budget(steps=total_steps(settings, len(batches)), minutes=settings.get("minutes"))
     key = cache_key(settings, seed, len(batches), targets)
     state = _resume(checkpoint, key=key, student=student, opt=opt)
+    bank = NeighbourBank() if settings["weights"].get("neighbours") else None
     if progress is not None and state.step:
         progress(state.step)
     student.train()
@@ -257,7 +287,7 @@ def train(student: SentenceEncoder, *, cache: TeacherCache, tokenizer: Any, text
         for group in opt.param_groups:
             group["lr"] = settings["lr"] * lr_factor(done)
         terms = _epoch_step(student, opt=opt, state=state, cache=cache, tokenizer=tokenizer, texts=texts,
-                            batches=batches, targets=targets, settings=settings, seed=seed)
+                            batches=batches, targets=targets, settings=settings, seed=seed, bank=bank)
         if progress is not None:
             progress(1, postfix=f"loss {terms['total']:.4f} emb {terms['embedding']:.4f}")
         if state.step % LOG_EVERY == 0:
@@ -275,15 +305,18 @@ def train(student: SentenceEncoder, *, cache: TeacherCache, tokenizer: Any, text
 
 def _epoch_step(student: SentenceEncoder, *, opt: torch.optim.Optimizer, state: TrainState, cache: TeacherCache,
                 tokenizer: Any, texts: Sequence[str], batches: Sequence[np.ndarray], targets: Sequence[int],
-                settings: dict[str, Any], seed: int) -> dict[str, float]:
+                settings: dict[str, Any], seed: int, bank: NeighbourBank | None = None) -> dict[str, float]:
     """One step on the batch that ``state.step`` points at (each epoch shuffles the batch order); updates the
-    epoch's running loss sums in ``state``."""
+    epoch's running loss sums in ``state``, and adds the batch's teacher embeddings to ``bank``."""
     epoch, position = divmod(state.step, len(batches))
     if position == 0:
         state.losses, state.count = {}, 0
     index = int(np.random.default_rng([seed, epoch]).permutation(len(batches))[position])
-    terms = _step(student, opt=opt, teacher=cache.load(index), tokenizer=tokenizer,
-                  texts=[texts[i] for i in batches[index]], targets=targets, weights=settings["weights"])
+    teacher = cache.load(index)
+    terms = _step(student, opt=opt, teacher=teacher, tokenizer=tokenizer, texts=[texts[i] for i in batches[index]],
+                  targets=targets, weights=settings["weights"], bank=None if bank is None else bank.rows)
+    if bank is not None:
+        bank.add(teacher["embedding"])
     sums = state.losses if state.losses is not None else {}
     for name, value in terms.items():
         sums[name] = sums.get(name, 0.0) + value
@@ -298,9 +331,10 @@ def _save(path: Path, *, key: str, student: nn.Module, opt: torch.optim.Optimize
 
 
 def _step(student: SentenceEncoder, *, opt: torch.optim.Optimizer, teacher: dict[str, Any], tokenizer: Any,
-          texts: list[str], targets: Sequence[int], weights: dict[str, float]) -> dict[str, float]:
+          texts: list[str], targets: Sequence[int], weights: dict[str, float],
+          bank: torch.Tensor | None = None) -> dict[str, float]:
     ids, mask = (torch.from_numpy(a) for a in tokenize(tokenizer, texts))
-    terms = distil_losses(internals(student, ids, mask), teacher, mask, targets=targets, weights=weights)
+    terms = distil_losses(internals(student, ids, mask), teacher, mask, targets=targets, weights=weights, bank=bank)
     opt.zero_grad(set_to_none=True)
     terms["total"].backward()
     opt.step()

@@ -13,7 +13,7 @@ import torch
 from export import distill, text_corpus
 from export import distill_text_train as dt
 from export.distill_common import StudentResult
-from export.distill_text import budget_verdict
+from export.distill_text import budget_verdict, text_overrides
 
 transformers = pytest.importorskip("transformers")
 
@@ -150,6 +150,44 @@ def test_distil_losses_weigh_every_term_and_train_the_student():
     assert terms["total"].item() == pytest.approx(expected, rel=1e-5)
     terms["total"].backward()
     assert student.bert.encoder.layer[0].attention.self.query.weight.grad is not None
+
+
+def test_neighbour_term_ranks_texts_among_a_bank_as_the_teacher_does():
+    gen = torch.Generator().manual_seed(0)
+    unit = lambda x: torch.nn.functional.normalize(x, dim=-1)  # noqa: E731
+    teacher, bank = unit(torch.randn(3, 8, generator=gen)), unit(torch.randn(5, 8, generator=gen))
+    assert dt.neighbour_kl(teacher, teacher, bank).item() == pytest.approx(0.0, abs=1e-6)
+    nearer = unit(teacher + 0.1 * torch.randn(3, 8, generator=gen))
+    farther = unit(teacher + 1.0 * torch.randn(3, 8, generator=gen))
+    assert 0 < dt.neighbour_kl(nearer, teacher, bank).item() < dt.neighbour_kl(farther, teacher, bank).item()
+    # by hand for one text: KL(softmax(t.B/T) || softmax(s.B/T))
+    p = torch.softmax(teacher[:1] @ bank.T / 0.05, -1)
+    q = torch.softmax(farther[:1] @ bank.T / 0.05, -1)
+    hand = (p * (p.log() - q.log())).sum().item()
+    assert dt.neighbour_kl(farther[:1], teacher[:1], bank).item() == pytest.approx(hand, rel=1e-4)
+
+    kept = dt.NeighbourBank(size=4)
+    kept.add(bank[:3])
+    kept.add(bank[3:])  # first in, first out
+    assert kept.rows is not None and torch.equal(kept.rows, bank[1:])
+
+
+def test_neighbour_weight_adds_the_term_once_a_bank_exists(tmp_path):
+    teacher, student = _tiny_encoder(4, seed=0), dt.make_student(_tiny_encoder(4, seed=1), dt.StudentPlan((0, 3)))
+    ids, mask = torch.randint(1000, 2000, (3, 6)), torch.ones(3, 6, dtype=torch.long)
+    with torch.no_grad():
+        target = dt.internals(teacher, ids, mask)
+    target["hidden"] = {i: target["hidden"][i] for i in (2, 3)}
+    weights = {"embedding": 1.0, "neighbours": 0.5}
+    got = dt.internals(student, ids, mask)
+    assert "neighbours" not in dt.distil_losses(got, target, mask, targets=(2, 3), weights=weights)
+    terms = dt.distil_losses(got, target, mask, targets=(2, 3), weights=weights, bank=target["embedding"])
+    assert terms["neighbours"].item() > 0
+    assert terms["total"].item() == pytest.approx(terms["embedding"].item() + 0.5 * terms["neighbours"].item(),
+                                                  rel=1e-5)
+    assert text_overrides({"neighbours": 0.5}) == {"neighbours": 0.5}
+    with pytest.raises(ValueError, match="positive"):
+        text_overrides({"neighbours": -1.0})
 
 
 def test_teacher_cache_and_training_resume(tmp_path):
