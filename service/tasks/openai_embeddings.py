@@ -42,9 +42,10 @@ _DOC = {
         "as OpenAI); `dimensions`: only the model's own width; `user` is accepted and not used. Served by the "
         "text-embedding models (`transformer`) through the same dynamic batcher as the task routes."),
     "requestBody": {"required": True, "content": {"application/json": {
-        "schema": {"type": "object", "required": ["model", "input"], "properties": {
+        "schema": {"type": "object", "required": ["model", "input"], "additionalProperties": False, "properties": {
             "model": {"type": "string"},
-            "input": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
+            "input": {"oneOf": [{"type": "string"},
+                                {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 2048}]},
             "encoding_format": {"type": "string", "enum": ["float", "base64"], "default": "float"},
             "dimensions": {"type": "integer"}, "user": {"type": "string"}}},
         "example": _REQUEST_EXAMPLE}}},
@@ -53,9 +54,10 @@ _DOC = {
             "object": "list", "data": [{"object": "embedding", "index": 0, "embedding": [0.0123, -0.0456]}],
             "model": "transformer", "usage": {"prompt_tokens": 9, "total_tokens": 9}}}}},
         "400": {"description": "Bad input (OpenAI error shape)", "content": {"application/json": {"example": {
-            "error": {"message": "'input' must be a string or a list of strings", "type": "invalid_request_error",
-                      "param": "input", "code": None}}}}},
-        "404": {"description": "Unknown model"}, "413": {"description": "Too many inputs or body too large"},
+            "error": {"message": "input 0 has 300 tokens; model 'transformer' reads at most 256 tokens per input "
+                                 "([CLS] and [SEP] included): shorten it or split it into several inputs",
+                      "type": "invalid_request_error", "param": "input", "code": None}}}}},
+        "404": {"description": "Unknown model"}, "413": {"description": "Body too large"},
         "503": {"description": "Model not ready or queue full"}},
 }
 
