@@ -324,10 +324,13 @@ class InferenceCore:
         return cached[1]
 
     async def predict(self, model: TaskModel, items: list[Any], params: dict, *,
-                      client_gone: Callable[[], bool] | None = None) -> list[dict]:
+                      client_gone: Callable[[], bool] | None = None,
+                      check: Callable[[list[Any]], None] | None = None) -> list[dict]:
         """Prepare items (in a worker thread), infer them in chunks of max_batch_size, post-process.
 
         `client_gone` is checked between items and chunks: work for a caller who hung up stops there.
+        `check` sees the prepared items before any inference and raises to refuse the request (the OpenAI route
+        refuses a text the tokenizer would truncate, as OpenAI does, without a second tokenization).
         """
         processor, mv = model.processor, model.version
         if not items:
@@ -337,6 +340,8 @@ class InferenceCore:
                                   f"({setting('max_task_items')})")
         gone = client_gone or (lambda: False)
         prepared = await asyncio.to_thread(_prepare_all, processor, items, gone, mv.name)
+        if check is not None:
+            check(prepared)
         size = mv.spec.max_batch_size or len(prepared)
         bounded = processor.rows_per_run(prepared)
         step = min(size, bounded or size)

@@ -103,13 +103,21 @@ def build_processor(spec: ModelSpec, *, model_dir: Path, limits: Limits | None =
     return processor
 
 
+def _created(model_dir: Path) -> int:
+    """When the model's folder was last written (Unix seconds; 0 where it cannot be read): OpenAI's `created`."""
+    try:
+        return int(model_dir.stat().st_mtime)
+    except OSError:
+        return 0
+
+
 def describe_model(spec: ModelSpec | None, *, name: str, model_dir: Path,
                    processor: Processor | ServingError | None) -> dict:
     """The `GET /v1/models` entry of one model (spec None when it is not loaded)."""
     card = read_card(model_dir)
     parent, variant = variant_of(name, card)
     doc: dict = {"name": name, "variant": variant, "parent": parent, "family": card.get("family"),
-                 "description": card.get("task")}
+                 "description": card.get("task"), "created": _created(model_dir)}
     if spec is None:
         return doc
     doc["inputs"] = [t.as_metadata(spec.max_batch_size) for t in spec.inputs]

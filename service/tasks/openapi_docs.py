@@ -101,4 +101,6 @@ MODELS_EXAMPLE = {"models": [{
     "name": "cnn", "task": "image-classification", "family": "cnn", "variant": "fp32", "parent": None,
     "inputs": [{"name": "image", "datatype": "FP32", "shape": [-1, 1, 28, 28]}],
     "labels": ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"],
-    "variants": [{"name": "cnn", "variant": "fp32"}, {"name": "cnn-int8", "variant": "int8"}]}]}
+    "variants": [{"name": "cnn", "variant": "fp32"}, {"name": "cnn-int8", "variant": "int8"}],
+    "created": 1764547200}],
+    "object": "list", "data": [{"id": "cnn", "object": "model", "created": 1764547200, "owned_by": "modelserve"}]}

@@ -18,6 +18,7 @@ from service.core import InferenceCore
 from service.errors import InvalidInput, PayloadTooLarge, RequestCancelled, UnsupportedMediaType
 from service.http_infer import read_body, server_disconnect_flag
 from service.processing.base import b64decode, setting
+from service.tasks.openai_embeddings import model_object
 from service.tasks.openapi_docs import MODELS_EXAMPLE, PREDICT_DOC, V1_DOC
 
 # JSON key holding the items, per task.
@@ -122,14 +123,16 @@ def build_router(core: InferenceCore, *, max_request_bytes: int, body_timeout_s:
     @router.get("/v1/models", summary="Models with their task, inputs, labels and variants",
                 responses={200: {"content": {"application/json": {"example": MODELS_EXAMPLE}}}})
     async def list_models() -> Response:
-        return _json({"models": core.task_models()})
+        docs = core.task_models()
+        # `object`/`data` answer OpenAI's list models (`client.models.list()`) beside KServe's `models`.
+        return _json({"models": docs, "object": "list", "data": [model_object(d) for d in docs]})
 
     @router.get("/v1/models/{name}", summary="One model: task, inputs, labels, variants and readiness (KServe V1)")
     async def one_model(name: str) -> Response:
         docs = {d["name"]: d for d in core.task_models()}
         if name not in docs:
             core.model(name)  # raises ModelNotFound listing the models
-        return _json({**docs[name], "ready": docs[name]["state"] == "READY"})
+        return _json({**docs[name], "ready": docs[name]["state"] == "READY", **model_object(docs[name])})
 
     @router.post("/v1/models/{name}/predict", summary="Task prediction: images, texts, WAV audio or user ids",
                  openapi_extra=PREDICT_DOC)
