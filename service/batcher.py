@@ -12,6 +12,7 @@ The two halves are separately testable, as in Ray Serve and MLServer:
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
@@ -149,7 +150,8 @@ class Batcher:
     ragged: RaggedPolicy | None = None
 
     def __post_init__(self) -> None:
-        self.queue = AdmissionQueue(max_size=self.policy.max_queue_size if self.policy else 0)
+        self.queue = AdmissionQueue(max_size=self.policy.max_queue_size if self.policy else 0,
+                                    on_change=lambda depth: self.stats.on_queue_change(depth))
         self._slots = asyncio.Semaphore(self.concurrency)
         self._tasks: set[asyncio.Task] = set()
         self._loop_task: asyncio.Task | None = None
@@ -208,8 +210,19 @@ class Batcher:
         if timeout_s is not None and timeout_s > 0:
             req.deadline = now + timeout_s
             req.timer = loop.call_later(timeout_s, self._expire, req)
-        self.stats.on_queue_change(len(self.queue))
+        req.future.add_done_callback(functools.partial(self._withdrawn, req))
         return req.future
+
+    def _withdrawn(self, req: PendingRequest, future: asyncio.Future) -> None:
+        """A caller cancelled its wait (a gRPC client's cancel, a stream closed with its requests cancelled)
+        while its request was still queued: take it out now, not when the next batch forms, so it stops
+        counting as pending (a queue with a long max_queue_delay, or behind a busy instance, may form none for
+        a long time), and let the collector re-plan without it."""
+        if future.cancelled() and req.started is None:
+            if req.timer is not None:
+                req.timer.cancel()
+            self.queue.discard(req)
+            self.queue.wake()
 
     def _expire(self, req: PendingRequest) -> None:
         if req.started is None:
@@ -220,7 +233,6 @@ class Batcher:
                                  f"queue after {waited_ms:.1f} ms (its queue policy's timeout)"),
             )
             self.queue.discard(req)
-            self.stats.on_queue_change(len(self.queue))
 
     async def _collect_loop(self) -> None:
         while True:
@@ -230,7 +242,6 @@ class Batcher:
             except BaseException:
                 self._slots.release()
                 raise
-            self.stats.on_queue_change(len(self.queue))
             self.stats.on_dispatch(reason, sum(r.rows for r in batch))
             self._dispatch(batch)
 

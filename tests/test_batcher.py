@@ -196,3 +196,21 @@ async def test_callers_who_hung_up_are_dropped_when_the_batch_forms():
         await gone
     assert all((batch >= 0).all() for batch in model.batches), "a hung-up caller's request reached the model"
     await b.close(grace_s=1)
+
+
+async def test_a_cancelled_caller_leaves_the_queue_and_its_depth_at_once():
+    # The depth feeds nv_inference_pending_request_count: a cancelled caller used to count until the next batch
+    # formed (here, with a minute's delay and no batch-mates, not for a minute).
+    model = GatedModel()
+    depths: list[int] = []
+    b = make_batcher(model, max_batch_size=8)
+    b.stats.on_queue_change = depths.append
+    gone, kept = submit(b, -1), submit(b, 1)
+    await until(lambda: depths[-1:] == [2], "both queued")
+    gone.cancel()
+    await asyncio.sleep(0)  # the cancelled future's callbacks run on the next loop step
+    assert depths[-1] == 1 and len(b.queue) == 1
+    kept.cancel()
+    await asyncio.sleep(0)
+    assert depths[-1] == 0 and len(b.queue) == 0 and model.batches == []
+    await b.close(grace_s=1)
