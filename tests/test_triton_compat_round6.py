@@ -5,7 +5,11 @@ found against Triton's docs and sources and shown here through a real server and
 from __future__ import annotations
 
 import asyncio
+import datetime
+import ipaddress
 import queue
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import httpx
@@ -14,10 +18,14 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcaio
 import tritonclient.http as httpclient
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
-from tests.conftest import free_port, run_server, wait_until
+from tests.conftest import REPO_ROOT, free_port, run_server, wait_until
 from tests.onnx_builders import scale_model, write_config
 
 # A batch forms only when 8 rows are queued or after 10 minutes: a lone request stays queued for the whole test.
@@ -103,3 +111,93 @@ async def test_a_cancelled_grpc_aio_call_stops_counting_as_pending(server):
         with pytest.raises(asyncio.CancelledError):
             await call
     await asyncio.to_thread(wait_until, lambda: _pending(server) == 0, timeout=30, what="the request leaving")
+
+
+# ---------------------------------------------------------------------------------------------- gRPC TLS
+
+
+def _certificate(name: str, *, key, issuer: tuple | None = None, ca: bool = False) -> x509.Certificate:
+    """A certificate for `name` (127.0.0.1 as its address), self-signed or signed by issuer (cert, key)."""
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (x509.CertificateBuilder().subject_name(subject)
+               .issuer_name(issuer[0].subject if issuer else subject).public_key(key.public_key())
+               .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+               .not_valid_after(now + datetime.timedelta(days=1))
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    if not ca:
+        builder = builder.add_extension(x509.SubjectAlternativeName(
+            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+    return builder.sign(issuer[1] if issuer else key, hashes.SHA256())
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> SimpleNamespace:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, both signed by it (PEM files)."""
+    folder = tmp_path_factory.mktemp("pki")
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = _certificate("round6 CA", key=ca_key, ca=True)
+    files = {"ca": ca.public_bytes(serialization.Encoding.PEM)}
+    for who in ("server", "client"):
+        key = ec.generate_private_key(ec.SECP256R1())
+        files[f"{who}_cert"] = _certificate(who, key=key, issuer=(ca, ca_key)).public_bytes(serialization.Encoding.PEM)
+        files[f"{who}_key"] = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                serialization.NoEncryption())
+    paths = {}
+    for name, data in files.items():
+        (folder / f"{name}.pem").write_bytes(data)
+        paths[name] = str(folder / f"{name}.pem")
+    return SimpleNamespace(**paths)
+
+
+def _tls_args(pki, grpc_port: int, *extra: str) -> list[str]:
+    return ["--grpc-port", str(grpc_port), "--grpc-server-cert", pki.server_cert, "--grpc-server-key",
+            pki.server_key, "--model-control-mode", "explicit", "--load-model", "good", *extra]
+
+
+def _ssl_client(pki, port: int, *, client_cert: bool = False) -> grpcclient.InferenceServerClient:
+    mutual = {"private_key": pki.client_key, "certificate_chain": pki.client_cert} if client_cert else {}
+    return grpcclient.InferenceServerClient(f"127.0.0.1:{port}", ssl=True, root_certificates=pki.ca, **mutual)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_grpc_use_ssl_serves_tritonclients_ssl_channel(repo, pki, workers):
+    # Triton's --grpc-use-ssl: tritonclient.grpc(ssl=True, root_certificates=...) used to fail the handshake here
+    # (the flags were unrecognized; the port spoke plaintext only). With --http-workers the front ends own it.
+    grpc_port = free_port()
+    args = _tls_args(pki, grpc_port, "--grpc-use-ssl", "true", "--http-workers", str(workers))
+    with run_server(repo, extra_args=args, env={"MODELSERVE_WARMUP": "false"}):
+        client = _ssl_client(pki, grpc_port)
+        assert client.is_server_ready()
+        assert client.infer("good", [_input(grpcclient, 2)]).as_numpy("y").tolist() == [[2.0] * 4] * 2
+        with pytest.raises(InferenceServerException) as plain:  # a plaintext client gets no answer
+            grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}").is_server_live(client_timeout=10)
+        assert plain.value.status() in ("StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED")
+
+
+async def test_grpc_use_ssl_mutual_requires_a_client_certificate(repo, pki):
+    grpc_port = free_port()
+    args = _tls_args(pki, grpc_port, "--grpc-use-ssl-mutual", "true", "--grpc-root-cert", pki.ca)
+    with run_server(repo, extra_args=args, env={"MODELSERVE_WARMUP": "false"}):
+        assert _ssl_client(pki, grpc_port, client_cert=True).is_server_live()
+        with pytest.raises(InferenceServerException):
+            _ssl_client(pki, grpc_port).is_server_live(client_timeout=10)
+        async with grpcaio.InferenceServerClient(f"127.0.0.1:{grpc_port}", ssl=True, root_certificates=pki.ca,
+                                                 private_key=pki.client_key, certificate_chain=pki.client_cert) as aio:
+            result = await aio.infer("good", [_input(grpcaio)])
+            assert result.as_numpy("y").tolist() == [[2.0] * 4]
+
+
+@pytest.mark.parametrize("flags,expected", [
+    (["--grpc-use-ssl"], "--grpc-use-ssl needs --grpc-server-cert (a PEM file); got none"),
+    (["--grpc-use-ssl-mutual=true", "--grpc-server-cert", "CERT", "--grpc-server-key", "KEY"],
+     "--grpc-use-ssl-mutual needs --grpc-root-cert (a PEM file); got none"),
+    (["--grpc-use-ssl=true", "--grpc-server-cert", "/nonexistent.pem", "--grpc-server-key", "KEY"],
+     "--grpc-server-cert '/nonexistent.pem' is not a readable file"),
+])
+def test_grpc_ssl_flags_missing_a_file_stop_the_server_saying_which(repo, pki, flags, expected):
+    flags = [pki.server_cert if f == "CERT" else pki.server_key if f == "KEY" else f for f in flags]
+    cmd = [sys.executable, "-m", "service.cli", "serve", "--model-repository", str(repo), "--http-port",
+           str(free_port()), "--grpc-port", str(free_port()), *flags]
+    done = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and expected in done.stderr, done.stderr
