@@ -38,6 +38,7 @@ def repo(tmp_path_factory):
     scale_model(repo / "good" / "1" / "model.onnx")
     scale_model(repo / "holding" / "1" / "model.onnx")
     write_config(repo / "holding", HOLDING)
+    scale_model(repo / "unloaded" / "1" / "model.onnx")  # in the repository, never loaded (explicit mode)
     return repo
 
 
@@ -201,3 +202,44 @@ def test_grpc_ssl_flags_missing_a_file_stop_the_server_saying_which(repo, pki, f
            str(free_port()), "--grpc-port", str(free_port()), *flags]
     done = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and expected in done.stderr, done.stderr
+
+
+# ---------------------------------------------------------------------------------------------- model not loaded
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_a_model_not_loaded_answers_with_tritons_words(server, protocol):
+    # qa/L0_lifecycle checks that the message starts with Triton's words ("... has no available versions").
+    client, module = (server.http, httpclient) if protocol == "http" else (server.grpc, grpcclient)
+    calls = {
+        "infer": lambda: client.infer("unloaded", [_input(module)]),
+        "metadata": lambda: client.get_model_metadata("unloaded"),
+        "config": lambda: client.get_model_config("unloaded"),
+        # Triton looks the model up for its statistics too: an error, where an empty list was answered
+        "statistics": lambda: client.get_inference_statistics("unloaded"),
+    }
+    for what, call in calls.items():
+        with pytest.raises(InferenceServerException) as failed:
+            call()
+        message = failed.value.message()
+        assert message.startswith("Request for unknown model: 'unloaded' has no available versions"), (what, message)
+        assert "UNAVAILABLE" in message  # then ours: the state and why
+        assert failed.value.status() in ("503", "StatusCode.UNAVAILABLE")  # kept: retry while it loads
+    with pytest.raises(InferenceServerException) as failed:
+        client.get_model_metadata("unloaded", "1")
+    assert failed.value.message().startswith("Request for unknown model: 'unloaded' version 1 is not at ready state")
+    assert not client.is_model_ready("unloaded")
+
+
+# ---------------------------------------------------------------------------------------------- parameters
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_the_parameters_extension_is_claimed_and_custom_parameters_of_each_type_are_taken(server, protocol):
+    client, module = (server.http, httpclient) if protocol == "http" else (server.grpc, grpcclient)
+    metadata = client.get_server_metadata()
+    extensions = metadata["extensions"] if protocol == "http" else list(metadata.extensions)
+    assert "parameters" in extensions  # Triton lists it; its requests were always taken here
+    custom = {"an_int": 2**40, "a_float": 1.5, "a_bool": False, "a_string": "x"}
+    result = client.infer("good", [_input(module)], parameters=custom, priority=2, timeout=10**9)
+    assert result.as_numpy("y").tolist() == [[2.0] * 4]
