@@ -29,6 +29,7 @@ class PendingRequest:
     started: float | None = None
     client_gone: Callable[[], bool] | None = None
     length: int = 0  # the ragged axis's length, for length-aware models; 0 otherwise
+    priority: int = 0  # the priority level (1 first); 0 for every request of a model without levels
 
     def hung_up(self) -> bool:
         return self.client_gone is not None and self.client_gone()
@@ -86,7 +87,15 @@ class AdmissionQueue:
             # NOTE: Triton's words first (its QA tests look for them), then ours.
             raise QueueFull(f"Exceeds maximum queue size: model {model!r}: queue is full ({self.max_size} requests "
                             "waiting); retry later")
-        self._items.append(req)
+        if not self._items or self._items[-1].priority <= req.priority:
+            self._items.append(req)
+        else:
+            # Triton's priority levels: behind every request of its level or a more urgent one, ahead of the rest
+            # (FIFO within a level). Only a model with levels gets here, and walks past the less urgent only.
+            at = len(self._items)
+            while at > 0 and self._items[at - 1].priority > req.priority:
+                at -= 1
+            self._items.insert(at, req)
         self._arrived.set()
         self._on_change(len(self._items))
 

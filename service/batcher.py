@@ -194,16 +194,18 @@ class Batcher:
         return tuple((n, a.shape[1:] if self.max_batch_size > 0 else a.shape, a.dtype.str) for n, a in inputs.items())
 
     def submit(
-        self, *, inputs: Feeds, rows: int, timeout_s: float | None, client_gone: Callable[[], bool] | None = None
+        self, *, inputs: Feeds, rows: int, timeout_s: float | None, client_gone: Callable[[], bool] | None = None,
+        priority: int = 0,
     ) -> asyncio.Future:
-        """Queue a validated request; the future resolves to a BatchResult. Raises QueueFull at once."""
+        """Queue a validated request; the future resolves to a BatchResult. Raises QueueFull at once. `priority`:
+        its level (1 first; 0 when the model has no levels): it waits behind every request of a level before."""
         if not self.accepting:
             raise ModelNotReady(f"model {self.model!r} is unloading; not accepting new requests")
         loop = self._loop or asyncio.get_running_loop()
         now = self.clock()
         req = PendingRequest(inputs=inputs, rows=rows, shape_key=self._shape_key(inputs), future=loop.create_future(),
                              enqueued=now, client_gone=client_gone,
-                             length=self.ragged.length(inputs) if self.ragged is not None else 0)
+                             length=self.ragged.length(inputs) if self.ragged is not None else 0, priority=priority)
         self.queue.put(req, model=self.model)
         if self.adaptive:  # only the adaptive planner reads what it learns (below too)
             self.planner.observe_arrival(now, others=len(self.queue) - 1 + self._running)

@@ -39,6 +39,9 @@ def repo(tmp_path_factory):
     scale_model(repo / "holding" / "1" / "model.onnx")
     write_config(repo / "holding", HOLDING)
     scale_model(repo / "unloaded" / "1" / "model.onnx")  # in the repository, never loaded (explicit mode)
+    scale_model(repo / "levels" / "1" / "model.onnx")
+    write_config(repo / "levels", "max_batch_size: 2\ndynamic_batching { max_queue_delay_microseconds: 600000000 "
+                 "priority_levels: 2 default_priority_level: 2 }\n")
     return repo
 
 
@@ -46,7 +49,7 @@ def repo(tmp_path_factory):
 def server(repo):
     grpc_port = free_port()
     args = ["--grpc-port", str(grpc_port), "--model-control-mode", "explicit", "--load-model", "good",
-            "--load-model", "holding"]
+            "--load-model", "holding", "--load-model", "levels"]
     with run_server(repo, extra_args=args, env={"MODELSERVE_WARMUP": "false"}) as url:
         yield SimpleNamespace(url=url, grpc_url=f"127.0.0.1:{grpc_port}",
                               http=httpclient.InferenceServerClient(url),
@@ -243,3 +246,39 @@ def test_the_parameters_extension_is_claimed_and_custom_parameters_of_each_type_
     custom = {"an_int": 2**40, "a_float": 1.5, "a_bool": False, "a_string": "x"}
     result = client.infer("good", [_input(module)], parameters=custom, priority=2, timeout=10**9)
     assert result.as_numpy("y").tolist() == [[2.0] * 4]
+
+
+# ---------------------------------------------------------------------------------------------- schedule policy
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_a_more_urgent_priority_is_served_ahead_of_a_queued_request(server, protocol):
+    # `levels` batches 2 rows, or waits 10 minutes. A 1-row request at the default level 2 waits; a 2-row one at
+    # level 1 then goes first, as a batch of its own. Priorities were taken but did not reorder the queue: it
+    # queued behind the first, which could not take it along (3 rows), so it waited the 10 minutes too.
+    module = httpclient if protocol == "http" else grpcclient
+    client = server.http if protocol == "http" else server.grpc
+    answers: queue.Queue = queue.Queue()
+    waiting = server.grpc.async_infer("levels", [_input(grpcclient)],  # priority 0: the default level (2)
+                                      callback=lambda result, error: answers.put((result, error)))
+    try:
+        wait_until(lambda: _metric(server.url, "nv_inference_pending_request_count", "levels") == 1, timeout=30,
+                   what="the level-2 request queued")
+        urgent = client.infer("levels", [_input(module, 2)], priority=1,
+                              **({"client_timeout": 60} if protocol == "grpc" else {}))
+        assert urgent.as_numpy("y").tolist() == [[2.0] * 4] * 2
+        assert answers.empty() and _metric(server.url, "nv_inference_pending_request_count", "levels") == 1
+    finally:
+        waiting.cancel()
+    assert answers.get(timeout=30)[0] is None  # cancelled, never run
+    wait_until(lambda: _metric(server.url, "nv_inference_pending_request_count", "levels") == 0, timeout=30,
+               what="the queue emptied")
+
+
+def test_schedule_policy_is_claimed_and_a_bad_priority_is_a_400(server):
+    assert "schedule_policy" in server.http.get_server_metadata()["extensions"]
+    answer = httpx.post(f"http://{server.url}/v2/models/levels/infer", timeout=30, json={
+        "parameters": {"priority": "urgent"},
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 4], "data": [1] * 8}]})
+    assert answer.status_code == 400
+    assert answer.json()["error"].startswith("parameter 'priority': expected an unsigned integer")
