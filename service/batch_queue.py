@@ -29,6 +29,7 @@ class PendingRequest:
     started: float | None = None
     client_gone: Callable[[], bool] | None = None
     length: int = 0  # the ragged axis's length, for length-aware models; 0 otherwise
+    priority: int = 0  # the priority level (1 first); 0 for every request of a model without levels
 
     def hung_up(self) -> bool:
         return self.client_gone is not None and self.client_gone()
@@ -69,8 +70,11 @@ def cancel_if_hung_up(req: PendingRequest) -> bool:
 class AdmissionQueue:
     """The bounded FIFO in front of the batcher. max_size 0 means unbounded (Triton's meaning)."""
 
-    def __init__(self, *, max_size: int) -> None:
+    def __init__(self, *, max_size: int, on_change: Callable[[int], None] = lambda depth: None) -> None:
         self.max_size = max_size
+        # Told the depth after every change, whatever made it (an arrival, a dispatch, a cancelled caller): the
+        # pending-request gauge reads it, so a request that left the queue never counts as waiting.
+        self._on_change = on_change
         self._items: deque[PendingRequest] = deque()
         self._arrived = asyncio.Event()
         self.token_bound_hit = False
@@ -83,35 +87,50 @@ class AdmissionQueue:
             # NOTE: Triton's words first (its QA tests look for them), then ours.
             raise QueueFull(f"Exceeds maximum queue size: model {model!r}: queue is full ({self.max_size} requests "
                             "waiting); retry later")
-        self._items.append(req)
+        if not self._items or self._items[-1].priority <= req.priority:
+            self._items.append(req)
+        else:
+            # Triton's priority levels: behind every request of its level or a more urgent one, ahead of the rest
+            # (FIFO within a level). Only a model with levels gets here, and walks past the less urgent only.
+            at = len(self._items)
+            while at > 0 and self._items[at - 1].priority > req.priority:
+                at -= 1
+            self._items.insert(at, req)
         self._arrived.set()
+        self._on_change(len(self._items))
 
     def discard(self, req: PendingRequest) -> None:
         try:
             self._items.remove(req)
         except ValueError:
-            pass
+            return
+        self._on_change(len(self._items))
 
     def first(self) -> PendingRequest:
         return self._items[0]
 
     def popleft(self) -> PendingRequest:
-        return self._items.popleft()
+        req = self._items.popleft()
+        self._on_change(len(self._items))
+        return req
 
     def remove(self, taken: Sequence[PendingRequest]) -> None:
         """Take a dispatched batch out."""
         chosen = set(map(id, taken))
         self._items = deque(r for r in self._items if id(r) not in chosen)
+        self._on_change(len(self._items))
 
     def prune(self) -> None:
         """Drop requests nobody waits for; callers who hung up are answered RequestCancelled here."""
         if all(r.wanted() for r in self._items):
             return
         self._items = deque(r for r in self._items if not cancel_if_hung_up(r) and not r.future.done())
+        self._on_change(len(self._items))
 
     def drain(self) -> list[PendingRequest]:
         """Empty the queue, returning what was in it."""
         items, self._items = list(self._items), deque()
+        self._on_change(0)
         return items
 
     async def wait_not_empty(self) -> None:

@@ -12,6 +12,7 @@ The two halves are separately testable, as in Ray Serve and MLServer:
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
@@ -149,7 +150,8 @@ class Batcher:
     ragged: RaggedPolicy | None = None
 
     def __post_init__(self) -> None:
-        self.queue = AdmissionQueue(max_size=self.policy.max_queue_size if self.policy else 0)
+        self.queue = AdmissionQueue(max_size=self.policy.max_queue_size if self.policy else 0,
+                                    on_change=lambda depth: self.stats.on_queue_change(depth))
         self._slots = asyncio.Semaphore(self.concurrency)
         self._tasks: set[asyncio.Task] = set()
         self._loop_task: asyncio.Task | None = None
@@ -192,24 +194,37 @@ class Batcher:
         return tuple((n, a.shape[1:] if self.max_batch_size > 0 else a.shape, a.dtype.str) for n, a in inputs.items())
 
     def submit(
-        self, *, inputs: Feeds, rows: int, timeout_s: float | None, client_gone: Callable[[], bool] | None = None
+        self, *, inputs: Feeds, rows: int, timeout_s: float | None, client_gone: Callable[[], bool] | None = None,
+        priority: int = 0,
     ) -> asyncio.Future:
-        """Queue a validated request; the future resolves to a BatchResult. Raises QueueFull at once."""
+        """Queue a validated request; the future resolves to a BatchResult. Raises QueueFull at once. `priority`:
+        its level (1 first; 0 when the model has no levels): it waits behind every request of a level before."""
         if not self.accepting:
             raise ModelNotReady(f"model {self.model!r} is unloading; not accepting new requests")
         loop = self._loop or asyncio.get_running_loop()
         now = self.clock()
         req = PendingRequest(inputs=inputs, rows=rows, shape_key=self._shape_key(inputs), future=loop.create_future(),
                              enqueued=now, client_gone=client_gone,
-                             length=self.ragged.length(inputs) if self.ragged is not None else 0)
+                             length=self.ragged.length(inputs) if self.ragged is not None else 0, priority=priority)
         self.queue.put(req, model=self.model)
         if self.adaptive:  # only the adaptive planner reads what it learns (below too)
             self.planner.observe_arrival(now, others=len(self.queue) - 1 + self._running)
         if timeout_s is not None and timeout_s > 0:
             req.deadline = now + timeout_s
             req.timer = loop.call_later(timeout_s, self._expire, req)
-        self.stats.on_queue_change(len(self.queue))
+        req.future.add_done_callback(functools.partial(self._withdrawn, req))
         return req.future
+
+    def _withdrawn(self, req: PendingRequest, future: asyncio.Future) -> None:
+        """A caller cancelled its wait (a gRPC client's cancel, a stream closed with its requests cancelled)
+        while its request was still queued: take it out now, not when the next batch forms, so it stops
+        counting as pending (a queue with a long max_queue_delay, or behind a busy instance, may form none for
+        a long time), and let the collector re-plan without it."""
+        if future.cancelled() and req.started is None:
+            if req.timer is not None:
+                req.timer.cancel()
+            self.queue.discard(req)
+            self.queue.wake()
 
     def _expire(self, req: PendingRequest) -> None:
         if req.started is None:
@@ -220,7 +235,6 @@ class Batcher:
                                  f"queue after {waited_ms:.1f} ms (its queue policy's timeout)"),
             )
             self.queue.discard(req)
-            self.stats.on_queue_change(len(self.queue))
 
     async def _collect_loop(self) -> None:
         while True:
@@ -230,7 +244,6 @@ class Batcher:
             except BaseException:
                 self._slots.release()
                 raise
-            self.stats.on_queue_change(len(self.queue))
             self.stats.on_dispatch(reason, sum(r.rows for r in batch))
             self._dispatch(batch)
 

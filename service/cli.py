@@ -77,6 +77,13 @@ def _triton_switches(p: argparse.ArgumentParser) -> None:
     p.add_argument("--id", dest="server_id", help="server name reported by server metadata (default modelserve)")
     p.add_argument("--backend-config", dest="backend_config", action="append", metavar="[onnxruntime,]KEY=VALUE",
                    help="only default-max-batch-size=N is taken (this server runs ONNX Runtime only)")
+    p.add_argument("--grpc-use-ssl", dest="grpc_use_ssl", type=_flag, nargs="?", const=True, metavar="BOOL",
+                   help="TLS on the gRPC port (needs --grpc-server-cert and --grpc-server-key)")
+    p.add_argument("--grpc-use-ssl-mutual", dest="grpc_use_ssl_mutual", type=_flag, nargs="?", const=True,
+                   metavar="BOOL", help="TLS, and clients must show a certificate signed by --grpc-root-cert")
+    p.add_argument("--grpc-server-cert", dest="grpc_server_cert", help="PEM file: the gRPC server's certificate")
+    p.add_argument("--grpc-server-key", dest="grpc_server_key", help="PEM file: the gRPC server's private key")
+    p.add_argument("--grpc-root-cert", dest="grpc_root_cert", help="PEM file: the CA client certificates must chain to")
 
 
 def _flag(value: str) -> bool:

@@ -31,9 +31,14 @@ from service.repository import ModelRepository
 from service.shm import SharedMemoryRegistry, ShmRef
 from service.tracing import RequestTrace, Tracing
 
-# Triton's extension names for what is served (its own list adds schedule_policy, cuda_shared_memory, parameters).
+# Triton's extension names for what is served (its own list adds cuda_shared_memory).
+# "parameters": custom request parameters of every type are taken (an ONNX graph reads none, as in Triton's
+# onnxruntime backend); Triton's --http/--grpc-header-forward-pattern are not. "schedule_policy": a request's
+# priority orders the dynamic batcher's queue (priority_levels) and its timeout is honoured where the queue
+# policy allows the override; per-level queue policies (priority_queue_policy) are not read.
 EXTENSIONS = ["classification", "sequence", "model_repository", "model_repository(unload_dependents)",
-              "model_configuration", "binary_tensor_data", "statistics", "system_shared_memory", "trace", "logging"]
+              "model_configuration", "binary_tensor_data", "statistics", "system_shared_memory", "trace", "logging",
+              "parameters", "schedule_policy"]
 
 
 @dataclass
@@ -441,7 +446,8 @@ class InferenceCore:
             if entry is None:
                 self.model(name)  # raises ModelNotFound with the list of models
             assert entry is not None
-            versions = [self.model(name, version)] if version else list(entry.versions.values())
+            # As Triton: a model with no version loaded has no statistics to give (an error, not an empty list).
+            versions = [self.model(name, version)] if version or not entry.versions else list(entry.versions.values())
         else:
             versions = self._repository.ready_versions()
         return {"model_stats": [mv.stats.as_dict() for mv in versions]}

@@ -19,6 +19,7 @@ import signal
 import socket
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import grpc
 import httpx
@@ -28,6 +29,7 @@ import uvloop
 from service.errors import ModelNotReady, ServingError, unexpected
 from service.frontend_link import FrontEndLink, ModelProcessDecodes, NoShm
 from service.grpc_frontend import start_grpc_frontend
+from service.grpc_tls import grpc_tls
 from service.http_infer import (
     INFER_PATH,
     decompress,
@@ -170,7 +172,10 @@ async def _serve(args: argparse.Namespace) -> None:
         if args.grpc_port is not None:
             grpc_server, channel = await start_grpc_frontend(
                 link=link, host=args.grpc_host or args.host, port=args.grpc_port, upstream=args.grpc_upstream,
-                max_request_bytes=args.max_request_bytes, fast=not args.proxy_only)
+                max_request_bytes=args.max_request_bytes, fast=not args.proxy_only,
+                tls=grpc_tls(use_ssl=args.grpc_server_cert is not None, mutual=args.grpc_use_ssl_mutual,
+                             server_cert=args.grpc_server_cert, server_key=args.grpc_server_key,
+                             root_cert=args.grpc_root_cert))
 
         stopping = asyncio.Event()
 
@@ -206,6 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grpc-host")
     p.add_argument("--grpc-upstream", help="the model process's gRPC address (unix:PATH)")
     p.add_argument("--proxy-only", action="store_true", help="decode nothing here (access control, tracing)")
+    p.add_argument("--grpc-server-cert", type=Path, help="TLS on the gRPC port: the server's PEM certificate")
+    p.add_argument("--grpc-server-key", type=Path)
+    p.add_argument("--grpc-root-cert", type=Path)
+    p.add_argument("--grpc-use-ssl-mutual", action="store_true")
     args = p.parse_args(argv)
     _die_with_parent()
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s frontend: %(message)s")

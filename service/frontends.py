@@ -63,6 +63,8 @@ class FrontEnds:
         if s.grpc_port is not None:
             cmd += ["--grpc-port", str(s.grpc_port), "--grpc-host", s.grpc_host or s.http_host,
                     "--grpc-upstream", f"unix:{self.grpc_socket}"]
+            if (tls := s.grpc_tls()) is not None:
+                cmd += tls.flags()
         for _ in range(s.http_workers):
             proc = await asyncio.create_subprocess_exec(*cmd)
             self.procs.append(proc)

@@ -20,6 +20,7 @@ from service.errors import ServingError, unexpected
 from service.grpc_extensions import ExtensionServicer
 from service.grpc_health import ReadinessHealth, add_health_service
 from service.grpc_stream import infer_one
+from service.grpc_tls import GrpcTls, add_port
 from service.ports import StartupError
 from service.protocol_grpc import (
     Unparsable,
@@ -139,12 +140,13 @@ class InferenceServicer(ExtensionServicer, pb_grpc.GRPCInferenceServiceServicer)
 async def start_grpc_server(core: InferenceCore, *, host: str, port: int, max_message_bytes: int,
                             interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
                             start: bool = True, address: str | None = None,
-                            health: ReadinessHealth | None = None) -> grpc.aio.Server:
+                            health: ReadinessHealth | None = None, tls: GrpcTls | None = None) -> grpc.aio.Server:
     """Start the gRPC server on the running event loop (it shares the core, batchers and models with HTTP).
     `interceptors`: access control (service/access.grpc_interceptors), none when nothing is enforced.
     `start=False` only binds the port (the caller starts it once the models are loaded). `address`: bind this
     instead of host:port (`--http-workers`: a Unix socket only the front ends reach). `health`: the
-    grpc.health.v1 service beside it (the caller drains it; default: one on the core's readiness)."""
+    grpc.health.v1 service beside it (the caller drains it; default: one on the core's readiness). `tls`: serve
+    host:port over TLS (never the front ends' Unix socket)."""
     # NOTE: gRPC turns SO_REUSEPORT on by default, which let a second server bind the same port and
     # silently take half the connections; a clash must be an error instead.
     options = [("grpc.max_receive_message_length", max_message_bytes),
@@ -154,7 +156,7 @@ async def start_grpc_server(core: InferenceCore, *, host: str, port: int, max_me
     server.add_generic_rpc_handlers((generic_handler(InferenceServicer(core)),))
     add_health_service(server, health or ReadinessHealth(core.ready))
     try:
-        bound = server.add_insecure_port(address or f"{host}:{port}")
+        bound = server.add_insecure_port(address) if address else add_port(server, f"{host}:{port}", tls)
     except RuntimeError:
         bound = 0
     if bound == 0:
@@ -162,5 +164,5 @@ async def start_grpc_server(core: InferenceCore, *, host: str, port: int, max_me
                            "stop the other server or pass --grpc-port")
     if start:
         await server.start()
-    log.info("KServe V2 gRPC on %s", address or f"{host}:{bound}")
+    log.info("KServe V2 gRPC on %s%s", address or f"{host}:{bound}", " (TLS)" if tls and not address else "")
     return server

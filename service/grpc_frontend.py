@@ -17,6 +17,7 @@ from tritonclient.grpc import service_pb2 as pb
 
 from service.errors import ServingError, unexpected
 from service.frontend_link import FrontEndLink, ModelProcessDecodes, NoShm
+from service.grpc_tls import GrpcTls, add_port
 from service.protocol_grpc import decode_infer, encode_infer_wire, grpc_status
 
 log = logging.getLogger("modelserve.frontend")
@@ -100,7 +101,7 @@ class ForwardingHandler(grpc.GenericRpcHandler):
 
 
 async def start_grpc_frontend(*, link: FrontEndLink, host: str, port: int, upstream: str, max_request_bytes: int,
-                              fast: bool) -> tuple[grpc.aio.Server, grpc.aio.Channel]:
+                              fast: bool, tls: GrpcTls | None = None) -> tuple[grpc.aio.Server, grpc.aio.Channel]:
     """The front end's gRPC server on the shared public port, and its channel to the model process."""
     limits = [("grpc.max_receive_message_length", max_request_bytes),
               ("grpc.max_send_message_length", max_request_bytes)]
@@ -108,6 +109,6 @@ async def start_grpc_frontend(*, link: FrontEndLink, host: str, port: int, upstr
     server = grpc.aio.server(options=[*limits, ("grpc.so_reuseport", 1)])
     server.add_generic_rpc_handlers((ForwardingHandler(link=link, upstream=channel, max_request_bytes=max_request_bytes,
                                                        fast=fast),))
-    server.add_insecure_port(f"{host}:{port}")
+    add_port(server, f"{host}:{port}", tls)
     await server.start()
     return server, channel

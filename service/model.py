@@ -289,7 +289,18 @@ class ModelVersion:
             return self.sequencer.submit(inputs=inputs, rows=rows, parameters=parameters, client_gone=client_gone)
         assert self.batcher is not None
         return self.batcher.submit(inputs=inputs, rows=rows, timeout_s=self.timeout_s(parameters),
-                                   client_gone=client_gone)
+                                   client_gone=client_gone, priority=self.priority(parameters))
+
+    def priority(self, parameters: dict) -> int:
+        """The request's priority level under the model's dynamic_batching priority_levels (0: one level)."""
+        policy = self.spec.batching
+        asked = parameters.get("priority", 0)
+        if isinstance(asked, str) and asked.isascii() and asked.isdigit():
+            asked = int(asked)
+        if isinstance(asked, bool) or not isinstance(asked, int) or asked < 0:
+            raise InvalidInput(f"parameter 'priority': expected an unsigned integer (1 is the most urgent level), "
+                               f"got {asked!r}")
+        return policy.priority(asked) if policy is not None else 0
 
     def _run(self, feeds: dict[str, np.ndarray],
              names: list[str] | None = None) -> tuple[dict[str, np.ndarray], int, int]:

@@ -267,7 +267,7 @@ class ModelRepository:
                         f"Request for unknown model: {name!r} version {version} is not found; loaded versions "
                         f"are {sorted(entry.versions, key=int)}"
                     )
-                raise ModelNotReady(_not_ready(name, entry))
+                raise ModelNotReady(_not_ready(name, entry, version=version))
             return _serving(mv)
         mv = entry.latest()
         if mv is None:
@@ -357,6 +357,10 @@ def _serving(mv: ModelVersion) -> ModelVersion:
     return mv
 
 
-def _not_ready(name: str, entry: ModelEntry) -> str:
+def _not_ready(name: str, entry: ModelEntry, *, version: str | None = None) -> str:
+    # NOTE: Triton's words first (qa/L0_lifecycle checks that its messages start with them), then ours. Triton
+    # answers NOT_FOUND here; 503 / UNAVAILABLE is kept, as it tells a client to retry while a model loads.
+    triton = (f"Request for unknown model: {name!r} version {version} is not at ready state" if version
+              else f"Request for unknown model: {name!r} has no available versions")
     # An entry's reason is empty while it loads or unloads: say which ("UNLOADING: loading" before).
-    return f"model {name!r} is not ready ({entry.state}: {entry.reason or entry.state.lower()})"
+    return f"{triton}: model {name!r} is not ready ({entry.state}: {entry.reason or entry.state.lower()})"

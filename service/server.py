@@ -64,7 +64,7 @@ class Server:
             self._grpc = await start_grpc_server(self.core, host=host, port=s.grpc_port,
                                                  max_message_bytes=s.max_request_bytes,
                                                  interceptors=grpc_interceptors(s), start=False, address=inner,
-                                                 health=self._health)
+                                                 health=self._health, tls=s.grpc_tls())
         await self.repository.start()
         if self._grpc is not None:
             await self._grpc.start()

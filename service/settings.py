@@ -10,6 +10,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.access import GRPC_KEY_PREFIX, check_api_keys, parse_restricted_specs
 from service.cpuquota import usable_cpus
+from service.grpc_tls import GrpcTls, grpc_tls
 from service.modelrepo.config import DEFAULT_MAX_BATCH_SIZE
 from service.modelrepo.remote import check_url, is_remote
 from service.processing.base import Limits
@@ -93,6 +94,16 @@ class ServerSettings(BaseSettings):
     """Inference needs 'Authorization: Bearer <one of these>' (env: comma-separated); none: inference is open."""
     grpc_host: str | None = Field(None, min_length=1)
     """Address the gRPC server binds (default: http_host)."""
+    grpc_use_ssl: bool = False
+    """Triton's --grpc-use-ssl: TLS on the gRPC port (needs grpc_server_cert and grpc_server_key)."""
+    grpc_use_ssl_mutual: bool = False
+    """Triton's --grpc-use-ssl-mutual: TLS, and clients must show a certificate signed by grpc_root_cert."""
+    grpc_server_cert: Path | None = None
+    """Triton's --grpc-server-cert: PEM file of the gRPC server's certificate (chain)."""
+    grpc_server_key: Path | None = None
+    """Triton's --grpc-server-key: PEM file of the gRPC server's private key."""
+    grpc_root_cert: Path | None = None
+    """Triton's --grpc-root-cert: PEM file of the CA that client certificates are verified against."""
     metrics_host: str | None = Field(None, min_length=1)
     """Address the separate metrics port binds (default: http_host)."""
     allow_client_shm: bool = False
@@ -218,7 +229,13 @@ class ServerSettings(BaseSettings):
         size = backend_max_batch_size(self.backend_config)
         if size is not None:
             self.default_max_batch_size = size
+        self.grpc_tls()  # ValueError saying which PEM file is missing
         return self
+
+    def grpc_tls(self) -> GrpcTls | None:
+        """TLS for the public gRPC port (Triton's --grpc-use-ssl* flags), or None for plaintext."""
+        return grpc_tls(use_ssl=self.grpc_use_ssl, mutual=self.grpc_use_ssl_mutual, server_cert=self.grpc_server_cert,
+                        server_key=self.grpc_server_key, root_cert=self.grpc_root_cert)
 
     @model_validator(mode="after")
     def _check(self) -> ServerSettings:

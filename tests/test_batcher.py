@@ -196,3 +196,39 @@ async def test_callers_who_hung_up_are_dropped_when_the_batch_forms():
         await gone
     assert all((batch >= 0).all() for batch in model.batches), "a hung-up caller's request reached the model"
     await b.close(grace_s=1)
+
+
+async def test_a_cancelled_caller_leaves_the_queue_and_its_depth_at_once():
+    # The depth feeds nv_inference_pending_request_count: a cancelled caller used to count until the next batch
+    # formed (here, with a minute's delay and no batch-mates, not for a minute).
+    model = GatedModel()
+    depths: list[int] = []
+    b = make_batcher(model, max_batch_size=8)
+    b.stats.on_queue_change = depths.append
+    gone, kept = submit(b, -1), submit(b, 1)
+    await until(lambda: depths[-1:] == [2], "both queued")
+    gone.cancel()
+    await asyncio.sleep(0)  # the cancelled future's callbacks run on the next loop step
+    assert depths[-1] == 1 and len(b.queue) == 1
+    kept.cancel()
+    await asyncio.sleep(0)
+    assert depths[-1] == 0 and len(b.queue) == 0 and model.batches == []
+    await b.close(grace_s=1)
+
+
+async def test_priority_levels_serve_the_more_urgent_level_first_fifo_within_a_level():
+    # Triton's dynamic_batching priority_levels: level 1 before level 2, each level in arrival order.
+    model = GatedModel(gated=True)
+    policy = BatchingPolicy(max_queue_delay_us=HUGE_DELAY_US, priority_levels=2, default_priority_level=2)
+    b = Batcher(model="m", run=model, executor=ThreadPoolExecutor(1), policy=policy, max_batch_size=1, concurrency=1)
+    b.start()
+    blocker = submit(b, 0)
+    await until(model.started.is_set, "blocker running")
+    order = [(1.0, 2), (2.0, 2), (3.0, 1), (4.0, 2), (5.0, 1)]  # (value, level)
+    futures = [b.submit(inputs={"x": np.full((1, 3), v, np.float32)}, rows=1, timeout_s=None, priority=level)
+               for v, level in order]
+    assert [r.priority for r in b.queue._items] == [1, 1, 2, 2, 2]
+    model.gate.set()
+    await asyncio.wait_for(asyncio.gather(blocker, *futures), timeout=10)
+    assert [float(batch[0, 0]) for batch in model.batches] == [0.0, 3.0, 5.0, 1.0, 2.0, 4.0]
+    await b.close(grace_s=1)

@@ -52,6 +52,15 @@ class BatchingPolicy:
     max_queue_size: int = 0  # 0: unbounded, as in Triton
     default_timeout_us: int = 0  # 0: no timeout
     allow_timeout_override: bool = False
+    priority_levels: int = 0  # 0: one level; else 1 (served first) .. priority_levels
+    default_priority_level: int = 0  # the level of a request that names none (or one out of range)
+
+    def priority(self, asked: int) -> int:
+        """A request's level, as Triton's InferenceRequest::SetPriority: 0 or above priority_levels means the
+        default level; every request shares one level when the model has none."""
+        if self.priority_levels <= 0:
+            return 0
+        return self.default_priority_level if asked <= 0 or asked > self.priority_levels else asked
 
 
 @dataclass
@@ -272,7 +281,14 @@ def _batching(config: mc.ModelConfig) -> BatchingPolicy | None:
             raise ModelLoadError(
                 f"model {config.name!r}: preferred_batch_size {size} exceeds max_batch_size {config.max_batch_size}"
             )
+    levels, default_level = int(db.priority_levels), int(db.default_priority_level)
+    if levels and not 1 <= default_level <= levels:
+        # Triton refuses the same model config (model_config_utils.cc)
+        raise ModelLoadError(f"model {config.name!r}: default_priority_level must be in range [1, {levels}] "
+                             f"(priority_levels), got {default_level}")
     return BatchingPolicy(
+        priority_levels=levels,
+        default_priority_level=default_level,
         preferred_batch_sizes=preferred,
         max_queue_delay_us=int(db.max_queue_delay_microseconds),
         max_queue_size=int(policy.max_queue_size),
