@@ -23,7 +23,7 @@ from loadtests.stream_flood import memory_mib
 from tests.onnx_builders import scale_model, write_config
 
 BODY = orjson.dumps({"inputs": [{"name": "x", "shape": [8, 4], "datatype": "FP32", "data": [1.0] * 32}]})
-REQUEST = b"POST /v2/models/scale/infer HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n%s" % (len(BODY), BODY)
+REQUEST = b"POST /v2/models/scale/infer HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n%s" % (len(BODY), BODY)
 
 
 def flood(sock: socket.socket, sent: list[int], slot: int, stop: threading.Event) -> None:

@@ -4,7 +4,8 @@ control routes, and a warning when the model-repository API is exposed without a
 `--http-restricted-api=<api>[,<api>...]:<key>=<value>` / `--grpc-restricted-protocol=...` (Triton's flags and
 meanings): a request to a restricted API must carry header `<key>: <value>` (gRPC: metadata
 `triton-grpc-protocol-<key>`, lowercased, as Triton) or gets 403 / PERMISSION_DENIED. `MODELSERVE_API_KEYS`:
-inference requires `Authorization: Bearer <key>` or gets 401 / UNAUTHENTICATED.
+inference requires `Authorization: Bearer <key>` or gets 401 / UNAUTHENTICATED. `--http-allowed-hosts`
+(service/hosts.py): an HTTP request whose Host names another server gets 421, whatever its route.
 
 Transports stay unaware: HTTP is wrapped by `AccessMiddleware` (pure ASGI, in front of the infer fast path too)
 and gRPC gets `AccessInterceptor`; neither is installed when there is nothing to enforce, so the hot path
@@ -14,7 +15,6 @@ costs nothing then.
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import logging
 import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -37,6 +37,7 @@ from service.errors import (
     UnsupportedMediaType,
     openai_error,
 )
+from service.hosts import HostRule, host_rule, is_loopback  # is_loopback: also for warn_if_exposed's importers
 
 if TYPE_CHECKING:
     from service.settings import ServerSettings
@@ -100,14 +101,16 @@ def check_api_keys(keys: Sequence[str]) -> None:
 class AccessPolicy:
     """What one transport enforces: restricted APIs and the inference API keys."""
 
-    def __init__(self, *, restrictions: dict[str, Restriction], api_keys: Sequence[str], noun: str) -> None:
+    def __init__(self, *, restrictions: dict[str, Restriction], api_keys: Sequence[str], noun: str,
+                 hosts: HostRule | None = None) -> None:
         self.restrictions = restrictions
         self.api_keys = tuple(k.encode() for k in api_keys)
         self.noun = noun  # "header" (HTTP) or "metadata" (gRPC), for messages
+        self.hosts = hosts  # HTTP only: the Host names answered (service/hosts.py); None: any
 
     @property
     def enforces(self) -> bool:
-        return bool(self.restrictions or self.api_keys)
+        return bool(self.restrictions or self.api_keys or self.hosts is not None)
 
     def check(self, api: str | None, values: Callable[[str], list[bytes]]) -> ServingError | None:
         """The error for a request to `api` whose header `name` has `values(name)`; None when allowed."""
@@ -207,6 +210,12 @@ def http_denial(policy: AccessPolicy, scope: Mapping[str, Any]) -> ServingError 
     """The error for an HTTP request (ASGI scope) that `policy` refuses; None when it is allowed. Used by
     AccessMiddleware and by the protocol that answers infer itself (service/http_protocol_infer.py)."""
     headers: list[tuple[bytes, bytes]] = scope["headers"]
+    if policy.hosts is not None:  # every route, before its group: a rebound page must reach none of them
+        refused = policy.hosts.denial(headers)
+        if refused is not None:
+            return refused
+    if not (policy.restrictions or policy.api_keys):
+        return None  # only Host names are checked here (a loopback-bound server's default)
 
     def values(name: str) -> list[bytes]:
         key = name.encode()
@@ -226,7 +235,8 @@ async def _send_error(send: Callable, error: ServingError, *, openai: bool = Fal
 def wrap_http_app(app: ASGIApp, settings: ServerSettings) -> ASGIApp:
     """`app` behind AccessMiddleware, or `app` itself when nothing is enforced on HTTP."""
     policy = AccessPolicy(restrictions=parse_restricted_specs(settings.http_restricted_api),
-                          api_keys=[k.get_secret_value() for k in settings.api_keys], noun="header")
+                          api_keys=[k.get_secret_value() for k in settings.api_keys], noun="header",
+                          hosts=host_rule(allowed=settings.http_allowed_hosts, bind_host=settings.http_host))
     return AccessMiddleware(app, policy=policy) if policy.enforces else app
 
 
@@ -353,15 +363,6 @@ def grpc_interceptors(settings: ServerSettings) -> list[grpc.aio.ServerIntercept
 
 
 # ---------------------------------------------------------------------------------------------- start-up
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False  # a host name: assume it resolves beyond this machine
-
 
 def warn_if_exposed(settings: ServerSettings) -> list[str]:
     """Log a WARNING for each transport serving the model-repository API unrestricted beyond loopback."""

@@ -34,6 +34,9 @@ def _serve_parser(sub) -> None:
                    help="address the metrics port binds (default: --http-address)")
     p.add_argument("--http-restricted-api", dest="http_restricted_api", action="append",
                    metavar="API[,API...]:KEY=VALUE", help="those HTTP APIs need header KEY: VALUE (repeatable)")
+    p.add_argument("--http-allowed-hosts", dest="http_allowed_hosts", metavar="HOST[,HOST...]",
+                   help="Host names HTTP answers ('*' any, '*.example.com', names, addresses); default: loopback "
+                        "names when bound to loopback, else any; others get 421 (DNS rebinding)")
     p.add_argument("--grpc-restricted-protocol", dest="grpc_restricted_protocol", action="append",
                    metavar="PROTOCOL[,PROTOCOL...]:KEY=VALUE",
                    help="those gRPC protocols need metadata triton-grpc-protocol-KEY: VALUE (repeatable)")

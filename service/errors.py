@@ -110,6 +110,13 @@ class PermissionDenied(ServingError):
     status_code = 403
 
 
+class MisdirectedRequest(ServingError):
+    """The request's Host is not one this server answers (setting http_allowed_hosts; RFC 9110 §15.5.20)."""
+
+    status_code = 421
+    failure_reason = "REJECTED"
+
+
 class RequestTimeout(ServingError):
     """The client stopped sending its request body; the connection is closed after the answer."""
 
@@ -121,6 +128,7 @@ class RequestTimeout(ServingError):
 # OpenAI's error `type` per status (https://platform.openai.com/docs/guides/error-codes).
 _OPENAI_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "invalid_request_error",
                  404: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error",
+                 421: "invalid_request_error",
                  503: "server_error", 504: "timeout"}
 # Routes that answer in OpenAI's shape (the `openai` client shows only `error.message`).
 OPENAI_PATHS = ("/v1/embeddings",)

@@ -30,6 +30,7 @@ from service.errors import ModelNotReady, ServingError, unexpected
 from service.frontend_link import FrontEndLink, ModelProcessDecodes, NoShm
 from service.grpc_frontend import start_grpc_frontend
 from service.grpc_tls import grpc_tls
+from service.hosts import HostRule, host_rule
 from service.http_infer import (
     INFER_PATH,
     decompress,
@@ -53,7 +54,8 @@ class FrontEndApp:
     """ASGI app of a front end: V2 infer decoded here and run by the model process; all else proxied there."""
 
     def __init__(self, *, link: FrontEndLink, proxy: httpx.AsyncClient, max_request_bytes: int,
-                 fast: bool = True) -> None:
+                 fast: bool = True, hosts: HostRule | None = None) -> None:
+        self.hosts = hosts  # the model process's rule: the proxy sends its own Host, so it is checked here
         self.link = link
         self.proxy = proxy
         self.limit = max_request_bytes
@@ -63,7 +65,8 @@ class FrontEndApp:
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
             return
-        refused = transfer_coding_refusal(scope["headers"])  # as the model process's app (the proxy drops TE)
+        refused = self.hosts.denial(scope["headers"]) if self.hosts is not None else None
+        refused = refused or transfer_coding_refusal(scope["headers"])  # as the model process's (the proxy drops TE)
         if refused is not None:
             await send_error(send, refused)
             return
@@ -162,7 +165,9 @@ async def _serve(args: argparse.Namespace) -> None:
     sock = _listen(args.host, args.port)
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
     async with httpx.AsyncClient(base_url=args.internal_url, limits=limits, timeout=None) as proxy:
-        app = FrontEndApp(link=link, proxy=proxy, max_request_bytes=args.max_request_bytes, fast=not args.proxy_only)
+        allowed = None if args.allowed_hosts is None else args.allowed_hosts.split(",")
+        app = FrontEndApp(link=link, proxy=proxy, max_request_bytes=args.max_request_bytes, fast=not args.proxy_only,
+                          hosts=host_rule(allowed=allowed, bind_host=args.host))
         config = uvicorn.Config(app, loop="none", lifespan="off", ws="none", access_log=False, proxy_headers=False,
                                 log_level=args.log_level, timeout_keep_alive=30,
                                 http=protocol_class(header_timeout=args.header_timeout,
@@ -210,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grpc-port", type=int, help="also serve gRPC on this port, forwarding to --grpc-upstream")
     p.add_argument("--grpc-host")
     p.add_argument("--grpc-upstream", help="the model process's gRPC address (unix:PATH)")
+    p.add_argument("--allowed-hosts", help="Host names answered, comma-separated (default: as the server's)")
     p.add_argument("--proxy-only", action="store_true", help="decode nothing here (access control, tracing)")
     p.add_argument("--grpc-server-cert", type=Path, help="TLS on the gRPC port: the server's PEM certificate")
     p.add_argument("--grpc-server-key", type=Path)

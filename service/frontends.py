@@ -59,7 +59,8 @@ class FrontEnds:
                "--max-request-bytes", str(s.max_request_bytes), "--header-timeout", str(s.http_header_timeout_secs),
                "--max-header-bytes", str(s.http_max_header_bytes),
                "--exit-timeout", str(s.exit_timeout_secs), "--log-level", s.log_level,
-               *([] if self._fast() else ["--proxy-only"])]
+               *([] if self._fast() else ["--proxy-only"]),
+               *([] if s.http_allowed_hosts is None else ["--allowed-hosts", ",".join(s.http_allowed_hosts)])]
         if s.grpc_port is not None:
             cmd += ["--grpc-port", str(s.grpc_port), "--grpc-host", s.grpc_host or s.http_host,
                     "--grpc-upstream", f"unix:{self.grpc_socket}"]

@@ -22,6 +22,12 @@ from service.http_flow import CorkableTransport, PipelineFlow
 
 log = logging.getLogger("modelserve.http")
 
+_VERSIONS = ("1.0", "1.1")  # the HTTP versions this port speaks; any other request line gets 505
+
+
+class _Refused(Exception):
+    """Raised inside a parser callback to stop parsing a request already refused (version, head size; see _feed)."""
+
 
 @contextlib.contextmanager
 def corked(receive: Callable | None) -> Iterator[None]:
@@ -95,10 +101,6 @@ def body_complete(receive: Callable) -> bool:
     return getattr(cycle, "more_body", True) is False
 
 
-class HeadRefused(Exception):
-    """Raised from a parser callback to stop parsing a connection whose request head was refused."""
-
-
 class TimedHttpToolsProtocol(HttpToolsProtocol):
     """HttpToolsProtocol that closes a connection whose request headers do not arrive in time.
 
@@ -141,7 +143,7 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
         self._chunk = len(data)
         self._feed(data)
         if self._refusal is not None:
-            return
+            return  # refused (version or head): answered or owed, nothing more counted
         if self._headers_since is None:
             self._head_bytes = 0
             return
@@ -172,9 +174,12 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
             try:
                 self.parser.feed_data(data)
                 return
-            except httptools.HttpParserError:
+            except httptools.HttpParserError as exc:
                 if self._refusal is not None:
-                    return  # on_headers_complete refused the head (over max_header_bytes) and stopped the parser
+                    return  # on_headers_complete refused the request (version, head size) and stopped the parser
+                if str(exc) == "Invalid HTTP version":
+                    self._refuse_version()
+                    return
                 self.logger.warning("Invalid HTTP request received.")
                 self.send_400_response("Invalid HTTP request received.")
                 return
@@ -204,6 +209,9 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
             self._headers_since = self.loop.time()
 
     def on_headers_complete(self) -> None:
+        if self.parser.get_http_version() not in _VERSIONS:
+            self._refuse_version()
+            raise _Refused  # httptools stops and raises HttpParserCallbackError from it (see _feed)
         self._headers_since = None
         self._heads_completed += 1
         if self._replaying:  # the replayed head of a request whose Upgrade was declined (see _feed)
@@ -214,10 +222,22 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
         # head. Measured exactly only when the chunks it could span exceed the bound (not on the hot path).
         if self._head_bytes + self._chunk > self.max_header_bytes and self._head_size() > self.max_header_bytes:
             self._refuse_head()
-            raise HeadRefused  # stops the parser before the request's cycle exists (see _feed)
+            raise _Refused  # stops the parser before the request's cycle exists (see _feed)
         super().on_headers_complete()
         if self._draining and self.cycle is not None:
             self.cycle.keep_alive = False  # answer it, then close: the server is going away
+
+    def _refuse_version(self) -> None:
+        """505 (RFC 9110 §15.6.6) for a request line of another version, then close: nothing after it is read.
+
+        NOTE: llhttp accepts `HTTP/2.0`, `HTTP/0.9` and a line without a version (0.9) and uvicorn then served
+        them as HTTP/1.x; it refuses 1.2, 3.0, ... itself ("Invalid HTTP version"), which uvicorn answered with
+        a plain-text 400. Both get this answer: what the port speaks, and where HTTP/2 is served."""
+        version = self.parser.get_http_version()
+        shown = "HTTP/0.9 (or a request line without a version)" if version in ("0.0", "0.9") else f"HTTP/{version}"
+        self._refuse(505, "HTTP Version Not Supported",
+                     f"{shown} is not supported: this port speaks HTTP/1.1 and HTTP/1.0; "
+                     "send HTTP/2 (gRPC) to the gRPC port")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_header_timer()

@@ -11,6 +11,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from service.access import GRPC_KEY_PREFIX, check_api_keys, parse_restricted_specs
 from service.cpuquota import usable_cpus
 from service.grpc_tls import GrpcTls, grpc_tls
+from service.hosts import check_patterns
 from service.modelrepo.config import DEFAULT_MAX_BATCH_SIZE
 from service.modelrepo.remote import check_url, is_remote
 from service.processing.base import Limits
@@ -92,6 +93,9 @@ class ServerSettings(BaseSettings):
     """As http_restricted_api for gRPC; the metadata key is 'triton-grpc-protocol-<key>' as in Triton."""
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
     """Inference needs 'Authorization: Bearer <one of these>' (env: comma-separated); none: inference is open."""
+    http_allowed_hosts: Annotated[list[str] | None, NoDecode] = None
+    """Host names the HTTP port answers ('*' any, '*.example.com', names, addresses; env: comma-separated);
+    default: loopback names only when bound to loopback, else any. Others get 421 (DNS rebinding)."""
     grpc_host: str | None = Field(None, min_length=1)
     """Address the gRPC server binds (default: http_host)."""
     grpc_use_ssl: bool = False
@@ -199,6 +203,18 @@ class ServerSettings(BaseSettings):
     @classmethod
     def _split_api_keys(cls, value: object) -> object:
         return [k.strip() for k in value.split(",") if k.strip()] if isinstance(value, str) else value
+
+    @field_validator("http_allowed_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: object) -> object:
+        return [h.strip() for h in value.split(",") if h.strip()] if isinstance(value, str) else value
+
+    @field_validator("http_allowed_hosts")
+    @classmethod
+    def _check_hosts(cls, hosts: list[str] | None) -> list[str] | None:
+        if hosts is not None and not hosts:
+            raise ValueError("http_allowed_hosts is empty: list the Host names to answer, or '*' for any")
+        return None if hosts is None else check_patterns(hosts)  # ValueError naming the bad entry
 
     @field_validator("api_keys")
     @classmethod

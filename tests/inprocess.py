@@ -21,8 +21,8 @@ from service.settings import ServerSettings
 @asynccontextmanager
 async def inprocess_server(repo: Path, **settings: Any) -> AsyncIterator[tuple[Server, httpx.AsyncClient]]:
     """A started Server on `repo` and an httpx client bound to its ASGI app; stopped on exit."""
-    server = Server(ServerSettings(model_repository=repo, http_host="127.0.0.1", **settings))
+    server = Server(ServerSettings(**{"model_repository": repo, "http_host": "127.0.0.1", **settings}))
     async with server:
         transport = httpx.ASGITransport(app=server.app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://modelserve", timeout=60) as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost", timeout=60) as client:
             yield server, client

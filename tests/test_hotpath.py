@@ -99,7 +99,7 @@ def test_keep_alive_and_connection_close_answers_arrive_whole(repo):
         x = np.arange(8, dtype=np.float32).reshape(2, 4)
 
         def request(close: bool) -> bytes:
-            return (b"POST /v2/models/scale/infer HTTP/1.1\r\nHost: t\r\nContent-Type: application/octet-stream\r\n"
+            return (b"POST /v2/models/scale/infer HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/octet-stream\r\n"
                     + (b"Connection: close\r\n" if close else b"")
                     + b"Inference-Header-Content-Length: %d\r\nContent-Length: %d\r\n\r\n"
                     % (len(HEADER), len(HEADER) + x.nbytes) + HEADER + x.tobytes())

@@ -44,7 +44,7 @@ def repo(tmp_path_factory) -> Path:
 
 
 def _raw_request(body: bytes, *, binary: bool, close: bool = False) -> bytes:
-    head = b"POST /v2/models/scale/infer HTTP/1.1\r\nHost: t\r\n"
+    head = b"POST /v2/models/scale/infer HTTP/1.1\r\nHost: localhost\r\n"
     if binary:
         head += b"Inference-Header-Content-Length: %d\r\n" % len(BINARY_HEADER)
     if close:

@@ -206,9 +206,9 @@ def test_half_sent_request_and_idle_connection_do_not_delay_exit_past_the_timeou
         host, port = url.split(":")
         idle, half = socket.create_connection((host, int(port))), socket.create_connection((host, int(port)))
         for sock in (idle, half):  # one full request each first: both connections are accepted and kept alive
-            sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+            sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: localhost\r\n\r\n")
             assert sock.recv(4096).startswith(b"HTTP/1.1 200")
-        half.sendall(b"POST /v2/models/scale/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        half.sendall(b"POST /v2/models/scale/infer HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                      b"Content-Length: 1000\r\n\r\n{\"inputs\": [")
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
@@ -232,8 +232,8 @@ def test_slow_headers_and_stalled_bodies_are_cut_off(tmp_path: Path) -> None:
         slow_header = socket.create_connection((host, int(port)))
         silent = socket.create_connection((host, int(port)))
         stalled = socket.create_connection((host, int(port)))
-        slow_header.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Slow: ")
-        stalled.sendall(b"POST /v2/models/scale/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        slow_header.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: localhost\r\nX-Slow: ")
+        stalled.sendall(b"POST /v2/models/scale/infer HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                         b"Content-Length: 200\r\n\r\n{\"inputs\": [")
         for sock in (slow_header, silent, stalled):
             sock.settimeout(60)

@@ -154,7 +154,7 @@ def loopback(repo: Path, *, keep_alive_s: float = 30, access_log: bool = False, 
 
 
 def raw(path: str, body: bytes, *, headers: dict[str, str] | None = None, version: str = "1.1") -> bytes:
-    lines = [f"POST {path} HTTP/{version}", "Host: t", f"Content-Length: {len(body)}"]
+    lines = [f"POST {path} HTTP/{version}", "Host: localhost", f"Content-Length: {len(body)}"]
     lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
@@ -294,7 +294,7 @@ def test_access_refusals_are_byte_identical(repo, setting):
 def test_pipelined_requests_are_answered_in_order_across_both_paths(repo):
     """One write carrying protocol-path infers, ASGI-path requests (a health check, a gzip body) and errors: answered in order, each as the ASGI route answers it alone."""
     gz = raw("/v2/models/scale/infer", gzip.compress(JSON_BODY), headers={"Content-Encoding": "gzip"})
-    requests = [CASES["binary"], b"GET /v2/health/ready HTTP/1.1\r\nHost: t\r\n\r\n", CASES["404 model"],
+    requests = [CASES["binary"], b"GET /v2/health/ready HTTP/1.1\r\nHost: localhost\r\n\r\n", CASES["404 model"],
                 raw("/v2/models/slow/infer", SLOW_BODY), gz, CASES["json"], CASES["400 shape"], CASES["binary"]]
     with loopback(repo, http_protocol_infer=False) as lb:
         alone = exchange(lb, requests, one_write=False)
@@ -356,7 +356,7 @@ def test_a_client_that_leaves_before_its_answer_leaves_nothing_behind(slower_rep
 def _queued(lb: Loopback, model: str) -> int:
     """Requests of `model` waiting in its queue (not yet running), from Triton's pending-count metric."""
     with lb.connect() as sock:
-        sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n")
+        sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
         text = body_of(Reader(sock).answer()).decode()
     line = next(line for line in text.splitlines() if line.startswith(f'nv_inference_pending_request_count{{model="{model}"'))
     return int(float(line.rsplit(" ", 1)[1]))
@@ -385,8 +385,8 @@ def test_access_log_when_kept_is_as_before(repo):
 
 def _counters(lb: Loopback) -> tuple[dict, list[str]]:
     with lb.connect() as sock:
-        sock.sendall(b"GET /v2/models/scale/stats HTTP/1.1\r\nHost: t\r\n\r\n"
-                     b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n")
+        sock.sendall(b"GET /v2/models/scale/stats HTTP/1.1\r\nHost: localhost\r\n\r\n"
+                     b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
         reader = Reader(sock)
         stats, metrics = body_of(reader.answer()), body_of(reader.answer()).decode()
     doc = orjson.loads(stats)["model_stats"][0]

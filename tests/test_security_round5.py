@@ -31,13 +31,13 @@ from tests.test_protocol_infer import Reader, loopback, status_of
 LIMIT = 4096  # max_request_bytes of the servers here
 BODY = orjson.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]})
 INFER = "/v2/models/scale/infer"
-LIVE = b"GET /v2/health/live HTTP/1.1\r\nHost: t\r\n\r\n"
+LIVE = b"GET /v2/health/live HTTP/1.1\r\nHost: localhost\r\n\r\n"
 H2C = ["Connection: Upgrade, HTTP2-Settings", "Upgrade: h2c", "HTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA"]
 
 
 def request(*, path: str = INFER, body: bytes = BODY, headers: list[str] | None = None, length: bool = True,
             method: str = "POST") -> bytes:
-    lines = [f"{method} {path} HTTP/1.1", "Host: t"] + ([f"Content-Length: {len(body)}"] if length else [])
+    lines = [f"{method} {path} HTTP/1.1", "Host: localhost"] + ([f"Content-Length: {len(body)}"] if length else [])
     return ("\r\n".join(lines + (headers or [])) + "\r\n\r\n").encode() + body
 
 
@@ -427,7 +427,7 @@ async def test_an_unexpected_error_names_its_type_never_its_text(repo: Path, mon
         monkeypatch.setattr(server.core, "server_metadata", broken)
         # As uvicorn does: the answer the app sent stands though Starlette re-raises the error after it.
         transport = httpx.ASGITransport(app=server.app, raise_app_exceptions=False)
-        async with httpx.AsyncClient(transport=transport, base_url="http://modelserve") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
             response = await client.get("/v2")
         assert response.status_code == 500
         assert response.json() == {"error": "internal error (OSError); see the server log"}

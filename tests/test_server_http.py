@@ -276,7 +276,7 @@ def test_request_timing_out_in_queue_is_never_run(client, url):
 def _raw_request(url: str, body: bytes) -> socket.socket:
     host, port = url.split(":")
     sock = socket.create_connection((host, int(port)))
-    sock.sendall(b"POST /v2/models/slow_plain/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    sock.sendall(b"POST /v2/models/slow_plain/infer HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                  b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
     return sock
 

@@ -74,7 +74,7 @@ async def test_health_watch_follows_readiness_and_ends_when_the_server_drains(re
     server = Server(ServerSettings(model_repository=repo, http_host="127.0.0.1", **settings))
     await server.start()
     transport = httpx.ASGITransport(app=server.app)
-    async with (httpx.AsyncClient(transport=transport, base_url="http://modelserve", timeout=60) as client,
+    async with (httpx.AsyncClient(transport=transport, base_url="http://localhost", timeout=60) as client,
                 grpc.aio.insecure_channel(f"127.0.0.1:{settings['grpc_port']}") as channel):
         stream = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service="x"))
         # NOTE: iterate, not stream.read(): grpc.aio's read() answers EOF once the call is done, even with
