@@ -45,11 +45,14 @@ class ReadinessHealth(health_pb2_grpc.HealthServicer):
         """The status now, then each change (looked at every REFRESH_SECS); ends once the server drains."""
         last = None
         while True:
+            # NOTE: read before the status and the write: a drain that begins while the previous status is
+            # being written takes one more turn, so its NOT_SERVING is sent (it was lost in 1 of ~10 runs).
+            draining = self._draining.is_set()
             status = self.status()
             if status != last:
                 await context.write(health_pb2.HealthCheckResponse(status=status))
                 last = status
-            if self._draining.is_set():
+            if draining:
                 return
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._draining.wait(), timeout=REFRESH_SECS)
