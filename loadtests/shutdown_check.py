@@ -301,14 +301,17 @@ def computed_ids(trace_file: Path) -> set[str]:
 
 
 async def one_round(repo: Path, tmp: Path, *, code_root: Path, http_workers: int, stop_after: int,
-                    callers: int, seed: int) -> tuple[Outcomes, set[str], dict]:
+                    callers: int, seed: int, extra_args: tuple[str, ...] | list[str] = (),
+                    exit_wait_s: float = 120.0) -> tuple[Outcomes, set[str], dict]:
+    """Start a server, run every caller, SIGTERM it after `stop_after` answers (plus up to as many more),
+    wait up to `exit_wait_s` for it to exit; (outcomes, ids computed, {"exit": code, "exit_s": seconds})."""
     port, grpc_port = free_port(), free_port()
     trace_file = tmp / f"trace-{seed}.jsonl"
     log_path = tmp / f"server-{seed}.log"
     cmd = [sys.executable, "-m", "service.cli", "serve", "--model-repository", str(repo), "--http-port", str(port),
            "--http-address", "127.0.0.1", "--grpc-port", str(grpc_port), "--log-level", "warning",
            "--trace-file", str(trace_file), "--trace-level", "TIMESTAMPS", "--trace-rate", "1",
-           "--http-workers", str(http_workers)]
+           "--http-workers", str(http_workers), *extra_args]
     env = {**os.environ, "PYTHONPATH": str(code_root), "MODELSERVE_WARMUP": "false"}
     with open(log_path, "wb") as log:  # noqa: ASYNC230 (once per round, before any caller)
         proc = subprocess.Popen(cmd, cwd=code_root, stdout=log, stderr=subprocess.STDOUT, env=env)  # noqa: ASYNC220
@@ -336,7 +339,10 @@ async def one_round(repo: Path, tmp: Path, *, code_root: Path, http_workers: int
             await asyncio.sleep(0.01)
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        await asyncio.to_thread(proc.wait, 120)
+        try:
+            await asyncio.to_thread(proc.wait, exit_wait_s)
+        except subprocess.TimeoutExpired:
+            pass  # reported: exit code None
         exit_s = time.monotonic() - t0
         await asyncio.sleep(0.3)  # callers see the closed ports a few more times
         done.set()
@@ -373,7 +379,7 @@ def report(rounds: list[tuple[Outcomes, set[str], dict]]) -> tuple[Counter, list
     for n, (out, computed, info) in enumerate(rounds):
         total.update(out.counts)
         if info["exit"] != 0:
-            problems.append(f"round {n}: exit code {info['exit']}")
+            problems.append(f"round {n}: exit code {info['exit']} ({info['exit_s']:.1f} s after SIGTERM)")
         for rid, what in out.errored_ids.items():
             if rid in computed:
                 problems.append(f"round {n}: {rid} was computed but its caller got {what}")

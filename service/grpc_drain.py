@@ -65,13 +65,16 @@ class DrainGate(grpc.GenericRpcHandler):
     and one more coroutine frame (the count) rather than a new handler per call.
     """
 
-    def __init__(self, handlers: Iterable[grpc.GenericRpcHandler] = (), *, reads: frozenset[str] = READS) -> None:
+    def __init__(self, handlers: Iterable[grpc.GenericRpcHandler] = (), *, reads: frozenset[str] = READS,
+                 quiet_s: float = QUIET_SECS, max_quiet_wait_s: float = MAX_QUIET_WAIT_SECS) -> None:
         self._handlers = list(handlers)
         self._reads = reads
+        self._quiet_s, self._max_quiet_wait_s = quiet_s, max_quiet_wait_s
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
         self.phase = Phase.OPEN
         self.running = 0  # calls in a handler now (held calls are not counted)
         self.draining = asyncio.Event()  # set when the drain begins: streams that would run on end
+        self.closing = asyncio.Event()  # set when nothing runs any more and new calls are held
         self._idle: asyncio.Event | None = None
         self._released: asyncio.Event | None = None
         self._arrived = asyncio.Event()  # a call came while closing
@@ -178,11 +181,12 @@ class DrainGate(grpc.GenericRpcHandler):
         if self._forced:
             self._released.set()
         self.phase = Phase.CLOSING
-        give_up = min(deadline, loop.time() + MAX_QUIET_WAIT_SECS)
+        self.closing.set()
+        give_up = min(deadline, loop.time() + self._max_quiet_wait_s)
         while not self._forced and (left := give_up - loop.time()) > 0:
             self._arrived.clear()
             try:
-                await asyncio.wait_for(self._arrived.wait(), timeout=min(QUIET_SECS, left))
+                await asyncio.wait_for(self._arrived.wait(), timeout=min(self._quiet_s, left))
             except asyncio.TimeoutError:
                 break  # no call for QUIET_SECS: none is on its way
         stopping = asyncio.ensure_future(server.stop(grace=max(0.0, deadline - loop.time())))
