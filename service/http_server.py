@@ -115,6 +115,7 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_made(CorkableTransport(transport))  # type: ignore[arg-type]
         self.flow = PipelineFlow(self.transport, pipeline=self.pipeline, limit=self.max_pipelined)
         self._draining = False
+        self._closes: RequestResponseCycle | None = None  # the request the drain chose to close the connection after
         self.last_received = 0.0  # loop time of the last bytes received while draining
         # NOTE: one timer per connection that re-arms itself, not one armed and cancelled per request (two
         # timer operations per request on the hot path): it checks when the pending headers began.
@@ -197,8 +198,8 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
             self._replaying = False
             return
         super().on_headers_complete()
-        if self._draining and self.cycle is not None:
-            self.cycle.keep_alive = False  # answer it, then close: the server is going away
+        if self._draining:
+            self._close_after_last()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_header_timer()
@@ -271,7 +272,20 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
         stays open until the drain ends, so a request already on the wire is still answered."""
         self._draining = True
         if self.busy:
-            self.cycle.keep_alive = False
+            self._close_after_last()
+
+    def _close_after_last(self) -> None:
+        """Close the connection after the last request received (`self.cycle`), answering those before it.
+
+        NOTE: marking every request that arrives while draining closed the connection after the first of a
+        pipelined batch, leaving the rest unanswered (HTTP lets the client retry them, but they had reached us).
+        """
+        earlier, last = self._closes, self.cycle
+        if earlier is not None and earlier is not last and not earlier.response_started:
+            earlier.keep_alive = True  # a later request came: it closes the connection instead
+        if last is not None and last.keep_alive:
+            last.keep_alive = False
+            self._closes = last
 
 
 class InFlight:

@@ -8,13 +8,18 @@ stream held every drain for the whole exit timeout, then ended UNAVAILABLE witho
 from __future__ import annotations
 
 import asyncio
+import json
+import signal
+import socket
 
 import grpc
 import pytest
 
 from loadtests.shutdown_check import build_models, one_round, report
 from service.grpc_drain import SHUTTING_DOWN, DrainGate
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, wait_until
+from tests.onnx_builders import scale_model
+from tests.test_lifecycle import serving
 
 # --- from outside: a real server, every kind of caller, SIGTERM (loadtests/shutdown_check.py) ----------------
 
@@ -124,3 +129,54 @@ async def test_drain_gate_stop_now_ends_the_waits():
         await asyncio.wait_for(asyncio.gather(stopping, server.stop(None)), 60)
         with pytest.raises(grpc.aio.AioRpcError):
             await running
+
+
+# --- HTTP: a pipelined batch that arrives during the drain is answered whole ---------------------------------
+
+
+def _refused(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def _read_answer(f) -> tuple[int, dict[str, str], bytes]:
+    status = int(f.readline().split()[1])
+    headers = {}
+    while (line := f.readline().strip()):
+        name, value = line.decode().split(":", 1)
+        headers[name.strip().lower()] = value.strip().lower()
+    return status, headers, f.read(int(headers["content-length"]))
+
+
+def test_pipelined_requests_arriving_while_draining_are_all_answered_then_the_connection_closes(tmp_path):
+    root = tmp_path / "models"
+    scale_model(root / "scale" / "1" / "model.onnx")
+    with serving(root, args=["--exit-timeout-secs", "600"]) as (proc, url):
+        host, port = url.split(":")
+        idle, half = socket.create_connection((host, int(port))), socket.create_connection((host, int(port)))
+        for sock in (idle, half):  # one request each first: both connections are accepted and kept alive
+            sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+        # A request whose body is still coming holds the drain open (the exit timeout is long).
+        half.sendall(b"POST /v2/models/scale/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{")
+        proc.send_signal(signal.SIGTERM)
+        # The drain closes the listening socket and marks the open connections in one step.
+        wait_until(lambda: _refused(host, int(port)), what="the server to begin draining")
+        bodies = [json.dumps({"id": f"r{i}", "inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32",
+                                                          "data": [i, i, i, i]}]}).encode() for i in range(3)]
+        idle.sendall(b"".join(b"POST /v2/models/scale/infer HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                              % (len(b), b) for b in bodies))
+        idle.settimeout(60)
+        with idle.makefile("rb") as f:
+            answers = [_read_answer(f) for _ in range(3)]  # before: the 2nd and 3rd never came
+            assert f.read() == b""  # then the connection closes
+        for i, (status, headers, body) in enumerate(answers):
+            assert status == 200, body
+            assert json.loads(body)["outputs"][0]["data"] == [2.0 * i] * 4
+            assert headers.get("connection") == ("close" if i == 2 else None)
+        half.close()  # its client gone, the drain ends
+        assert proc.wait(timeout=120) == 0
+        idle.close()
