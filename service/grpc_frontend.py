@@ -28,6 +28,10 @@ SERVICE = "inference.GRPCInferenceService"
 INFER = f"/{SERVICE}/ModelInfer"
 STREAM = f"/{SERVICE}/ModelStreamInfer"
 HEALTH_WATCH = "/grpc.health.v1.Health/Watch"  # server-streaming: the one RPC the unary forwarder cannot carry
+# grpc.aio client's status when one of its own batches failed (e.g. a write after the server ended the call).
+_CORE_LOST_STATUS = "Internal error from Core"
+STREAM_SHUT = ("the server is shutting down: this stream takes no more requests, and a request it did not answer "
+               "was not run; send the rest to another server")
 NOT_SERVING = health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.NOT_SERVING).SerializeToString()
 
 
@@ -92,6 +96,11 @@ class ForwardingHandler(grpc.GenericRpcHandler):
             async for response in call:
                 yield response
         except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.INTERNAL and exc.details() == _CORE_LOST_STATUS and self.draining.is_set():
+                # NOTE: the model process ended the stream (UNAVAILABLE, every request it took answered) while
+                # this side was still writing requests to it; grpc.aio's client then reports its failed write,
+                # not the status. The answers it sent have been passed on; the rest were not taken.
+                await context.abort(grpc.StatusCode.UNAVAILABLE, STREAM_SHUT)
             await context.abort(exc.code(), exc.details() or "")
 
 
