@@ -28,6 +28,7 @@ import uvloop
 
 from service.errors import ModelNotReady, ServingError, unexpected
 from service.frontend_link import FrontEndLink, ModelProcessDecodes, NoShm
+from service.grpc_drain import DrainGate
 from service.grpc_frontend import start_grpc_frontend
 from service.grpc_tls import grpc_tls
 from service.hosts import HostRule, host_rule
@@ -134,11 +135,11 @@ class FrontEndApp:
             await upstream.aclose()
 
 
-async def _serve_grpc(server: grpc.aio.Server, channel: grpc.aio.Channel, *, stopping: asyncio.Event,
-                      grace_s: float) -> None:
-    """Until SIGTERM: then refuse new RPCs and let those in flight finish, up to `grace_s`."""
+async def _serve_grpc(server: grpc.aio.Server, channel: grpc.aio.Channel, gate: DrainGate, *,
+                      stopping: asyncio.Event, grace_s: float) -> None:
+    """Until SIGTERM: then let the RPCs in flight finish (up to `grace_s`), refusing new ones with UNAVAILABLE."""
     await stopping.wait()
-    await server.stop(grace=grace_s)
+    await gate.stop(server, deadline=asyncio.get_running_loop().time() + grace_s)
     await channel.close()
 
 
@@ -175,7 +176,7 @@ async def _serve(args: argparse.Namespace) -> None:
         server = DrainingServer(config)
         grpc_server = None
         if args.grpc_port is not None:
-            grpc_server, channel = await start_grpc_frontend(
+            grpc_server, channel, gate = await start_grpc_frontend(
                 link=link, host=args.grpc_host or args.host, port=args.grpc_port, upstream=args.grpc_upstream,
                 max_request_bytes=args.max_request_bytes, fast=not args.proxy_only,
                 tls=grpc_tls(use_ssl=args.grpc_server_cert is not None, mutual=args.grpc_use_ssl_mutual,
@@ -187,6 +188,8 @@ async def _serve(args: argparse.Namespace) -> None:
         def stop() -> None:
             server.deadline = loop.time() + args.exit_timeout
             server.should_exit = True
+            if grpc_server is not None:
+                gate.begin_drain()
             stopping.set()
 
         loop.add_signal_handler(signal.SIGTERM, stop)
@@ -195,7 +198,7 @@ async def _serve(args: argparse.Namespace) -> None:
         watch.add_done_callback(lambda _: stop())  # model process gone: stop too
         serving = [server.serve(sockets=[sock])]
         if grpc_server is not None:
-            serving.append(_serve_grpc(grpc_server, channel, stopping=stopping, grace_s=args.exit_timeout))
+            serving.append(_serve_grpc(grpc_server, channel, gate, stopping=stopping, grace_s=args.exit_timeout))
         await asyncio.gather(*serving)
         watch.cancel()
     sock.close()

@@ -17,8 +17,9 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from service.core import InferenceCore
 from service.errors import ServingError, unexpected
+from service.grpc_drain import DrainGate
 from service.grpc_extensions import ExtensionServicer
-from service.grpc_health import ReadinessHealth, add_health_service
+from service.grpc_health import ReadinessHealth, health_handler
 from service.grpc_stream import infer_one
 from service.grpc_tls import GrpcTls, add_port
 from service.ports import StartupError
@@ -140,21 +141,24 @@ class InferenceServicer(ExtensionServicer, pb_grpc.GRPCInferenceServiceServicer)
 async def start_grpc_server(core: InferenceCore, *, host: str, port: int, max_message_bytes: int,
                             interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
                             start: bool = True, address: str | None = None,
-                            health: ReadinessHealth | None = None, tls: GrpcTls | None = None) -> grpc.aio.Server:
+                            health: ReadinessHealth | None = None, tls: GrpcTls | None = None,
+                            gate: DrainGate | None = None) -> grpc.aio.Server:
     """Start the gRPC server on the running event loop (it shares the core, batchers and models with HTTP).
     `interceptors`: access control (service/access.grpc_interceptors), none when nothing is enforced.
     `start=False` only binds the port (the caller starts it once the models are loaded). `address`: bind this
     instead of host:port (`--http-workers`: a Unix socket only the front ends reach). `health`: the
     grpc.health.v1 service beside it (the caller drains it; default: one on the core's readiness). `tls`: serve
-    host:port over TLS (never the front ends' Unix socket)."""
+    host:port over TLS (never the front ends' Unix socket). `gate`: every call passes it, so that the caller can
+    drain the server without a call ending CANCELLED (gate.stop(server)) rather than server.stop()."""
     # NOTE: gRPC turns SO_REUSEPORT on by default, which let a second server bind the same port and
     # silently take half the connections; a clash must be an error instead.
     options = [("grpc.max_receive_message_length", max_message_bytes),
                ("grpc.max_send_message_length", max_message_bytes),
                ("grpc.so_reuseport", 0)]
     server = grpc.aio.server(options=options, interceptors=list(interceptors) or None)
-    server.add_generic_rpc_handlers((generic_handler(InferenceServicer(core)),))
-    add_health_service(server, health or ReadinessHealth(core.ready))
+    gate = gate or DrainGate()
+    gate.add([generic_handler(InferenceServicer(core)), health_handler(health or ReadinessHealth(core.ready))])
+    server.add_generic_rpc_handlers((gate,))
     try:
         bound = server.add_insecure_port(address) if address else add_port(server, f"{host}:{port}", tls)
     except RuntimeError:

@@ -1,8 +1,9 @@
 """uvicorn, adapted to our lifecycle: a header timeout per connection and a bounded, lossless drain.
 
 `Server` (service/server.py) owns the signals; this module only knows how to serve HTTP and how to stop:
-stop listening, let every request already received finish (answered with `Connection: close`), then close
-what is left — at the latest at the deadline the server gives it.
+stop listening, let every request already received finish (answered with `Connection: close`), wait until no
+connection has received anything for a moment (a request on its way is received and answered, not cut), then
+close what is left — at the latest at the deadline the server gives it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import orjson
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 
+from service.grpc_drain import QUIET_SECS
 from service.http_flow import CorkableTransport, PipelineFlow
 
 log = logging.getLogger("modelserve.http")
@@ -119,6 +121,8 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_made(CorkableTransport(transport))  # type: ignore[arg-type]
         self.flow = PipelineFlow(self.transport, pipeline=self.pipeline, limit=self.max_pipelined)
         self._draining = False
+        self._closes: RequestResponseCycle | None = None  # the request the drain chose to close the connection after
+        self.last_received = 0.0  # loop time of the last bytes received while draining
         # NOTE: one timer per connection that re-arms itself, not one armed and cancelled per request (two
         # timer operations per request on the hot path): it checks when the pending headers began.
         self._headers_since: float | None = self.loop.time()
@@ -139,6 +143,8 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
         # A head that completes is measured exactly in on_headers_complete (a chunk can hold all of it).
         if self._refusal is not None or self._lingering:
             return  # refused, or answered before its body came: nothing more is read
+        if self._draining:
+            self.last_received = self.loop.time()
         completed = self._heads_completed
         self._chunk = len(data)
         self._feed(data)
@@ -224,8 +230,8 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
             self._refuse_head()
             raise _Refused  # stops the parser before the request's cycle exists (see _feed)
         super().on_headers_complete()
-        if self._draining and self.cycle is not None:
-            self.cycle.keep_alive = False  # answer it, then close: the server is going away
+        if self._draining:
+            self._close_after_last()
 
     def _refuse_version(self) -> None:
         """505 (RFC 9110 §15.6.6) for a request line of another version, then close: nothing after it is read.
@@ -310,7 +316,20 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
         stays open until the drain ends, so a request already on the wire is still answered."""
         self._draining = True
         if self.busy:
-            self.cycle.keep_alive = False
+            self._close_after_last()
+
+    def _close_after_last(self) -> None:
+        """Close the connection after the last request received (`self.cycle`), answering those before it.
+
+        NOTE: marking every request that arrives while draining closed the connection after the first of a
+        pipelined batch, leaving the rest unanswered (HTTP lets the client retry them, but they had reached us).
+        """
+        earlier, last = self._closes, self.cycle
+        if earlier is not None and earlier is not last and not earlier.response_started:
+            earlier.keep_alive = True  # a later request came: it closes the connection instead
+        if last is not None and last.keep_alive:
+            last.keep_alive = False
+            self._closes = last
 
 
 class InFlight:
@@ -374,6 +393,7 @@ class DrainingServer(uvicorn.Server):
         for conn in connections:
             conn.shutdown()
         await self._wait_for_requests()
+        await self._wait_until_quiet()
         left = [c for c in self.server_state.connections if getattr(c, "busy", False)]
         if left or self.server_state.tasks or self._in_flight:
             log.warning("exit timeout: closing %d connection(s) with requests still in progress", len(left))
@@ -389,6 +409,27 @@ class DrainingServer(uvicorn.Server):
         """Requests answered by the protocol itself (no task): empty unless the protocol is one that does."""
         found = getattr(self.config.http_protocol_class, "in_flight", None)
         return found if isinstance(found, InFlight) else InFlight()
+
+    async def _wait_until_quiet(self) -> None:
+        """Until no connection has received anything for QUIET_SECS (since the drain began), answering what
+        comes meanwhile, or the deadline.
+
+        NOTE: a client whose keep-alive answer came just before the drain sends its next request at once; if
+        the drain found nothing to wait for and closed the connection, that request was cut unanswered
+        (aiohttp: ServerDisconnectedError; a pipelined batch: no answer at all) and its client cannot tell
+        whether it ran. Waiting a moment lets it arrive: it is answered with `Connection: close`. A client
+        that sends on an idle connection just as it is closed can still be cut (HTTP/1.1 has no GOAWAY).
+        """
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        while not self._cut_short.is_set():
+            last = max([began, *(getattr(c, "last_received", 0.0) for c in self.server_state.connections)])
+            wait = min(last + QUIET_SECS, self.deadline) - loop.time()
+            if wait <= 0:
+                return
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._cut_short.wait(), timeout=wait)
+            await self._wait_for_requests()
 
     async def _wait_for_requests(self) -> None:
         """Until every request received has been answered (uvicorn's tasks and the protocol's own), or the

@@ -24,6 +24,7 @@ from service.access import ASGIApp, grpc_interceptors, warn_if_exposed
 from service.core import InferenceCore
 from service.frontends import FrontEnds, reserve_port
 from service.grpc_app import start_grpc_server
+from service.grpc_drain import DrainGate
 from service.grpc_health import ReadinessHealth
 from service.http_app import create_app
 from service.http_protocol_infer import InferHttpProtocol
@@ -47,6 +48,7 @@ class Server:
         self.app = create_app(self.core, settings)
         self._grpc: grpc.aio.Server | None = None
         self._health = ReadinessHealth(self.core.ready)  # grpc.health.v1 on the gRPC port
+        self._gate = DrainGate()  # every gRPC call passes it: the drain refuses, never cancels (grpc_drain.py)
         self._stop = asyncio.Event()
         self._http: DrainingServer | None = None
         self._forced = False
@@ -64,7 +66,7 @@ class Server:
             self._grpc = await start_grpc_server(self.core, host=host, port=s.grpc_port,
                                                  max_message_bytes=s.max_request_bytes,
                                                  interceptors=grpc_interceptors(s), start=False, address=inner,
-                                                 health=self._health, tls=s.grpc_tls())
+                                                 health=self._health, tls=s.grpc_tls(), gate=self._gate)
         await self.repository.start()
         if self._grpc is not None:
             await self._grpc.start()
@@ -86,8 +88,8 @@ class Server:
     async def _stop_grpc(self, deadline: float) -> None:
         if self._grpc is not None:
             self._health.drain()  # NOT_SERVING, and Watch streams end rather than hold the exit timeout
-            # grpc.aio: new RPCs are refused at once; those in flight get the rest of the exit budget.
-            await self._grpc.stop(grace=max(0.0, deadline - asyncio.get_running_loop().time()))
+            # Calls in flight finish; new ones get UNAVAILABLE "shutting down"; then grpc.aio stops.
+            await self._gate.stop(self._grpc, deadline=deadline)
             self._grpc = None
 
     async def __aenter__(self) -> Server:
@@ -183,12 +185,16 @@ class Server:
                 self._http.stop_now()
             if self._fronts is not None:
                 self._fronts.kill()
+            self._gate.stop_now()
             if self._grpc is not None:
                 self._kill = asyncio.ensure_future(self._grpc.stop(None))  # cancels the RPCs still running
             return
         log.warning("%s: not ready; finishing the requests in progress (up to %g s, --exit-timeout-secs); "
                     "send it again to stop at once", sig.name, self.settings.exit_timeout_secs)
         self.core.begin_shutdown()
+        self._health.drain()
+        if self._fronts is None:  # else the front ends drain first, and what they take still needs this gRPC
+            self._gate.begin_drain()
         self._stop.set()
 
 
