@@ -173,7 +173,7 @@ async def http_pipelined_caller(no: int, url: str, out: Outcomes, done: asyncio.
                     body = json.dumps({"id": rid, "inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32",
                                                              "data": x.ravel().tolist()}]}).encode()
                     batch.append((rid, x, body))
-                writer.write(b"".join(b"POST /v2/models/scale/infer HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                writer.write(b"".join(b"POST /v2/models/scale/infer HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
                                       b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(b), b)
                                       for _, _, b in batch))
                 closed_after = None
@@ -359,7 +359,7 @@ async def one_round(repo: Path, tmp: Path, *, code_root: Path, http_workers: int
 def _ready(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-            s.sendall(b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            s.sendall(b"GET /v2/health/ready HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
             return s.recv(64).startswith(b"HTTP/1.1 200")
     except OSError:
         return False

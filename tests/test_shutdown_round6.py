@@ -162,16 +162,16 @@ def test_pipelined_requests_arriving_while_draining_are_all_answered_then_the_co
         host, port = url.split(":")
         idle, half = socket.create_connection((host, int(port))), socket.create_connection((host, int(port)))
         for sock in (idle, half):  # one request each first: both connections are accepted and kept alive
-            sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+            sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: localhost\r\n\r\n")
             assert sock.recv(4096).startswith(b"HTTP/1.1 200")
         # A request whose body is still coming holds the drain open (the exit timeout is long).
-        half.sendall(b"POST /v2/models/scale/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{")
+        half.sendall(b"POST /v2/models/scale/infer HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1000\r\n\r\n{")
         proc.send_signal(signal.SIGTERM)
         # The drain closes the listening socket and marks the open connections in one step.
         wait_until(lambda: _refused(host, int(port)), what="the server to begin draining")
         bodies = [json.dumps({"id": f"r{i}", "inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32",
                                                           "data": [i, i, i, i]}]}).encode() for i in range(3)]
-        idle.sendall(b"".join(b"POST /v2/models/scale/infer HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+        idle.sendall(b"".join(b"POST /v2/models/scale/infer HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n%s"
                               % (len(b), b) for b in bodies))
         idle.settimeout(60)
         with idle.makefile("rb") as f:
