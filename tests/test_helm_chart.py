@@ -257,6 +257,23 @@ def test_availability_on_by_default(helm):
     assert {s["topologyKey"] for s in spread} == {"topology.kubernetes.io/zone", "kubernetes.io/hostname"}
 
 
+def test_network_policy_admits_only_the_server_ports(helm):
+    """On by default with every source allowed on the HTTP, gRPC and metrics ports (and no other); sources
+    narrowed per group of ports; the ports named as the container names them."""
+    docs = render(helm)
+    ports = {p["name"] for p in container(docs)["ports"]}
+    spec = one(docs, "NetworkPolicy")["spec"]
+    assert spec["policyTypes"] == ["Ingress"]
+    assert spec["podSelector"]["matchLabels"] == one(docs, "Deployment")["spec"]["selector"]["matchLabels"]
+    assert [sorted(p["port"] for p in rule["ports"]) for rule in spec["ingress"]] == [["grpc", "http"], ["metrics"]]
+    assert {p["port"] for rule in spec["ingress"] for p in rule["ports"]} == ports
+    assert all("from" not in rule for rule in spec["ingress"])
+    narrowed = one(render(helm, CI_VALUES["all-on-values"]), "NetworkPolicy")["spec"]["ingress"]
+    assert narrowed[0]["from"][1] == {"ipBlock": {"cidr": "10.0.0.0/8"}}
+    assert narrowed[1]["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+    assert not [d for d in render(helm, sets=("networkPolicy.enabled=false",)) if d["kind"] == "NetworkPolicy"]
+
+
 def test_standard_labels(helm):
     for doc in render(helm, CI_VALUES["all-on-values"]):
         labels = doc["metadata"]["labels"]
