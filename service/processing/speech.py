@@ -41,6 +41,8 @@ class WavHeader:
     frames: int  # sample frames the data chunk declares
     pcm16_at: int | None = None  # where the samples start, for plain 16-bit PCM (read without libsndfile)
     big_endian: bool = False
+    streamed_at: int | None = None  # a streamed WAV's data chunk (its size a placeholder): where it starts
+    data_bytes: int = 0  # the data chunk's bytes, whole frames (a streamed WAV's: those present)
 
     @property
     def seconds(self) -> float:
@@ -75,15 +77,45 @@ def read_header(data: bytes, *, index: int) -> WavHeader:
         if chunk == b"fmt ":
             fmt = _fmt(data[pos + 8:pos + 8 + size], endian=endian, index=index)
         elif chunk == b"data":
+            if fmt is not None and _streamed(data, size=size, at=pos, endian=endian):
+                size = (len(data) - pos - 8) // fmt[2] * fmt[2]  # the rest of the file, in whole frames
+                return WavHeader(sample_rate=fmt[0], channels=fmt[1], frames=size // fmt[2],
+                                 pcm16_at=pos + 8 if fmt[3] else None, big_endian=endian == ">", streamed_at=pos,
+                                 data_bytes=size)
             if pos + 8 + size > len(data):
                 raise InvalidInput(f"item {index}: truncated WAV: the data chunk declares {size} bytes but "
                                    f"{len(data) - pos - 8} are present; expected {ACCEPTS}")
             if fmt is None:
                 raise InvalidInput(f"item {index}: WAV data chunk comes before any fmt chunk; expected {ACCEPTS}")
             return WavHeader(sample_rate=fmt[0], channels=fmt[1], frames=size // fmt[2],
-                             pcm16_at=pos + 8 if fmt[3] else None, big_endian=endian == ">")
+                             pcm16_at=pos + 8 if fmt[3] else None, big_endian=endian == ">",
+                             data_bytes=size // fmt[2] * fmt[2])
         pos += 8 + size + (size & 1)
     raise InvalidInput(f"item {index}: WAV file has no data chunk; expected {ACCEPTS}")
+
+
+# A WAV written to a pipe (ffmpeg `-f wav -`, sox/arecord to stdout, a streaming recorder) cannot go back to fill
+# in its sizes: the data chunk says 0xFFFFFFFF, or 0 with the RIFF size 0 or 0xFFFFFFFF too, and the samples run
+# to the end of the file.
+_UNKNOWN_SIZES = (0, 0xFFFFFFFF)
+
+
+def _streamed(data: bytes, *, size: int, at: int, endian: str) -> bool:
+    """Whether the data chunk at `at`, declaring `size` bytes, is a streamed WAV's (sizes left as placeholders)."""
+    if size == 0xFFFFFFFF:
+        return len(data) > at + 8
+    riff = struct.unpack(endian + "I", data[4:8])[0]
+    return size == 0 and riff in _UNKNOWN_SIZES and len(data) > at + 8
+
+
+def _sized(data: bytes, header: WavHeader) -> bytes:
+    """A streamed WAV with its RIFF and data sizes filled in (what libsndfile reads), other WAVs as they are."""
+    if header.streamed_at is None:
+        return data
+    endian = ">" if data[:4] == b"RIFX" else "<"
+    at, size = header.streamed_at, header.data_bytes
+    return b"".join((data[:4], struct.pack(endian + "I", at + 8 + size - 8), data[8:at + 4],
+                     struct.pack(endian + "I", size), data[at + 8:at + 8 + size]))
 
 
 def check_header(header: WavHeader, *, index: int, limits: Limits) -> None:
@@ -117,7 +149,7 @@ def decode_wav(data: bytes, *, index: int, limits: Limits) -> tuple[np.ndarray, 
         audio = pcm16(data, header).astype(np.float32) * PCM16_SCALE
         return audio, header.sample_rate, header.channels
     try:
-        audio, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True,
+        audio, rate = sf.read(io.BytesIO(_sized(data, header)), dtype="float32", always_2d=True,
                               frames=int(limits.max_audio_seconds * header.sample_rate) + 1)
     except (sf.LibsndfileError, RuntimeError) as exc:
         raise InvalidInput(f"item {index}: unreadable WAV ({exc}); expected {ACCEPTS}") from None
