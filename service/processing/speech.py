@@ -181,6 +181,51 @@ def without_dc(wave: np.ndarray) -> np.ndarray:
     return wave - mean if abs(mean) > DC_LIMIT else wave
 
 
+# Clipping (a microphone or gain set too hot) flattens the waveform's peaks at one value; the corners it makes
+# are broadband clicks the model never heard (training clips peak at 0.9 at most): x8 gain cost 11 of 100 held-out
+# words, x2 (0.4% of samples clipped) 6 of 100 (round 6). A clip is taken as clipped when at least CLIPPED_SAMPLES
+# of its samples lie in flat runs of at least CLIPPED_RUN equal samples at its maximum or minimum (a sine or a
+# word peaks at one sample, digital silence is not at an extreme); other clips keep their exact samples.
+CLIPPED_RUN, CLIPPED_SAMPLES, CLIPPED_LEVEL = 3, 8, 0.1
+TRAINED_PEAK = 0.9  # models/speech_data.py: each training word is scaled to peak at 0.9 x a gain of -18..0 dB
+
+
+def _flat_runs(wave: np.ndarray) -> list[tuple[int, int]]:
+    """[start, end) of the runs of at least CLIPPED_RUN samples equal to the clip's maximum or minimum."""
+    hi, lo = wave.max(), wave.min()
+    at = np.zeros(len(wave) + 2, np.int8)
+    at[1:-1] = ((wave == hi) & (hi >= CLIPPED_LEVEL)) | ((wave == lo) & (lo <= -CLIPPED_LEVEL))
+    edges = np.flatnonzero(np.diff(at))
+    return [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2]) if b - a >= CLIPPED_RUN]
+
+
+def declipped(wave: np.ndarray) -> np.ndarray:
+    """`wave` (float32, its own rate) with clipped peaks redrawn, scaled to peak at TRAINED_PEAK; else itself.
+
+    Each flat run is replaced by the cubic Hermite curve that leaves the last unclipped samples on either side
+    with their slopes (what the peak would have been), kept between the clip level and 4x it, then the clip is
+    scaled so its new peak is the training clips' largest.
+    """
+    # NOTE: a few lines of numpy rather than a declipping library (none is a dependency, and edge bundles ship
+    # this file with numpy only); measured on 300 held-out words: x8 0.87 -> 0.93, x2 0.92 -> 0.95.
+    if len(wave) < 2 * CLIPPED_SAMPLES:
+        return wave
+    runs = [(a, b) for a, b in _flat_runs(wave) if a >= 2 and b + 2 <= len(wave)]
+    if sum(b - a for a, b in runs) < CLIPPED_SAMPLES:
+        return wave
+    out = wave.astype(np.float64)
+    for a, b in runs:
+        steps = b - a + 1
+        p0, p1 = out[a - 1], out[b]
+        m0, m1 = (p0 - out[a - 2]) * steps, (out[b + 1] - p1) * steps
+        t = np.arange(1, steps) / steps
+        curve = ((2 * t ** 3 - 3 * t ** 2 + 1) * p0 + (t ** 3 - 2 * t ** 2 + t) * m0
+                 + (3 * t ** 2 - 2 * t ** 3) * p1 + (t ** 3 - t ** 2) * m1)
+        sign, level = np.sign(out[a]), abs(out[a])
+        out[a:b] = sign * np.clip(curve * sign, level, 4 * level)
+    return (out * (TRAINED_PEAK / np.abs(out).max())).astype(np.float32)
+
+
 def fit_one_second(wave: np.ndarray, *, samples: int = RATE) -> np.ndarray:
     """Zero-pad short clips; of a longer clip keep the window with the most energy (where the word is)."""
     if len(wave) <= samples:
@@ -235,7 +280,8 @@ class SpeechProcessor:
         if not np.isfinite(audio).all():  # a float WAV may hold NaN/inf: every score would be NaN (JSON null)
             raise InvalidInput(f"item {index}: the audio holds NaN or infinite samples; expected finite samples "
                                "(float WAVs in [-1, 1])")
-        mono = without_dc(to_model_rate(audio[:, 0] if channels == 1 else audio.mean(axis=1), rate))
+        mono = declipped(audio[:, 0] if channels == 1 else audio.mean(axis=1))
+        mono = without_dc(to_model_rate(mono, rate))
         return PreparedAudio(fit_one_second(mono, samples=self.samples), rate, channels, audio.shape[0] / rate)
 
     def prepare_batch(self, payloads: Sequence[Any], *, indices: Sequence[int]) -> list[PreparedAudio | Exception]:
@@ -263,7 +309,7 @@ class SpeechProcessor:
         head = row[:header.frames]
         head[:] = pcm16(payload, header)[:, 0]
         head *= PCM16_SCALE
-        head[:] = without_dc(head)  # as `prepare` does, on the same float32 samples
+        head[:] = without_dc(declipped(head))  # as `prepare` does, on the same float32 samples
         return PreparedAudio(row, RATE, 1, header.frames / RATE)
 
     def rows_per_run(self, prepared: Sequence[Any]) -> int | None:
