@@ -252,7 +252,7 @@ class SpeechProcessor:
     def describe(self) -> dict:
         features = ", then log-mel features (NumPy)" if self.features else ""
         return {"accepts": ACCEPTS + ": multipart field 'file' (repeatable) or JSON {\"audio\": [base64, ...]}",
-                "preprocessing": f"downmixed to mono, resampled to {RATE} Hz (libsoxr), the loudest "
+                "preprocessing": f"downmixed to mono, clipped peaks redrawn, resampled to {RATE} Hz (libsoxr), the loudest "
                                  f"{self.samples / RATE:g} s kept or zero-padded to it{features}",
                 "params": {"k": "number of labels returned (default 3)"}}
 
