@@ -168,7 +168,7 @@ def file_entry(path: Path) -> dict:
 
 def readme(*, name: str, variant: str, target: str, spec: dict, sample: str | None) -> str:
     family = spec["family"]
-    run = {"cnn": f"--image {sample}   # or any PNG/JPEG photo of a digit", "transformer": f"--text-file {sample}",
+    run = {"cnn": f"--image {sample}   # or any PNG/JPEG/WebP/GIF/BMP/TIFF image of a digit", "transformer": f"--text-file {sample}",
            "speech": "--audio clip.wav   # any WAV; record one: arecord -d 1 -f S16_LE -r 16000 clip.wav",
            "recommender": "--user-id 3 --user-id 7"}[family]
     packages = " ".join(p for p in ("onnxruntime numpy", DEVICE_PACKAGES[family]) if p)

@@ -3,7 +3,7 @@ Runtime, print JSON.
 
 Shipped as ``run.py`` inside every bundle written by ``modelserve edge-bundle``. Run it in isolated mode:
 
-    python -I run.py --image digit.jpg           # cnn: PNG/JPEG photo (or .npy image rows)
+    python -I run.py --image digit.jpg           # cnn: PNG/JPEG/WebP/GIF/BMP/TIFF image (or .npy image rows)
     python -I run.py --text "hello" --text "hi"  # transformer / transformer-classifier
     python -I run.py --audio clip.wav            # speech: WAV (any rate, mono/stereo) or .npy at 16 kHz
     python -I run.py --user-id 3 --user-id 7     # recommender
@@ -166,7 +166,7 @@ def predict(processor, session, items: list, *, k: int | None) -> list[dict]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--image", action="append", help="PNG/JPEG photo or .npy image rows (repeatable)")
+    parser.add_argument("--image", action="append", help="PNG/JPEG/WebP/GIF/BMP/TIFF image or .npy image rows (repeatable)")
     parser.add_argument("--text", action="append", help="a text (repeatable)")
     parser.add_argument("--text-file", action="append", help="a UTF-8 file, one text per line")
     parser.add_argument("--audio", action="append", help="a WAV file or .npy 16 kHz waveform rows (repeatable)")

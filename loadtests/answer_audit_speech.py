@@ -51,6 +51,24 @@ def wav(wave: np.ndarray, *, rate: int = 16000, channels: int = 1, subtype: str 
     return buf.getvalue()
 
 
+def clipped_at(wave: np.ndarray, *, gain: float, rate: int = 16000, channels: int = 1,
+               subtype: str = "PCM_16") -> bytes:
+    """The word recorded `gain` times too loud at `rate`: clipped where it is sampled, as a microphone clips."""
+    data = np.clip(soxr.resample(wave * gain, 16000, rate) if rate != 16000 else wave * gain, -1, 1)
+    if channels == 2:
+        data = np.stack([data, data * 0.8], axis=1)
+    buf = io.BytesIO()
+    sf.write(buf, data, rate, subtype=subtype, format="WAV")
+    return buf.getvalue()
+
+
+def streamed(data: bytes) -> bytes:
+    """A WAV as a program writing to a pipe leaves it (ffmpeg -f wav -): the sizes are 0xFFFFFFFF."""
+    out, at = bytearray(data), data.index(b"data")
+    out[4:8] = out[at + 4:at + 8] = b"\xff\xff\xff\xff"
+    return bytes(out)
+
+
 def _long(wave: np.ndarray) -> np.ndarray:
     noise = np.random.default_rng(0).normal(0, 0.003, 30 * 16000).astype(np.float32)
     noise[12 * 16000:13 * 16000] += wave
@@ -70,6 +88,11 @@ VARIANTS: dict[str, Callable[[np.ndarray], bytes]] = {
     "clipped (x8 gain)": lambda w: wav(np.clip(w * 8, -1, 1)),
     "quiet (x0.05 gain)": lambda w: wav(w * np.float32(0.05)),
     "30 s clip, word at 12 s": lambda w: wav(_long(w)),
+    "clipped (x2 gain)": lambda w: wav(np.clip(w * 2, -1, 1)),
+    "clipped x4, 48 kHz 24-bit": lambda w: clipped_at(w, gain=4, rate=48000, subtype="PCM_24"),
+    "clipped x8, 44.1 kHz stereo": lambda w: clipped_at(w, gain=8, rate=44100, channels=2),
+    "clipped x8, 8 kHz": lambda w: clipped_at(w, gain=8, rate=8000),
+    "streamed WAV (sizes 0xFFFFFFFF)": lambda w: streamed(wav(w, rate=44100, channels=2)),
 }
 _RNG = np.random.default_rng(1)
 ODD = {

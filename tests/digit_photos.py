@@ -2,8 +2,9 @@
 
 Each 8x8 digit is upscaled (bicubic) into a smooth ink map and cut at a level (a low cut gives a thick stroke,
 a high cut a thin one), then put on paper of some size, tone and pattern, with shadow, tilt, blur, noise, and
-saved in some format/mode (JPEG quality, EXIF orientation, RGBA, LA, P, 16-bit, CMYK JPEG). Used by
-tests/test_answers_round4.py and by `python -m loadtests.answer_audit` (accuracy per condition).
+saved in some format/mode (JPEG quality, EXIF orientation, RGBA, LA, P, 16-bit, CMYK JPEG, WebP/GIF/BMP/TIFF, ink
+on a transparent canvas). Used by tests/test_answers_round4.py, tests/test_answers_round6.py and by
+`python -m loadtests.answer_audit` (accuracy per condition).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from PIL import Image, ImageFilter
 class Photo:
     """How one photo is made; every condition is a change of some fields of the default."""
 
-    side: int = 400  # canvas width (height = 4/3 of it, as a portrait phone photo)
+    side: int = 400  # canvas width
+    aspect: float = 4 / 3  # height / width: 4/3 a portrait phone photo, 3/4 a landscape one
     digit_frac: float = 0.5  # digit height / canvas height
     offset: tuple[float, float] = (0.0, 0.0)  # digit centre offset, as a fraction of the canvas (x, y)
     cut: float = 0.45  # ink where the smooth map exceeds this: 0.25 thick, 0.65 thin
@@ -33,8 +35,8 @@ class Photo:
     noise: float = 4.0
     fmt: str = "JPEG"
     quality: int = 90
-    mode: str = "RGB"  # RGB, L, RGBA, LA, P, I;16, CMYK
-    exif_orientation: int = 0  # 0: no tag; 6 or 8: stored turned, the tag says how to turn it back
+    mode: str = "RGB"  # RGB, L, RGBA, LA, P, I;16, CMYK; "ink on transparent" / "P on transparent": no paper
+    exif_orientation: int = 0  # 0: no tag; 3, 6 or 8: stored turned, the tag says how to turn it back
     tint: tuple[float, float, float] = (1.0, 0.97, 0.9)  # paper colour (RGB multipliers)
 
 
@@ -49,7 +51,7 @@ def _ink_mask(image8: np.ndarray, *, height: int, cut: float) -> np.ndarray:
 def render(image8: np.ndarray, photo: Photo, *, seed: int) -> bytes:
     """The encoded file of one digit under `photo`'s conditions."""
     rng = np.random.default_rng(seed)
-    width, height = photo.side, photo.side * 4 // 3
+    width, height = photo.side, round(photo.side * photo.aspect)
     digit = max(8, int(height * photo.digit_frac))
     page = np.full((height, width), float(photo.paper), np.float32)
     page += np.linspace(-photo.gradient / 2, photo.gradient / 2, width, dtype=np.float32)[None, :]
@@ -91,10 +93,15 @@ def _encode(gray: np.ndarray, photo: Photo) -> bytes:
         img = Image.fromarray((gray * 257).astype(np.uint16))
     elif photo.mode == "CMYK":
         img = img.convert("CMYK")
+    elif photo.mode in ("ink on transparent", "P on transparent"):
+        img = _on_transparent(gray, photo)
     kwargs: dict = {"quality": photo.quality} if photo.fmt == "JPEG" else {}
+    if photo.mode == "P on transparent":
+        kwargs["transparency"] = 0
     if photo.exif_orientation:
         # The camera stores the sensor's rows and a tag saying how to turn them upright.
-        turn = {6: Image.Transpose.ROTATE_90, 8: Image.Transpose.ROTATE_270}[photo.exif_orientation]
+        turn = {3: Image.Transpose.ROTATE_180, 6: Image.Transpose.ROTATE_90,
+                8: Image.Transpose.ROTATE_270}[photo.exif_orientation]
         img = img.transpose(turn)
         exif = Image.Exif()
         exif[0x0112] = photo.exif_orientation
@@ -102,6 +109,21 @@ def _encode(gray: np.ndarray, photo: Photo) -> bytes:
     buf = io.BytesIO()
     img.save(buf, photo.fmt, **kwargs)
     return buf.getvalue()
+
+
+def _on_transparent(gray: np.ndarray, photo: Photo) -> Image.Image:
+    """The ink alone, in the ink's colour, on a transparent canvas (a digit drawn in an app and exported as PNG):
+    alpha is how far each pixel is from the paper towards the ink; the canvas under alpha 0 is black."""
+    alpha = np.clip((photo.paper - gray) / (photo.paper - photo.ink or 1), 0, 1)
+    rgba = np.zeros((*gray.shape, 4), np.uint8)
+    rgba[..., :3] = photo.ink
+    rgba[..., 3] = np.round(alpha * 255).astype(np.uint8)
+    img = Image.fromarray(rgba, "RGBA")
+    if photo.mode == "P on transparent":  # a palette with entry 0 transparent (as GIF-style editors save)
+        levels = np.round(alpha * 15).astype(np.uint8)
+        img = Image.fromarray(levels, "P")
+        img.putpalette([v for k in range(16) for v in (255 - 17 * k,) * 3])
+    return img
 
 
 BASE = Photo()
@@ -133,6 +155,16 @@ CONDITIONS: dict[str, Photo] = {
     "thick strokes": replace(BASE, cut=0.2),
     "thin strokes": replace(BASE, cut=0.7),
     "lined paper": replace(BASE, lines=True, tint=(1.0, 1.0, 1.0)),
+    # Round 6: what users send besides phone JPEGs.
+    "EXIF orientation 3 (upside down)": replace(BASE, exif_orientation=3),
+    "WebP": replace(BASE, fmt="WEBP"),
+    "GIF": replace(BASE, fmt="GIF", noise=2),
+    "BMP": replace(BASE, fmt="BMP"),
+    "TIFF": replace(BASE, fmt="TIFF"),
+    "PNG black ink on transparent": replace(BASE, fmt="PNG", mode="ink on transparent", ink=0, noise=0),
+    "PNG grey ink on transparent": replace(BASE, fmt="PNG", mode="ink on transparent", ink=90, noise=0),
+    "PNG palette, transparent background": replace(BASE, fmt="PNG", mode="P on transparent", noise=0),
+    "4000x3000 landscape photo": replace(BASE, side=4000, aspect=3 / 4, digit_frac=0.4),
 }
 
 

@@ -18,8 +18,9 @@ import numpy as np
 
 from service.offline.arrow import parquet
 from service.processing.base import b64decode
+from service.processing.photo import FILE_SUFFIXES
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+IMAGE_SUFFIXES = FILE_SUFFIXES
 AUDIO_SUFFIXES = (".wav", ".wave")
 TEXT_FIELDS = ("text", "user_id", "path", "b64")
 NO_FIELD_ERROR = f"record has none of the fields {TEXT_FIELDS}"

@@ -48,26 +48,50 @@ class PreparedImage:
     inverted: bool
 
 
+def _transparent(img: Image.Image) -> bool:
+    return img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info)
+
+
+def _wide(img: Image.Image) -> bool:
+    """16/32-bit integer or float pixels (16-bit PNG/TIFF, float TIFF): scaled by their own maximum."""
+    return img.mode.startswith("I") or img.mode == "F"
+
+
 def gray_levels(img: Image.Image) -> np.ndarray | None:
     """The image's 8-bit gray levels [H, W] (uint8), whose `LEVELS` are `to_gray(img)` exactly; None where
-    to_gray does more (transparency, 16/32-bit pixels)."""
-    if img.mode in ("RGBA", "LA", "PA", "I;16", "I;16B", "I;16L", "I") or (
-            img.mode == "P" and "transparency" in img.info):
+    to_gray does more (transparency, 16/32-bit or float pixels)."""
+    if _transparent(img) or _wide(img):
         return None
     return np.asarray(img if img.mode == "L" else img.convert("L"))
 
 
+# A drawing whose pixels are mostly (by alpha) transparent is ink on a transparent canvas: shown over a page it
+# is seen against that page, whatever colour the file stores under alpha 0.
+DRAWING_BELOW = 0.5
+
+
 def to_gray(img: Image.Image) -> np.ndarray:
-    """Grayscale in [0, 1]; transparent pixels count as background (black after compositing)."""
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+    """Grayscale in [0, 1]. Transparent pixels are composited over a backdrop the ink stands out against.
+
+    A digit drawn on a transparent canvas (mostly transparent) goes over white when its ink is dark and black
+    when light, as a page shows it (black ink on black would be a blank image); a picture with a few transparent
+    pixels (rounded corners) goes over its own mean level, so they read as paper. Opaque pixels keep their exact
+    levels (the backdrop's weight is 1 - alpha = 0).
+    """
+    if _transparent(img):
         rgba = img.convert("RGBA")
         alpha = np.asarray(rgba.getchannel("A"), np.float32) / 255.0
-        return np.asarray(rgba.convert("L"), np.float32) / 255.0 * alpha
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        gray = np.asarray(rgba.convert("L"), np.float32) / 255.0
+        coverage = float(alpha.mean(dtype=np.float64))
+        seen = float((gray * alpha).sum(dtype=np.float64)) / max(float(alpha.sum(dtype=np.float64)), 1e-6)
+        backdrop = (1.0 if seen < 0.5 else 0.0) if coverage < DRAWING_BELOW else seen
+        return gray * alpha + np.float32(backdrop) * (1.0 - alpha)
+    if _wide(img):
         arr = np.asarray(img, np.float32)
-        return arr / max(float(arr.max()), 1.0)
+        if not np.isfinite(arr).all():
+            return arr  # refused by the caller (`non_finite`)
+        return np.clip(arr / max(float(arr.max()), 1.0), 0.0, 1.0)
     return np.asarray(img.convert("L"), np.float32) / 255.0
-
 
 
 def non_finite(index: int) -> InvalidInput:
@@ -82,6 +106,11 @@ def _small_png(data: bytes, *, max_pixels: int) -> tuple[int, int] | None:
     if declared is None or min(declared) > REDUCE_ABOVE or declared[0] * declared[1] > max_pixels:
         return None
     return declared
+
+
+# The smallest digits the family is trained on are 8x8 (scikit-learn's); a smaller image (a 1-pixel upload, a
+# 13x1 sliver) holds no digit, and answering it would be a guess with a probability attached.
+MIN_SIDE = 8
 
 
 def _layout_any(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -128,7 +157,14 @@ class ImageProcessor:
 
     def _pixels(self, payload: Any, *, index: int) -> tuple[np.ndarray, tuple[int, int]]:
         """The item as [H, W] 8-bit gray levels (uint8, most files) or grayscale in [0, 1] (float32), and its
-        original (width, height)."""
+        original (width, height); 400 for an image too small to hold a digit."""
+        pixels, size = self._decode(payload, index=index)
+        if min(size) < MIN_SIDE:
+            raise InvalidInput(f"item {index}: an image of {size[0]}x{size[1]} pixels is too small to hold a digit; "
+                               f"expected at least {MIN_SIDE}x{MIN_SIDE} pixels")
+        return pixels, size
+
+    def _decode(self, payload: Any, *, index: int) -> tuple[np.ndarray, tuple[int, int]]:
         if isinstance(payload, np.ndarray):  # batch .npy rows: a [H, W] or [1, H, W] image, uint8 or [0, 1]
             arr = np.squeeze(np.asarray(payload, np.float32))
             if arr.ndim != 2:
@@ -142,7 +178,12 @@ class ImageProcessor:
                 return fast
         img, size = open_image(payload, index=index, max_pixels=self.limits.max_image_pixels)
         levels = gray_levels(img)
-        return (to_gray(img) if levels is None else levels), size
+        if levels is not None:
+            return levels, size
+        gray = to_gray(img)
+        if not finite_rows(gray[None])[0]:  # a float TIFF may hold NaN or infinity
+            raise non_finite(index)
+        return gray, size
 
     def prepare(self, payload: Any, *, index: int) -> PreparedImage:
         pixels, size = self._pixels(payload, index=index)

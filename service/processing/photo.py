@@ -18,8 +18,16 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
 from service.processing.base import setting
 
-ACCEPTED_FORMATS = ("PNG", "JPEG")
-ACCEPTS = "a PNG or JPEG image (any size or colour mode)"
+# Pillow's format names of what users send: phone and camera JPEGs (MPO: a JPEG whose MPF marker lists extra
+# images, e.g. a depth map, as some phones write), screenshots, web images, scans. A file of several frames
+# (animated GIF/WebP, multi-page TIFF) is answered on its first frame, as an <img> shows it before it plays.
+ACCEPTED_FORMATS = ("PNG", "JPEG", "MPO", "WEBP", "GIF", "BMP", "TIFF")
+ACCEPTS = "a PNG, JPEG, WebP, GIF, BMP or TIFF image (any size or colour mode; the first frame of an animation)"
+# The file names a folder of images is read by (`modelserve predict`), for the same formats.
+FILE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+# HEIF/AVIF (iPhone photos by default) hold an ISO-BMFF "ftyp" box; Pillow cannot decode them without a plugin,
+# so they are named in the refusal rather than called "not an image".
+_HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"heim", b"heis", b"mif1", b"msf1", b"avif", b"avis")
 
 # A photo's short side is brought down to at least TARGET pixels (by a whole factor) once it exceeds
 # REDUCE_ABOVE: the digit ends up 20x20, and a 12 MP photo laid out at full size costs seconds.
@@ -38,11 +46,18 @@ def header(data: bytes, *, index: int) -> Image.Image:
     try:
         img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
+        if data[4:8] == b"ftyp" and data[8:12] in _HEIF_BRANDS:
+            raise UnsupportedMediaType(f"item {index}: HEIF/AVIF images are not accepted (a phone's HEIC photo: "
+                                       f"share or export it as JPEG); expected {ACCEPTS}") from None
         raise UnsupportedMediaType(f"item {index}: not an image; expected {ACCEPTS}") from None
     except Image.DecompressionBombError:
         # Pillow refuses past 2x its own MAX_IMAGE_PIXELS before we can look at the size.
         raise PayloadTooLarge(f"item {index}: the image declares more pixels than Pillow will decode; "
                               f"expected {ACCEPTS}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        # NOTE: some plugins read past the header while opening (WebP builds its decoder, TIFF reads its IFD):
+        # a truncated file fails here, not in load().
+        raise InvalidInput(f"item {index}: the image data is truncated or corrupt ({exc}); expected {ACCEPTS}") from None
     if img.format not in ACCEPTED_FORMATS:
         raise UnsupportedMediaType(f"item {index}: {img.format} images are not accepted; expected {ACCEPTS}")
     return img
@@ -77,7 +92,7 @@ def open_image(data: bytes, *, index: int, max_pixels: int) -> tuple[Image.Image
 def draft_large_jpeg(img: Image.Image) -> None:
     """Let libjpeg decode a large JPEG at 1/2, 1/4 or 1/8 scale (DCT scaling: cheaper, and less memory)."""
     short = min(img.size)
-    if img.format == "JPEG" and short > REDUCE_ABOVE:
+    if img.format in ("JPEG", "MPO") and short > REDUCE_ABOVE:
         scale = short / TARGET
         img.draft(None, (int(img.width / scale) + 1, int(img.height / scale) + 1))
 

@@ -13,12 +13,34 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tokenizers import Tokenizer
+from tokenizers import Regex, Tokenizer, normalizers
 
 from service.errors import InvalidInput, ModelLoadError, PayloadTooLarge
 from service.processing.base import Limits, parse_k, setting, top_k_rows
 
 ACCEPTS = "JSON {\"texts\": [\"non-empty string\", ...]}"
+
+
+# C0 and C1 control characters other than tab/newline/return, and DEL: BERT's normalizer deletes them, which
+# glued the words on either side of a form feed or vertical tab (PDF page and line breaks) into one.
+_CONTROLS = "[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]"
+
+
+def with_user_text_normalization(tokenizer: Tokenizer) -> Tokenizer:
+    """The tokenizer with two steps before its own normalizer, for text as users type and paste it.
+
+    Unicode NFKC, so compatibility forms read as the plain characters the vocabulary holds: full-width Latin from
+    a CJK keyboard ("Ｏｐｅｎ ａ ｆｉｌｅ"), ligatures copied from PDFs ("ﬁle"), superscripts; and control
+    characters as spaces, since none of them belongs inside a word. Before round 6 those were [UNK], split into
+    other words, or joined to the next word. Texts already in NFKC without control characters (ASCII prose among
+    them) keep their tokens.
+    """
+    # NOTE: prepended to the tokenizer's own normalizer (the Rust pipeline), so offsets and truncation stay the
+    # tokenizer's and no Python pass over each text is added; tokenizer.json on disk stays the model's.
+    steps = [normalizers.NFKC(), normalizers.Replace(Regex(_CONTROLS), " ")]
+    own = tokenizer.normalizer
+    tokenizer.normalizer = normalizers.Sequence(steps + ([own] if own is not None else []))
+    return tokenizer
 
 
 @dataclass
@@ -32,7 +54,7 @@ class TextProcessor:
     def __init__(self, *, tokenizer_path: Path, max_length: int, input_names: list[str],
                  output_name: str, labels: list[str] | None, vocab_size: int | None = None,
                  limits: Limits | None = None) -> None:
-        self.tokenizer = Tokenizer.from_file(str(tokenizer_path))
+        self.tokenizer = with_user_text_normalization(Tokenizer.from_file(str(tokenizer_path)))
         self.tokenizer.no_padding()  # we pad per request in collate
         # Truncation keeps the cut-off tokens in `overflowing` (stride 0: no token twice), so one encode both
         # truncates and counts the text's full length.
@@ -50,7 +72,8 @@ class TextProcessor:
     def describe(self) -> dict:
         doc: dict[str, object] = {"accepts": ACCEPTS,
                "preprocessing": f"tokenizer.json, truncated at {self.max_length} tokens (reported per text as "
-                                "truncated/tokens); a request's texts padded to its longest"}
+                                "truncated/tokens); a request's texts padded to its longest; Unicode NFKC and control "
+                                "characters as spaces first"}
         if self.labels:
             doc["params"] = {"k": "number of labels returned (default 3)"}
         return doc
@@ -63,12 +86,18 @@ class TextProcessor:
             raise InvalidInput(f"text {index}: expected a string, got {type(payload).__name__}")
         limit = self.limits.max_text_bytes
         # len(str) <= its UTF-8 length <= 4 * len(str): encode only when the character count cannot decide.
-        if len(payload) > limit or (4 * len(payload) > limit and len(payload.encode()) > limit):
+        if len(payload) > limit or (4 * len(payload) > limit and len(payload.encode("utf-8", "surrogatepass")) > limit):
             raise PayloadTooLarge(f"text {index} is longer than {limit} UTF-8 bytes; the model reads only its first "
                                   f"{self.max_length} tokens, send at most {limit} bytes ({setting('max_text_bytes')})")
         if not payload.strip():
             raise InvalidInput(f"text {index} is empty; expected non-empty text")
-        enc = self.tokenizer.encode(payload)
+        try:
+            enc = self.tokenizer.encode(payload)
+        except TypeError:  # a lone surrogate ("\ud800" in JSON) is no UTF-8 text: the tokenizer refuses it
+            if any("\ud800" <= c <= "\udfff" for c in payload):
+                raise InvalidInput(f"text {index} holds a lone UTF-16 surrogate (an emoji cut in half?); expected "
+                                   "valid Unicode text") from None
+            raise
         if all(enc.special_tokens_mask):  # only characters the tokenizer drops: NUL, control, zero-width, accents
             raise InvalidInput(f"text {index} has no tokens: the tokenizer drops all of its characters (control, "
                                "NUL, zero-width or lone combining characters); expected non-empty text")

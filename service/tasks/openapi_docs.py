@@ -50,7 +50,7 @@ _ERRORS = {
                 "error": "request body of 70000000 bytes exceeds the limit of 67108864 bytes"}}}},
     "415": {"description": "Wrong content type or file format",
             "content": {"application/json": {"example": {
-                "error": "item 0: GIF images are not accepted; expected a PNG or JPEG image"}}}},
+                "error": "item 0: ICO images are not accepted; expected a PNG, JPEG, WebP, GIF, BMP or TIFF image"}}}},
 }
 
 _JSON_EXAMPLES = {
@@ -65,7 +65,7 @@ PREDICT_DOC = {
     "description": (
         "One endpoint per model, answered by the same dynamic batcher and ONNX Runtime instances as "
         "`/v2/models/{name}/infer`.\n\n"
-        "* **image** (cnn): PNG or JPEG, any size or mode, as multipart field `file` (repeatable) or JSON "
+        "* **image** (cnn): PNG, JPEG, WebP, GIF, BMP or TIFF (first frame), any size or mode, as multipart field `file` (repeatable) or JSON "
         "`{\"images\": [base64, ...]}`; returns the top `k` labels (default 3).\n"
         "* **text** (transformer): `{\"texts\": [...]}`; returns embeddings, or labels for a classifier; "
         "each text says whether it was `truncated` and its token counts.\n"

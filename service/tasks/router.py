@@ -91,7 +91,7 @@ def _json_items(doc: object, *, task: str, v1: bool) -> tuple[list[Any], dict]:
     if not isinstance(items, list):
         raise InvalidInput(f"expected {key!r}: a list of items for this {task} model")
     if task in UPLOAD_TASKS:
-        what = "PNG or JPEG image" if task == "image-classification" else "WAV file"
+        what = "PNG, JPEG, WebP, GIF, BMP or TIFF image" if task == "image-classification" else "WAV file"
         items = [b64decode(x, index=i, what=what) for i, x in enumerate(items)]
     return items, params
 
