@@ -99,7 +99,7 @@ def test_training_texts_are_cut_at_max_tokens(tmp_path):
 def test_text_options_are_checked_before_any_work():
     got = text_overrides({"epochs": None, "ffn": 512.0, "minutes": 60})  # None: the profile's
     assert got == {"ffn": 512, "minutes": 60.0} and isinstance(got["ffn"], int)
-    with pytest.raises(ValueError, match=r"expected some of \['epochs', 'ffn', 'lr', 'max_texts', 'minutes'\]"):
+    with pytest.raises(ValueError, match=r"expected some of \['epochs', 'ffn', 'lr', 'max_texts', 'minutes', 'neighbours'\]"):
         text_overrides({"width": 3})
     with pytest.raises(ValueError, match="text student minutes -5: expected a positive number"):
         text_overrides({"minutes": -5})
