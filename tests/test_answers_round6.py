@@ -222,7 +222,8 @@ def test_clipped_speech_is_redrawn_towards_the_unclipped_word():
             got = processor.prepare(buf.getvalue(), index=0).waveform
             distances.append((_log_mel_distance(got, reference), _log_mel_distance(clipped, reference)))
     now, before = np.array(distances).T  # before: the clipped samples as they were
-    assert (now <= before).all() and now.mean() < 0.6 * before.mean(), distances  # "go" x2 hardly clips
+    # "go" x2 hardly clips: unchanged but for float rounding (1e-4 allowed)
+    assert (now <= before + 1e-4).all() and now.mean() < 0.6 * before.mean(), distances
     for quiet in (keyword_audio("yes"), (0.6 * np.sin(2 * np.pi * 50 * np.arange(16000) / 16000)).astype(np.float32)):
         wav = wav_bytes(quiet)  # unclipped (a word, a loud 50 Hz hum): exactly the samples that were sent
         expected = np.frombuffer(wav[44:], "<i2").astype(np.float32) / 32768
