@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 from pathlib import Path
 
+import httpx
 import numpy as np
 import soundfile as sf
 from PIL import Image
+
+from service.processing.image import ImageProcessor
 
 TEXTS = ["Open a file and read it line by line.", "Sort a list of dictionaries by a key.",
          "Start a TCP server that echoes what it receives.", "Compress a folder into a zip archive."]
@@ -94,3 +98,21 @@ def write_inputs(root: Path) -> dict[str, Path]:
     users = root / "users.parquet"
     pq.write_table(pa.table({"id": ["a", "b", "c", "d"], "user_id": [1, 2, 987654321, None]}), users)
     return {"images": img_dir, "wavs": wav_dir, "texts": texts, "users": users}
+
+
+def post_task(server: str, path: str, **kwargs) -> httpx.Response:
+    """POST to a task route of the server at `server` (host:port)."""
+    import httpx
+
+    return httpx.post(f"http://{server}{path}", timeout=120, **kwargs)
+
+
+def images_json(files: list[bytes]) -> dict:
+    """The image task route's JSON body for these encoded image files."""
+    return {"images": [base64.b64encode(f).decode() for f in files]}
+
+
+def laid_pixels(files: list[bytes]) -> np.ndarray:
+    """What the image preprocessing lays out for each file (the model's input rows)."""
+    processor = ImageProcessor(input_name="image", output_name="probabilities", labels=None)
+    return np.stack([processor.prepare(f, index=i).pixels[0] for i, f in enumerate(files)])

@@ -12,7 +12,6 @@ import base64
 import io
 from dataclasses import replace
 
-import httpx
 import numpy as np
 import openai
 import pytest
@@ -29,7 +28,7 @@ from tests.conftest import run_server
 from tests.digit_photos import BASE, render
 from tests.inprocess import inprocess_server
 from tests.limit_payloads import png_header
-from tests.task_media import digit_file, held_out_digits, keyword_audio, wav_bytes
+from tests.task_media import digit_file, held_out_digits, images_json, keyword_audio, laid_pixels, post_task, wav_bytes
 from tests.three_paths import assert_predict_and_edge_match_server
 
 PROCESSOR = ImageProcessor(input_name="image", output_name="probabilities", labels=None)
@@ -40,18 +39,6 @@ PNG = replace(BASE, fmt="PNG")
 def server(tiny_zoo):
     with run_server(tiny_zoo) as url:
         yield url
-
-
-def _post(server: str, path: str, **kwargs) -> httpx.Response:
-    return httpx.post(f"http://{server}{path}", timeout=120, **kwargs)
-
-
-def _images(files: list[bytes]) -> dict:
-    return {"images": [base64.b64encode(f).decode() for f in files]}
-
-
-def _laid(files: list[bytes]) -> np.ndarray:
-    return np.stack([PROCESSOR.prepare(f, index=i).pixels[0] for i, f in enumerate(files)])
 
 
 def test_photo_steps_leave_the_training_layout_bit_for_bit(monkeypatch):
@@ -72,21 +59,21 @@ def test_exif_orientation_is_applied_and_the_size_reported_upright():
     for orientation in (6, 8):
         turned = [render(im, replace(PNG, exif_orientation=orientation), seed=i) for i, im in enumerate(images8)]
         upright = [render(im, PNG, seed=i) for i, im in enumerate(images8)]
-        assert np.array_equal(_laid(turned), _laid(upright))  # was the digit lying on its side
+        assert np.array_equal(laid_pixels(turned), laid_pixels(upright))  # was the digit lying on its side
         assert PROCESSOR.prepare(turned[0], index=0).original_size == Image.open(io.BytesIO(upright[0])).size
 
 
 def test_a_shadow_on_the_paper_is_not_taken_for_ink():
     images8, _, _ = held_out_digits(20)
-    plain = _laid([render(im, PNG, seed=i) for i, im in enumerate(images8)])
-    shadow = _laid([render(im, replace(PNG, shadow=110), seed=i) for i, im in enumerate(images8)])
+    plain = laid_pixels([render(im, PNG, seed=i) for i, im in enumerate(images8)])
+    shadow = laid_pixels([render(im, replace(PNG, shadow=110), seed=i) for i, im in enumerate(images8)])
     # Before: the shadow's corner was cropped as ink, the digit shrank into it (mean difference 0.14).
     assert np.abs(plain - shadow).mean() < 0.08
 
 
 def test_thin_strokes_are_widened_to_the_trained_width():
     images8, _, _ = held_out_digits(20)
-    thin = _laid([render(im, replace(PNG, cut=0.7), seed=i) for i, im in enumerate(images8)])
+    thin = laid_pixels([render(im, replace(PNG, cut=0.7), seed=i) for i, im in enumerate(images8)])
     assert (np.count_nonzero(thin > 0.5, axis=(1, 2)) >= THIN_BELOW).all()  # before: down to 52 pixels
 
 
@@ -94,11 +81,11 @@ def test_twelve_megapixel_phone_photos_are_answered(server):
     images8, _, _ = held_out_digits(6)
     phone = replace(BASE, side=3000, blur=0, rotate=0, noise=0)  # 3000x4000: 12 MP each, 72 MP together
     files = [render(im, phone, seed=i) for i, im in enumerate(images8)]
-    resp = _post(server, "/v1/models/cnn/predict", json=_images(files))
+    resp = post_task(server, "/v1/models/cnn/predict", json=images_json(files))
     assert resp.status_code == 200, resp.text  # before: 413 (over 4 MP per image)
     assert [r["preprocessing"]["original_size"] for r in resp.json()["results"]] == [[3000, 4000]] * 6
-    small = _laid([render(im, replace(phone, side=400), seed=i) for i, im in enumerate(images8)])
-    assert np.abs(_laid(files) - small).mean() < 0.05  # decoded at 1/4 scale: the same digit
+    small = laid_pixels([render(im, replace(phone, side=400), seed=i) for i, im in enumerate(images8)])
+    assert np.abs(laid_pixels(files) - small).mean() < 0.05  # decoded at 1/4 scale: the same digit
 
 
 def _ico() -> bytes:
@@ -127,7 +114,7 @@ BAD_IMAGES = {
 @pytest.mark.parametrize("case", sorted(BAD_IMAGES))
 def test_bad_images_are_a_clear_4xx(server, case):
     data, status, words = BAD_IMAGES[case]
-    resp = _post(server, "/v1/models/cnn/predict", json=_images([data]))
+    resp = post_task(server, "/v1/models/cnn/predict", json=images_json([data]))
     assert resp.status_code == status, resp.text
     assert words in resp.json()["error"] and ("expected" in resp.json()["error"] or status == 413)
 
@@ -156,7 +143,7 @@ SCRIPTS = ["🙂🚀", "漢字かな交じり文", "مرحبا بالعالم", 
 
 def test_texts_the_tokenizer_drops_entirely_are_400_everywhere(server):
     for text in NO_TOKENS:
-        resp = _post(server, "/v1/models/transformer/predict", json={"texts": ["fine", text]})
+        resp = post_task(server, "/v1/models/transformer/predict", json={"texts": ["fine", text]})
         assert resp.status_code == 400 and "text 1 has no tokens" in resp.json()["error"], resp.text
     client = openai.OpenAI(base_url=f"http://{server}/v1", api_key="unused", max_retries=0)
     with pytest.raises(openai.BadRequestError, match="no tokens"):
@@ -170,7 +157,7 @@ def test_texts_the_tokenizer_drops_entirely_are_400_everywhere(server):
 
 
 def test_emoji_cjk_and_rtl_embed_alike_on_every_route(server):
-    v1 = _post(server, "/v1/models/transformer/predict", json={"texts": SCRIPTS})
+    v1 = post_task(server, "/v1/models/transformer/predict", json={"texts": SCRIPTS})
     assert v1.status_code == 200, v1.text
     reference = np.array([r["embedding"] for r in v1.json()["results"]], np.float32)
     client = openai.OpenAI(base_url=f"http://{server}/v1", api_key="unused", max_retries=0)
@@ -191,7 +178,7 @@ def test_emoji_cjk_and_rtl_embed_alike_on_every_route(server):
     ({"user_ids": [1], "parameters": {"top_k": 3}}, 400, "unknown key 'parameters.top_k'"),
 ])
 def test_recommender_ids_and_k_at_their_edges(server, body, status, words):
-    resp = _post(server, "/v1/models/recommender/predict", json=body)
+    resp = post_task(server, "/v1/models/recommender/predict", json=body)
     assert resp.status_code == status, resp.text
     if words:
         assert words in resp.json()["error"]
@@ -211,7 +198,7 @@ def test_a_dc_offset_is_removed_and_the_word_still_heard(server):
         assert np.array_equal(prepared.waveform, processor.prepare(files[index], index=index).waveform)
         assert abs(float(prepared.waveform.mean())) < 1e-3  # before: 0.3 and -0.2
     np.testing.assert_allclose(batch[1].waveform, batch[0].waveform, atol=1e-3)  # type: ignore[union-attr]
-    resp = _post(server, "/v1/models/speech/predict", json={"audio": [base64.b64encode(f).decode() for f in files]})
+    resp = post_task(server, "/v1/models/speech/predict", json={"audio": [base64.b64encode(f).decode() for f in files]})
     assert resp.status_code == 200, resp.text
     results = resp.json()["results"]
     assert len({r["keyword"] for r in results}) == 1
@@ -222,12 +209,12 @@ def test_a_dc_offset_is_removed_and_the_word_still_heard(server):
 @pytest.mark.parametrize("data", [b"ID3\x04\x00\x00\x00\x00\x00\x00\xff\xfb\x90\x00" + bytes(400),  # MP3
                                   b"OggS\x00\x02" + bytes(400), b"\x00\x01garbage" * 50])
 def test_audio_that_is_not_a_wav_is_415_saying_what_is_expected(server, data):
-    resp = _post(server, "/v1/models/speech/predict", json={"audio": [base64.b64encode(data).decode()]})
+    resp = post_task(server, "/v1/models/speech/predict", json={"audio": [base64.b64encode(data).decode()]})
     assert resp.status_code == 415, resp.text
     assert "not a WAV file; expected a WAV file" in resp.json()["error"]
 
 
 def test_an_empty_item_is_400_saying_it_is_empty(server):
-    resp = _post(server, "/v1/models/speech/predict", json={"audio": [""]})
+    resp = post_task(server, "/v1/models/speech/predict", json={"audio": [""]})
     assert resp.status_code == 400, resp.text  # before: "expected a base64 string ..., got str" for a string
     assert "expected a base64 string of a WAV file, got an empty string" in resp.json()["error"]

@@ -8,7 +8,6 @@ preprocessing, service/processing/speech.py). docs/RELIABILITY.md "Answers, roun
 
 from __future__ import annotations
 
-import base64
 import json
 
 import numpy as np
@@ -19,9 +18,8 @@ import torch
 from models import cnn
 from models import speech_data as sd
 from models.cnn_data import augment, recut
-from tests.inprocess import inprocess_server
 from tests.task_media import held_out_digits, wav_bytes
-from tests.three_paths import assert_predict_and_edge_match_server
+from tests.three_paths import assert_three_paths_agree_on_wavs
 
 NO_KEYWORD = {sd.SILENCE, sd.UNKNOWN}
 
@@ -95,15 +93,5 @@ NON_SPEECH = {
 
 
 async def test_server_predict_and_edge_agree_on_non_speech(tiny_zoo, tmp_path):
-    folder = tmp_path / "clips"
-    folder.mkdir()
-    paths = []
-    for i, wave in enumerate(NON_SPEECH.values()):
-        paths.append(folder / f"{i}.wav")
-        paths[-1].write_bytes(wav_bytes(wave.astype(np.float32)))
-    async with inprocess_server(tiny_zoo) as (_, client):
-        resp = await client.post("/v1/models/speech/predict", params={"k": 12},
-                                 json={"audio": [base64.b64encode(p.read_bytes()).decode() for p in paths]})
-    assert resp.status_code == 200, resp.text
-    await assert_predict_and_edge_match_server(tiny_zoo, tmp_path, model="speech", folder=folder, paths=paths,
-                                               flag="--audio", k=12, server_results=resp.json()["results"])
+    clips = [wav_bytes(wave.astype(np.float32)) for wave in NON_SPEECH.values()]
+    await assert_three_paths_agree_on_wavs(tiny_zoo, tmp_path, clips)

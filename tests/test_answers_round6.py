@@ -19,7 +19,6 @@ import json
 import struct
 from dataclasses import replace
 
-import httpx
 import numpy as np
 import openai
 import pytest
@@ -35,8 +34,8 @@ from service.processing.speech import SpeechProcessor
 from tests.conftest import run_server
 from tests.digit_photos import BASE, render
 from tests.inprocess import inprocess_server
-from tests.task_media import held_out_digits, keyword_audio, wav_bytes
-from tests.three_paths import assert_predict_and_edge_match_server
+from tests.task_media import held_out_digits, images_json, keyword_audio, laid_pixels, post_task, wav_bytes
+from tests.three_paths import assert_predict_and_edge_match_server, assert_three_paths_agree_on_wavs
 
 PROCESSOR = ImageProcessor(input_name="image", output_name="probabilities", labels=None)
 PNG = replace(BASE, fmt="PNG")
@@ -46,18 +45,6 @@ PNG = replace(BASE, fmt="PNG")
 def server(tiny_zoo):
     with run_server(tiny_zoo) as url:
         yield url
-
-
-def _post(server: str, path: str, **kwargs) -> httpx.Response:
-    return httpx.post(f"http://{server}{path}", timeout=120, **kwargs)
-
-
-def _images(files: list[bytes]) -> dict:
-    return {"images": [base64.b64encode(f).decode() for f in files]}
-
-
-def _laid(files: list[bytes]) -> np.ndarray:
-    return np.stack([PROCESSOR.prepare(f, index=i).pixels[0] for i, f in enumerate(files)])
 
 
 def _save(img: Image.Image, fmt: str, **kwargs) -> bytes:
@@ -77,8 +64,8 @@ TRANSPARENT = {
 @pytest.mark.parametrize("case", sorted(TRANSPARENT))
 def test_a_digit_on_a_transparent_canvas_is_read_as_shown(case):
     images8, _, _ = held_out_digits(12)
-    drawn = _laid([render(im, TRANSPARENT[case], seed=i) for i, im in enumerate(images8)])
-    paper = _laid([render(im, replace(PNG, noise=0), seed=i) for i, im in enumerate(images8)])
+    drawn = laid_pixels([render(im, TRANSPARENT[case], seed=i) for i, im in enumerate(images8)])
+    paper = laid_pixels([render(im, replace(PNG, noise=0), seed=i) for i, im in enumerate(images8)])
     # Before: dark ink composited on black, the file's colour under alpha 0: a blank image (all zeros).
     assert (drawn.reshape(len(drawn), -1).max(axis=1) > 0.5).all()
     assert np.abs(drawn - paper).mean() < 0.05, np.abs(drawn - paper).mean()
@@ -88,7 +75,7 @@ def test_opaque_and_mostly_opaque_rgba_read_as_their_pixels():
     images8, _, _ = held_out_digits(6)
     photos = [Image.open(io.BytesIO(render(im, PNG, seed=i))).convert("RGB") for i, im in enumerate(images8)]
     opaque = [_save(p.convert("RGBA"), "PNG") for p in photos]
-    assert np.array_equal(_laid(opaque), _laid([_save(p, "PNG") for p in photos]))  # alpha 255: the same bits
+    assert np.array_equal(laid_pixels(opaque), laid_pixels([_save(p, "PNG") for p in photos]))  # alpha 255: the same bits
     cornered = []
     for p in photos:  # a photo with transparent corners (rounded by an app) reads as paper there, not ink
         alpha = np.full((p.height, p.width), 255, np.uint8)
@@ -96,10 +83,10 @@ def test_opaque_and_mostly_opaque_rgba_read_as_their_pixels():
         rgba = p.convert("RGBA")
         rgba.putalpha(Image.fromarray(alpha))
         cornered.append(_save(rgba, "PNG"))
-    assert np.abs(_laid(cornered) - _laid(opaque)).mean() < 0.02
+    assert np.abs(laid_pixels(cornered) - laid_pixels(opaque)).mean() < 0.02
     white = replace(PNG, mode="ink on transparent", ink=255, paper=0, noise=0)  # light ink: over black, as before
-    drawn = _laid([render(im, white, seed=i) for i, im in enumerate(images8)])
-    assert np.abs(drawn - _laid([render(im, replace(PNG, noise=0), seed=i) for i, im in enumerate(images8)])).mean() < 0.05
+    drawn = laid_pixels([render(im, white, seed=i) for i, im in enumerate(images8)])
+    assert np.abs(drawn - laid_pixels([render(im, replace(PNG, noise=0), seed=i) for i, im in enumerate(images8)])).mean() < 0.05
 
 
 def _formats(image8: np.ndarray, other8: np.ndarray, *, seed: int) -> dict[str, bytes]:
@@ -118,13 +105,13 @@ def _formats(image8: np.ndarray, other8: np.ndarray, *, seed: int) -> dict[str, 
 def test_webp_gif_bmp_tiff_and_mpo_are_answered_on_their_first_frame(server):
     images8, _, _ = held_out_digits(2)
     files = _formats(images8[0], images8[1], seed=0)
-    resp = _post(server, "/v1/models/cnn/predict", params={"k": 10}, json=_images(list(files.values())))
+    resp = post_task(server, "/v1/models/cnn/predict", params={"k": 10}, json=images_json(list(files.values())))
     assert resp.status_code == 200, resp.text  # before: 415 "WEBP images are not accepted", ...
     probs = {name: {p["index"]: p["probability"] for p in r["predictions"]}
              for name, r in zip(files, resp.json()["results"])}
     for name in ("bmp", "tif", "gif", "webp"):  # lossless: the PNG's pixels, so its answer exactly
         assert probs[name] == pytest.approx(probs["png"], abs=1e-6), name
-    assert np.abs(_laid([files["jpg"]]) - _laid([files["png"]])).mean() < 0.02  # the JPEG's first image
+    assert np.abs(laid_pixels([files["jpg"]]) - laid_pixels([files["png"]])).mean() < 0.02  # the JPEG's first image
 
 
 BAD = {
@@ -140,10 +127,10 @@ BAD = {
 def test_images_that_hold_no_digit_are_a_clear_4xx_alone(server, case):
     data, status, words = BAD[case]
     good = render(held_out_digits(1)[0][0], PNG, seed=0)
-    resp = _post(server, "/v1/models/cnn/predict", json=_images([data]))
+    resp = post_task(server, "/v1/models/cnn/predict", json=images_json([data]))
     assert resp.status_code == status, resp.text
     assert words in resp.json()["error"] and "expected" in resp.json()["error"]
-    mixed = _post(server, "/v1/models/cnn:predict", json={"instances": [{"b64": base64.b64encode(good).decode()}]})
+    mixed = post_task(server, "/v1/models/cnn:predict", json={"instances": [{"b64": base64.b64encode(good).decode()}]})
     assert mixed.status_code == 200  # other clients' requests are not disturbed
 
 
@@ -188,7 +175,7 @@ def _streamed_clips() -> dict[str, bytes]:
 
 def test_a_wav_written_to_a_pipe_is_answered_as_the_same_wav_with_its_sizes(server):
     clips = _streamed_clips()
-    resp = _post(server, "/v1/models/speech/predict", params={"k": 12},
+    resp = post_task(server, "/v1/models/speech/predict", params={"k": 12},
                  json={"audio": [base64.b64encode(c).decode() for c in clips.values()]})
     assert resp.status_code == 200, resp.text  # before: 400 "truncated WAV" / "WAV file has no samples"
     results = dict(zip(clips, resp.json()["results"]))
@@ -197,10 +184,10 @@ def test_a_wav_written_to_a_pipe_is_answered_as_the_same_wav_with_its_sizes(serv
         assert result["predictions"] == base["predictions"], name
         assert result["audio"] == base["audio"], name
     cut = wav_bytes(keyword_audio("yes"))[:3000]  # a WAV whose sizes were filled in and then cut short
-    resp = _post(server, "/v1/models/speech/predict", json={"audio": [base64.b64encode(cut).decode()]})
+    resp = post_task(server, "/v1/models/speech/predict", json={"audio": [base64.b64encode(cut).decode()]})
     assert resp.status_code == 400 and "truncated WAV" in resp.json()["error"]
     header_only = streamed(wav_bytes(np.zeros(0, np.float32)), placeholder=0xFFFFFFFF)
-    resp = _post(server, "/v1/models/speech/predict", json={"audio": [base64.b64encode(header_only).decode()]})
+    resp = post_task(server, "/v1/models/speech/predict", json={"audio": [base64.b64encode(header_only).decode()]})
     assert resp.status_code == 400 and "expected a WAV file" in resp.json()["error"], resp.text
 
 
@@ -231,20 +218,9 @@ def test_clipped_speech_is_redrawn_towards_the_unclipped_word():
 
 
 async def test_server_predict_and_edge_agree_on_streamed_and_clipped_wavs(tiny_zoo, tmp_path):
-    folder = tmp_path / "clips"
-    folder.mkdir()
-    paths = []
     clips = [*_streamed_clips().values(), wav_bytes(np.clip(keyword_audio("no") * 8, -1, 1)),
              wav_bytes(np.clip(keyword_audio("up") * 4, -1, 1), rate=44100, channels=2, subtype="PCM_24")]
-    for i, data in enumerate(clips):
-        paths.append(folder / f"{i}.wav")
-        paths[-1].write_bytes(data)
-    async with inprocess_server(tiny_zoo) as (_, client):
-        resp = await client.post("/v1/models/speech/predict", params={"k": 12},
-                                 json={"audio": [base64.b64encode(p.read_bytes()).decode() for p in paths]})
-    assert resp.status_code == 200, resp.text
-    await assert_predict_and_edge_match_server(tiny_zoo, tmp_path, model="speech", folder=folder, paths=paths,
-                                               flag="--audio", k=12, server_results=resp.json()["results"])
+    await assert_three_paths_agree_on_wavs(tiny_zoo, tmp_path, clips)
 
 
 # --- text -------------------------------------------------------------------------------------------------------
@@ -260,7 +236,7 @@ FORMS = {
 
 def _embeddings_everywhere(server: str, texts: list[str]) -> list[np.ndarray]:
     """The texts' embeddings from /v1, the OpenAI route (the `openai` client) and V2 `text` (tritonclient)."""
-    v1 = _post(server, "/v1/models/transformer/predict", json={"texts": texts})
+    v1 = post_task(server, "/v1/models/transformer/predict", json={"texts": texts})
     assert v1.status_code == 200, v1.text
     client = openai.OpenAI(base_url=f"http://{server}/v1", api_key="unused", max_retries=0)
     rows = client.embeddings.create(model="transformer", input=texts, encoding_format="float").data
@@ -277,14 +253,14 @@ def test_text_in_the_forms_users_paste_reads_as_the_plain_text_on_every_route(se
     (plain, *_) = _embeddings_everywhere(server, PLAIN)
     for got in _embeddings_everywhere(server, varied):  # before: [UNK]s, words split or glued together
         np.testing.assert_allclose(got, plain, atol=1e-5)
-    labelled = [_post(server, "/v1/models/transformer-classifier/predict", json={"texts": texts, "k": 3}).json()
+    labelled = [post_task(server, "/v1/models/transformer-classifier/predict", json={"texts": texts, "k": 3}).json()
                 for texts in (PLAIN, varied)]
     assert labelled[0]["results"] == labelled[1]["results"]
 
 
 def test_a_lone_surrogate_is_refused_saying_what_is_expected_by_server_and_predict(server, tiny_zoo, tmp_path):
     body = '{"texts": ["fine", "cut in half: \\ud83d"]}'  # an emoji's first half, as JSON can carry it
-    resp = _post(server, "/v1/models/transformer/predict", content=body, headers={"content-type": "application/json"})
+    resp = post_task(server, "/v1/models/transformer/predict", content=body, headers={"content-type": "application/json"})
     assert resp.status_code == 400 and "not valid JSON" in resp.json()["error"], resp.text  # the server's parser
     texts = tmp_path / "texts.jsonl"  # `predict` reads JSONL with Python's json, which lets it through
     texts.write_text('{"id": "a", "text": "fine"}\n{"id": "b", "text": "cut in half: \\ud83d"}\n')

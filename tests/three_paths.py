@@ -4,6 +4,7 @@ bundle's runner give the same probabilities for the same files (one preprocessin
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import numpy as np
 
 from export import edge
 from service.offline import cli as offline_cli
+from tests.inprocess import inprocess_server
 
 
 def _probs(results: list) -> np.ndarray:
@@ -37,3 +39,19 @@ async def assert_predict_and_edge_match_server(zoo: Path, tmp_path: Path, *, mod
     offline = _probs([r["result"] if isinstance(r["result"], dict) else json.loads(r["result"]) for r in rows])
     np.testing.assert_allclose(offline, server, atol=1e-5)
     np.testing.assert_allclose(_probs(json.loads(done.stdout)["predictions"]), server, atol=1e-5)
+
+
+async def assert_three_paths_agree_on_wavs(zoo: Path, tmp_path: Path, clips: list[bytes], *, k: int = 12) -> None:
+    """The WAV files `clips` through the speech task route (an in-process server), `predict` over a folder of
+    them and the edge runner: the same probabilities."""
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    paths = [folder / f"{i}.wav" for i in range(len(clips))]
+    for path, data in zip(paths, clips):
+        path.write_bytes(data)
+    async with inprocess_server(zoo) as (_, client):
+        resp = await client.post("/v1/models/speech/predict", params={"k": k},
+                                 json={"audio": [base64.b64encode(data).decode() for data in clips]})
+    assert resp.status_code == 200, resp.text
+    await assert_predict_and_edge_match_server(zoo, tmp_path, model="speech", folder=folder, paths=paths,
+                                               flag="--audio", k=k, server_results=resp.json()["results"])
