@@ -53,6 +53,7 @@ test: install
 # `make bench PROVIDER=cuda` (or tensorrt) runs the ceiling and the server on a GPU (needs EXTRAS=...,gpu).
 PROVIDER ?= cpu
 bench: install
+	@$(MAKE) --no-print-directory tools || echo "h2load could not be installed: the bench runs the Python load generator only"
 	$(PY) -m loadtests.bench --provider $(PROVIDER) --output bench_results
 
 bench-quick: install
@@ -130,7 +131,8 @@ image-check: image helm
 	$(PY) -m loadtests.image_check --engine $(ENGINE) --image $(IMAGE):$(IMAGE_TAG) --variant $(VARIANT) \
 		--models $(CHECK_MODELS) --out image_check.json
 
-# Prometheus' promtool and server (Debian's `prometheus` package) for the observability tests.
+# Prometheus' promtool and server (Debian's `prometheus` package) for the observability tests, and h2load
+# (Debian's `nghttp2-client`: the bench's C load generator, loadtests/h2load.py).
 tools:
-	@command -v promtool >/dev/null && command -v prometheus >/dev/null || \
-		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null && command -v h2load >/dev/null || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus nghttp2-client; }

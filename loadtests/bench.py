@@ -6,7 +6,9 @@
 (a) ceilings: in-process ONNX Runtime (the server's session options) for the bench CNN and the zoo `cnn` at
     batch 1..64, and for the tiny zoo transformer on mixed-length texts (arrival order vs sorted by length);
 (b) serving (loadtests/benchmatrix.py): both CNNs x {no batching, Triton's fixed delay, adaptive} x {V2 JSON,
-    V2 binary, V2 gRPC} x concurrency {1, 32}, one server process, policies side by side;
+    V2 binary, V2 gRPC} x concurrency {1, 32} x load generator {python (aiohttp / grpc.aio), h2load (C: the
+    server's capacity without a Python client eating the shared cores; loadtests/h2load.py)}, one server
+    process, policies and clients side by side;
 (c) text: the mixed-length set at concurrency 32, shapes-must-match vs length-aware batching (loadtests/textbench.py);
 (d) offline: `modelserve predict` per zoo model against ONNX Runtime alone, text sorted by length
     (loadtests/offline_bench.py).
@@ -32,8 +34,8 @@ from typing import Any
 import onnxruntime
 from rich.console import Console
 
-from loadtests import offline_bench
-from loadtests.benchmatrix import CNNS, POLICIES, run_matrix, write_cnn_models
+from loadtests import h2load, offline_bench
+from loadtests.benchmatrix import CLIENTS, CNNS, POLICIES, run_matrix, write_cnn_models
 from loadtests.benchmodel import DEFAULT_WIDTH, PROVIDERS, build_cnn_onnx, check_provider, measure_ceiling, usable_cpus
 from loadtests.benchreport import render, write_markdown
 from loadtests.report import write_json
@@ -68,6 +70,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--concurrency", default="1,32", help="client concurrencies of the serving cells")
     p.add_argument("--protocols", default="json,binary,grpc", help="comma-separated: json, binary, grpc")
     p.add_argument("--policies", default=",".join(POLICIES), help="comma-separated: none, fixed, adaptive")
+    p.add_argument("--clients", default=None,
+                   help="load generators of the serving cells, comma-separated: python, h2load (default: both when "
+                        "h2load is installed, `make tools`; else python)")
     p.add_argument("--delay-us", type=int, default=3000, help="max_queue_delay_microseconds (fixed; adaptive's bound)")
     p.add_argument("--requests", type=int, default=None, help="measured requests per serving cell (upper bound)")
     p.add_argument("--time-cap", type=float, default=None, help="seconds per serving cell")
@@ -91,6 +96,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.sections = _csv(args.sections, allowed=SECTIONS, what="sections", p=p)
     args.protocols = _csv(args.protocols, allowed=("json", "binary", "grpc"), what="protocols", p=p)
     args.policies = _csv(args.policies, allowed=POLICIES, what="policies", p=p)
+    if args.clients is None:
+        args.clients = ",".join(CLIENTS) if h2load.available() else "python"
+    args.clients = _csv(args.clients, allowed=CLIENTS, what="clients", p=p)
+    if "h2load" in args.clients and not h2load.available():
+        p.error("--clients h2load: h2load is not installed (Debian's nghttp2-client; `make tools` installs it)")
     if min(args.requests, args.texts, args.offline_rows, *args.concurrency) < 1 or args.time_cap <= 0:
         p.error("--requests, --texts, --offline-rows and --concurrency must be >= 1; --time-cap must be > 0")
     if args.zoo is not None and not (args.zoo / "cnn").is_dir():

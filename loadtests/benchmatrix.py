@@ -16,12 +16,14 @@ from typing import Any
 
 import aiohttp
 
+from loadtests import h2load
 from loadtests.generator import LoadConfig, Target, build_bodies, fetch_model_info, measure_level
 from loadtests.report import summarize
 from loadtests.serverproc import ServerProcess, cpu_seconds, machine_busy_seconds
 
 POLICIES = ("none", "fixed", "adaptive")
 CNNS = ("bench_cnn", "zoo_cnn")  # the bench's own CNN (loadtests/benchmodel.py) and the zoo `cnn` (ResNetSmall)
+CLIENTS = ("python", "h2load")  # the aiohttp/grpc.aio generator (loadtests/generator.py) and h2load (C, loadtests/h2load.py)
 
 
 def policy_config(policy: str, *, delay_us: int, max_batch_size: int = 64, kind: str = "KIND_CPU") -> str:
@@ -51,34 +53,44 @@ def write_cnn_models(repo: Path, *, onnx_paths: dict[str, Path], delay_us: int, 
 
 
 async def _cell(server: ServerProcess, *, model: str, protocol: str, concurrency: int,
-                args: argparse.Namespace) -> dict[str, Any]:
+                args: argparse.Namespace, client: str = "python") -> dict[str, Any]:
     cfg = LoadConfig(target=Target(server.url, model, grpc_url=server.grpc_url), protocols=[protocol],
                      concurrencies=[concurrency], requests=args.requests, time_cap_s=args.time_cap, progress=False,
                      cpu_probes={"server": lambda: cpu_seconds(server.pid), "machine": machine_busy_seconds})
     async with aiohttp.ClientSession() as session:
         info = await fetch_model_info(session, cfg.target)
     bodies = build_bodies(info, cfg, protocol=protocol)
-    level = await measure_level(cfg, info=info, protocol=protocol, concurrency=concurrency, bodies=bodies)
+    if client == "h2load":
+        # h2load runs for the cell's time cap (it has no request cap that ends a closed loop early).
+        level = h2load.measure_level(cfg.target, info=info, protocol=protocol, concurrency=concurrency,
+                                     req=bodies[0], seconds=args.time_cap, cpu_probes=cfg.cpu_probes)
+    else:
+        level = await measure_level(cfg, info=info, protocol=protocol, concurrency=concurrency, bodies=bodies)
     row = summarize(level)
+    row["client"] = client
     # Whatever the machine did beyond our two processes: other people's jobs on a shared box.
     row["others_cpu_pct"] = row["machine_cpu_pct"] - row["server_cpu_pct"] - row["client_cpu_pct"]
     server_cpu_s = row["server_cpu_pct"] / 100 * (level.elapsed_s or 0.0)
     row["server_cpu_us_per_req"] = server_cpu_s / level.ok * 1e6 if level.ok else None
+    row["client_cpu_us_per_req"] = level.client_cpu_s / level.ok * 1e6 if level.ok else None
     return row
 
 
 async def run_matrix(server: ServerProcess, *, cnns: list[str], args: argparse.Namespace,
                      progress=print) -> list[dict[str, Any]]:
-    """Every (cnn, concurrency, protocol, policy) cell; policies innermost (side by side)."""
+    """Every (cnn, concurrency, protocol, policy, client) cell; policies, then clients innermost (side by side)."""
     rows = []
     for cnn in cnns:
         for concurrency in args.concurrency:
             for protocol in args.protocols:
                 for policy in args.policies:
                     model = model_name(cnn, policy)
-                    row = await _cell(server, model=model, protocol=protocol, concurrency=concurrency, args=args)
-                    rows.append({"section": "serve", "cnn": cnn, "batching": policy, "model": model, **row})
-                    progress(f"  {cnn:9s} {policy:8s} {protocol:6s} c={concurrency:<3d} "
-                             f"{row['rows_per_s']:8.0f} rows/s  p50 {row['p50_ms'] or 0:7.2f} ms  "
-                             f"server {row['server_cpu_us_per_req'] or 0:7.0f} CPU-us/req")
+                    for client in getattr(args, "clients", ["python"]):
+                        row = await _cell(server, model=model, protocol=protocol, concurrency=concurrency, args=args,
+                                          client=client)
+                        rows.append({"section": "serve", "cnn": cnn, "batching": policy, "model": model, **row})
+                        progress(f"  {cnn:9s} {policy:8s} {protocol:6s} c={concurrency:<3d} {client:7s}"
+                                 f"{row['rows_per_s']:8.0f} rows/s  p50 {row['p50_ms'] or 0:7.2f} ms  "
+                                 f"server {row['server_cpu_us_per_req'] or 0:7.0f} CPU-us/req  "
+                                 f"client {row['client_cpu_us_per_req'] or 0:5.0f}")
     return rows

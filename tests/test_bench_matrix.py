@@ -37,4 +37,5 @@ def test_report_rows_put_each_cell_next_to_its_own_ceiling():
     assert [r[0] for r in rows] == ["ceiling", "serve", "serve", "serve"]
     assert [r[2] for r in rows[1:]] == list(POLICIES)
     # ratio to the best in-process rate of the same model; p50 less the in-process batch-1 latency
-    assert {(r[7], r[9], r[12]) for r in rows[1:]} == {("0.25", "1.00", "250")}
+    assert {(r[8], r[10], r[13]) for r in rows[1:]} == {("0.25", "1.00", "250")}
+    assert {r[4] for r in rows[1:]} == {"python"}  # the load generator of each cell (no "client": the Python one)
