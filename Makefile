@@ -16,13 +16,16 @@ comma := ,
 # PyTorch's CPU index: PyPI's torch wheel is the CUDA build (2.7 GB of nvidia-* packages on a CPU machine). torch is
 # installed from it first (the version pyproject.toml pins), so the install below finds it satisfied.
 # `TORCH_INDEX_URL=` (empty) skips this; the Dockerfile's zoo stage uses the same index.
+# A wheel of the pinned torch already in pip's find-links (a local wheel folder) is taken first without asking that
+# index: where its host is unreachable, pip retries it for each of torch's dependencies (about 3 minutes in all).
 TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
 TORCH_PIN := $(shell grep -o '"torch==[^"]*"' pyproject.toml)
 
 $(VENV)/.installed-$(EXTRAS): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(if $(and $(TORCH_INDEX_URL),$(findstring train,$(EXTRAS))),$(PY) -m pip install -q --index-url $(TORCH_INDEX_URL) $(TORCH_PIN))
+	$(if $(and $(TORCH_INDEX_URL),$(findstring train,$(EXTRAS))),$(PY) -m pip install -q --no-index --no-deps $(TORCH_PIN) 2>/dev/null \
+		|| $(PY) -m pip install -q --index-url $(TORCH_INDEX_URL) $(TORCH_PIN))
 	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
 	touch $@
 
