@@ -193,8 +193,14 @@ TRAINED_PEAK = 0.9  # models/speech_data.py: each training word is scaled to pea
 def _flat_runs(wave: np.ndarray) -> list[tuple[int, int]]:
     """[start, end) of the runs of at least CLIPPED_RUN samples equal to the clip's maximum or minimum."""
     hi, lo = wave.max(), wave.min()
+    at_hi = wave == hi if hi >= CLIPPED_LEVEL else None
+    at_lo = wave == lo if lo <= -CLIPPED_LEVEL else None
+    # Most clips peak at one sample: fewer than CLIPPED_SAMPLES at the extremes can't make a clipped clip, and
+    # this check (~10 µs a one-second clip) spares the run search (~70 µs) that `modelserve predict` paid per clip.
+    if sum(int(np.count_nonzero(m)) for m in (at_hi, at_lo) if m is not None) < CLIPPED_SAMPLES:
+        return []
     at = np.zeros(len(wave) + 2, np.int8)
-    at[1:-1] = ((wave == hi) & (hi >= CLIPPED_LEVEL)) | ((wave == lo) & (lo <= -CLIPPED_LEVEL))
+    at[1:-1] = (at_hi if at_hi is not None else False) | (at_lo if at_lo is not None else False)
     edges = np.flatnonzero(np.diff(at))
     return [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2]) if b - a >= CLIPPED_RUN]
 
