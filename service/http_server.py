@@ -407,7 +407,7 @@ class DrainingServer(uvicorn.Server):
 
     def __init__(self, config: uvicorn.Config) -> None:
         super().__init__(config)
-        self.server_state = DrainState()
+        self.server_state = self._state = DrainState()
         self._cut_short = asyncio.Event()
 
     def stop_now(self) -> None:
@@ -420,7 +420,7 @@ class DrainingServer(uvicorn.Server):
         yield  # service.server.Server owns SIGTERM/SIGINT: one signal drives HTTP, gRPC and the models
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        self.server_state.draining = True  # type: ignore[attr-defined]  # a DrainState (see __init__)
+        self._state.draining = True
         for conn in list(self.server_state.connections):
             conn.shutdown()
         await self._stop_listening(sockets or [])
