@@ -25,7 +25,9 @@ from service.http_server import DrainingServer, accept_queue, protocol_class
 from service.ports import PortSpec, bind_tcp
 from service.server import Server, uvicorn_config
 from service.settings import ServerSettings
+from tests.conftest import wait_until
 from tests.onnx_builders import scale_model
+from tests.test_batcher import until
 from tests.test_shutdown_round6 import _read_answer
 
 
@@ -65,15 +67,17 @@ async def test_connections_waiting_in_the_accept_queue_when_the_drain_begins_are
     settings = ServerSettings(model_repository=root, http_host="127.0.0.1", http_port=0)
     server = Server(settings)
     await server.start()
+    clients: list[socket.socket] = []
     try:
         async with listening(uvicorn_config(settings, server.app)) as (http, sock):
             port = sock.getsockname()[1]
             # The loop does not run until the next await: the kernel completes these connections and keeps them
             # (and their requests) in the accept queue.
-            clients = [socket.create_connection(("127.0.0.1", port), timeout=60) for _ in range(8)]
+            clients += [socket.create_connection(("127.0.0.1", port), timeout=60) for _ in range(8)]
             for i, client in enumerate(clients):
                 client.sendall(_infer(i))
-            assert accept_queue(sock) == 8
+            # (waited on without awaiting: the loop must not run and accept them)
+            wait_until(lambda: accept_queue(sock) == 8, timeout=60, what="8 connections in the accept queue")
             # asyncio runs this task's first step before the accept callback of the next poll: the drain begins
             # with all 8 still queued.
             drain = asyncio.ensure_future(http.shutdown(sockets=[sock]))
@@ -117,14 +121,6 @@ class _HeadThenBody:
         await send({"type": "http.response.body", "body": b"%d\n" % self.calls})
 
 
-async def _until(condition, what: str) -> None:
-    for _ in range(6000):  # up to 60 s, on a loaded machine
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 async def test_keep_alive_answer_whose_head_left_before_the_drain_does_not_close_under_the_next_request() -> None:
     # Before: the drain marked the request `Connection: close` after its head had gone out without it; the
     # connection closed after the body, and the client's next request (sent at once: it had been told nothing)
@@ -142,7 +138,7 @@ async def test_keep_alive_answer_whose_head_left_before_the_drain_does_not_close
         assert b"connection: close" not in head.lower()
 
         drain = asyncio.ensure_future(http.shutdown(sockets=[sock]))
-        await _until(lambda: all(c._draining for c in http.server_state.connections), "the drain to begin")
+        await until(lambda: all(c._draining for c in http.server_state.connections), "the drain to begin")
         app.release.set()
         assert await asyncio.wait_for(reader.readexactly(2), 60) == b"1\n"
 
