@@ -39,6 +39,7 @@ import tritonclient.http.aio as httpaio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
+from loadtests.lo_capture import LoCapture
 from loadtests.serverproc import REPO_ROOT, free_port
 from tests.onnx_builders import scale_model, write_config
 
@@ -286,7 +287,7 @@ async def watch_caller(url: str, out: Outcomes, done: asyncio.Event) -> None:
 
 def computed_ids(trace_file: Path) -> set[str]:
     """Request ids the server ran through the model (their trace has a compute span, i.e. a batch)."""
-    ids = set()
+    ids: set[str] = set()
     if not trace_file.exists():
         return ids
     for line in trace_file.read_text().splitlines():
@@ -302,9 +303,10 @@ def computed_ids(trace_file: Path) -> set[str]:
 
 async def one_round(repo: Path, tmp: Path, *, code_root: Path, http_workers: int, stop_after: int,
                     callers: int, seed: int, extra_args: tuple[str, ...] | list[str] = (),
-                    exit_wait_s: float = 120.0) -> tuple[Outcomes, set[str], dict]:
+                    exit_wait_s: float = 120.0, capture: bool = False) -> tuple[Outcomes, set[str], dict]:
     """Start a server, run every caller, SIGTERM it after `stop_after` answers (plus up to as many more),
-    wait up to `exit_wait_s` for it to exit; (outcomes, ids computed, {"exit": code, "exit_s": seconds})."""
+    wait up to `exit_wait_s` for it to exit; (outcomes, ids computed, {"exit": code, "exit_s": seconds,
+    "resets": the HTTP connections the server reset, when `capture`})."""
     port, grpc_port = free_port(), free_port()
     trace_file = tmp / f"trace-{seed}.jsonl"
     log_path = tmp / f"server-{seed}.log"
@@ -337,6 +339,10 @@ async def one_round(repo: Path, tmp: Path, *, code_root: Path, http_workers: int
             if proc.poll() is not None:
                 raise RuntimeError(f"server exited early; log:\n{log_path.read_text()[-3000:]}")
             await asyncio.sleep(0.01)
+        packets = None
+        if capture:
+            packets = LoCapture(port)
+            await asyncio.sleep(0.3)  # what came before SIGTERM on the connections it will reset
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         try:
@@ -345,6 +351,7 @@ async def one_round(repo: Path, tmp: Path, *, code_root: Path, http_workers: int
             pass  # reported: exit code None
         exit_s = time.monotonic() - t0
         await asyncio.sleep(0.3)  # callers see the closed ports a few more times
+        resets = packets.resets(t0) if packets is not None else []
         done.set()
         tdone.set()
         await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 60)
@@ -353,7 +360,7 @@ async def one_round(repo: Path, tmp: Path, *, code_root: Path, http_workers: int
         if proc.poll() is None:
             proc.kill()
         proc.wait()
-    return out, computed_ids(trace_file), {"exit": proc.returncode, "exit_s": exit_s}
+    return out, computed_ids(trace_file), {"exit": proc.returncode, "exit_s": exit_s, "resets": resets}
 
 
 def _ready(port: int) -> bool:
@@ -400,10 +407,13 @@ async def amain(args: argparse.Namespace) -> int:
         rounds = []
         for r in range(args.rounds):
             rounds.append(await one_round(repo, tmp, code_root=args.code_root, http_workers=args.http_workers,
-                                          stop_after=args.stop_after, callers=args.callers, seed=r))
+                                          stop_after=args.stop_after, callers=args.callers, seed=r,
+                                          capture=args.capture))
             _, computed, info = rounds[-1]
             print(f"round {r}: exit {info['exit']} {info['exit_s']:.2f} s after SIGTERM; "
                   f"{len(computed)} computed", flush=True)
+            for line in info["resets"]:
+                print(f"  {line}")
     total, problems = report(rounds)
     print(f"load average {[round(x, 2) for x in load_before]} -> {[round(x, 2) for x in os.getloadavg()]}")
     for (transport, kind), count in sorted(total.items()):
@@ -422,6 +432,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--http-workers", type=int, default=1)
     p.add_argument("--code-root", type=Path, default=REPO_ROOT, help="the checkout whose server runs")
     p.add_argument("--tmp", default=None, help="folder for the scratch files")
+    p.add_argument("--capture", action="store_true", help="list the HTTP connections the server reset around "
+                                                          "SIGTERM, from a packet capture on lo (Linux, root)")
     return asyncio.run(amain(p.parse_args(argv)))
 
 

@@ -12,12 +12,14 @@ import asyncio
 import contextlib
 import logging
 import socket
+import struct
 from collections.abc import Callable, Iterator, Sequence
 
 import httptools
 import orjson
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
+from uvicorn.server import ServerState
 
 from service.grpc_drain import QUIET_SECS
 from service.http_flow import CorkableTransport, PipelineFlow
@@ -25,6 +27,7 @@ from service.http_flow import CorkableTransport, PipelineFlow
 log = logging.getLogger("modelserve.http")
 
 _VERSIONS = ("1.0", "1.1")  # the HTTP versions this port speaks; any other request line gets 505
+_ACCEPT_WAIT_SECS = 2.0  # at most this long to take what waits in the accept queues before closing them
 
 
 class _Refused(Exception):
@@ -134,6 +137,8 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
         self._lingering = False
         self._header_timer: asyncio.TimerHandle | None = self.loop.call_later(self.header_timeout,
                                                                               self._check_headers)
+        if getattr(self.server_state, "draining", False):
+            self.shutdown()  # accepted from the queue while the server stops listening (DrainingServer)
 
     def data_received(self, data: bytes) -> None:
         # NOTE: httptools buffers a header until it is complete and uvicorn sets no bound, so 300 MiB of header
@@ -323,11 +328,14 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
 
         NOTE: marking every request that arrives while draining closed the connection after the first of a
         pipelined batch, leaving the rest unanswered (HTTP lets the client retry them, but they had reached us).
+        A request whose answer has started is not marked: its head went out without `Connection: close`, so the
+        client sends its next request on this connection, which was then closed under it (the front end's proxy
+        writes the head, then the body when the model process's comes). That next request closes it instead.
         """
         earlier, last = self._closes, self.cycle
         if earlier is not None and earlier is not last and not earlier.response_started:
             earlier.keep_alive = True  # a later request came: it closes the connection instead
-        if last is not None and last.keep_alive:
+        if last is not None and last.keep_alive and not last.response_started:
             last.keep_alive = False
             self._closes = last
 
@@ -368,6 +376,30 @@ def protocol_class(*, header_timeout: float, max_header_bytes: int = 65536,
                                           "in_flight": InFlight()})
 
 
+def accept_queue(sock: socket.socket) -> int | None:
+    """Connections waiting in a listening TCP socket's accept queue; None where that is not known (not Linux,
+    not a listening TCP socket).
+
+    NOTE: Linux reports it in TCP_INFO's `tcpi_unacked` for a listener (`ss -lnt` shows it as Recv-Q); no library
+    reads it, and the field's offset (after 8 one-byte fields and 4 u32s) is fixed by the kernel's ABI.
+    """
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    except (OSError, AttributeError):
+        return None
+    if len(info) < 28 or info[0] != 10:  # 10: TCP_LISTEN
+        return None
+    return int(struct.unpack_from("I", info, 24)[0])
+
+
+class DrainState(ServerState):
+    """uvicorn's ServerState, plus whether the server is draining: a connection accepted meanwhile drains too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.draining = False
+
+
 class DrainingServer(uvicorn.Server):
     """uvicorn.Server whose shutdown drains up to `deadline` (loop time) and installs no signal handlers."""
 
@@ -375,6 +407,7 @@ class DrainingServer(uvicorn.Server):
 
     def __init__(self, config: uvicorn.Config) -> None:
         super().__init__(config)
+        self.server_state = self._state = DrainState()
         self._cut_short = asyncio.Event()
 
     def stop_now(self) -> None:
@@ -387,11 +420,10 @@ class DrainingServer(uvicorn.Server):
         yield  # service.server.Server owns SIGTERM/SIGINT: one signal drives HTTP, gRPC and the models
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        for server in self.servers:
-            server.close()  # refuse new connections
-        connections = list(self.server_state.connections)
-        for conn in connections:
+        self._state.draining = True
+        for conn in list(self.server_state.connections):
             conn.shutdown()
+        await self._stop_listening(sockets or [])
         await self._wait_for_requests()
         await self._wait_until_quiet()
         left = [c for c in self.server_state.connections if getattr(c, "busy", False)]
@@ -403,6 +435,31 @@ class DrainingServer(uvicorn.Server):
             conn.transport.close()
         for server in self.servers:
             await server.wait_closed()
+
+    async def _stop_listening(self, sockets: list[socket.socket]) -> None:
+        """Refuse new connections without resetting those the kernel has already queued: take them, then close.
+
+        NOTE: closing a listening socket resets every connection waiting in its accept queue; their clients had
+        connected and sent a request ("Connection reset by peer", aiohttp's "Can not write request body"). With
+        --http-workers the front ends' SO_REUSEPORT sockets close some ms apart and clients told `Connection:
+        close` by one reconnect to the other: one close was seen with 2 queued (TCP_INFO). Linux >= 5.14 can move
+        them to a sibling socket (net.ipv4.tcp_migrate_req), a sysctl a container may not set. So the backlog
+        shrinks to 0 (a SYN past it is dropped; the client resends it a second later and is refused at connect),
+        the loop accepts what waits (drained like the rest), and each socket closes in the step that saw its
+        queue empty.
+        """
+        listening = [sock for sock in sockets if accept_queue(sock) is not None]
+        for sock in listening:
+            sock.listen(0)
+        loop = asyncio.get_running_loop()
+        give_up = min(self.deadline, loop.time() + _ACCEPT_WAIT_SECS)
+        # A kernel counter, polled: there is no event to wait on.
+        while any(accept_queue(sock) for sock in listening) and loop.time() < give_up:
+            if self._cut_short.is_set():
+                break
+            await asyncio.sleep(0.001)
+        for server in self.servers:
+            server.close()
 
     @property
     def _in_flight(self) -> InFlight:
