@@ -125,6 +125,27 @@ class RequestTimeout(ServingError):
     headers: ClassVar[dict[str, str]] = {"Connection": "close"}
 
 
+class HeadersTooLarge(ServingError):
+    """A request line and headers over the bound (setting http_max_header_bytes)."""
+
+    status_code = 431
+    failure_reason = "REJECTED"
+
+
+class NotImplementedByServer(ServingError):
+    """A method or transfer coding this server does not implement for any resource (RFC 9110 §15.6.2)."""
+
+    status_code = 501
+    failure_reason = "REJECTED"
+
+
+class VersionNotSupported(ServingError):
+    """A request of an HTTP version the port does not speak (RFC 9110 §15.6.6)."""
+
+    status_code = 505
+    failure_reason = "REJECTED"
+
+
 # OpenAI's error `type` per status (https://platform.openai.com/docs/guides/error-codes).
 _OPENAI_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "invalid_request_error",
                  404: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error",

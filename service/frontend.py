@@ -172,7 +172,8 @@ async def _serve(args: argparse.Namespace) -> None:
         config = uvicorn.Config(app, loop="none", lifespan="off", ws="none", access_log=False, proxy_headers=False,
                                 log_level=args.log_level, timeout_keep_alive=30,
                                 http=protocol_class(header_timeout=args.header_timeout,
-                                                  max_header_bytes=args.max_header_bytes))
+                                                  max_header_bytes=args.max_header_bytes,
+                                                  grpc_port=args.grpc_port))
         server = DrainingServer(config)
         grpc_server = None
         if args.grpc_port is not None:

@@ -205,7 +205,7 @@ def uvicorn_config(settings: ServerSettings, app: ASGIApp) -> uvicorn.Config:
         port=settings.http_port,
         loop="none",  # the loop is ours (run_server), shared with gRPC
         http=protocol_class(header_timeout=settings.http_header_timeout_secs,
-                            max_header_bytes=settings.http_max_header_bytes,
+                            max_header_bytes=settings.http_max_header_bytes, grpc_port=settings.grpc_port,
                             base=InferHttpProtocol if settings.http_protocol_infer else TimedHttpToolsProtocol),
         lifespan="off",  # Server owns the lifecycle
         ws="none",  # no WebSocket route: an Upgrade is declined and the request served as HTTP/1.1
