@@ -69,7 +69,7 @@ class FrontEndApp:
         refused = self.hosts.denial(scope["headers"]) if self.hosts is not None else None
         refused = refused or transfer_coding_refusal(scope["headers"])  # as the model process's (the proxy drops TE)
         if refused is not None:
-            await send_error(send, refused)
+            await send_error(send, refused, path=scope["path"])
             return
         if self.fast and scope["method"] == "POST":
             match = INFER_PATH.match(scope["path"])
@@ -122,8 +122,9 @@ class FrontEndApp:
             request = self.proxy.build_request(scope["method"], path, headers=headers, content=body)
             upstream = await self.proxy.send(request, stream=True)
         except httpx.HTTPError as exc:
-            await send_error(send, ModelNotReady(f"the model process did not answer ({type(exc).__name__}); "
-                                                "the server may be shutting down; retry later"))
+            gone = ModelNotReady(f"the model process did not answer ({type(exc).__name__}); the server may be "
+                                 "shutting down; retry later")
+            await send_error(send, gone, path=scope["path"])
             return
         try:
             out = [(k, v) for k, v in upstream.headers.raw if k.lower() not in _HOP_BY_HOP]
