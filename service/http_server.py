@@ -236,15 +236,6 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
         if version not in _VERSIONS:
             self._refuse_version()
             raise _Refused  # httptools stops and raises HttpParserCallbackError from it (see _feed)
-        # NOTE: uvicorn served HTTP/1.1 without Host, and any Host value, with any allow-list (RFC 9112 §3.2:
-        # 400). A list comprehension over the few headers, and a verdict cached per Host value.
-        refused: ServingError | None = host_error([v for k, v in self.headers if k == b"host"],
-                                                  http11=version == "1.1")
-        if refused is None and not self.url.startswith(b"/"):
-            refused = self._target_error()
-        if refused is not None:
-            self._refuse(refused)
-            raise _Refused
         self._headers_since = None
         self._heads_completed += 1
         if self._replaying:  # the replayed head of a request whose Upgrade was declined (see _feed)
@@ -256,6 +247,15 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
         if self._head_bytes + self._chunk > self.max_header_bytes and self._head_size() > self.max_header_bytes:
             self._refuse_head()
             raise _Refused  # stops the parser before the request's cycle exists (see _feed)
+        # NOTE: uvicorn served HTTP/1.1 without Host, and any Host value, with any allow-list (RFC 9112 §3.2:
+        # 400). A list comprehension over the few headers, and a verdict cached per Host value.
+        refused: ServingError | None = host_error([v for k, v in self.headers if k == b"host"],
+                                                  http11=version == "1.1")
+        if refused is None and not self.url.startswith(b"/"):
+            refused = self._target_error()
+        if refused is not None:
+            self._refuse(refused)
+            raise _Refused
         super().on_headers_complete()
         # NOTE: httptools reports trailer fields as headers: uvicorn appended them to the running request's
         # headers (a trailer `Host` or `Content-Length` was then proxied as a header by the front ends). They
