@@ -19,7 +19,7 @@ import orjson
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 
-from service.errors import HeadersTooLarge, NotImplementedByServer, RequestTimeout, ServingError
+from service.errors import HeadersTooLarge, InvalidInput, NotImplementedByServer, RequestTimeout, ServingError
 from service.grpc_drain import QUIET_SECS
 from service.hosts import host_error
 from service.http_flow import CorkableTransport, PipelineFlow
@@ -175,7 +175,7 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
         constant-time check per read, never met by real chunk lines (a few bytes each)."""
         self._framing += size
         if self._framing > self.max_header_bytes:
-            self._refuse_in_body(framing_error(
+            self._refuse_in_body(InvalidInput(
                 f"chunk extensions or trailer fields exceed {self.max_header_bytes} bytes; send chunks without "
                 "extensions and a short trailer (setting http_max_header_bytes)"))
 
@@ -279,7 +279,8 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
         except httptools.HttpParserInvalidURLError:
             url = None
         if url is None or url.schema not in (b"http", b"https") or not url.host:
-            return framing_error("url: the request target must be '/path' or 'http://host/path'")
+            return InvalidInput(f"the request target {self.url[:100].decode('latin-1')!r} is neither '/path' nor "
+                                "'http://host/path' (RFC 9112 section 3.2); send '/path' with a Host header")
         authority = url.host if url.port is None else b"%s:%d" % (url.host, url.port)
         if b":" in url.host:
             authority = b"[%s]" % authority if url.port is None else b"[%s]:%d" % (url.host, url.port)
