@@ -213,10 +213,7 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
         """What to feed a fresh parser after a request whose Upgrade is declined: its body's framing, replayed
         as a head that on_headers_complete skips (the request's cycle exists), then the bytes that followed."""
         self.parser = httptools.HttpRequestParser(self)
-        cycle = self.cycle
-        if self.scope["method"] == "CONNECT":  # a tunnel: what follows is not HTTP; answer, then close
-            cycle.keep_alive = False
-            return b""
+        cycle = self.cycle  # (CONNECT never comes here: on_headers_complete refuses it)
         framing = [b"%s: %s\r\n" % (name, value) for name, value in self.scope["headers"]
                    if name == b"transfer-encoding" or (name == b"content-length" and value.strip() != b"0")]
         if not framing:
@@ -278,7 +275,7 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
             url = httptools.parse_url(self.url)
         except httptools.HttpParserInvalidURLError:
             url = None
-        if url is None or url.schema not in (b"http", b"https") or not url.host:
+        if url is None or (url.schema or b"").lower() not in (b"http", b"https") or not url.host:
             return InvalidInput(f"the request target {self.url[:100].decode('latin-1')!r} is neither '/path' nor "
                                 "'http://host/path' (RFC 9112 section 3.2); send '/path' with a Host header")
         authority = url.host if url.port is None else b"%s:%d" % (url.host, url.port)

@@ -122,10 +122,12 @@ def test_a_probe_is_refused_saying_what_was_expected_and_others_are_served(serve
 
 @pytest.mark.parametrize("data", [head("GET /v2/health/live HTTP/1.0"),
                                   head("GET http://localhost/v2/health/live HTTP/1.1", "Host: evil.example"),
+                                  head("GET HTTP://[::1]:8000/v2/health/live HTTP/1.1", "Host: evil.example"),
                                   head("GET /v2/health/live HTTP/1.1", "Host: localhost:8000"),
                                   head("GET /v2/health/live HTTP/1.1", "Host: [::1]:8000"),
                                   head("OPTIONS * HTTP/1.1", "Host: localhost")],
-                         ids=["http10-without-host", "absolute-form-here", "host-with-port", "ipv6-host", "options-star"])
+                         ids=["http10-without-host", "absolute-form-here", "absolute-form-ipv6-upper-scheme",
+                              "host-with-port", "ipv6-host", "options-star"])
 def test_what_a_client_may_send_is_still_served(server, data):
     """HTTP/1.0 without Host; absolute-form naming this server (its authority replaces Host, RFC 9112 §3.2.2);
     `OPTIONS *` reaches the routes (404 there: no route serves it, and the connection stays in step)."""

@@ -300,7 +300,7 @@ def test_both_paths_answer_any_framing_alike(both, picked, as_chunks):
             outcomes.append(([(s, re.sub(rb"\d{4,}", b"N", b)) for s, _, b in answers], after))
     assert outcomes[0] == outcomes[1]
     for status, _ in outcomes[0][0]:
-        assert status < 500
+        assert status < 500 or status == 501  # 501: a transfer coding not implemented (RFC 9112 §6.1; round 8)
 
 
 # ---------------------------------------------------------------------------------------------- access
