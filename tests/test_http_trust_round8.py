@@ -58,6 +58,7 @@ REFUSED = [
     ("bad-chunk-size", post(b"zz\r\nhello\r\n0\r\n\r\n", *CHUNKED), 400, "chunk size is not a hexadecimal"),
     ("chunk-without-crlf", post(b"5\r\nhelloXX0\r\n\r\n", *CHUNKED), 400, "not followed by CRLF"),
     ("long-chunk-extension", post(b"5;" + b"e" * (1 << 20), *CHUNKED), 400, "chunk extensions or trailer"),
+    ("long-trailer", post(b"0\r\nX-T: " + b"t" * (1 << 20), *CHUNKED), 400, "chunk extensions or trailer"),
     ("absolute-form-elsewhere", head("GET http://evil.example/v2/health/live HTTP/1.1", "Host: localhost"), 421,
      "'evil.example' is not served here"),
     ("absolute-form-other-scheme", head("GET ftp://localhost/v2/health/live HTTP/1.1", "Host: localhost"), 400,
@@ -149,6 +150,16 @@ def test_a_refusal_comes_after_the_answers_owed_to_requests_before_it(server, ba
         status, headers, _ = conn.answer()
         assert (status, headers["connection"]) == (400, "close")
         assert conn.closed()  # the LIVE after it is never read
+
+
+def test_trailer_fields_are_not_read_as_headers(server):
+    """uvicorn appended trailer fields to the request's headers, which routes (and a front end's proxy) read
+    after the body: a trailer `Content-Type: text/plain` made a JSON body a form (415)."""
+    with Connection(server[0]) as conn:
+        conn.send(post(chunked(b"{}")[:-2] + b"Content-Type: text/plain\r\n\r\n", *CHUNKED).replace(
+            b"/v2/models/scale/infer", b"/v2/repository/index"))
+        status, _, body = conn.answer()
+        assert status == 200 and orjson.loads(body)[0]["name"] == "scale", body
 
 
 def test_every_status_line_carries_its_reason_phrase(server):
