@@ -28,14 +28,13 @@ import orjson
 # the transports (http_infer, protocol_grpc) import the core, which imports settings.
 from service.content_encoding import decompress
 from service.errors import (
-    OPENAI_PATHS,
     InvalidInput,
     PayloadTooLarge,
     PermissionDenied,
     ServingError,
     Unauthenticated,
     UnsupportedMediaType,
-    openai_error,
+    error_document,
 )
 from service.hosts import HostRule, host_rule, is_loopback  # is_loopback: also for warn_if_exposed's importers
 
@@ -201,7 +200,7 @@ class AccessMiddleware:
         if scope["type"] == "http":
             error = http_denial(self.policy, scope)
             if error is not None:
-                await _send_error(send, error, openai=scope["path"] in OPENAI_PATHS)
+                await _send_error(send, error, path=scope["path"])
                 return
         await self.app(scope, receive, send)
 
@@ -224,8 +223,8 @@ def http_denial(policy: AccessPolicy, scope: Mapping[str, Any]) -> ServingError 
     return policy.check(classify_http(scope["method"], scope["path"]), values)
 
 
-async def _send_error(send: Callable, error: ServingError, *, openai: bool = False) -> None:
-    body = orjson.dumps(openai_error(error) if openai else {"error": error.message})
+async def _send_error(send: Callable, error: ServingError, *, path: str = "") -> None:
+    body = orjson.dumps(error_document(error, path=path))
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     headers += [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
     await send({"type": "http.response.start", "status": error.status_code, "headers": headers})

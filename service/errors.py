@@ -125,18 +125,47 @@ class RequestTimeout(ServingError):
     headers: ClassVar[dict[str, str]] = {"Connection": "close"}
 
 
-# OpenAI's error `type` per status (https://platform.openai.com/docs/guides/error-codes).
-_OPENAI_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "invalid_request_error",
-                 404: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error",
-                 421: "invalid_request_error",
-                 503: "server_error", 504: "timeout"}
-# Routes that answer in OpenAI's shape (the `openai` client shows only `error.message`).
-OPENAI_PATHS = ("/v1/embeddings",)
+class HeadersTooLarge(ServingError):
+    """A request line and headers over the bound (setting http_max_header_bytes)."""
+
+    status_code = 431
+    failure_reason = "REJECTED"
+
+
+class NotImplementedByServer(ServingError):
+    """A method or transfer coding this server does not implement for any resource (RFC 9110 §15.6.2)."""
+
+    status_code = 501
+    failure_reason = "REJECTED"
+
+
+class VersionNotSupported(ServingError):
+    """A request of an HTTP version the port does not speak (RFC 9110 §15.6.6)."""
+
+    status_code = 505
+    failure_reason = "REJECTED"
+
+
+# OpenAI's error `type` per status (https://platform.openai.com/docs/guides/error-codes): a client error is an
+# invalid request, anything else a server error.
+_OPENAI_TYPES = {504: "timeout"}
+
+
+def openai_route(path: str) -> bool:
+    """Whether errors on `path` take OpenAI's shape: every /v1/ route the `openai` client calls (embeddings,
+    models, and the ones this server lacks: chat, completions, ...), not the task routes (`.../predict`,
+    KServe V1's `...:predict`), whose clients read KServe's {"error": "..."}."""
+    return path.startswith("/v1/") and not path.endswith(("/predict", ":predict"))
 
 
 def openai_error(exc: ServingError) -> dict:
     """`exc` in OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
     code = "model_not_found" if isinstance(exc, ModelNotFound) else \
         "invalid_api_key" if isinstance(exc, Unauthenticated) else None
-    return {"error": {"message": exc.message, "type": _OPENAI_TYPES.get(exc.status_code, "server_error"),
-                      "param": getattr(exc, "param", None), "code": code}}
+    kind = _OPENAI_TYPES.get(exc.status_code, "invalid_request_error" if exc.status_code < 500 else "server_error")
+    return {"error": {"message": exc.message, "type": kind, "param": getattr(exc, "param", None), "code": code}}
+
+
+def error_document(exc: ServingError, *, path: str) -> dict:
+    """The body of an error answer on `path`: OpenAI's shape on its routes, KServe V2's {"error": "..."} else."""
+    return openai_error(exc) if openai_route(path) else {"error": exc.message}

@@ -69,7 +69,7 @@ class FrontEndApp:
         refused = self.hosts.denial(scope["headers"]) if self.hosts is not None else None
         refused = refused or transfer_coding_refusal(scope["headers"])  # as the model process's (the proxy drops TE)
         if refused is not None:
-            await send_error(send, refused)
+            await send_error(send, refused, path=scope["path"])
             return
         if self.fast and scope["method"] == "POST":
             match = INFER_PATH.match(scope["path"])
@@ -122,8 +122,9 @@ class FrontEndApp:
             request = self.proxy.build_request(scope["method"], path, headers=headers, content=body)
             upstream = await self.proxy.send(request, stream=True)
         except httpx.HTTPError as exc:
-            await send_error(send, ModelNotReady(f"the model process did not answer ({type(exc).__name__}); "
-                                                "the server may be shutting down; retry later"))
+            gone = ModelNotReady(f"the model process did not answer ({type(exc).__name__}); the server may be "
+                                 "shutting down; retry later")
+            await send_error(send, gone, path=scope["path"])
             return
         try:
             out = [(k, v) for k, v in upstream.headers.raw if k.lower() not in _HOP_BY_HOP]
@@ -172,7 +173,8 @@ async def _serve(args: argparse.Namespace) -> None:
         config = uvicorn.Config(app, loop="none", lifespan="off", ws="none", access_log=False, proxy_headers=False,
                                 log_level=args.log_level, timeout_keep_alive=30,
                                 http=protocol_class(header_timeout=args.header_timeout,
-                                                  max_header_bytes=args.max_header_bytes))
+                                                  max_header_bytes=args.max_header_bytes,
+                                                  grpc_port=args.grpc_port))
         server = DrainingServer(config)
         grpc_server = None
         if args.grpc_port is not None:

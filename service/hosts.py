@@ -24,7 +24,7 @@ from service.errors import InvalidInput, MisdirectedRequest, ServingError
 
 ANY = "*"
 _NAME = re.compile(r"^[a-z0-9_-]+(\.[a-z0-9_-]+)*$")  # a host name, lowercased (no port, no trailing dot)
-_PORT = re.compile(r"^[0-9]{0,5}$")  # RFC 9110 §4.1: port = *DIGIT
+_PORT = re.compile(r"^[0-9]{0,5}$")  # RFC 9110 §4.1: port = *DIGIT (at most 65535: checked in host_name)
 _SEEN_MAX = 256  # Host values remembered with their verdict (clients send the same one every time)
 _SETTING = "setting http_allowed_hosts, flag --http-allowed-hosts; '*' answers any Host"
 
@@ -65,9 +65,44 @@ def host_name(value: bytes) -> str | None:
     name, sep, port = text.rpartition(":")
     if not sep:
         name = text
-    elif not _PORT.match(port):
+    elif not _valid_port(port):
         return None
     return _canonical(name)
+
+
+def _valid_port(port: str) -> bool:
+    return bool(_PORT.match(port)) and (not port or int(port) <= 65535)
+
+
+def several_hosts(count: int) -> InvalidInput:
+    return InvalidInput(f"the request has {count} Host headers; send exactly one (RFC 9112 section 3.2)")
+
+
+_VALID: dict[bytes, bool] = {}  # Host values with their syntax verdict (clients send the same one every time)
+
+
+def host_error(values: Sequence[bytes], *, http11: bool) -> InvalidInput | None:
+    """RFC 9112 §3.2's 400, for any Host allow-list: an HTTP/1.1 request without Host, any request with more
+    than one, or one whose value is not `host[:port]` (an empty value is valid: a target without authority)."""
+    if len(values) == 1:
+        value = values[0]
+        valid = _VALID.get(value)
+        if valid is None:
+            valid = not value.strip() or host_name(value) is not None
+            if len(_VALID) >= _SEEN_MAX:
+                _VALID.clear()
+            _VALID[value] = valid
+        if valid:
+            return None
+        return InvalidInput(f"Host {value.decode('latin-1')[:100]!r} is not a valid host name or address with an "
+                            "optional port (0-65535); send 'Host: NAME[:PORT]', e.g. 'Host: localhost:8000' "
+                            "(RFC 9112 section 3.2)")
+    if values:
+        return several_hosts(len(values))
+    if http11:
+        return InvalidInput("an HTTP/1.1 request must carry a Host header (RFC 9112 section 3.2); send one, "
+                            "e.g. 'Host: localhost:8000'")
+    return None
 
 
 def check_patterns(patterns: Iterable[str]) -> list[str]:
@@ -115,11 +150,10 @@ class HostRule:
 
         A request without Host (HTTP/1.0 clients) is answered: a browser always sends one."""
         values = [v for k, v in headers if k == b"host"]
-        if not values:
-            return None
-        if len(values) > 1:
-            return InvalidInput(f"the request has {len(values)} Host headers; send exactly one (RFC 9112 section 3.2)")
-        if self.allows(values[0]):
+        refused = host_error(values, http11=False)  # the HTTP protocol refuses HTTP/1.1 without Host itself
+        if refused is not None:
+            return refused
+        if not values or self.allows(values[0]):
             return None
         names = ("localhost and the names configured" if self.configured
                  else "localhost, names under .localhost and loopback addresses (this server is bound to loopback)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -15,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service import __version__
 from service.access import ASGIApp, read_control_body, wrap_http_app
 from service.core import InferenceCore
-from service.errors import InvalidInput, ServingError, unexpected
+from service.errors import InvalidInput, ServingError, error_document, unexpected
 from service.http_docs import install_docs
 from service.http_extensions import add_extension_routes
 from service.http_infer import InferFastPath
@@ -31,12 +32,12 @@ log = logging.getLogger("modelserve.http")
 _JSON = "application/json"
 
 
-def json_response(doc: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+def json_response(doc: object, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
     return Response(orjson.dumps(doc), status_code=status, media_type=_JSON, headers=headers)
 
 
-def error_response(exc: ServingError) -> Response:
-    return json_response({"error": exc.message}, exc.status_code, exc.headers or None)
+def error_response(exc: ServingError, *, path: str = "") -> Response:
+    return json_response(error_document(exc, path=path), exc.status_code, exc.headers or None)
 
 
 def create_app(core: InferenceCore, settings: ServerSettings) -> ASGIApp:
@@ -74,22 +75,33 @@ def create_app(core: InferenceCore, settings: ServerSettings) -> ASGIApp:
 
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServingError)
-    async def serving_error(_: Request, exc: ServingError) -> Response:
-        return error_response(exc)
+    async def serving_error(request: Request, exc: ServingError) -> Response:
+        return error_response(exc, path=request.url.path)
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, exc: RequestValidationError) -> Response:
-        return json_response({"error": f"invalid request: {exc.errors()}"}, 400)
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+        return error_response(InvalidInput(f"invalid request: {exc.errors()}"), path=request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        message = exc.detail if exc.status_code != 404 else f"no route for {request.method} {request.url.path}"
-        return json_response({"error": message}, exc.status_code)
+        method, path = request.method, request.url.path
+        allowed = (exc.headers or {}).get("Allow")
+        if exc.status_code == 404:
+            message = f"no route for {method} {path}"
+        elif exc.status_code == 405 and allowed:  # Starlette's detail was only "Method Not Allowed"
+            message = f"method {method} is not allowed on {path}; it serves {allowed}"
+        else:
+            message = exc.detail
+        error = ServingError(message)
+        error.status_code = exc.status_code
+        # NOTE: the headers were dropped, and with them 405's Allow (RFC 9110 §15.5.6: MUST).
+        return json_response(error_document(error, path=path), exc.status_code, exc.headers)
 
     @app.exception_handler(Exception)
-    async def unhandled(_: Request, exc: Exception) -> Response:
+    async def unhandled(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error")
-        return error_response(unexpected(exc))  # the type only: its text carried temporary paths to clients
+        # the type only: its text carried temporary paths to clients
+        return error_response(unexpected(exc), path=request.url.path)
 
 
 def _add_health_routes(app: FastAPI, core: InferenceCore) -> None:

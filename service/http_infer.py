@@ -21,10 +21,12 @@ from service.content_encoding import decompress
 from service.core import InferenceCore, InferRequest, InferResponse
 from service.errors import (
     InvalidInput,
+    NotImplementedByServer,
     PayloadTooLarge,
     RequestCancelled,
     RequestTimeout,
     ServingError,
+    error_document,
     unexpected,
 )
 from service.http_server import arrived, body_complete, corked, respond_at_once
@@ -94,16 +96,17 @@ async def _send(send: Callable, *, status: int, body: bytes | list, content_type
         await send({"type": "http.response.body", "body": body if isinstance(body, bytes) else b"".join(body)})
 
 
-def error_answer(exc: ServingError) -> tuple[list[tuple[bytes, bytes]], bytes]:
-    """An error's response headers and body (KServe V2's {"error": ...}); the one encoding of both paths."""
-    body = orjson.dumps({"error": exc.message})
+def error_answer(exc: ServingError, *, path: str = "") -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """An error's response headers and body (KServe V2's {"error": ...}, OpenAI's on its routes); the one
+    encoding of both paths."""
+    body = orjson.dumps(error_document(exc, path=path))
     headers = [(b"content-type", _JSON), (b"content-length", str(len(body)).encode())]
     headers += [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()]
     return headers, body
 
 
-async def send_error(send: Callable, exc: ServingError) -> None:
-    headers, body = error_answer(exc)
+async def send_error(send: Callable, exc: ServingError, *, path: str = "") -> None:
+    headers, body = error_answer(exc, path=path)
     await send({"type": "http.response.start", "status": exc.status_code, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
@@ -165,7 +168,7 @@ class InferFastPath:
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] == "http" and (refused := transfer_coding_refusal(scope["headers"])) is not None:
-            await send_error(send, refused)
+            await send_error(send, refused, path=scope["path"])
             return
         if scope["type"] == "http" and scope["method"] == "POST":
             match = INFER_PATH.match(scope["path"])
@@ -249,19 +252,21 @@ def infer_head(parts: list[bytes | memoryview] | list[bytes], header_len: int | 
             b"inference-header-content-length: %d\r\n" % (size, header_len))
 
 
-def transfer_coding_refusal(headers: list[tuple[bytes, bytes]]) -> InvalidInput | None:
-    """400 for a Transfer-Encoding other than `chunked` alone (None when there is none or only chunked).
+def transfer_coding_refusal(headers: list[tuple[bytes, bytes]]) -> NotImplementedByServer | None:
+    """501 (RFC 9112 §6.1) for a Transfer-Encoding other than `chunked` alone (None when there is none or only
+    chunked).
 
     NOTE: httptools decodes the final `chunked` and ignores codings before it, so `Transfer-Encoding: gzip,
     chunked` was read as if the body were not compressed (200), where a proxy in front may have decoded it:
-    the two would disagree on the body. RFC 9112 §6.1 says SHOULD 501; a client's request gets a 4xx here.
+    the two would disagree on the body. A coding that does not end in `chunked` is llhttp's 400 (the body's
+    length is unknown: service/http_refusals.py).
     """
     codings = [c.strip().lower() for name, value in headers if name == b"transfer-encoding" for c in value.split(b",")]
     unsupported = [c.decode(errors="replace") for c in codings if c != b"chunked"]
     if not unsupported:
         return None
-    return InvalidInput(f"Transfer-Encoding {', '.join(unsupported)!r} is not supported: only 'chunked' is; send a "
-                        "compressed body with Content-Encoding (gzip or deflate) instead")
+    return NotImplementedByServer(f"Transfer-Encoding {', '.join(unsupported)!r} is not supported: only 'chunked' "
+                                  "is; send a compressed body with Content-Encoding (gzip or deflate) instead")
 
 
 def header_length(headers: dict[bytes, bytes]) -> int | None:

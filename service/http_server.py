@@ -21,8 +21,11 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 from uvicorn.server import ServerState
 
+from service.errors import HeadersTooLarge, InvalidInput, NotImplementedByServer, RequestTimeout, ServingError
 from service.grpc_drain import QUIET_SECS
+from service.hosts import host_error
 from service.http_flow import CorkableTransport, PipelineFlow
+from service.http_refusals import VERSION_REASONS, framing_error, version_error
 
 log = logging.getLogger("modelserve.http")
 
@@ -119,6 +122,7 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
     header_timeout: float = 10.0  # set by protocol_class()
     max_pipelined = 128  # requests received and queued behind an unanswered one before reading pauses
     max_header_bytes: int = 65536  # set by protocol_class()
+    grpc_port: int | None = None  # set by protocol_class(): named in the 505 to an HTTP/2 client
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(CorkableTransport(transport))  # type: ignore[arg-type]
@@ -134,6 +138,7 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
         self._replaying = False
         self._heads_completed = 0
         self._refusal: bytes | None = None  # a 431/408 answer owed after the answers to earlier requests
+        self._framing = 0  # bytes received in a row inside a body without adding to it (chunk lines, trailer)
         self._lingering = False
         self._header_timer: asyncio.TimerHandle | None = self.loop.call_later(self.header_timeout,
                                                                               self._check_headers)
@@ -152,24 +157,40 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
             self.last_received = self.loop.time()
         completed = self._heads_completed
         self._chunk = len(data)
+        cycle = self.cycle
+        in_body = -1 if cycle is None or self._headers_since is not None else len(cycle.body)
         self._feed(data)
-        if self._refusal is not None:
-            return  # refused (version or head): answered or owed, nothing more counted
+        if self._refusal is not None or self._lingering:
+            return  # refused (version, head, framing): answered or owed, nothing more counted
         if self._headers_since is None:
             self._head_bytes = 0
+            if in_body >= 0 and self.cycle is cycle and cycle.more_body and len(cycle.body) == in_body:
+                self._count_framing(len(data))
+            else:
+                self._framing = 0
             return
         self._head_bytes = 0 if self._heads_completed != completed else self._head_bytes + len(data)
         if self._head_bytes > self.max_header_bytes and not self.transport.is_closing():
             self._refuse_head()
+
+    def _count_framing(self, size: int) -> None:
+        """NOTE: llhttp reads chunk extensions and trailer fields without bound and httptools reports neither
+        (a 100 kB extension was read and ignored; uvicorn appended trailers to the request's headers), so bytes
+        that arrive inside a body without adding to it are counted, in a row, against the head bound: a
+        constant-time check per read, never met by real chunk lines (a few bytes each)."""
+        self._framing += size
+        if self._framing > self.max_header_bytes:
+            self._refuse_in_body(InvalidInput(
+                f"chunk extensions or trailer fields exceed {self.max_header_bytes} bytes; send chunks without "
+                "extensions and a short trailer (setting http_max_header_bytes)"))
 
     def _head_size(self) -> int:
         """Bytes of the current request's target and header lines (as parsed; the method and version aside)."""
         return len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
 
     def _refuse_head(self) -> None:
-        self._refuse(431, "Request Header Fields Too Large",
-                     f"request line and headers exceed {self.max_header_bytes} bytes; send shorter headers "
-                     "(setting http_max_header_bytes)")
+        self._refuse(HeadersTooLarge(f"request line and headers exceed {self.max_header_bytes} bytes; send shorter "
+                                     "headers (setting http_max_header_bytes)"))
 
     def _feed(self, data: bytes) -> None:
         """uvicorn's data_received, except that an Upgrade (h2c, websocket, ...) is declined as RFC 9110 §7.8
@@ -186,13 +207,9 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
                 self.parser.feed_data(data)
                 return
             except httptools.HttpParserError as exc:
-                if self._refusal is not None:
+                if self._refusal is not None or self._lingering:
                     return  # on_headers_complete refused the request (version, head size) and stopped the parser
-                if str(exc) == "Invalid HTTP version":
-                    self._refuse_version()
-                    return
-                self.logger.warning("Invalid HTTP request received.")
-                self.send_400_response("Invalid HTTP request received.")
+                self._refuse_unreadable(str(exc))
                 return
             except httptools.HttpParserUpgrade as upgrade:
                 data = self._decline_upgrade(data[upgrade.args[0]:])
@@ -201,11 +218,8 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
         """What to feed a fresh parser after a request whose Upgrade is declined: its body's framing, replayed
         as a head that on_headers_complete skips (the request's cycle exists), then the bytes that followed."""
         self.parser = httptools.HttpRequestParser(self)
-        cycle = self.cycle
-        if self.scope["method"] == "CONNECT":  # a tunnel: what follows is not HTTP; answer, then close
-            cycle.keep_alive = False
-            return b""
-        framing = [b"%s: %s\r\n" % (name, value) for name, value in self.headers
+        cycle = self.cycle  # (CONNECT never comes here: on_headers_complete refuses it)
+        framing = [b"%s: %s\r\n" % (name, value) for name, value in self.scope["headers"]
                    if name == b"transfer-encoding" or (name == b"content-length" and value.strip() != b"0")]
         if not framing:
             return rest
@@ -220,7 +234,8 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
             self._headers_since = self.loop.time()
 
     def on_headers_complete(self) -> None:
-        if self.parser.get_http_version() not in _VERSIONS:
+        version = self.parser.get_http_version()
+        if version not in _VERSIONS:
             self._refuse_version()
             raise _Refused  # httptools stops and raises HttpParserCallbackError from it (see _feed)
         self._headers_since = None
@@ -234,21 +249,84 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
         if self._head_bytes + self._chunk > self.max_header_bytes and self._head_size() > self.max_header_bytes:
             self._refuse_head()
             raise _Refused  # stops the parser before the request's cycle exists (see _feed)
+        # NOTE: uvicorn served HTTP/1.1 without Host, and any Host value, with any allow-list (RFC 9112 §3.2:
+        # 400). A list comprehension over the few headers, and a verdict cached per Host value.
+        refused: ServingError | None = host_error([v for k, v in self.headers if k == b"host"],
+                                                  http11=version == "1.1")
+        if refused is None and not self.url.startswith(b"/"):
+            refused = self._target_error()
+        if refused is not None:
+            self._refuse(refused)
+            raise _Refused
         super().on_headers_complete()
+        # NOTE: httptools reports trailer fields as headers: uvicorn appended them to the running request's
+        # headers (a trailer `Host` or `Content-Length` was then proxied as a header by the front ends). They
+        # go to a list nobody reads (RFC 9110 §6.5.1 lets a recipient drop them).
+        self.headers = []
         if self._draining:
             self._close_after_last()
 
-    def _refuse_version(self) -> None:
+    def _target_error(self) -> ServingError | None:
+        """A request target other than origin-form (`/path`): absolute-form is served with its authority as the
+        Host, which it replaces (RFC 9112 §3.2.2; the allow-list then judges it); CONNECT's authority-form gets
+        501 (not a proxy); `OPTIONS *` is served."""
+        method = self.parser.get_method()
+        if method == b"CONNECT":
+            return NotImplementedByServer("CONNECT is not supported: this server is not a proxy; send requests "
+                                          "for its own routes ('GET /v2/health/live HTTP/1.1')")
+        if self.url == b"*" and method == b"OPTIONS":
+            return None
+        try:
+            url = httptools.parse_url(self.url)
+        except httptools.HttpParserInvalidURLError:
+            url = None
+        if url is None or (url.schema or b"").lower() not in (b"http", b"https") or not url.host:
+            return InvalidInput(f"the request target {self.url[:100].decode('latin-1')!r} is neither '/path' nor "
+                                "'http://host/path' (RFC 9112 section 3.2); send '/path' with a Host header")
+        authority = url.host if url.port is None else b"%s:%d" % (url.host, url.port)
+        if b":" in url.host:
+            authority = b"[%s]" % authority if url.port is None else b"[%s]:%d" % (url.host, url.port)
+        self.headers[:] = [(k, v) for k, v in self.headers if k != b"host"] + [(b"host", authority)]
+        return None
+
+    def _refuse_version(self, *, preface: bool = False) -> None:
         """505 (RFC 9110 §15.6.6) for a request line of another version, then close: nothing after it is read.
 
         NOTE: llhttp accepts `HTTP/2.0`, `HTTP/0.9` and a line without a version (0.9) and uvicorn then served
-        them as HTTP/1.x; it refuses 1.2, 3.0, ... itself ("Invalid HTTP version"), which uvicorn answered with
-        a plain-text 400. Both get this answer: what the port speaks, and where HTTP/2 is served."""
-        version = self.parser.get_http_version()
-        shown = "HTTP/0.9 (or a request line without a version)" if version in ("0.0", "0.9") else f"HTTP/{version}"
-        self._refuse(505, "HTTP Version Not Supported",
-                     f"{shown} is not supported: this port speaks HTTP/1.1 and HTTP/1.0; "
-                     "send HTTP/2 (gRPC) to the gRPC port")
+        them as HTTP/1.x; it refuses 1.2, 3.0, `HTTP/3` and the HTTP/2 preface itself, which uvicorn answered
+        with a plain-text 400. All get this answer: what the port speaks, and where HTTP/2 is served."""
+        self._refuse(version_error(self.parser.get_http_version(), preface=preface, grpc_port=self.grpc_port))
+
+    def _refuse_unreadable(self, reason: str) -> None:
+        """The answer to a request llhttp stopped reading: 505 for a version, else framing_error's 400/501; in
+        the head, after the answers owed to earlier requests; in a body, see _refuse_in_body."""
+        if any(words in reason for words in VERSION_REASONS):
+            self._refuse_version(preface="PRI" in reason)
+        elif self._headers_since is None and self.cycle is not None and not self.cycle.response_complete:
+            self._refuse_in_body(framing_error(reason))
+        else:
+            self._refuse(framing_error(reason))
+
+    def _refuse_in_body(self, error: ServingError) -> None:
+        """Refuse the latest request, whose head was read and whose body cannot be, then close.
+
+        NOTE: uvicorn wrote its 400 at once and closed, before the answers still owed to earlier pipelined
+        requests (lost). Not started yet: the request is answered in its turn by a tiny app; started: its app
+        sees a disconnect (its answer, if any, is dropped) and the refusal goes out now."""
+        cycle = self.cycle
+        self._lingering = True  # nothing more is read
+        cycle.keep_alive = False
+        if self.pipeline and self.pipeline[0][0] is cycle:
+            cycle.more_body = False
+            self.pipeline[0] = (cycle, _Answer(error))  # type: ignore[assignment]
+            return
+        if cycle.response_started:
+            self.transport.close()
+            return
+        cycle.response_complete = cycle.disconnected = True
+        cycle.message_event.set()
+        self._lingering = False
+        self._refuse(error)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_header_timer()
@@ -271,15 +349,16 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
         self._header_timer = self.loop.call_later(wait, self._check_headers)
 
     def _headers_timed_out(self) -> None:
-        self._refuse(408, "Request Timeout", f"request headers not received within {self.header_timeout:g} s")
+        self._refuse(RequestTimeout(f"request headers not received within {self.header_timeout:g} s"))
 
-    def _refuse(self, status: int, reason: str, message: str) -> None:
+    def _refuse(self, error: ServingError) -> None:
         """Answer before any route runs (the request's headers never completed), then close; after the answers
-        still owed to earlier (pipelined) requests, which were written after it before and then lost."""
+        still owed to earlier (pipelined) requests, which were written after it before and then lost. The
+        status line is uvicorn's (Python's http.HTTPStatus phrases), as on every other answer."""
         self._cancel_header_timer()
-        body = orjson.dumps({"error": message})
-        head = (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\nconnection: close\r\n"
-                f"content-length: {len(body)}\r\n\r\n").encode()
+        body = orjson.dumps({"error": error.message})
+        head = b"%scontent-type: application/json\r\nconnection: close\r\ncontent-length: %d\r\n\r\n" % (
+            STATUS_LINE[error.status_code], len(body))
         self._refusal = head + body
         if not self.busy and not self.pipeline:
             self._send_refusal(self._refusal)
@@ -340,6 +419,20 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
             self._closes = last
 
 
+class _Answer:
+    """An ASGI app that answers `error` and closes: a pipelined request refused before its turn came."""
+
+    def __init__(self, error: ServingError) -> None:
+        self.error = error
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        body = orjson.dumps({"error": self.error.message})
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)),
+                   (b"connection", b"close")]
+        await send({"type": "http.response.start", "status": self.error.status_code, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
 class InFlight:
     """Requests a protocol answers without an ASGI task (service/http_protocol_infer.py): what a drain waits for
     besides uvicorn's tasks. One per server; a request is added when taken and discarded once answered or given up."""
@@ -369,11 +462,11 @@ class InFlight:
         return self._idle
 
 
-def protocol_class(*, header_timeout: float, max_header_bytes: int = 65536,
+def protocol_class(*, header_timeout: float, max_header_bytes: int = 65536, grpc_port: int | None = None,
                    base: type[TimedHttpToolsProtocol] = TimedHttpToolsProtocol) -> type[TimedHttpToolsProtocol]:
     """`base` with this server's limits and its own InFlight (`base`: the protocol answering infer itself)."""
     return type("HttpProtocol", (base,), {"header_timeout": header_timeout, "max_header_bytes": max_header_bytes,
-                                          "in_flight": InFlight()})
+                                          "grpc_port": grpc_port, "in_flight": InFlight()})
 
 
 def accept_queue(sock: socket.socket) -> int | None:

@@ -17,11 +17,14 @@ import threading
 from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import orjson
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from service.errors import ServingError
+from service.hosts import HostRule, host_error
 from service.stats import FILL_BUCKETS, ModelStats
 
 log = logging.getLogger("modelserve.metrics")
@@ -258,8 +261,36 @@ def exposition(registry: CollectorRegistry) -> bytes:
 class MetricsPortServer:
     """`--metrics-port`: /metrics on its own port (as Triton's 8002), served from a daemon thread."""
 
-    def __init__(self, registry: CollectorRegistry, *, host: str, port: int) -> None:
+    def __init__(self, registry: CollectorRegistry, *, host: str, port: int, hosts: HostRule | None = None) -> None:
         class Handler(BaseHTTPRequestHandler):
+            def parse_request(self) -> bool:
+                """The request line and headers, then the main HTTP port's Host checks (service/hosts.py): a
+                loopback metrics port answered any Host, so a rebound page could read every model's counts."""
+                if not super().parse_request():
+                    return False
+                values = [v.strip().encode("latin-1") for v in self.headers.get_all("Host") or []]
+                error: ServingError | None = host_error(values, http11=self.request_version == "HTTP/1.1")
+                if error is None and hosts is not None:
+                    error = hosts.denial([(b"host", v) for v in values])
+                if error is None:
+                    return True
+                self._refuse(error)
+                return False
+
+            def _refuse(self, error: ServingError) -> None:
+                self.close_connection = True
+                self._answer(error.status_code, orjson.dumps({"error": error.message}),
+                             extra={"Connection": "close"}, json=True)
+
+            def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+                # NOTE: BaseHTTPRequestHandler answers a request it cannot parse (an HTTP/2 preface: 505, a
+                # line or header over its bounds: 414/431) with an HTML page; the same error as the main port's.
+                if self.request_version == "HTTP/0.9":  # not parsed yet: without this, no status line is written
+                    self.request_version = "HTTP/1.0"
+                error = ServingError(f"{message or 'bad request'}: the metrics port serves GET /metrics over HTTP/1.1")
+                error.status_code = code
+                self._refuse(error)
+
             def do_GET(self, *, head: bool = False) -> None:
                 body, status = (exposition(registry), 200) if self.path.split("?")[0] in ("/metrics", "/") \
                     else (b"not found: metrics are at /metrics\n", 404)
@@ -278,9 +309,10 @@ class MetricsPortServer:
             do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed
 
             def _answer(self, status: int, body: bytes, *, head: bool = False,
-                        extra: dict[str, str] | None = None) -> None:
+                        extra: dict[str, str] | None = None, json: bool = False) -> None:
                 self.send_response(status)
-                self.send_header("Content-Type", CONTENT_TYPE if status == 200 else "text/plain; charset=utf-8")
+                self.send_header("Content-Type", "application/json" if json else
+                                 CONTENT_TYPE if status == 200 else "text/plain; charset=utf-8")
                 self.send_header("Content-Length", str(len(body)))
                 for key, value in (extra or {}).items():
                     self.send_header(key, value)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
 
+from service.hosts import HostRule
 from service.metrics import MetricsPortServer
 
 
@@ -73,9 +74,9 @@ def check_free(spec: PortSpec) -> None:
 class MetricsServer:
     """Prometheus on its own port (Triton's 8002), with a one-line error when the port is taken."""
 
-    def __init__(self, spec: PortSpec, registry: CollectorRegistry) -> None:
+    def __init__(self, spec: PortSpec, registry: CollectorRegistry, *, hosts: HostRule | None = None) -> None:
         try:
-            self._server = MetricsPortServer(registry, host=spec.host, port=spec.port)
+            self._server = MetricsPortServer(registry, host=spec.host, port=spec.port, hosts=hosts)
         except OSError as exc:
             raise spec.error(exc) from None
 

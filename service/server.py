@@ -26,6 +26,7 @@ from service.frontends import FrontEnds, reserve_port
 from service.grpc_app import start_grpc_server
 from service.grpc_drain import DrainGate
 from service.grpc_health import ReadinessHealth
+from service.hosts import host_rule
 from service.http_app import create_app
 from service.http_protocol_infer import InferHttpProtocol
 from service.http_server import DrainingServer, TimedHttpToolsProtocol, protocol_class
@@ -110,8 +111,10 @@ class Server:
         metrics = None
         try:
             if s.metrics_port is not None:
-                metrics = MetricsServer(PortSpec("metrics", s.metrics_host or s.http_host, s.metrics_port,
-                                                 "--metrics-port"), self.metrics.registry)
+                metrics_host = s.metrics_host or s.http_host
+                metrics = MetricsServer(PortSpec("metrics", metrics_host, s.metrics_port, "--metrics-port"),
+                                        self.metrics.registry,
+                                        hosts=host_rule(allowed=s.http_allowed_hosts, bind_host=metrics_host))
             if not await self._started_unless_stopped():
                 await self.stop()
             elif http_sock is not None:
@@ -205,7 +208,7 @@ def uvicorn_config(settings: ServerSettings, app: ASGIApp) -> uvicorn.Config:
         port=settings.http_port,
         loop="none",  # the loop is ours (run_server), shared with gRPC
         http=protocol_class(header_timeout=settings.http_header_timeout_secs,
-                            max_header_bytes=settings.http_max_header_bytes,
+                            max_header_bytes=settings.http_max_header_bytes, grpc_port=settings.grpc_port,
                             base=InferHttpProtocol if settings.http_protocol_infer else TimedHttpToolsProtocol),
         lifespan="off",  # Server owns the lifecycle
         ws="none",  # no WebSocket route: an Upgrade is declined and the request served as HTTP/1.1

@@ -96,7 +96,8 @@ def test_a_refused_version_is_answered_after_the_requests_before_it(server):
 def test_a_rebound_host_is_421_on_every_route_and_loopback_names_are_served(server, method, path, body):
     """DNS rebinding: a page whose name was re-pointed at 127.0.0.1 reached every route (Host was not looked at).
     A loopback-bound server now answers only loopback names (and requests without Host, which no browser sends)."""
-    for host in ["evil.example", "evil.example:80", "127.0.0.1.nip.io", "localhost.evil.example", "t", "a b"]:
+    # "a b" (not a host name) was 421 too; since round 8 it is RFC 9112 §3.2's 400 (tests/test_http_trust_round8.py)
+    for host in ["evil.example", "evil.example:80", "127.0.0.1.nip.io", "localhost.evil.example", "t"]:
         status, headers, text = answer(server, raw(method, path, body, host=host))
         assert status == 421 and headers["content-type"] == "application/json", (host, text)
         doc = orjson.loads(text)
