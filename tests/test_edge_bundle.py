@@ -9,7 +9,6 @@ import json
 import shutil
 import struct
 import subprocess
-import sys
 import zlib
 from importlib import metadata
 from pathlib import Path
@@ -20,36 +19,20 @@ import tritonclient.http as httpclient
 
 from export import edge
 from service.processing import image
+from tests.venv_cache import cached_venv
 
 RUNNER_PACKAGES = ("onnxruntime", "numpy", "tokenizers", "pillow")
 
 
-def _venv_ok(python: Path) -> bool:
-    if not python.is_file():
-        return False
-    probe = subprocess.run([str(python), "-I", "-c", "import onnxruntime, numpy, tokenizers, PIL"], capture_output=True)
-    return probe.returncode == 0
-
-
 @pytest.fixture(scope="session")
-def edge_python(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A virtualenv with only the runner's packages (same versions as the project's, from pip's local cache).
-
-    NOTE: creating it costs ~30 s, so it is cached in pytest's cache folder, keyed by Python and package
-    versions, and re-checked every session (imports work, and nothing of the project is importable).
-    """
+def edge_python() -> Path:
+    """A virtualenv with only the runner's packages (same versions as the project's, from pip's local cache),
+    cached across sessions (tests/venv_cache.py); every session re-checks nothing of the project is importable."""
     pins = [f"{name}=={metadata.version(name)}" for name in RUNNER_PACKAGES]
-    key = hashlib.sha256(f"{sys.version}|{pins}".encode()).hexdigest()[:12]
-    cache = getattr(request.config, "cache", None)
-    root = (Path(cache.mkdir("edge-venv")) if cache else tmp_path_factory.mktemp("edge-venv")) / key
-    python = root / "bin" / "python"
-    if not _venv_ok(python):
-        shutil.rmtree(root, ignore_errors=True)
-        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True)
-        subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q",
-                        "--disable-pip-version-check", *pins], check=True)
+    python = cached_venv("edge-runner", requirements=pins, check="import onnxruntime, numpy, tokenizers, PIL")
     for foreign in ("torch", "models", "service", "tritonclient"):
-        found = subprocess.run([str(python), "-I", "-c", f"import {foreign}"], capture_output=True, cwd=root)
+        found = subprocess.run([str(python), "-I", "-c", f"import {foreign}"], capture_output=True,
+                               cwd=python.parent)
         assert found.returncode != 0, f"the edge venv must not provide {foreign}"
     return python
 
