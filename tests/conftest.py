@@ -82,4 +82,4 @@ def serve_repository():
 
 
 # The tiny model zoo (all four families, --profile tiny), built once per session.
-from tests.zoo_fixtures import tiny_zoo  # noqa: E402, F401
+from tests.zoo_fixtures import tiny_zoo, zoo_server  # noqa: E402, F401

@@ -78,7 +78,7 @@ def digits() -> np.ndarray:
     return (np.round(images * 255) / 255).astype(np.float32)  # exactly representable as 8-bit PNG pixels
 
 
-def test_cnn_bundle_matches_server_and_verifies(tiny_zoo, serve_repository, edge_python, digits, tmp_path):
+def test_cnn_bundle_matches_server_and_verifies(tiny_zoo, zoo_server, edge_python, digits, tmp_path):
     bundle = tmp_path / "cnn-edge"
     assert edge.main(["--model", "cnn", "--model-repository", str(tiny_zoo), "--output", str(bundle)]) == 0
     manifest = json.loads((bundle / "manifest.json").read_text())
@@ -100,8 +100,7 @@ def test_cnn_bundle_matches_server_and_verifies(tiny_zoo, serve_repository, edge
     # The server's model input for the same images, prepared by the same module in this process.
     processor = image.ImageProcessor(input_name="image", output_name="probabilities", labels=labels)
     feed = processor.collate([processor.prepare(d[0], index=i) for i, d in enumerate(digits[:9])])
-    with serve_repository(tiny_zoo) as url:
-        expected = server_outputs(url, "cnn", feed, ["probabilities"])["probabilities"]
+    expected = server_outputs(zoo_server, "cnn", feed, ["probabilities"])["probabilities"]
     got = np.array([[p["probability"] for p in sorted(r["predictions"], key=lambda p: p["index"])] for r in rows],
                    dtype=np.float32)
     np.testing.assert_allclose(got, expected, atol=1e-5)
@@ -116,7 +115,7 @@ def test_cnn_bundle_matches_server_and_verifies(tiny_zoo, serve_repository, edge
     assert refused.stdout == ""
 
 
-def test_text_bundle_matches_server(tiny_zoo, serve_repository, edge_python, tmp_path):
+def test_text_bundle_matches_server(tiny_zoo, zoo_server, edge_python, tmp_path):
     from tokenizers import Tokenizer
 
     bundle = tmp_path / "clf-edge"
@@ -131,8 +130,7 @@ def test_text_bundle_matches_server(tiny_zoo, serve_repository, edge_python, tmp
     encodings = tokenizer.encode_batch(texts)
     feed = {"input_ids": np.array([e.ids for e in encodings], np.int64),
             "attention_mask": np.array([e.attention_mask for e in encodings], np.int64)}
-    with serve_repository(tiny_zoo) as url:
-        expected = server_outputs(url, "transformer-classifier", feed, ["probabilities"])["probabilities"]
+    expected = server_outputs(zoo_server, "transformer-classifier", feed, ["probabilities"])["probabilities"]
     got = [[p["probability"] for p in sorted(r["predictions"], key=lambda p: p["index"])] for r in rows]
     np.testing.assert_allclose(np.array(got), expected, atol=1e-5)
     assert [r["predictions"][0]["label"] for r in rows] == [labels[i] for i in expected.argmax(1)]

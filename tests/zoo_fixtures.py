@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -32,3 +33,13 @@ def tiny_zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     summary = (repo / build.SUMMARY_FILE).read_text() if (repo / build.SUMMARY_FILE).exists() else "none"
     assert code == 0, f"tiny zoo build failed (exit {code}); summary: {summary}"
     return repo
+
+
+@pytest.fixture(scope="session")
+def zoo_server(tiny_zoo: Path) -> Iterator[str]:
+    """"127.0.0.1:PORT" of one real server on the session zoo (default settings), shared by every module that
+    only asks it questions: tests using it never load or unload models nor read statistics or metrics."""
+    from tests.conftest import run_server
+
+    with run_server(tiny_zoo) as url:
+        yield url
