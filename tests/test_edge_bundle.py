@@ -19,7 +19,7 @@ import tritonclient.http as httpclient
 
 from export import edge
 from service.processing import image
-from tests.venv_cache import cached_venv
+from tests.build_cache import cached_venv
 
 RUNNER_PACKAGES = ("onnxruntime", "numpy", "tokenizers", "pillow")
 
@@ -27,7 +27,7 @@ RUNNER_PACKAGES = ("onnxruntime", "numpy", "tokenizers", "pillow")
 @pytest.fixture(scope="session")
 def edge_python() -> Path:
     """A virtualenv with only the runner's packages (same versions as the project's, from pip's local cache),
-    cached across sessions (tests/venv_cache.py); every session re-checks nothing of the project is importable."""
+    cached across sessions (tests/build_cache.py); every session re-checks nothing of the project is importable."""
     pins = [f"{name}=={metadata.version(name)}" for name in RUNNER_PACKAGES]
     python = cached_venv("edge-runner", requirements=pins, check="import onnxruntime, numpy, tokenizers, PIL")
     for foreign in ("torch", "models", "service", "tritonclient"):

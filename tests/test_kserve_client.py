@@ -2,7 +2,7 @@
 readiness and model readiness over V2, and a V1 predict.
 
 NOTE: the SDK pulls in ~70 packages (kubernetes, pandas, ...) whose pins would fight the project's, so it lives in
-a virtualenv of its own, cached across sessions (tests/venv_cache.py), and talks to the server from a subprocess.
+a virtualenv of its own, cached across sessions (tests/build_cache.py), and talks to the server from a subprocess.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.build_cache import VenvBuildError, cached_venv
 from tests.conftest import run_server
 from tests.onnx_builders import scale_model
-from tests.venv_cache import VenvBuildError, cached_venv
 
 KSERVE = "kserve==0.21.0"
 

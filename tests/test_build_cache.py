@@ -1,4 +1,4 @@
-"""tests/venv_cache.py: a venv is built once per key, reused while its key holds, rebuilt when the key changes or
+"""tests/build_cache.py: a venv is built once per key, reused while its key holds, rebuilt when the key changes or
 a build did not finish, and parallel runs wait for one build instead of racing."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.build_cache import COMPLETE, cached_venv
 from tests.conftest import REPO_ROOT
-from tests.venv_cache import COMPLETE, cached_venv
 
 
 @pytest.fixture
@@ -22,14 +22,14 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def test_reused_while_the_key_holds_and_rebuilt_when_it_changes(cache: Path, capfd) -> None:
     python = cached_venv("probe", requirements=[], check="import json")
-    assert python.parent.parent.parent == cache and capfd.readouterr().err.startswith("building the probe venv")
+    assert python.parent.parent.parent == cache and capfd.readouterr().err.startswith("building test-venvs/probe-")
     (python.parent.parent / "sentinel").write_text("kept")
 
     assert cached_venv("probe", requirements=[], check="import json") == python  # a hit: nothing rebuilt
     assert (python.parent.parent / "sentinel").exists() and capfd.readouterr().err == ""
 
     other = cached_venv("probe", requirements=[], check="import json, csv")  # another definition, another venv
-    assert other != python and "building the probe venv" in capfd.readouterr().err
+    assert other != python and "building test-venvs/probe-" in capfd.readouterr().err
     assert (python.parent.parent / "sentinel").exists()  # the old key's venv is left to whoever uses it
 
     (python.parent.parent / COMPLETE).unlink()  # a build that was cut off before it finished
@@ -38,11 +38,11 @@ def test_reused_while_the_key_holds_and_rebuilt_when_it_changes(cache: Path, cap
 
 
 def test_parallel_runs_build_once(cache: Path) -> None:
-    code = "from tests.venv_cache import cached_venv; print(cached_venv('race', requirements=[], check='import json'))"
+    code = "from tests.build_cache import cached_venv; print(cached_venv('race', requirements=[], check='import json'))"
     env = {**os.environ, "XDG_CACHE_HOME": str(cache.parent.parent), "PYTHONPATH": str(REPO_ROOT)}
     procs = [subprocess.Popen([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(3)]
     results = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], results
     assert len({out for out, _ in results}) == 1
-    assert sum(err.count("building the race venv") for _, err in results) == 1, results
+    assert sum(err.count("building test-venvs/race-") for _, err in results) == 1, results
