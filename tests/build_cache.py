@@ -4,7 +4,8 @@ runner) and the tiny model zoo.
 Each lives in ``$XDG_CACHE_HOME/modelserve/<kind>/<name>-<key>``, where ``key`` hashes everything that defines it
 (for a venv: interpreter, requirements, the import that proves it works): change any of them and the next run
 builds a new one. A file lock per folder makes parallel runs wait for one build instead of racing; a folder whose
-build did not finish (no ``.complete`` marker) or that fails its check is rebuilt.
+build did not finish (no ``.complete`` marker) or that fails its check is rebuilt; the three most recently used
+folders of each name are kept, older ones deleted.
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from models import cache_home
 
 COMPLETE = ".complete"
+KEEP = 3  # folders kept per name
 
 
 class VenvBuildError(RuntimeError):
@@ -43,13 +46,37 @@ def cached_folder(kind: str, name: str, *, key: str, build: Callable[[Path], Non
     with open(root / f"{folder.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (folder / COMPLETE).exists() and works(folder):
-            return folder
-        print(f"building {kind}/{folder.name} in {root}", file=sys.stderr, flush=True)
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir()
-        build(folder)
-        (folder / COMPLETE).write_text(key)
+            (folder / COMPLETE).touch()  # its mtime says when it was last used (see _prune)
+        else:
+            print(f"building {kind}/{folder.name} in {root}", file=sys.stderr, flush=True)
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            (folder / COMPLETE).write_text(key)
+    _prune(root, name)
     return folder
+
+
+def _last_used(folder: Path) -> float:
+    try:
+        return (folder / COMPLETE).stat().st_mtime
+    except FileNotFoundError:
+        return 0.0
+
+
+def _prune(root: Path, name: str) -> None:
+    """Delete all but the KEEP most recently used folders of `name` (each code change makes a new zoo), never
+    one used within the last hour nor one whose lock another run holds."""
+    folders = sorted((p for p in root.glob(f"{name}-*") if p.is_dir()), key=_last_used, reverse=True)
+    for old in folders[KEEP:]:
+        if time.time() - _last_used(old) < 3600:
+            continue
+        with open(root / f"{old.name}.lock", "w") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _works(python: Path, check: str) -> bool:

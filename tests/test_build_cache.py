@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -46,3 +47,17 @@ def test_parallel_runs_build_once(cache: Path) -> None:
     assert [p.returncode for p in procs] == [0, 0, 0], results
     assert len({out for out, _ in results}) == 1
     assert sum(err.count("building test-venvs/race-") for _, err in results) == 1, results
+
+
+def test_only_the_most_recently_used_folders_of_a_name_are_kept(cache: Path) -> None:
+    cache.mkdir(parents=True)
+    now = time.time()
+    for age_h, key in ((5, "old5"), (4, "old4"), (3, "old3"), (0.5, "recent")):
+        (cache / f"probe-{key}").mkdir()
+        (cache / f"probe-{key}" / COMPLETE).write_text(key)
+        os.utime(cache / f"probe-{key}" / COMPLETE, (now - age_h * 3600,) * 2)
+    (cache / "other-old").mkdir()  # another name: not this one's to prune
+    python = cached_venv("probe", requirements=[], check="import json")
+    kept = sorted(p.name for p in cache.iterdir() if p.is_dir())
+    # KEEP = 3: the one just used, the one used half an hour ago, the most recent of the rest.
+    assert kept == sorted(["other-old", python.parent.parent.name, "probe-recent", "probe-old3"]), kept
