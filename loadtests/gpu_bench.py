@@ -76,7 +76,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.concurrency, args.batches, args.width = "1,8", "1,8", 16
-        args.time_cap, args.requests, args.ceiling_seconds = 1.0, 300, 0.2
+        args.time_cap, args.requests, args.ceiling_seconds = 0.4, 300, 0.2
     try:
         args.concurrency = [int(c) for c in args.concurrency.split(",")]
         args.batches = sorted(int(b) for b in args.batches.split(","))

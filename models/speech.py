@@ -13,7 +13,6 @@ form ``speech-stream`` (models/speech_stream.py).
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -25,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from models import speech_commands, speech_export, speech_stream
+from models import cache_home, speech_commands, speech_export, speech_stream
 from models import speech_data as sd
 from models.common import (
     FamilyResult,
@@ -199,8 +198,7 @@ def load_corpus(data: str, *, profile: str, seed: int, cache_dir: Path) -> tuple
 
 def default_cache_dir() -> Path:
     """Synthesis cache kept across builds when no work dir is given (re-synthesis is the slow part)."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "modelserve" / "speech-synth"
+    return cache_home() / "speech-synth"
 
 
 def build(*, profile: str, repo_dir: Path, seed: int = 0, work_dir: Path | None = None, data: str = "synth",

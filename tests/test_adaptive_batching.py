@@ -7,6 +7,7 @@ minute long, so a batch that forms did so because of the decision under test, ne
 from __future__ import annotations
 
 import asyncio
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -277,12 +278,10 @@ async def test_dispatch_reason_and_fill_are_metrics(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny_transformer(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny zoo's transformer family only (its config declares ragged padding)."""
-    from models import build
-
+def tiny_transformer(tiny_zoo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session zoo's transformer model (its config declares ragged padding), copied to re-time its batching."""
     repo = tmp_path_factory.mktemp("tiny_transformer") / "model_repository"
-    assert build.main(["--profile", "tiny", "--model-repository", str(repo), "--families", "transformer"]) == 0
+    shutil.copytree(tiny_zoo / "transformer", repo / "transformer")
     config = repo / "transformer" / "config.pbtxt"
     text = config.read_text()
     assert 'key: "ragged_batching"' in text

@@ -24,7 +24,6 @@ from service.processing import image_layout as layout_module
 from service.processing.image import ImageProcessor
 from service.processing.photo import THIN_BELOW
 from service.processing.speech import SpeechProcessor
-from tests.conftest import run_server
 from tests.digit_photos import BASE, render
 from tests.inprocess import inprocess_server
 from tests.limit_payloads import png_header
@@ -36,9 +35,8 @@ PNG = replace(BASE, fmt="PNG")
 
 
 @pytest.fixture(scope="module")
-def server(tiny_zoo):
-    with run_server(tiny_zoo) as url:
-        yield url
+def server(zoo_server):
+    return zoo_server  # the session's shared zoo server: these tests only ask it
 
 
 def test_photo_steps_leave_the_training_layout_bit_for_bit(monkeypatch):

@@ -31,7 +31,6 @@ from service.offline import cli as offline_cli
 from service.processing.image import ImageProcessor
 from service.processing.logmel import log_mel
 from service.processing.speech import SpeechProcessor
-from tests.conftest import run_server
 from tests.digit_photos import BASE, render
 from tests.inprocess import inprocess_server
 from tests.task_media import held_out_digits, images_json, keyword_audio, laid_pixels, post_task, wav_bytes
@@ -42,9 +41,8 @@ PNG = replace(BASE, fmt="PNG")
 
 
 @pytest.fixture(scope="module")
-def server(tiny_zoo):
-    with run_server(tiny_zoo) as url:
-        yield url
+def server(zoo_server):
+    return zoo_server  # the session's shared zoo server: these tests only ask it
 
 
 def _save(img: Image.Image, fmt: str, **kwargs) -> bytes:

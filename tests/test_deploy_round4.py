@@ -7,6 +7,8 @@ port the probe names, and the ServiceMonitor's path on the port it scrapes.
 
 from __future__ import annotations
 
+import shutil
+
 import httpx
 import pytest
 
@@ -17,7 +19,8 @@ PORT_SETTINGS = {"http": "MODELSERVE_HTTP_PORT", "grpc": "MODELSERVE_GRPC_PORT",
 
 
 @pytest.mark.parametrize("values", ["defaults", "all-on-values"])
-def test_probes_and_the_scrape_path_answer_on_a_server_run_as_the_chart_runs_it(helm, tiny_zoo, values):  # noqa: F811
+def test_probes_and_the_scrape_path_answer_on_a_server_run_as_the_chart_runs_it(helm, tiny_zoo, values,  # noqa: F811
+                                                                                 tmp_path):
     docs = render(helm, *((CI_VALUES[values],) if values in CI_VALUES else ()))
     c = container(docs)
     env = deployment_environment(docs)
@@ -36,7 +39,10 @@ def test_probes_and_the_scrape_path_answer_on_a_server_run_as_the_chart_runs_it(
     local.update(MODELSERVE_METRICS_PORT=str(metrics_port), MODELSERVE_GRPC_PORT=str(grpc_port),
                  MODELSERVE_REPOSITORY_CACHE_DIR="")
     local = {k: v for k, v in local.items() if v}
-    with run_server(tiny_zoo, env=local) as url:
+    # One family (cnn) shows what the probes and the scrape answer; loading the whole zoo only costs time.
+    repo = tmp_path / "model_repository"
+    shutil.copytree(tiny_zoo / "cnn", repo / "cnn")
+    with run_server(repo, env=local) as url:
         for kind, probe in probes.items():
             assert httpx.get(f"http://{url}{probe['path']}", timeout=10).status_code == 200, kind
         assert scrape["port"] == "metrics"

@@ -9,7 +9,6 @@ import json
 import shutil
 import struct
 import subprocess
-import sys
 import zlib
 from importlib import metadata
 from pathlib import Path
@@ -20,36 +19,20 @@ import tritonclient.http as httpclient
 
 from export import edge
 from service.processing import image
+from tests.build_cache import cached_venv
 
 RUNNER_PACKAGES = ("onnxruntime", "numpy", "tokenizers", "pillow")
 
 
-def _venv_ok(python: Path) -> bool:
-    if not python.is_file():
-        return False
-    probe = subprocess.run([str(python), "-I", "-c", "import onnxruntime, numpy, tokenizers, PIL"], capture_output=True)
-    return probe.returncode == 0
-
-
 @pytest.fixture(scope="session")
-def edge_python(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A virtualenv with only the runner's packages (same versions as the project's, from pip's local cache).
-
-    NOTE: creating it costs ~30 s, so it is cached in pytest's cache folder, keyed by Python and package
-    versions, and re-checked every session (imports work, and nothing of the project is importable).
-    """
+def edge_python() -> Path:
+    """A virtualenv with only the runner's packages (same versions as the project's, from pip's local cache),
+    cached across sessions (tests/build_cache.py); every session re-checks nothing of the project is importable."""
     pins = [f"{name}=={metadata.version(name)}" for name in RUNNER_PACKAGES]
-    key = hashlib.sha256(f"{sys.version}|{pins}".encode()).hexdigest()[:12]
-    cache = getattr(request.config, "cache", None)
-    root = (Path(cache.mkdir("edge-venv")) if cache else tmp_path_factory.mktemp("edge-venv")) / key
-    python = root / "bin" / "python"
-    if not _venv_ok(python):
-        shutil.rmtree(root, ignore_errors=True)
-        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True)
-        subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q",
-                        "--disable-pip-version-check", *pins], check=True)
+    python = cached_venv("edge-runner", requirements=pins, check="import onnxruntime, numpy, tokenizers, PIL")
     for foreign in ("torch", "models", "service", "tritonclient"):
-        found = subprocess.run([str(python), "-I", "-c", f"import {foreign}"], capture_output=True, cwd=root)
+        found = subprocess.run([str(python), "-I", "-c", f"import {foreign}"], capture_output=True,
+                               cwd=python.parent)
         assert found.returncode != 0, f"the edge venv must not provide {foreign}"
     return python
 
@@ -95,7 +78,7 @@ def digits() -> np.ndarray:
     return (np.round(images * 255) / 255).astype(np.float32)  # exactly representable as 8-bit PNG pixels
 
 
-def test_cnn_bundle_matches_server_and_verifies(tiny_zoo, serve_repository, edge_python, digits, tmp_path):
+def test_cnn_bundle_matches_server_and_verifies(tiny_zoo, zoo_server, edge_python, digits, tmp_path):
     bundle = tmp_path / "cnn-edge"
     assert edge.main(["--model", "cnn", "--model-repository", str(tiny_zoo), "--output", str(bundle)]) == 0
     manifest = json.loads((bundle / "manifest.json").read_text())
@@ -117,8 +100,7 @@ def test_cnn_bundle_matches_server_and_verifies(tiny_zoo, serve_repository, edge
     # The server's model input for the same images, prepared by the same module in this process.
     processor = image.ImageProcessor(input_name="image", output_name="probabilities", labels=labels)
     feed = processor.collate([processor.prepare(d[0], index=i) for i, d in enumerate(digits[:9])])
-    with serve_repository(tiny_zoo) as url:
-        expected = server_outputs(url, "cnn", feed, ["probabilities"])["probabilities"]
+    expected = server_outputs(zoo_server, "cnn", feed, ["probabilities"])["probabilities"]
     got = np.array([[p["probability"] for p in sorted(r["predictions"], key=lambda p: p["index"])] for r in rows],
                    dtype=np.float32)
     np.testing.assert_allclose(got, expected, atol=1e-5)
@@ -133,7 +115,7 @@ def test_cnn_bundle_matches_server_and_verifies(tiny_zoo, serve_repository, edge
     assert refused.stdout == ""
 
 
-def test_text_bundle_matches_server(tiny_zoo, serve_repository, edge_python, tmp_path):
+def test_text_bundle_matches_server(tiny_zoo, zoo_server, edge_python, tmp_path):
     from tokenizers import Tokenizer
 
     bundle = tmp_path / "clf-edge"
@@ -148,8 +130,7 @@ def test_text_bundle_matches_server(tiny_zoo, serve_repository, edge_python, tmp
     encodings = tokenizer.encode_batch(texts)
     feed = {"input_ids": np.array([e.ids for e in encodings], np.int64),
             "attention_mask": np.array([e.attention_mask for e in encodings], np.int64)}
-    with serve_repository(tiny_zoo) as url:
-        expected = server_outputs(url, "transformer-classifier", feed, ["probabilities"])["probabilities"]
+    expected = server_outputs(zoo_server, "transformer-classifier", feed, ["probabilities"])["probabilities"]
     got = [[p["probability"] for p in sorted(r["predictions"], key=lambda p: p["index"])] for r in rows]
     np.testing.assert_allclose(np.array(got), expected, atol=1e-5)
     assert [r["predictions"][0]["label"] for r in rows] == [labels[i] for i in expected.argmax(1)]

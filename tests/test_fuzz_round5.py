@@ -154,8 +154,8 @@ async def test_valid_requests_during_unload_and_load_are_answered_or_told_not_re
 
 
 @pytest.fixture(scope="module")
-def zoo_http(tiny_zoo: Path) -> Iterator[tuple[httpx.Client, dict[str, str]]]:
-    with run_server(tiny_zoo) as url, httpx.Client(base_url=f"http://{url}", timeout=60) as http:
+def zoo_http(zoo_server: str) -> Iterator[tuple[httpx.Client, dict[str, str]]]:
+    with httpx.Client(base_url=f"http://{zoo_server}", timeout=60) as http:  # the session's shared zoo server
         yield http, task_models(http)
 
 

@@ -51,14 +51,15 @@ def _start(repo: Path, port: int, *, grpc_port: int | None = None) -> subprocess
            *([] if grpc_port is None else ["--grpc-port", str(grpc_port)])]
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
-    def ready() -> bool:
+    def ready(poller: httpx.Client) -> bool:
         assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
         try:
-            return httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1.0).status_code == 200
+            return poller.get(f"http://127.0.0.1:{port}/v2/health/ready").status_code == 200
         except httpx.HTTPError:
             return False
 
-    wait_until(ready, timeout=90, what="server with 2 front ends")
+    with httpx.Client(timeout=1.0) as poller:  # one client for every poll (see run_server in conftest.py)
+        wait_until(lambda: ready(poller), timeout=90, what="server with 2 front ends")
     return proc
 
 

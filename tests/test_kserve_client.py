@@ -2,19 +2,18 @@
 readiness and model readiness over V2, and a V1 predict.
 
 NOTE: the SDK pulls in ~70 packages (kubernetes, pandas, ...) whose pins would fight the project's, so it lives in
-a virtualenv of its own, cached in pytest's cache folder, and talks to the server from a subprocess.
+a virtualenv of its own, cached across sessions (tests/build_cache.py), and talks to the server from a subprocess.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.build_cache import VenvBuildError, cached_venv
 from tests.conftest import run_server
 from tests.onnx_builders import scale_model
 
@@ -40,23 +39,12 @@ asyncio.run(main(sys.argv[1]))
 """
 
 
-def _works(python: Path) -> bool:
-    return python.is_file() and subprocess.run([str(python), "-c", "import kserve"], capture_output=True).returncode == 0
-
-
 @pytest.fixture(scope="session")
-def kserve_python(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    cache = getattr(request.config, "cache", None)
-    root = (Path(cache.mkdir("kserve-venv")) if cache else tmp_path_factory.mktemp("kserve-venv")) / KSERVE
-    python = root / "bin" / "python"
-    if not _works(python):
-        shutil.rmtree(root, ignore_errors=True)
-        subprocess.run([sys.executable, "-m", "venv", str(root)], check=True)
-        installed = subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", KSERVE],
-                                   capture_output=True, text=True, timeout=600)
-        if installed.returncode != 0:
-            pytest.skip(f"the KServe SDK could not be installed here: {installed.stderr.strip()[-300:]}")
-    return python
+def kserve_python() -> Path:
+    try:
+        return cached_venv("kserve-sdk", requirements=[KSERVE], check="import kserve")
+    except VenvBuildError as e:
+        pytest.skip(f"the KServe SDK could not be installed here: {e}")
 
 
 def test_kserve_sdk_sees_the_server_live_and_ready(kserve_python, tmp_path):

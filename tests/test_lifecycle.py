@@ -55,17 +55,18 @@ def serving(repo: Path, *, args: list[str] | None = None,
                                 env={**os.environ, **(env or {})})
     url = f"127.0.0.1:{port}"
 
-    def loaded() -> bool:
+    def loaded(poller: httpx.Client) -> bool:
         if proc.poll() is not None:
             raise AssertionError(f"server exited with {proc.returncode}:\n{log_path.read_text()}")
         try:
-            index = httpx.post(f"http://{url}/v2/repository/index", timeout=2.0).json()
+            index = poller.post(f"http://{url}/v2/repository/index").json()
         except httpx.HTTPError:
             return False
         return all(row.get("state") != "LOADING" for row in index)
 
     try:
-        wait_until(loaded, timeout=90, what=f"server on {url}")
+        with httpx.Client(timeout=2.0) as poller:  # one client for every poll (see run_server in conftest.py)
+            wait_until(lambda: loaded(poller), timeout=90, what=f"server on {url}")
         yield proc, url
     finally:
         if proc.poll() is None:

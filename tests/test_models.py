@@ -269,12 +269,6 @@ def test_recommender_unknown_users_get_popular_items(tiny_zoo: Path) -> None:
     assert set(ids[2].tolist()) <= set(popular)  # raw item ids from the catalogue
 
 
-@pytest.fixture(scope="module")
-def zoo_server(tiny_zoo: Path, serve_repository):
-    with serve_repository(tiny_zoo) as url:
-        yield url
-
-
 @pytest.mark.parametrize(("family", "name"), MODELS)
 def test_served_model_answers_like_onnxruntime(tiny_zoo: Path, zoo_server: str, family: str, name: str) -> None:
     import tritonclient.http as httpclient

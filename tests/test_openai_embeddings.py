@@ -9,15 +9,12 @@ import numpy as np
 import openai
 import pytest
 
-from tests.conftest import run_server
-
 TEXTS = ["Open a file and read it line by line.", "Compress a folder into a zip archive."]
 
 
 @pytest.fixture(scope="module")
-def server(tiny_zoo):
-    with run_server(tiny_zoo) as url:
-        yield url
+def server(zoo_server):
+    return zoo_server  # the session's shared zoo server: these tests only ask it
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import sys
 import httpx
 import pytest
 
-from tests.conftest import REPO_ROOT, run_server
+from tests.conftest import REPO_ROOT
 from tests.task_media import digit_file, held_out_digits, keyword_audio, wav_bytes
 
 README = (REPO_ROOT / "README.md").read_text()
@@ -32,14 +32,13 @@ def curl_lines() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def served(tiny_zoo, tmp_path_factory):
+def served(zoo_server, tmp_path_factory):
     """(host:port of a real server, a folder holding digit.png and yes.wav)."""
     media = tmp_path_factory.mktemp("readme-media")
     images8, _, _ = held_out_digits(1)
     (media / "digit.png").write_bytes(digit_file(images8[0]))
     (media / "yes.wav").write_bytes(wav_bytes(keyword_audio("yes"), rate=22050))
-    with run_server(tiny_zoo) as url:
-        yield url, media
+    yield zoo_server, media  # the session's shared zoo server: README's examples only ask it
 
 
 def run_curl(line: str, *, url: str, cwd) -> tuple[int, dict]:

@@ -40,8 +40,9 @@ def test_validation_is_carved_from_training_events_and_leaves_the_test_split_alo
 
 def test_the_learning_rate_is_chosen_on_validation(split, monkeypatch):
     # A grid holding a useless rate (0: the student stays at its random start) and a useful one; alpha 0 so
-    # that the family's own objective alone drives training (the teacher's scores are then unused).
-    settings = drec.RecKDSettings(epochs=5, batch_size=64, lr_grid=(0.0, 5e-2), alpha=0.0, weight_decay=0.0)
+    # that the family's own objective alone drives training (the teacher's scores are then unused). One epoch
+    # already separates them (validation HR@10 0.34 against 0.11; 0.37 after five).
+    settings = drec.RecKDSettings(epochs=1, batch_size=64, lr_grid=(0.0, 5e-2), alpha=0.0, weight_decay=0.0)
     seen: list[rd.Split] = []
     train = drec.train_student
 

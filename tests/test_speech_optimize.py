@@ -30,12 +30,11 @@ from tests.task_media import keyword_audio, wav_bytes
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A repository with the tiny-profile speech model, built by the family's own build."""
-    from models import build
-
+def repo(tiny_zoo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A repository with the tiny-profile speech family, copied from the session zoo (tests publish into it)."""
     repo = tmp_path_factory.mktemp("speech_zoo") / "repo"
-    assert build.main(["--profile", "tiny", "--families", "speech", "--model-repository", str(repo)]) == 0
+    for name in ("speech", "speech-stream"):
+        shutil.copytree(tiny_zoo / name, repo / name)
     return repo
 
 
