@@ -117,9 +117,22 @@ class SentenceEncoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         # Single-segment input: token types are all zero, made here so clients send two tensors only.
-        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask,
-                           token_type_ids=torch.zeros_like(input_ids)).last_hidden_state
-        return F.normalize(mean_pool(hidden, attention_mask), p=2.0, dim=1)
+        # NOTE: explicit positions and a ready 4-D mask keep the exported graph to plain Range/Mul ops: the
+        # ones BERT builds itself (a position slice [:Min(512, seq)] and transformers' vmapped mask with
+        # Max/Expand/GatherND) stop ORT's symbolic shape inference, which INT8 pre-processing runs.
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+        hidden = self.bert(input_ids=input_ids, attention_mask=additive_mask(attention_mask),
+                           token_type_ids=torch.zeros_like(input_ids), position_ids=positions).last_hidden_state
+        pooled = mean_pool(hidden, attention_mask)
+        # F.normalize's formula written with ReduceSum: symbolic shape inference follows neither the
+        # ReduceL2 nor the Expand that F.normalize exports.
+        return pooled / (pooled * pooled).sum(dim=1, keepdim=True).sqrt().clamp(min=1e-12)
+
+
+def additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``[batch, seq]`` 0/1 -> ``[batch, 1, 1, seq]`` added to attention scores: 0 where kept, the dtype's
+    minimum where padded (the values transformers' own mask has)."""
+    return (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -174,8 +187,10 @@ def load_encoder(model_dir: Path, *, layers: int | None = None) -> SentenceEncod
     from transformers import BertModel
 
     with _quiet_transformers():
+        # NOTE: eager attention, not the default SDPA: its graph has no IsNaN/Where decomposition and ran
+        # faster under ONNX Runtime, FP32 and INT8 (docs/BENCHMARKS.md, "Text export: eager attention vs SDPA").
         bert = BertModel.from_pretrained(str(model_dir), add_pooling_layer=False, local_files_only=True,
-                                         dtype=torch.float32)
+                                         dtype=torch.float32, attn_implementation="eager")
     total = len(bert.encoder.layer)
     if layers is not None:
         if not 1 <= layers <= total:
