@@ -149,12 +149,38 @@ def export_onnx(
     # NOTE: load with external data and save again so that the result is one self-contained file
     # whatever the exporter decided; the server copies exactly one file per version.
     proto = onnx.load(str(path), load_external_data=True)
+    _drop_exporter_metadata(proto.graph)
+    for function in proto.functions:
+        del function.metadata_props[:]
+        _drop_node_metadata(function.node)
     for stale in path.parent.glob(path.name + ".data"):
         stale.unlink()
     onnx.save(proto, str(path), save_as_external_data=False)
     onnx.checker.check_model(str(path), full_check=True)
     _check_io_names(proto, path=path, input_names=input_names, output_names=output_names)
     return path
+
+
+def _drop_exporter_metadata(graph: Any) -> None:
+    """Remove the dynamo exporter's debugging metadata from ``graph``, its nodes and their subgraphs.
+
+    The exporter records, per node, the FX node, module path and a stack trace holding the absolute path of the
+    checkout that built it, and per graph and per input the ExportedProgram's signature. None of it is read when
+    serving, but it made the same model built from two checkouts differ byte for byte (and told anyone holding the
+    file where it was built), so a kept family and a rebuilt one could not be compared.
+    """
+    del graph.metadata_props[:]
+    for described in (*graph.input, *graph.output, *graph.value_info, *graph.initializer):
+        del described.metadata_props[:]
+    _drop_node_metadata(graph.node)
+
+
+def _drop_node_metadata(nodes: Any) -> None:
+    for node in nodes:
+        del node.metadata_props[:]
+        for attribute in node.attribute:
+            for subgraph in (*([attribute.g] if attribute.HasField("g") else []), *attribute.graphs):
+                _drop_exporter_metadata(subgraph)
 
 
 def _check_io_names(proto: Any, *, path: Path, input_names: list[str], output_names: list[str]) -> None:
