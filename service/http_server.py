@@ -512,10 +512,18 @@ class DrainingServer(uvicorn.Server):
     def capture_signals(self) -> Iterator[None]:
         yield  # service.server.Server owns SIGTERM/SIGINT: one signal drives HTTP, gRPC and the models
 
-    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+    def begin_drain(self) -> None:
+        """Mark what is in progress to close after its answer, now (at the signal), not at uvicorn's next tick.
+
+        NOTE: uvicorn checks `should_exit` every 0.1 s; answers written meanwhile went out keep-alive, and at 1-2
+        batches per tick a loaded machine answered every queued request before the drain had marked one. Each
+        connection's `shutdown` is idempotent and leaves idle connections open, so `shutdown()` repeats it."""
         self._state.draining = True
         for conn in list(self.server_state.connections):
             conn.shutdown()
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.begin_drain()
         await self._stop_listening(sockets or [])
         await self._wait_for_requests()
         await self._wait_until_quiet()

@@ -165,6 +165,7 @@ class Server:
         deadline = loop.time() + self.settings.exit_timeout_secs
         if self._fronts is not None:  # their requests in flight still need this process: they drain first
             await self._fronts.stop(deadline)
+        http.begin_drain()
         http.deadline, http.should_exit = deadline, True
         await asyncio.gather(serving, self._stop_grpc(deadline))
         if self._fronts is not None:
