@@ -38,6 +38,8 @@ log = logging.getLogger("modelserve.grpc")
 # sends nothing. Bounded by the exit timeout, and by MAX_QUIET_WAIT_SECS under a flood of new connections.
 QUIET_SECS = 0.2
 MAX_QUIET_WAIT_SECS = 3.0
+# A quiet wait that ended this many times later than asked was a stalled loop, not silence.
+LATE_WAKE_FACTOR = 1.5
 # After stop() began, before the held calls are answered: grpc-core has queued its GOAWAY by then.
 RELEASE_AFTER_SECS = 0.05
 SHUTTING_DOWN = ("the server is shutting down: this call was not run; send it to another server "
@@ -185,10 +187,14 @@ class DrainGate(grpc.GenericRpcHandler):
         give_up = min(deadline, loop.time() + self._max_quiet_wait_s)
         while not self._forced and (left := give_up - loop.time()) > 0:
             self._arrived.clear()
+            began = loop.time()
             try:
                 await asyncio.wait_for(self._arrived.wait(), timeout=min(self._quiet_s, left))
             except asyncio.TimeoutError:
-                break  # no call for QUIET_SECS: none is on its way
+                if loop.time() - began <= self._quiet_s * LATE_WAKE_FACTOR:
+                    break  # no call for QUIET_SECS: none is on its way
+                # NOTE: the loop woke late (a stalled loop, a loaded machine): calls that grpc-core received
+                # meanwhile may not have reached a handler yet, so the silence proves nothing; watch again.
         stopping = asyncio.ensure_future(server.stop(grace=max(0.0, deadline - loop.time())))
         await asyncio.sleep(RELEASE_AFTER_SECS)
         self._released.set()

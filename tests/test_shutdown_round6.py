@@ -11,6 +11,7 @@ import asyncio
 import json
 import signal
 import socket
+import time
 
 import grpc
 import pytest
@@ -180,3 +181,29 @@ def test_pipelined_requests_arriving_while_draining_are_all_answered_then_the_co
         half.close()  # its client gone, the drain ends
         assert proc.wait(timeout=120) == 0
         idle.close()
+
+
+# --- round 9: a stalled loop is not silence --------------------------------------------------------------------
+
+
+class _StopRecorder:
+    def __init__(self) -> None:
+        self.stopped_at: float | None = None
+
+    async def stop(self, grace):
+        self.stopped_at = asyncio.get_running_loop().time()
+
+
+async def test_drain_gate_does_not_take_a_stalled_loop_for_a_quiet_port():
+    """The quiet wait ends by its timer; if the loop was blocked meanwhile (a loaded machine), calls grpc-core took
+    in that time had not reached a handler, so the gate watches again instead of stopping at once."""
+    gate = DrainGate([_Methods()], quiet_s=0.2, max_quiet_wait_s=60.0)
+    server = _StopRecorder()
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.ensure_future(gate.stop(server, deadline=loop.time() + 600))
+    await asyncio.wait_for(gate.closing.wait(), 10)
+    await asyncio.sleep(0.05)
+    time.sleep(0.6)  # noqa: ASYNC251 - the point: the loop stalls through the whole quiet wait, as a starved process does
+    unblocked = loop.time()
+    await asyncio.wait_for(stopping, 30)
+    assert server.stopped_at is not None and server.stopped_at - unblocked >= 0.2
