@@ -25,28 +25,20 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import onnxruntime
-
 from loadtests import benchmatrix
-from loadtests.benchmodel import measure_ceiling
+from loadtests.bench import _ceiling as bench_ceiling
 from loadtests.serverproc import serve
+from service.modelrepo.config import parse_config_text
 
 
 def variant_config(variant: str, *, zoo_config: str, name: str) -> str:
     """config.pbtxt of one variant (inputs and outputs completed by the server from the graph)."""
     if variant == "zoo":
-        return zoo_config.replace(f'name: "{zoo_config_name(zoo_config)}"', f'name: "{name}"')
+        return zoo_config.replace(f'name: "{parse_config_text(zoo_config).name}"', f'name: "{name}"')
     policy, _, delay = variant.partition(":")
     if policy not in ("fixed", "adaptive") or not delay.isdigit():
         raise SystemExit(f"variant {variant!r}: expected fixed:<delay us>, adaptive:<delay us> or zoo")
     return benchmatrix.policy_config(policy, delay_us=int(delay))
-
-
-def zoo_config_name(text: str) -> str:
-    for line in text.splitlines():
-        if line.startswith("name:"):
-            return line.split('"')[1]
-    return ""
 
 
 def variant_name(variant: str) -> str:
@@ -113,15 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     cell_args = argparse.Namespace(requests=10**7, time_cap=args.seconds)
     cells: list[dict[str, Any]] = []
     ceiling = None
-    if args.ceiling_seconds > 0:  # the server's session options, batches 1-64 (as `loadtests.bench`)
-        graph = args.zoo / args.model / "1" / "model.onnx"
-        session = onnxruntime.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
-        points = measure_ceiling(graph, batches=[1, 2, 4, 8, 16, 32, 64], seconds_each=args.ceiling_seconds,
-                                 providers=["CPUExecutionProvider"], input_name=session.get_inputs()[0].name,
-                                 output_name=session.get_outputs()[0].name)
-        best = max(points, key=lambda point: point.rows_per_s)
-        ceiling = best.rows_per_s
-        print(f"in-process ceiling: {ceiling:.0f} rows/s at batch {best.batch}", flush=True)
+    if args.ceiling_seconds > 0:  # `loadtests.bench`'s own ceiling: batches 1-64, CPU
+        best = bench_ceiling(args.zoo / args.model / "1" / "model.onnx",
+                             argparse.Namespace(ceiling_seconds=args.ceiling_seconds, provider="cpu"))["best"]
+        ceiling = best["rows_per_s"]
+        print(f"in-process ceiling: {ceiling:.0f} rows/s at batch {best['batch']}", flush=True)
     with tempfile.TemporaryDirectory(prefix="modelserve-dispatch-ab-") as tmp, contextlib.ExitStack() as stack:
         repo = Path(tmp) / "repo"
         write_repo(repo, zoo=args.zoo, model=args.model, variants=variants)
